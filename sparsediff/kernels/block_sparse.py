@@ -1,0 +1,168 @@
+"""Public entry point for block-sparse attention: input checks and backend choice."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+
+from .block_sparse_torch import block_sparse_attention_torch
+
+logger = logging.getLogger(__name__)
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16)
+TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_TRITON_HEAD_DIM = 256
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str | None, q: torch.Tensor) -> str:
+    """None -> Triton for fp16/bf16 CUDA tensors, the PyTorch path elsewhere."""
+    if backend not in (None, "triton", "torch"):
+        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
+    if backend is not None:
+        if backend == "triton":
+            if not triton_available():
+                raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+            if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)")
+        return backend
+    if q.is_cuda and triton_available():
+        if q.dtype in TRITON_DTYPES and q.shape[-1] <= MAX_TRITON_HEAD_DIM:
+            return "triton"
+        warn_once(
+            f"block_sparse_attention: Triton supports {TRITON_DTYPES} with head dim <= {MAX_TRITON_HEAD_DIM}; "
+            f"got {q.dtype}, head dim {q.shape[-1]}: using the slower PyTorch path"
+        )
+    return "torch"
+
+
+def check_inputs(q, k, v, block_index, block_count, block_size, backend, check_ids=True):
+    """Raise a ValueError/TypeError that names the problem; never let a bad input through."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, H, N, D), got {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch size and head dim")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if not (q.device == k.device == v.device == block_index.device == block_count.device):
+        raise ValueError(
+            f"all inputs must be on one device, got q:{q.device} k:{k.device} v:{v.device} "
+            f"block_index:{block_index.device} block_count:{block_count.device}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    supported = TRITON_DTYPES if backend == "triton" else TORCH_DTYPES
+    if q.dtype not in supported:
+        raise TypeError(f"the {backend} backend supports dtypes {supported}, got {q.dtype}")
+    if backend == "triton":
+        d = q.shape[-1]
+        if d > MAX_TRITON_HEAD_DIM or d % 8:
+            raise ValueError(f"the Triton backend supports head dims that are multiples of 8 up to 256, got {d}")
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"the Triton backend needs a power-of-two block_size >= 16, got {block_size}")
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    for name, t, rank in (("block_index", block_index, 4), ("block_count", block_count, 3)):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor (int32), got {t.dtype}")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must have {rank} dims, got shape {tuple(t.shape)}")
+    bsz, hq, nq, _ = q.shape
+    nqb, nkb = math.ceil(nq / block_size), math.ceil(k.shape[2] / block_size)
+    for name, t in (("block_index", block_index), ("block_count", block_count)):
+        if t.shape[0] not in (1, bsz) or t.shape[1] not in (1, hq) or t.shape[2] != nqb:
+            raise ValueError(
+                f"{name} must have shape (B or 1, Hq or 1, ceil(Nq/block_size)={nqb}, ...), got {tuple(t.shape)}"
+            )
+    if block_index.shape[:2] != block_count.shape[:2]:
+        raise ValueError(
+            f"block_index {tuple(block_index.shape)} and block_count {tuple(block_count.shape)} "
+            "must agree on their batch and head dims"
+        )
+    if not check_ids or block_count.numel() == 0:
+        return
+    max_kept = block_index.shape[-1]
+    bad_count = (block_count < 0) | (block_count > max_kept)
+    valid = torch.arange(max_kept, device=block_index.device) < block_count[..., None]
+    bad_id = valid & ((block_index < 0) | (block_index >= nkb))
+    if bool(bad_count.any()):
+        raise ValueError(f"block_count values must lie in [0, {max_kept}] (block_index's last dim)")
+    if bool(bad_id.any()):
+        raise ValueError(f"block_index holds key-block ids outside [0, {nkb}) in its valid slots")
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_index: torch.Tensor,
+    block_count: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    block_size: int = 128,
+    return_lse: bool = False,
+    backend: str | None = None,
+    check_ids: bool = True,
+):
+    """Attention of each query block to the key blocks it keeps.
+
+    Args:
+        q: ``(B, Hq, Nq, D)``; k, v: ``(B, Hkv, Nk, D)`` with ``Hq % Hkv == 0`` (GQA / MQA).
+        block_index: int32 ``(B or 1, Hq or 1, ceil(Nq/block_size), max_kept)``, the kept key-block ids
+            of each query block; only the first ``block_count`` slots of a row are read.
+        block_count: int32 ``(B or 1, Hq or 1, ceil(Nq/block_size))``.
+        causal: mask inside blocks as ``scaled_dot_product_attention(is_causal=True)`` does, aligned to
+            the end when ``Nq != Nk``: query ``i`` sees keys ``j <= i + Nk - Nq`` (a prefix cache).
+        backend: None picks Triton for fp16/bf16 CUDA tensors and the PyTorch path elsewhere;
+            "triton" or "torch" forces one ("triton" on CPU needs ``TRITON_INTERPRET=1``).
+        check_ids: validate block ids and counts (one device sync); callers that built the index
+            themselves may skip it.
+
+    Returns:
+        ``out`` in the input dtype, and with ``return_lse`` the natural-log LSE ``(B, Hq, Nq)`` in
+        float32. A query row that keeps no key (or sees none under the causal mask) gets zeros and
+        ``lse = -inf``.
+    """
+    backend = resolve_backend(backend, q) if isinstance(q, torch.Tensor) else backend
+    check_inputs(q, k, v, block_index, block_count, block_size, backend, check_ids=check_ids)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    block_index = block_index.to(torch.int32)
+    block_count = block_count.to(torch.int32)
+    if backend == "triton":
+        from .block_sparse_triton import block_sparse_attention_triton
+
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, lse = block_sparse_attention_triton(
+            q, k, v, block_index, block_count, scale=scale, causal=causal, block_size=block_size,
+            return_lse=return_lse,
+        )
+    else:
+        out, lse = block_sparse_attention_torch(
+            q, k, v, block_index, block_count, scale=scale, causal=causal, block_size=block_size,
+            return_lse=return_lse,
+        )
+    return (out, lse) if return_lse else out

@@ -30,7 +30,7 @@ def block_sparse_attention_torch(q, k, v, block_index, block_count, *, scale, ca
     k_blocks, v_blocks = blocks(k, nk, nkb), blocks(v, nk, nkb)
     q_blocks = blocks(q, nq, nqb)
     out = torch.empty(bsz, hq, nqb, block_size, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(bsz, hq, nqb, block_size, dtype=torch.float32 if acc == torch.float32 else acc, device=q.device)
+    lse = torch.empty(bsz, hq, nqb, block_size, dtype=torch.float32, device=q.device)
 
     batch_ids = torch.arange(bsz, device=q.device)[:, None, None, None]
     kv_head_ids = (torch.arange(hq, device=q.device) // group)[None, :, None, None]

@@ -10,7 +10,7 @@ import logging
 import sys
 
 COMMANDS = {
-    "bench": ("sparsediff.kernels.bench_cli", "time block-sparse attention against dense attention"),
+    "bench": ("sparsediff.bench", "time block-sparse attention against dense attention"),
     "probe": ("sparsediff.eval.probe_cli", "attention fidelity of sparse methods on structured or captured Q/K/V"),
     "generate": ("sparsediff.pipelines.generate_cli", "generate a video with a diffusers pipeline, dense or sparse"),
     "eval": ("sparsediff.eval.cli", "run VideoMME / RealWorldQA / RULER / video fidelity, sparse vs dense"),

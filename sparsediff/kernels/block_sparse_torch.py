@@ -1,6 +1,7 @@
 """Pure-PyTorch block-sparse attention: gathers the kept key blocks and works in chunks of query
 blocks, so the Nq x Nk score matrix is never materialised. Used on CPU and wherever Triton cannot
-run; computes in float32 (float64 for float64 inputs) and returns the input dtype.
+run. On CPU each chunk goes through PyTorch's fused flash attention (float32 accumulation; float64
+for float64 inputs); elsewhere through explicit float32 math. Returns the input dtype.
 """
 
 from __future__ import annotations
@@ -11,6 +12,23 @@ import torch
 
 # Bytes of scores one chunk may hold; bounds peak memory independently of sequence length.
 _CHUNK_BYTES = 64 * 2**20
+
+
+def _attend(q, k, v, valid, scale, acc):
+    """Attention of (R, 1, bq, D) queries to (R, 1, bk, D) keys under an optional bool mask -> (out, lse)."""
+    if q.device.type == "cpu":
+        # PyTorch's fused CPU flash attention returns the LSE too; fully masked rows are fixed by the caller.
+        bias = None if valid is None else torch.zeros(valid.shape, dtype=q.dtype).masked_fill_(~valid, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias, scale=scale
+        )[:2]
+        return out, lse.float()
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
+    return torch.matmul(probs, v.to(acc)), lse.float()
 
 
 def block_sparse_attention_torch(q, k, v, block_index, block_count, *, scale, causal, block_size, return_lse):
@@ -38,26 +56,33 @@ def block_sparse_attention_torch(q, k, v, block_index, block_count, *, scale, ca
     in_block = torch.arange(block_size, device=q.device)
     bytes_per_qblock = bsz * hq * block_size * max_kept * block_size * torch.finfo(acc).bits // 8 * 3
     chunk = max(1, _CHUNK_BYTES // max(bytes_per_qblock, 1))
+    tail = nk % block_size != 0
     for start in range(0, nqb, chunk):
         stop = min(start + chunk, nqb)
-        ids = index[:, :, start:stop]  # (B, Hq, C, K)
-        kg = k_blocks[batch_ids, kv_head_ids, ids].to(acc)  # (B, Hq, C, K, bs, D)
-        vg = v_blocks[batch_ids, kv_head_ids, ids].to(acc)
         c = stop - start
-        kg = kg.view(bsz, hq, c, max_kept * block_size, d)
-        vg = vg.view(bsz, hq, c, max_kept * block_size, d)
-        scores = torch.matmul(q_blocks[:, :, start:stop].to(acc), kg.transpose(-1, -2)) * scale
-        key_pos = (ids[..., None] * block_size + in_block).view(bsz, hq, c, 1, max_kept * block_size)
-        valid = (slot < count[:, :, start:stop, None])[..., None].expand(-1, -1, -1, -1, block_size)
-        valid = valid.reshape(bsz, hq, c, 1, max_kept * block_size) & (key_pos < nk)
-        if causal:
-            query_pos = (torch.arange(start, stop, device=q.device)[:, None] * block_size + in_block)
-            valid = valid & (key_pos <= query_pos[None, None, :, :, None] + (nk - nq))
-        scores = scores.masked_fill(~valid, float("-inf"))
-        chunk_lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - chunk_lse.masked_fill(torch.isinf(chunk_lse), 0.0)[..., None])
-        out[:, :, start:stop] = torch.matmul(probs, vg).to(q.dtype)
-        lse[:, :, start:stop] = chunk_lse
+        ids = index[:, :, start:stop]  # (B, Hq, C, K)
+        kg = k_blocks[batch_ids, kv_head_ids, ids].view(bsz * hq * c, 1, max_kept * block_size, d)
+        vg = v_blocks[batch_ids, kv_head_ids, ids].view(bsz * hq * c, 1, max_kept * block_size, d)
+        qc = q_blocks[:, :, start:stop].reshape(bsz * hq * c, 1, block_size, d)
+        # Build a mask only when some key can be invalid: padded slots, the ragged tail, causal.
+        valid = None
+        if bool((count[:, :, start:stop] < max_kept).any()) or tail or causal:
+            key_pos = (ids[..., None] * block_size + in_block).view(bsz, hq, c, 1, max_kept * block_size)
+            slot_ok = (slot < count[:, :, start:stop, None])[..., None].expand(-1, -1, -1, -1, block_size)
+            valid = slot_ok.reshape(bsz, hq, c, 1, max_kept * block_size) & (key_pos < nk)
+            if causal:
+                query_pos = torch.arange(start, stop, device=q.device)[:, None] * block_size + in_block
+                valid = valid & (key_pos <= query_pos[None, None, :, :, None] + (nk - nq))
+            valid = valid.expand(bsz, hq, c, block_size, max_kept * block_size).reshape(
+                bsz * hq * c, 1, block_size, max_kept * block_size
+            )
+        o, chunk_lse = _attend(qc, kg, vg, valid, scale, acc)
+        if valid is not None:
+            empty = ~valid.any(dim=-1)
+            o = o.masked_fill(empty[..., None], 0.0)
+            chunk_lse = chunk_lse.masked_fill(empty, float("-inf"))
+        out[:, :, start:stop] = o.view(bsz, hq, c, block_size, d).to(q.dtype)
+        lse[:, :, start:stop] = chunk_lse.view(bsz, hq, c, block_size)
     out = out.view(bsz, hq, nqb * block_size, d)[:, :, :nq].contiguous()
     lse = lse.view(bsz, hq, nqb * block_size)[:, :, :nq].contiguous()
     return (out, lse) if return_lse else (out, None)

@@ -1,0 +1,153 @@
+"""BA-Att: block-approximate sparse attention.
+
+Pipeline per call: (1) optionally reorder keys and values inside segments by key L2 norm (attention is
+invariant to a joint permutation of keys and values); (2) per-block mean and per-dimension variance of
+q and k; (3) score every (query block, key block) pair with the covariance-compensated estimate
+
+    score(i, j) = s·μq_i·μk_j + β·(s²/2)·Σ_d (σ²q μ²k + μ²q σ²k + σ²q σ²k)
+
+computed as one matmul of pooled vectors ``[s·μq, c·σ²q, c·μq²] · [μk, μk² + σ²k, σ²k]ᵀ`` with
+``c = β·s²/2``; (4) softmax over key blocks (weighted by tokens per block), keep top-k to a target
+density or the smallest set reaching a cumulative mass; (5) the block-sparse kernel.
+
+Under ``causal`` norm sorting is disabled: the kernel masks by key position, and sorting would move
+keys across the causal boundary inside a block, changing the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from ..kernels import block_sparse_attention, block_stats
+from .base import register_method
+from .block_select import budget_of, select_from_scores
+from .block_sparse import BlockSparseConfig, BlockSparseMethod
+from .selectors import register_selector
+
+__all__ = ["BAAttConfig", "BAAttMethod", "ba_attention", "ba_scores", "select_blocks", "sort_keys"]
+
+
+@dataclasses.dataclass
+class BAAttConfig(BlockSparseConfig):
+    """BA-Att settings (see the module docstring for the math).
+
+    ``sparsity`` (default 0.5) or ``mass``; ``beta`` weights the variance term (0 = block means only);
+    ``norm_sort`` reorders keys by L2 norm inside segments of ``sort_segment`` tokens (None: one frame
+    when the caller passes ``frame_size``, else the whole sequence).
+    """
+
+    selector: str = "ba_att"
+    beta: float = 0.5
+    norm_sort: bool = True
+    sort_segment: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.beta, (int, float)) or not math.isfinite(self.beta) or self.beta < 0:
+            raise ValueError(f"beta must be a finite number >= 0 (the paper uses 0.5), got {self.beta!r}")
+        if not isinstance(self.norm_sort, bool):
+            raise ValueError(f"norm_sort must be True or False, got {self.norm_sort!r}")
+        if self.sort_segment is not None and (not isinstance(self.sort_segment, int) or self.sort_segment < 1):
+            raise ValueError(f"sort_segment must be None or a positive int (tokens per segment), got {self.sort_segment!r}")
+
+
+def ba_scores(q, k, *, block_size=128, beta=0.5, scale=None):
+    """BA-Att block scores ``(B, Hq, nqb, nkb)`` float32 from q ``(B, Hq, Nq, D)``, k ``(B, Hkv, Nk, D)``.
+
+    GQA: each query head is scored against its key/value group's blocks (selection stays per q-head).
+    """
+    bsz, hq, _, d = q.shape
+    hkv = k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    sq, sk = block_stats(q, block_size), block_stats(k, block_size)
+    nqb, nkb = sq.mean.shape[2], sk.mean.shape[2]
+    if beta:
+        c = beta * scale * scale / 2
+        left = torch.cat([scale * sq.mean, c * sq.var, c * sq.mean.square()], dim=-1)
+        right = torch.cat([sk.mean, sk.mean.square() + sk.var, sk.var], dim=-1)
+    else:
+        left, right = scale * sq.mean, sk.mean
+    # Query heads of one kv group share the key side: fold them into the rows of one matmul.
+    left = left.view(bsz, hkv, (hq // hkv) * nqb, left.shape[-1])
+    return torch.matmul(left, right.transpose(-1, -2)).view(bsz, hq, nqb, nkb)
+
+
+@register_selector("ba_att")
+def select_blocks(q, k, config, *, causal=False, scale=None, global_tokens=0):
+    """BA-Att block selection -> ``(block_index, block_count)`` in the kernel's index form.
+
+    Ids refer to ``k`` exactly as passed: this function does not sort. :func:`ba_attention` and
+    :class:`BAAttMethod` sort keys first (see :func:`sort_keys`) and select on the sorted keys, so their
+    ids refer to the sorted order. ``config`` needs ``block_size`` and ``sparsity`` or ``mass``;
+    ``beta``, ``keep_sinks`` and ``keep_diagonal`` default to 0.5 / True / True when absent.
+    """
+    density, mass = budget_of(config)
+    bs = config.block_size
+    scores = ba_scores(q, k, block_size=bs, beta=getattr(config, "beta", 0.5), scale=scale)
+    return select_from_scores(
+        scores, nq=q.shape[2], nk=k.shape[2], block_size=bs, density=density, mass=mass, causal=causal,
+        keep_sinks=getattr(config, "keep_sinks", True), keep_diagonal=getattr(config, "keep_diagonal", True),
+        global_tokens=global_tokens,
+    )
+
+
+def sort_keys(k, v, *, segment=None, start=0):
+    """Reorder keys and values by key L2 norm (descending) inside consecutive segments of ``segment``
+    tokens (None: one segment), leaving the first ``start`` tokens (global tokens) in place.
+
+    Returns ``(k_sorted, v_sorted, perm)`` with ``perm (B, Hkv, Nk)`` int64: ``k_sorted[..., i, :] =
+    k[..., perm[i], :]``.
+    """
+    bsz, h, n, d = k.shape
+    body = n - start
+    if body <= 1:
+        return k, v, None
+    seg = body if segment is None else min(int(segment), body)
+    nseg = math.ceil(body / seg)
+    norms = torch.linalg.vector_norm(k[:, :, start:], dim=-1, dtype=torch.float32)
+    # Padding sorts last, and only the last segment is padded, so the first `body` entries are real.
+    norms = torch.nn.functional.pad(norms, (0, nseg * seg - body), value=-1.0)
+    order = norms.view(bsz, h, nseg, seg).argsort(dim=-1, descending=True)
+    offsets = torch.arange(nseg, device=k.device)[:, None] * seg
+    perm = (order + offsets).view(bsz, h, nseg * seg)[..., :body] + start
+    if start:
+        head = torch.arange(start, device=k.device).expand(bsz, h, start)
+        perm = torch.cat([head, perm], dim=-1)
+    gather = perm[..., None].expand(bsz, h, n, d)
+    return k.gather(2, gather), v.gather(2, gather), perm
+
+
+@register_method
+class BAAttMethod(BlockSparseMethod):
+    """BA-Att behind the method API: norm sorting, BA-Att selection, block-sparse kernel."""
+
+    name = "ba_att"
+    config_class = BAAttConfig
+
+    def prepare_kv(self, q, k, v, *, causal, frame_size, global_tokens):
+        cfg = self.config
+        if not cfg.norm_sort or causal:
+            return k, v, None
+        segment = cfg.sort_segment if cfg.sort_segment is not None else frame_size
+        return sort_keys(k, v, segment=segment, start=min(global_tokens, k.shape[2]))
+
+
+def ba_attention(q, k, v, config=None, return_lse=False, *, causal=False, scale=None, frame_size=None,
+                 global_tokens=0):
+    """BA-Att attention: sort -> stats -> scores -> select -> block-sparse kernel.
+
+    q ``(B, Hq, Nq, D)``, k and v ``(B, Hkv, Nk, D)``. Unlike the method object, this always runs the
+    sparse path (no ``min_seq_len`` or dense-step fallback). Returns ``out`` or ``(out, lse)``.
+    """
+    config = BAAttConfig() if config is None else config
+    if not isinstance(config, BAAttConfig):
+        raise TypeError(f"ba_attention takes a BAAttConfig, got {type(config).__name__}")
+    method = BAAttMethod(config)
+    plan = method.plan(q, k, v, causal=causal, scale=scale, frame_size=frame_size, global_tokens=global_tokens)
+    return block_sparse_attention(
+        q, plan.k, plan.v, plan.block_index, plan.block_count, scale=scale, causal=causal,
+        block_size=config.block_size, return_lse=return_lse, check_ids=False,
+    )

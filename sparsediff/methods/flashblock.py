@@ -1,0 +1,158 @@
+"""FlashBlock: in block diffusion, cache the attention to tokens outside the active block.
+
+Call convention (block diffusion, not causal): q holds the active block's ``Nq`` tokens; k and v hold
+``[prefix (Nk - Nq) | active block (Nq)]``. The prefix is the prompt and the committed blocks (text),
+or the earlier frames' tokens of block-causal video (SkyReels-V2 diffusion forcing with a KV cache of
+earlier frames: the current frame block attends all earlier frames and itself, so the host calls us
+exactly as for text).
+
+  * At a block's first step (and every ``refresh_every`` steps): block-external attention
+    (q vs prefix) with its LSE is computed and cached per layer.
+  * At the other steps only block-internal attention (q vs the last ``Nq`` keys) runs; it is merged
+    with the cached external part by LSE (``kernels.merge_attention``), which is exact for disjoint
+    key sets. ``refresh_every=1`` is therefore dense attention to rounding.
+  * Combined mode (``sparse_selector`` = any registered selector name, e.g. ``"ba_att"``): the external
+    part is block-sparse attention recomputed every step, plus a residual ``dense - sparse`` (output
+    and LSE) cached at the refresh step. The selection is cached with the residual so they match;
+    at the refresh step ``sparse + residual`` is the dense external attention exactly.
+
+Caches are dropped when ``step_state.block`` changes, when the prefix length changes, and at a new
+generation (base class). Without step information a cache lives until one of those happens.
+Causal calls and calls without a prefix (``Nk <= Nq``) run dense: there is nothing to cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..kernels import block_sparse_attention, merge_attention
+from . import step_state
+from .base import AttentionMethod, MethodConfig, make_method, register_method
+from .dense import dense_attention
+from .selectors import get_selector
+from .step_cache import LayerCache, stale
+
+
+@dataclasses.dataclass
+class FlashBlockConfig(MethodConfig):
+    """FlashBlock settings. ``refresh_every=None`` recomputes the external part once per block (the
+    paper's default); ``sparse_selector`` turns on sparse external attention with residual correction."""
+
+    refresh_every: int | None = None
+    sparse_selector: str | None = None
+    sparsity: float = 0.5  # sparsity handed to the selector in combined mode
+    residual: bool = True  # combined mode: add the cached dense - sparse correction back
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.refresh_every is not None and (not isinstance(self.refresh_every, int) or self.refresh_every < 1):
+            raise ValueError(f"refresh_every must be None or an int >= 1, got {self.refresh_every!r}")
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity!r}")
+        if self.sparse_selector is not None:
+            get_selector(self.sparse_selector)  # fails early, listing the registered names
+
+
+def selector_config(name: str, fallback: MethodConfig, sparsity: float, block_size: int):
+    """The config a selector expects: its own method's config when a method of that name exists
+    (e.g. ``"ba_att"`` -> ``BAAttConfig``), otherwise ``fallback`` (which has block_size, sparsity)."""
+    try:
+        return make_method(name, sparsity=sparsity, block_size=block_size).config
+    except (ValueError, TypeError):
+        return fallback
+
+
+def split_prefix(k, v, nq):
+    """``[prefix | active block]`` -> (prefix k, prefix v, block k, block v)."""
+    n_prefix = k.shape[2] - nq
+    return k[:, :, :n_prefix], v[:, :, :n_prefix], k[:, :, n_prefix:], v[:, :, n_prefix:]
+
+
+@dataclasses.dataclass
+class _External:
+    out: torch.Tensor  # dense external output (plain mode) or residual output, float32 (combined)
+    lse: torch.Tensor  # dense external LSE (plain) or residual LSE (combined)
+    block_index: torch.Tensor | None
+    block_count: torch.Tensor | None
+    step: int | None
+    signature: tuple
+
+
+@register_method
+class FlashBlockMethod(AttentionMethod):
+    name = "flashblock"
+    config_class = FlashBlockConfig
+
+    def __init__(self, config=None, **overrides):
+        super().__init__(config, **overrides)
+        self._cache = LayerCache("FlashBlock")
+        self._selector = None
+        self.reset()
+
+    def reset(self) -> None:
+        self._cache.clear()
+        self.stats = {"refreshes": 0, "cached_calls": 0, "dense_calls": 0}
+
+    def cache_bytes(self) -> int:
+        return self._cache.nbytes()
+
+    def _sparse_parts(self):
+        cfg = self.config
+        if self._selector is None:
+            sel_cfg = selector_config(cfg.sparse_selector, cfg, cfg.sparsity, cfg.block_size)
+            block_size = getattr(sel_cfg, "block_size", cfg.block_size)
+            self._selector = (get_selector(cfg.sparse_selector), sel_cfg, block_size)
+        return self._selector
+
+    def _external_sparse(self, q, kp, vp, index, count, scale):
+        block_size = self._sparse_parts()[2]
+        return block_sparse_attention(q, kp, vp, index, count, scale=scale, block_size=block_size,
+                                      return_lse=True, check_ids=False)
+
+    def _refresh(self, q, kp, vp, scale, step, signature):
+        ext_out, ext_lse = dense_attention(q, kp, vp, scale=scale, return_lse=True)
+        index = count = None
+        if self.config.sparse_selector is None:
+            stored = (ext_out, ext_lse)
+        else:
+            selector, sel_cfg, _ = self._sparse_parts()
+            index, count = selector(q, kp, sel_cfg, causal=False)
+            sp_out, sp_lse = self._external_sparse(q, kp, vp, index, count, scale)
+            # Residuals in float32: they are small differences of bf16 quantities.
+            res_lse = torch.nan_to_num(ext_lse - sp_lse, nan=0.0, posinf=0.0, neginf=0.0)
+            stored = (ext_out.float() - sp_out.float(), res_lse)
+        self.stats["refreshes"] += 1
+        return _External(*stored, index, count, step, signature), (ext_out, ext_lse)
+
+    def sparse_attention(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
+        nq, nk = q.shape[2], k.shape[2]
+        if causal or nk <= nq:
+            self.stats["dense_calls"] += 1
+            return dense_attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
+        cfg = self.config
+        state = step_state.current()
+        self._cache.sync(state)
+        if state.step is None:
+            self._cache.warn_once("no denoising-step information; the external attention is computed once per "
+                                  "block (block index or prefix length change) and reused until then.")
+        key = self._cache.key(layer, state)
+        signature = (tuple(q.shape), tuple(k.shape), q.dtype, q.device, scale)
+        kp, vp, kb, vb = split_prefix(k, v, nq)
+        entry = self._cache.entries.get(key)
+        if entry is None or entry.signature != signature or stale(entry.step, state.step, cfg.refresh_every):
+            entry, (ext_out, ext_lse) = self._refresh(q, kp, vp, scale, state.step, signature)
+            self._cache.entries[key] = entry
+        else:
+            self.stats["cached_calls"] += 1
+            if cfg.sparse_selector is None:
+                ext_out, ext_lse = entry.out, entry.lse
+            else:
+                ext_out, ext_lse = self._external_sparse(q, kp, vp, entry.block_index, entry.block_count, scale)
+                if cfg.residual:
+                    ext_out = (ext_out.float() + entry.out).to(q.dtype)
+                    ext_lse = ext_lse + entry.lse
+        in_out, in_lse = dense_attention(q, kb, vb, scale=scale, return_lse=True)
+        out, lse = merge_attention(ext_out, ext_lse, in_out, in_lse)
+        return (out, lse) if return_lse else out

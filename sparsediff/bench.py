@@ -104,7 +104,8 @@ def run_grid(sizes, densities, *, heads, dim, dtype, device, block_size=128, pee
             index, count = mask_to_index(mask)
             real_density = count.sum().item() / (heads * nb * nb)
             ours = time_ms(
-                lambda: block_sparse_attention(q, k, v, index, count, block_size=block_size, check_ids=False),
+                lambda q=q, k=k, v=v, index=index, count=count: block_sparse_attention(
+                    q, k, v, index, count, block_size=block_size, check_ids=False),
                 device,
             )
             flops = 4 * n * n * d * heads * real_density
@@ -161,7 +162,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([8192, 16384, 32768, 65536] if cuda else [2048, 4096])
+    default_sizes = [8192, 16384, 32768, 65536] if cuda else [2048, 4096]
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else default_sizes
     heads = args.heads or (16 if cuda else 4)
     dim = args.dim or (128 if cuda else 64)
     dtype = torch.bfloat16 if cuda else torch.float32

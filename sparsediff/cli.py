@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     cmd_parser = argparse.ArgumentParser(prog=f"sparsediff {known.command}", description=COMMANDS[known.command][1])
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(rest)
-    logging.basicConfig(level=logging.INFO if known.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if known.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     return int(module.run(args) or 0)
 
 

@@ -5,7 +5,9 @@ key-block ids of its query block and walks them in BLOCK_N-wide tiles. Programs 
 adjacent in launch order, so a head's K/V stay hot in L2 while its query blocks run.
 Under the CPU interpreter bf16 operands are upcast before each dot (see ``_interpreter_bf16``).
 Tiles that may hold masked keys (ragged tail, causal diagonal) take a masked branch; all others run
-mask-free, which keeps the inner loop as short as dense FlashAttention's.
+mask-free, which keeps the inner loop as short as dense FlashAttention's. On Hopper, contiguous K/V
+are read through TMA tensor descriptors (a 2-D view of rows x D); tiles that run past a head's last
+key read the next head's rows (or TMA's zero fill), and those columns are masked.
 """
 
 from __future__ import annotations
@@ -20,63 +22,18 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_tile(
-    q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
-    stride_kn, stride_kd, stride_vn, stride_vd,
-    acc, m_i, l_i, qk_scale, nk, causal_offset,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_F32: tl.constexpr,
-):
-    cols = start_n + offs_n
-    k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    if MASKED:
-        k = tl.load(k_ptrs, mask=(cols[None, :] < nk) & d_mask[:, None], other=0.0)
-    elif HEAD_DIM == BLOCK_D:
-        k = tl.load(k_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
-    if DOT_F32:
-        k = k.to(tl.float32)
-    qk = tl.dot(q, k) * qk_scale
-    if MASKED:
-        valid = cols[None, :] < nk
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= offs_m[:, None] + causal_offset)
-        qk = tl.where(valid, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    # A row that has seen only masked keys keeps m = -inf; subtract 0 there to avoid inf - inf.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
-        v = tl.load(v_ptrs, mask=(cols[:, None] < nk) & d_mask[None, :], other=0.0)
-    elif HEAD_DIM == BLOCK_D:
-        v = tl.load(v_ptrs)
-    else:
-        v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
-    acc = acc * alpha[:, None]
-    if DOT_F32:
-        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _block_sparse_fwd(
-    Q, K, V, Out, Lse, BlockIndex, BlockCount,
+    Q, K, V, Out, Lse, BlockIndex, BlockCount, k_desc, v_desc,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq,
-    qk_scale, num_heads, group_size, nq, nk, causal_offset,
+    qk_scale, num_heads, num_kv_heads, group_size, nq, nk, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -99,38 +56,51 @@ def _block_sparse_fwd(
     index_base = BlockIndex + b * stride_ib + h * stride_ih + q_block * stride_iq
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
+    kv_row0 = (b * num_kv_heads + h_kv) * nk  # first row of this head in the (B*Hkv*Nk, D) TMA view
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
-    # The last query row of this program decides which tiles can be hit by the causal mask.
-    q_last = tl.minimum(q_start + BLOCK_M, nq) - 1
     for t in range(0, count * TILES):
         kv_block = tl.load(index_base + (t // TILES) * stride_ik)
         start_n = kv_block * BLOCK_SIZE + (t % TILES) * BLOCK_N
+        cols = start_n + offs_n
+        # Loads stay outside any branch so the software pipeliner can prefetch them.
+        if USE_TMA:
+            k = k_desc.load([kv_row0 + start_n, 0]).T
+        else:
+            k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                        mask=(cols[None, :] < nk) & d_mask[:, None], other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, k)
+        # Only tiles on the ragged tail or the causal diagonal pay for masking.
         needs_mask = start_n + BLOCK_N > nk
         if CAUSAL:
             needs_mask = needs_mask | (start_n + BLOCK_N - 1 > q_start + causal_offset)
-            # Tiles wholly in the future of every row here contribute nothing.
-            skip = start_n > q_last + causal_offset
+        if needs_mask:
+            valid = cols[None, :] < nk
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= offs_m[:, None] + causal_offset)
+            qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        # A row that has seen only masked keys keeps m = -inf; subtract 0 there to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if USE_TMA:
+            v = v_desc.load([kv_row0 + start_n, 0])
         else:
-            skip = False
-        if not skip:
-            if needs_mask:
-                acc, m_i, l_i = _attend_tile(
-                    q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
-                    stride_kn, stride_kd, stride_vn, stride_vd,
-                    acc, m_i, l_i, qk_scale, nk, causal_offset,
-                    HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_F32,
-                )
-            else:
-                acc, m_i, l_i = _attend_tile(
-                    q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_mask,
-                    stride_kn, stride_kd, stride_vn, stride_vd,
-                    acc, m_i, l_i, qk_scale, nk, causal_offset,
-                    HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_F32,
-                )
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=(cols[:, None] < nk) & d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        if DOT_F32:
+            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
 
     # Rows that kept no key (l = 0) get zeros and lse = -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -159,8 +129,17 @@ def _launch_config(head_dim: int, block_size: int, causal: bool):
     return min(bm, block_size), min(bn, block_size), warps, stages
 
 
+def _tma_ok(k: torch.Tensor, v: torch.Tensor, head_dim: int) -> bool:
+    """TMA needs a (rows, D) view with unit last stride, 16-byte aligned rows and a power-of-two D."""
+    return (
+        k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9
+        and k.is_contiguous() and v.is_contiguous()
+        and head_dim == triton.next_power_of_2(head_dim) and head_dim * k.element_size() % 16 == 0
+    )
+
+
 def block_sparse_attention_triton(q, k, v, block_index, block_count, *, scale, causal, block_size, return_lse,
-                                  config=None):
+                                  config=None, use_tma=None):
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     block_d = max(16, triton.next_power_of_2(d))
@@ -172,14 +151,24 @@ def block_sparse_attention_triton(q, k, v, block_index, block_count, *, scale, c
     # Broadcast dims (size 1) get stride 0, so one index serves every batch / head.
     si = [0 if block_index.shape[i] == 1 else block_index.stride(i) for i in range(2)]
     sc = [0 if block_count.shape[i] == 1 else block_count.stride(i) for i in range(2)]
+    use_tma = _tma_ok(k, v, d) if use_tma is None else use_tma
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        rows = bsz * hkv * nk
+        k_desc = TensorDescriptor(k, shape=[rows, d], strides=[d, 1], block_shape=[bn, d])
+        v_desc = TensorDescriptor(v, shape=[rows, d], strides=[d, 1], block_shape=[bn, d])
+    else:
+        k_desc, v_desc = k, v
     grid = (math.ceil(nq / bm), bsz * hq)
     _block_sparse_fwd[grid](
-        q, k, v, out, lse, block_index, block_count,
+        q, k, v, out, lse, block_index, block_count, k_desc, v_desc,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         si[0], si[1], block_index.stride(2), block_index.stride(3),
         sc[0], sc[1], block_count.stride(2),
-        scale * LOG2E, hq, hq // hkv, nq, nk, nk - nq,
+        scale * LOG2E, hq, hkv, hq // hkv, nq, nk, nk - nq,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_M=bm, BLOCK_N=bn,
-        CAUSAL=causal, WRITE_LSE=return_lse, DOT_F32=_interpreter_bf16(q), num_warps=warps, num_stages=stages,
+        CAUSAL=causal, WRITE_LSE=return_lse, DOT_F32=_interpreter_bf16(q), USE_TMA=use_tma,
+        num_warps=warps, num_stages=stages,
     )
     return out, (lse if return_lse else None)

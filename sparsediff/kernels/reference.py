@@ -26,26 +26,31 @@ def causal_token_mask(nq: int, nk: int, device=None) -> torch.Tensor:
     return cols <= rows
 
 
-def masked_attention_ref(q, k, v, token_mask, *, scale=None):
+def masked_attention_ref(q, k, v, token_mask, *, scale=None, upcast=True):
     """Softmax attention restricted to ``token_mask`` (broadcastable to (B, Hq, Nq, Nk)).
 
-    Returns ``(out, lse)``; rows with no allowed key give zeros and lse = -inf.
+    Returns ``(out, lse)``; rows with no allowed key give zeros and lse = -inf. ``upcast=False``
+    computes the matmuls in the inputs' own precision: PyTorch's low-precision error, the yardstick
+    for a kernel's error budget (FlashAttention's test habit).
     """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if not upcast:
+        acc = q.dtype
     hq, hkv = q.shape[1], k.shape[1]
     k = k.repeat_interleave(hq // hkv, dim=1)
     v = v.repeat_interleave(hq // hkv, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~token_mask, float("-inf"))
+    scores = scores.masked_fill(~token_mask, float("-inf")).float() if not upcast else \
+        scores.masked_fill(~token_mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
-    out = torch.matmul(probs, v.to(acc))
-    return out.to(q.dtype), lse.to(torch.float32 if acc == torch.float32 else acc)
+    out = torch.matmul(probs.to(acc), v.to(acc))
+    return out.to(q.dtype), lse.to(torch.float64 if acc == torch.float64 else torch.float32)
 
 
 def block_sparse_attention_ref(
-    q, k, v, block_index, block_count, *, scale=None, causal=False, block_size=128
+    q, k, v, block_index, block_count, *, scale=None, causal=False, block_size=128, upcast=True
 ):
     """Reference for :func:`sparsediff.kernels.block_sparse_attention`; returns ``(out, lse)``."""
     nq, nk = q.shape[-2], k.shape[-2]
@@ -54,7 +59,7 @@ def block_sparse_attention_ref(
     token_mask = expand_block_mask(block_mask, nq, nk, block_size)
     if causal:
         token_mask = token_mask & causal_token_mask(nq, nk, device=q.device)
-    return masked_attention_ref(q, k, v, token_mask, scale=scale)
+    return masked_attention_ref(q, k, v, token_mask, scale=scale, upcast=upcast)
 
 
 def block_stats_ref(x: torch.Tensor, block_size: int):

@@ -170,7 +170,8 @@ def tile_mass(q, k, lse, *, scale=None, causal=False, block_size=128, backend=No
         raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend is None:
-        backend = "triton" if q.is_cuda and triton is not None and q.dtype in (torch.float16, torch.bfloat16) else "torch"
+        fast = q.is_cuda and triton is not None and q.dtype in (torch.float16, torch.bfloat16)
+        backend = "triton" if fast else "torch"
     if backend == "triton":
         if triton is None:
             raise RuntimeError("backend='triton' needs the triton package, which is not installed")

@@ -118,7 +118,7 @@ class FlashBlockMethod(AttentionMethod):
             stored = (ext_out, ext_lse)
         else:
             selector, sel_cfg, _ = self._sparse_parts()
-            index, count = selector(q, kp, sel_cfg, causal=False)
+            index, count = selector(q, kp, sel_cfg, causal=False, scale=scale)
             sp_out, sp_lse = self._external_sparse(q, kp, vp, index, count, scale)
             # Residuals in float32: they are small differences of bf16 quantities.
             res_lse = torch.nan_to_num(ext_lse - sp_lse, nan=0.0, posinf=0.0, neginf=0.0)

@@ -128,7 +128,7 @@ class LoSAMethod(AttentionMethod):
             scale = 1.0 / math.sqrt(q_act.shape[-1]) if scale is None else scale
             return mean_key_union(q_act, kp, keep, cfg.block_size, scale)
         sel_cfg = selector_config(cfg.selector, cfg, cfg.sparsity, cfg.block_size)
-        index, count = get_selector(cfg.selector)(q_act, kp, sel_cfg, causal=False)
+        index, count = get_selector(cfg.selector)(q_act, kp, sel_cfg, causal=False, scale=scale)
         sel_block = getattr(sel_cfg, "block_size", cfg.block_size)
         if sel_block != cfg.block_size:
             raise ValueError(f"selector {cfg.selector!r} uses block_size {sel_block}, LoSA {cfg.block_size}")

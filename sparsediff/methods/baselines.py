@@ -96,3 +96,15 @@ def select_xattention(q, k, config, *, causal=False, scale=None, global_tokens=0
     scores = xattention_scores(q, k, block_size=config.block_size, stride=getattr(config, "stride", 8),
                                scale=scale, causal=causal)
     return _select(scores, q, k, config, causal, global_tokens, weight_by_count=False)
+
+
+@register_selector("oracle")
+def select_oracle(q, k, config, *, causal=False, scale=None, global_tokens=0):
+    """The true mean attention probability per tile (two dense passes): an upper bound for any
+    selector at equal density, for fidelity studies, not a fast path."""
+    from ..kernels.tile_mass import row_lse, tile_mass
+
+    bs = config.block_size
+    _, lse = row_lse(q, k, k, scale=scale, causal=causal, block_size=bs)
+    mass = tile_mass(q, k, lse, scale=scale, causal=causal, block_size=bs)
+    return _select(torch.log(mass + 1e-30), q, k, config, causal, global_tokens)

@@ -1,0 +1,174 @@
+"""FlashBlock: exact at refresh_every=1, cached external attention merged by LSE, invalidation at new
+block / prefix / generation, and the combined sparse + residual mode."""
+
+import pytest
+import torch
+
+from sparsediff.kernels import merge_attention
+from sparsediff.kernels.reference import block_sparse_attention_ref, masked_attention_ref, merge_attention_ref
+from sparsediff.methods import dense_attention, denoising_step, make_method, new_block, new_generation
+from sparsediff.methods.flashblock import FlashBlockConfig
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def block_call(b=1, hq=4, hkv=2, prefix=160, nq=32, d=16, dtype=torch.float32):
+    q = torch.randn(b, hq, nq, d, dtype=dtype)
+    k = torch.randn(b, hkv, prefix + nq, d, dtype=dtype)
+    return q, k, torch.randn_like(k)
+
+
+def ref_full(q, k, v):
+    return masked_attention_ref(q.float(), k.float(), v.float(), torch.ones(1, dtype=torch.bool))
+
+
+def method(**kw):
+    return make_method("flashblock", **{"min_seq_len": 0, "block_size": 16, **kw})
+
+
+def test_config_validation():
+    assert FlashBlockConfig().refresh_every is None
+    with pytest.raises(ValueError, match="refresh_every"):
+        FlashBlockConfig(refresh_every=0)
+    with pytest.raises(ValueError, match="unknown selector"):
+        FlashBlockConfig(sparse_selector="nope")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_refresh_every_step_is_dense(dtype):
+    m = method(refresh_every=1)
+    q0, k, v = block_call(dtype=dtype)
+    for step in range(4):
+        with denoising_step(step, 4):
+            q = (q0.float() + 0.5 * step * torch.randn_like(q0.float())).to(dtype)
+            out, lse = m(q, k, v, layer="l", return_lse=True)
+        want, want_lse = ref_full(q, k, v)
+        torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=TOL[dtype])
+        torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-4)
+    assert m.stats["refreshes"] == 4 and m.stats["cached_calls"] == 0
+
+
+@pytest.mark.parametrize("frames", [False, True])
+def test_cached_external_merged_with_fresh_internal(frames):
+    # Text: prompt + committed blocks as the prefix. Video: 3 earlier frames of 48 tokens, frame block of 48.
+    shape = dict(prefix=144, nq=48, hq=6, hkv=3) if frames else dict(prefix=160, nq=32)
+    m = method()
+    q0, k, v = block_call(**shape)
+    nq, npre = q0.shape[2], k.shape[2] - q0.shape[2]
+    ext_ref = masked_attention_ref(q0, k[:, :, :npre], v[:, :, :npre], torch.ones(1, dtype=torch.bool))
+    for step in range(4):
+        q = q0 + 0.3 * step * torch.randn_like(q0)
+        with denoising_step(step, 4):
+            out = m(q, k, v, layer="l")
+        inner = masked_attention_ref(q, k[:, :, npre:], v[:, :, npre:], torch.ones(1, dtype=torch.bool))
+        want, _ = merge_attention_ref(*ext_ref, *inner)
+        torch.testing.assert_close(out, want, rtol=0, atol=TOL[q.dtype])
+        if step == 0:
+            torch.testing.assert_close(out, ref_full(q, k, v)[0], rtol=0, atol=TOL[q.dtype])
+        else:  # the cache is an approximation: it must differ from dense once q moved
+            assert (out - ref_full(q, k, v)[0]).abs().max() > 1e-3
+    assert m.stats == {"refreshes": 1, "cached_calls": 3, "dense_calls": 0}
+    assert m.cache_bytes() == q0.numel() * 4 + q0[..., 0].numel() * 4
+
+
+def test_cache_invalidated_at_new_block_prefix_and_generation():
+    m = method()
+    q, k, v = block_call()
+    new_block(0)
+    for step in range(3):
+        with denoising_step(step, 3):
+            m(q, k, v, layer="l")
+    assert m.stats["refreshes"] == 1
+    new_block(1)
+    q1, k1, v1 = block_call()  # same shapes, new block: the old external attention is invalid
+    with denoising_step(1, 3):
+        out = m(q1, k1, v1, layer="l")
+    torch.testing.assert_close(out, ref_full(q1, k1, v1)[0], rtol=0, atol=1e-5)
+    assert m.stats["refreshes"] == 2
+    q2, k2, v2 = block_call(prefix=176)  # prefix grew without a block event
+    with denoising_step(2, 3):
+        m(q2, k2, v2, layer="l")
+    assert m.stats["refreshes"] == 3
+    new_generation()
+    with denoising_step(2, 3):
+        m(q2, k2, v2, layer="l")
+    assert m.stats == {"refreshes": 1, "cached_calls": 0, "dense_calls": 0}
+
+
+def test_refresh_every_r_and_layers_are_separate():
+    m = method(refresh_every=2)
+    calls = {name: block_call() for name in ("a", "b")}
+    for step in range(5):
+        with denoising_step(step, 5):
+            for name, (q, k, v) in calls.items():
+                m(q, k, v, layer=name)
+    assert m.stats["refreshes"] == 2 * 3 and m.stats["cached_calls"] == 2 * 2
+
+
+def test_causal_or_prefix_free_calls_run_dense():
+    m = method()
+    q, k, v = block_call(prefix=0)
+    with denoising_step(1, 4):
+        torch.testing.assert_close(m(q, k, v), dense_attention(q, k, v), rtol=0, atol=0)
+        q2, k2, v2 = block_call()
+        torch.testing.assert_close(m(q2, k2, v2, causal=True), dense_attention(q2, k2, v2, causal=True))
+    assert m.stats["dense_calls"] == 2 and m.cache_bytes() == 0
+
+
+def test_merge_matches_reference_with_empty_side():
+    out_a, out_b = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    lse_a, lse_b = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    lse_b[0, 0, 0] = float("-inf")
+    got, got_lse = merge_attention(out_a, lse_a, out_b, lse_b)
+    want, want_lse = merge_attention_ref(out_a, lse_a, out_b, lse_b)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got_lse, want_lse, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got[0, 0, 0], out_a[0, 0, 0])
+
+
+def structured_prefix(prefix=256, nq=32, d=16):
+    """Queries that attend a few prefix blocks strongly, so sparse external attention is meaningful."""
+    q, k, v = block_call(prefix=prefix, nq=nq, d=d)
+    hot = 3 * torch.nn.functional.normalize(torch.randn(2, d), dim=-1)
+    k[:, :, 32:48] += hot[:, None]
+    k[:, :, 128:144] += hot[:, None]
+    q += hot.repeat_interleave(2, 0)[None, :, None]
+    return q, k, v
+
+
+@pytest.mark.parametrize("selector", ["ba_att", "block_mean"])
+def test_combined_mode_residual_exact_at_refresh(selector):
+    m = method(sparse_selector=selector, sparsity=0.7)
+    q, k, v = structured_prefix()
+    with denoising_step(0, 4):
+        first = m(q, k, v, layer="l")
+    with denoising_step(1, 4):
+        same_q = m(q, k, v, layer="l")  # sparse(q) + (dense - sparse)(q) == dense
+    dense = ref_full(q, k, v)[0]
+    torch.testing.assert_close(first, dense, rtol=0, atol=2e-5)
+    torch.testing.assert_close(same_q, dense, rtol=0, atol=2e-5)
+    entry = m._cache.entries["l"]
+    assert entry.block_count.float().mean() < 0.5 * 16  # really sparse: < half of the 16 prefix blocks
+
+
+def test_combined_mode_matches_its_definition_and_residual_helps():
+    q0, k, v = structured_prefix()
+    npre = k.shape[2] - q0.shape[2]
+    kp, vp = k[:, :, :npre], v[:, :, :npre]
+    errs = {}
+    for residual in (True, False):
+        new_generation()
+        m = method(sparse_selector="ba_att", sparsity=0.8, residual=residual)
+        with denoising_step(0, 2):
+            m(q0, k, v, layer="l")
+        q = q0 + 0.05 * torch.randn_like(q0)
+        with denoising_step(1, 2):
+            out = m(q, k, v, layer="l")
+        e = m._cache.entries["l"]
+        sp, sp_lse = block_sparse_attention_ref(q, kp, vp, e.block_index, e.block_count, block_size=16)
+        if residual:
+            sp, sp_lse = sp + e.out, sp_lse + e.lse
+        inner = masked_attention_ref(q, k[:, :, npre:], v[:, :, npre:], torch.ones(1, dtype=torch.bool))
+        torch.testing.assert_close(out, merge_attention_ref(sp, sp_lse, *inner)[0], rtol=0, atol=2e-5)
+        errs[residual] = (out - ref_full(q, k, v)[0]).norm()
+    assert errs[True] < 0.5 * errs[False]

@@ -1,0 +1,173 @@
+"""LoSA: exact at threshold 0 / sparsity 0, stable tokens reuse cached prefix attention, active tokens
+get union-sparse prefix attention, stats, and cache invalidation."""
+
+import pytest
+import torch
+
+from sparsediff.kernels import block_stats
+from sparsediff.kernels.reference import masked_attention_ref, merge_attention_ref
+from sparsediff.methods import denoising_step, make_method, new_block, new_generation
+from sparsediff.methods.losa import LoSAConfig, mean_key_union, token_change
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ALL = torch.ones(1, dtype=torch.bool)
+
+
+def block_call(b=1, hq=4, hkv=2, prefix=128, nq=16, d=16, dtype=torch.float32):
+    q = torch.randn(b, hq, nq, d, dtype=dtype)
+    k = torch.randn(b, hkv, prefix + nq, d, dtype=dtype)
+    return q, k, torch.randn_like(k)
+
+
+def method(**kw):
+    return make_method("losa", **{"min_seq_len": 0, "block_size": 16, **kw})
+
+
+def perturb(q, tokens, rel):
+    """Move the given tokens' query vectors (all heads) by exactly ``rel`` relative L2."""
+    q = q.clone()
+    noise = torch.randn_like(q[:, :, tokens])
+    norm_q = q[:, :, tokens].square().sum(dim=(1, 3), keepdim=True).sqrt()
+    norm_n = noise.square().sum(dim=(1, 3), keepdim=True).sqrt()
+    q[:, :, tokens] += rel * noise * norm_q / norm_n
+    return q
+
+
+def test_config_validation():
+    cfg = LoSAConfig()
+    assert cfg.threshold > 0 and 0 < cfg.sparsity < 1
+    for bad in (dict(threshold=-1), dict(sparsity=1.0), dict(compare_to="x"), dict(selector="nope")):
+        with pytest.raises(ValueError):
+            LoSAConfig(**bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threshold_zero_sparsity_zero_is_dense(dtype):
+    m = method(threshold=0.0, sparsity=0.0)
+    q0, k, v = block_call(b=2, dtype=dtype)
+    for step in range(4):
+        q = (q0.float() + 0.3 * step * torch.randn_like(q0.float())).to(dtype)
+        with denoising_step(step, 4):
+            out = m(q, k, v, layer="l")
+        want, _ = masked_attention_ref(q.float(), k.float(), v.float(), ALL)
+        torch.testing.assert_close(out.float(), want, rtol=0, atol=TOL[dtype])
+    assert all(r["active_share"] == 1.0 for r in m.step_report())
+
+
+def test_token_change_is_relative_l2_over_heads():
+    q = torch.randn(2, 4, 8, 16)
+    moved = perturb(q, [1, 5], 0.2)
+    change = token_change(moved, q)
+    torch.testing.assert_close(change[:, [1, 5]], torch.full((2, 2), 0.2), rtol=1e-5, atol=1e-6)
+    assert bool((change[:, [0, 2, 3, 4, 6, 7]] == 0).all())
+
+
+def test_stable_and_active_split():
+    m = method(threshold=0.05, sparsity=0.0)
+    q0, k, v = block_call()
+    npre = k.shape[2] - q0.shape[2]
+    with denoising_step(0, 2):
+        m(q0, k, v, layer="l")
+    active = [0, 3, 7, 8, 15]
+    stable = [t for t in range(16) if t not in active]
+    q1 = perturb(perturb(q0, active, 0.5), stable, 0.01)  # stable tokens move a little, below threshold
+    with denoising_step(1, 2):
+        out = m(q1, k, v, layer="l")
+    cached = masked_attention_ref(q0, k[:, :, :npre], v[:, :, :npre], ALL)
+    fresh = masked_attention_ref(q1, k[:, :, :npre], v[:, :, :npre], ALL)
+    inner = masked_attention_ref(q1, k[:, :, npre:], v[:, :, npre:], ALL)
+    want_stable = merge_attention_ref(*cached, *inner)[0]
+    dense = merge_attention_ref(*fresh, *inner)[0]
+    torch.testing.assert_close(out[:, :, active], dense[:, :, active], rtol=0, atol=2e-5)
+    torch.testing.assert_close(out[:, :, stable], want_stable[:, :, stable], rtol=0, atol=2e-5)
+    assert (out[:, :, stable] - dense[:, :, stable]).abs().max() > 1e-5  # stale on purpose
+    assert m.step_report()[-1]["active_share"] == pytest.approx(5 / 16)
+
+
+def test_active_tokens_use_one_shared_union():
+    m = method(threshold=0.05, sparsity=0.75)  # 8 prefix blocks -> keep 2
+    q0, k, v = block_call()
+    npre = k.shape[2] - q0.shape[2]
+    with denoising_step(0, 2):
+        m(q0, k, v, layer="l")
+    active = [2, 9, 10]
+    q1 = perturb(q0, active, 0.5)
+    with denoising_step(1, 2):
+        out = m(q1, k, v, layer="l")
+    union = mean_key_union(q1[:, :, active], k[:, :, :npre], 2, 16, 0.25)  # (1, Hq, 8)
+    token_mask = union.repeat_interleave(16, -1)[:, :, None, :]
+    sparse = masked_attention_ref(q1[:, :, active], k[:, :, :npre], v[:, :, :npre], token_mask)
+    inner = masked_attention_ref(q1[:, :, active], k[:, :, npre:], v[:, :, npre:], ALL)
+    torch.testing.assert_close(out[:, :, active], merge_attention_ref(*sparse, *inner)[0], rtol=0, atol=2e-5)
+    rec = m.step_report()[-1]
+    assert rec["union_density"] == pytest.approx(0.25) and rec["active_share"] == pytest.approx(3 / 16)
+
+
+def test_union_follows_the_active_tokens_on_structured_inputs():
+    # Every active query points at prefix block 5: the union must contain it.
+    q, k, _ = block_call()
+    hot = 4 * torch.nn.functional.normalize(torch.randn(16), dim=0)
+    k[:, :, 80:96] += hot
+    q[:, :, :4] += hot
+    union = mean_key_union(q[:, :, :4], k[:, :, :128], 1, 16, 0.25)
+    assert bool(union[..., 5].all()) and int(union.sum()) == 4
+    means = block_stats(k[:, :, :128], 16).mean
+    assert means.shape == (1, 2, 8, 16)
+
+
+def test_no_active_tokens_reuses_everything():
+    m = method(threshold=0.05)
+    q, k, v = block_call()
+    with denoising_step(0, 2):
+        first = m(q, k, v, layer="l")
+    with denoising_step(1, 2):
+        second = m(q, k, v, layer="l")
+    torch.testing.assert_close(first, second, rtol=0, atol=1e-6)
+    assert m.step_report()[-1]["active_share"] == 0.0 and m.step_report()[-1]["union_density"] == 0.0
+
+
+def test_compare_to_cached_catches_slow_drift():
+    shares = {}
+    for mode in ("last_step", "cached"):
+        new_generation()
+        m = method(threshold=0.1, sparsity=0.0, compare_to=mode)
+        q, k, v = block_call()
+        drift = 0.07 * (perturb(q, list(range(16)), 1.0) - q)  # one direction: the changes add up
+        for step in range(3):
+            with denoising_step(step, 3):
+                m(q, k, v, layer="l")
+            q = q + drift  # 0.07 per step (below threshold), 0.14 over two steps (above)
+        shares[mode] = [r["active_share"] for r in m.step_report()]
+    assert shares["last_step"] == [1.0, 0.0, 0.0]
+    assert shares["cached"][:2] == [1.0, 0.0] and shares["cached"][2] > 0.5
+
+
+@pytest.mark.parametrize("selector", ["ba_att", "block_mean"])
+def test_registered_selector_union(selector):
+    m = method(threshold=0.05, sparsity=0.75, selector=selector)
+    q0, k, v = block_call()
+    with denoising_step(0, 2):
+        m(q0, k, v, layer="l")
+    with denoising_step(1, 2):
+        out = m(q0 + torch.randn_like(q0), k, v, layer="l")
+    rec = m.step_report()[-1]
+    assert rec["active_share"] == 1.0 and 0 < rec["union_density"] < 1.0
+    assert torch.isfinite(out).all()
+
+
+def test_cache_invalidated_at_new_block_and_generation():
+    m = method(threshold=0.05)
+    q, k, v = block_call()
+    new_block(0)
+    with denoising_step(0, 2):
+        m(q, k, v, layer="l")
+    new_block(1)
+    q1, k1, v1 = block_call()
+    with denoising_step(1, 2):
+        out = m(q1, k1, v1, layer="l")
+    torch.testing.assert_close(out, masked_attention_ref(q1, k1, v1, ALL)[0], rtol=0, atol=2e-5)
+    assert m.stats["full_refreshes"] == 2
+    new_generation()
+    with denoising_step(1, 2):
+        m(q1, k1, v1, layer="l")
+    assert m.stats["full_refreshes"] == 1 and len(m.step_report()) == 1

@@ -71,7 +71,11 @@ def check_correctness(log) -> bool:
     return ok
 
 
-def sweep(n, density, log, heads=16, dim=128):
+SWEEP_CONFIGS = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3),
+                 (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4)]
+
+
+def sweep(n, density, log, heads=16, dim=128, configs=SWEEP_CONFIGS, variants=((False, False), (True, False))):
     """Time tile configurations and the TMA path at one size; returns rows sorted by time."""
     gen = torch.Generator(device="cuda").manual_seed(1)
     q, k, v = (torch.randn(1, heads, n, dim, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
@@ -79,19 +83,19 @@ def sweep(n, density, log, heads=16, dim=128):
     index, count = mask_to_index(random_block_mask(1, heads, nb, nb, density, "cuda", generator=gen))
     flops = 4 * n * n * dim * heads * count.sum().item() / (heads * nb * nb)
     rows = []
-    for config in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 4, 3),
-                   (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4)]:
-        for use_tma in (False, True):
+    for config in configs:
+        for use_tma, ws in variants:
             try:
-                fn = lambda config=config, use_tma=use_tma: block_sparse_attention_triton(
+                fn = lambda config=config, use_tma=use_tma, ws=ws: block_sparse_attention_triton(
                     q, k, v, index, count, scale=dim ** -0.5, causal=False, block_size=128, return_lse=False,
-                    config=config, use_tma=use_tma)
+                    config=config, use_tma=use_tma, warp_specialize=ws)
                 t = time_ms(fn, "cuda")
             except Exception as err:  # out of shared memory etc.
                 log(f"sweep {config} tma={use_tma}: failed ({type(err).__name__}: {str(err)[:80]})")
                 continue
-            rows.append({"config": config, "tma": use_tma, "ms": t, "tflops": flops / t / 1e9})
-            log(f"sweep N={n} density={density} {config} tma={use_tma}: {t:.3f} ms, {flops / t / 1e9:.0f} TF/s")
+            rows.append({"config": config, "tma": use_tma, "ws": ws, "ms": t, "tflops": flops / t / 1e9})
+            log(f"sweep N={n} density={density} {config} tma={use_tma} ws={ws}: {t:.3f} ms, "
+                f"{flops / t / 1e9:.0f} TF/s")
     return sorted(rows, key=lambda r: r["ms"])
 
 
@@ -111,8 +115,9 @@ def main() -> int:
     start = time.time()
     result = {"environment": env, "correct": check_correctness(print)}
     if not args.skip_sweep:
-        result["sweep"] = sweep(32768, 0.5, print)
-        result["sweep_d01"] = sweep(32768, 0.1, print)
+        variants = ((False, False), (True, False), (True, True))
+        for n, density in [(32768, 0.5), (32768, 0.2), (32768, 0.1), (65536, 0.5)]:
+            result[f"sweep_{n}_{density}"] = sweep(n, density, print, variants=variants)
     if not args.skip_grid:
         result["rows"] = run_grid([int(s) for s in args.sizes.split(",")], [1.0, 0.5, 0.2, 0.1], heads=16, dim=128,
                                   dtype=torch.bfloat16, device="cuda", flex=not args.no_flex,
@@ -121,10 +126,9 @@ def main() -> int:
         Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\n{env['device']}, torch {env['torch']}, triton {env.get('triton')}, {time.time() - start:.0f} s")
     print("correctness:", "all ok" if result["correct"] else "FAILURES (see above)")
-    for key in ("sweep", "sweep_d01"):
-        if key in result:
-            best = result[key][:3]
-            print(key, "best:", [(r["config"], r["tma"], round(r["ms"], 3), round(r["tflops"])) for r in best])
+    for key in [key for key in result if key.startswith("sweep")]:
+        best = result[key][:4]
+        print(key, "best:", [(r["config"], r["tma"], r["ws"], round(r["ms"], 3), round(r["tflops"])) for r in best])
     if "rows" in result:
         print(format_table(result["rows"]))
         for r in result["rows"]:

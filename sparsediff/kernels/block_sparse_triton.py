@@ -33,7 +33,7 @@ def _block_sparse_fwd(
     qk_scale, num_heads, num_kv_heads, group_size, nq, nk, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr,
-    DOT_F32: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -62,7 +62,7 @@ def _block_sparse_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
-    for t in range(0, count * TILES):
+    for t in tl.range(0, count * TILES, warp_specialize=WARP_SPECIALIZE):
         kv_block = tl.load(index_base + (t // TILES) * stride_ik)
         start_n = kv_block * BLOCK_SIZE + (t % TILES) * BLOCK_N
         cols = start_n + offs_n
@@ -75,7 +75,8 @@ def _block_sparse_fwd(
         if DOT_F32:
             k = k.to(tl.float32)
         qk = tl.dot(q, k)
-        # Only tiles on the ragged tail or the causal diagonal pay for masking.
+        # Only tiles on the ragged tail or the causal diagonal pay for masking (and for the guard
+        # against rows that have seen only masked keys, where m stays -inf and inf - inf is NaN).
         needs_mask = start_n + BLOCK_N > nk
         if CAUSAL:
             needs_mask = needs_mask | (start_n + BLOCK_N - 1 > q_start + causal_offset)
@@ -84,11 +85,13 @@ def _block_sparse_fwd(
             if CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None] + causal_offset)
             qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        # A row that has seen only masked keys keeps m = -inf; subtract 0 there to avoid inf - inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_use = m_new
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if USE_TMA:
             v = v_desc.load([kv_row0 + start_n, 0])
@@ -139,7 +142,7 @@ def _tma_ok(k: torch.Tensor, v: torch.Tensor, head_dim: int) -> bool:
 
 
 def block_sparse_attention_triton(q, k, v, block_index, block_count, *, scale, causal, block_size, return_lse,
-                                  config=None, use_tma=None):
+                                  config=None, use_tma=None, warp_specialize=False):
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     block_d = max(16, triton.next_power_of_2(d))
@@ -169,6 +172,6 @@ def block_sparse_attention_triton(q, k, v, block_index, block_count, *, scale, c
         scale * LOG2E, hq, hkv, hq // hkv, nq, nk, nk - nq,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_M=bm, BLOCK_N=bn,
         CAUSAL=causal, WRITE_LSE=return_lse, DOT_F32=_interpreter_bf16(q), USE_TMA=use_tma,
-        num_warps=warps, num_stages=stages,
+        WARP_SPECIALIZE=warp_specialize, num_warps=warps, num_stages=stages,
     )
     return out, (lse if return_lse else None)

@@ -86,8 +86,8 @@ def make_probe(name, *, batch=1, heads=4, n=4096, dim=64, seed=0, dtype=torch.fl
     """A seeded synthetic probe (see the module docstring for what each generator models)."""
     if name not in GENERATORS:
         raise ValueError(f"unknown generator {name!r}; available: {', '.join(GENERATORS)}")
-    if dim % 6 and name == "video":
-        raise ValueError(f"the video generator splits dim over 3 rotary axes of pairs: dim must be a multiple of 6, got {dim}")
+    if dim % 2 or dim < 6:
+        raise ValueError(f"dim must be even and >= 6 (rotary pairs over 3 axes), got {dim}")
     gen = torch.Generator().manual_seed(seed * 1000 + GENERATORS.index(name))
     b, h, d = batch, heads, dim
     v = torch.randn(b, h, n, d, generator=gen, dtype=torch.float64)
@@ -102,6 +102,7 @@ def make_probe(name, *, batch=1, heads=4, n=4096, dim=64, seed=0, dtype=torch.fl
         per_axis = d // 6
         angles = torch.cat([_rope_angles(t, per_axis, base=max(frames, 2)), _rope_angles(row, per_axis, base=side),
                             _rope_angles(col, per_axis, base=side)], dim=-1)
+        angles = torch.nn.functional.pad(angles, (0, d // 2 - angles.shape[-1]))  # leftover pairs: unrotated
         q, k = _rotate(q, angles), _rotate(k, angles)
     elif name == "random":
         q = torch.randn(b, h, n, d, generator=gen, dtype=torch.float64)

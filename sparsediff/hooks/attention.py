@@ -1,0 +1,186 @@
+"""The attention function transformers calls for ``attn_implementation="ba_att"`` (and the other
+method names): it decides per call whether the method runs or dense SDPA does, and adapts layouts.
+
+transformers calls ``fn(module, query, key, value, attention_mask, scaling=..., dropout=..., **kwargs)``
+with query ``(B, Hq, Nq, D)``, key/value ``(B, Hkv, Nk, D)`` (after the KV cache update) and expects
+``(out (B, Nq, Hq, D), weights or None)``. Routing, in order:
+
+1. vision towers, layers configured as dense, dropout in training, biases / softcap / sinks / paged
+   caches -> transformers' own SDPA function (exactly the reference path);
+2. fewer keys than the method's ``min_seq_len`` -> SDPA;
+3. causal decode (``Nq < Nk`` and ``Nq < dense_query_len``) -> SDPA;
+4. the mask is plain causal / bidirectional plus key padding -> the method, per row on the row's
+   valid tokens when there is padding; any other mask -> SDPA (one warning; silent for sliding
+   windows, which are local by design).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+
+from ..methods import AttentionMethod, dense_attention, make_method
+from .config import SparseAttentionConfig
+from .masks import key_validity, row_slices
+
+logger = logging.getLogger(__name__)
+
+BINDING_ATTR = "_sparsediff_binding"
+_VISION_HINTS = ("vision", "siglip", "clip", "vit", "audio")
+
+# How calls were routed since the last reset: cheap counters for reports and tests.
+route_counts: collections.Counter = collections.Counter()
+_warned: set[str] = set()
+_default_methods: dict[str, AttentionMethod] = {}
+
+
+def reset_route_counts() -> None:
+    route_counts.clear()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+@dataclasses.dataclass
+class LayerBinding:
+    """What one attention module runs: its method (None = dense), a stable layer name, options."""
+
+    method: AttentionMethod | None
+    layer: str
+    options: SparseAttentionConfig
+
+    @property
+    def dense_query_len(self) -> int:
+        if self.options.dense_query_len is not None:
+            return self.options.dense_query_len
+        return self.method.config.block_size if self.method is not None else 1
+
+
+def is_language_attention(module) -> bool:
+    """Text attention layers carry a ``layer_idx`` (for the KV cache); vision towers' do not, or
+    their config says vision."""
+    model_type = getattr(getattr(module, "config", None), "model_type", "") or ""
+    if any(hint in model_type for hint in _VISION_HINTS):
+        return False
+    return getattr(module, "layer_idx", None) is not None
+
+
+def default_binding(name: str, module) -> LayerBinding:
+    """Used when a model was loaded with ``attn_implementation=name`` and never passed to
+    ``sparsediff.enable``: one default-configured method per name, shared by all layers."""
+    if name not in _default_methods:
+        _default_methods[name] = make_method(name)
+    layer = f"{type(module).__name__}.{getattr(module, 'layer_idx', None)}"
+    return LayerBinding(_default_methods[name], layer, SparseAttentionConfig(method=name))
+
+
+def _sdpa(module, query, key, value, attention_mask, route, **kwargs):
+    from transformers import AttentionInterface
+
+    route_counts[route] += 1
+    return AttentionInterface()["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+
+def _unsupported_feature(module, dropout, kwargs) -> str | None:
+    if dropout and module.training:
+        return "dropout"
+    for name in ("position_bias", "softcap", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            return name
+    cache = kwargs.get("cache")
+    if cache is not None and type(cache).__name__ == "PagedAttentionCache":
+        return "paged cache"
+    return None
+
+
+def sparse_attention_forward(module, query, key, value, attention_mask, *, default_name, scaling=None,
+                             dropout=0.0, **kwargs):
+    """Route one attention call; see the module docstring."""
+    sdpa_kwargs = dict(kwargs, scaling=scaling, dropout=dropout)
+    binding = getattr(module, BINDING_ATTR, None)
+    if binding is None:
+        if not is_language_attention(module):
+            return _sdpa(module, query, key, value, attention_mask, "dense_vision", **sdpa_kwargs)
+        binding = default_binding(default_name, module)
+    method = binding.method
+    if method is None:
+        return _sdpa(module, query, key, value, attention_mask, "dense_layer", **sdpa_kwargs)
+    feature = _unsupported_feature(module, dropout, kwargs)
+    if feature is not None:
+        _warn_once(f"sparsediff: {feature} is not supported by sparse attention; using dense SDPA")
+        return _sdpa(module, query, key, value, attention_mask, "dense_unsupported", **sdpa_kwargs)
+
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    nq, nk = query.shape[2], key.shape[2]
+    if nk < method.config.min_seq_len:
+        return _sdpa(module, query, key, value, attention_mask, "dense_short", **sdpa_kwargs)
+    if is_causal and nq < nk and nq < binding.dense_query_len:
+        return _sdpa(module, query, key, value, attention_mask, "dense_decode", **sdpa_kwargs)
+
+    if attention_mask is None and is_causal and 1 < nq < nk:
+        # Prefill into an empty static cache: the slots past Nq hold no tokens yet (SDPA crops too).
+        key, value, nk = key[:, :, :nq], value[:, :, :nq], nq
+    valid = key_validity(attention_mask, nq, nk, is_causal)
+    if valid is False:
+        if kwargs.get("sliding_window") is None:
+            _warn_once(
+                f"sparsediff: {type(module).__name__} received a mask that is not causal/bidirectional plus "
+                "padding (e.g. image-bidirectional blocks or packed sequences); using dense SDPA for such calls"
+            )
+        return _sdpa(module, query, key, value, attention_mask, "dense_mask", **sdpa_kwargs)
+    if valid is not None and bool(valid.all()):
+        valid = None
+
+    call = dict(causal=bool(is_causal), scale=scaling, layer=binding.layer)
+    if valid is None:
+        route_counts["sparse"] += 1
+        out = method(query, key, value, **call)
+    else:
+        route_counts["sparse_padded"] += 1
+        out = _per_row(method, query, key, value, valid, call)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _per_row(method, query, key, value, valid, call):
+    """Each row on its own valid tokens. Causal: the valid query positions are the tail of the
+    row's valid keys, so end-aligned causality still holds after compaction; query rows on padding
+    see no key and get zeros. Bidirectional: every query sees the row's valid keys."""
+    bsz, _, nq, _ = query.shape
+    nk = key.shape[2]
+    out = query.new_zeros(*query.shape[:3], value.shape[-1])
+    for b in range(bsz):
+        keys = row_slices(valid[b])
+        q_rows = row_slices(valid[b, nk - nq:]) if call["causal"] else slice(None)
+        qb = query[b:b + 1, :, q_rows]
+        kb, vb = key[b:b + 1, :, keys], value[b:b + 1, :, keys]
+        if qb.shape[2] == 0 or kb.shape[2] == 0:
+            continue
+        if not call["causal"] and kb.shape[2] < qb.shape[2]:
+            # Padding inside the queries' own tokens: the prefix/own-tokens split methods rely on
+            # no longer holds, so this row runs dense.
+            ob = dense_attention(qb, kb, vb, causal=False, scale=call["scale"])
+        else:
+            # Per-row layer names: caching methods must not mix rows of different lengths.
+            ob = method(qb, kb, vb, **dict(call, layer=f"{call['layer']}[row {b}]"))
+        out[b:b + 1, :, q_rows] = ob
+    return out
+
+
+def make_attention_function(name: str):
+    """The function registered under ``name`` in transformers' AttentionInterface."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        return sparse_attention_forward(
+            module, query, key, value, attention_mask, default_name=name, scaling=scaling, dropout=dropout, **kwargs
+        )
+
+    attention.__name__ = f"sparsediff_{name}_attention"
+    attention.__qualname__ = attention.__name__
+    return attention
+

@@ -188,6 +188,14 @@ def _fmt(value, spec=".2f", suffix=""):
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
 
+_DURATIONS = {"short": 0, "medium": 1, "long": 2}
+
+
+def _group_order(g: str):
+    # Lengths numerically, Video-MME durations short -> long, everything else alphabetically.
+    return (not g.isdigit(), int(g) if g.isdigit() else _DURATIONS.get(g, 3), g)
+
+
 def markdown_table(summary: dict) -> str:
     rows = summary["methods"]
     lines = [f"## {summary['benchmark']}: sparse vs dense", "",
@@ -200,8 +208,7 @@ def markdown_table(summary: dict) -> str:
     lines.append("Δ and speedup are computed on the samples both the method and dense have answered.")
     group_fields = next(iter(rows.values()), {}).get("groups", {}).keys() if rows else []
     for field in group_fields:
-        groups = sorted({g for r in rows.values() for g in r["groups"].get(field, {})},
-                        key=lambda g: (not g.isdigit(), int(g) if g.isdigit() else 0, g))
+        groups = sorted({g for r in rows.values() for g in r["groups"].get(field, {})}, key=_group_order)
         if not groups:
             continue
         lines += ["", f"### accuracy (%) by {field}", "",

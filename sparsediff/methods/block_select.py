@@ -136,7 +136,8 @@ def select_from_scores(scores, *, nq, nk, block_size, density=None, mass=None, c
         p_sorted = probs.gather(-1, order)
         # Keep the shortest prefix whose mass reaches `mass`; forced blocks sort first.
         before = torch.cumsum(p_sorted, dim=-1) - p_sorted
-        count = (before < mass).sum(-1)
+        # mass >= 1 means "everything visible": float cumsums can reach 1 before the last block.
+        count = (before < mass).sum(-1) if mass < 1.0 else lay.n_visible.expand(scores.shape[:-1])
         count = torch.minimum(torch.maximum(count, n_forced), lay.n_visible)
     slot = torch.arange(max_kept, device=scores.device)
     valid = slot < count[..., None]

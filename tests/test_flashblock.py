@@ -6,7 +6,7 @@ import torch
 
 from sparsediff.kernels import merge_attention
 from sparsediff.kernels.reference import block_sparse_attention_ref, masked_attention_ref, merge_attention_ref
-from sparsediff.methods import dense_attention, denoising_step, make_method, new_block, new_generation
+from sparsediff.methods import denoising_step, dense_attention, make_method, new_block, new_generation
 from sparsediff.methods.flashblock import FlashBlockConfig
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -54,7 +54,7 @@ def test_cached_external_merged_with_fresh_internal(frames):
     shape = dict(prefix=144, nq=48, hq=6, hkv=3) if frames else dict(prefix=160, nq=32)
     m = method()
     q0, k, v = block_call(**shape)
-    nq, npre = q0.shape[2], k.shape[2] - q0.shape[2]
+    npre = k.shape[2] - q0.shape[2]
     ext_ref = masked_attention_ref(q0, k[:, :, :npre], v[:, :, :npre], torch.ones(1, dtype=torch.bool))
     for step in range(4):
         q = q0 + 0.3 * step * torch.randn_like(q0)

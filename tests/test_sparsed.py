@@ -10,7 +10,7 @@ import torch
 from sparsediff.kernels import index_to_mask
 from sparsediff.kernels.reference import block_sparse_attention_ref
 from sparsediff.kernels.tile_mass import row_lse, tile_mass, tile_mass_ref
-from sparsediff.methods import dense_attention, denoising_step, make_method, new_block, new_generation
+from sparsediff.methods import denoising_step, dense_attention, make_method, new_block, new_generation
 from sparsediff.methods import sparsed as sparsed_module
 from sparsediff.methods.sparsed import SparseDConfig, SparseDMethod, blocks_to_keep
 

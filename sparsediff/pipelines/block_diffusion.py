@@ -12,7 +12,8 @@ Two ways to drive a model:
     only. In every attention layer the model calls ``k, v = cache.kv(layer, k_new, v_new)`` and gets
     ``[prefix | new]`` (the call convention of FlashBlock and LoSA); positions start at
     ``cache.length``. The prompt is one such call, and each finished block is written into the
-    cache by one more call (the *commit pass*) over its final tokens.
+    cache by one more call (the *commit pass*) over its final tokens; ``cache.committing`` is True
+    during those calls, for models that keep their own KV cache (an adapter can read it).
 
 Step events go through ``step_state`` so method caches hook in: one generation per call,
 ``new_block(b)`` per block (the prompt pass is block -1), ``denoising_step(i, steps_per_block)`` per
@@ -38,6 +39,7 @@ class PrefixCache:
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.length = 0
+        self.committing = False
         self._k: dict = {}
         self._v: dict = {}
 
@@ -75,9 +77,10 @@ def _logits(out):
     return getattr(out, "logits", out)
 
 
-def _predict(logits, temperature, generator):
+def _predict(logits, temperature, generator, mask_id):
     """Predicted tokens and their confidence (softmax probability of the prediction)."""
-    logits = logits.float()
+    logits = logits.float().clone()
+    logits[..., mask_id] = float("-inf")  # committing the mask token would leave the position masked
     if temperature > 0:
         # Gumbel-max sampling at the given temperature, as LLaDA does.
         u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-20, 1.0)
@@ -90,13 +93,22 @@ def _predict(logits, temperature, generator):
 
 def _unmask(block, logits, count, mask_id, temperature, generator):
     """Commit the ``count[b]`` most confident predictions among the masked tokens of ``block``."""
-    tokens, confidence = _predict(logits, temperature, generator)
+    tokens, confidence = _predict(logits, temperature, generator, mask_id)
     masked = block == mask_id
     confidence = torch.where(masked, confidence, float("-inf"))
     order = torch.argsort(confidence, dim=-1, descending=True)
     chosen = torch.arange(block.shape[1], device=block.device)[None, :] < count[:, None]
     commit = torch.zeros_like(masked).scatter_(1, order, chosen) & masked
     return torch.where(commit, tokens, block)
+
+
+def _commit(model, ids, cache):
+    cache.committing = True
+    try:
+        model(ids, cache=cache)
+    finally:
+        cache.committing = False
+    cache.commit(ids.shape[1])
 
 
 @torch.no_grad()
@@ -123,8 +135,7 @@ def generate(model, prompt_ids: torch.Tensor, *, mask_id: int, gen_length: int =
             if cache is not None and prompt_len:
                 step_state.new_block(-1)
                 with step_state.denoising_step(0, 1):
-                    model(x[:, :prompt_len], cache=cache)
-                cache.commit(prompt_len)
+                    _commit(model, x[:, :prompt_len], cache)
             for b in range(gen_length // block_length):
                 start = prompt_len + b * block_length
                 end = start + block_length
@@ -142,8 +153,7 @@ def generate(model, prompt_ids: torch.Tensor, *, mask_id: int, gen_length: int =
                         on_step(b, i, x)
                 if cache is not None:
                     with step_state.denoising_step(steps_per_block, steps_per_block):
-                        model(x[:, start:end], cache=cache)  # commit pass: the block's final keys/values
-                    cache.commit(block_length)
+                        _commit(model, x[:, start:end], cache)  # the block's final keys/values
     finally:
         del cache
         for method in methods:

@@ -123,10 +123,9 @@ def _interpreter_bf16(q: torch.Tensor) -> bool:
 def _launch_config(head_dim: int, block_size: int, causal: bool):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), tuned on H100 by benchmarks/bench_kernels.py."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if block_d <= 64:
+    if block_d <= 128:
+        # Best at every density on H100 (docs/benchmarks.md, 2026-11-23 sweep).
         bm, bn, warps, stages = 128, 128, 8, 3
-    elif block_d <= 128:
-        bm, bn, warps, stages = 128, 64, 8, 3
     else:
         bm, bn, warps, stages = 64, 32, 4, 2
     return min(bm, block_size), min(bn, block_size), warps, stages
@@ -142,7 +141,7 @@ def _tma_ok(k: torch.Tensor, v: torch.Tensor, head_dim: int) -> bool:
 
 
 def block_sparse_attention_triton(q, k, v, block_index, block_count, *, scale, causal, block_size, return_lse,
-                                  config=None, use_tma=None, warp_specialize=False):
+                                  config=None, use_tma=None, warp_specialize=None):
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     block_d = max(16, triton.next_power_of_2(d))
@@ -155,6 +154,8 @@ def block_sparse_attention_triton(q, k, v, block_index, block_count, *, scale, c
     si = [0 if block_index.shape[i] == 1 else block_index.stride(i) for i in range(2)]
     sc = [0 if block_count.shape[i] == 1 else block_count.stride(i) for i in range(2)]
     use_tma = _tma_ok(k, v, d) if use_tma is None else use_tma
+    # Warp specialization paid 1-3% on H100 together with TMA; it is off elsewhere.
+    warp_specialize = use_tma if warp_specialize is None else warp_specialize
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 

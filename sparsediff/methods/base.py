@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-
 from . import step_state
 from .dense import dense_attention
 

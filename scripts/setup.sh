@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with sparsediff and everything it needs, pinned.
+#   scripts/setup.sh          runtime set-up
+#   scripts/setup.sh --dev    also test tools (pytest, ruff) and the headless browser for the demo test
+# Without an NVIDIA GPU it installs torch==2.13.0 as found by pip (the CPU build where one is provided;
+# set SPARSEDIFF_TORCH_INDEX to an index serving CPU wheels otherwise); with one, the CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python_bin=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python_bin" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade "pip>=24,<27"
+
+torch_args=("torch==2.13.0")
+if [ -n "${SPARSEDIFF_TORCH_INDEX:-}" ]; then
+    torch_args+=(--index-url "$SPARSEDIFF_TORCH_INDEX")
+fi
+if ! python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        echo "NVIDIA GPU found: installing the CUDA build of torch 2.13.0"
+    else
+        echo "no NVIDIA GPU: installing torch 2.13.0 (CPU)"
+    fi
+    python -m pip install -q "${torch_args[@]}"
+fi
+
+extras=""
+[ "${1:-}" = "--dev" ] && extras="[dev]"
+python -m pip install -q -c constraints.txt -e ".${extras}"
+if [ "${1:-}" = "--dev" ]; then
+    bash tests/e2e/setup_browser.sh || echo "warning: headless browser set-up failed; the demo browser test will be skipped"
+fi
+echo "sparsediff set up in .venv ($(python -c 'import torch; print("torch", torch.__version__)'))"

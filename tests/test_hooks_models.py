@@ -160,9 +160,10 @@ def llava_inputs(model, text_len=120):
     frames = torch.stack([proc(images=[_image(28, 28, s)], return_tensors="pt")["pixel_values"][0, 0]
                           for s in range(4)])[None]
     with torch.no_grad():  # the token counts follow from the features (anyres packing, pooling)
-        n_img = model.get_image_features(pixel_values=image["pixel_values"], image_sizes=image["image_sizes"],
+        # Positional: the pixel argument's name differs between transformers releases.
+        n_img = model.get_image_features(image["pixel_values"], image["image_sizes"],
                                          batch_num_images=image["batch_num_images"]).pooler_output[0].shape[0]
-        n_vid = model.get_video_features(pixel_values_videos=frames).pooler_output.reshape(-1, 64).shape[0]
+        n_vid = model.get_video_features(frames).pooler_output.reshape(-1, 64).shape[0]
     ids = torch.cat([_text(text_len, 1), torch.full((n_img,), IMG), _text(40, 2), torch.full((n_vid,), VID),
                      _text(text_len, 3)])[None]
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=image["pixel_values"],

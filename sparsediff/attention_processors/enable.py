@@ -133,7 +133,7 @@ def disable_diffusers(obj):
         model.set_attn_processor(dict(state.originals))
         for hook in state.hooks:
             hook.remove()
-        for name, module in model.named_modules():
+        for module in model.modules():
             if hasattr(module, "set_processor"):
                 unbind(module)
         setattr(model, _STATE_ATTR, None)

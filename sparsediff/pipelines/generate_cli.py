@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hub id, local pipeline folder, or tiny-wan / tiny-hunyuan / tiny-cogvideox / tiny-ltx / "
                              "tiny-skyreels (random weights, runs on a CPU in seconds)")
     parser.add_argument("--method", default="ba_att", help="ba_att, sparsed, flashblock, block_sparse, dense, ...")
-    parser.add_argument("--sparsity", type=float, default=None, help="share of key blocks skipped (methods with a budget)")
+    parser.add_argument("--sparsity", type=float, default=None, help="share of key blocks skipped (budgeted methods)")
     parser.add_argument("--block-size", type=int, default=None)
     parser.add_argument("--min-seq-len", type=int, default=None, help="shorter attention stays dense")
     parser.add_argument("--dense-steps", type=int, default=None, help="first denoising steps run dense")
@@ -172,8 +172,8 @@ def run(args) -> int:
     pipe = load_pipeline(args.model, dtype, device)
     family = model_family(transformers_of(pipe)[0])
     kwargs = _call_kwargs(pipe, args, tiny, device)
-    print(f"{type(pipe).__name__} ({family}) on {device}, {args.dtype or dtype}: {args.frames}x{args.height}x{args.width},"
-          f" {args.steps} steps; {processor!r}")
+    size = f"{args.frames}x{args.height}x{args.width}"
+    print(f"{type(pipe).__name__} ({family}) on {device}, {dtype}: {size}, {args.steps} steps; {processor!r}")
 
     pipe.set_progress_bar_config(desc=f"{processor.method.name}")
     sparse = generate_video(pipe, processor, device=device, **kwargs)

@@ -152,9 +152,10 @@ def tiny_pipeline(name: str, seed: int = 0):
                                            transformer=tiny_transformer("cogvideox", seed),
                                            scheduler=diffusers.CogVideoXDDIMScheduler())
     if family == "ltx_video":
+        ones = (1, 1, 1, 1, 1)
         vae = diffusers.AutoencoderKLLTXVideo(in_channels=3, out_channels=3, latent_channels=8,
                                               block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-                                              layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
+                                              layers_per_block=ones, decoder_layers_per_block=ones,
                                               spatio_temporal_scaling=(True, True, False, False),
                                               decoder_spatio_temporal_scaling=(True, True, False, False),
                                               decoder_inject_noise=(False, False, False, False, False),

@@ -1,0 +1,160 @@
+"""Block diffusion attention: time per block and error vs dense for dense, FlashBlock, LoSA and
+FlashBlock + sparse external attention.
+
+    python benchmarks/bench_blockdiff.py --out bench_blockdiff.json    # H100: prefix 16k/64k/128k, blocks 32/128
+    python benchmarks/bench_blockdiff.py --quick --out /tmp/b.json     # CPU smoke run (small shapes)
+
+One attention layer, B=1, GQA 32 query / 8 key-value heads, D=128, bf16, 16 denoising steps per block.
+Calls follow the block-diffusion convention: q = the active block, k/v = [prefix | block].
+Inputs are random normal (never zero). Queries evolve over the steps with a synthetic process: each
+step a random ``--active-frac`` share of the block's tokens moves a lot (relative change 0.3) and the
+rest barely (0.01), standing in for the tokens being unmasked; LoSA's measured share of active tokens
+(from its own stats) is reported next to its time. The block's keys/values are redrawn the same way.
+Time per block = ``triton.testing.do_bench`` median of the whole 16-step block (a fresh block each
+repetition, so first-step refreshes are included). Errors are relative L2 vs dense per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sparsediff.bench import environment, time_ms  # noqa: E402
+from sparsediff.methods import available_selectors, denoising_step, make_method, new_block  # noqa: E402
+from sparsediff.methods.dense import dense_attention  # noqa: E402
+
+
+def evolve(x, frac, gen, big=0.3, small=0.01):
+    """Next step's tensor: a ``frac`` share of tokens moves by ``big`` (relative), the rest by ``small``."""
+    n = x.shape[2]
+    moving = torch.rand(n, device=x.device, generator=gen) < frac
+    noise = torch.randn(x.shape, device=x.device, dtype=torch.float32, generator=gen)
+    scale = torch.where(moving, big, small)[None, None, :, None]
+    xf = x.float()
+    noise = noise * xf.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True)
+    return (xf + scale * noise).to(x.dtype)
+
+
+def make_block(prefix, nq, args, device, dtype, seed):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(1, args.heads, nq, args.dim, device=device, dtype=dtype, generator=gen)
+    kv_shape = (1, args.kv_heads, prefix + nq, args.dim)
+    k = torch.randn(kv_shape, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(kv_shape, device=device, dtype=dtype, generator=gen)
+    qs, ks, vs = [q], [k], [v]
+    for _ in range(args.steps - 1):
+        qs.append(evolve(qs[-1], args.active_frac, gen))
+        kb = evolve(ks[-1][:, :, prefix:], args.active_frac, gen)
+        vb = evolve(vs[-1][:, :, prefix:], args.active_frac, gen)
+        ks.append(torch.cat([k[:, :, :prefix], kb], 2))
+        vs.append(torch.cat([v[:, :, :prefix], vb], 2))
+    return qs, ks, vs
+
+
+def methods(args):
+    out = {
+        "flashblock": make_method("flashblock", min_seq_len=0),
+        "losa": make_method("losa", min_seq_len=0, threshold=args.threshold, sparsity=args.sparsity),
+    }
+    if args.selector in available_selectors():
+        out["flashblock+sparse"] = make_method("flashblock", min_seq_len=0, sparse_selector=args.selector,
+                                               sparsity=args.sparsity)
+    return out
+
+
+def one_case(prefix, nq, args, device, dtype, log):
+    qs, ks, vs = make_block(prefix, nq, args, device, dtype, seed=prefix + nq)
+    steps = args.steps
+    counter = [0]
+
+    def sdpa_block():
+        for i in range(steps):
+            F.scaled_dot_product_attention(qs[i], ks[i], vs[i], enable_gqa=True)
+
+    def kernel_block():
+        for i in range(steps):
+            dense_attention(qs[i], ks[i], vs[i], return_lse=True)
+
+    def method_block(m, record=None):
+        counter[0] += 1
+        new_block(counter[0])  # every repetition is a fresh block: first-step work is included
+        for i in range(steps):
+            with denoising_step(i, steps):
+                out = m(qs[i], ks[i], vs[i], layer="l")
+            if record is not None:
+                record.append(out)
+
+    row = {"prefix": prefix, "block": nq, "steps": steps, "heads": args.heads, "kv_heads": args.kv_heads,
+           "dim": args.dim}
+    row["dense_sdpa_ms"] = time_ms(sdpa_block, device)
+    row["dense_kernel_ms"] = time_ms(kernel_block, device)
+    refs = [dense_attention(qs[i], ks[i], vs[i]).float() for i in range(steps)]
+    for name, m in methods(args).items():
+        row[f"{name}_ms"] = time_ms(lambda m=m: method_block(m), device)
+        outs = []
+        m.reset()
+        method_block(m, outs)
+        row[f"{name}_err"] = [float((o.float() - r).norm() / r.norm()) for o, r in zip(outs, refs)]
+        if name == "losa":
+            rep = [r for r in m.step_report() if r["block"] == counter[0]]
+            row["losa_active_share"] = sum(r["active_share"] for r in rep[1:]) / max(len(rep) - 1, 1)
+            row["losa_union_density"] = sum(r["union_density"] for r in rep[1:]) / max(len(rep) - 1, 1)
+    for name in methods(args):
+        row[f"{name}_speedup"] = row["dense_sdpa_ms"] / row[f"{name}_ms"]
+    log(json.dumps(row))
+    return row
+
+
+def table(rows, names):
+    head = ["prefix", "block", "dense ms"] + [f"{n} ms (x)" for n in names] + ["LoSA active", "max err FB/LoSA"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r["prefix"]), str(r["block"]), f"{r['dense_sdpa_ms']:.2f}"]
+        cells += [f"{r[n + '_ms']:.2f} ({r[n + '_speedup']:.2f})" for n in names]
+        cells += [f"{r['losa_active_share']:.2f}",
+                  f"{max(r['flashblock_err']):.1e}/{max(r['losa_err']):.1e}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small CPU run (fp32, PyTorch path)")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--prefixes", default="16384,65536,131072")
+    parser.add_argument("--blocks", default="32,128")
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--active-frac", type=float, default=0.25, help="synthetic share of moving tokens per step")
+    parser.add_argument("--threshold", type=float, default=0.05, help="LoSA threshold")
+    parser.add_argument("--sparsity", type=float, default=0.8, help="LoSA / FlashBlock+sparse sparsity")
+    parser.add_argument("--selector", default="ba_att", help="selector of FlashBlock+sparse")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.quick:
+        args.prefixes, args.blocks, args.steps, args.heads, args.kv_heads, args.dim = "1024", "32", 4, 4, 2, 64
+    env = environment()
+    print(f"device: {env['device']}; torch {env['torch']}; triton {env.get('triton')}; {dtype}")
+    rows = []
+    for prefix in (int(p) for p in args.prefixes.split(",")):
+        for nq in (int(b) for b in args.blocks.split(",")):
+            rows.append(one_case(prefix, nq, args, device, dtype, print))
+    if args.out:
+        args.out.write_text(json.dumps({"environment": env, "args": vars(args) | {"out": str(args.out)},
+                                        "rows": rows}, indent=2))
+    print(table(rows, list(methods(args))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -69,7 +69,7 @@ def run(args):
             w += per_step * x.norm(dim=-1, keepdim=True) / math.sqrt(x.shape[-1]) * torch.randn(x.shape, generator=gen)
         q, k, v = (x + w for x, w in zip((q0, k0, v0), walk))
         ref = dense_attention(q, k, v)
-        err = lambda out: float((out - ref).norm() / ref.norm())
+        err = lambda out, ref=ref: float((out - ref).norm() / ref.norm())
         with denoising_step(step, args.steps):
             errors["sparsed"].append(err(sparsed(q, k, v, layer="l")))
             _, lse = row_lse(q, k, v, block_size=bs)

@@ -42,32 +42,32 @@ def structured_qkv(n=128, d=16, block=16):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("nq,nk", [(96, 96), (70, 150)])
-def test_tile_mass_matches_reference(backend, causal, nq, nk):
+def test_tile_mass_matches_reference(backend, causal, nq, nk, device):
     dtype = torch.float32 if backend == "torch" else torch.bfloat16
-    q, k, v = qkv(b=2, n=nq, nk=nk, dtype=dtype)
+    q, k, v = (x.to(device) for x in qkv(b=2, n=nq, nk=nk, dtype=dtype))
     _, lse = row_lse(q, k, v, causal=causal, block_size=32)
     got = tile_mass(q, k, lse, causal=causal, block_size=32, backend=backend)
-    ref = tile_mass_ref(q, k, causal=causal, block_size=32)
+    ref = tile_mass_ref(q.cpu(), k.cpu(), causal=causal, block_size=32).to(device)
     assert got.shape == (2, 4, math.ceil(nq / 32), math.ceil(nk / 32)) and got.dtype == torch.float32
     # Tile means are averages of probabilities: compare relative to the largest one.
     rel = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got - ref).abs().max() <= rel * ref.abs().max()
     # Each query row's probabilities sum to 1: tile sums over a query block add up to its rows.
-    rows = torch.clamp(nq - torch.arange(got.shape[2]) * 32, max=32).float()
-    cols = torch.clamp(nk - torch.arange(got.shape[3]) * 32, max=32).float()
+    rows = torch.clamp(nq - torch.arange(got.shape[2], device=device) * 32, max=32).float()
+    cols = torch.clamp(nk - torch.arange(got.shape[3], device=device) * 32, max=32).float()
     torch.testing.assert_close((got * rows[:, None] * cols).sum(-1), rows.expand_as(got[..., 0]), rtol=1e-2, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_tile_mass_structured_peaks(backend):
+def test_tile_mass_structured_peaks(backend, device):
     q, k, _ = structured_qkv()
     dtype = torch.float32 if backend == "torch" else torch.float16
-    q, k = q.to(dtype), k.to(dtype)
+    q, k = q.to(device, dtype), k.to(device, dtype)
     _, lse = row_lse(q, k, k, block_size=16)
     got = tile_mass(q, k, lse, block_size=16, backend=backend)
-    assert torch.equal(got[0, 0].argmax(-1), torch.arange(8))
-    assert torch.equal(got[0, 1].argmax(-1), torch.zeros(8, dtype=torch.long))
-    torch.testing.assert_close(got, tile_mass_ref(q, k, block_size=16), rtol=2e-2, atol=1e-5)
+    assert torch.equal(got[0, 0].argmax(-1).cpu(), torch.arange(8))
+    assert torch.equal(got[0, 1].argmax(-1).cpu(), torch.zeros(8, dtype=torch.long))
+    torch.testing.assert_close(got.cpu(), tile_mass_ref(q.cpu(), k.cpu(), block_size=16), rtol=2e-2, atol=1e-5)
 
 
 def test_tile_mass_rejects_bad_inputs():

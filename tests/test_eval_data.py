@@ -55,7 +55,8 @@ def test_videomme_subtitles_and_loose_layout(tmp_path):
     cues = parse_srt("1\n00:00:01,000 --> 00:00:02,500\n<i>hi</i>\n\n2\n00:00:03,000 --> 00:00:04,000\nbye\n")
     assert cues == [(1.0, 2.5, "hi"), (3.0, 4.0, "bye")]
     assert subtitles_at(cues, [0.5, 1.2, 3.5]) == "hi\nbye"
-    assert build_prompt("Q?", ["A. x"], subtitles="") .startswith("This video's subtitles are listed below: \nNo subtitles")
+    with_subs = build_prompt("Q?", ["A. x"], subtitles="")
+    assert with_subs.startswith("This video's subtitles are listed below: \nNo subtitles")
 
 
 def test_frame_sampling_and_imageio_fallback(videomme_zipped, tmp_path):

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,6 @@ from sparsediff.eval.models import FakeRunner
 from sparsediff.eval.records import read_records
 from sparsediff.eval.ruler import Ruler, generate_ruler
 from sparsediff.eval.runner import run_benchmark
-from sparsediff.eval.videomme import VideoMME
 
 
 def _has(module):

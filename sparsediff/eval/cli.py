@@ -60,7 +60,7 @@ def add_arguments(parser) -> None:
     p.add_argument("--data", default="lmms-lab/Video-MME", help="hub id, local copy of the repository, or the parquet")
     p.add_argument("--max-frames", type=int, default=32, help="frames per video at most")
     p.add_argument("--num-frames", type=int, default=None, help="exactly this many frames (else --max-frames)")
-    p.add_argument("--fps", type=float, default=None, help="sample this many frames per second (capped by --max-frames)")
+    p.add_argument("--fps", type=float, default=None, help="frames per second of video (capped by --max-frames)")
     p.add_argument("--max-pixels", type=int, default=None, help="downscale frames to at most this many pixels")
     p.add_argument("--subtitles", action="store_true", help="the 'w/ subtitles' setting")
     p.add_argument("--durations", default=None, help="comma-separated subset of short,medium,long")

@@ -132,7 +132,8 @@ class CausalLMRunner(_HFGenerate):
         if not self.chat_template:
             return item.text + prefix
         messages = [{"role": "user", "content": item.text}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefix.lstrip()
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text + prefix.lstrip()  # the answer starts right after the assistant tag
 
     def answer_batch(self, items) -> list[str]:
         texts = [self.format(i) for i in items]
@@ -179,6 +180,9 @@ class VLMRunner(_HFGenerate):
         images = [img for i in items for img in i.images] or None
         videos = [i.video.array for i in items if i.video is not None] or None
         kwargs = {}
+        if videos and getattr(self.processor, "video_processor", None) is None:
+            raise RuntimeError("this processor has no video processor; transformers' video processors need "
+                               "torchvision (pip install torchvision)")
         if videos:
             # Frames are already sampled: the processor must not resample, and needs their timing.
             kwargs = {"video_metadata": [i.video.metadata() for i in items if i.video is not None],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import string
 import uuid
@@ -115,7 +116,8 @@ def _niah(spec: TaskSpec, rng: random.Random, n_haystack: int):
         prefix = prefix.replace("are", "is")
         type_v = type_v[:-1]
     context = "\n".join(sentences)
-    return template.format(type_v=type_v, context=context, query=query), prefix.format(type_v=type_v, query=query), answers
+    prompt = template.format(type_v=type_v, context=context, query=query)
+    return prompt, prefix.format(type_v=type_v, query=query), answers
 
 
 def _vt(spec: TaskSpec, rng: random.Random, n_haystack: int):
@@ -204,9 +206,11 @@ def generate_ruler(tasks=tuple(TASKS), lengths=(4096,), num_samples: int = 25, s
 def save_jsonl(records, path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)  # shards write the same file concurrently: each replace is whole
 
 
 def load_ruler_jsonl(path, task: str | None = None, length: int | None = None) -> list[dict]:

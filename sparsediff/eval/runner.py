@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -122,7 +123,14 @@ def _answer_chunks(runner, items, batch):
 def _write_run_info(out_dir: Path, benchmark, methods, run_info) -> None:
     info = {"benchmark": benchmark.name, "methods": methods, "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
             **(run_info or {})}
-    (out_dir / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+    write_atomic(out_dir / "run.json", json.dumps(info, indent=2, default=str) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: shards finishing together never interleave a file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 # -- summary ---------------------------------------------------------------------------------------------------
@@ -179,8 +187,8 @@ def write_summary(out_dir, benchmark_name: str, methods=None, group_fields=()) -
     methods = methods or discover_methods(out_dir)
     rows = summarize({m: load_results(out_dir, m) for m in methods}, group_fields)
     summary = {"benchmark": benchmark_name, "baseline": BASELINE, "methods": rows}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "summary.md").write_text(markdown_table(summary), encoding="utf-8")
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out_dir / "summary.md", markdown_table(summary))
     return summary
 
 

@@ -63,8 +63,13 @@ def tiny_qwen2(seed: int = 0):
 def tiny_qwen2_vl(seed: int = 0):
     """(model, processor): a 2-layer Qwen2.5-VL with a 1-layer vision tower, random weights."""
     import torch
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessorPil,
+        Qwen2VLVideoProcessor,
+    )
 
     tok = tiny_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
@@ -78,7 +83,8 @@ def tiny_qwen2_vl(seed: int = 0):
                                     video_processor=video_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE)
     torch.manual_seed(seed)
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), bos_token_id=None, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        text_config=dict(vocab_size=len(tok), bos_token_id=None, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .records import RecordWriter
-from .runner import BASELINE, _progress, load_results, method_slug, parse_methods, results_path, select
+from .runner import BASELINE, _progress, load_results, method_slug, parse_methods, results_path, select, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def run_video_fidelity(runner: PipelineRunner, prompts, methods, out_dir, *, lim
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = select(list(prompts), limit, shard)
-    (out_dir / "run.json").write_text(json.dumps({"benchmark": "video-fidelity", "methods": methods,
+    write_atomic(out_dir / "run.json", json.dumps({"benchmark": "video-fidelity", "methods": methods,
                                                   **(run_info or {})}, indent=2, default=str) + "\n")
     writers = {m: RecordWriter(results_path(out_dir, m, shard)) for m in methods}
     psnr, ssim = _metrics()
@@ -273,6 +273,11 @@ def _record(pid, prompt, method, seconds, frames, dense_frames, latents, dense_l
             "frames": int(frames.shape[0]), "size": [int(frames.shape[1]), int(frames.shape[2])]}
 
 
+def _mean_of(records, key):
+    values = [r[key] for r in records if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
 def write_fidelity_summary(out_dir, methods) -> dict:
     out_dir = Path(out_dir)
     rows = {}
@@ -280,14 +285,13 @@ def write_fidelity_summary(out_dir, methods) -> dict:
         recs = load_results(out_dir, method)
         if not recs:
             continue
-        mean = lambda key: (float(np.mean([r[key] for r in recs if r.get(key) is not None]))
-                            if any(r.get(key) is not None for r in recs) else None)
-        lat = mean("latency_s")
-        rows[method] = {"n": len(recs), "psnr": _finite_mean([r["psnr"] for r in recs]), "ssim": mean("ssim"),
-                        "lpips": mean("lpips"), "latent_rel_l2_final": mean("latent_rel_l2_final"),
-                        "latency_s": lat, "speedup_vs_dense": (mean("dense_latency_s") / lat) if lat else None}
+        lat = _mean_of(recs, "latency_s")
+        rows[method] = {"n": len(recs), "psnr": _finite_mean([r["psnr"] for r in recs]),
+                        "ssim": _mean_of(recs, "ssim"), "lpips": _mean_of(recs, "lpips"),
+                        "latent_rel_l2_final": _mean_of(recs, "latent_rel_l2_final"), "latency_s": lat,
+                        "speedup_vs_dense": (_mean_of(recs, "dense_latency_s") / lat) if lat else None}
     summary = {"benchmark": "video-fidelity", "baseline": BASELINE, "methods": rows}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     f = lambda v, spec: "–" if v is None else ("inf" if v == float("inf") else f"{v:{spec}}")
     lines = ["## video fidelity: sparse vs dense (same prompt, same seed)", "",
              "| method | prompts | PSNR (dB) | SSIM | LPIPS | latent rel. L2 (last step) | latency (s) | speedup |",
@@ -296,5 +300,5 @@ def write_fidelity_summary(out_dir, methods) -> dict:
         lines.append(f"| {m} | {r['n']} | {f(r['psnr'], '.2f')} | {f(r['ssim'], '.4f')} | {f(r['lpips'], '.4f')} | "
                      f"{f(r['latent_rel_l2_final'], '.4f')} | {f(r['latency_s'], '.2f')} | "
                      f"{f(r['speedup_vs_dense'], '.2f')}× |")
-    (out_dir / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_atomic(out_dir / "summary.md", "\n".join(lines) + "\n")
     return summary

@@ -116,11 +116,8 @@ def sort_keys(k, v, *, segment=None, start=0):
     if start:
         head = torch.arange(start, device=k.device).expand(bsz, h, start)
         perm = torch.cat([head, perm], dim=-1)
-    # Row gather through advanced indexing: one index per token row, not per element as gather() reads.
-    rows = (perm + torch.arange(bsz * h, device=k.device).view(bsz, h, 1) * n).flatten()
-    k_sorted = k.reshape(bsz * h * n, d).index_select(0, rows).view(bsz, h, n, d)
-    v_sorted = v.reshape(bsz * h * n, d).index_select(0, rows).view(bsz, h, n, d)
-    return k_sorted, v_sorted, perm
+    gather = perm[..., None].expand(bsz, h, n, d)
+    return k.gather(2, gather), v.gather(2, gather), perm
 
 
 @register_method

@@ -9,7 +9,7 @@ import torch
 
 from sparsediff.eval import records, scoring
 from sparsediff.eval.runner import parse_methods, parse_shard, select, summarize
-from sparsediff.eval.video_fidelity import _psnr, _ssim, latent_differences, per_frame
+from sparsediff.eval.video_fidelity import frame_scores, latent_differences
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -91,14 +91,15 @@ def test_method_and_shard_parsing():
 
 def test_video_metrics_known_answers():
     a = np.full((3, 16, 16, 3), 100, np.uint8)
-    assert math.isinf(_psnr(a, a)) and _ssim(a, a) == pytest.approx(1.0)
+    psnr, ssim = frame_scores(a, a)
+    assert all(math.isinf(v) for v in psnr) and ssim == pytest.approx([1.0] * 3)
     b = a.copy()
-    b[..., 0] += 10  # MSE = (10/255)^2 / 3
+    b[1, ..., 0] += 10  # frame 1 only: MSE = (10/255)^2 / 3
     expected = 10 * math.log10(1.0 / ((10 / 255) ** 2 / 3))
-    assert _psnr(a, b) == pytest.approx(expected, rel=1e-5)
-    assert per_frame(_psnr, a, b) == pytest.approx([expected] * 3, rel=1e-5)
+    psnr, _ = frame_scores(b, a)
+    assert math.isinf(psnr[0]) and psnr[1] == pytest.approx(expected, rel=1e-5)
     noisy = np.clip(a + np.random.default_rng(0).integers(-60, 60, a.shape), 0, 255).astype(np.uint8)
-    assert _ssim(a, noisy) < 0.9
+    assert max(frame_scores(noisy, a)[1]) < 0.9
     d = [torch.ones(4), torch.ones(4)]
     assert latent_differences(d, [torch.ones(4), torch.full((4,), 1.5)]) == pytest.approx([0.0, 0.5])
 

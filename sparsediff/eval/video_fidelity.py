@@ -25,16 +25,6 @@ logger = logging.getLogger(__name__)
 
 
 # -- scores ----------------------------------------------------------------------------------------------------
-def _metrics():
-    """(psnr, ssim) from ``sparsediff.eval.video_metrics`` when present, else the local fallbacks."""
-    try:
-        from . import video_metrics
-
-        return video_metrics.psnr, video_metrics.ssim
-    except (ImportError, AttributeError):
-        return _psnr, _ssim
-
-
 def _as_float_video(x):
     import torch
 
@@ -42,35 +32,14 @@ def _as_float_video(x):
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
-def _psnr(a, b):
-    """PSNR in dB of (T, H, W, C) videos in [0, 1] (uint8 is rescaled); inf when identical."""
-    import torch
+def frame_scores(frames, reference) -> tuple[list[float], list[float]]:
+    """PSNR (dB; inf where identical) and SSIM of each frame of ``frames`` against ``reference``,
+    both (T, H, W, C) uint8 or float in [0, 1]; computed by ``sparsediff.eval.video_metrics``."""
+    from .video_metrics import psnr_per_frame, ssim_per_frame
 
-    mse = torch.mean((_as_float_video(a) - _as_float_video(b)) ** 2)
-    return float("inf") if mse == 0 else float(10 * torch.log10(1.0 / mse))
-
-
-def _ssim(a, b):
-    """SSIM (Gaussian window 11, sigma 1.5) of (T, H, W, C) videos, averaged over frames and channels."""
-    import torch
-    import torch.nn.functional as F
-
-    x, y = (_as_float_video(v).permute(0, 3, 1, 2) for v in (a, b))
-    c = x.shape[1]
-    g = torch.exp(-((torch.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
-    g = (g / g.sum())[:, None] @ (g / g.sum())[None, :]
-    w = g.expand(c, 1, 11, 11)
-    pad = 5
-    blur = lambda t: F.conv2d(F.pad(t, (pad,) * 4, mode="reflect"), w, groups=c)
-    mx, my = blur(x), blur(y)
-    sxx, syy, sxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
-    return float(s.mean())
-
-
-def per_frame(metric, a, b) -> list[float]:
-    return [float(np.asarray(metric(a[t:t + 1], b[t:t + 1]), dtype=np.float64).mean()) for t in range(len(a))]
+    a, b = _as_float_video(reference), _as_float_video(frames)
+    return ([float(v) for v in psnr_per_frame(a, b, layout="thwc")],
+            [float(v) for v in ssim_per_frame(a, b, layout="thwc")])
 
 
 def _finite_mean(values):
@@ -217,7 +186,6 @@ def run_video_fidelity(runner: PipelineRunner, prompts, methods, out_dir, *, lim
     write_atomic(out_dir / "run.json", json.dumps({"benchmark": "video-fidelity", "methods": methods,
                                                   **(run_info or {})}, indent=2, default=str) + "\n")
     writers = {m: RecordWriter(results_path(out_dir, m, shard)) for m in methods}
-    psnr, ssim = _metrics()
     lpips_model = LPIPS.load(lpips_device)
     done = sum(pid in writers[m].done for pid, _ in prompts for m in methods)
     bar = _progress(len(prompts) * len(methods), done, "video-fidelity", progress)
@@ -231,7 +199,7 @@ def run_video_fidelity(runner: PipelineRunner, prompts, methods, out_dir, *, lim
                 save_video(dense_frames, out_dir / "videos" / BASELINE / f"{pid}.mp4")
             if pid not in writers[BASELINE].done:
                 writers[BASELINE].write(_record(pid, prompt, BASELINE, dense_s, dense_frames, dense_frames,
-                                                dense_latents, dense_latents, psnr, ssim, lpips_model))
+                                                dense_latents, dense_latents, lpips_model))
                 _tick(bar)
             for method in methods[1:]:
                 if pid in writers[method].done:
@@ -241,7 +209,7 @@ def run_video_fidelity(runner: PipelineRunner, prompts, methods, out_dir, *, lim
                 if save_videos:
                     save_video(frames, out_dir / "videos" / method_slug(method) / f"{pid}.mp4")
                 writers[method].write(_record(pid, prompt, method, seconds, frames, dense_frames, latents,
-                                              dense_latents, psnr, ssim, lpips_model, dense_s))
+                                              dense_latents, lpips_model, dense_s))
                 _tick(bar)
     finally:
         if bar is not None:
@@ -257,11 +225,11 @@ def _tick(bar):
         bar.update(1)
 
 
-def _record(pid, prompt, method, seconds, frames, dense_frames, latents, dense_latents, psnr, ssim, lpips_model,
+def _record(pid, prompt, method, seconds, frames, dense_frames, latents, dense_latents, lpips_model,
             dense_seconds=None):
     if frames.shape != dense_frames.shape:
         raise ValueError(f"{pid}: {method} produced frames {frames.shape}, dense {dense_frames.shape}")
-    psnr_t, ssim_t = per_frame(psnr, frames, dense_frames), per_frame(ssim, frames, dense_frames)
+    psnr_t, ssim_t = frame_scores(frames, dense_frames)
     lp = lpips_model.per_frame(frames, dense_frames) if lpips_model is not None else None
     diffs = latent_differences(dense_latents, latents)
     return {"id": pid, "method": method, "prompt": prompt, "latency_s": round(seconds, 4),

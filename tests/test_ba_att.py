@@ -156,12 +156,23 @@ def test_global_tokens_rows_and_columns_always_attended():
     assert bool(mask[..., :2].all())  # key blocks 0-1 hold tokens 0-39
     assert bool(mask[:, :, :2].all())  # query blocks 0-1 see every key block
     # With sorting, global tokens stay in front and the output still matches its reference.
-    method = BAAttMethod(cfg.replace(sparsity=0.5), min_seq_len=0)
+    method = BAAttMethod(cfg.replace(sparsity=0.5, sort_segment="sequence"), min_seq_len=0)
     plan = method.plan(q, k, v, global_tokens=40)
     assert torch.equal(plan.perm[..., :40], torch.arange(40).expand(1, 2, 40))
     out = method(q, k, v, global_tokens=40)
     ref, _ = block_sparse_attention_ref(q, plan.k, plan.v, plan.block_index, plan.block_count, block_size=BS)
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+
+
+def test_sorting_needs_a_segment():
+    """Without frame_size or sort_segment nothing is sorted (whole-sequence sorting is opt-in)."""
+    q, k, v = _qkv(nq=320, nk=320)
+    method = BAAttMethod(BAAttConfig(sparsity=0.5, block_size=BS), min_seq_len=0)
+    assert method.plan(q, k, v).perm is None
+    assert method.plan(q, k, v, frame_size=64).perm is not None
+    assert method.plan(q, k, v, causal=True, frame_size=64).perm is None
+    with pytest.raises(ValueError, match="sort_segment"):
+        BAAttConfig(sort_segment="frames")
 
 
 def test_mass_threshold_keeps_shortest_prefix():

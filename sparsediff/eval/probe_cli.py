@@ -125,6 +125,9 @@ def plot_sorting(probe, density: float, block_size: int, out_dir: pathlib.Path) 
     fig, axes = plt.subplots(1, 2, figsize=(10, 5))
     for ax, norm_sort in zip(axes, (False, True)):
         method = build_method(f"ba_att/norm_sort={norm_sort}", density, block_size)
+        if norm_sort and probe.frame_size is None:
+            # No frames to sort within: show whole-sequence sorting, which the default would skip.
+            method = type(method)(method.config.replace(sort_segment="sequence"))
         kept, mass, _ = kept_mask(method, probe)
         ax.imshow(mass.clamp_min(1e-8).log10().numpy(), cmap="viridis", interpolation="nearest")
         ax.contour(kept.float().numpy(), levels=[0.5], colors="white", linewidths=0.6)

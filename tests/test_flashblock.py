@@ -4,10 +4,16 @@ block / prefix / generation, and the combined sparse + residual mode."""
 import pytest
 import torch
 
-from sparsediff.kernels import merge_attention
-from sparsediff.kernels.reference import block_sparse_attention_ref, masked_attention_ref, merge_attention_ref
+from sparsediff.kernels import index_to_mask, mask_to_index, merge_attention
+from sparsediff.kernels.reference import (
+    block_sparse_attention_ref,
+    expand_block_mask,
+    masked_attention_ref,
+    merge_attention_ref,
+)
 from sparsediff.methods import denoising_step, dense_attention, make_method, new_block, new_generation
 from sparsediff.methods.flashblock import FlashBlockConfig
+from sparsediff.methods.prefix_attention import prefix_attention
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -172,3 +178,23 @@ def test_combined_mode_matches_its_definition_and_residual_helps():
         torch.testing.assert_close(out, merge_attention_ref(sp, sp_lse, *inner)[0], rtol=0, atol=2e-5)
         errs[residual] = (out - ref_full(q, k, v)[0]).norm()
     assert errs[True] < 0.5 * errs[False]
+
+
+@pytest.mark.parametrize("nq,splits", [(32, 3), (16, 8), (40, 1), (48, 2)])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_split_prefix_attention_matches_reference(nq, splits, sparse):
+    # Key chunks as extra query blocks, merged by LSE: equal to one pass over all (kept) keys.
+    q = torch.randn(2, 4, nq, 16)
+    k, v = torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
+    index = count = None
+    token_mask = torch.ones(1, dtype=torch.bool)
+    if sparse:
+        mask = torch.rand(2, 4, 1, 10) < 0.4
+        mask[0, 0] = False  # a head that keeps nothing: zeros and lse = -inf
+        index, count = mask_to_index(mask)
+        nqb = -(-nq // 32)
+        token_mask = expand_block_mask(index_to_mask(index, count, 10).expand(-1, -1, nqb, -1), nq, 300, 32)
+    out, lse = prefix_attention(q, k, v, index, count, block_size=32, splits=splits)
+    want, want_lse = masked_attention_ref(q, k, v, token_mask)
+    torch.testing.assert_close(out, want, rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-5)

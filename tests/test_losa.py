@@ -94,7 +94,9 @@ def test_active_tokens_use_one_shared_union():
     q1 = perturb(q0, active, 0.5)
     with denoising_step(1, 2):
         out = m(q1, k, v, layer="l")
-    union = mean_key_union(q1[:, :, active], k[:, :, :npre], 2, 16, 0.25)  # (1, Hq, 8)
+    is_active = torch.zeros(1, 16, dtype=torch.bool)
+    is_active[0, active] = True
+    union = mean_key_union(q1, is_active, block_stats(k[:, :, :npre], 16).mean, 2, 0.25)  # (1, Hq, 8)
     token_mask = union.repeat_interleave(16, -1)[:, :, None, :]
     sparse = masked_attention_ref(q1[:, :, active], k[:, :, :npre], v[:, :, :npre], token_mask)
     inner = masked_attention_ref(q1[:, :, active], k[:, :, npre:], v[:, :, npre:], ALL)
@@ -104,15 +106,19 @@ def test_active_tokens_use_one_shared_union():
 
 
 def test_union_follows_the_active_tokens_on_structured_inputs():
-    # Every active query points at prefix block 5: the union must contain it.
+    # Active queries point at prefix block 5, stable ones at block 2: only block 5 may be chosen.
     q, k, _ = block_call()
-    hot = 4 * torch.nn.functional.normalize(torch.randn(16), dim=0)
+    hot, cold = (4 * torch.nn.functional.normalize(torch.randn(16), dim=0) for _ in range(2))
     k[:, :, 80:96] += hot
+    k[:, :, 32:48] += cold
     q[:, :, :4] += hot
-    union = mean_key_union(q[:, :, :4], k[:, :, :128], 1, 16, 0.25)
-    assert bool(union[..., 5].all()) and int(union.sum()) == 4
-    means = block_stats(k[:, :, :128], 16).mean
-    assert means.shape == (1, 2, 8, 16)
+    q[:, :, 4:] += cold
+    active = torch.zeros(1, 16, dtype=torch.bool)
+    active[0, :4] = True
+    union = mean_key_union(q, active, block_stats(k[:, :, :128], 16).mean, 1, 0.25)
+    assert union.shape == (1, 4, 8) and bool(union[..., 5].all()) and int(union.sum()) == 4
+    union_all = mean_key_union(q, torch.ones_like(active), block_stats(k[:, :, :128], 16).mean, 1, 0.25)
+    assert bool(union_all[..., 2].all())  # with every token active the stable tokens' block wins
 
 
 def test_no_active_tokens_reuses_everything():

@@ -27,10 +27,11 @@ import dataclasses
 
 import torch
 
-from ..kernels import block_sparse_attention, merge_attention
+from ..kernels import merge_attention
 from . import step_state
 from .base import AttentionMethod, MethodConfig, make_method, register_method
 from .dense import dense_attention
+from .prefix_attention import prefix_attention
 from .selectors import get_selector
 from .step_cache import LayerCache, stale
 
@@ -108,11 +109,10 @@ class FlashBlockMethod(AttentionMethod):
 
     def _external_sparse(self, q, kp, vp, index, count, scale):
         block_size = self._sparse_parts()[2]
-        return block_sparse_attention(q, kp, vp, index, count, scale=scale, block_size=block_size,
-                                      return_lse=True, check_ids=False)
+        return prefix_attention(q, kp, vp, index, count, scale=scale, block_size=block_size)
 
     def _refresh(self, q, kp, vp, scale, step, signature):
-        ext_out, ext_lse = dense_attention(q, kp, vp, scale=scale, return_lse=True)
+        ext_out, ext_lse = prefix_attention(q, kp, vp, scale=scale, block_size=self.config.block_size)
         index = count = None
         if self.config.sparse_selector is None:
             stored = (ext_out, ext_lse)

@@ -7,6 +7,7 @@ Public names are resolved lazily so that ``import sparsediff`` stays cheap and o
 from __future__ import annotations
 
 import importlib
+import sys
 
 __version__ = "0.1.0"
 
@@ -35,12 +36,26 @@ _EXPORTS = {
     "SparseDProcessor": "sparsediff.attention_processors",
     "FlashBlockProcessor": "sparsediff.attention_processors",
     "BlockSparseProcessor": "sparsediff.attention_processors",
+    "SparseAttnProcessor": "sparsediff.attention_processors",
+    "DenseProcessor": "sparsediff.attention_processors",
+    "CaptureConfig": "sparsediff.attention_processors",
+    "BAAttMethod": "sparsediff.methods.ba_att",
+    "BlockSparseConfig": "sparsediff.methods.block_sparse",
+    "BlockSparseMethod": "sparsediff.methods.block_sparse",
+    # transformers
+    "SparseAttentionConfig": "sparsediff.hooks",
     # enable / disable on any supported host
     "enable": "sparsediff.api",
     "disable": "sparsediff.api",
 }
 
 __all__ = ["__version__", *_EXPORTS]
+
+
+if "transformers" in sys.modules:
+    # transformers is already loaded: register attn_implementation="ba_att" etc. now (cheap). Otherwise
+    # `import sparsediff.hooks` (or sparsediff.enable) registers them without paying for transformers here.
+    importlib.import_module("sparsediff.hooks")
 
 
 def __getattr__(name: str):

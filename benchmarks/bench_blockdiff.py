@@ -72,6 +72,22 @@ def make_block(prefix, nq, args, device, dtype, seed):
     return qs, ks, vs
 
 
+def gpu_busy_ms(fn):
+    """Summed kernel time of one ``fn()`` (CUDA only): the GPU work without launch gaps, to tell
+    compute from the Python / launch overhead that per-layer eager calls carry."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    total = 0.0
+    for event in prof.key_averages():
+        total += getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0))
+    return total / 1e3
+
+
 def methods(args):
     out = {
         "flashblock": make_method("flashblock", min_seq_len=0),
@@ -108,10 +124,14 @@ def one_case(prefix, nq, args, device, dtype, log):
     row = {"prefix": prefix, "block": nq, "steps": steps, "heads": args.heads, "kv_heads": args.kv_heads,
            "dim": args.dim, "structured": args.structured}
     row["dense_sdpa_ms"] = time_ms(sdpa_block, device)
+    if device == "cuda":
+        row["dense_sdpa_gpu_ms"] = gpu_busy_ms(sdpa_block)
     row["dense_kernel_ms"] = time_ms(kernel_block, device)
     refs = [dense_attention(qs[i], ks[i], vs[i]).float() for i in range(steps)]
     for name, m in methods(args).items():
         row[f"{name}_ms"] = time_ms(lambda m=m: method_block(m), device)
+        if device == "cuda":
+            row[f"{name}_gpu_ms"] = gpu_busy_ms(lambda m=m: method_block(m))
         outs = []
         m.reset()
         method_block(m, outs)
@@ -135,6 +155,12 @@ def table(rows, names):
         cells += [f"{r['losa_active_share']:.2f}",
                   f"{max(r['flashblock_err']):.1e}/{max(r['losa_err']):.1e}"]
         lines.append("| " + " | ".join(cells) + " |")
+    if rows and "dense_sdpa_gpu_ms" in rows[0]:
+        lines += ["", "GPU-busy ms per block (summed kernel time, no launch gaps):",
+                  "| prefix | block | dense | " + " | ".join(names) + " |", "|" + "---|" * (3 + len(names))]
+        for r in rows:
+            lines.append(f"| {r['prefix']} | {r['block']} | {r['dense_sdpa_gpu_ms']:.2f} | "
+                         + " | ".join(f"{r[n + '_gpu_ms']:.2f}" for n in names) + " |")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from sparsediff.kernels.reference import (
 )
 from sparsediff.methods import denoising_step, dense_attention, make_method, new_block, new_generation
 from sparsediff.methods.flashblock import FlashBlockConfig
-from sparsediff.methods.prefix_attention import prefix_attention
+from sparsediff.methods.prefix_attention import prefix_attention, split_index
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -198,3 +198,8 @@ def test_split_prefix_attention_matches_reference(nq, splits, sparse):
     want, want_lse = masked_attention_ref(q, k, v, token_mask)
     torch.testing.assert_close(out, want, rtol=0, atol=2e-5)
     torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-5)
+    if nq <= 32 and splits > 1:  # a layout computed once and reused (FlashBlock's cached selection)
+        layout = split_index(index, count, 10, splits, q.device)
+        again, again_lse = prefix_attention(q, k, v, block_size=32, split=layout)
+        torch.testing.assert_close(again, want, rtol=0, atol=2e-5)
+        torch.testing.assert_close(again_lse, want_lse, rtol=0, atol=2e-5)

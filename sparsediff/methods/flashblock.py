@@ -24,6 +24,7 @@ Causal calls and calls without a prefix (``Nk <= Nq``) run dense: there is nothi
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -31,7 +32,7 @@ from ..kernels import merge_attention
 from . import step_state
 from .base import AttentionMethod, MethodConfig, make_method, register_method
 from .dense import dense_attention
-from .prefix_attention import prefix_attention
+from .prefix_attention import choose_splits, prefix_attention, split_index
 from .selectors import get_selector
 from .step_cache import LayerCache, stale
 
@@ -77,6 +78,7 @@ class _External:
     lse: torch.Tensor  # dense external LSE (plain) or residual LSE (combined)
     block_index: torch.Tensor | None
     block_count: torch.Tensor | None
+    split: tuple | None  # the selection laid out for split prefix attention (reused every step)
     step: int | None
     signature: tuple
 
@@ -107,24 +109,34 @@ class FlashBlockMethod(AttentionMethod):
             self._selector = (get_selector(cfg.sparse_selector), sel_cfg, block_size)
         return self._selector
 
-    def _external_sparse(self, q, kp, vp, index, count, scale):
+    def _external_sparse(self, q, kp, vp, index, count, scale, split=None):
         block_size = self._sparse_parts()[2]
-        return prefix_attention(q, kp, vp, index, count, scale=scale, block_size=block_size)
+        return prefix_attention(q, kp, vp, index, count, scale=scale, block_size=block_size, split=split)
+
+    def _split(self, q, kp, index, count):
+        """The cached selection laid out once for split prefix attention (short blocks on a GPU)."""
+        block_size = self._sparse_parts()[2]
+        nkb = math.ceil(kp.shape[2] / block_size)
+        splits = choose_splits(q, nkb)
+        if q.shape[2] > block_size or splits == 1:
+            return None
+        return split_index(index, count, nkb, splits, q.device)
 
     def _refresh(self, q, kp, vp, scale, step, signature):
         ext_out, ext_lse = prefix_attention(q, kp, vp, scale=scale, block_size=self.config.block_size)
-        index = count = None
+        index = count = split = None
         if self.config.sparse_selector is None:
             stored = (ext_out, ext_lse)
         else:
             selector, sel_cfg, _ = self._sparse_parts()
             index, count = selector(q, kp, sel_cfg, causal=False, scale=scale)
-            sp_out, sp_lse = self._external_sparse(q, kp, vp, index, count, scale)
+            split = self._split(q, kp, index, count)
+            sp_out, sp_lse = self._external_sparse(q, kp, vp, index, count, scale, split)
             # Residuals in float32: they are small differences of bf16 quantities.
             res_lse = torch.nan_to_num(ext_lse - sp_lse, nan=0.0, posinf=0.0, neginf=0.0)
             stored = (ext_out.float() - sp_out.float(), res_lse)
         self.stats["refreshes"] += 1
-        return _External(*stored, index, count, step, signature), (ext_out, ext_lse)
+        return _External(*stored, index, count, split, step, signature), (ext_out, ext_lse)
 
     def sparse_attention(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
         nq, nk = q.shape[2], k.shape[2]
@@ -149,7 +161,8 @@ class FlashBlockMethod(AttentionMethod):
             if cfg.sparse_selector is None:
                 ext_out, ext_lse = entry.out, entry.lse
             else:
-                ext_out, ext_lse = self._external_sparse(q, kp, vp, entry.block_index, entry.block_count, scale)
+                ext_out, ext_lse = self._external_sparse(q, kp, vp, entry.block_index, entry.block_count, scale,
+                                                         entry.split)
                 if cfg.residual:
                     ext_out = (ext_out.float() + entry.out).to(q.dtype)
                     ext_lse = ext_lse + entry.lse

@@ -37,19 +37,19 @@ def _run_guarded(job, session):
         return job(flag), None
     except DemoInputError as err:
         gr.Warning(str(err))
-        return None, f"⚠️ {err}"
+        return None, f"**Invalid input:** {err}"
     except Cancelled:
-        return None, "⏹️ Stopped."
+        return None, "**Stopped.**"
     except Exception as err:  # noqa: BLE001 -- shown to the user, logged in full for the operator
         logger.exception("demo job failed")
         gr.Warning(f"{type(err).__name__}: {err}")
-        return None, f"❌ Internal error: {type(err).__name__}: {err}"
+        return None, f"**Internal error:** {type(err).__name__}: {err}"
     finally:
         CANCEL.finish(session, flag)
 
 
 def video_callback(model, prompt, frames, height, width, steps, method, sparsity, beta, norm_sort, seed, layer,
-                   head, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+                   head, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 -- Gradio injects it
     """Outputs: status, dense video, sparse video, timing, quality, per-step table, heatmap, report."""
     req = VideoRequest(model=model, prompt=prompt, frames=frames, height=height, width=width, steps=steps,
                        method=method, sparsity=sparsity, beta=beta, norm_sort=norm_sort, seed=seed or 0,
@@ -57,20 +57,20 @@ def video_callback(model, prompt, frames, height, width, steps, method, sparsity
     result, message = _run_guarded(lambda flag: run_video(req, progress=progress, cancel=flag), _session(request))
     if result is None:
         return message, None, None, "", "", [], None, {}
-    status = f"✅ Done: {req.model}, {req.frames} frames {req.height}x{req.width}, {req.steps} steps, {req.method}"
+    status = f"**Done:** {req.model}, {req.frames} frames {req.height}x{req.width}, {req.steps} steps, {req.method}"
     return (status, result.dense_video, result.sparse_video, result.timing_markdown, result.metrics_markdown,
             result.step_rows, result.heatmap, result.report)
 
 
 def text_callback(model, context, method, sparsity, threshold, gen_length, block_length, steps_per_block,
-                  request: gr.Request = None, progress=gr.Progress()):
+                  request: gr.Request = None, progress=gr.Progress()):  # noqa: B008 -- Gradio injects it
     """Outputs: status, dense answer, sparse answer, summary, per-step progress table, report."""
     req = TextRequest(model=model, context=context, method=method, sparsity=sparsity, threshold=threshold,
                       gen_length=gen_length, block_length=block_length, steps_per_block=steps_per_block)
     result, message = _run_guarded(lambda flag: run_text(req, progress=progress, cancel=flag), _session(request))
     if result is None:
         return message, "", "", "", [], {}
-    return (f"✅ Done: {req.model}, {req.method}", result.dense_answer, result.sparse_answer,
+    return (f"**Done:** {req.model}, {req.method}", result.dense_answer, result.sparse_answer,
             result.summary_markdown, result.progress_rows, result.report)
 
 
@@ -85,7 +85,7 @@ def needle_callback(tokens, seed):
 
 def stop_callback(request: gr.Request = None):
     running = CANCEL.stop(_session(request))
-    return "⏹️ Stopping after the current step…" if running else "Nothing is running."
+    return "Stopping after the current step..." if running else "Nothing is running."
 
 
 def _video_tab():

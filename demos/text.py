@@ -19,8 +19,17 @@ import sparsediff
 from sparsediff.eval.ruler import generate_one, tokenizer_counter
 from sparsediff.methods import make_method
 
-from .common import DemoInputError, Cancelled, check_cancel, check_prompt, check_sparsity, default_device, \
-    no_progress, positive_int, seconds
+from .common import (
+    Cancelled,
+    DemoInputError,
+    check_cancel,
+    check_prompt,
+    check_sparsity,
+    default_device,
+    no_progress,
+    positive_int,
+    seconds,
+)
 
 DIFFUSION_LM, CAUSAL_LM = "tiny-diffusion-gemma", "tiny-qwen2"
 METHODS = {"Dense": "dense", "BA-Att": "ba_att", "SparseD": "sparsed", "FlashBlock": "flashblock", "LoSA": "losa"}

@@ -22,8 +22,17 @@ from sparsediff.eval.video_metrics import compare_videos
 from sparsediff.pipelines.generate import generate_video
 from sparsediff.pipelines.generate_cli import TINY_METHOD_DEFAULTS, _call_kwargs, load_pipeline, write_video
 
-from .common import DemoInputError, cancel_hooks, check_prompt, check_sparsity, default_device, no_progress, \
-    output_dir, positive_int, seconds
+from .common import (
+    DemoInputError,
+    cancel_hooks,
+    check_prompt,
+    check_sparsity,
+    default_device,
+    no_progress,
+    output_dir,
+    positive_int,
+    seconds,
+)
 
 TINY_MODELS = ("tiny-wan", "tiny-skyreels-df")
 METHODS = {"Dense": "dense", "BA-Att": "ba_att", "SparseD": "sparsed", "FlashBlock": "flashblock"}

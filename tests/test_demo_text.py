@@ -94,6 +94,6 @@ def test_text_app_callback_message():
 
     with pytest.warns(UserWarning):
         out = text_callback(CAUSAL_LM, "", "BA-Att", 0.5, 0.05, 8, 16, 4)
-    assert out[0].startswith("⚠️") and "empty" in out[0]
+    assert out[0].startswith("**Invalid input:**") and "empty" in out[0]
     prompt, answer = needle_callback(128, 0)
     assert answer in prompt

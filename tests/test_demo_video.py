@@ -85,7 +85,7 @@ def test_app_callback_reports_bad_inputs_in_status():
 
     with pytest.warns(UserWarning, match="4k"):  # gr.Warning: a toast in the browser
         out = video_callback("tiny-wan", "a cat", 16, 64, 64, 3, "BA-Att", 0.5, 0.5, True, 0, 1, 0)
-    assert out[0].startswith("⚠️") and "4k+1" in out[0]
+    assert out[0].startswith("**Invalid input:**") and "4k+1" in out[0]
     assert out[1] is None and out[2] is None
     assert stop_callback() == "Nothing is running."
 

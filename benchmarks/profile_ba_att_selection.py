@@ -2,10 +2,13 @@
 
     python benchmarks/profile_ba_att_selection.py
 """
-import torch, triton.testing as tt
-from sparsediff.methods.ba_att import BAAttMethod, sort_keys, ba_scores, select_blocks, BAAttConfig
+import torch
+import triton.testing as tt
+
 from sparsediff.kernels import block_stats
+from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, ba_scores, select_blocks, sort_keys
 from sparsediff.methods.block_select import select_from_scores
+
 for n in (32768, 65536):
     q, k, v = (torch.randn(1, 16, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     cfg = BAAttConfig(sparsity=0.5, min_seq_len=0)

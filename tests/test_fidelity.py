@@ -8,7 +8,14 @@ import torch
 
 from sparsediff.eval import probe_cli
 from sparsediff.eval.fidelity import (
-    GENERATORS, block_mass, dense_reference, evaluate, kept_mask, load_qkv, make_probe, save_qkv,
+    GENERATORS,
+    block_mass,
+    dense_reference,
+    evaluate,
+    kept_mask,
+    load_qkv,
+    make_probe,
+    save_qkv,
 )
 from sparsediff.kernels import index_to_mask
 from sparsediff.methods.ba_att import BAAttMethod
@@ -55,7 +62,8 @@ def test_metrics_match_explicit_computation(causal):
     sparse, _ = block_sparse_attention_ref(p.q, plan.k, plan.v, plan.block_index, plan.block_count,
                                            causal=causal, block_size=BS)
     rel = ((sparse - out).flatten(2).norm(dim=-1) / out.flatten(2).norm(dim=-1))[0]
-    torch.testing.assert_close(torch.tensor(result["per_head"]["rel_l2"], dtype=torch.float64), rel.double(), rtol=1e-3, atol=1e-5)
+    per_head = torch.tensor(result["per_head"]["rel_l2"], dtype=torch.float64)
+    torch.testing.assert_close(per_head, rel.double(), rtol=1e-3, atol=1e-5)
     from sparsediff.kernels.masks import causal_block_mask
 
     visible = causal_block_mask(8, 8, 512, 512, BS) if causal else torch.ones(8, 8, dtype=torch.bool)

@@ -18,8 +18,8 @@ import torch
 
 import sparsediff
 from sparsediff import hooks
-from sparsediff.methods import AttentionMethod, MethodConfig, available_methods, make_method
 from sparsediff.kernels import block_sparse_attention, causal_block_mask, mask_to_index
+from sparsediff.methods import AttentionMethod, MethodConfig, available_methods, make_method
 
 transformers = pytest.importorskip("transformers")
 models = transformers.models

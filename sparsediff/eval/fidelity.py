@@ -151,7 +151,7 @@ def load_qkv(path, *, device="cpu", dtype=None) -> list[Probe]:
             if dtype is not None:
                 q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
 
-            def field(key, default=None):
+            def field(key, default=None, prefix=prefix):
                 return meta.get(prefix + key, meta.get(key, default))
 
             frame = field("frame_size")

@@ -37,7 +37,9 @@ class SparseAttentionConfig:
 
     def __post_init__(self):
         if self.layers is not None and not (isinstance(self.layers, Mapping) or callable(self.layers)):
-            raise TypeError(f"layers must be a mapping layer_idx -> spec or a callable, got {type(self.layers).__name__}")
+            raise TypeError(
+                f"layers must be a mapping layer_idx -> spec or a callable, got {type(self.layers).__name__}"
+            )
         if self.dense_query_len is not None and (not isinstance(self.dense_query_len, int) or self.dense_query_len < 1):
             raise ValueError(f"dense_query_len must be a positive int or None, got {self.dense_query_len!r}")
 

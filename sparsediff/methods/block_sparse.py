@@ -47,7 +47,9 @@ class BlockSparseConfig(MethodConfig):
         if not isinstance(self.selector, str) or self.selector not in available_selectors():
             raise ValueError(f"unknown selector {self.selector!r}; registered: {available_selectors()}")
         if not isinstance(self.stride, int) or self.stride < 1 or self.block_size % self.stride:
-            raise ValueError(f"stride must be a positive int dividing block_size={self.block_size}, got {self.stride!r}")
+            raise ValueError(
+                f"stride must be a positive int dividing block_size={self.block_size}, got {self.stride!r}"
+            )
 
 
 class SparsePlan(NamedTuple):

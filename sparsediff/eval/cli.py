@@ -22,12 +22,12 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 QA_BENCHMARKS = ("videomme", "realworldqa", "ruler")
-TINY_MODELS = ("fake", "tiny-qwen2", "tiny-qwen2-vl")
+TINY_MODELS = ("fake", "tiny-qwen2", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
 
 
 def _common(p, default_methods="dense,ba_att:0.5") -> None:
     p.add_argument("--model", required=True,
-                   help="hub id or local path; 'fake', 'tiny-qwen2', 'tiny-qwen2-vl' (random weights) for smoke runs")
+                   help="hub id or local path; 'fake', 'tiny-qwen2', 'tiny-qwen2.5-vl' (random weights) for smoke runs")
     p.add_argument("--methods", default=default_methods,
                    help="comma-separated method specs; dense (the model's own attention) is always run first")
     p.add_argument("--limit", type=int, default=None, help="only the first N samples")
@@ -172,10 +172,10 @@ def build_runner(args):
         model, tok = tiny_qwen2()
         return models.CausalLMRunner(model=model, tokenizer=tok, batch_size=args.batch_size,
                                      chat_template=not getattr(args, "no_chat_template", False))
-    if args.model == "tiny-qwen2-vl":
-        from .tiny import tiny_qwen2_vl
+    if args.model in ("tiny-qwen2-vl", "tiny-qwen2.5-vl"):
+        from .tiny import tiny_qwen2_5_vl
 
-        model, processor = tiny_qwen2_vl()
+        model, processor = tiny_qwen2_5_vl()
         return models.VLMRunner(model=model, processor=processor, batch_size=args.batch_size)
     if kind == "causal":
         return models.CausalLMRunner(args.model, chat_template=not getattr(args, "no_chat_template", False), **common)

@@ -152,7 +152,17 @@ class VLMRunner(_HFGenerate):
         super().__init__()
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.processor = processor or AutoProcessor.from_pretrained(model_id)
+        self.video_settings = None  # set when the processor came without its video processor
+        if processor is None:
+            try:
+                processor = AutoProcessor.from_pretrained(model_id)
+            except ImportError as err:  # transformers' video processors need torchvision
+                if "torchvision" not in str(err).lower():
+                    raise
+                from .qwen_video import load_processor_without_video
+
+                processor, self.video_settings = load_processor_without_video(model_id)
+        self.processor = processor
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         self.model = model or AutoModelForImageTextToText.from_pretrained(model_id, dtype=_dtype(dtype), **kwargs)
         if model is None:
@@ -178,16 +188,19 @@ class VLMRunner(_HFGenerate):
     def answer_batch(self, items) -> list[str]:
         texts = [self.format(i) for i in items]
         images = [img for i in items for img in i.images] or None
-        videos = [i.video.array for i in items if i.video is not None] or None
-        kwargs = {}
-        if videos and getattr(self.processor, "video_processor", None) is None:
-            raise RuntimeError("this processor has no video processor; transformers' video processors need "
-                               "torchvision (pip install torchvision)")
-        if videos:
+        frames = [i.video for i in items if i.video is not None]
+        if frames and getattr(self.processor, "video_processor", None) is None:
+            from . import qwen_video  # torchvision missing: the same inputs, built with torch only
+
+            qwen_video.warn_once()
+            inputs = qwen_video.build_inputs(self.processor, texts, images, frames, self.video_settings)
+        elif frames:
             # Frames are already sampled: the processor must not resample, and needs their timing.
-            kwargs = {"video_metadata": [i.video.metadata() for i in items if i.video is not None],
-                      "do_sample_frames": False}
-        inputs = self.processor(text=texts, images=images, videos=videos, padding=True, return_tensors="pt", **kwargs)
+            inputs = self.processor(text=texts, images=images, videos=[f.array for f in frames], padding=True,
+                                    return_tensors="pt", video_metadata=[f.metadata() for f in frames],
+                                    do_sample_frames=False)
+        else:
+            inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
         return self._generate(inputs, max(i.sample.max_new_tokens for i in items))
 
     def answer(self, item) -> str:

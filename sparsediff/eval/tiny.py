@@ -1,6 +1,7 @@
 """Tiny random-weight models with offline tokenizers, for tests and smoke runs (``--model tiny-qwen2``,
-``--model tiny-qwen2-vl``). Outputs are meaningless; they exercise the real transformers code paths
-(chat templates, processors, batching, generate) without downloading anything."""
+``--model tiny-qwen2.5-vl``; ``tiny-qwen2-vl`` is the same Qwen2.5-VL under its older name). Outputs are
+meaningless; they exercise the real transformers code paths (chat templates, processors, batching,
+generate) without downloading anything."""
 
 from __future__ import annotations
 
@@ -60,8 +61,9 @@ def tiny_qwen2(seed: int = 0):
     return Qwen2ForCausalLM(config).eval(), tok
 
 
-def tiny_qwen2_vl(seed: int = 0):
-    """(model, processor): a 2-layer Qwen2.5-VL with a 1-layer vision tower, random weights."""
+def tiny_qwen2_5_vl(seed: int = 0):
+    """(model, processor): a 2-layer Qwen2.5-VL with a 1-layer vision tower, random weights. Without
+    torchvision the processor has no video processor; the runner then builds video inputs itself."""
     import torch
     from transformers import (
         Qwen2_5_VLConfig,
@@ -71,6 +73,8 @@ def tiny_qwen2_vl(seed: int = 0):
         Qwen2VLVideoProcessor,
     )
 
+    from .qwen_video import image_only_processor_class
+
     tok = tiny_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
     pixels = dict(min_pixels=28 * 28, max_pixels=56 * 56)
@@ -78,9 +82,9 @@ def tiny_qwen2_vl(seed: int = 0):
         video_processor = Qwen2VLVideoProcessor(**pixels)
     except ImportError:  # transformers' video processors need torchvision: images only without it
         video_processor = None
-    cls = Qwen2_5_VLProcessor if video_processor is not None else _image_only_processor_class()
-    processor = cls(image_processor=Qwen2VLImageProcessorPil(**pixels),
-                                    video_processor=video_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE)
+    cls = Qwen2_5_VLProcessor if video_processor is not None else image_only_processor_class(Qwen2_5_VLProcessor)
+    processor = cls(image_processor=Qwen2VLImageProcessorPil(**pixels), video_processor=video_processor,
+                    tokenizer=tok, chat_template=CHAT_TEMPLATE)
     torch.manual_seed(seed)
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tok), bos_token_id=None, hidden_size=32, intermediate_size=64,
@@ -98,14 +102,5 @@ def tiny_qwen2_vl(seed: int = 0):
     return Qwen2_5_VLForConditionalGeneration(config).eval(), processor
 
 
-def _image_only_processor_class():
-    """Qwen2.5-VL's processor refuses a missing video processor; images need none."""
-    from transformers import Qwen2_5_VLProcessor
 
-    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument is None and argument_name == "video_processor":
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    return ImageOnlyQwen2_5_VLProcessor
+tiny_qwen2_vl = tiny_qwen2_5_vl  # the older name

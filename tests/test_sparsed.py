@@ -138,8 +138,12 @@ def test_pattern_selects_top_tiles_per_head():
     index, count = m.patterns()["x"]
     mask = index_to_mask(index, count, 7)
     ref = tile_mass_ref(q, k, block_size=16)
-    top = torch.topk(ref, blocks_to_keep(7, 0.25), dim=-1).indices
-    assert torch.equal(mask, torch.zeros_like(mask).scatter_(-1, top, True))
+    assert bool((mask.sum(-1) == blocks_to_keep(7, 0.25)).all())
+    # A top-k of the exact tile means, up to float32 near-ties: every kept tile weighs at least as
+    # much as every dropped one.
+    kept_min = ref.masked_fill(~mask, float("inf")).amin(-1)
+    dropped_max = ref.masked_fill(mask, float("-inf")).amax(-1)
+    assert bool((kept_min >= dropped_max - 1e-6).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -10,12 +11,18 @@ import torch.nn.functional as F
 from ..kernels import block_sparse_attention, dense_index
 
 
+@functools.lru_cache(maxsize=64)
+def _full_index(nqb: int, nkb: int, device: str):
+    # Built once per shape and device: the LSE path is called every step by the caching methods.
+    return dense_index(1, 1, nqb, nkb, device=device)
+
+
 def dense_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     """SDPA over ``q (B, Hq, Nq, D)``, ``k, v (B, Hkv, Nk, D)``; causal is end-aligned when Nq != Nk."""
     if return_lse:
         block = 128 if q.dtype in (torch.float16, torch.bfloat16) else 64
         nqb, nkb = math.ceil(q.shape[2] / block), math.ceil(k.shape[2] / block)
-        index, count = dense_index(1, 1, nqb, nkb, device=q.device)
+        index, count = _full_index(nqb, nkb, str(q.device))
         return block_sparse_attention(
             q, k, v, index, count, scale=scale, causal=causal, block_size=block, return_lse=True, check_ids=False
         )

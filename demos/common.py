@@ -119,3 +119,11 @@ def positive_int(value, name: str, *, minimum: int = 1) -> int:
 
 def seconds(x: float) -> str:
     return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def resolve_method(label: str, methods: dict) -> str:
+    """A method name from a UI label ("BA-Att") or a name ("ba_att") among ``methods`` (label -> name)."""
+    name = methods.get(label, label)
+    if name not in methods.values():
+        raise DemoInputError(f"unknown method {label!r}; choose one of {', '.join(methods)}")
+    return name

@@ -18,6 +18,7 @@ import torch
 import sparsediff
 from sparsediff.eval.ruler import generate_one, tokenizer_counter
 from sparsediff.methods import make_method
+from sparsediff.pipelines.tiny_lm import DiffusionGemmaAdapter, has_diffusion_gemma, tiny_diffusion_gemma
 
 from .common import (
     Cancelled,
@@ -28,6 +29,7 @@ from .common import (
     default_device,
     no_progress,
     positive_int,
+    resolve_method,
     seconds,
 )
 
@@ -52,10 +54,7 @@ class TextRequest:
     steps_per_block: int = 4
 
     def method_name(self) -> str:
-        name = METHODS.get(self.method, self.method)
-        if name not in METHODS.values():
-            raise DemoInputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        return name
+        return resolve_method(self.method, METHODS)
 
 
 @dataclasses.dataclass
@@ -69,29 +68,8 @@ class TextResult:
 
 # -- models ---------------------------------------------------------------------------------------------
 
-def has_diffusion_gemma() -> bool:
-    import transformers
-
-    return hasattr(transformers, "DiffusionGemmaForBlockDiffusion")
-
-
 def available_models() -> list[str]:
     return ([DIFFUSION_LM] if has_diffusion_gemma() else []) + [CAUSAL_LM]
-
-
-def tiny_diffusion_gemma(tokenizer, seed: int = 0):
-    """A 2-layer random-weight DiffusionGemma over the offline tokenizer's vocabulary plus a mask token."""
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
-
-    text = dict(vocab_size=len(tokenizer) + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, head_dim=16,
-                global_head_dim=16, sliding_window=64, num_experts=2, top_k_experts=1, moe_intermediate_size=32,
-                layer_types=["sliding_attention", "full_attention"])
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=2, head_dim=16)
-    cfg = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=16, attn_implementation="sdpa")
-    torch.manual_seed(seed)
-    return DiffusionGemmaForBlockDiffusion(cfg).eval()
 
 
 def get_model(name: str, device: str):
@@ -109,7 +87,7 @@ def _load(name: str, device: str):
         if not has_diffusion_gemma():
             raise DemoInputError(f"this transformers has no DiffusionGemma; use {CAUSAL_LM}")
         tok = tiny_tokenizer()
-        return "diffusion", tiny_diffusion_gemma(tok).to(device), tok
+        return "diffusion", tiny_diffusion_gemma(len(tok) + 1).to(device), tok
     if name == CAUSAL_LM:
         model, tok = tiny_qwen2()
         return "causal", model.to(device), tok
@@ -185,22 +163,6 @@ def make_request_method(req: TextRequest, tiny: bool):
         raise DemoInputError(str(err)) from err
 
 
-class _GemmaAdapter:
-    """DiffusionGemma in the loop's prefix-cache mode: commit passes run its encoder (writing its KV
-    cache), denoising steps run its decoder over the block (reading it)."""
-
-    def __init__(self, model):
-        from transformers import DynamicCache
-
-        self.model, self.past = model, DynamicCache(config=model.config.text_config)
-
-    def __call__(self, ids, cache):
-        if cache.committing:
-            self.model.model.encoder(input_ids=ids, past_key_values=self.past)
-            return None
-        return self.model(decoder_input_ids=ids, past_key_values=self.past).logits
-
-
 def _diffusion_run(model, tok, prompt_ids, req, cancel, progress, share):
     from sparsediff.pipelines.block_diffusion import generate
 
@@ -219,7 +181,7 @@ def _diffusion_run(model, tok, prompt_ids, req, cancel, progress, share):
 
     t0 = time.perf_counter()
     last[0] = t0
-    out = generate(_GemmaAdapter(model), prompt_ids, mask_id=mask_id, gen_length=req.gen_length,
+    out = generate(DiffusionGemmaAdapter(model), prompt_ids, mask_id=mask_id, gen_length=req.gen_length,
                    block_length=req.block_length, steps_per_block=req.steps_per_block, mode="prefix_cache",
                    on_step=on_step)
     return out[0, prompt_ids.shape[1]:], time.perf_counter() - t0, steps

@@ -31,6 +31,7 @@ from .common import (
     no_progress,
     output_dir,
     positive_int,
+    resolve_method,
     seconds,
 )
 
@@ -60,10 +61,7 @@ class VideoRequest:
     head: int = 0
 
     def method_name(self) -> str:
-        name = METHODS.get(self.method, self.method)
-        if name not in METHODS.values():
-            raise DemoInputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        return name
+        return resolve_method(self.method, METHODS)
 
 
 @dataclasses.dataclass

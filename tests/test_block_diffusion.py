@@ -8,6 +8,7 @@ from torch import nn
 
 from sparsediff.methods import make_method, step_state
 from sparsediff.pipelines.block_diffusion import PrefixCache, generate, transfer_schedule
+from sparsediff.pipelines.tiny_lm import DiffusionGemmaAdapter
 
 VOCAB, MASK = 48, 47
 
@@ -160,37 +161,12 @@ def tiny_diffusion_gemma():
     if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
         pytest.skip("this transformers has no DiffusionGemma (transformers.models.diffusion_gemma)")
     pytest.importorskip("sparsediff.hooks")
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+    from sparsediff.pipelines.tiny_lm import tiny_diffusion_gemma as build
 
-    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=512, head_dim=16, global_head_dim=16,
-                sliding_window=32, num_experts=2, top_k_experts=1, moe_intermediate_size=32,
-                layer_types=["sliding_attention", "full_attention"])
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=2, head_dim=16)
     try:
-        cfg = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=16,
-                                   attn_implementation="sdpa")
-        torch.manual_seed(0)
-        return DiffusionGemmaForBlockDiffusion(cfg).eval()
+        return build(VOCAB, max_positions=512, sliding_window=32)
     except Exception as err:  # the config schema of this model moves between transformers releases
         pytest.skip(f"cannot build a tiny DiffusionGemma with this transformers: {err}")
-
-
-class GemmaAdapter:
-    """Drives DiffusionGemma in the loop's prefix-cache mode: commit passes run its encoder (writing
-    the KV cache), denoising steps run its decoder over the canvas (reading it)."""
-
-    def __init__(self, model):
-        from transformers import DynamicCache
-
-        self.model, self.past = model, DynamicCache(config=model.config.text_config)
-
-    def __call__(self, ids, cache):
-        if cache.committing:
-            self.model.model.encoder(input_ids=ids, past_key_values=self.past)
-            return None
-        return self.model(decoder_input_ids=ids, past_key_values=self.past).logits
 
 
 def test_diffusion_gemma_through_hooks():
@@ -199,7 +175,7 @@ def test_diffusion_gemma_through_hooks():
 
     model = tiny_diffusion_gemma()
     prompt = PROMPT[:1]
-    run = lambda: generate(GemmaAdapter(model), prompt, mask_id=MASK, gen_length=32, block_length=16,
+    run = lambda: generate(DiffusionGemmaAdapter(model), prompt, mask_id=MASK, gen_length=32, block_length=16,
                            steps_per_block=4, mode="prefix_cache")
     want = run()
     # The loop emits the step events itself, so the hooks' own step tracking stays off.

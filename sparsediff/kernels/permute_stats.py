@@ -1,0 +1,179 @@
+"""Row gathers of K and V through a permutation, with the block statistics of the gathered K.
+
+``gather_rows_with_stats(k, v, perm, block_size)`` returns ``k[..., perm, :]``, ``v[..., perm, :]`` (both
+contiguous) and :class:`BlockStats` of the gathered keys. On CUDA one Triton program per
+(batch*head, key block) loads the block's rows through ``perm``, writes them contiguous and reduces the
+statistics from the registers: one read and one write of K and V and no second pass over the sorted
+keys. Elsewhere the PyTorch path gathers whole rows with ``index_select`` and calls :func:`block_stats`.
+
+``row_norms(x)`` is the float32 L2 norm of every row (the key used to sort), one read of ``x``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .block_stats import BlockStats, _block_counts, block_stats
+
+__all__ = ["gather_rows", "gather_rows_with_stats", "row_norms"]
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+
+
+def _check(k, v, perm):
+    if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must be (B, H, N, D) with equal B, H, N; got {tuple(k.shape)}, {tuple(v.shape)}")
+    if perm.shape != k.shape[:3] or perm.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"perm must be int32/int64 of shape {tuple(k.shape[:3])}, "
+                         f"got {perm.dtype} {tuple(perm.shape)}")
+    if k.shape[2] == 0:
+        raise ValueError("gather_rows needs at least one token")
+
+
+def _use_triton(backend, x, block_size=None):
+    if backend not in (None, "torch", "triton"):
+        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
+    if backend == "torch" or triton is None:
+        return False
+    pow2 = block_size is None or (block_size & (block_size - 1)) == 0
+    if backend == "triton":
+        if not pow2:
+            raise ValueError(f"the Triton path needs a power-of-two block_size, got {block_size}")
+        return True
+    return x.is_cuda and pow2
+
+
+def _gather_torch(x, perm):
+    # Whole-row gathers on a (B*H*N, D) view: one index per row instead of an expanded element-wise index.
+    b, h, n, d = x.shape
+    base = (torch.arange(b * h, device=x.device, dtype=torch.int64) * n).view(b, h, 1)
+    rows = (perm.to(torch.int64) + base).reshape(-1)
+    return x.reshape(b * h * n, d).index_select(0, rows).view(b, h, n, d)
+
+
+def gather_rows(k, v, perm):
+    """``(k[..., perm, :], v[..., perm, :])`` with ``perm (B, H, N)``; PyTorch row gathers."""
+    _check(k, v, perm)
+    return _gather_torch(k, perm), _gather_torch(v, perm)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gather_stats_kernel(
+        K, V, Perm, KOut, VOut, Mean, Var, Norm,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_pb, stride_ph, stride_pn,
+        num_heads, n,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, WITH_STATS: tl.constexpr,
+    ):
+        blk = tl.program_id(0)
+        pid_bh = tl.program_id(1).to(tl.int64)
+        b = pid_bh // num_heads
+        h = pid_bh % num_heads
+        rows = blk * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        cols = tl.arange(0, BLOCK_D)
+        row_ok = rows < n
+        col_ok = cols < HEAD_DIM
+        mask = row_ok[:, None] & col_ok[None, :]
+        src = tl.load(Perm + b * stride_pb + h * stride_ph + rows * stride_pn, mask=row_ok, other=0).to(tl.int64)
+        out = (pid_bh * n + rows.to(tl.int64))[:, None] * HEAD_DIM + cols[None, :]
+        # Issue both row gathers before any math so their latencies overlap.
+        kt = tl.load(K + b * stride_kb + h * stride_kh + src[:, None] * stride_kn + cols[None, :] * stride_kd,
+                     mask=mask, other=0.0)
+        vt = tl.load(V + b * stride_vb + h * stride_vh + src[:, None] * stride_vn + cols[None, :] * stride_vd,
+                     mask=mask, other=0.0)
+        tl.store(KOut + out, kt, mask=mask)
+        tl.store(VOut + out, vt, mask=mask)
+        if WITH_STATS:
+            x = kt.to(tl.float32)
+            count = tl.minimum(n - blk * BLOCK_SIZE, BLOCK_SIZE).to(tl.float32)
+            mean = tl.sum(x, 0) / count
+            # Two-pass variance on the registers, as block_stats: no E[x^2] - E[x]^2 cancellation.
+            centred = tl.where(mask, x - mean[None, :], 0.0)
+            var = tl.sum(centred * centred, 0) / count
+            norm = tl.sum(tl.sqrt(tl.sum(x * x, 1)), 0) / count
+            nb = tl.num_programs(0)
+            so = (pid_bh * nb + blk) * HEAD_DIM + cols
+            tl.store(Mean + so, mean, mask=col_ok)
+            tl.store(Var + so, var, mask=col_ok)
+            tl.store(Norm + pid_bh * nb + blk, norm)
+
+    @triton.jit
+    def _row_norms_kernel(
+        X, Out, stride_xb, stride_xh, stride_xn, stride_xd, num_heads, n,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    ):
+        blk = tl.program_id(0)
+        pid_bh = tl.program_id(1).to(tl.int64)
+        b = pid_bh // num_heads
+        h = pid_bh % num_heads
+        rows = blk * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_D)
+        mask = (rows < n)[:, None] & (cols < HEAD_DIM)[None, :]
+        x = tl.load(X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
+                    mask=mask, other=0.0).to(tl.float32)
+        tl.store(Out + pid_bh * n + rows, tl.sqrt(tl.sum(x * x, 1)), mask=rows < n)
+
+
+def _warps(block_rows, block_d):
+    return 4 if block_rows * block_d <= 8192 else 8
+
+
+def gather_rows_with_stats(k, v, perm, block_size=128, *, backend=None, with_stats=True):
+    """Gather rows of ``k`` and ``v`` ``(B, H, N, D)`` through ``perm (B, H, N)`` and compute the block
+    statistics of the gathered keys.
+
+    Returns ``(k_sorted, v_sorted, stats)`` with ``k_sorted[..., i, :] = k[..., perm[..., i], :]`` (contiguous,
+    dtype of ``k``) and ``stats`` equal to ``block_stats(k_sorted, block_size)`` (None when ``with_stats`` is
+    False). ``perm`` is not checked to be a permutation; ids must lie in ``[0, N)``.
+    """
+    _check(k, v, perm)
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if not _use_triton(backend, k, block_size):
+        ks, vs = gather_rows(k, v, perm)
+        return ks, vs, (block_stats(ks, block_size, backend="torch") if with_stats else None)
+    b, h, n, d = k.shape
+    nb = math.ceil(n / block_size)
+    if v.shape[3] != d:
+        raise ValueError(f"the fused gather needs equal head dims for k and v, got {d} and {v.shape[3]}")
+    ks = torch.empty(b, h, n, d, dtype=k.dtype, device=k.device)
+    vs = torch.empty(b, h, n, d, dtype=v.dtype, device=v.device)
+    if with_stats:
+        mean = torch.empty(b, h, nb, d, dtype=torch.float32, device=k.device)
+        var = torch.empty_like(mean)
+        norm = torch.empty(b, h, nb, dtype=torch.float32, device=k.device)
+    else:
+        mean = var = norm = ks  # unused pointers
+    block_d = triton.next_power_of_2(d)
+    _gather_stats_kernel[(nb, b * h)](
+        k, v, perm, ks, vs, mean, var, norm, *k.stride(), *v.stride(), *perm.stride(), h, n,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, WITH_STATS=with_stats,
+        num_warps=_warps(block_size, block_d),
+    )
+    stats = BlockStats(mean, var, norm, _block_counts(n, block_size, k.device)) if with_stats else None
+    return ks, vs, stats
+
+
+def row_norms(x, *, backend=None):
+    """float32 L2 norm of every row of ``x`` ``(B, H, N, D)`` -> ``(B, H, N)``."""
+    if x.dim() != 4:
+        raise ValueError(f"row_norms expects a (B, H, N, D) tensor, got {tuple(x.shape)}")
+    if not _use_triton(backend, x) or x.shape[2] == 0:
+        return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+    b, h, n, d = x.shape
+    out = torch.empty(b, h, n, dtype=torch.float32, device=x.device)
+    block_d = triton.next_power_of_2(d)
+    block_rows = max(1, min(64, 8192 // block_d))
+    _row_norms_kernel[(triton.cdiv(n, block_rows), b * h)](
+        x, out, *x.stride(), h, n, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_ROWS=block_rows, num_warps=4,
+    )
+    return out

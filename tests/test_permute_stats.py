@@ -1,0 +1,126 @@
+"""Fused row gather + block statistics, row norms and the top-k selection kernel against PyTorch references.
+
+Without a GPU the Triton kernels run under the interpreter (tests/conftest.py)."""
+
+import pytest
+import torch
+
+from sparsediff.kernels import block_stats
+from sparsediff.kernels.block_topk import block_topk
+from sparsediff.kernels.permute_stats import gather_rows, gather_rows_with_stats, row_norms
+from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _sort_keys, select_blocks, sort_keys
+from sparsediff.methods.block_select import layout, select_from_scores
+
+
+def _perms(b, h, n):
+    return torch.stack([torch.stack([torch.randperm(n) for _ in range(h)]) for _ in range(b)])
+
+
+def _explicit(x, perm):
+    return x.gather(2, perm[..., None].expand_as(x))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype, n, d, bs", [
+    (torch.float32, 300, 32, 64),  # ragged tail
+    (torch.bfloat16, 256, 80, 32),  # non-power-of-two head dim
+    (torch.float16, 97, 64, 128),  # one ragged block
+])
+def test_gather_with_stats_matches_explicit_gather(backend, dtype, n, d, bs):
+    k, v = torch.randn(2, 3, n, d, dtype=dtype), torch.randn(2, 3, n, d, dtype=dtype)
+    perm = _perms(2, 3, n)
+    ks, vs, st = gather_rows_with_stats(k, v, perm, bs, backend=backend)
+    ref_k, ref_v = _explicit(k, perm), _explicit(v, perm)
+    assert torch.equal(ks, ref_k) and torch.equal(vs, ref_v) and ks.is_contiguous()
+    ref = block_stats(ref_k.float(), bs, backend="torch")
+    torch.testing.assert_close(st.mean, ref.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st.var, ref.var, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st.norm, ref.norm, rtol=1e-5, atol=1e-5)
+    assert torch.equal(st.count, ref.count)
+
+
+def test_gather_structured_non_contiguous_int32_perm():
+    # Keys with a few huge-norm rows, from a (B, N, H, D) layout; perm = norm sort within segments.
+    k = torch.randn(1, 200, 2, 16).transpose(1, 2)
+    k[:, :, [3, 77, 150]] *= 20
+    v = torch.randn(1, 200, 2, 16).transpose(1, 2)
+    ref_k, ref_v, perm = sort_keys(k.contiguous(), v.contiguous(), segment=64, start=5)
+    ks, vs, st = gather_rows_with_stats(k, v, perm.to(torch.int32), 32, backend="triton")
+    assert torch.equal(ks, ref_k) and torch.equal(vs, ref_v)
+    ref = block_stats(ref_k, 32, backend="torch")
+    torch.testing.assert_close(st.mean, ref.mean)
+    torch.testing.assert_close(st.var, ref.var)
+    torch.testing.assert_close(st.norm, ref.norm)
+
+
+def test_gather_without_stats_and_errors():
+    k, v = torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16)
+    perm = _perms(1, 2, 50)
+    ks, vs, st = gather_rows_with_stats(k, v, perm, 16, backend="triton", with_stats=False)
+    assert st is None and torch.equal(ks, _explicit(k, perm)) and torch.equal(vs, _explicit(v, perm))
+    assert all(torch.equal(a, b) for a, b in zip(gather_rows(k, v, perm), (ks, vs)))
+    with pytest.raises(ValueError, match="perm"):
+        gather_rows_with_stats(k, v, perm[..., :10], 16)
+    with pytest.raises(ValueError, match="power-of-two"):
+        gather_rows_with_stats(k, v, perm, 24, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_row_norms(backend):
+    x = torch.randn(2, 3, 130, 48, dtype=torch.bfloat16)
+    torch.testing.assert_close(row_norms(x, backend=backend), x.float().norm(dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_sort_keys_with_stats_equals_sorted_block_stats():
+    k, v = torch.randn(1, 2, 333, 32), torch.randn(1, 2, 333, 32)
+    ks, vs, perm, st = _sort_keys(k, v, segment=100, start=7, block_size=32)
+    ref_k, ref_v, ref_perm = sort_keys(k, v, segment=100, start=7)
+    assert torch.equal(perm, ref_perm) and torch.equal(ks, ref_k) and torch.equal(vs, ref_v)
+    assert torch.equal(perm[..., :7], torch.arange(7).expand(1, 2, 7))
+    ref = block_stats(ks, 32)
+    assert all(torch.allclose(a.float(), b.float()) for a, b in zip(st, ref))
+
+
+def test_plan_reuses_sorted_stats_gqa():
+    # The method's internal path (stats from the gather) selects what the public selector selects on
+    # the sorted keys; GQA: 4 query heads on 2 kv heads.
+    q, k, v = torch.randn(1, 4, 320, 32), torch.randn(1, 2, 320, 32), torch.randn(1, 2, 320, 32)
+    cfg = BAAttConfig(sparsity=0.6, block_size=32, min_seq_len=0, sort_segment=64)
+    plan = BAAttMethod(cfg).plan(q, k, v)
+    ref_index, ref_count = select_blocks(q, plan.k, cfg)
+    assert torch.equal(plan.block_index, ref_index) and torch.equal(plan.block_count, ref_count)
+
+
+@pytest.mark.parametrize("nq, nk, causal, density, gt", [
+    (320, 320, False, 0.3, 0), (300, 300, True, 0.5, 0), (200, 456, True, 0.2, 40), (1000, 1000, False, 0.5, 70),
+])
+def test_block_topk_matches_torch_selection(nq, nk, causal, density, gt):
+    bs = 32
+    scores = torch.randn(2, 3, -(-nq // bs), -(-nk // bs))
+    kw = dict(nq=nq, nk=nk, block_size=bs, density=density, causal=causal, global_tokens=gt)
+    ref = select_from_scores(scores, backend="torch", **kw)
+    out = select_from_scores(scores, backend="triton", **kw)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_block_topk_extra_forced_ties_and_no_log_count():
+    bs, nq, nk = 16, 96, 160
+    scores = torch.randint(0, 3, (1, 2, 6, 10)).float()  # many ties
+    extra = torch.zeros(6, 10, dtype=torch.bool)
+    extra[:, 7] = True
+    kw = dict(nq=nq, nk=nk, block_size=bs, density=0.25, extra_forced=extra, weight_by_count=False)
+    ref_index, ref_count = select_from_scores(scores, backend="torch", **kw)
+    index, count = select_from_scores(scores, backend="triton", **kw)
+    assert torch.equal(count, ref_count)
+    for row in range(6):
+        for h in range(2):
+            c = int(count[0, h, row])
+            got, want = index[0, h, row, :c].long(), ref_index[0, h, row, :c].long()
+            assert bool((got[1:] > got[:-1]).all()) and {0, 7} <= set(got.tolist())
+            # Same multiset of kept scores (ties may pick different ids), zeros after the count.
+            s = scores[0, h, row]
+            assert torch.equal(s[got].sort().values, s[want].sort().values)
+            assert not bool(index[0, h, row, c:].any())
+    lay = layout(nq, nk, bs, "cpu", density=0.25)
+    with pytest.raises(ValueError):
+        block_topk(scores, lay.visible[:3], lay.forced, lay.budget, lay.max_kept)

@@ -22,6 +22,7 @@ import math
 import torch
 
 from ..kernels import block_sparse_attention, block_stats
+from ..kernels.permute_stats import gather_rows_with_stats, row_norms
 from .base import register_method
 from .block_select import budget_of, select_from_scores
 from .block_sparse import BlockSparseConfig, BlockSparseMethod
@@ -65,11 +66,14 @@ def ba_scores(q, k, *, block_size=128, beta=0.5, scale=None):
 
     GQA: each query head is scored against its key/value group's blocks (selection stays per q-head).
     """
-    bsz, hq, _, d = q.shape
-    hkv = k.shape[1]
+    return _scores_from_stats(block_stats(q, block_size), block_stats(k, block_size), beta=beta, scale=scale)
+
+
+def _scores_from_stats(sq, sk, *, beta=0.5, scale=None):
+    """:func:`ba_scores` from block statistics of q ``(B, Hq, nqb, D)`` and k ``(B, Hkv, nkb, D)``."""
+    bsz, hq, nqb, d = sq.mean.shape
+    hkv, nkb = sk.mean.shape[1], sk.mean.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    sq, sk = block_stats(q, block_size), block_stats(k, block_size)
-    nqb, nkb = sq.mean.shape[2], sk.mean.shape[2]
     if beta:
         c = beta * scale * scale / 2
         left = torch.cat([scale * sq.mean, c * sq.var, c * sq.mean.square()], dim=-1)
@@ -90,9 +94,16 @@ def select_blocks(q, k, config, *, causal=False, scale=None, global_tokens=0):
     ids refer to the sorted order. ``config`` needs ``block_size`` and ``sparsity`` or ``mass``;
     ``beta``, ``keep_sinks`` and ``keep_diagonal`` default to 0.5 / True / True when absent.
     """
+    return _select(q, k, config, causal=causal, scale=scale, global_tokens=global_tokens)
+
+
+def _select(q, k, config, *, causal=False, scale=None, global_tokens=0, k_stats=None):
+    """:func:`select_blocks`, reusing ``k_stats = block_stats(k, block_size)`` when the caller has them."""
     density, mass = budget_of(config)
     bs = config.block_size
-    scores = ba_scores(q, k, block_size=bs, beta=getattr(config, "beta", 0.5), scale=scale)
+    if k_stats is None:
+        k_stats = block_stats(k, bs)
+    scores = _scores_from_stats(block_stats(q, bs), k_stats, beta=getattr(config, "beta", 0.5), scale=scale)
     return select_from_scores(
         scores, nq=q.shape[2], nk=k.shape[2], block_size=bs, density=density, mass=mass, causal=causal,
         keep_sinks=getattr(config, "keep_sinks", True), keep_diagonal=getattr(config, "keep_diagonal", True),
@@ -107,23 +118,34 @@ def sort_keys(k, v, *, segment=None, start=0):
     Returns ``(k_sorted, v_sorted, perm)`` with ``perm (B, Hkv, Nk)`` int64: ``k_sorted[..., i, :] =
     k[..., perm[i], :]``.
     """
+    return _sort_keys(k, v, segment=segment, start=start)[:3]
+
+
+def _sort_keys(k, v, *, segment=None, start=0, block_size=None):
+    """:func:`sort_keys` plus ``block_stats(k_sorted, block_size)`` (None without ``block_size`` or when
+    nothing moves); on CUDA the statistics come out of the gather kernel at no extra pass."""
     bsz, h, n, d = k.shape
     body = n - start
     if body <= 1:
-        return k, v, None
+        return k, v, None, None
     seg = body if segment is None else min(int(segment), body)
     nseg = math.ceil(body / seg)
-    norms = torch.linalg.vector_norm(k[:, :, start:], dim=-1, dtype=torch.float32)
-    # Padding sorts last, and only the last segment is padded, so the first `body` entries are real.
-    norms = torch.nn.functional.pad(norms, (0, nseg * seg - body), value=-1.0)
+    norms = row_norms(k[:, :, start:])
+    if nseg * seg != body:
+        # Padding sorts last, and only the last segment is padded, so the first `body` entries are real.
+        norms = torch.nn.functional.pad(norms, (0, nseg * seg - body), value=-1.0)
     order = norms.view(bsz, h, nseg, seg).argsort(dim=-1, descending=True)
-    offsets = torch.arange(nseg, device=k.device)[:, None] * seg
-    perm = (order + offsets).view(bsz, h, nseg * seg)[..., :body] + start
+    if nseg > 1:
+        order = order + torch.arange(0, nseg * seg, seg, device=k.device)[:, None]
+    perm = order.view(bsz, h, nseg * seg)
+    if nseg * seg != body:
+        perm = perm[..., :body]
     if start:
-        head = torch.arange(start, device=k.device).expand(bsz, h, start)
-        perm = torch.cat([head, perm], dim=-1)
-    gather = perm[..., None].expand(bsz, h, n, d)
-    return k.gather(2, gather), v.gather(2, gather), perm
+        perm = torch.nn.functional.pad(perm + start, (start, 0))
+        perm[..., :start] = torch.arange(start, device=k.device)
+    k_sorted, v_sorted, stats = gather_rows_with_stats(
+        k, v, perm, block_size or 128, with_stats=block_size is not None)
+    return k_sorted, v_sorted, perm, stats
 
 
 @register_method
@@ -139,7 +161,14 @@ class BAAttMethod(BlockSparseMethod):
         if not cfg.norm_sort or causal or segment is None:
             return k, v, None
         segment = None if segment == "sequence" else segment
-        return sort_keys(k, v, segment=segment, start=min(global_tokens, k.shape[2]))
+        # BA-Att's own selector reuses the sorted keys' block statistics from the gather.
+        bs = cfg.block_size if cfg.selector == "ba_att" else None
+        return _sort_keys(k, v, segment=segment, start=min(global_tokens, k.shape[2]), block_size=bs)
+
+    def select(self, q, k, *, causal, scale, global_tokens, k_stats=None):
+        if self.config.selector != "ba_att":
+            return super().select(q, k, causal=causal, scale=scale, global_tokens=global_tokens)
+        return _select(q, k, self.config, causal=causal, scale=scale, global_tokens=global_tokens, k_stats=k_stats)
 
 
 def ba_attention(q, k, v, config=None, return_lse=False, *, causal=False, scale=None, frame_size=None,

@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..kernels.block_sparse import triton_available
+from ..kernels.block_topk import block_topk
 from ..kernels.masks import causal_block_mask
 
 
@@ -101,7 +103,7 @@ def layout(nq, nk, block_size, device, *, causal=False, keep_sinks=True, keep_di
 
 
 def select_from_scores(scores, *, nq, nk, block_size, density=None, mass=None, causal=False, keep_sinks=True,
-                       keep_diagonal=True, global_tokens=0, extra_forced=None, weight_by_count=True):
+                       keep_diagonal=True, global_tokens=0, extra_forced=None, weight_by_count=True, backend=None):
     """``scores (B, H, nqb, nkb)`` -> ``(block_index int32 (B, H, nqb, max_kept), block_count int32 (B, H, nqb))``.
 
     Exactly one of ``density`` (share of visible key blocks kept per query block, top-k) and ``mass``
@@ -109,7 +111,11 @@ def select_from_scores(scores, *, nq, nk, block_size, density=None, mass=None, c
     softmax logits; with ``weight_by_count`` each key block's logit gains ``log(tokens in block)`` so a
     ragged tail block is not over-weighted. ``extra_forced (nqb, nkb)`` adds selector-specific
     always-kept blocks. Kept ids are ascending in the first ``block_count`` slots, padding is 0.
+    ``backend``: None (Triton for density budgets on CUDA), ``"torch"`` or ``"triton"``; both give the same
+    blocks (ties in score may resolve differently).
     """
+    if backend not in (None, "torch", "triton"):
+        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
     if (density is None) == (mass is None):
         raise ValueError("select_from_scores needs exactly one of density and mass")
     lay = layout(nq, nk, block_size, scores.device, causal=causal, keep_sinks=keep_sinks,
@@ -120,6 +126,10 @@ def select_from_scores(scores, *, nq, nk, block_size, density=None, mass=None, c
         n_forced = forced.sum(-1)
         if density is not None:
             max_kept = lay.visible.shape[-1]  # the budget may grow past the cached width
+    if density is not None and (backend == "triton" or (backend is None and scores.is_cuda and triton_available())):
+        # One program per row (radix-select top-k + ascending ids) instead of ~15 whole-tensor ops.
+        return block_topk(scores, lay.visible, forced, lay.budget, max_kept,
+                          lay.log_count if weight_by_count else None)
     logits = scores.float()
     if weight_by_count:
         logits = logits + lay.log_count

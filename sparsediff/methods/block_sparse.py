@@ -99,13 +99,20 @@ class BlockSparseMethod(AttentionMethod):
     config_class = BlockSparseConfig
 
     def prepare_kv(self, q, k, v, *, causal, frame_size, global_tokens):
-        """Hook for methods that reorder keys before selection: ``(k, v, perm or None)``."""
+        """Hook for methods that reorder keys before selection: ``(k, v, perm or None)``, optionally with a
+        fourth item, block statistics of the returned ``k`` that :meth:`select` may reuse."""
         return k, v, None
 
+    def select(self, q, k, *, causal, scale, global_tokens, k_stats=None):
+        """``(block_index, block_count)`` for keys ``k`` as the kernel will see them."""
+        return run_selector(self.config.selector, q, k, self.config, causal=causal, scale=scale,
+                            global_tokens=global_tokens)
+
     def plan(self, q, k, v, *, causal=False, scale=None, frame_size=None, global_tokens=0) -> SparsePlan:
-        k, v, perm = self.prepare_kv(q, k, v, causal=causal, frame_size=frame_size, global_tokens=global_tokens)
-        index, count = run_selector(self.config.selector, q, k, self.config, causal=causal, scale=scale,
-                                    global_tokens=global_tokens)
+        prepared = self.prepare_kv(q, k, v, causal=causal, frame_size=frame_size, global_tokens=global_tokens)
+        k, v, perm = prepared[:3]
+        k_stats = prepared[3] if len(prepared) > 3 else None
+        index, count = self.select(q, k, causal=causal, scale=scale, global_tokens=global_tokens, k_stats=k_stats)
         return SparsePlan(k, v, index, count, perm)
 
     def sparse_attention(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):

@@ -19,10 +19,20 @@ class BlockStats(NamedTuple):
     count: torch.Tensor  # (nb,) int32, valid tokens per block (the last one may be ragged)
 
 
+_counts_cache: dict = {}
+
+
 def _block_counts(n: int, block_size: int, device) -> torch.Tensor:
-    nb = math.ceil(n / block_size)
-    counts = torch.full((nb,), block_size, dtype=torch.int32, device=device)
-    counts[-1] = n - (nb - 1) * block_size
+    # Cached per shape and device: two tiny kernels per call otherwise, on the selection's hot path.
+    key = (n, block_size, str(device))
+    counts = _counts_cache.get(key)
+    if counts is None:
+        nb = math.ceil(n / block_size)
+        counts = torch.full((nb,), block_size, dtype=torch.int32)
+        counts[-1] = n - (nb - 1) * block_size
+        if len(_counts_cache) > 256:
+            _counts_cache.clear()
+        counts = _counts_cache[key] = counts.to(device)
     return counts
 
 

@@ -69,6 +69,18 @@ def ba_scores(q, k, *, block_size=128, beta=0.5, scale=None):
     return _scores_from_stats(block_stats(q, block_size), block_stats(k, block_size), beta=beta, scale=scale)
 
 
+_coef_cache: dict = {}
+
+
+def _coefficients(d, scale, c, device):
+    key = (d, scale, c, str(device))
+    if key not in _coef_cache:
+        if len(_coef_cache) > 64:
+            _coef_cache.clear()
+        _coef_cache[key] = torch.tensor([scale] * d + [c] * (2 * d), dtype=torch.float32).to(device)
+    return _coef_cache[key]
+
+
 def _scores_from_stats(sq, sk, *, beta=0.5, scale=None):
     """:func:`ba_scores` from block statistics of q ``(B, Hq, nqb, D)`` and k ``(B, Hkv, nkb, D)``."""
     bsz, hq, nqb, d = sq.mean.shape
@@ -76,8 +88,9 @@ def _scores_from_stats(sq, sk, *, beta=0.5, scale=None):
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if beta:
         c = beta * scale * scale / 2
-        left = torch.cat([scale * sq.mean, c * sq.var, c * sq.mean.square()], dim=-1)
-        right = torch.cat([sk.mean, sk.mean.square() + sk.var, sk.var], dim=-1)
+        # One scaling by a cached (3d,) coefficient vector: fewer tiny kernels on the hot path.
+        left = torch.cat([sq.mean, sq.var, sq.mean.square()], dim=-1).mul_(_coefficients(d, scale, c, sq.mean.device))
+        right = torch.cat([sk.mean, torch.addcmul(sk.var, sk.mean, sk.mean), sk.var], dim=-1)
     else:
         left, right = scale * sq.mean, sk.mean
     # Query heads of one kv group share the key side: fold them into the rows of one matmul.

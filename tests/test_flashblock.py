@@ -203,3 +203,61 @@ def test_split_prefix_attention_matches_reference(nq, splits, sparse):
         again, again_lse = prefix_attention(q, k, v, block_size=32, split=layout)
         torch.testing.assert_close(again, want, rtol=0, atol=2e-5)
         torch.testing.assert_close(again_lse, want_lse, rtol=0, atol=2e-5)
+
+
+def force_splits(monkeypatch, n=8):
+    """Take the split prefix path (what a GPU runs for short blocks) on CPU."""
+    import sparsediff.methods.flashblock as fb
+    import sparsediff.methods.losa as losa
+    import sparsediff.methods.prefix_attention as pa
+
+    def choose(q, num_kv_blocks, min_blocks_per_split=4):
+        return max(1, min(n, num_kv_blocks // min_blocks_per_split))
+
+    for module in (pa, fb, losa):
+        monkeypatch.setattr(module, "choose_splits", choose)
+
+
+def steady_state_ops(m, prefix=4096, nq=32, steps=3):
+    """Device ops of each call after the block's first step (kernel and merge calls count one each)."""
+    from sparsediff.methods.step_cache import OpCounter
+
+    q, k, v = block_call(hq=8, hkv=2, prefix=prefix, nq=nq, d=32)
+    new_block(0)
+    counts = []
+    for step in range(steps):
+        moved = q + 0.3 * step * torch.randn_like(q) * (torch.rand(1, 1, nq, 1) < 0.25)
+        with denoising_step(step, 16), OpCounter() as c:
+            m(moved, k, v, layer="l")
+        counts.append(c.total)
+    return counts[1:]
+
+
+@pytest.mark.parametrize("kw,bound", [({}, 2), (dict(sparse_selector="ba_att", sparsity=0.8), 5)])
+def test_steady_state_op_count(monkeypatch, kw, bound):
+    # Regression bound on launches per cached step (was 2 and 23 before the fused prefix merge).
+    force_splits(monkeypatch)
+    counts = steady_state_ops(make_method("flashblock", min_seq_len=0, block_size=32, **kw))
+    assert max(counts) <= bound, counts
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_prefix_merge_triton_matches_torch(residual):
+    from sparsediff.kernels.prefix_merge import merge_prefix
+
+    po, pl = torch.randn(2, 3, 4, 16, 24), torch.randn(2, 3, 4, 16)
+    pl[0, 0, :, 0] = float("-inf")  # a row no split saw
+    inner = (torch.randn(2, 3, 10, 24), torch.randn(2, 3, 10))
+    res = (0.01 * torch.randn(2, 3, 10, 24), 0.01 * torch.randn(2, 3, 10)) if residual else None
+    active = torch.rand(2, 10) < 0.5
+    caches = [(torch.randn(2, 3, 10, 24), torch.randn(2, 3, 10)) for _ in range(2)]
+    caches[1] = (caches[0][0].clone(), caches[0][1].clone())
+    got = [merge_prefix(po, pl, 10, inner, residual=res, cache=c, active=active, backend=b)
+           for c, b in zip(caches, ("torch", "triton"))]
+    torch.testing.assert_close(got[0], got[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(caches[0], caches[1], rtol=0, atol=1e-5)
+    # Stable rows kept their cache; the merge of splits equals one LSE merge of all parts.
+    plain = merge_prefix(po, pl, 10, backend="torch")
+    want = plain[0] + res[0] if residual else plain[0]
+    torch.testing.assert_close(caches[0][0][active[:, None].expand(-1, 3, -1)],
+                               want[active[:, None].expand(-1, 3, -1)], rtol=0, atol=1e-5)

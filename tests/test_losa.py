@@ -177,3 +177,12 @@ def test_cache_invalidated_at_new_block_and_generation():
     with denoising_step(1, 2):
         m(q1, k1, v1, layer="l")
     assert m.stats["full_refreshes"] == 1 and len(m.step_report()) == 1
+
+
+def test_steady_state_op_count(monkeypatch):
+    # Regression bound on launches per cached step (was 82 before the fused prefix merge, 22-24 after).
+    from test_flashblock import force_splits, steady_state_ops
+
+    force_splits(monkeypatch)
+    counts = steady_state_ops(make_method("losa", min_seq_len=0, block_size=32, sparsity=0.8), steps=4)
+    assert max(counts) <= 24, counts

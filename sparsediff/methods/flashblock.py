@@ -29,10 +29,11 @@ import math
 import torch
 
 from ..kernels import merge_attention
+from ..kernels.prefix_merge import merge_prefix
 from . import step_state
 from .base import AttentionMethod, MethodConfig, make_method, register_method
 from .dense import dense_attention
-from .prefix_attention import choose_splits, prefix_attention, split_index
+from .prefix_attention import choose_splits, prefix_attention, prefix_partials, split_index
 from .selectors import get_selector
 from .step_cache import LayerCache, stale
 
@@ -116,11 +117,10 @@ class FlashBlockMethod(AttentionMethod):
     def _split(self, q, kp, index, count):
         """The cached selection laid out once for split prefix attention (short blocks on a GPU)."""
         block_size = self._sparse_parts()[2]
-        nkb = math.ceil(kp.shape[2] / block_size)
-        splits = choose_splits(q, nkb)
+        splits = choose_splits(q, index.shape[-1])
         if q.shape[2] > block_size or splits == 1:
             return None
-        return split_index(index, count, nkb, splits, q.device)
+        return split_index(index, count, math.ceil(kp.shape[2] / block_size), splits, q.device)
 
     def _refresh(self, q, kp, vp, scale, step, signature):
         ext_out, ext_lse = prefix_attention(q, kp, vp, scale=scale, block_size=self.config.block_size)
@@ -158,14 +158,16 @@ class FlashBlockMethod(AttentionMethod):
             self._cache.entries[key] = entry
         else:
             self.stats["cached_calls"] += 1
-            if cfg.sparse_selector is None:
-                ext_out, ext_lse = entry.out, entry.lse
-            else:
-                ext_out, ext_lse = self._external_sparse(q, kp, vp, entry.block_index, entry.block_count, scale,
-                                                         entry.split)
-                if cfg.residual:
-                    ext_out = (ext_out.float() + entry.out).to(q.dtype)
-                    ext_lse = ext_lse + entry.lse
+            if cfg.sparse_selector is not None:
+                # Steady state of combined mode: the sparse prefix partials, the in-block attention and
+                # one fused pass that merges the splits, adds the residual and merges the block.
+                parts = prefix_partials(q, kp, vp, entry.block_index, entry.block_count, scale=scale,
+                                        block_size=self._sparse_parts()[2], split=entry.split)
+                inner = dense_attention(q, kb, vb, scale=scale, return_lse=True)
+                out, lse = merge_prefix(parts[0], parts[1], nq, inner,
+                                        residual=(entry.out, entry.lse) if cfg.residual else None)
+                return (out, lse) if return_lse else out
+            ext_out, ext_lse = entry.out, entry.lse
         in_out, in_lse = dense_attention(q, kb, vb, scale=scale, return_lse=True)
         out, lse = merge_attention(ext_out, ext_lse, in_out, in_lse)
         return (out, lse) if return_lse else out

@@ -33,16 +33,18 @@ its per-query-block choices is used. Prefix attention is split over key chunks f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
 
 from ..kernels import block_stats, index_to_mask, mask_to_index, merge_attention
+from ..kernels.prefix_merge import merge_prefix
 from . import step_state
 from .base import AttentionMethod, MethodConfig, register_method
 from .dense import dense_attention
 from .flashblock import selector_config, split_prefix
-from .prefix_attention import prefix_attention
+from .prefix_attention import choose_splits, prefix_attention, prefix_partials, split_index
 from .selectors import get_selector
 from .step_cache import LayerCache
 
@@ -92,12 +94,32 @@ def mean_key_union(q, active, key_means, keep, scale):
     return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
 
 
+def mean_key_topk(qf, active, means_t, keep):
+    """:func:`mean_key_union` in the form the kernels read, in seven ops: the ``keep`` chosen key-block
+    ids per batch row and head, ascending, int32 ``(B, Hq, 1, keep)``. ``qf`` is float32 q, ``means_t``
+    the block mean keys times the softmax scale, transposed: ``(B, Hkv, D, nkb)`` (built once per block)."""
+    bsz, hq, nq, d = qf.shape
+    hkv, nkb = means_t.shape[1], means_t.shape[3]
+    probs = torch.softmax(torch.matmul(qf.reshape(bsz, hkv, (hq // hkv) * nq, d), means_t), dim=-1)
+    # The active tokens' summed mass per key block, as one batched product (no mask-multiply-sum).
+    score = torch.matmul(active.to(probs.dtype)[:, None, None, :], probs.view(bsz, hq, nq, nkb))
+    top = torch.topk(score, keep, dim=-1, sorted=False).indices
+    return torch.sort(top, dim=-1).values.to(torch.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _uniform_count(keep: int, device: str):
+    return torch.full((1, 1, 1), keep, dtype=torch.int32, device=device)
+
+
 @dataclasses.dataclass
 class _Prefix:
-    out: torch.Tensor  # (B, Hq, Nq, D) prefix attention per token
+    out: torch.Tensor  # (B, Hq, Nq, D) prefix attention per token, updated in place for active rows
     lse: torch.Tensor  # (B, Hq, Nq) float32
-    q_ref: torch.Tensor  # q the change is measured against
+    q_ref: torch.Tensor  # float32 q the change is measured against
+    ref_thr: torch.Tensor  # (B, Nq) threshold * |q_ref|: a token is active when |q - q_ref| >= ref_thr
     key_means: torch.Tensor  # (B, Hkv, nkb, D) prefix block means: the prefix is fixed within a block
+    means_t: torch.Tensor  # key_means * scale, float32, transposed for the scoring matmul
     signature: tuple
 
 
@@ -118,21 +140,32 @@ class LoSAMethod(AttentionMethod):
     def cache_bytes(self) -> int:
         return self._cache.nbytes()
 
-    def _record(self, state, active_share, union_density):
-        # Kept as tensors (no device sync per call); step_report() converts.
+    def _record(self, state, active, ratio):
+        # Accumulated on the device (two in-place ops, no sync per call); step_report() converts.
         key = (state.block, state.step)
-        rec = self.stats["per_step"].setdefault(key, {"block": state.block, "step": state.step, "calls": 0,
-                                                       "active_share": 0.0, "union_density": 0.0})
-        rec["active_share"] = rec["active_share"] + active_share
-        rec["union_density"] = rec["union_density"] + union_density
+        rec = self.stats["per_step"].get(key)
+        if rec is None:
+            rec = self.stats["per_step"][key] = {"block": state.block, "step": state.step, "calls": 0, "ratio": 0.0,
+                                                 "active": torch.zeros(active.shape, dtype=torch.int32,
+                                                                       device=active.device),
+                                                 "any": torch.zeros(active.shape[0], dtype=torch.int32,
+                                                                    device=active.device)}
+        rec["active"].add_(active)
+        rec["any"].add_(active.any(dim=1))
+        rec["ratio"] += ratio
         rec["calls"] += 1
 
     def step_report(self) -> list[dict]:
-        """Per (block, step): share of active tokens and union density, averaged over layers."""
-        return [{"block": r["block"], "step": r["step"], "layers": r["calls"],
-                 "active_share": float(r["active_share"]) / r["calls"],
-                 "union_density": float(r["union_density"]) / r["calls"]}
-                for r in self.stats["per_step"].values()]
+        """Per (block, step): share of active tokens and union density (kept prefix key blocks / all,
+        counted 0 for batch rows without an active token), averaged over layers."""
+        out = []
+        for r in self.stats["per_step"].values():
+            calls = r["calls"]
+            share = float(r["active"].sum()) / (calls * r["active"].numel())
+            any_share = float(r["any"].sum()) / (calls * r["any"].numel())
+            out.append({"block": r["block"], "step": r["step"], "layers": calls, "active_share": share,
+                        "union_density": any_share * r["ratio"] / calls})
+        return out
 
     def _keep(self, nkb):
         return max(1, min(nkb, round(nkb * (1.0 - self.config.sparsity))))
@@ -161,8 +194,9 @@ class LoSAMethod(AttentionMethod):
             density = density + union.float().mean() / q.shape[0]
         return out, lse, density
 
-    def _active_prefix(self, q, active, entry, kp, vp, scale):
-        """Prefix attention ``(out, lse)`` valid for the active tokens, and the union density.
+    def _active_parts(self, q, qf, active, entry, kp, vp, scale):
+        """Prefix partials ``(out (B, Hq, S, R, D), lse)`` valid for the active rows, and the share of
+        prefix key blocks they read.
 
         Built-in selection computes the union-sparse attention for all tokens of the block at once:
         the cost is the union's KV read, which the active tokens share, so the rows of stable tokens
@@ -170,17 +204,36 @@ class LoSAMethod(AttentionMethod):
         """
         cfg = self.config
         if cfg.sparsity == 0.0:
-            out, lse = prefix_attention(q, kp, vp, scale=scale, block_size=cfg.block_size)
-            return out, lse, active.any().float()
+            return prefix_partials(q, kp, vp, scale=scale, block_size=cfg.block_size), 1.0
         if cfg.selector is not None:
-            return self._selector_prefix(q, active, kp, vp, scale)
+            out, lse, density = self._selector_prefix(q, active, kp, vp, scale)
+            return (out[:, :, None], lse[:, :, None]), float(density)
         nkb = entry.key_means.shape[2]
         keep = self._keep(nkb)
+        index = mean_key_topk(qf, active, entry.means_t, keep)
+        splits = choose_splits(q, keep)
+        if q.shape[2] <= cfg.block_size and splits > 1:
+            split = split_index(index, keep, nkb, splits, q.device)
+            parts = prefix_partials(q, kp, vp, scale=scale, block_size=cfg.block_size, split=split)
+        else:
+            count = _uniform_count(keep, str(q.device)).expand(*index.shape[:3])  # a view: no launch
+            parts = prefix_partials(q, kp, vp, index, count, scale=scale,
+                                    block_size=cfg.block_size, splits=1)
+        return parts, keep / nkb
+
+    def _refresh(self, q, kp, vp, scale, signature):
+        cfg = self.config
+        out, lse = prefix_attention(q, kp, vp, scale=scale, block_size=cfg.block_size)
+        means = block_stats(kp, cfg.block_size).mean
         scale_ = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        union = mean_key_union(q, active, entry.key_means, keep, scale_)
-        index, count = mask_to_index(union[:, :, None, :], max_kept=keep)
-        out, lse = prefix_attention(q, kp, vp, index, count, scale=scale, block_size=cfg.block_size)
-        return out, lse, active.any(dim=1).float().mean() * keep / nkb
+        means_t = (means.float() * scale_).transpose(-1, -2).contiguous()
+        qf = q.detach().float().clone()
+        return _Prefix(out.contiguous(), lse.float().contiguous(), qf, self._threshold(qf), means, means_t,
+                       signature)
+
+    def _threshold(self, qf):
+        # |q - q_ref| >= threshold * |q_ref|, the relative change of token_change without a division.
+        return torch.linalg.vector_norm(qf, dim=(1, 3)).clamp_min_(1e-6).mul_(float(self.config.threshold))
 
     def sparse_attention(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
         nq, nk = q.shape[2], k.shape[2]
@@ -193,22 +246,26 @@ class LoSAMethod(AttentionMethod):
         signature = (tuple(q.shape), tuple(k.shape), q.dtype, q.device, scale)
         kp, vp, kb, vb = split_prefix(k, v, nq)
         entry = self._cache.entries.get(key)
+        inner = dense_attention(q, kb, vb, scale=scale, return_lse=True)
         if entry is None or entry.signature != signature:
-            out, lse = prefix_attention(q, kp, vp, scale=scale, block_size=cfg.block_size)
-            means = block_stats(kp, cfg.block_size).mean
-            entry = _Prefix(out, lse, q.detach().clone(), means, signature)
+            entry = self._refresh(q, kp, vp, scale, signature)
             self._cache.entries[key] = entry
             self.stats["full_refreshes"] += 1
-            self._record(state, 1.0, 1.0)
+            self._record(state, torch.ones(q.shape[0], nq, dtype=torch.bool, device=q.device), 1.0)
+            out, lse = merge_attention(entry.out, entry.lse, *inner)
+            return (out, lse) if return_lse else out
+        # Steady state: change test, union selection, union-sparse prefix partials, in-block attention,
+        # and one fused pass (split merge, cache read/write per row, in-block merge).
+        qf = q.float()
+        active = torch.linalg.vector_norm(qf - entry.q_ref, dim=(1, 3)) >= entry.ref_thr  # (B, Nq)
+        (parts_out, parts_lse), ratio = self._active_parts(q, qf, active, entry, kp, vp, scale)
+        out, lse = merge_prefix(parts_out, parts_lse, nq, inner, cache=(entry.out, entry.lse), active=active)
+        if cfg.compare_to == "last_step":
+            entry.q_ref = qf if qf is not q else q.detach().clone()
+            entry.ref_thr = self._threshold(entry.q_ref)
         else:
-            active = token_change(q, entry.q_ref) >= cfg.threshold  # (B, Nq)
-            out, lse, density = self._active_prefix(q, active, entry, kp, vp, scale)
-            rows = active[:, None, :]
-            entry.out = torch.where(rows[..., None], out, entry.out)
-            entry.lse = torch.where(rows, lse, entry.lse)
-            entry.q_ref = q.detach().clone() if cfg.compare_to == "last_step" else torch.where(
-                rows[..., None], q, entry.q_ref)
-            self._record(state, active.float().mean(), density)
-        in_out, in_lse = dense_attention(q, kb, vb, scale=scale, return_lse=True)
-        out, lse = merge_attention(entry.out, entry.lse, in_out, in_lse)
+            rows = active[:, None, :, None]
+            entry.q_ref = torch.where(rows, qf, entry.q_ref)
+            entry.ref_thr = torch.where(active, self._threshold(qf), entry.ref_thr)
+        self._record(state, active, ratio)
         return (out, lse) if return_lse else out

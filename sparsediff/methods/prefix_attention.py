@@ -11,12 +11,14 @@ their prefix attention; it also takes a block mask (sparse prefix attention).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from ..kernels import block_sparse_attention, index_to_mask, mask_to_index
+from ..kernels import block_sparse_attention
+from ..kernels.prefix_merge import merge_prefix
 from .dense import dense_attention
 
 
@@ -24,27 +26,84 @@ def choose_splits(q, num_kv_blocks: int, min_blocks_per_split: int = 4) -> int:
     """Enough programs for about 4 waves on this GPU, at least ``min_blocks_per_split`` blocks each."""
     if not q.is_cuda:
         return 1
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    sms = _sm_count(q.device)
     want = math.ceil(4 * sms / (q.shape[0] * q.shape[1]))
     return max(1, min(want, num_kv_blocks // min_blocks_per_split))
 
 
+@functools.lru_cache(maxsize=8)
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=256)
+def _uniform_layout(kept: int, splits: int, num_kv_blocks: int, device: str, dense: bool):
+    """Shape-only parts of a layout, built once: the dense ids, or the per-split counts of ``kept``."""
+    chunk = math.ceil(kept / splits)
+    splits = math.ceil(kept / chunk)
+    count = torch.tensor([min(chunk, kept - s * chunk) for s in range(splits)], dtype=torch.int32, device=device)
+    index = None
+    if dense:
+        index = F.pad(torch.arange(num_kv_blocks, dtype=torch.int32, device=device), (0, splits * chunk - kept))
+        index = index.view(1, 1, splits, chunk)
+    return index, count.view(1, 1, splits), chunk, splits
+
+
 def split_index(block_index, block_count, num_kv_blocks: int, splits: int, device):
-    """Block ids of each split as one query block each: ``(index, count, splits)`` with ``index``
-    ``(B' or 1, H' or 1, splits, chunk)``. Dense (``block_index=None``) when no mask is given."""
-    chunk = math.ceil(num_kv_blocks / splits)
-    splits = math.ceil(num_kv_blocks / chunk)
-    owner = torch.arange(num_kv_blocks, device=device) // chunk  # the split each key block belongs to
-    per_split = owner[None, :] == torch.arange(splits, device=device)[:, None]  # (S, nkb)
+    """Kept key blocks laid out as ``splits`` query blocks: ``(index, count, splits)`` with ``index``
+    ``(B' or 1, H' or 1, splits, chunk)``. Split ``s`` takes the kept ids at positions
+    ``[s * chunk, (s + 1) * chunk)`` of each row, so the splits share the kept blocks evenly and the
+    layout is one pad of ``block_index`` (no mask round trip, no device sync).
+
+    ``block_index=None``: every key block. ``block_count`` may be an int: every row keeps that many
+    (the shape-only counts are then cached)."""
     if block_index is None:
-        mask = per_split[None, None]
+        index, count, _, splits = _uniform_layout(num_kv_blocks, splits, num_kv_blocks, str(device), True)
+        return index, count, splits
+    kept = block_index.shape[-1]
+    if isinstance(block_count, int):
+        _, count, chunk, splits = _uniform_layout(kept, min(splits, kept), num_kv_blocks, str(device), False)
     else:
-        mask = index_to_mask(block_index, block_count, num_kv_blocks) & per_split  # (B', H', S, nkb)
-    index, count = mask_to_index(mask, max_kept=chunk)  # a fixed width: no device sync
-    return index, count, splits
+        chunk = math.ceil(kept / min(splits, kept))
+        splits = math.ceil(kept / chunk)
+        start = torch.arange(splits, device=device, dtype=torch.int32) * chunk
+        count = (block_count[..., :1] - start).clamp(0, chunk).to(torch.int32)
+    index = block_index[..., 0, :]
+    if splits * chunk != kept:
+        index = F.pad(index, (0, splits * chunk - kept))
+    index = index.view(*index.shape[:2], splits, chunk)
+    return index, count.expand(*index.shape[:3]), splits
 
 
-_DENSE_SPLITS: dict = {}
+def prefix_partials(q, k, v, block_index=None, block_count=None, *, scale=None, block_size=128, splits=None,
+                    split=None):
+    """The split prefix attention before its merge: ``(out (B, Hq, S, R, D), lse (B, Hq, S, R))``, rows
+    ``< Nq`` valid, to be finished by ``kernels.prefix_merge.merge_prefix`` (one launch that can also
+    fold in a residual, a row cache and the in-block attention). Arguments as :func:`prefix_attention`;
+    without splitting ``S = 1`` and ``R = Nq``."""
+    bsz, hq, nq, d = q.shape
+    nkb = math.ceil(k.shape[2] / block_size)
+    sparse = block_index is not None
+    if split is None:
+        kept = block_index.shape[-1] if sparse else nkb
+        splits = choose_splits(q, kept) if splits is None else max(1, min(int(splits), kept))
+        if nq > block_size or splits == 1:
+            if not sparse:
+                out, lse = dense_attention(q, k, v, scale=scale, return_lse=True)
+            else:
+                nqb = math.ceil(nq / block_size)
+                if block_index.shape[2] == 1 and nqb > 1:  # one shared row of ids for every query block
+                    block_index, block_count = block_index.expand(-1, -1, nqb, -1), block_count.expand(-1, -1, nqb)
+                out, lse = block_sparse_attention(q, k, v, block_index, block_count, scale=scale,
+                                                  block_size=block_size, return_lse=True, check_ids=False)
+            return out[:, :, None], lse[:, :, None]
+        split = split_index(block_index, block_count, nkb, splits, q.device)
+    index, count, splits = split
+    # Split s is query block s of one call: the (padded) query block repeated S times.
+    q_rep = (F.pad(q, (0, 0, 0, block_size - nq)) if nq < block_size else q).repeat(1, 1, splits, 1)
+    out, lse = block_sparse_attention(q_rep, k, v, index, count, scale=scale, block_size=block_size,
+                                      return_lse=True, check_ids=False)
+    return out.view(bsz, hq, splits, block_size, d), lse.view(bsz, hq, splits, block_size)
 
 
 def prefix_attention(q, k, v, block_index=None, block_count=None, *, scale=None, block_size=128, splits=None,
@@ -56,37 +115,8 @@ def prefix_attention(q, k, v, block_index=None, block_count=None, *, scale=None,
     a plain kernel call. ``split``: a precomputed :func:`split_index` result (callers that reuse one
     selection for many steps), which then replaces ``block_index`` and ``splits``.
     """
-    bsz, hq, nq, d = q.shape
-    nkb = math.ceil(k.shape[2] / block_size)
-    sparse = block_index is not None
-    if split is None:
-        splits = choose_splits(q, nkb) if splits is None else max(1, min(int(splits), nkb))
-        if nq > block_size or splits == 1:
-            if not sparse:
-                return dense_attention(q, k, v, scale=scale, return_lse=True)
-            nqb = math.ceil(nq / block_size)
-            if block_index.shape[2] == 1 and nqb > 1:  # one shared row of ids for every query block
-                block_index, block_count = block_index.expand(-1, -1, nqb, -1), block_count.expand(-1, -1, nqb)
-            return block_sparse_attention(q, k, v, block_index, block_count, scale=scale, block_size=block_size,
-                                          return_lse=True, check_ids=False)
-        if sparse:
-            split = split_index(block_index, block_count, nkb, splits, q.device)
-        else:  # the dense split layout depends on sizes only: build it once
-            key = (nkb, splits, q.device)
-            if key not in _DENSE_SPLITS:
-                _DENSE_SPLITS[key] = split_index(None, None, nkb, splits, q.device)
-            split = _DENSE_SPLITS[key]
-    index, count, splits = split
-    # Split s is query block s of one call: the (padded) query block repeated S times.
-    q_rep = F.pad(q, (0, 0, 0, block_size - nq)).repeat(1, 1, splits, 1)
-    out, lse = block_sparse_attention(q_rep, k, v, index, count, scale=scale, block_size=block_size,
-                                      return_lse=True, check_ids=False)
-    out = out.view(bsz, hq, splits, block_size, d)[:, :, :, :nq].float()
-    lse = lse.view(bsz, hq, splits, block_size)[:, :, :, :nq]
-    top = lse.amax(dim=2, keepdim=True)
-    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
-    weight = torch.exp(lse - top)  # splits that saw no key weigh 0
-    total = weight.sum(dim=2)
-    merged = (weight[..., None] * out).sum(dim=2) / total.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
-    merged_lse = torch.where(total > 0, top[:, :, 0] + torch.log(total), torch.full_like(total, float("-inf")))
-    return merged.to(q.dtype), merged_lse
+    out, lse = prefix_partials(q, k, v, block_index, block_count, scale=scale, block_size=block_size,
+                               splits=splits, split=split)
+    if out.shape[2] == 1:
+        return out[:, :, 0], lse[:, :, 0]
+    return merge_prefix(out, lse, q.shape[2], out_dtype=q.dtype)

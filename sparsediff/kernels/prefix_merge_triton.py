@@ -1,0 +1,81 @@
+"""Triton kernel of ``prefix_merge.merge_prefix``: one program per (batch x head, block of rows)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _merge_prefix_kernel(PO, PL, IO, IL, RO, RL, CO, CL, ACT, Out, Lse, S, R, H, nq, D: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_INNER: tl.constexpr,
+                         HAS_RES: tl.constexpr, HAS_CACHE: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_D)
+    rm = r < nq
+    m = rm[:, None] & (c[None, :] < D)
+    top = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for s in range(0, S):
+        row = (bh * S + s) * R + r
+        lse = tl.load(PL + row, mask=rm, other=float("-inf"))
+        part = tl.load(PO + row[:, None] * D + c[None, :], mask=m, other=0.0).to(tl.float32)
+        new = tl.maximum(top, lse)
+        new_safe = tl.where(new == float("-inf"), 0.0, new)
+        alpha = tl.exp(top - new_safe)
+        w = tl.exp(lse - new_safe)
+        acc = acc * alpha[:, None] + part * w[:, None]
+        total = total * alpha + w
+        top = new
+    top_safe = tl.where(top == float("-inf"), 0.0, top)
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    lse = tl.where(total > 0, top_safe + tl.log(total), float("-inf"))
+    row = bh * nq + r
+    if HAS_RES:
+        out += tl.load(RO + row[:, None] * D + c[None, :], mask=m, other=0.0).to(tl.float32)
+        lse += tl.load(RL + row, mask=rm, other=0.0)
+    if HAS_CACHE:
+        act = tl.load(ACT + (bh // H) * nq + r, mask=rm, other=0) != 0
+        wm = m & act[:, None]
+        tl.store(CO + row[:, None] * D + c[None, :], out.to(CO.dtype.element_ty), mask=wm)
+        tl.store(CL + row, lse, mask=rm & act)
+        # Every row continues from the cache's precision, as a later step will read it.
+        out = tl.load(CO + row[:, None] * D + c[None, :], mask=m, other=0.0).to(tl.float32)
+        lse = tl.load(CL + row, mask=rm, other=float("-inf"))
+    if HAS_INNER:
+        lb = tl.load(IL + row, mask=rm, other=float("-inf"))
+        ob = tl.load(IO + row[:, None] * D + c[None, :], mask=m, other=0.0).to(tl.float32)
+        mx = tl.maximum(lse, lb)
+        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+        ea = tl.exp(lse - mx_safe)
+        eb = tl.exp(lb - mx_safe)
+        tot = ea + eb
+        out = (out * ea[:, None] + ob * eb[:, None]) / tl.where(tot > 0, tot, 1.0)[:, None]
+        lse = tl.where(tot > 0, mx_safe + tl.log(tot), float("-inf"))
+    tl.store(Out + row[:, None] * D + c[None, :], out.to(Out.dtype.element_ty), mask=m)
+    tl.store(Lse + row, lse, mask=rm)
+
+
+def merge_prefix_triton(parts_out, parts_lse, nq, inner, residual, cache, active, out_dtype):
+    bsz, h, s, r, d = parts_out.shape
+    po, pl = parts_out.contiguous(), parts_lse.contiguous()
+    out = torch.empty(bsz, h, nq, d, dtype=out_dtype, device=po.device)
+    lse = torch.empty(bsz, h, nq, dtype=torch.float32, device=po.device)
+    io, il = (inner[0].contiguous(), inner[1].contiguous()) if inner is not None else (out, lse)
+    ro, rl = (residual[0].contiguous(), residual[1].contiguous()) if residual is not None else (out, lse)
+    if cache is not None:
+        if not (cache[0].is_contiguous() and cache[1].is_contiguous()):
+            raise ValueError("the cache is written in place and must be contiguous")
+        co, cl, act = cache[0], cache[1], active.contiguous().view(torch.uint8)
+    else:
+        co, cl, act = out, lse, lse
+    block_d = triton.next_power_of_2(d)
+    block_r = max(1, min(32, 4096 // block_d))
+    grid = (bsz * h, triton.cdiv(nq, block_r))
+    _merge_prefix_kernel[grid](po, pl, io, il, ro, rl, co, cl, act, out, lse, s, r, h, nq, D=d, BLOCK_D=block_d,
+                               BLOCK_R=block_r, HAS_INNER=inner is not None, HAS_RES=residual is not None,
+                               HAS_CACHE=cache is not None)
+    return out, lse

@@ -190,9 +190,9 @@ def main() -> int:
     for prefix in (int(p) for p in args.prefixes.split(",")):
         for nq in (int(b) for b in args.blocks.split(",")):
             rows.append(one_case(prefix, nq, args, device, dtype, print))
-    if args.out:
-        args.out.write_text(json.dumps({"environment": env, "args": vars(args) | {"out": str(args.out)},
-                                        "rows": rows}, indent=2))
+            if args.out:  # after every case: a run cut short keeps what it measured
+                args.out.write_text(json.dumps({"environment": env, "args": vars(args) | {"out": str(args.out)},
+                                                "rows": rows}, indent=2))
     print(table(rows, list(methods(args))))
     return 0
 

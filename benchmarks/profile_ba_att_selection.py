@@ -14,7 +14,6 @@ import torch
 import triton.testing as tt
 
 from sparsediff.kernels import block_stats
-from sparsediff.kernels.block_stats_triton import block_stats_triton
 from sparsediff.kernels.permute_stats import gather_rows, gather_rows_with_stats, row_norms
 from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _scores_from_stats, ba_scores
 from sparsediff.methods.block_select import select_from_scores
@@ -70,7 +69,6 @@ def main():
             "gather_fused_with_k_stats": lambda: gather_rows_with_stats(k, v, perm, 128),
             "gather_fused_no_stats": lambda: gather_rows_with_stats(k, v, perm, 128, with_stats=False),
             "sort_keys (old)": lambda: legacy_sort_keys(k, v, seg),
-            "stats_q_whole_tile (old kernel)": lambda: block_stats_triton(q, 128, chunked=False),
             "stats_q": lambda: block_stats(q, 128),
             "scores_from_stats": lambda: _scores_from_stats(sq, sk),
             "select_torch (old)": lambda: select_from_scores(sc, nq=n, nk=n, block_size=128, density=0.5,

@@ -39,51 +39,7 @@ def _block_stats_kernel(
     tl.store(Norm + pid_bh * nb + blk, norm)
 
 
-@triton.jit
-def _block_stats_chunked_kernel(
-    X, Mean, Var, Norm,
-    stride_xb, stride_xh, stride_xn, stride_xd,
-    num_heads, n,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr,
-):
-    # Same statistics from CHUNK-row slices merged with Chan's pairwise update (stable like two-pass):
-    # small tiles keep several programs per SM and let the loop prefetch the next slice, where the
-    # whole-block tile above leaves the SM idle while it reduces.
-    blk = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < HEAD_DIM
-    base = X + b * stride_xb + h * stride_xh + cols[None, :] * stride_xd
-    mean = tl.zeros([BLOCK_D], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    cnt = 0.0
-    norm_sum = 0.0
-    for c in tl.range(0, BLOCK_SIZE, CHUNK, num_stages=3):
-        rows = blk * BLOCK_SIZE + c + tl.arange(0, CHUNK)
-        row_ok = rows < n
-        mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(base + rows[:, None].to(tl.int64) * stride_xn, mask=mask, other=0.0).to(tl.float32)
-        nc = tl.sum(row_ok.to(tl.float32), 0)
-        cm = tl.sum(x, 0) / tl.maximum(nc, 1.0)
-        centred = tl.where(mask, x - cm[None, :], 0.0)
-        cm2 = tl.sum(centred * centred, 0)
-        tot = cnt + nc
-        w = nc / tl.maximum(tot, 1.0)
-        delta = cm - mean
-        mean = mean + delta * w
-        m2 = m2 + cm2 + delta * delta * (cnt * w)
-        cnt = tot
-        norm_sum += tl.sum(tl.sqrt(tl.sum(x * x, 1)), 0)
-    nb = tl.num_programs(0)
-    out = (pid_bh * nb + blk) * HEAD_DIM + cols
-    tl.store(Mean + out, mean, mask=col_ok)
-    tl.store(Var + out, m2 / cnt, mask=col_ok)
-    tl.store(Norm + pid_bh * nb + blk, norm_sum / cnt)
-
-
-def block_stats_triton(x: torch.Tensor, block_size: int, *, chunked: bool = True):
+def block_stats_triton(x: torch.Tensor, block_size: int):
     b, h, n, d = x.shape
     nb = math.ceil(n / block_size)
     mean = torch.empty(b, h, nb, d, dtype=torch.float32, device=x.device)
@@ -93,15 +49,8 @@ def block_stats_triton(x: torch.Tensor, block_size: int, *, chunked: bool = True
     block_rows = triton.next_power_of_2(block_size)
     if block_rows != block_size:
         raise ValueError(f"the Triton block_stats kernel needs a power-of-two block_size, got {block_size}")
-    chunk = max(1, min(block_size, 4096 // block_d))
-    if chunked and chunk < block_size:
-        _block_stats_chunked_kernel[(nb, b * h)](
-            x, mean, var, norm, *x.stride(), h, n,
-            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, CHUNK=chunk, num_warps=4,
-        )
-    else:
-        _block_stats_kernel[(nb, b * h)](
-            x, mean, var, norm, *x.stride(), h, n,
-            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, num_warps=4 if block_size * block_d <= 8192 else 8,
-        )
+    _block_stats_kernel[(nb, b * h)](
+        x, mean, var, norm, *x.stride(), h, n,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, num_warps=4 if block_size * block_d <= 8192 else 8,
+    )
     return mean, var, norm

@@ -261,3 +261,18 @@ def test_fused_prefix_merge_triton_matches_torch(residual):
     want = plain[0] + res[0] if residual else plain[0]
     torch.testing.assert_close(caches[0][0][active[:, None].expand(-1, 3, -1)],
                                want[active[:, None].expand(-1, 3, -1)], rtol=0, atol=1e-5)
+
+
+def test_fused_prefix_merge_bf16_cache_matches_torch():
+    # The cache's precision: rows read back from a bf16 cache equal the torch path's.
+    from sparsediff.kernels.prefix_merge import merge_prefix
+
+    po, pl = torch.randn(1, 4, 3, 32, 32).bfloat16(), torch.randn(1, 4, 3, 32)
+    inner = (torch.randn(1, 4, 20, 32).bfloat16(), torch.randn(1, 4, 20))
+    active = torch.rand(1, 20) < 0.5
+    c0 = (torch.randn(1, 4, 20, 32).bfloat16(), torch.randn(1, 4, 20))
+    c1 = (c0[0].clone(), c0[1].clone())
+    a = merge_prefix(po, pl, 20, inner, cache=c0, active=active, backend="torch")
+    b = merge_prefix(po, pl, 20, inner, cache=c1, active=active, backend="triton")
+    torch.testing.assert_close(a[0].float(), b[0].float(), rtol=0, atol=1e-2)
+    torch.testing.assert_close(c0[0].float(), c1[0].float(), rtol=0, atol=0)

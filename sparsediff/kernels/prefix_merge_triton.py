@@ -39,12 +39,14 @@ def _merge_prefix_kernel(PO, PL, IO, IL, RO, RL, CO, CL, ACT, Out, Lse, S, R, H,
         lse += tl.load(RL + row, mask=rm, other=0.0)
     if HAS_CACHE:
         act = tl.load(ACT + (bh // H) * nq + r, mask=rm, other=0) != 0
-        wm = m & act[:, None]
-        tl.store(CO + row[:, None] * D + c[None, :], out.to(CO.dtype.element_ty), mask=wm)
+        # Read the cache before writing it: a load after the store could run in another thread of the
+        # program and miss the write. Every row continues at the cache's precision, as later steps read it.
+        cached = tl.load(CO + row[:, None] * D + c[None, :], mask=m, other=0.0).to(tl.float32)
+        cached_lse = tl.load(CL + row, mask=rm, other=float("-inf"))
+        out = tl.where(act[:, None], out.to(CO.dtype.element_ty).to(tl.float32), cached)
+        lse = tl.where(act, lse, cached_lse)
+        tl.store(CO + row[:, None] * D + c[None, :], out.to(CO.dtype.element_ty), mask=m & act[:, None])
         tl.store(CL + row, lse, mask=rm & act)
-        # Every row continues from the cache's precision, as a later step will read it.
-        out = tl.load(CO + row[:, None] * D + c[None, :], mask=m, other=0.0).to(tl.float32)
-        lse = tl.load(CL + row, mask=rm, other=float("-inf"))
     if HAS_INNER:
         lb = tl.load(IL + row, mask=rm, other=float("-inf"))
         ob = tl.load(IO + row[:, None] * D + c[None, :], mask=m, other=0.0).to(tl.float32)

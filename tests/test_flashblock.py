@@ -274,5 +274,8 @@ def test_fused_prefix_merge_bf16_cache_matches_torch():
     c1 = (c0[0].clone(), c0[1].clone())
     a = merge_prefix(po, pl, 20, inner, cache=c0, active=active, backend="torch")
     b = merge_prefix(po, pl, 20, inner, cache=c1, active=active, backend="triton")
-    torch.testing.assert_close(a[0].float(), b[0].float(), rtol=0, atol=1e-2)
-    torch.testing.assert_close(c0[0].float(), c1[0].float(), rtol=0, atol=0)
+    # Equal up to one bf16 rounding step (the two paths sum the splits in different orders).
+    torch.testing.assert_close(a[0].float(), b[0].float(), rtol=8e-3, atol=1e-2)
+    torch.testing.assert_close(c0[0].float(), c1[0].float(), rtol=8e-3, atol=1e-2)
+    stable = ~active[:, None].expand(-1, 4, -1)
+    torch.testing.assert_close(c1[0][stable], c0[0][stable], rtol=0, atol=0)  # stable rows untouched

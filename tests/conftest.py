@@ -7,10 +7,14 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+elif os.environ.get("SPARSEDIFF_TEST_DEVICE") == "cuda":
+    # Run the kernel tests' tensors on the GPU: compiled Triton instead of the interpreter.
+    torch.set_default_device("cuda")
 
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# On a GPU machine: SPARSEDIFF_TEST_DEVICE=cuda pytest tests/test_kernels.py ... runs them on the GPU.
 
 
 @pytest.fixture

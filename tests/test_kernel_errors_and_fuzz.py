@@ -69,11 +69,11 @@ def test_triton_rejects_float32_and_odd_head_dims():
 def _fuzz(cases, seed):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(cases):
-        pick = lambda *xs: xs[int(torch.randint(len(xs), (1,), generator=gen))]
+        pick = lambda *xs: xs[int(torch.randint(len(xs), (1,), generator=gen, device="cpu"))]
         block = pick(16, 32)
         hkv = pick(1, 2)
         hq = hkv * pick(1, 2)
-        nq, nk = (int(torch.randint(1, 100, (1,), generator=gen)) for _ in range(2))
+        nq, nk = (int(torch.randint(1, 100, (1,), generator=gen, device="cpu")) for _ in range(2))
         causal = pick(False, True)
         if causal:
             nk = max(nk, nq)
@@ -81,10 +81,13 @@ def _fuzz(cases, seed):
         density = pick(0.0, 0.3, 0.7, 1.0)
         dtype = pick(torch.float16, torch.bfloat16)
         backend = pick("torch", "triton")
-        q = torch.randn(1, hq, nq, d, generator=gen).to(dtype)
-        k = torch.randn(1, hkv, nk, d, generator=gen).to(dtype)
-        v = torch.randn(1, hkv, nk, d, generator=gen).to(dtype)
-        mask = torch.rand(1, hq, math.ceil(nq / block), math.ceil(nk / block), generator=gen) < density
+        # Drawn on the CPU generator, then moved to the default device (the GPU under SPARSEDIFF_TEST_DEVICE).
+        here = torch.get_default_device()
+        q = torch.randn(1, hq, nq, d, generator=gen, device="cpu").to(here, dtype)
+        k = torch.randn(1, hkv, nk, d, generator=gen, device="cpu").to(here, dtype)
+        v = torch.randn(1, hkv, nk, d, generator=gen, device="cpu").to(here, dtype)
+        mask = torch.rand(1, hq, math.ceil(nq / block), math.ceil(nk / block), generator=gen, device="cpu") < density
+        mask = mask.to(here)
         index, count = mask_to_index(mask)
         out, lse = block_sparse_attention(q, k, v, index, count, causal=causal, block_size=block,
                                           return_lse=True, backend=backend)

@@ -12,7 +12,7 @@ from sparsediff.kernels.reference import block_sparse_attention_ref, masked_atte
 BACKENDS = ["torch", "triton"]
 
 
-def make_qkv(b, hq, hkv, nq, nk, d, dtype, device="cpu"):
+def make_qkv(b, hq, hkv, nq, nk, d, dtype, device=None):
     q = torch.randn(b, hq, nq, d, dtype=dtype, device=device)
     k = torch.randn(b, hkv, nk, d, dtype=dtype, device=device)
     v = torch.randn(b, hkv, nk, d, dtype=dtype, device=device)

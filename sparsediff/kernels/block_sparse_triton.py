@@ -154,8 +154,8 @@ def block_sparse_attention_triton(q, k, v, block_index, block_count, *, scale, c
     si = [0 if block_index.shape[i] == 1 else block_index.stride(i) for i in range(2)]
     sc = [0 if block_count.shape[i] == 1 else block_count.stride(i) for i in range(2)]
     use_tma = _tma_ok(k, v, d) if use_tma is None else use_tma
-    # Warp specialization paid 1-3 % on H100 with TMA at D=128 but cost 7 % at D=64 (docs/benchmarks.md).
-    warp_specialize = (use_tma and d >= 128) if warp_specialize is None else warp_specialize
+    # Warp specialization paid 0-3 % on H100 with TMA (docs/benchmarks.md); it is off elsewhere.
+    warp_specialize = use_tma if warp_specialize is None else warp_specialize
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 

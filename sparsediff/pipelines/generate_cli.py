@@ -213,3 +213,7 @@ def _print_summary(report: dict, report_path: str) -> None:
         print(f"speed-up per step (median) {report['speedup']['step_median']:.2f}x, attention "
               f"{report['speedup']['attention_median']:.2f}x; "
               f"PSNR {f['psnr']:.2f} dB, SSIM {f['ssim']:.4f} vs dense")
+        if str(report["model"]).startswith("tiny-"):
+            print("note: tiny models attend over a few hundred tokens, where choosing blocks costs more than it "
+                  "saves; the speed-ups come at long sequences (e.g. 32k tokens for 81x480x832 on Wan), "
+                  "see docs/benchmarks.md")

@@ -10,6 +10,20 @@ import triton.language as tl
 
 
 @triton.jit
+def tile_stats(x, mask, count):
+    """Mean, per-column variance and mean row L2 norm of the ``count`` valid rows of a masked tile
+    (masked entries are 0), in float32."""
+    x = x.to(tl.float32)
+    count = count.to(tl.float32)
+    mean = tl.sum(x, 0) / count
+    # Two-pass variance on the tile already in registers: no cancellation from E[x^2] - E[x]^2.
+    centred = tl.where(mask, x - mean[None, :], 0.0)
+    var = tl.sum(centred * centred, 0) / count
+    norm = tl.sum(tl.sqrt(tl.sum(x * x, 1)), 0) / count
+    return mean, var, norm
+
+
+@triton.jit
 def _block_stats_kernel(
     X, Mean, Var, Norm,
     stride_xb, stride_xh, stride_xn, stride_xd,
@@ -25,13 +39,8 @@ def _block_stats_kernel(
     row_ok = rows < n
     mask = row_ok[:, None] & (cols[None, :] < HEAD_DIM)
     ptrs = X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xn + cols[None, :] * stride_xd
-    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    count = tl.minimum(n - blk * BLOCK_SIZE, BLOCK_SIZE).to(tl.float32)
-    mean = tl.sum(x, 0) / count
-    # Two-pass variance on the tile already in registers: no cancellation from E[x^2] - E[x]^2.
-    centred = tl.where(mask, x - mean[None, :], 0.0)
-    var = tl.sum(centred * centred, 0) / count
-    norm = tl.sum(tl.sqrt(tl.sum(x * x, 1)), 0) / count
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    mean, var, norm = tile_stats(x, mask, tl.minimum(n - blk * BLOCK_SIZE, BLOCK_SIZE))
     nb = tl.num_programs(0)
     out = (pid_bh * nb + blk) * HEAD_DIM + cols
     tl.store(Mean + out, mean, mask=cols < HEAD_DIM)

@@ -22,6 +22,8 @@ __all__ = ["gather_rows", "gather_rows_with_stats", "row_norms"]
 try:
     import triton
     import triton.language as tl
+
+    from .block_stats_triton import tile_stats
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
@@ -93,13 +95,7 @@ if triton is not None:
         tl.store(KOut + out, kt, mask=mask)
         tl.store(VOut + out, vt, mask=mask)
         if WITH_STATS:
-            x = kt.to(tl.float32)
-            count = tl.minimum(n - blk * BLOCK_SIZE, BLOCK_SIZE).to(tl.float32)
-            mean = tl.sum(x, 0) / count
-            # Two-pass variance on the registers, as block_stats: no E[x^2] - E[x]^2 cancellation.
-            centred = tl.where(mask, x - mean[None, :], 0.0)
-            var = tl.sum(centred * centred, 0) / count
-            norm = tl.sum(tl.sqrt(tl.sum(x * x, 1)), 0) / count
+            mean, var, norm = tile_stats(kt, mask, tl.minimum(n - blk * BLOCK_SIZE, BLOCK_SIZE))
             nb = tl.num_programs(0)
             so = (pid_bh * nb + blk) * HEAD_DIM + cols
             tl.store(Mean + so, mean, mask=col_ok)

@@ -279,3 +279,157 @@ def test_fused_prefix_merge_bf16_cache_matches_torch():
     torch.testing.assert_close(c0[0].float(), c1[0].float(), rtol=8e-3, atol=1e-2)
     stable = ~active[:, None].expand(-1, 4, -1)
     torch.testing.assert_close(c1[0][stable], c0[0][stable], rtol=0, atol=0)  # stable rows untouched
+
+
+# -- CUDA graphs of the cached step ---------------------------------------------------------------------
+
+class FakeGraph:
+    """Stands in for a CUDA graph on CPU: a replay reruns the captured function on the captured inputs
+    and writes the results into the same output tensors, as a real replay does."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args, self.outputs, self.replays = fn, args, [], 0
+
+    def replay(self):
+        new = self.fn(*self.args)
+        if not self.outputs:
+            self.outputs.extend(new)
+        for o, n in zip(self.outputs, new):
+            if isinstance(o, torch.Tensor):
+                o.copy_(n)
+        self.replays += 1
+
+
+def install_fake_graphs(monkeypatch):
+    """Route ``step_cache.run_step``'s capture through FakeGraph (the bookkeeping runs as on a GPU)."""
+    from sparsediff.methods import step_cache
+
+    graphs = []
+
+    def capture(fn, static_q, pinned):
+        graphs.append(FakeGraph(fn, (static_q, *pinned)))
+        return graphs[-1], graphs[-1].outputs, 0
+
+    monkeypatch.setattr(step_cache, "graphs_usable", lambda q: True)
+    monkeypatch.setattr(step_cache, "_warm_up", lambda fn, q, pinned: fn(q, *pinned))
+    monkeypatch.setattr(step_cache, "_capture", capture)
+    return graphs
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    return install_fake_graphs(monkeypatch)
+
+
+def buffered_blocks(blocks=2, steps=5, b=1, hq=4, hkv=2, prefix=256, nq=32, d=16, dtype=torch.float32,
+                    device="cpu", seed=0):
+    """Inputs held as a KV cache holds them: per block one ``[prefix | block]`` k/v buffer whose block rows
+    change each step; a quarter of the block's queries move per step."""
+    gen = torch.Generator().manual_seed(seed)
+    runs = []
+    for blk in range(blocks):
+        kv = [torch.randn(b, hkv, prefix + (blk + 1) * nq, d, generator=gen) for _ in range(2)]
+        q = torch.randn(b, hq, nq, d, generator=gen)
+        per_step = []
+        for _ in range(steps):
+            q = q + 0.3 * torch.randn(q.shape, generator=gen) * (torch.rand(1, 1, nq, 1, generator=gen) < 0.25)
+            per_step.append([t.to(device, dtype) for t in (q, torch.randn(b, hkv, nq, d, generator=gen),
+                                                           torch.randn(b, hkv, nq, d, generator=gen))])
+        runs.append(([t.to(device, dtype) for t in kv], per_step))
+    return runs
+
+
+def drive(m, runs, return_lse=False, moving_kv=False):
+    """Two layers per step; ``moving_kv``: a fresh k/v tensor every call (a host without a persistent cache)."""
+    outs = []
+    for blk, ((k, v), per_step) in enumerate(runs):
+        new_block(blk)
+        k, v = k.clone(), v.clone()
+        for step, (q, kb, vb) in enumerate(per_step):
+            k[:, :, -q.shape[2]:], v[:, :, -q.shape[2]:] = kb, vb
+            with denoising_step(step, len(per_step)):
+                for layer, sign in (("a", 1), ("b", -1)):
+                    kk, vv = (k.clone(), v.clone()) if moving_kv else (k, v)
+                    outs.append(m(sign * q, kk, vv, layer=layer, return_lse=return_lse))
+    return outs
+
+
+def assert_graphs_match_eager(name, kw, device="cpu", dtype=torch.float32, graphs=None, held=2, **shape):
+    """Outputs (and LSE) with ``cuda_graphs=True`` equal the eager ones bit for bit over blocks and steps."""
+    runs = buffered_blocks(device=device, dtype=dtype, **shape)
+    eager = make_method(name, **kw)
+    graphed = make_method(name, cuda_graphs=True, **kw)
+    want, got = drive(eager, runs, return_lse=True), drive(graphed, runs, return_lse=True)
+    for (o, lse), (o2, lse2) in zip(want, got):
+        assert torch.equal(o, o2) and torch.equal(lse, lse2)
+    assert len(graphed._cache.graphs()) == held  # one per layer, of the last block only
+    if graphs is not None:  # the fake: captured at step 1 of each block and layer, replayed after
+        steps = len(runs[0][1])
+        assert len(graphs) == 2 * len(runs) and all(g.replays == steps - 2 for g in graphs)
+    return eager, graphed
+
+
+def test_cuda_graphs_flag_validated():
+    assert FlashBlockConfig().cuda_graphs is False
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        FlashBlockConfig(cuda_graphs="yes")
+
+
+@pytest.mark.parametrize("kw", [{}, dict(sparse_selector="ba_att", sparsity=0.8)])
+def test_cuda_graphs_ignored_on_cpu(kw, caplog):
+    if torch.zeros(1).is_cuda:
+        pytest.skip("checks the CPU behaviour")
+    runs = buffered_blocks(blocks=1, steps=4)
+    eager = drive(method(**kw), runs)
+    m = method(cuda_graphs=True, **kw)
+    with caplog.at_level("WARNING"):
+        got = drive(m, runs)
+    assert all(torch.equal(a, b) for a, b in zip(eager, got))
+    assert m._cache.graphs() == [] and not caplog.records
+
+
+@pytest.mark.parametrize("kw", [{}, dict(sparse_selector="ba_att", sparsity=0.8), dict(refresh_every=2)])
+def test_cuda_graph_bookkeeping_matches_eager(fake_graphs, monkeypatch, kw):
+    force_splits(monkeypatch)
+    base = dict(min_seq_len=0, block_size=32, **kw)
+    if "refresh_every" in kw:  # a refresh replaces the entry and its graph; step 4 of 5 is one
+        assert_graphs_match_eager("flashblock", base, held=0)
+        return
+    _, graphed = assert_graphs_match_eager("flashblock", base, graphs=fake_graphs)
+    import gc
+    import weakref
+
+    refs = [weakref.ref(g) for g in graphed._cache.graphs()]
+    fake_graphs.clear()  # the stand-in holds the captured function (and so the entry); a CUDA graph does not
+    new_block(99)
+    q, k, v = block_call(prefix=256)
+    with denoising_step(0, 4):
+        graphed(q, k, v, layer="a")
+    gc.collect()
+    assert graphed._cache.graphs() == [] and all(r() is None for r in refs)  # released at the new block
+
+
+def test_cuda_graph_runs_eager_when_kv_moves(fake_graphs, caplog):
+    runs = buffered_blocks(blocks=1, steps=4)
+    want = drive(method(), runs)
+    with caplog.at_level("WARNING"):
+        got = drive(method(cuda_graphs=True), runs, moving_kv=True)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert all(g.replays == 0 for g in fake_graphs)
+    assert sum("not at the captured step's address" in r.getMessage() for r in caplog.records) == 1
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+@cuda_only
+@pytest.mark.parametrize("kw", [{}, dict(sparse_selector="ba_att", sparsity=0.8)])
+def test_cuda_graphs_match_eager_on_gpu(kw):
+    _, graphed = assert_graphs_match_eager("flashblock", dict(min_seq_len=0, **kw), device="cuda",
+                                           dtype=torch.bfloat16, blocks=3, steps=6, hq=8, prefix=8192, d=64)
+    assert graphed.cache_bytes() > sum(g.static_q.nbytes for g in graphed._cache.graphs())
+    new_generation()
+    q, k, v = block_call(prefix=512, d=64, dtype=torch.bfloat16)
+    with denoising_step(0, 4):
+        graphed(q.cuda(), k.cuda(), v.cuda(), layer="a")
+    assert graphed._cache.graphs() == []  # released at a new generation

@@ -186,3 +186,68 @@ def test_steady_state_op_count(monkeypatch):
     force_splits(monkeypatch)
     counts = steady_state_ops(make_method("losa", min_seq_len=0, block_size=32, sparsity=0.8), steps=4)
     assert max(counts) <= 24, counts
+
+
+# -- CUDA graphs of the cached step (helpers and the CPU stand-in in test_flashblock) ----------------------
+
+def test_cuda_graphs_flag_validated():
+    assert LoSAConfig().cuda_graphs is False
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        LoSAConfig(cuda_graphs=1)
+
+
+def test_cuda_graphs_ignored_on_cpu(caplog):
+    from test_flashblock import buffered_blocks, drive
+
+    if torch.zeros(1).is_cuda:
+        pytest.skip("checks the CPU behaviour")
+    runs = buffered_blocks(blocks=1, steps=4)
+    want = drive(method(), runs)
+    m = method(cuda_graphs=True)
+    with caplog.at_level("WARNING"):
+        got = drive(m, runs)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert m._cache.graphs() == [] and not caplog.records
+
+
+GRAPH_CONFIGS = [dict(), dict(sparsity=0.0), dict(compare_to="cached", threshold=0.1), dict(threshold=0.0)]
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    from test_flashblock import install_fake_graphs
+
+    return install_fake_graphs(monkeypatch)
+
+
+@pytest.mark.parametrize("kw", GRAPH_CONFIGS)
+def test_cuda_graph_bookkeeping_matches_eager(fake_graphs, monkeypatch, kw):
+    # In-place state (row cache, q_ref, thresholds) and device stats behave as in eager.
+    from test_flashblock import assert_graphs_match_eager, force_splits
+
+    force_splits(monkeypatch)
+    eager, graphed = assert_graphs_match_eager("losa", dict(min_seq_len=0, block_size=32, **kw), graphs=fake_graphs)
+    assert eager.step_report() == graphed.step_report()
+
+
+def test_cuda_graphs_skip_the_selector_path(fake_graphs):
+    from test_flashblock import buffered_blocks, drive
+
+    m = method(cuda_graphs=True, selector="block_mean", sparsity=0.75)
+    drive(m, buffered_blocks(blocks=1, steps=3))
+    assert fake_graphs == [] and m._cache.graphs() == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kw", GRAPH_CONFIGS)
+def test_cuda_graphs_match_eager_on_gpu(kw):
+    from test_flashblock import assert_graphs_match_eager
+
+    eager, graphed = assert_graphs_match_eager("losa", dict(min_seq_len=0, **kw), device="cuda",
+                                               dtype=torch.bfloat16, blocks=3, steps=6, hq=8, prefix=8192, d=64)
+    assert eager.step_report() == graphed.step_report()
+    new_block(7)
+    q, k, v = block_call(prefix=512, d=64, dtype=torch.bfloat16)
+    with denoising_step(0, 4):
+        graphed(q.cuda(), k.cuda(), v.cuda(), layer="a")
+    assert graphed._cache.graphs() == []  # released at a new block

@@ -16,6 +16,10 @@ exactly as for text).
     and LSE) cached at the refresh step. The selection is cached with the residual so they match;
     at the refresh step ``sparse + residual`` is the dense external attention exactly.
 
+``cuda_graphs=True`` (CUDA only; ignored on CPU): a layer's first cached step of a block is captured
+into a CUDA graph and the later ones replay it (``step_cache.run_step``): the same function, so the
+same kernels and bits, without the per-kernel launch and Python cost.
+
 Caches are dropped when ``step_state.block`` changes, when the prefix length changes, and at a new
 generation (base class). Without step information a cache lives until one of those happens.
 Causal calls and calls without a prefix (``Nk <= Nq``) run dense: there is nothing to cache.
@@ -35,7 +39,7 @@ from .base import AttentionMethod, MethodConfig, make_method, register_method
 from .dense import dense_attention
 from .prefix_attention import choose_splits, prefix_attention, prefix_partials, split_index
 from .selectors import get_selector
-from .step_cache import LayerCache, stale
+from .step_cache import LayerCache, run_step, stale
 
 
 @dataclasses.dataclass
@@ -47,9 +51,12 @@ class FlashBlockConfig(MethodConfig):
     sparse_selector: str | None = None
     sparsity: float = 0.5  # sparsity handed to the selector in combined mode
     residual: bool = True  # combined mode: add the cached dense - sparse correction back
+    cuda_graphs: bool = False  # replay each layer's cached steps as a CUDA graph (CUDA only)
 
     def __post_init__(self):
         super().__post_init__()
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
         if self.refresh_every is not None and (not isinstance(self.refresh_every, int) or self.refresh_every < 1):
             raise ValueError(f"refresh_every must be None or an int >= 1, got {self.refresh_every!r}")
         if not 0.0 <= float(self.sparsity) < 1.0:
@@ -82,6 +89,7 @@ class _External:
     split: tuple | None  # the selection laid out for split prefix attention (reused every step)
     step: int | None
     signature: tuple
+    graph: object = None  # the steady-state step's CUDA graph (step_cache.run_step); goes with the entry
 
 
 @register_method
@@ -156,18 +164,27 @@ class FlashBlockMethod(AttentionMethod):
         if entry is None or entry.signature != signature or stale(entry.step, state.step, cfg.refresh_every):
             entry, (ext_out, ext_lse) = self._refresh(q, kp, vp, scale, state.step, signature)
             self._cache.entries[key] = entry
-        else:
-            self.stats["cached_calls"] += 1
-            if cfg.sparse_selector is not None:
-                # Steady state of combined mode: the sparse prefix partials, the in-block attention and
-                # one fused pass that merges the splits, adds the residual and merges the block.
-                parts = prefix_partials(q, kp, vp, entry.block_index, entry.block_count, scale=scale,
-                                        block_size=self._sparse_parts()[2], split=entry.split)
-                inner = dense_attention(q, kb, vb, scale=scale, return_lse=True)
-                out, lse = merge_prefix(parts[0], parts[1], nq, inner,
-                                        residual=(entry.out, entry.lse) if cfg.residual else None)
-                return (out, lse) if return_lse else out
-            ext_out, ext_lse = entry.out, entry.lse
-        in_out, in_lse = dense_attention(q, kb, vb, scale=scale, return_lse=True)
-        out, lse = merge_attention(ext_out, ext_lse, in_out, in_lse)
+            in_out, in_lse = dense_attention(q, kb, vb, scale=scale, return_lse=True)
+            out, lse = merge_attention(ext_out, ext_lse, in_out, in_lse)
+            return (out, lse) if return_lse else out
+        self.stats["cached_calls"] += 1
+        (out, lse), replayed = run_step(lambda q_, k_, v_: self._steady(q_, k_, v_, entry, scale), entry, q, (k, v),
+                                        self._cache, cfg.cuda_graphs)
+        if replayed:  # the graph's outputs are overwritten by its next replay
+            out, lse = out.clone(), (lse.clone() if return_lse else lse)
         return (out, lse) if return_lse else out
+
+    def _steady(self, q, k, v, entry, scale):
+        """A cached step, run eagerly or captured: plain mode merges the in-block attention with the
+        cached prefix attention; combined mode adds the sparse prefix partials, the in-block attention
+        and one fused pass (split merge, residual, block merge)."""
+        nq = q.shape[2]
+        kp, vp, kb, vb = split_prefix(k, v, nq)
+        if self.config.sparse_selector is None:
+            in_out, in_lse = dense_attention(q, kb, vb, scale=scale, return_lse=True)
+            return merge_attention(entry.out, entry.lse, in_out, in_lse)
+        parts = prefix_partials(q, kp, vp, entry.block_index, entry.block_count, scale=scale,
+                                block_size=self._sparse_parts()[2], split=entry.split)
+        inner = dense_attention(q, kb, vb, scale=scale, return_lse=True)
+        return merge_prefix(parts[0], parts[1], nq, inner,
+                            residual=(entry.out, entry.lse) if self.config.residual else None)

@@ -28,6 +28,11 @@ read, shared by all queries) and only the active rows are kept: no device sync p
 registered selector name runs that selector on the gathered active tokens instead, and the union of
 its per-query-block choices is used. Prefix attention is split over key chunks for short blocks
 (``prefix_attention``).
+
+``cuda_graphs=True`` (CUDA only; ignored on CPU): each layer's first cached step of a block is captured
+into a CUDA graph and later steps replay it (``step_cache.run_step``). The active set is a mask and the
+union a fixed ``keep`` blocks, so the step has fixed shapes; the registered-selector path gathers the
+active tokens (data-dependent shapes) and stays eager.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from .dense import dense_attention
 from .flashblock import selector_config, split_prefix
 from .prefix_attention import choose_splits, prefix_attention, prefix_partials, split_index
 from .selectors import get_selector
-from .step_cache import LayerCache
+from .step_cache import LayerCache, run_step
 
 
 @dataclasses.dataclass
@@ -57,6 +62,7 @@ class LoSAConfig(MethodConfig):
     sparsity: float = 0.8  # share of prefix key blocks skipped by active tokens
     selector: str | None = None  # None: built-in mean-key scoring; else a registered selector name
     compare_to: str = "last_step"  # or "cached": change since the step its prefix attention was computed
+    cuda_graphs: bool = False  # replay each layer's cached steps as a CUDA graph (CUDA only)
 
     def __post_init__(self):
         super().__post_init__()
@@ -64,6 +70,8 @@ class LoSAConfig(MethodConfig):
             raise ValueError(f"threshold must be >= 0, got {self.threshold!r}")
         if not 0.0 <= float(self.sparsity) < 1.0:
             raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
         if self.compare_to not in ("last_step", "cached"):
             raise ValueError(f"compare_to must be 'last_step' or 'cached', got {self.compare_to!r}")
         if self.selector is not None:
@@ -114,6 +122,7 @@ def _uniform_count(keep: int, device: str):
 
 @dataclasses.dataclass
 class _Prefix:
+    # Every tensor is updated in place only: a captured step reads and writes these addresses.
     out: torch.Tensor  # (B, Hq, Nq, D) prefix attention per token, updated in place for active rows
     lse: torch.Tensor  # (B, Hq, Nq) float32
     q_ref: torch.Tensor  # float32 q the change is measured against
@@ -121,6 +130,7 @@ class _Prefix:
     key_means: torch.Tensor  # (B, Hkv, nkb, D) prefix block means: the prefix is fixed within a block
     means_t: torch.Tensor  # key_means * scale, float32, transposed for the scoring matmul
     signature: tuple
+    graph: object = None  # the steady-state step's CUDA graph (step_cache.run_step); goes with the entry
 
 
 @register_method
@@ -140,18 +150,16 @@ class LoSAMethod(AttentionMethod):
     def cache_bytes(self) -> int:
         return self._cache.nbytes()
 
-    def _record(self, state, active, ratio):
-        # Accumulated on the device (two in-place ops, no sync per call); step_report() converts.
+    def _record(self, state, stat, ratio):
+        # ``stat`` (B, Nq + 1): the active mask and, last, whether a row had any active token. Summed on
+        # the device (one in-place op, no sync per call, outside a captured step); step_report() converts.
         key = (state.block, state.step)
         rec = self.stats["per_step"].get(key)
         if rec is None:
             rec = self.stats["per_step"][key] = {"block": state.block, "step": state.step, "calls": 0, "ratio": 0.0,
-                                                 "active": torch.zeros(active.shape, dtype=torch.int32,
-                                                                       device=active.device),
-                                                 "any": torch.zeros(active.shape[0], dtype=torch.int32,
-                                                                    device=active.device)}
-        rec["active"].add_(active)
-        rec["any"].add_(active.any(dim=1))
+                                                 "counts": torch.zeros(stat.shape, dtype=torch.int32,
+                                                                       device=stat.device)}
+        rec["counts"].add_(stat)
         rec["ratio"] += ratio
         rec["calls"] += 1
 
@@ -160,9 +168,9 @@ class LoSAMethod(AttentionMethod):
         counted 0 for batch rows without an active token), averaged over layers."""
         out = []
         for r in self.stats["per_step"].values():
-            calls = r["calls"]
-            share = float(r["active"].sum()) / (calls * r["active"].numel())
-            any_share = float(r["any"].sum()) / (calls * r["any"].numel())
+            calls, counts = r["calls"], r["counts"]
+            share = float(counts[:, :-1].sum()) / (calls * counts[:, :-1].numel())
+            any_share = float(counts[:, -1].sum()) / (calls * counts.shape[0])
             out.append({"block": r["block"], "step": r["step"], "layers": calls, "active_share": share,
                         "union_density": any_share * r["ratio"] / calls})
         return out
@@ -231,9 +239,10 @@ class LoSAMethod(AttentionMethod):
         return _Prefix(out.contiguous(), lse.float().contiguous(), qf, self._threshold(qf), means, means_t,
                        signature)
 
-    def _threshold(self, qf):
+    def _threshold(self, qf, out=None):
         # |q - q_ref| >= threshold * |q_ref|, the relative change of token_change without a division.
-        return torch.linalg.vector_norm(qf, dim=(1, 3)).clamp_min_(1e-6).mul_(float(self.config.threshold))
+        norm = torch.linalg.vector_norm(qf, dim=(1, 3), out=out)
+        return norm.clamp_min_(1e-6).mul_(float(self.config.threshold))
 
     def sparse_attention(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
         nq, nk = q.shape[2], k.shape[2]
@@ -244,28 +253,45 @@ class LoSAMethod(AttentionMethod):
         self._cache.sync(state)
         key = self._cache.key(layer, state)
         signature = (tuple(q.shape), tuple(k.shape), q.dtype, q.device, scale)
-        kp, vp, kb, vb = split_prefix(k, v, nq)
         entry = self._cache.entries.get(key)
-        inner = dense_attention(q, kb, vb, scale=scale, return_lse=True)
         if entry is None or entry.signature != signature:
+            kp, vp, kb, vb = split_prefix(k, v, nq)
+            inner = dense_attention(q, kb, vb, scale=scale, return_lse=True)
             entry = self._refresh(q, kp, vp, scale, signature)
             self._cache.entries[key] = entry
             self.stats["full_refreshes"] += 1
-            self._record(state, torch.ones(q.shape[0], nq, dtype=torch.bool, device=q.device), 1.0)
+            self._record(state, torch.ones(q.shape[0], nq + 1, dtype=torch.bool, device=q.device), 1.0)
             out, lse = merge_attention(entry.out, entry.lse, *inner)
             return (out, lse) if return_lse else out
-        # Steady state: change test, union selection, union-sparse prefix partials, in-block attention,
-        # and one fused pass (split merge, cache read/write per row, in-block merge).
+        graphs = cfg.cuda_graphs
+        if graphs and cfg.selector is not None:
+            if q.is_cuda:
+                self._cache.warn_once("cuda_graphs: the registered-selector path gathers the active tokens "
+                                      "(data-dependent shapes) and cannot be captured; running eager.")
+            graphs = False
+        (out, lse, stat, ratio), replayed = run_step(lambda q_, k_, v_: self._steady(q_, k_, v_, entry, scale),
+                                                     entry, q, (k, v), self._cache, graphs)
+        self._record(state, stat, ratio)  # a replay's stat is read here, before the next replay
+        if replayed:  # the graph's outputs are overwritten by its next replay
+            out, lse = out.clone(), (lse.clone() if return_lse else lse)
+        return (out, lse) if return_lse else out
+
+    def _steady(self, q, k, v, entry, scale):
+        """A cached step, run eagerly or captured: change test, union selection, union-sparse prefix
+        partials, in-block attention and one fused pass (split merge, cache read/write per row, in-block
+        merge); the entry's tensors are updated in place. Returns ``(out, lse, stat, ratio)``."""
+        cfg = self.config
+        nq = q.shape[2]
+        kp, vp, kb, vb = split_prefix(k, v, nq)
+        inner = dense_attention(q, kb, vb, scale=scale, return_lse=True)
         qf = q.float()
         active = torch.linalg.vector_norm(qf - entry.q_ref, dim=(1, 3)) >= entry.ref_thr  # (B, Nq)
         (parts_out, parts_lse), ratio = self._active_parts(q, qf, active, entry, kp, vp, scale)
         out, lse = merge_prefix(parts_out, parts_lse, nq, inner, cache=(entry.out, entry.lse), active=active)
         if cfg.compare_to == "last_step":
-            entry.q_ref = qf if qf is not q else q.detach().clone()
-            entry.ref_thr = self._threshold(entry.q_ref)
+            entry.q_ref.copy_(qf)
+            self._threshold(entry.q_ref, out=entry.ref_thr)
         else:
-            rows = active[:, None, :, None]
-            entry.q_ref = torch.where(rows, qf, entry.q_ref)
-            entry.ref_thr = torch.where(active, self._threshold(qf), entry.ref_thr)
-        self._record(state, active, ratio)
-        return (out, lse) if return_lse else out
+            entry.q_ref.copy_(torch.where(active[:, None, :, None], qf, entry.q_ref))
+            entry.ref_thr.copy_(torch.where(active, self._threshold(qf), entry.ref_thr))
+        return out, lse, torch.cat([active, active.any(dim=1, keepdim=True)], dim=1), ratio

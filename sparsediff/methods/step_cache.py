@@ -2,8 +2,8 @@
 
 The base class already calls ``reset()`` when a new generation starts; this adds what the
 step-caching methods also need: dropping entries when ``step_state.block`` changes (block
-diffusion), naming layers when a host passes no ``layer=``, warning once, and counting the bytes
-held on the device.
+diffusion), naming layers when a host passes no ``layer=``, warning once, counting the bytes
+held on the device, and replaying a layer's steady-state step as a CUDA graph (``run_step``).
 """
 
 from __future__ import annotations
@@ -63,8 +63,12 @@ class LayerCache:
             # Not dataclasses.astuple: it deep-copies tensors.
             values = ([getattr(entry, f.name) for f in dataclasses.fields(entry)]
                       if dataclasses.is_dataclass(entry) else entry)
-            total += sum(t.nbytes for t in values if isinstance(t, torch.Tensor))
+            total += sum(t.nbytes for t in values if isinstance(t, (torch.Tensor, StepGraph)))
         return total
+
+    def graphs(self) -> list:
+        """The CUDA graphs held (at most one per layer entry); they go with their entries."""
+        return [e.graph for e in self.entries.values() if isinstance(getattr(e, "graph", None), StepGraph)]
 
 
 def stale(entry_step, step, every) -> bool:
@@ -74,6 +78,103 @@ def stale(entry_step, step, every) -> bool:
     if step < entry_step:  # a schedule restarted without a new generation or block
         return True
     return every is not None and step - entry_step >= every
+
+
+# -- CUDA graphs of the steady-state step -------------------------------------------------------------
+# A cached step of FlashBlock / LoSA is ~2-25 small kernels plus Python around them; at long prefixes
+# that launch time, not GPU work, sets its wall time. ``run_step`` calls the step's function eagerly,
+# or captures it once per cache entry (a layer within a block) and replays it: one code path either way.
+
+
+@dataclasses.dataclass(eq=False)
+class StepGraph:
+    """One captured step: a replay reads ``static_q`` (refilled per call) and the pinned tensors in place
+    and writes ``outputs`` (overwritten by the next replay)."""
+
+    graph: object
+    static_q: torch.Tensor
+    key: tuple  # q's layout and the pinned tensors' addresses / layouts at capture
+    outputs: tuple | list
+    nbytes: int  # the graph's private memory pool (reserved at capture) plus static_q
+
+
+_streams: dict = {}
+
+
+def graphs_usable(q) -> bool:
+    return q.is_cuda
+
+
+def _key(q, pinned) -> tuple:
+    return (q.stride(), q.dtype) + tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in pinned)
+
+
+def _warm_up(fn, static_q, pinned):
+    """This call's own (eager) result, computed on a side stream as PyTorch asks before a capture
+    (lazy initialisation, Triton compilation and the shape caches all happen here, not in the capture)."""
+    device = static_q.device
+    stream = _streams.get(device)
+    if stream is None:
+        stream = _streams[device] = torch.cuda.Stream(device)
+    current = torch.cuda.current_stream(device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        result = fn(static_q, *pinned)
+    current.wait_stream(stream)
+    for t in result:
+        if isinstance(t, torch.Tensor):
+            t.record_stream(current)  # allocated on the side stream, used on the caller's
+    return result
+
+
+def _capture(fn, static_q, pinned):
+    """Record ``fn(static_q, *pinned)`` into a CUDA graph: ``(graph, outputs, pool bytes)``. Capture
+    runs no kernel, so the step's in-place state updates happen once (in the warm-up call).
+    ``capture_begin`` directly rather than ``torch.cuda.graph``: that one synchronises and empties
+    the allocator cache at every capture (one per layer and block here)."""
+    device = static_q.device
+    graph = torch.cuda.CUDAGraph()
+    before = torch.cuda.memory_reserved(device)
+    with torch.cuda.stream(_streams[device]):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            outputs = fn(static_q, *pinned)
+        finally:
+            graph.capture_end()
+    return graph, outputs, torch.cuda.memory_reserved(device) - before
+
+
+def run_step(fn, entry, q, pinned, cache: LayerCache, enabled: bool):
+    """``fn(q, *pinned) -> tuple`` for one cached step, eagerly or as a CUDA graph; returns
+    ``(outputs, replayed)``. With ``replayed`` the tensors are the graph's static outputs: copy what
+    outlives the next call. ``entry.graph`` holds the graph (None: not captured yet, False: eager).
+
+    ``fn`` must be capturable: fixed shapes for a given entry, state updated in place, no host reads
+    of device values. q is copied into a static buffer; the ``pinned`` tensors (k and v: the prefix is
+    too large to copy) are read in place, so a replay needs them at the captured address and layout,
+    which a preallocated KV cache gives. Otherwise the call runs eager (warned once)."""
+    if not enabled or not graphs_usable(q) or entry.graph is False:
+        return fn(q, *pinned), False
+    key = _key(q, pinned)
+    held = entry.graph
+    if held is not None:
+        if held.key != key:
+            cache.warn_once("cuda_graphs: k/v are not at the captured step's address (or q's layout changed); "
+                            "graphs need [prefix | block] in one persistent buffer. Running eager.")
+            return fn(q, *pinned), False
+        held.static_q.copy_(q)
+        held.graph.replay()
+        return tuple(held.outputs), True
+    static_q = torch.empty_like(q).copy_(q)  # keeps q's strides: the same kernels see the same layout
+    result = _warm_up(fn, static_q, pinned)
+    try:
+        graph, outputs, pool = _capture(fn, static_q, pinned)
+    except Exception as err:  # an op that cannot be captured: this entry stays eager
+        cache.warn_once(f"cuda_graphs: capture failed, running eager ({type(err).__name__}: {err})")
+        entry.graph = False
+        return result, False
+    entry.graph = StepGraph(graph, static_q, key, outputs, max(pool, 0) + static_q.nbytes)
+    return result, False
 
 
 class OpCounter:

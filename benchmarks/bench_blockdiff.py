@@ -3,6 +3,7 @@ FlashBlock + sparse external attention.
 
     python benchmarks/bench_blockdiff.py --out bench_blockdiff.json    # H100: prefix 16k/64k/128k, blocks 32/128
     python benchmarks/bench_blockdiff.py --quick --out /tmp/b.json     # CPU smoke run (small shapes)
+    python benchmarks/bench_blockdiff.py --structured --cuda-graphs     # also FlashBlock / LoSA with cuda_graphs=True
 
 One attention layer, B=1, GQA 32 query / 8 key-value heads, D=128, bf16, 16 denoising steps per block.
 Calls follow the block-diffusion convention: q = the active block, k/v = [prefix | block].
@@ -13,9 +14,13 @@ approximation's relative error is large: those errors are a worst case, not a qu
 Queries evolve over the steps with a synthetic process: each step a random ``--active-frac`` share
 of the block's tokens moves a lot (relative change 0.3) and the rest barely (0.01), standing in for
 the tokens being unmasked; LoSA's measured share of active tokens (from its own stats) is reported
-next to its time. The block's keys/values are redrawn the same way.
+next to its time. The block's keys/values are redrawn the same way and written into one persistent
+``[prefix | block]`` buffer before each step, as a preallocated KV cache does (two small copies per
+step, in every timed variant, dense included): CUDA graphs read the prefix in place.
 Time per block = ``triton.testing.do_bench`` median of the whole 16-step block (a fresh block each
-repetition, so first-step refreshes are included). Errors are relative L2 vs dense per step.
+repetition, so first-step refreshes and, with ``--cuda-graphs``, each layer's capture per block are
+included). Errors are relative L2 vs dense per step. Graphed variants are checked bit for bit against
+the eager outputs; their GPU-busy time is not profiled (same kernels as eager).
 """
 
 from __future__ import annotations
@@ -62,14 +67,12 @@ def make_block(prefix, nq, args, device, dtype, seed):
         rows = (hot[:, None] * 128 + torch.arange(128, device=device)).flatten().clamp(max=prefix - 1)
         k[0, :, rows] += dirs[:, None].to(dtype)
         q += dirs.repeat_interleave(args.heads // args.kv_heads, 0)[None, :, None].to(dtype)
-    qs, ks, vs = [q], [k], [v]
+    qs, kbs, vbs = [q], [k[:, :, prefix:].clone()], [v[:, :, prefix:].clone()]
     for _ in range(args.steps - 1):
         qs.append(evolve(qs[-1], args.active_frac, gen))
-        kb = evolve(ks[-1][:, :, prefix:], args.active_frac, gen)
-        vb = evolve(vs[-1][:, :, prefix:], args.active_frac, gen)
-        ks.append(torch.cat([k[:, :, :prefix], kb], 2))
-        vs.append(torch.cat([v[:, :, :prefix], vb], 2))
-    return qs, ks, vs
+        kbs.append(evolve(kbs[-1], args.active_frac, gen))
+        vbs.append(evolve(vbs[-1], args.active_frac, gen))
+    return qs, (k, v), kbs, vbs
 
 
 def gpu_busy_ms(fn):
@@ -96,28 +99,37 @@ def methods(args):
     if args.selector in available_selectors():
         out["flashblock+sparse"] = make_method("flashblock", min_seq_len=0, sparse_selector=args.selector,
                                                sparsity=args.sparsity)
+    if args.cuda_graphs:
+        out |= {f"{name}+graphs": make_method(m, cuda_graphs=True) for name, m in list(out.items())}
     return out
 
 
 def one_case(prefix, nq, args, device, dtype, log):
-    qs, ks, vs = make_block(prefix, nq, args, device, dtype, seed=prefix + nq)
+    qs, (kbuf, vbuf), kbs, vbs = make_block(prefix, nq, args, device, dtype, seed=prefix + nq)
     steps = args.steps
     counter = [0]
 
+    def load(i):  # the step's block keys / values into the persistent buffer
+        kbuf[:, :, prefix:].copy_(kbs[i])
+        vbuf[:, :, prefix:].copy_(vbs[i])
+
     def sdpa_block():
         for i in range(steps):
-            F.scaled_dot_product_attention(qs[i], ks[i], vs[i], enable_gqa=True)
+            load(i)
+            F.scaled_dot_product_attention(qs[i], kbuf, vbuf, enable_gqa=True)
 
     def kernel_block():
         for i in range(steps):
-            dense_attention(qs[i], ks[i], vs[i], return_lse=True)
+            load(i)
+            dense_attention(qs[i], kbuf, vbuf, return_lse=True)
 
     def method_block(m, record=None):
         counter[0] += 1
         new_block(counter[0])  # every repetition is a fresh block: first-step work is included
         for i in range(steps):
+            load(i)
             with denoising_step(i, steps):
-                out = m(qs[i], ks[i], vs[i], layer="l")
+                out = m(qs[i], kbuf, vbuf, layer="l")
             if record is not None:
                 record.append(out)
 
@@ -127,19 +139,30 @@ def one_case(prefix, nq, args, device, dtype, log):
     if device == "cuda":
         row["dense_sdpa_gpu_ms"] = gpu_busy_ms(sdpa_block)
     row["dense_kernel_ms"] = time_ms(kernel_block, device)
-    refs = [dense_attention(qs[i], ks[i], vs[i]).float() for i in range(steps)]
+    refs = []
+    for i in range(steps):
+        load(i)
+        refs.append(dense_attention(qs[i], kbuf, vbuf).float())
+    eager_outs = {}
     for name, m in methods(args).items():
         row[f"{name}_ms"] = time_ms(lambda m=m: method_block(m), device)
-        if device == "cuda":
+        if device == "cuda" and not name.endswith("+graphs"):
             row[f"{name}_gpu_ms"] = gpu_busy_ms(lambda m=m: method_block(m))
         outs = []
         m.reset()
         method_block(m, outs)
         row[f"{name}_err"] = [float((o.float() - r).norm() / r.norm()) for o, r in zip(outs, refs)]
-        if name == "losa":
+        base = name.removesuffix("+graphs")
+        if name == base:
+            eager_outs[name] = outs
+        else:  # same kernels on the same inputs: equal to the eager outputs bit for bit
+            row[f"{name}_equal_eager"] = all(torch.equal(a, b) for a, b in zip(outs, eager_outs[base]))
+            row[f"{name}_graphs_held"] = len(m._cache.graphs())
+            row[f"{name}_graph_mib"] = sum(g.nbytes for g in m._cache.graphs()) / 2**20
+        if base == "losa":
             rep = [r for r in m.step_report() if r["block"] == counter[0]]
-            row["losa_active_share"] = sum(r["active_share"] for r in rep[1:]) / max(len(rep) - 1, 1)
-            row["losa_union_density"] = sum(r["union_density"] for r in rep[1:]) / max(len(rep) - 1, 1)
+            row[f"{name}_active_share"] = sum(r["active_share"] for r in rep[1:]) / max(len(rep) - 1, 1)
+            row[f"{name}_union_density"] = sum(r["union_density"] for r in rep[1:]) / max(len(rep) - 1, 1)
     for name in methods(args):
         row[f"{name}_speedup"] = row["dense_sdpa_ms"] / row[f"{name}_ms"]
     log(json.dumps(row))
@@ -179,6 +202,8 @@ def main() -> int:
     parser.add_argument("--sparsity", type=float, default=0.8, help="LoSA / FlashBlock+sparse sparsity")
     parser.add_argument("--selector", default="ba_att", help="selector of FlashBlock+sparse")
     parser.add_argument("--structured", action="store_true", help="hot prefix blocks the queries align with")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time each method with cuda_graphs=True (CUDA graphs of the cached steps)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

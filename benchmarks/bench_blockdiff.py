@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -133,6 +134,20 @@ def one_case(prefix, nq, args, device, dtype, log):
             if record is not None:
                 record.append(out)
 
+    def step_times(m):
+        counter[0] += 1
+        new_block(counter[0])
+        times = []
+        for i in range(steps):
+            load(i)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            with denoising_step(i, steps):
+                m(qs[i], kbuf, vbuf, layer="l")
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+
     row = {"prefix": prefix, "block": nq, "steps": steps, "heads": args.heads, "kv_heads": args.kv_heads,
            "dim": args.dim, "structured": args.structured}
     row["dense_sdpa_ms"] = time_ms(sdpa_block, device)
@@ -148,6 +163,8 @@ def one_case(prefix, nq, args, device, dtype, log):
         row[f"{name}_ms"] = time_ms(lambda m=m: method_block(m), device)
         if device == "cuda" and not name.endswith("+graphs"):
             row[f"{name}_gpu_ms"] = gpu_busy_ms(lambda m=m: method_block(m))
+        if device == "cuda":  # where a block's time goes: each step alone, synchronised (no overlap)
+            row[f"{name}_step_ms"] = step_times(m)
         outs = []
         m.reset()
         method_block(m, outs)
@@ -183,7 +200,7 @@ def table(rows, names):
                   "| prefix | block | dense | " + " | ".join(names) + " |", "|" + "---|" * (3 + len(names))]
         for r in rows:
             lines.append(f"| {r['prefix']} | {r['block']} | {r['dense_sdpa_gpu_ms']:.2f} | "
-                         + " | ".join(f"{r[n + '_gpu_ms']:.2f}" for n in names) + " |")
+                         + " | ".join(f"{r[n + '_gpu_ms']:.2f}" if n + "_gpu_ms" in r else "-" for n in names) + " |")
     return "\n".join(lines)
 
 

@@ -13,9 +13,18 @@ import math
 import torch
 import triton.testing as tt
 
-from sparsediff.kernels import block_stats
-from sparsediff.kernels.permute_stats import gather_rows, gather_rows_with_stats, row_norms
-from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _scores_from_stats, ba_scores
+from sparsediff.kernels import ba_features, block_stats
+from sparsediff.kernels.ba_features import query_features, segment_order
+from sparsediff.kernels.permute_stats import gather_rows, gather_rows_with_stats, gather_sorted_segments, row_norms
+from sparsediff.methods.ba_att import (
+    BAAttConfig,
+    BAAttMethod,
+    _scores_from_features,
+    _scores_from_stats,
+    _select,
+    _sort_keys,
+    ba_scores,
+)
 from sparsediff.methods.block_select import select_from_scores
 
 
@@ -35,6 +44,47 @@ def legacy_plan(q, k, v, seg, n):
     ks, vs, perm = legacy_sort_keys(k, v, seg)
     scores = ba_scores(q, ks)
     return ks, vs, select_from_scores(scores, nq=n, nk=n, block_size=128, density=0.5, backend="torch"), perm
+
+
+def v2_plan(q, k, v, cfg, seg):
+    """Selection v2: torch argsort + offsets, gather with BlockStats, q block_stats, torch score features."""
+    ks, vs, perm, st = _sort_keys(k, v, segment=seg, block_size=128, backend="torch")
+    return ks, vs, _select(q, ks, cfg, k_stats=st, backend="torch"), perm
+
+
+def v3_stages(q, k, v, m, seg, n):
+    """Selection v3 stages and sweeps (grid of the q-feature kernel, Triton vs torch segment sort)."""
+    nseg = math.ceil(n / seg)
+    norms = row_norms(k, pad_to=nseg * seg)
+    order = segment_order(norms, seg) if seg <= ba_features.MAX_SORT_SEGMENT else None
+    torder = norms.view(1, 16, nseg, seg).argsort(dim=-1, descending=True).view(1, 16, -1)
+    _, _, _, right = gather_sorted_segments(k, v, torder, seg, 0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    total = 16 * math.ceil(n / 128)
+    row = {
+        "v3 norms_padded": bench(lambda: row_norms(k, pad_to=nseg * seg)),
+        "v3 argsort_torch (+view)": bench(lambda: norms.view(1, 16, nseg, seg).argsort(dim=-1, descending=True)),
+        "v3 gather_sorted_segments (perm + k features)": bench(lambda: gather_sorted_segments(k, v, torder, seg, 0)),
+        "v3 k_features_unsorted": bench(lambda: query_features(k, 128)),
+        "v3 scores_from_features (q features + matmul)": bench(
+            lambda: _scores_from_features(q, right, block_size=128, hkv=16)),
+    }
+    if order is not None:
+        row["v3 segment_order_triton"] = bench(lambda: segment_order(norms, seg))
+        row["v3 segment_order_equals_stable_argsort"] = bool(torch.equal(
+            order, torch.sort(norms.view(1, 16, nseg, seg), dim=-1, descending=True, stable=True)
+            .indices.view(1, 16, -1)))
+    for per_sm in (1, 2, 4, 8, 16, None):
+        progs = total if per_sm is None else sms * per_sm
+        row[f"v3 q_features programs/SM={per_sm}"] = bench(lambda: query_features(q, 128, 0.1, 0.01, programs=progs))
+    saved = ba_features.PROGRAMS_PER_SM, ba_features.MAX_SORT_SEGMENT
+    for per_sm in (2, 4, 8, None):
+        for max_seg in (2048, 0):
+            ba_features.PROGRAMS_PER_SM, ba_features.MAX_SORT_SEGMENT = per_sm, max_seg
+            sort = "triton" if seg <= max_seg else "torch"
+            row[f"v3 plan programs/SM={per_sm} sort={sort}"] = bench(lambda: m.plan(q, k, v))
+    ba_features.PROGRAMS_PER_SM, ba_features.MAX_SORT_SEGMENT = saved
+    return row
 
 
 def bench(fn):
@@ -78,6 +128,8 @@ def main():
             "plan (new)": lambda: m.plan(q, k, v),
         }
         row = {name: bench(fn) for name, fn in parts.items() if fn is not None}
+        row["plan (v2)"] = bench(lambda: v2_plan(q, k, v, m.config, seg))
+        row.update(v3_stages(q, k, v, m, seg, n))
         for name, ms in row.items():
             print(n, f"{name:34s}", ms, "ms")
         # Same blocks from both paths (ties aside: compare kept masks and the sorted keys).
@@ -90,8 +142,14 @@ def main():
         row["same_index_share"] = float((new.block_index == old_index).float().mean())
         row["same_perm_share"] = float((new.perm == old_perm).float().mean())
         row["same_sorted_k_share"] = float((new.k == old_k).all(-1).float().mean())
-        checks = ("fused_stats_max_abs_err", "same_counts", "same_index_share", "same_perm_share",
-                  "same_sorted_k_share")
+        v2_k, _, (v2_index, v2_count), v2_perm = v2_plan(q, k, v, m.config, seg)
+        row["v3_vs_v2_same_counts"] = bool(torch.equal(new.block_count, v2_count))
+        row["v3_vs_v2_same_index_share"] = float((new.block_index == v2_index).float().mean())
+        row["v3_vs_v2_same_perm_share"] = float((new.perm == v2_perm).float().mean())
+        row["v3_vs_v2_same_sorted_k_share"] = float((new.k == v2_k).all(-1).float().mean())
+        checks = ("v3_vs_v2_same_counts", "v3_vs_v2_same_index_share", "v3_vs_v2_same_perm_share",
+                  "v3_vs_v2_same_sorted_k_share", "fused_stats_max_abs_err", "same_counts", "same_index_share",
+                  "same_perm_share", "same_sorted_k_share")
         print(n, "checks", {key: row[key] for key in checks})
         results[str(n)] = row
         q = k = v = new = old_k = None  # free before the next size

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from sparsediff.kernels import block_stats
+from sparsediff.kernels.ba_features import features_from_moments, query_features, segment_order
 from sparsediff.kernels.block_topk import block_topk
 from sparsediff.kernels.permute_stats import gather_rows, gather_rows_with_stats, row_norms
-from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _sort_keys, select_blocks, sort_keys
+from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _select, _sort_keys, select_blocks, sort_keys
 from sparsediff.methods.block_select import layout, select_from_scores
 
 
@@ -127,3 +128,58 @@ def test_block_topk_extra_forced_ties_and_no_log_count(device):
     lay = layout(nq, nk, bs, device, density=0.25)
     with pytest.raises(ValueError):
         block_topk(scores, lay.visible[:3], lay.forced, lay.budget, lay.max_kept)
+
+
+@pytest.mark.parametrize("dtype, n, d, bs, programs", [
+    (torch.float32, 300, 48, 64, 3),  # ragged tail, non-power-of-two head dim, strided tile loop
+    (torch.bfloat16, 256, 32, 32, None),  # one tile per program
+])
+def test_query_and_key_features_match_block_stats(dtype, n, d, bs, programs, device):
+    x = torch.randn(2, 3, n, d, device=device).to(dtype)
+    x[:, 1] += 4.0  # large means: the two-pass variance must not cancel
+    st = block_stats(x.float().cpu(), bs, backend="torch")
+    got_q = query_features(x, bs, 0.125, 0.01, programs=programs).cpu()
+    got_k = query_features(x, bs, programs=programs).cpu()
+    torch.testing.assert_close(got_q, features_from_moments(st.mean, st.var, 0.125, 0.01), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_k, features_from_moments(st.mean, st.var), rtol=1e-5, atol=1e-5)
+
+
+def test_segment_order_is_stable_descending_argsort(device):
+    norms = torch.rand(2, 3, 4 * 100, device=device)
+    norms[..., -30:] = -1.0  # padding of a ragged last segment
+    norms[0, 0, :10] = 0.5  # ties keep index order
+    norms[1, 2, 100:200] = 0.0
+    ref = torch.sort(norms.view(2, 3, 4, 100), dim=-1, descending=True, stable=True).indices.view(2, 3, 400)
+    assert torch.equal(segment_order(norms, 100), ref)
+
+
+@pytest.mark.parametrize("n, seg, start, structured", [(333, 100, 7, False), (512, 128, 0, True), (200, 300, 0, False)])
+def test_fused_sort_path_equals_torch_path(n, seg, start, structured, device):
+    k, v = torch.randn(1, 2, n, 32, device=device), torch.randn(1, 2, n, 32, device=device)
+    if structured:
+        k[:, :, [3, 77, 150, 400]] *= 20  # a few huge-norm keys
+    fast = _sort_keys(k, v, segment=seg, start=start, block_size=32, backend="triton")
+    ref = _sort_keys(k.cpu(), v.cpu(), segment=seg, start=start, block_size=32, backend="torch")
+    for got, want in zip(fast[:3], ref[:3]):
+        assert torch.equal(got.cpu(), want)
+    assert fast[2].dtype == torch.int64
+    torch.testing.assert_close(fast[3].cpu(), features_from_moments(ref[3].mean, ref[3].var), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("beta, causal", [(0.5, False), (0.0, False), (0.5, True)])
+def test_fused_selection_equals_torch_selection_gqa(beta, causal, device):
+    q, k, v = torch.randn(1, 4, 330, 32), torch.randn(1, 2, 330, 32), torch.randn(1, 2, 330, 32)
+    cfg = BAAttConfig(sparsity=0.6, block_size=32, min_seq_len=0, beta=beta)
+    ks, _, _, right = _sort_keys(k.to(device), v.to(device), segment=64, block_size=32, backend="triton")
+    ref = _select(q, ks.cpu(), cfg, causal=causal, backend="torch")
+    for stats in (right, None):  # features from the gather, or computed from k by the selector
+        index, count = _select(q.to(device), ks, cfg, causal=causal, k_stats=stats, backend="triton")
+        assert torch.equal(index.cpu(), ref[0]) and torch.equal(count.cpu(), ref[1])
+
+
+def test_row_norms_padded(device):
+    x = torch.randn(1, 2, 70, 24, device=device)
+    out = row_norms(x, backend="triton", pad_to=100)
+    assert out.shape == (1, 2, 100) and bool((out[..., 70:] == -1).all())
+    torch.testing.assert_close(out[..., :70].cpu(), x.cpu().norm(dim=-1))
+    assert torch.equal(row_norms(x.cpu(), backend="torch", pad_to=100)[..., 70:], torch.full((1, 2, 30), -1.0))

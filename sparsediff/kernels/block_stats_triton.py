@@ -10,16 +10,24 @@ import triton.language as tl
 
 
 @triton.jit
-def tile_stats(x, mask, count):
-    """Mean, per-column variance and mean row L2 norm of the ``count`` valid rows of a masked tile
-    (masked entries are 0), in float32."""
+def tile_moments(x, mask, count):
+    """Mean and per-column variance of the ``count`` valid rows of a masked tile (masked entries are 0),
+    in float32."""
     x = x.to(tl.float32)
     count = count.to(tl.float32)
     mean = tl.sum(x, 0) / count
     # Two-pass variance on the tile already in registers: no cancellation from E[x^2] - E[x]^2.
     centred = tl.where(mask, x - mean[None, :], 0.0)
     var = tl.sum(centred * centred, 0) / count
-    norm = tl.sum(tl.sqrt(tl.sum(x * x, 1)), 0) / count
+    return mean, var
+
+
+@triton.jit
+def tile_stats(x, mask, count):
+    """:func:`tile_moments` plus the mean row L2 norm of the valid rows."""
+    mean, var = tile_moments(x, mask, count)
+    xf = x.to(tl.float32)
+    norm = tl.sum(tl.sqrt(tl.sum(xf * xf, 1)), 0) / count.to(tl.float32)
     return mean, var, norm
 
 

@@ -17,13 +17,13 @@ import torch
 
 from .block_stats import BlockStats, _block_counts, block_stats
 
-__all__ = ["gather_rows", "gather_rows_with_stats", "row_norms"]
+__all__ = ["gather_rows", "gather_rows_with_stats", "gather_sorted_segments", "row_norms"]
 
 try:
     import triton
     import triton.language as tl
 
-    from .block_stats_triton import tile_stats
+    from .block_stats_triton import tile_moments, tile_stats
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
@@ -69,12 +69,13 @@ if triton is not None:
 
     @triton.jit
     def _gather_stats_kernel(
-        K, V, Perm, KOut, VOut, Mean, Var, Norm,
+        K, V, Perm, KOut, VOut, Mean, Var, Norm, PermOut,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_pb, stride_ph, stride_pn,
-        num_heads, n,
+        num_heads, n, seg, start,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, WITH_STATS: tl.constexpr,
+        FROM_ORDER: tl.constexpr = False, FEATURES: tl.constexpr = False,
     ):
         blk = tl.program_id(0)
         pid_bh = tl.program_id(1).to(tl.int64)
@@ -85,7 +86,18 @@ if triton is not None:
         row_ok = rows < n
         col_ok = cols < HEAD_DIM
         mask = row_ok[:, None] & col_ok[None, :]
-        src = tl.load(Perm + b * stride_pb + h * stride_ph + rows * stride_pn, mask=row_ok, other=0).to(tl.int64)
+        if FROM_ORDER:
+            # Perm holds in-segment sort orders of the tokens after `start`; the global ids (and the
+            # int64 permutation the caller returns) are built here instead of by torch ops.
+            body = rows - start
+            in_body = row_ok & (body >= 0)
+            bodyc = tl.maximum(body, 0)
+            local = tl.load(Perm + b * stride_pb + h * stride_ph + bodyc * stride_pn, mask=in_body, other=0)
+            src = tl.where(in_body, start + (bodyc // seg) * seg + local.to(tl.int64), rows.to(tl.int64))
+            tl.store(PermOut + pid_bh * n + rows, src, mask=row_ok)
+        else:
+            src = tl.load(Perm + b * stride_pb + h * stride_ph + rows * stride_pn, mask=row_ok, other=0)
+            src = src.to(tl.int64)
         out = (pid_bh * n + rows.to(tl.int64))[:, None] * HEAD_DIM + cols[None, :]
         # Issue both row gathers before any math so their latencies overlap.
         kt = tl.load(K + b * stride_kb + h * stride_kh + src[:, None] * stride_kn + cols[None, :] * stride_kd,
@@ -95,16 +107,24 @@ if triton is not None:
         tl.store(KOut + out, kt, mask=mask)
         tl.store(VOut + out, vt, mask=mask)
         if WITH_STATS:
-            mean, var, norm = tile_stats(kt, mask, tl.minimum(n - blk * BLOCK_SIZE, BLOCK_SIZE))
             nb = tl.num_programs(0)
-            so = (pid_bh * nb + blk) * HEAD_DIM + cols
-            tl.store(Mean + so, mean, mask=col_ok)
-            tl.store(Var + so, var, mask=col_ok)
-            tl.store(Norm + pid_bh * nb + blk, norm)
+            if FEATURES:
+                # BA-Att's key-side score features [μ, μ² + σ², σ²], one (3D,) row per block.
+                mean, var = tile_moments(kt, mask, tl.minimum(n - blk * BLOCK_SIZE, BLOCK_SIZE))
+                so = (pid_bh * nb + blk) * (3 * HEAD_DIM) + cols
+                tl.store(Mean + so, mean, mask=col_ok)
+                tl.store(Mean + so + HEAD_DIM, var + mean * mean, mask=col_ok)
+                tl.store(Mean + so + 2 * HEAD_DIM, var, mask=col_ok)
+            else:
+                mean, var, norm = tile_stats(kt, mask, tl.minimum(n - blk * BLOCK_SIZE, BLOCK_SIZE))
+                so = (pid_bh * nb + blk) * HEAD_DIM + cols
+                tl.store(Mean + so, mean, mask=col_ok)
+                tl.store(Var + so, var, mask=col_ok)
+                tl.store(Norm + pid_bh * nb + blk, norm)
 
     @triton.jit
     def _row_norms_kernel(
-        X, Out, stride_xb, stride_xh, stride_xn, stride_xd, num_heads, n,
+        X, Out, stride_xb, stride_xh, stride_xn, stride_xd, num_heads, n, total,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
     ):
         blk = tl.program_id(0)
@@ -116,7 +136,9 @@ if triton is not None:
         mask = (rows < n)[:, None] & (cols < HEAD_DIM)[None, :]
         x = tl.load(X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
                     mask=mask, other=0.0).to(tl.float32)
-        tl.store(Out + pid_bh * n + rows, tl.sqrt(tl.sum(x * x, 1)), mask=rows < n)
+        # Rows in [n, total) are sort padding: -1 sorts after every real norm.
+        norm = tl.where(rows < n, tl.sqrt(tl.sum(x * x, 1)), -1.0)
+        tl.store(Out + pid_bh * total + rows, norm, mask=rows < total)
 
 
 def _warps(block_rows, block_d):
@@ -151,7 +173,7 @@ def gather_rows_with_stats(k, v, perm, block_size=128, *, backend=None, with_sta
         mean = var = norm = ks  # unused pointers
     block_d = triton.next_power_of_2(d)
     _gather_stats_kernel[(nb, b * h)](
-        k, v, perm, ks, vs, mean, var, norm, *k.stride(), *v.stride(), *perm.stride(), h, n,
+        k, v, perm, ks, vs, mean, var, norm, perm, *k.stride(), *v.stride(), *perm.stride(), h, n, 1, 0,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, WITH_STATS=with_stats,
         num_warps=_warps(block_size, block_d),
     )
@@ -159,17 +181,47 @@ def gather_rows_with_stats(k, v, perm, block_size=128, *, backend=None, with_sta
     return ks, vs, stats
 
 
-def row_norms(x, *, backend=None):
-    """float32 L2 norm of every row of ``x`` ``(B, H, N, D)`` -> ``(B, H, N)``."""
+def row_norms(x, *, backend=None, pad_to=None):
+    """float32 L2 norm of every row of ``x`` ``(B, H, N, D)`` -> ``(B, H, N)``; with ``pad_to >= N`` the
+    output is ``(B, H, pad_to)`` with -1 after the ``N`` real norms (sort padding, no extra op)."""
     if x.dim() != 4:
         raise ValueError(f"row_norms expects a (B, H, N, D) tensor, got {tuple(x.shape)}")
-    if not _use_triton(backend, x) or x.shape[2] == 0:
-        return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
     b, h, n, d = x.shape
-    out = torch.empty(b, h, n, dtype=torch.float32, device=x.device)
+    total = n if pad_to is None else int(pad_to)
+    if total < n:
+        raise ValueError(f"pad_to must be >= N = {n}, got {pad_to}")
+    if not _use_triton(backend, x) or n == 0:
+        out = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+        return out if total == n else torch.nn.functional.pad(out, (0, total - n), value=-1.0)
+    out = torch.empty(b, h, total, dtype=torch.float32, device=x.device)
     block_d = triton.next_power_of_2(d)
     block_rows = max(1, min(64, 8192 // block_d))
-    _row_norms_kernel[(triton.cdiv(n, block_rows), b * h)](
-        x, out, *x.stride(), h, n, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_ROWS=block_rows, num_warps=4,
+    _row_norms_kernel[(triton.cdiv(total, block_rows), b * h)](
+        x, out, *x.stride(), h, n, total, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_ROWS=block_rows, num_warps=4,
     )
     return out
+
+
+def gather_sorted_segments(k, v, order, segment, start, block_size=128):
+    """Fused sort-side gather for BA-Att (Triton): ``order (B, H, nseg*segment)`` holds in-segment sort
+    orders of the tokens after ``start`` (the first ``start`` stay in place). Returns ``(k_sorted, v_sorted,
+    perm int64 (B, H, N), k_features (B, H, nb, 3D) float32)`` with ``k_features`` the key-side score
+    features ``[μ, μ² + σ², σ²]`` of the sorted keys' blocks."""
+    b, h, n, d = k.shape
+    if v.shape != k.shape:
+        raise ValueError(f"the fused gather needs k and v of one shape, got {tuple(k.shape)}, {tuple(v.shape)}")
+    if block_size & (block_size - 1):
+        raise ValueError(f"the Triton path needs a power-of-two block_size, got {block_size}")
+    nb = math.ceil(n / block_size)
+    ks = torch.empty(b, h, n, d, dtype=k.dtype, device=k.device)
+    vs = torch.empty(b, h, n, d, dtype=v.dtype, device=v.device)
+    perm = torch.empty(b, h, n, dtype=torch.int64, device=k.device)
+    feat = torch.empty(b, h, nb, 3 * d, dtype=torch.float32, device=k.device)
+    block_d = triton.next_power_of_2(d)
+    _gather_stats_kernel[(nb, b * h)](
+        k, v, order, ks, vs, feat, feat, feat, perm, *k.stride(), *v.stride(), *order.stride(), h, n,
+        int(segment), int(start),
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, WITH_STATS=True, FROM_ORDER=True, FEATURES=True,
+        num_warps=_warps(block_size, block_d),
+    )
+    return ks, vs, perm, feat

@@ -22,7 +22,9 @@ import math
 import torch
 
 from ..kernels import block_sparse_attention, block_stats
-from ..kernels.permute_stats import gather_rows_with_stats, row_norms
+from ..kernels.ba_features import query_features, segment_order
+from ..kernels.block_sparse import triton_available
+from ..kernels.permute_stats import gather_rows_with_stats, gather_sorted_segments, row_norms
 from .base import register_method
 from .block_select import budget_of, select_from_scores
 from .block_sparse import BlockSparseConfig, BlockSparseMethod
@@ -81,6 +83,28 @@ def _coefficients(d, scale, c, device):
     return _coef_cache[key]
 
 
+def _triton_path(x, block_size, backend=None):
+    """Selection by the fused Triton kernels (CUDA by default; ``backend="triton"`` forces it, e.g. under
+    the interpreter in tests)."""
+    if backend == "torch":
+        return False
+    pow2 = block_size > 0 and (block_size & (block_size - 1)) == 0
+    return pow2 and (backend == "triton" or (x.is_cuda and triton_available()))
+
+
+def _scores_from_features(q, right, *, block_size, beta=0.5, scale=None, hkv):
+    """:func:`ba_scores` from the key-side features ``right = [μk, μk² + σ²k, σ²k]`` ``(B, Hkv, nkb, 3D)``;
+    the query side comes straight out of one kernel (no torch ops between the stats and the matmul)."""
+    bsz, hq, _, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    left = query_features(q, block_size, scale, beta * scale * scale / 2)
+    if not beta:
+        left, right = left[..., :d], right[..., :d]
+    nqb, nkb = left.shape[2], right.shape[2]
+    left = left.reshape(bsz, hkv, (hq // hkv) * nqb, left.shape[-1])
+    return torch.matmul(left, right.transpose(-1, -2)).view(bsz, hq, nqb, nkb)
+
+
 def _scores_from_stats(sq, sk, *, beta=0.5, scale=None):
     """:func:`ba_scores` from block statistics of q ``(B, Hq, nqb, D)`` and k ``(B, Hkv, nkb, D)``."""
     bsz, hq, nqb, d = sq.mean.shape
@@ -110,13 +134,19 @@ def select_blocks(q, k, config, *, causal=False, scale=None, global_tokens=0):
     return _select(q, k, config, causal=causal, scale=scale, global_tokens=global_tokens)
 
 
-def _select(q, k, config, *, causal=False, scale=None, global_tokens=0, k_stats=None):
-    """:func:`select_blocks`, reusing ``k_stats = block_stats(k, block_size)`` when the caller has them."""
+def _select(q, k, config, *, causal=False, scale=None, global_tokens=0, k_stats=None, backend=None):
+    """:func:`select_blocks`, reusing the caller's key statistics of ``k`` when given: a :class:`BlockStats`
+    or the key-side score features ``(B, Hkv, nkb, 3D)`` from the fused gather."""
     density, mass = budget_of(config)
     bs = config.block_size
-    if k_stats is None:
-        k_stats = block_stats(k, bs)
-    scores = _scores_from_stats(block_stats(q, bs), k_stats, beta=getattr(config, "beta", 0.5), scale=scale)
+    beta = getattr(config, "beta", 0.5)
+    if isinstance(k_stats, torch.Tensor) or (k_stats is None and _triton_path(q, bs, backend)):
+        right = k_stats if k_stats is not None else query_features(k, bs)
+        scores = _scores_from_features(q, right, block_size=bs, beta=beta, scale=scale, hkv=k.shape[1])
+    else:
+        if k_stats is None:
+            k_stats = block_stats(k, bs)
+        scores = _scores_from_stats(block_stats(q, bs), k_stats, beta=beta, scale=scale)
     return select_from_scores(
         scores, nq=q.shape[2], nk=k.shape[2], block_size=bs, density=density, mass=mass, causal=causal,
         keep_sinks=getattr(config, "keep_sinks", True), keep_diagonal=getattr(config, "keep_diagonal", True),
@@ -134,15 +164,23 @@ def sort_keys(k, v, *, segment=None, start=0):
     return _sort_keys(k, v, segment=segment, start=start)[:3]
 
 
-def _sort_keys(k, v, *, segment=None, start=0, block_size=None):
-    """:func:`sort_keys` plus ``block_stats(k_sorted, block_size)`` (None without ``block_size`` or when
-    nothing moves); on CUDA the statistics come out of the gather kernel at no extra pass."""
+def _sort_keys(k, v, *, segment=None, start=0, block_size=None, backend=None):
+    """:func:`sort_keys` plus the sorted keys' block statistics (None without ``block_size`` or when
+    nothing moves). On the Triton path (CUDA) they are the key-side score features ``(B, H, nb, 3D)``
+    from the gather kernel, and norms -> in-segment sort -> gather are three launches with no torch ops
+    between them; elsewhere a :class:`BlockStats`."""
     bsz, h, n, d = k.shape
     body = n - start
     if body <= 1:
         return k, v, None, None
     seg = body if segment is None else min(int(segment), body)
     nseg = math.ceil(body / seg)
+    if block_size is not None and v.shape == k.shape and _triton_path(k, block_size, backend):
+        norms = row_norms(k[:, :, start:], backend="triton", pad_to=nseg * seg)
+        order = segment_order(norms, seg)
+        if order is None:  # segment too long for one program's sort
+            order = norms.view(bsz, h, nseg, seg).argsort(dim=-1, descending=True).view(bsz, h, nseg * seg)
+        return gather_sorted_segments(k, v, order, seg, start, block_size)
     norms = row_norms(k[:, :, start:])
     if nseg * seg != body:
         # Padding sorts last, and only the last segment is padded, so the first `body` entries are real.

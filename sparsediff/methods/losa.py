@@ -38,18 +38,24 @@ active tokens (data-dependent shapes) and stays eager.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import torch
 
-from ..kernels import block_stats, index_to_mask, mask_to_index, merge_attention
+from ..kernels import block_stats, index_to_mask, mask_to_index
 from ..kernels.prefix_merge import merge_prefix
 from . import step_state
 from .base import AttentionMethod, MethodConfig, register_method
 from .dense import dense_attention
-from .flashblock import selector_config, split_prefix
-from .prefix_attention import choose_splits, prefix_attention, prefix_partials, split_index
+from .flashblock import selector_config
+from .prefix_attention import (
+    choose_splits,
+    kv_capacity,
+    prefix_attention,
+    prefix_partials,
+    strided_counts,
+    strided_layout,
+)
 from .selectors import get_selector
 from .step_cache import LayerCache, run_step
 
@@ -115,22 +121,56 @@ def mean_key_topk(qf, active, means_t, keep):
     return torch.sort(top, dim=-1).values.to(torch.int32)
 
 
-@functools.lru_cache(maxsize=64)
-def _uniform_count(keep: int, device: str):
-    return torch.full((1, 1, 1), keep, dtype=torch.int32, device=device)
+def mean_key_rank(qf, active, means_t, bias, keep):
+    """:func:`mean_key_union` for prefix buffers sized to a capacity: the ``keep`` best key-block ids
+    per batch row and head, best first, int32 ``(B, Hq, 1, keep)``. ``bias`` ``(nkb,)`` is 0 on the
+    current prefix's blocks and -1e30 past it: those get no softmax mass and rank last, so the first
+    ``k`` ids are the top ``k`` of the current prefix for every ``k`` (the kernels read a count)."""
+    bsz, hq, nq, d = qf.shape
+    hkv, nkb = means_t.shape[1], means_t.shape[3]
+    probs = torch.softmax(torch.matmul(qf.reshape(bsz, hkv, (hq // hkv) * nq, d), means_t).add_(bias), dim=-1)
+    # The active tokens' summed mass per key block, as one batched product (no mask-multiply-sum).
+    score = torch.matmul(active.to(probs.dtype)[:, None, None, :], probs.view(bsz, hq, nq, nkb)).add_(bias)
+    return torch.topk(score, keep, dim=-1, sorted=True).indices.to(torch.int32)
 
 
-@dataclasses.dataclass
+def window_attention(qf, wk, wv, bias, scale):
+    """Attention of float32 q ``(B, Hq, Nq, D)`` to a small key window ``(B, Hkv, W, D)`` with an
+    additive key mask ``bias (W,)`` (0 or -inf): ``(out float32, lse)``. Five ops, any W."""
+    bsz, hq, nq, d = qf.shape
+    hkv, w = wk.shape[1], wk.shape[2]
+    logits = torch.baddbmm(bias, qf.reshape(bsz * hkv, (hq // hkv) * nq, d),
+                           wk.reshape(bsz * hkv, w, d).transpose(1, 2), alpha=scale)
+    lse = torch.logsumexp(logits, dim=-1)
+    out = torch.bmm(torch.exp(logits - lse[..., None]), wv.reshape(bsz * hkv, w, d))
+    return out.view(bsz, hq, nq, d), lse.view(bsz, hq, nq)
+
+
+@dataclasses.dataclass(eq=False)
 class _Prefix:
-    # Every tensor is updated in place only: a captured step reads and writes these addresses.
+    """A layer's state, sized for the KV buffer's capacity and kept across blocks: a new block
+    rewrites it in place (``_refresh``), so a captured step stays valid until the capacity, q's shape
+    or the dtype change. Only the full key blocks of the prefix go through the block-sparse kernel;
+    its last partial block (the ``tail``) and the active block are the small ``window``, attended
+    densely at every step."""
+
     out: torch.Tensor  # (B, Hq, Nq, D) prefix attention per token, updated in place for active rows
     lse: torch.Tensor  # (B, Hq, Nq) float32
     q_ref: torch.Tensor  # float32 q the change is measured against
     ref_thr: torch.Tensor  # (B, Nq) threshold * |q_ref|: a token is active when |q - q_ref| >= ref_thr
-    key_means: torch.Tensor  # (B, Hkv, nkb, D) prefix block means: the prefix is fixed within a block
-    means_t: torch.Tensor  # key_means * scale, float32, transposed for the scoring matmul
+    means_t: torch.Tensor  # (B, Hkv, D, nkb_cap) float32 block means * scale; zero past the prefix
+    bias: torch.Tensor  # (nkb_cap,) float32: 0 on the prefix's full blocks, -1e30 past them
+    index: torch.Tensor | None  # sparsity 0: every block id, laid out once
+    count: torch.Tensor  # (1, 1, splits) int32 kept blocks per split
+    win: tuple  # float32 (B, Hkv, block_size + Nq, D) window keys and values: tail | active block
+    win_bias: torch.Tensor  # (block_size + Nq,) 0 on the window's valid rows, -inf on its padding
+    splits: int
+    keep_cap: int  # ranks computed per step: the keep of the full capacity
     signature: tuple
-    graph: object = None  # the steady-state step's CUDA graph (step_cache.run_step); goes with the entry
+    epoch: int = -1  # the cache epoch (block) this state was refreshed for
+    n_prefix: int = -1
+    ratio: float = 0.0  # kept / prefix blocks, for the step report
+    graph: object = None  # the steady-state step's CUDA graph (step_cache.run_step); kept across blocks
 
 
 @register_method
@@ -176,7 +216,7 @@ class LoSAMethod(AttentionMethod):
         return out
 
     def _keep(self, nkb):
-        return max(1, min(nkb, round(nkb * (1.0 - self.config.sparsity))))
+        return 0 if nkb == 0 else max(1, min(nkb, round(nkb * (1.0 - self.config.sparsity))))
 
     def _selector_prefix(self, q, active, kp, vp, scale):
         """Registered-selector path: the selector sees the active tokens only (gathered per batch row)."""
@@ -202,42 +242,66 @@ class LoSAMethod(AttentionMethod):
             density = density + union.float().mean() / q.shape[0]
         return out, lse, density
 
-    def _active_parts(self, q, qf, active, entry, kp, vp, scale):
-        """Prefix partials ``(out (B, Hq, S, R, D), lse)`` valid for the active rows, and the share of
-        prefix key blocks they read.
-
-        Built-in selection computes the union-sparse attention for all tokens of the block at once:
-        the cost is the union's KV read, which the active tokens share, so the rows of stable tokens
-        come almost free and no device sync is needed to gather the active ones.
-        """
+    def _new_entry(self, q, cap, kv_dtype, signature):
+        """Zeroed state for a KV buffer of ``cap`` rows (allocated once per capacity, not per block)."""
         cfg = self.config
+        bsz, hq, nq, d = q.shape
+        hkv = signature[4][1]
+        nkb_cap = cap // cfg.block_size
+        keep_cap = nkb_cap if cfg.sparsity == 0.0 else self._keep(nkb_cap)
+        splits = choose_splits(q, keep_cap) if nq <= cfg.block_size else 1
+        dev = q.device
+        index = None
         if cfg.sparsity == 0.0:
-            return prefix_partials(q, kp, vp, scale=scale, block_size=cfg.block_size), 1.0
-        if cfg.selector is not None:
-            out, lse, density = self._selector_prefix(q, active, kp, vp, scale)
-            return (out[:, :, None], lse[:, :, None]), float(density)
-        nkb = entry.key_means.shape[2]
-        keep = self._keep(nkb)
-        index = mean_key_topk(qf, active, entry.means_t, keep)
-        splits = choose_splits(q, keep)
-        if q.shape[2] <= cfg.block_size and splits > 1:
-            split = split_index(index, keep, nkb, splits, q.device)
-            parts = prefix_partials(q, kp, vp, scale=scale, block_size=cfg.block_size, split=split)
-        else:
-            count = _uniform_count(keep, str(q.device)).expand(*index.shape[:3])  # a view: no launch
-            parts = prefix_partials(q, kp, vp, index, count, scale=scale,
-                                    block_size=cfg.block_size, splits=1)
-        return parts, keep / nkb
+            index = torch.arange(nkb_cap, dtype=torch.int32, device=dev).view(1, 1, 1, nkb_cap)
+            index = strided_layout(index, splits) if splits > 1 else index
+        w = cfg.block_size + nq
+        f32 = dict(dtype=torch.float32, device=dev)
+        return _Prefix(out=torch.zeros(q.shape, dtype=q.dtype, device=dev), lse=torch.zeros(bsz, hq, nq, **f32),
+                       q_ref=torch.zeros(q.shape, **f32), ref_thr=torch.zeros(bsz, nq, **f32),
+                       means_t=torch.zeros(bsz, hkv, d, nkb_cap, **f32), bias=torch.zeros(nkb_cap, **f32),
+                       index=index, count=torch.zeros(1, 1, splits, dtype=torch.int32, device=dev),
+                       win=(torch.zeros(bsz, hkv, w, d, **f32), torch.zeros(bsz, hkv, w, d, **f32)),
+                       win_bias=torch.zeros(w, **f32), splits=splits, keep_cap=keep_cap, signature=signature)
 
-    def _refresh(self, q, kp, vp, scale, signature):
+    def _load_window(self, entry, k, v):
+        """The prefix's partial last block and the active block into the fixed window (two copies)."""
+        start = (entry.n_prefix // self.config.block_size) * self.config.block_size
+        rows = k.shape[2] - start
+        entry.win[0][:, :, :rows].copy_(k[:, :, start:])
+        entry.win[1][:, :, :rows].copy_(v[:, :, start:])
+        return rows
+
+    def _refresh(self, entry, q, k, v, scale, n_prefix, epoch):
+        """A block's first step, eager: dense prefix attention over the full key blocks for every
+        token, and every length-dependent tensor of ``entry`` rewritten in place. Returns (out, lse)."""
         cfg = self.config
-        out, lse = prefix_attention(q, kp, vp, scale=scale, block_size=cfg.block_size)
-        means = block_stats(kp, cfg.block_size).mean
-        scale_ = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        means_t = (means.float() * scale_).transpose(-1, -2).contiguous()
-        qf = q.detach().float().clone()
-        return _Prefix(out.contiguous(), lse.float().contiguous(), qf, self._threshold(qf), means, means_t,
-                       signature)
+        bs = cfg.block_size
+        nkb = n_prefix // bs
+        entry.n_prefix, entry.epoch = n_prefix, epoch
+        if nkb:
+            out, lse = prefix_attention(q, k[:, :, : nkb * bs], v[:, :, : nkb * bs], scale=scale, block_size=bs)
+            entry.out.copy_(out)
+            entry.lse.copy_(lse)
+            means = block_stats(k[:, :, : nkb * bs], bs).mean
+            entry.means_t[..., :nkb].copy_((means.float() * scale).transpose(-1, -2))
+        else:
+            entry.out.zero_()
+            entry.lse.fill_(float("-inf"))
+        entry.means_t[..., nkb:].zero_()
+        entry.bias.fill_(-1e30)[:nkb].zero_()
+        keep = nkb if cfg.sparsity == 0.0 else self._keep(nkb)
+        strided_counts(keep, entry.splits, entry.count)
+        entry.ratio = keep / nkb if nkb else 0.0
+        qf = q.detach().float()
+        entry.q_ref.copy_(qf)
+        self._threshold(entry.q_ref, out=entry.ref_thr)
+        rows = self._load_window(entry, k, v)
+        entry.win[0][:, :, rows:].zero_()
+        entry.win[1][:, :, rows:].zero_()
+        entry.win_bias.fill_(float("-inf"))[:rows].zero_()
+        inner = window_attention(qf, *entry.win, entry.win_bias, scale)
+        return merge_prefix(entry.out[:, :, None], entry.lse[:, :, None], q.shape[2], inner, out_dtype=q.dtype)
 
     def _threshold(self, qf, out=None):
         # |q - q_ref| >= threshold * |q_ref|, the relative change of token_change without a division.
@@ -246,22 +310,27 @@ class LoSAMethod(AttentionMethod):
 
     def sparse_attention(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
         nq, nk = q.shape[2], k.shape[2]
+        cfg = self.config
         if causal or nk <= nq:
             return dense_attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
-        cfg = self.config
+        cap, kc = kv_capacity(k)
+        vcap, vc = kv_capacity(v)
+        if vcap != cap:
+            cap, kc, vc = nk, k, v
+        if cap < cfg.block_size + nq:  # not one full prefix key block, even at capacity: nothing to cache
+            return dense_attention(q, k, v, scale=scale, return_lse=return_lse)
         state = step_state.current()
-        self._cache.sync(state)
+        self._cache.sync(state, clear=False)
         key = self._cache.key(layer, state)
-        signature = (tuple(q.shape), tuple(k.shape), q.dtype, q.device, scale)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        signature = (tuple(q.shape), q.dtype, k.dtype, q.device, tuple(k.shape[:2]) + (cap, k.shape[3]), scale)
         entry = self._cache.entries.get(key)
-        if entry is None or entry.signature != signature:
-            kp, vp, kb, vb = split_prefix(k, v, nq)
-            inner = dense_attention(q, kb, vb, scale=scale, return_lse=True)
-            entry = self._refresh(q, kp, vp, scale, signature)
-            self._cache.entries[key] = entry
+        if entry is None or entry.signature != signature:  # the capacity grew (or a new shape class)
+            entry = self._cache.entries[key] = self._new_entry(q, cap, k.dtype, signature)
+        if entry.epoch != self._cache.epoch or entry.n_prefix != nk - nq:
+            out, lse = self._refresh(entry, q, k, v, scale, nk - nq, self._cache.epoch)
             self.stats["full_refreshes"] += 1
             self._record(state, torch.ones(q.shape[0], nq + 1, dtype=torch.bool, device=q.device), 1.0)
-            out, lse = merge_attention(entry.out, entry.lse, *inner)
             return (out, lse) if return_lse else out
         graphs = cfg.cuda_graphs
         if graphs and cfg.selector is not None:
@@ -269,29 +338,51 @@ class LoSAMethod(AttentionMethod):
                 self._cache.warn_once("cuda_graphs: the registered-selector path gathers the active tokens "
                                       "(data-dependent shapes) and cannot be captured; running eager.")
             graphs = False
-        (out, lse, stat, ratio), replayed = run_step(lambda q_, k_, v_: self._steady(q_, k_, v_, entry, scale),
-                                                     entry, q, (k, v), self._cache, graphs)
+        self._load_window(entry, k, v)
+        (out, lse, stat), replayed = run_step(lambda *a: self._steady(*a, entry=entry, scale=scale), entry, q,
+                                              (kc, vc, *entry.win), self._cache, graphs)
+        ratio = entry.ratio
+        if cfg.selector is not None:
+            ratio = float(stat[1])
+            stat = stat[0]
         self._record(state, stat, ratio)  # a replay's stat is read here, before the next replay
         if replayed:  # the graph's outputs are overwritten by its next replay
             out, lse = out.clone(), (lse.clone() if return_lse else lse)
         return (out, lse) if return_lse else out
 
-    def _steady(self, q, k, v, entry, scale):
-        """A cached step, run eagerly or captured: change test, union selection, union-sparse prefix
-        partials, in-block attention and one fused pass (split merge, cache read/write per row, in-block
-        merge); the entry's tensors are updated in place. Returns ``(out, lse, stat, ratio)``."""
+    def _steady(self, q, kc, vc, wk, wv, *, entry, scale):
+        """A cached step, run eagerly or captured: change test, union ranking, union-sparse partials over
+        the prefix's full blocks (``kc, vc``: the whole KV buffer; the kept counts come from the entry),
+        the window attention and one fused pass (split merge, row cache read/write, window merge). Fixed
+        shapes for a capacity; the entry's tensors are updated in place. Returns ``(out, lse, stat)``."""
         cfg = self.config
         nq = q.shape[2]
-        kp, vp, kb, vb = split_prefix(k, v, nq)
-        inner = dense_attention(q, kb, vb, scale=scale, return_lse=True)
         qf = q.float()
         active = torch.linalg.vector_norm(qf - entry.q_ref, dim=(1, 3)) >= entry.ref_thr  # (B, Nq)
-        (parts_out, parts_lse), ratio = self._active_parts(q, qf, active, entry, kp, vp, scale)
-        out, lse = merge_prefix(parts_out, parts_lse, nq, inner, cache=(entry.out, entry.lse), active=active)
+        inner = window_attention(qf, wk, wv, entry.win_bias, scale)
+        bs = cfg.block_size
+        if cfg.selector is not None:  # eager only: data-dependent shapes
+            p = (entry.n_prefix // bs) * bs
+            if p:
+                o, s_, extra = self._selector_prefix(q, active, kc[:, :, :p], vc[:, :, :p], scale)
+            else:
+                o, s_, extra = torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device), 0.0
+            parts = (o[:, :, None], s_[:, :, None])
+        else:
+            index = entry.index
+            if index is None:
+                index = mean_key_rank(qf, active, entry.means_t, entry.bias, entry.keep_cap)
+                index = strided_layout(index, entry.splits) if entry.splits > 1 else index
+            count = entry.count.expand(*index.shape[:3])
+            parts = prefix_partials(q, kc, vc, index, count, scale=scale, block_size=bs,
+                                    split=(index, count, entry.splits) if entry.splits > 1 else None, splits=1)
+        out, lse = merge_prefix(parts[0], parts[1], nq, inner, cache=(entry.out, entry.lse), active=active,
+                                out_dtype=q.dtype)
         if cfg.compare_to == "last_step":
             entry.q_ref.copy_(qf)
             self._threshold(entry.q_ref, out=entry.ref_thr)
         else:
             entry.q_ref.copy_(torch.where(active[:, None, :, None], qf, entry.q_ref))
             entry.ref_thr.copy_(torch.where(active, self._threshold(qf), entry.ref_thr))
-        return out, lse, torch.cat([active, active.any(dim=1, keepdim=True)], dim=1), ratio
+        stat = torch.cat([active, active.any(dim=1, keepdim=True)], dim=1)
+        return out, lse, ((stat, extra) if cfg.selector is not None else stat)

@@ -120,3 +120,39 @@ def prefix_attention(q, k, v, block_index=None, block_count=None, *, scale=None,
     if out.shape[2] == 1:
         return out[:, :, 0], lse[:, :, 0]
     return merge_prefix(out, lse, q.shape[2], out_dtype=q.dtype)
+
+
+def kv_capacity(k) -> tuple:
+    """``(rows, view)``: when ``k (B, H, N, D)`` is the leading rows of a ``(B, H, C, D)`` buffer (a
+    preallocated KV cache), ``C`` and a view of all ``C`` rows at the same address; else ``(N, k)``.
+    Graphs captured on the full view stay valid while the cache fills up; rows past ``N`` are never read."""
+    b, h, n, d = k.shape
+    s = k.stride()
+    if s[3] != 1 or s[2] != d:
+        return n, k
+    total = k.untyped_storage().nbytes() // k.element_size() - k.storage_offset()
+    cap = s[1] // d if h > 1 else (s[0] // d if b > 1 else total // d)
+    if cap <= n or (b > 1 and h > 1 and s[0] < h * s[1]):
+        return n, k
+    if (b - 1) * s[0] + (h - 1) * s[1] + cap * d > total:
+        return n, k
+    return cap, k.as_strided((b, h, cap, d), s)
+
+
+def strided_layout(index, splits: int):
+    """Ranked block ids ``(B, H, 1, K)`` as ``splits`` query blocks ``(B, H, splits, ceil(K / splits))``:
+    split ``s`` takes ranks ``s, s + splits, ...`` so that the first ``keep`` ranks (``strided_counts``)
+    spread evenly over the splits whatever ``keep`` is. One pad and one copy (the CPU path gathers by view)."""
+    kept = index.shape[-1]
+    chunk = math.ceil(kept / splits)
+    if splits * chunk != kept:
+        index = F.pad(index, (0, splits * chunk - kept))
+    return index.view(*index.shape[:2], chunk, splits).transpose(-1, -2).contiguous()
+
+
+def strided_counts(keep: int, splits: int, out):
+    """Per-split counts of :func:`strided_layout` for the first ``keep`` ranks, written into ``out``
+    ``(1, 1, splits)`` int32 on the device (no host-device copy)."""
+    ranks = torch.arange(splits, device=out.device, dtype=torch.int32)
+    out.copy_(torch.sub(keep + splits - 1, ranks).div_(splits, rounding_mode="floor").clamp_(min=0).view_as(out))
+    return out

@@ -23,18 +23,24 @@ class LayerCache:
         self.owner = owner
         self.entries: dict = {}
         self.block = step_state.current().block
+        self.epoch = 0  # counts block changes: entries kept across blocks compare it to refresh in place
+        self.captures = 0  # CUDA graphs captured since the last clear (a generation)
         self._mark, self._index = None, -1
         self._warned: set[str] = set()
 
     def clear(self) -> None:
         self.entries = {}
+        self.captures = 0
         self._mark, self._index = None, -1
 
-    def sync(self, state) -> bool:
-        """Drop every entry when the block changed since the last call; True if it did."""
+    def sync(self, state, clear: bool = True) -> bool:
+        """At a block change since the last call, drop every entry (``clear``) or only advance ``epoch``
+        (entries that refresh themselves in place, keeping their graphs); True if the block changed."""
         if state.block != self.block:
             self.block = state.block
-            self.clear()
+            self.epoch += 1
+            if clear:
+                self.clear()
             return True
         return False
 
@@ -174,6 +180,7 @@ def run_step(fn, entry, q, pinned, cache: LayerCache, enabled: bool):
         entry.graph = False
         return result, False
     entry.graph = StepGraph(graph, static_q, key, outputs, max(pool, 0) + static_q.nbytes)
+    cache.captures += 1
     return result, False
 
 

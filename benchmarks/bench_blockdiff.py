@@ -18,9 +18,10 @@ next to its time. The block's keys/values are redrawn the same way and written i
 ``[prefix | block]`` buffer before each step, as a preallocated KV cache does (two small copies per
 step, in every timed variant, dense included): CUDA graphs read the prefix in place.
 Time per block = ``triton.testing.do_bench`` median of the whole 16-step block (a fresh block each
-repetition, so first-step refreshes and, with ``--cuda-graphs``, each layer's capture per block are
-included). Errors are relative L2 vs dense per step. Graphed variants are checked bit for bit against
-the eager outputs; their GPU-busy time is not profiled (same kernels as eager).
+repetition, so first-step refreshes are included; with ``--cuda-graphs`` FlashBlock captures once per
+block, LoSA once per case: its state is sized for the buffer and kept across blocks; ``*_captures``
+counts them over the timed blocks). Errors are relative L2 vs dense per step. Graphed variants are
+checked bit for bit against the eager outputs; their GPU-busy time is not profiled (same kernels as eager).
 """
 
 from __future__ import annotations
@@ -160,7 +161,9 @@ def one_case(prefix, nq, args, device, dtype, log):
         refs.append(dense_attention(qs[i], kbuf, vbuf).float())
     eager_outs = {}
     for name, m in methods(args).items():
+        first = counter[0]
         row[f"{name}_ms"] = time_ms(lambda m=m: method_block(m), device)
+        row[f"{name}_captures"], row[f"{name}_blocks_timed"] = m._cache.captures, counter[0] - first
         if device == "cuda" and not name.endswith("+graphs"):
             row[f"{name}_gpu_ms"] = gpu_busy_ms(lambda m=m: method_block(m))
         if device == "cuda":  # where a block's time goes: each step alone, synchronised (no overlap)

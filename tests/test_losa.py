@@ -275,8 +275,8 @@ def growing_run(blocks=3, steps=5, prompt=200, nq=16, hq=4, hkv=2, d=16, dtype=t
     queries of which a quarter move."""
     gen = torch.Generator().manual_seed(seed)
 
-    def randn(*shape):
-        return torch.randn(shape, generator=gen).to(device, dtype)
+    def randn(*shape):  # drawn on the CPU whatever the default device
+        return torch.randn(shape, generator=gen, device="cpu").to(device, dtype)
 
     cap = prompt + blocks * nq if grow_at is None else prompt + grow_at * nq
     buf = [randn(1, hkv, cap, d), randn(1, hkv, cap, d)]
@@ -290,7 +290,7 @@ def growing_run(blocks=3, steps=5, prompt=200, nq=16, hq=4, hkv=2, d=16, dtype=t
         q = randn(1, hq, nq, d)
         steps_ = []
         for _ in range(steps):
-            q = q + 0.3 * randn(*q.shape) * (torch.rand(1, 1, nq, 1, generator=gen) < 0.25).to(device)
+            q = q + 0.3 * randn(*q.shape) * (torch.rand(1, 1, nq, 1, generator=gen, device="cpu") < 0.25).to(device)
             steps_.append((q, randn(1, hkv, nq, d), randn(1, hkv, nq, d)))
         plan.append((buf, prompt + blk * nq, steps_))
     return plan

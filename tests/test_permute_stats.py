@@ -77,7 +77,7 @@ def test_row_norms(backend, device):
 
 def test_sort_keys_with_stats_equals_sorted_block_stats():
     k, v = torch.randn(1, 2, 333, 32), torch.randn(1, 2, 333, 32)
-    ks, vs, perm, st = _sort_keys(k, v, segment=100, start=7, block_size=32)
+    ks, vs, perm, st = _sort_keys(k, v, segment=100, start=7, block_size=32, backend="torch")
     ref_k, ref_v, ref_perm = sort_keys(k, v, segment=100, start=7)
     assert torch.equal(perm, ref_perm) and torch.equal(ks, ref_k) and torch.equal(vs, ref_v)
     assert torch.equal(perm[..., :7], torch.arange(7).expand(1, 2, 7))
@@ -153,7 +153,9 @@ def test_segment_order_is_stable_descending_argsort(device):
     assert torch.equal(segment_order(norms, 100), ref)
 
 
-@pytest.mark.parametrize("n, seg, start, structured", [(333, 100, 7, False), (512, 128, 0, True), (200, 300, 0, False)])
+@pytest.mark.parametrize("n, seg, start, structured", [
+    (333, 100, 7, False), (512, 128, 0, True), (200, 300, 0, False), (700, 300, 5, False),  # last: torch argsort
+])
 def test_fused_sort_path_equals_torch_path(n, seg, start, structured, device):
     k, v = torch.randn(1, 2, n, 32, device=device), torch.randn(1, 2, n, 32, device=device)
     if structured:

@@ -4,7 +4,7 @@
 left side of BA-Att's score matmul, straight from one read of ``q``. The grid is capped at a few programs
 per SM; each program walks tiles with a stride and issues the next tile's load before reducing the
 current one, so two 128-row tiles are in flight per program (the one-tile-per-program kernel ran at
-~2.5x the read floor on an H100).
+~2.5x the read floor on an H100; this one is not faster, see PROGRAMS_PER_SM).
 
 ``segment_order(norms, seg)`` -> ``(B, H, nseg*seg)`` int64: per segment of ``seg`` norms, the
 in-segment indices in descending norm order (ties: lower index first), one Triton program per segment
@@ -27,10 +27,12 @@ except ImportError:  # pragma: no cover - CPU-only installs
 
 __all__ = ["query_features", "segment_order", "features_from_moments", "PROGRAMS_PER_SM", "MAX_SORT_SEGMENT"]
 
-# Programs per SM of the query-feature grid (None: one program per tile); set from an H100 sweep.
-PROGRAMS_PER_SM = 4
-# Longest segment the Triton sort takes (padded to a power of two); longer ones use torch.argsort.
-MAX_SORT_SEGMENT = 2048
+# Programs per SM of the query-feature grid (None: one program per tile). H100, q 32k x 16 heads:
+# 1-2/SM 0.127-0.129 ms, 4 0.131, 8 0.137, one per tile 0.160 (docs/benchmarks.md, "Selection v3").
+PROGRAMS_PER_SM = 2
+# Longest segment the Triton sort takes; longer ones use torch.argsort. H100: 256-token segments
+# 0.014 ms vs 0.062 for torch, 1560 (padded to 2048) 0.121 vs 0.044; 512-1024 not measured.
+MAX_SORT_SEGMENT = 256
 
 
 def features_from_moments(mean, var, scale=None, c=None):

@@ -178,7 +178,7 @@ def _sort_keys(k, v, *, segment=None, start=0, block_size=None, backend=None):
     if block_size is not None and v.shape == k.shape and _triton_path(k, block_size, backend):
         norms = row_norms(k[:, :, start:], backend="triton", pad_to=nseg * seg)
         order = segment_order(norms, seg)
-        if order is None:  # segment too long for one program's sort
+        if order is None:  # long segments: torch's segmented sort is faster than a bitonic tl.sort
             order = norms.view(bsz, h, nseg, seg).argsort(dim=-1, descending=True).view(bsz, h, nseg * seg)
         return gather_sorted_segments(k, v, order, seg, start, block_size)
     norms = row_norms(k[:, :, start:])

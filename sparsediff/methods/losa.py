@@ -29,10 +29,12 @@ registered selector name runs that selector on the gathered active tokens instea
 its per-query-block choices is used. Prefix attention is split over key chunks for short blocks
 (``prefix_attention``).
 
-``cuda_graphs=True`` (CUDA only; ignored on CPU): each layer's first cached step of a block is captured
-into a CUDA graph and later steps replay it (``step_cache.run_step``). The active set is a mask and the
-union a fixed ``keep`` blocks, so the step has fixed shapes; the registered-selector path gathers the
-active tokens (data-dependent shapes) and stays eager.
+``cuda_graphs=True`` (CUDA only; ignored on CPU): each layer's cached step is captured into a CUDA graph
+once and replayed (``step_cache.run_step``). The layer's state is sized for the capacity of the KV buffer
+k/v are views of (``kv_capacity``) and rewritten in place at each block's first step, so the graph
+survives blocks: re-captured only when the capacity, q's shape or the dtype change. The active set is a
+mask and the union a ranked, capacity-sized index with kept counts on the device, so shapes are fixed;
+the registered-selector path gathers the active tokens (data-dependent shapes) and stays eager.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def test_fused_selection_equals_torch_selection_gqa(beta, causal, device):
     q, k, v = torch.randn(1, 4, 330, 32), torch.randn(1, 2, 330, 32), torch.randn(1, 2, 330, 32)
     cfg = BAAttConfig(sparsity=0.6, block_size=32, min_seq_len=0, beta=beta)
     ks, _, _, right = _sort_keys(k.to(device), v.to(device), segment=64, block_size=32, backend="triton")
-    ref = _select(q, ks.cpu(), cfg, causal=causal, backend="torch")
+    ref = _select(q.cpu(), ks.cpu(), cfg, causal=causal, backend="torch")
     for stats in (right, None):  # features from the gather, or computed from k by the selector
         index, count = _select(q.to(device), ks, cfg, causal=causal, k_stats=stats, backend="triton")
         assert torch.equal(index.cpu(), ref[0]) and torch.equal(count.cpu(), ref[1])
@@ -184,4 +184,5 @@ def test_row_norms_padded(device):
     out = row_norms(x, backend="triton", pad_to=100)
     assert out.shape == (1, 2, 100) and bool((out[..., 70:] == -1).all())
     torch.testing.assert_close(out[..., :70].cpu(), x.cpu().norm(dim=-1))
-    assert torch.equal(row_norms(x.cpu(), backend="torch", pad_to=100)[..., 70:], torch.full((1, 2, 30), -1.0))
+    assert torch.equal(row_norms(x.cpu(), backend="torch", pad_to=100)[..., 70:],
+                       torch.full((1, 2, 30), -1.0, device="cpu"))

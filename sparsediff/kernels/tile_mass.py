@@ -196,7 +196,8 @@ def tile_mass_ref(q, k, *, scale=None, causal=False, block_size=128):
     s = torch.matmul(q.to(acc), kk.transpose(-1, -2)) * scale
     nq, nk = q.shape[2], k.shape[2]
     if causal:
-        s = s.masked_fill(torch.arange(nk, device=s.device)[None, :] > torch.arange(nq, device=s.device)[:, None] + (nk - nq), float("-inf"))
+        future = torch.arange(nk, device=s.device)[None, :] > torch.arange(nq, device=s.device)[:, None] + (nk - nq)
+        s = s.masked_fill(future, float("-inf"))
     p = torch.softmax(s, dim=-1)
     nqb, nkb = math.ceil(nq / block_size), math.ceil(nk / block_size)
     p = torch.nn.functional.pad(p, (0, nkb * block_size - nk, 0, nqb * block_size - nq))

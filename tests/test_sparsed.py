@@ -65,8 +65,8 @@ def test_tile_mass_structured_peaks(backend, device):
     q, k = q.to(device, dtype), k.to(device, dtype)
     _, lse = row_lse(q, k, k, block_size=16)
     got = tile_mass(q, k, lse, block_size=16, backend=backend)
-    assert torch.equal(got[0, 0].argmax(-1).cpu(), torch.arange(8))
-    assert torch.equal(got[0, 1].argmax(-1).cpu(), torch.zeros(8, dtype=torch.long))
+    assert torch.equal(got[0, 0].argmax(-1).cpu(), torch.arange(8, device="cpu"))
+    assert torch.equal(got[0, 1].argmax(-1).cpu(), torch.zeros(8, dtype=torch.long, device="cpu"))
     torch.testing.assert_close(got.cpu(), tile_mass_ref(q.cpu(), k.cpu(), block_size=16), rtol=2e-2, atol=1e-5)
 
 

@@ -23,6 +23,11 @@ if ! python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '
     fi
     python -m pip install -q "${torch_args[@]}"
 fi
+if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
+    # Without a GPU Triton only runs its interpreter (tests); pin the version the kernels are tested with.
+    # With a GPU, torch's CUDA build brings the Triton it was built against.
+    python -m pip install -q "triton==3.6.0"
+fi
 
 extras=""
 [ "${1:-}" = "--dev" ] && extras="[dev]"

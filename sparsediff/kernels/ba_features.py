@@ -51,7 +51,10 @@ if triton is not None:
         bh = t // nb
         blk = t % nb
         rows = blk * BLOCK_SIZE + rows0
-        mask = ((rows < n) & (t < total))[:, None] & (cols < HEAD_DIM)[None, :]
+        # A tile index past the end loads nothing: its row limit drops to 0 (a plain vector compare,
+        # which every Triton version accepts as a load mask).
+        limit = tl.where(t < total, n, 0)
+        mask = (rows < limit)[:, None] & (cols < HEAD_DIM)[None, :]
         ptrs = X + (bh // num_heads) * sxb + (bh % num_heads) * sxh + rows[:, None] * sxn + cols[None, :] * sxd
         return tl.load(ptrs, mask=mask, other=0.0)
 

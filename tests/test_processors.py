@@ -96,17 +96,22 @@ def test_keep_all_matches_default_and_disable_restores(models, family):
     assert torch.equal(_forward(model, kwargs), reference)  # bit-identical
 
 
+def _forward_with(model, kwargs, method):
+    """One forward with ``method`` enabled; the model is restored whatever happens."""
+    enable_diffusers(model, method)
+    try:
+        return _forward(model, kwargs)
+    finally:
+        disable_diffusers(model)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_routes_self_and_joint_attention_only(models, family):
     model = models[family]
     kwargs = tiny_inputs(family, model)
     reference = _forward(model, kwargs)
     method = RecordingMethod(min_seq_len=0)
-    enable_diffusers(model, method)
-    try:
-        out = _forward(model, kwargs)
-    finally:
-        disable_diffusers(model)
+    out = _forward_with(model, kwargs, method)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
     layers, text = ROUTED[family]
     assert {c["layer"] for c in method.calls} == layers  # cross-attention and refiners never reach the method
@@ -255,11 +260,7 @@ def test_block_causal_diffusion_forcing_keep_all_and_blocks():
     kwargs = tiny_inputs("skyreels_v2", model, frames=4)
     reference = _forward(model, kwargs)
     method = RecordingMethod(min_seq_len=0)
-    enable_diffusers(model, method)
-    try:
-        out = _forward(model, kwargs)
-    finally:
-        disable_diffusers(model)
+    out = _forward_with(model, kwargs, method)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
     first = [c for c in method.calls if c["layer"].startswith("blocks.0.attn1")]
     assert [c["layer"] for c in first] == ["blocks.0.attn1/block0", "blocks.0.attn1/block1"]

@@ -33,7 +33,7 @@ def _block_sparse_fwd(
     qk_scale, num_heads, num_kv_heads, group_size, nq, nk, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr,
-    DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+    DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -90,34 +90,20 @@ def _block_sparse_fwd(
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = m_new
-        if LAZY_RESCALE:
-            # Rescale only when some row's max outgrew the kept one by more than 8 (log2): p stays <= 2^8.
-            if needs_mask | (tl.max(m_new - m_i, 0) > 8.0):
-                alpha = tl.math.exp2(m_i - m_use)
-                l_i = l_i * alpha
-                acc = acc * alpha[:, None]
-                m_i = m_new
-                m_ref = m_use
-            else:
-                m_ref = m_i
-            p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
-            l_i = l_i + tl.sum(p, 1)
-        else:
-            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
         if USE_TMA:
             v = v_desc.load([kv_row0 + start_n, 0])
         else:
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                         mask=(cols[:, None] < nk) & d_mask[None, :], other=0.0)
-        if not LAZY_RESCALE:
-            acc = acc * alpha[:, None]
-            m_i = m_new
+        acc = acc * alpha[:, None]
         if DOT_F32:
             acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
         else:
             acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
 
     # Rows that kept no key (l = 0) get zeros and lse = -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -158,7 +144,7 @@ def _tma_ok(k: torch.Tensor, v: torch.Tensor, head_dim: int) -> bool:
 
 
 def block_sparse_attention_triton(q, k, v, block_index, block_count, *, scale, causal, block_size, return_lse,
-                                  config=None, use_tma=None, warp_specialize=None, lazy_rescale=False):
+                                  config=None, use_tma=None, warp_specialize=None):
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     block_d = max(16, triton.next_power_of_2(d))
@@ -190,6 +176,6 @@ def block_sparse_attention_triton(q, k, v, block_index, block_count, *, scale, c
         scale * LOG2E, hq, hkv, hq // hkv, nq, nk, nk - nq,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_M=bm, BLOCK_N=bn,
         CAUSAL=causal, WRITE_LSE=return_lse, DOT_F32=_interpreter_bf16(q), USE_TMA=use_tma,
-        WARP_SPECIALIZE=warp_specialize, LAZY_RESCALE=lazy_rescale, num_warps=warps, num_stages=stages,
+        WARP_SPECIALIZE=warp_specialize, num_warps=warps, num_stages=stages,
     )
     return out, (lse if return_lse else None)

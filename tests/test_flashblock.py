@@ -205,13 +205,67 @@ def test_split_prefix_attention_matches_reference(nq, splits, sparse):
         torch.testing.assert_close(again_lse, want_lse, rtol=0, atol=2e-5)
 
 
+def test_pack_factor_stacks_kv_groups_into_a_query_block():
+    from sparsediff.methods.prefix_attention import pack_factor
+
+    assert pack_factor(32, 8, 32, 128, None) == 4  # block 32, GQA 4: the group fills one 128-row block
+    assert pack_factor(32, 8, 32, 128, 8) == 4 and pack_factor(32, 8, 32, 128, 1) == 4
+    assert pack_factor(32, 8, 32, 128, 32) == 1  # an index per query head cannot be shared
+    assert pack_factor(32, 8, 128, 128, None) == 1  # a full block: nothing to fill
+    assert pack_factor(48, 8, 32, 128, None) == 3  # group 6: the largest divisor that fits
+    assert pack_factor(16, 16, 8, 128, None) == 1  # MHA
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_packed_gqa_prefix_attention_matches_reference(sparse):
+    # Short block, GQA 8/2: four query heads share one query block; the index (per KV head) is shared too.
+    from sparsediff.methods.prefix_attention import prefix_partials
+
+    q = torch.randn(2, 8, 8, 16)
+    k, v = torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
+    index = count = None
+    token_mask = torch.ones(1, dtype=torch.bool)
+    if sparse:
+        mask = torch.rand(2, 2, 1, 10) < 0.4
+        mask[1, 0] = False  # a KV head whose group keeps nothing
+        index, count = mask_to_index(mask)
+        per_head = index_to_mask(index, count, 10).repeat_interleave(4, dim=1)
+        token_mask = expand_block_mask(per_head, 8, 300, 32)
+    assert prefix_partials(q, k, v, index, count, block_size=32, splits=3).pack == 4
+    out, lse = prefix_attention(q, k, v, index, count, block_size=32, splits=3)
+    want, want_lse = masked_attention_ref(q, k, v, token_mask)
+    torch.testing.assert_close(out, want, rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-5)
+
+
+def test_packed_prefix_merge_triton_matches_torch():
+    # Packed parts (2 heads per packed head) give what the unpacked layout gives, on both backends.
+    from sparsediff.kernels.prefix_merge import merge_prefix, unpack_heads
+
+    po, pl = torch.randn(2, 3, 4, 32, 16), torch.randn(2, 3, 4, 32)
+    inner = (torch.randn(2, 6, 10, 16), torch.randn(2, 6, 10))
+    active = torch.rand(2, 10) < 0.5
+    caches = [(torch.randn(2, 6, 10, 16), torch.randn(2, 6, 10)) for _ in range(3)]
+    caches[1] = (caches[0][0].clone(), caches[0][1].clone())
+    caches[2] = (caches[0][0].clone(), caches[0][1].clone())
+    want = merge_prefix(unpack_heads(po, 10, 2), unpack_heads(pl, 10, 2), 10, inner, cache=caches[0], active=active,
+                        backend="torch")
+    assert want[0].shape == (2, 6, 10, 16)
+    for cache, backend in zip(caches[1:], ("torch", "triton")):
+        got = merge_prefix(po, pl, 10, inner, cache=cache, active=active, backend=backend, pack=2)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(cache, caches[0], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="pack"):
+        merge_prefix(po, pl, 20, backend="torch", pack=2)  # 2 x 20 rows do not fit in R = 32
+
+
 def force_splits(monkeypatch, n=8):
     """Take the split prefix path (what a GPU runs for short blocks) on CPU."""
     import sparsediff.methods.flashblock as fb
     import sparsediff.methods.losa as losa
     import sparsediff.methods.prefix_attention as pa
 
-    def choose(q, num_kv_blocks, min_blocks_per_split=4):
+    def choose(q, num_kv_blocks, min_blocks_per_split=4, heads=None):
         return max(1, min(n, num_kv_blocks // min_blocks_per_split))
 
     for module in (pa, fb, losa):
@@ -360,18 +414,22 @@ def drive(m, runs, return_lse=False, moving_kv=False):
     return outs
 
 
-def assert_graphs_match_eager(name, kw, device="cpu", dtype=torch.float32, graphs=None, held=2, **shape):
-    """Outputs (and LSE) with ``cuda_graphs=True`` equal the eager ones bit for bit over blocks and steps."""
+def assert_graphs_match_eager(name, kw, device="cpu", dtype=torch.float32, graphs=None, held=2, first_step=False,
+                              **shape):
+    """Outputs (and LSE) with ``cuda_graphs=True`` equal the eager ones bit for bit over blocks and steps.
+    ``first_step``: the method also captures each block's first step (LoSA), one more graph per layer."""
     runs = buffered_blocks(device=device, dtype=dtype, **shape)
     eager = make_method(name, **kw)
     graphed = make_method(name, cuda_graphs=True, **kw)
     want, got = drive(eager, runs, return_lse=True), drive(graphed, runs, return_lse=True)
     for (o, lse), (o2, lse2) in zip(want, got):
         assert torch.equal(o, o2) and torch.equal(lse, lse2)
-    assert len(graphed._cache.graphs()) == held  # one per layer, of the last block only
+    assert len(graphed._cache.graphs()) == held * (2 if first_step else 1)  # per layer, of the last block only
     if graphs is not None:  # the fake: captured at step 1 of each block and layer, replayed after
         steps = len(runs[0][1])
-        assert len(graphs) == 2 * len(runs) and all(g.replays == steps - 2 for g in graphs)
+        steady = [g for g in graphs if g.replays != 0] if first_step else graphs
+        assert len(steady) == 2 * len(runs) and all(g.replays == steps - 2 for g in steady)
+        assert len(graphs) == (2 if first_step else 1) * 2 * len(runs)  # first steps: captured, not replayed
     return eager, graphed
 
 

@@ -3,7 +3,9 @@
 Inputs are partial attentions over disjoint key sets, each with its LSE:
 
   * ``parts`` ``(B, H, S, R, D)`` / ``(B, H, S, R)``: the prefix attention split over ``S`` key chunks
-    (rows ``< nq`` of each are used); they merge by LSE into the prefix attention;
+    (rows ``< nq`` of each are used); they merge by LSE into the prefix attention. ``pack > 1``: parts
+    of ``H / pack`` packed heads, rows ``[j * nq, (j + 1) * nq)`` of packed head ``p`` being head
+    ``p * pack + j`` (query heads of a KV group stacked into one query block);
   * ``residual`` (optional): a float32 correction added to the merged prefix output and LSE
     (FlashBlock's cached ``dense - sparse`` term);
   * ``cache`` + ``active`` (optional): rows whose ``active[b, i]`` is True take the fresh prefix and
@@ -26,6 +28,13 @@ def _lse_merge(out_a, lse_a, out_b, lse_b):
     total = wa + wb
     out = (wa[..., None] * out_a + wb[..., None] * out_b) / torch.where(total > 0, total, 1.0)[..., None]
     return out, torch.where(total > 0, top + torch.log(total), torch.full_like(total, float("-inf")))
+
+
+def unpack_heads(x, nq: int, pack: int):
+    """``(B, H / pack, S, R[, D])`` packed parts -> ``(B, H, S, nq[, D])``."""
+    b, hp, s, r = x.shape[:4]
+    x = x[:, :, :, : pack * nq].reshape(b, hp, s, pack, nq, *x.shape[4:])
+    return x.transpose(2, 3).reshape(b, hp * pack, s, nq, *x.shape[5:])
 
 
 def _merge_prefix_torch(parts_out, parts_lse, nq, inner, residual, cache, active, out_dtype):
@@ -52,12 +61,14 @@ def _merge_prefix_torch(parts_out, parts_lse, nq, inner, residual, cache, active
 
 
 def merge_prefix(parts_out, parts_lse, nq, inner=None, *, residual=None, cache=None, active=None, out_dtype=None,
-                 backend=None):
+                 backend=None, pack=1):
     """``(out, lse)`` of the finished call; see the module docstring. ``out_dtype`` defaults to the
     dtype of ``inner``'s output (else of ``parts_out``); ``lse`` is float32 ``(B, H, nq)``."""
-    if parts_out.dim() != 5 or parts_lse.shape != parts_out.shape[:-1] or parts_out.shape[3] < nq:
-        raise ValueError(f"parts must be (B, H, S, R>=nq, D) with LSE (B, H, S, R), got {tuple(parts_out.shape)} "
-                         f"and {tuple(parts_lse.shape)} for nq={nq}")
+    if not isinstance(pack, int) or pack < 1:
+        raise ValueError(f"pack must be a positive int, got {pack!r}")
+    if parts_out.dim() != 5 or parts_lse.shape != parts_out.shape[:-1] or parts_out.shape[3] < pack * nq:
+        raise ValueError(f"parts must be (B, H / pack, S, R >= pack * nq, D) with LSE (B, H / pack, S, R), got "
+                         f"{tuple(parts_out.shape)} and {tuple(parts_lse.shape)} for nq={nq}, pack={pack}")
     if (cache is None) != (active is None):
         raise ValueError("cache and active go together")
     if out_dtype is None:
@@ -67,5 +78,7 @@ def merge_prefix(parts_out, parts_lse, nq, inner=None, *, residual=None, cache=N
     if backend == "triton" or (backend is None and parts_out.is_cuda):
         from .prefix_merge_triton import merge_prefix_triton
 
-        return merge_prefix_triton(parts_out, parts_lse, nq, inner, residual, cache, active, out_dtype)
+        return merge_prefix_triton(parts_out, parts_lse, nq, inner, residual, cache, active, out_dtype, pack)
+    if pack > 1:
+        parts_out, parts_lse = unpack_heads(parts_out, nq, pack), unpack_heads(parts_lse, nq, pack)
     return _merge_prefix_torch(parts_out, parts_lse, nq, inner, residual, cache, active, out_dtype)

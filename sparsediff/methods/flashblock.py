@@ -186,5 +186,5 @@ class FlashBlockMethod(AttentionMethod):
         parts = prefix_partials(q, kp, vp, entry.block_index, entry.block_count, scale=scale,
                                 block_size=self._sparse_parts()[2], split=entry.split)
         inner = dense_attention(q, kb, vb, scale=scale, return_lse=True)
-        return merge_prefix(parts[0], parts[1], nq, inner,
+        return merge_prefix(parts.out, parts.lse, nq, inner, pack=parts.pack,
                             residual=(entry.out, entry.lse) if self.config.residual else None)

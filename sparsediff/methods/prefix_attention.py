@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +23,13 @@ from ..kernels.prefix_merge import merge_prefix
 from .dense import dense_attention
 
 
-def choose_splits(q, num_kv_blocks: int, min_blocks_per_split: int = 4) -> int:
-    """Enough programs for about 4 waves on this GPU, at least ``min_blocks_per_split`` blocks each."""
+def choose_splits(q, num_kv_blocks: int, min_blocks_per_split: int = 4, heads: int | None = None) -> int:
+    """Enough programs for about 4 waves on this GPU, at least ``min_blocks_per_split`` blocks each.
+    ``heads``: programs per split and batch row (query heads / :func:`pack_factor`; default q's heads)."""
     if not q.is_cuda:
         return 1
     sms = _sm_count(q.device)
-    want = math.ceil(4 * sms / (q.shape[0] * q.shape[1]))
+    want = math.ceil(4 * sms / (q.shape[0] * (q.shape[1] if heads is None else heads)))
     return max(1, min(want, num_kv_blocks // min_blocks_per_split))
 
 
@@ -75,51 +77,90 @@ def split_index(block_index, block_count, num_kv_blocks: int, splits: int, devic
     return index, count.expand(*index.shape[:3]), splits
 
 
+class Partials(NamedTuple):
+    """Split prefix attention before its merge: ``out (B, Hq / pack, S, R, D)``, ``lse (B, Hq / pack, S, R)``.
+    With ``pack > 1`` the query heads of a KV group were stacked into one query block: rows
+    ``[j * Nq, (j + 1) * Nq)`` of packed head ``p`` belong to query head ``p * pack + j``."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    pack: int = 1
+
+
+def pack_factor(num_heads: int, num_kv_heads: int, nq: int, block_size: int, index_heads: int | None) -> int:
+    """How many query heads of one KV group share a query block. A block of ``Nq < block_size`` queries
+    leaves most of a tile's rows padding; stacking the group's heads fills them, so each program does
+    ``pack`` heads' work on one read of its K/V blocks. Needs one block index for the packed heads:
+    ``index_heads`` (the index's head dim) must be None (dense), 1 or ``num_kv_heads``."""
+    group = num_heads // num_kv_heads
+    if group == 1 or nq * 2 > block_size or index_heads not in (None, 1, num_kv_heads):
+        return 1
+    pack = min(group, block_size // nq)
+    while group % pack:
+        pack -= 1
+    return pack
+
+
 def prefix_partials(q, k, v, block_index=None, block_count=None, *, scale=None, block_size=128, splits=None,
-                    split=None):
-    """The split prefix attention before its merge: ``(out (B, Hq, S, R, D), lse (B, Hq, S, R))``, rows
-    ``< Nq`` valid, to be finished by ``kernels.prefix_merge.merge_prefix`` (one launch that can also
-    fold in a residual, a row cache and the in-block attention). Arguments as :func:`prefix_attention`;
-    without splitting ``S = 1`` and ``R = Nq``."""
+                    split=None) -> Partials:
+    """The split prefix attention before its merge (a :class:`Partials`), rows ``< Nq`` valid, to be
+    finished by ``kernels.prefix_merge.merge_prefix(..., pack=parts.pack)`` (one launch that can also fold
+    in a residual, a row cache and the in-block attention). Arguments as :func:`prefix_attention`; without
+    splitting ``S = 1`` and ``R = Nq``. Split calls stack the query heads of a KV group into one query
+    block (:func:`pack_factor`) when the block index is shared by them."""
     bsz, hq, nq, d = q.shape
     nkb = math.ceil(k.shape[2] / block_size)
     sparse = block_index is not None
     if split is None:
         kept = block_index.shape[-1] if sparse else nkb
-        splits = choose_splits(q, kept) if splits is None else max(1, min(int(splits), kept))
+        if splits is None:
+            pack = pack_factor(hq, k.shape[1], nq, block_size, block_index.shape[1] if sparse else None)
+            splits = choose_splits(q, kept, heads=hq // pack)
+        splits = max(1, min(int(splits), kept))
         if nq > block_size or splits == 1:
             if not sparse:
                 out, lse = dense_attention(q, k, v, scale=scale, return_lse=True)
             else:
+                if block_index.shape[1] not in (1, hq):  # one index per KV head -> per query head
+                    block_index = block_index.repeat_interleave(hq // block_index.shape[1], dim=1)
+                    block_count = block_count.repeat_interleave(hq // block_count.shape[1], dim=1)
                 nqb = math.ceil(nq / block_size)
                 if block_index.shape[2] == 1 and nqb > 1:  # one shared row of ids for every query block
                     block_index, block_count = block_index.expand(-1, -1, nqb, -1), block_count.expand(-1, -1, nqb)
                 out, lse = block_sparse_attention(q, k, v, block_index, block_count, scale=scale,
                                                   block_size=block_size, return_lse=True, check_ids=False)
-            return out[:, :, None], lse[:, :, None]
+            return Partials(out[:, :, None], lse[:, :, None])
         split = split_index(block_index, block_count, nkb, splits, q.device)
     index, count, splits = split
+    pack = pack_factor(hq, k.shape[1], nq, block_size, index.shape[1])
+    heads, rows = hq // pack, pack * nq
+    if pack > 1:
+        q = q.reshape(bsz, heads, rows, d)
+    if index.shape[1] not in (1, heads):  # one index per KV head -> per (packed) query head
+        index = index.repeat_interleave(heads // index.shape[1], dim=1)
+        count = count.repeat_interleave(heads // count.shape[1], dim=1)
     # Split s is query block s of one call: the (padded) query block repeated S times.
-    q_rep = (F.pad(q, (0, 0, 0, block_size - nq)) if nq < block_size else q).repeat(1, 1, splits, 1)
+    q_rep = (F.pad(q, (0, 0, 0, block_size - rows)) if rows < block_size else q).repeat(1, 1, splits, 1)
     out, lse = block_sparse_attention(q_rep, k, v, index, count, scale=scale, block_size=block_size,
                                       return_lse=True, check_ids=False)
-    return out.view(bsz, hq, splits, block_size, d), lse.view(bsz, hq, splits, block_size)
+    return Partials(out.view(bsz, heads, splits, block_size, d), lse.view(bsz, heads, splits, block_size), pack)
 
 
 def prefix_attention(q, k, v, block_index=None, block_count=None, *, scale=None, block_size=128, splits=None,
                      split=None):
     """``(out, lse)`` of q ``(B, Hq, Nq, D)`` against k, v ``(B, Hkv, Nk, D)``, dense or over the kept
-    key blocks ``block_index / block_count`` (one query block: ``(B or 1, Hq or 1, 1, max_kept)``).
+    key blocks ``block_index / block_count`` (one query block: ``(B or 1, Hq or Hkv or 1, 1, max_kept)``;
+    an index per KV head is shared by the group's query heads).
 
     ``splits=None`` picks a split count for the GPU (1 on CPU); queries longer than one block run as
     a plain kernel call. ``split``: a precomputed :func:`split_index` result (callers that reuse one
     selection for many steps), which then replaces ``block_index`` and ``splits``.
     """
-    out, lse = prefix_partials(q, k, v, block_index, block_count, scale=scale, block_size=block_size,
-                               splits=splits, split=split)
-    if out.shape[2] == 1:
+    out, lse, pack = prefix_partials(q, k, v, block_index, block_count, scale=scale, block_size=block_size,
+                                     splits=splits, split=split)
+    if out.shape[2] == 1 and pack == 1:
         return out[:, :, 0], lse[:, :, 0]
-    return merge_prefix(out, lse, q.shape[2], out_dtype=q.dtype)
+    return merge_prefix(out, lse, q.shape[2], out_dtype=q.dtype, pack=pack)
 
 
 def kv_capacity(k) -> tuple:

@@ -96,7 +96,8 @@ def gpu_busy_ms(fn):
 def methods(args):
     out = {
         "flashblock": make_method("flashblock", min_seq_len=0),
-        "losa": make_method("losa", min_seq_len=0, threshold=args.threshold, sparsity=args.sparsity),
+        "losa": make_method("losa", min_seq_len=0, threshold=args.threshold, sparsity=args.sparsity,
+                            union=args.union),
     }
     if args.selector in available_selectors():
         out["flashblock+sparse"] = make_method("flashblock", min_seq_len=0, sparse_selector=args.selector,
@@ -221,6 +222,7 @@ def main() -> int:
     parser.add_argument("--threshold", type=float, default=0.05, help="LoSA threshold")
     parser.add_argument("--sparsity", type=float, default=0.8, help="LoSA / FlashBlock+sparse sparsity")
     parser.add_argument("--selector", default="ba_att", help="selector of FlashBlock+sparse")
+    parser.add_argument("--union", default="kv_head", choices=["kv_head", "head"], help="LoSA's union of key blocks")
     parser.add_argument("--structured", action="store_true", help="hot prefix blocks the queries align with")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also time each method with cuda_graphs=True (CUDA graphs of the cached steps)")

@@ -10,7 +10,8 @@ not causal. Per layer and step:
   2. Tokens with change ``< threshold`` are *stable*: they reuse their cached prefix attention
      (output and LSE). The others are *active*.
   3. Active tokens get sparse prefix attention. Key blocks are chosen for the active tokens only and
-     shared by all of them (one union per batch row and head), so the KV read stays small; with
+     shared by all of them (one union per batch row and KV head by default, ``union="head"``: per query
+     head), so the KV read stays small; with
      ``sparsity == 0`` they get dense prefix attention.
   4. In-block attention (q vs the last ``Nq`` keys) is dense at every step; prefix and in-block parts
      merge by LSE.
@@ -22,9 +23,12 @@ union density (kept prefix key blocks / all prefix key blocks, mean over layers 
 
 Selection: ``selector=None`` (default) scores each prefix key block by the active tokens' summed
 softmax mass against the block's mean key (means cached at the block's first step, since the prefix
-does not change within a block) and keeps the top ``(1 - sparsity)`` share per batch row and head.
+does not change within a block) and keeps the top ``(1 - sparsity)`` share per batch row and (KV) head.
 The union-sparse attention then runs for the whole block in one call (its cost is the union's KV
-read, shared by all queries) and only the active rows are kept: no device sync per step. A
+read, shared by all queries) and only the active rows are kept: no device sync per step. With a union
+per KV head (GQA) the group's query heads share a union, so a short block's heads are stacked into one
+query block of the kernel (``prefix_attention.pack_factor``): one read of each kept K/V block serves the
+whole group, instead of one per query head over mostly padded rows. A
 registered selector name runs that selector on the gathered active tokens instead, and the union of
 its per-query-block choices is used. Prefix attention is split over key chunks for short blocks
 (``prefix_attention``).
@@ -51,15 +55,17 @@ from .base import AttentionMethod, MethodConfig, register_method
 from .dense import dense_attention
 from .flashblock import selector_config
 from .prefix_attention import (
+    Partials,
     choose_splits,
     kv_capacity,
+    pack_factor,
     prefix_attention,
     prefix_partials,
     strided_counts,
     strided_layout,
 )
 from .selectors import get_selector
-from .step_cache import LayerCache, run_step
+from .step_cache import GraphSlot, LayerCache, run_step
 
 
 @dataclasses.dataclass
@@ -70,6 +76,7 @@ class LoSAConfig(MethodConfig):
     sparsity: float = 0.8  # share of prefix key blocks skipped by active tokens
     selector: str | None = None  # None: built-in mean-key scoring; else a registered selector name
     compare_to: str = "last_step"  # or "cached": change since the step its prefix attention was computed
+    union: str = "kv_head"  # one union of key blocks per KV head (shared by its query heads) or per "head"
     cuda_graphs: bool = False  # replay each layer's cached steps as a CUDA graph (CUDA only)
 
     def __post_init__(self):
@@ -82,6 +89,8 @@ class LoSAConfig(MethodConfig):
             raise ValueError(f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
         if self.compare_to not in ("last_step", "cached"):
             raise ValueError(f"compare_to must be 'last_step' or 'cached', got {self.compare_to!r}")
+        if self.union not in ("kv_head", "head"):
+            raise ValueError(f"union must be 'kv_head' or 'head', got {self.union!r}")
         if self.selector is not None:
             get_selector(self.selector)
 
@@ -93,46 +102,45 @@ def token_change(q_now, q_ref):
     return torch.sqrt(diff / ref.clamp_min(1e-12))
 
 
-def mean_key_union(q, active, key_means, keep, scale):
-    """Built-in LoSA selection: per batch row and head, one set of ``keep`` prefix key blocks shared by
-    all active tokens, ranked by the active tokens' mean softmax mass against the block mean keys.
-
-    q ``(B, Hq, Nq, D)``, active bool ``(B, Nq)``, key_means ``(B, Hkv, nkb, D)``; returns a bool mask
-    ``(B, Hq, nkb)``. Stable tokens carry no weight, so they cannot inflate the union.
-    """
-    bsz, hq, nq, d = q.shape
-    hkv, nkb = key_means.shape[1], key_means.shape[2]
+def _active_mass(qf, active, means_t, bias, per_kv_head):
+    """The active tokens' summed softmax mass per key block against the block mean keys: ``(B, Hq, 1, nkb)``,
+    or ``(B, Hkv, 1, nkb)`` summed over each KV group's query heads. ``means_t`` ``(B, Hkv, D, nkb)`` are
+    the block means times the softmax scale, transposed; ``bias`` is added to the logits (or None)."""
+    bsz, hq, nq, d = qf.shape
+    hkv, nkb = means_t.shape[1], means_t.shape[3]
+    group = hq // hkv
     # Query heads of one KV group share the key means: one matmul per group.
-    logits = torch.matmul(q.float().reshape(bsz, hkv, (hq // hkv) * nq, d), key_means.transpose(-1, -2)) * scale
-    probs = torch.softmax(logits, dim=-1).view(bsz, hq, nq, nkb)
-    score = (probs * active[:, None, :, None]).sum(dim=2)
+    logits = torch.matmul(qf.reshape(bsz, hkv, group * nq, d), means_t)
+    probs = torch.softmax(logits if bias is None else logits.add_(bias), dim=-1)
+    weight = active.to(probs.dtype)[:, None, None, :]  # stable tokens carry no weight
+    if per_kv_head:  # one batched product over the group's heads and the block's tokens
+        return torch.matmul(weight.repeat(1, 1, 1, group), probs)
+    return torch.matmul(weight, probs.view(bsz, hq, nq, nkb))
+
+
+def token_sq_norms(x, out=None):
+    """Squared L2 norm per token over all heads, ``(B, Nq)`` from ``(B, H, Nq, D)``: a contiguous reduction
+    over D, then one over heads (a single reduction over dims (1, 3) takes a slow strided kernel on GPUs)."""
+    return torch.sum(x.square().sum(dim=3), dim=1, out=out)
+
+
+def mean_key_union(q, active, key_means, keep, scale, per_kv_head=False):
+    """Built-in LoSA selection: one set of ``keep`` prefix key blocks per batch row and head (or per KV
+    head, shared by its query heads), ranked by the active tokens' softmax mass against the block mean
+    keys. q ``(B, Hq, Nq, D)``, active bool ``(B, Nq)``, key_means ``(B, Hkv, nkb, D)``; returns a bool
+    mask ``(B, Hq or Hkv, nkb)``. Stable tokens carry no weight, so they cannot inflate the union."""
+    means_t = (key_means.float() * scale).transpose(-1, -2)
+    score = _active_mass(q.float(), active, means_t, None, per_kv_head)[:, :, 0]
     top = torch.topk(score, keep, dim=-1).indices
     return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
 
 
-def mean_key_topk(qf, active, means_t, keep):
-    """:func:`mean_key_union` in the form the kernels read, in seven ops: the ``keep`` chosen key-block
-    ids per batch row and head, ascending, int32 ``(B, Hq, 1, keep)``. ``qf`` is float32 q, ``means_t``
-    the block mean keys times the softmax scale, transposed: ``(B, Hkv, D, nkb)`` (built once per block)."""
-    bsz, hq, nq, d = qf.shape
-    hkv, nkb = means_t.shape[1], means_t.shape[3]
-    probs = torch.softmax(torch.matmul(qf.reshape(bsz, hkv, (hq // hkv) * nq, d), means_t), dim=-1)
-    # The active tokens' summed mass per key block, as one batched product (no mask-multiply-sum).
-    score = torch.matmul(active.to(probs.dtype)[:, None, None, :], probs.view(bsz, hq, nq, nkb))
-    top = torch.topk(score, keep, dim=-1, sorted=False).indices
-    return torch.sort(top, dim=-1).values.to(torch.int32)
-
-
-def mean_key_rank(qf, active, means_t, bias, keep):
+def mean_key_rank(qf, active, means_t, bias, keep, per_kv_head=False):
     """:func:`mean_key_union` for prefix buffers sized to a capacity: the ``keep`` best key-block ids
-    per batch row and head, best first, int32 ``(B, Hq, 1, keep)``. ``bias`` ``(nkb,)`` is 0 on the
-    current prefix's blocks and -1e30 past it: those get no softmax mass and rank last, so the first
-    ``k`` ids are the top ``k`` of the current prefix for every ``k`` (the kernels read a count)."""
-    bsz, hq, nq, d = qf.shape
-    hkv, nkb = means_t.shape[1], means_t.shape[3]
-    probs = torch.softmax(torch.matmul(qf.reshape(bsz, hkv, (hq // hkv) * nq, d), means_t).add_(bias), dim=-1)
-    # The active tokens' summed mass per key block, as one batched product (no mask-multiply-sum).
-    score = torch.matmul(active.to(probs.dtype)[:, None, None, :], probs.view(bsz, hq, nq, nkb)).add_(bias)
+    per batch row and head (or KV head), best first, int32 ``(B, H, 1, keep)``. ``bias`` ``(nkb,)`` is
+    0 on the current prefix's blocks and -1e30 past it: those get no softmax mass and rank last, so the
+    first ``k`` ids are the top ``k`` of the current prefix for every ``k`` (the kernels read a count)."""
+    score = _active_mass(qf, active, means_t, bias, per_kv_head).add_(bias)
     return torch.topk(score, keep, dim=-1, sorted=True).indices.to(torch.int32)
 
 
@@ -159,20 +167,25 @@ class _Prefix:
     out: torch.Tensor  # (B, Hq, Nq, D) prefix attention per token, updated in place for active rows
     lse: torch.Tensor  # (B, Hq, Nq) float32
     q_ref: torch.Tensor  # float32 q the change is measured against
-    ref_thr: torch.Tensor  # (B, Nq) threshold * |q_ref|: a token is active when |q - q_ref| >= ref_thr
+    ref_thr: torch.Tensor  # (B, Nq) (threshold * |q_ref|)^2: a token is active when |q - q_ref|^2 >= ref_thr
     means_t: torch.Tensor  # (B, Hkv, D, nkb_cap) float32 block means * scale; zero past the prefix
     bias: torch.Tensor  # (nkb_cap,) float32: 0 on the prefix's full blocks, -1e30 past them
     index: torch.Tensor | None  # sparsity 0: every block id, laid out once
     count: torch.Tensor  # (1, 1, splits) int32 kept blocks per split
+    dense_index: torch.Tensor  # every block id of the capacity, laid out for the first step's splits
+    dense_count: torch.Tensor  # (1, 1, dense_splits) int32: the prefix's full blocks per split
+    all_active: torch.Tensor  # (B, Nq) True: the first step writes every row of the row cache
     win: tuple  # float32 (B, Hkv, block_size + Nq, D) window keys and values: tail | active block
     win_bias: torch.Tensor  # (block_size + Nq,) 0 on the window's valid rows, -inf on its padding
     splits: int
+    dense_splits: int
     keep_cap: int  # ranks computed per step: the keep of the full capacity
     signature: tuple
     epoch: int = -1  # the cache epoch (block) this state was refreshed for
     n_prefix: int = -1
     ratio: float = 0.0  # kept / prefix blocks, for the step report
     graph: object = None  # the steady-state step's CUDA graph (step_cache.run_step); kept across blocks
+    first: GraphSlot = dataclasses.field(default_factory=GraphSlot)  # the first step's graph, likewise
 
 
 @register_method
@@ -251,18 +264,25 @@ class LoSAMethod(AttentionMethod):
         hkv = signature[4][1]
         nkb_cap = cap // cfg.block_size
         keep_cap = nkb_cap if cfg.sparsity == 0.0 else self._keep(nkb_cap)
-        splits = choose_splits(q, keep_cap) if nq <= cfg.block_size else 1
+        index_heads = None if cfg.sparsity == 0.0 else (hkv if cfg.union == "kv_head" else hq)
+        pack = pack_factor(hq, hkv, nq, cfg.block_size, index_heads)
+        splits = choose_splits(q, keep_cap, heads=hq // pack) if nq <= cfg.block_size else 1
         dev = q.device
+        every = torch.arange(nkb_cap, dtype=torch.int32, device=dev).view(1, 1, 1, nkb_cap)
         index = None
         if cfg.sparsity == 0.0:
-            index = torch.arange(nkb_cap, dtype=torch.int32, device=dev).view(1, 1, 1, nkb_cap)
-            index = strided_layout(index, splits) if splits > 1 else index
+            index = strided_layout(every, splits) if splits > 1 else every
+        dense_pack = pack_factor(hq, hkv, nq, cfg.block_size, None)
+        dense_splits = choose_splits(q, nkb_cap, heads=hq // dense_pack) if nq <= cfg.block_size else 1
         w = cfg.block_size + nq
         f32 = dict(dtype=torch.float32, device=dev)
         return _Prefix(out=torch.zeros(q.shape, dtype=q.dtype, device=dev), lse=torch.zeros(bsz, hq, nq, **f32),
                        q_ref=torch.zeros(q.shape, **f32), ref_thr=torch.zeros(bsz, nq, **f32),
                        means_t=torch.zeros(bsz, hkv, d, nkb_cap, **f32), bias=torch.zeros(nkb_cap, **f32),
                        index=index, count=torch.zeros(1, 1, splits, dtype=torch.int32, device=dev),
+                       dense_index=strided_layout(every, dense_splits) if dense_splits > 1 else every,
+                       dense_count=torch.zeros(1, 1, dense_splits, dtype=torch.int32, device=dev),
+                       all_active=torch.ones(bsz, nq, dtype=torch.bool, device=dev), dense_splits=dense_splits,
                        win=(torch.zeros(bsz, hkv, w, d, **f32), torch.zeros(bsz, hkv, w, d, **f32)),
                        win_bias=torch.zeros(w, **f32), splits=splits, keep_cap=keep_cap, signature=signature)
 
@@ -274,41 +294,47 @@ class LoSAMethod(AttentionMethod):
         entry.win[1][:, :, :rows].copy_(v[:, :, start:])
         return rows
 
-    def _refresh(self, entry, q, k, v, scale, n_prefix, epoch):
-        """A block's first step, eager: dense prefix attention over the full key blocks for every
-        token, and every length-dependent tensor of ``entry`` rewritten in place. Returns (out, lse)."""
+    def _begin_block(self, entry, k, v, n_prefix, epoch):
+        """A block's first step, eager part: the length-dependent values of ``entry`` rewritten in place
+        (kept counts, the prefix's key-block bias, the window); :meth:`_first` does the rest."""
         cfg = self.config
-        bs = cfg.block_size
-        nkb = n_prefix // bs
+        nkb = n_prefix // cfg.block_size
         entry.n_prefix, entry.epoch = n_prefix, epoch
-        if nkb:
-            out, lse = prefix_attention(q, k[:, :, : nkb * bs], v[:, :, : nkb * bs], scale=scale, block_size=bs)
-            entry.out.copy_(out)
-            entry.lse.copy_(lse)
-            means = block_stats(k[:, :, : nkb * bs], bs).mean
-            entry.means_t[..., :nkb].copy_((means.float() * scale).transpose(-1, -2))
-        else:
-            entry.out.zero_()
-            entry.lse.fill_(float("-inf"))
-        entry.means_t[..., nkb:].zero_()
         entry.bias.fill_(-1e30)[:nkb].zero_()
         keep = nkb if cfg.sparsity == 0.0 else self._keep(nkb)
         strided_counts(keep, entry.splits, entry.count)
+        strided_counts(nkb, entry.dense_splits, entry.dense_count)
         entry.ratio = keep / nkb if nkb else 0.0
-        qf = q.detach().float()
-        entry.q_ref.copy_(qf)
-        self._threshold(entry.q_ref, out=entry.ref_thr)
         rows = self._load_window(entry, k, v)
         entry.win[0][:, :, rows:].zero_()
         entry.win[1][:, :, rows:].zero_()
         entry.win_bias.fill_(float("-inf"))[:rows].zero_()
-        inner = window_attention(qf, *entry.win, entry.win_bias, scale)
-        return merge_prefix(entry.out[:, :, None], entry.lse[:, :, None], q.shape[2], inner, out_dtype=q.dtype)
+
+    def _first(self, q, kc, vc, wk, wv, *, entry, scale):
+        """A block's first step, run eagerly or captured (fixed shapes for a capacity): dense prefix
+        attention of every token over the prefix's full key blocks (capacity-sized ids, counts from the
+        entry), the block mean keys of the capacity (zero past the prefix), the change test's references,
+        the window attention and one fused pass that fills the row cache and merges. Returns (out, lse)."""
+        bs = self.config.block_size
+        count = entry.dense_count.expand(*entry.dense_index.shape[:3])
+        split = (entry.dense_index, count, entry.dense_splits) if entry.dense_splits > 1 else None
+        parts = prefix_partials(q, kc, vc, entry.dense_index, count, scale=scale, block_size=bs, split=split,
+                                splits=1)
+        nkb_cap = entry.bias.shape[0]
+        # Reads the whole capacity (rows past the prefix may hold anything, even NaN): masked by the bias.
+        means = block_stats(kc[:, :, : nkb_cap * bs], bs).mean.float().mul_(scale).transpose(-1, -2)
+        entry.means_t.copy_(torch.where(entry.bias == 0, means, 0.0))
+        qf = q.float()
+        entry.q_ref.copy_(qf)
+        self._threshold(entry.q_ref, out=entry.ref_thr)
+        inner = window_attention(qf, wk, wv, entry.win_bias, scale)
+        return merge_prefix(parts.out, parts.lse, q.shape[2], inner, cache=(entry.out, entry.lse),
+                            active=entry.all_active, out_dtype=q.dtype, pack=parts.pack)
 
     def _threshold(self, qf, out=None):
-        # |q - q_ref| >= threshold * |q_ref|, the relative change of token_change without a division.
-        norm = torch.linalg.vector_norm(qf, dim=(1, 3), out=out)
-        return norm.clamp_min_(1e-6).mul_(float(self.config.threshold))
+        # |q - q_ref|^2 >= (threshold * |q_ref|)^2: the relative change of token_change without a division or root.
+        sq = token_sq_norms(qf, out=out)
+        return sq.clamp_min_(1e-12).mul_(float(self.config.threshold) ** 2)
 
     def sparse_attention(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
         nq, nk = q.shape[2], k.shape[2]
@@ -330,9 +356,13 @@ class LoSAMethod(AttentionMethod):
         if entry is None or entry.signature != signature:  # the capacity grew (or a new shape class)
             entry = self._cache.entries[key] = self._new_entry(q, cap, k.dtype, signature)
         if entry.epoch != self._cache.epoch or entry.n_prefix != nk - nq:
-            out, lse = self._refresh(entry, q, k, v, scale, nk - nq, self._cache.epoch)
+            self._begin_block(entry, k, v, nk - nq, self._cache.epoch)
+            (out, lse), replayed = run_step(lambda *a: self._first(*a, entry=entry, scale=scale), entry.first, q,
+                                            (kc, vc, *entry.win), self._cache, cfg.cuda_graphs)
             self.stats["full_refreshes"] += 1
             self._record(state, torch.ones(q.shape[0], nq + 1, dtype=torch.bool, device=q.device), 1.0)
+            if replayed:
+                out, lse = out.clone(), (lse.clone() if return_lse else lse)
             return (out, lse) if return_lse else out
         graphs = cfg.cuda_graphs
         if graphs and cfg.selector is not None:
@@ -360,7 +390,7 @@ class LoSAMethod(AttentionMethod):
         cfg = self.config
         nq = q.shape[2]
         qf = q.float()
-        active = torch.linalg.vector_norm(qf - entry.q_ref, dim=(1, 3)) >= entry.ref_thr  # (B, Nq)
+        active = token_sq_norms(qf - entry.q_ref) >= entry.ref_thr  # (B, Nq)
         inner = window_attention(qf, wk, wv, entry.win_bias, scale)
         bs = cfg.block_size
         if cfg.selector is not None:  # eager only: data-dependent shapes
@@ -369,17 +399,18 @@ class LoSAMethod(AttentionMethod):
                 o, s_, extra = self._selector_prefix(q, active, kc[:, :, :p], vc[:, :, :p], scale)
             else:
                 o, s_, extra = torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device), 0.0
-            parts = (o[:, :, None], s_[:, :, None])
+            parts = Partials(o[:, :, None], s_[:, :, None])
         else:
             index = entry.index
             if index is None:
-                index = mean_key_rank(qf, active, entry.means_t, entry.bias, entry.keep_cap)
+                index = mean_key_rank(qf, active, entry.means_t, entry.bias, entry.keep_cap,
+                                      per_kv_head=cfg.union == "kv_head")
                 index = strided_layout(index, entry.splits) if entry.splits > 1 else index
             count = entry.count.expand(*index.shape[:3])
             parts = prefix_partials(q, kc, vc, index, count, scale=scale, block_size=bs,
                                     split=(index, count, entry.splits) if entry.splits > 1 else None, splits=1)
-        out, lse = merge_prefix(parts[0], parts[1], nq, inner, cache=(entry.out, entry.lse), active=active,
-                                out_dtype=q.dtype)
+        out, lse = merge_prefix(parts.out, parts.lse, nq, inner, cache=(entry.out, entry.lse), active=active,
+                                out_dtype=q.dtype, pack=parts.pack)
         if cfg.compare_to == "last_step":
             entry.q_ref.copy_(qf)
             self._threshold(entry.q_ref, out=entry.ref_thr)

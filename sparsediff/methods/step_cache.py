@@ -69,12 +69,17 @@ class LayerCache:
             # Not dataclasses.astuple: it deep-copies tensors.
             values = ([getattr(entry, f.name) for f in dataclasses.fields(entry)]
                       if dataclasses.is_dataclass(entry) else entry)
-            total += sum(t.nbytes for t in values if isinstance(t, (torch.Tensor, StepGraph)))
+            total += sum(t.nbytes for t in values if isinstance(t, (torch.Tensor, StepGraph, GraphSlot)))
         return total
 
     def graphs(self) -> list:
-        """The CUDA graphs held (at most one per layer entry); they go with their entries."""
-        return [e.graph for e in self.entries.values() if isinstance(getattr(e, "graph", None), StepGraph)]
+        """The CUDA graphs held (a layer entry's step graph and its first-step ``GraphSlot``, if any); they
+        go with their entries."""
+        held = []
+        for e in self.entries.values():
+            first = getattr(e, "first", None)
+            held += [g for g in (getattr(e, "graph", None), getattr(first, "graph", None)) if isinstance(g, StepGraph)]
+        return held
 
 
 def stale(entry_step, step, every) -> bool:
@@ -102,6 +107,17 @@ class StepGraph:
     key: tuple  # q's layout and the pinned tensors' addresses / layouts at capture
     outputs: tuple | list
     nbytes: int  # the graph's private memory pool (reserved at capture) plus static_q
+
+
+@dataclasses.dataclass(eq=False)
+class GraphSlot:
+    """Holds a second graph of one cache entry (``run_step`` reads and sets ``graph``)."""
+
+    graph: object = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.graph.nbytes if isinstance(self.graph, StepGraph) else 0
 
 
 _streams: dict = {}

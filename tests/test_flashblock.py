@@ -259,6 +259,53 @@ def test_packed_prefix_merge_triton_matches_torch():
         merge_prefix(po, pl, 20, backend="torch", pack=2)  # 2 x 20 rows do not fit in R = 32
 
 
+@pytest.mark.parametrize("nq,n_active", [(32, 3), (20, 7), (8, 8), (32, 0)])
+def test_active_first_partials_compute_active_rows_only(nq, n_active):
+    # Tokens ordered active-first, heads of a KV group stacked token-major; tiles without an active row skip.
+    from sparsediff.kernels.prefix_merge import merge_prefix
+    from sparsediff.methods.prefix_attention import active_first_partials, split_index
+
+    q = torch.randn(2, 8, nq, 16)
+    k, v = torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
+    mask = torch.rand(2, 2, 1, 10) < 0.5
+    mask[..., 0] = True
+    index, count = mask_to_index(mask)
+    active = torch.zeros(2, nq, dtype=torch.bool)
+    active[0, torch.randperm(nq)[:n_active]] = True
+    active[1, torch.randperm(nq)[: nq // 2]] = True
+    parts = active_first_partials(q, k, v, split_index(index, count, 10, 3, q.device), active, block_size=32)
+    assert parts.pack == 4 and sorted(parts.rank[0].tolist()) == list(range(nq))
+    assert bool((parts.rank[0][active[0]] < n_active).all())  # active tokens take the leading rows
+    live_rows = -(-n_active * 4 // 32) * 32  # whole tiles holding an active row
+    assert bool(torch.isneginf(parts.lse[0, :, :, live_rows:]).all())  # the other tiles were skipped
+    cache = (torch.zeros(2, 8, nq, 16), torch.zeros(2, 8, nq))
+    out, lse = merge_prefix(parts.out, parts.lse, nq, cache=cache, active=active, pack=parts.pack, rank=parts.rank)
+    token_mask = expand_block_mask(index_to_mask(index, count, 10).repeat_interleave(4, dim=1), nq, 300, 32)
+    want, want_lse = masked_attention_ref(q, k, v, token_mask)
+    rows = active[:, None, :].expand(-1, 8, -1)
+    torch.testing.assert_close(out[rows], want[rows], rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse[rows], want_lse[rows], rtol=0, atol=2e-5)
+    assert bool((out[~rows] == 0).all())  # inactive rows read the (zero) cache
+
+
+def test_token_major_merge_triton_matches_torch():
+    from sparsediff.kernels.prefix_merge import merge_prefix
+
+    nq = 12
+    po, pl = torch.randn(2, 3, 4, 64, 16), torch.randn(2, 3, 4, 64)
+    rank = torch.stack([torch.randperm(nq) for _ in range(2)])
+    inner = (torch.randn(2, 12, nq, 16), torch.randn(2, 12, nq))
+    got = [merge_prefix(po, pl, nq, inner, pack=4, rank=rank, backend=b) for b in ("torch", "triton")]
+    torch.testing.assert_close(got[0], got[1], rtol=0, atol=1e-5)
+    # Row rank[b, t] * 4 + j of packed head p is token t of head 4 p + j.
+    one = merge_prefix(po, pl, nq, pack=4, rank=rank, backend="torch")
+    b, p, j, t = 1, 2, 3, 5
+    row = int(rank[b, t]) * 4 + j
+    plain = merge_prefix(po[b:b + 1, p:p + 1, :, row:row + 1], pl[b:b + 1, p:p + 1, :, row:row + 1], 1,
+                         backend="torch")
+    torch.testing.assert_close(one[0][b, 4 * p + j, t], plain[0][0, 0, 0], rtol=0, atol=1e-6)
+
+
 def force_splits(monkeypatch, n=8):
     """Take the split prefix path (what a GPU runs for short blocks) on CPU."""
     import sparsediff.methods.flashblock as fb

@@ -217,13 +217,13 @@ def test_cache_invalidated_at_new_block_and_generation():
 def test_steady_state_op_count(monkeypatch):
     # Regression bound on launches per cached step (82 before the fused prefix merge, 22-24 after, 25 since
     # the capacity-sized state: window attention and ranked layout; 38 with the union per KV head, whose ids
-    # are repeated per query head when the block is too long to stack heads, and contiguous token norms; the
-    # count includes the test's 6 ops).
+    # are repeated per query head when the block is too long to stack heads, and contiguous token norms; 46
+    # with the active-first order (sort, ranks, one gather, tile counts); the count includes the test's 6 ops).
     from test_flashblock import force_splits, steady_state_ops
 
     force_splits(monkeypatch)
     counts = steady_state_ops(make_method("losa", min_seq_len=0, block_size=32, sparsity=0.8), steps=4)
-    assert max(counts) <= 38, counts
+    assert max(counts) <= 46, counts
 
 
 # -- CUDA graphs of the cached step (helpers and the CPU stand-in in test_flashblock) ----------------------

@@ -5,7 +5,8 @@ Inputs are partial attentions over disjoint key sets, each with its LSE:
   * ``parts`` ``(B, H, S, R, D)`` / ``(B, H, S, R)``: the prefix attention split over ``S`` key chunks
     (rows ``< nq`` of each are used); they merge by LSE into the prefix attention. ``pack > 1``: parts
     of ``H / pack`` packed heads, rows ``[j * nq, (j + 1) * nq)`` of packed head ``p`` being head
-    ``p * pack + j`` (query heads of a KV group stacked into one query block);
+    ``p * pack + j`` (query heads of a KV group stacked into one query block); with ``rank`` ``(B, nq)``
+    the stacking is token-major: row ``rank[b, i] * pack + j``;
   * ``residual`` (optional): a float32 correction added to the merged prefix output and LSE
     (FlashBlock's cached ``dense - sparse`` term);
   * ``cache`` + ``active`` (optional): rows whose ``active[b, i]`` is True take the fresh prefix and
@@ -30,14 +31,22 @@ def _lse_merge(out_a, lse_a, out_b, lse_b):
     return out, torch.where(total > 0, top + torch.log(total), torch.full_like(total, float("-inf")))
 
 
-def unpack_heads(x, nq: int, pack: int):
-    """``(B, H / pack, S, R[, D])`` packed parts -> ``(B, H, S, nq[, D])``."""
+def unpack_heads(x, nq: int, pack: int, rank=None):
+    """``(B, H / pack, S, R[, D])`` packed parts -> ``(B, H, S, nq[, D])``; with ``rank`` ``(B, nq)`` the
+    token-major layout (row ``rank[b, t] * pack + j``), else head-major (row ``j * nq + t``)."""
     b, hp, s, r = x.shape[:4]
-    x = x[:, :, :, : pack * nq].reshape(b, hp, s, pack, nq, *x.shape[4:])
-    return x.transpose(2, 3).reshape(b, hp * pack, s, nq, *x.shape[5:])
+    tail = x.shape[4:]
+    if rank is not None:
+        rows = rank.long()[:, None, :] * pack + torch.arange(pack, device=x.device)[None, :, None]  # (B, P, nq)
+        rows = rows.view(b, 1, 1, pack * nq, *([1] * len(tail))).expand(b, hp, s, pack * nq, *tail)
+        x = x.gather(3, rows)
+    x = x[:, :, :, : pack * nq].reshape(b, hp, s, pack, nq, *tail)
+    return x.transpose(2, 3).reshape(b, hp * pack, s, nq, *tail)
 
 
-def _merge_prefix_torch(parts_out, parts_lse, nq, inner, residual, cache, active, out_dtype):
+def _merge_prefix_torch(parts_out, parts_lse, nq, inner, residual, cache, active, out_dtype, pack=1, rank=None):
+    if pack > 1 or rank is not None:
+        parts_out, parts_lse = unpack_heads(parts_out, nq, pack, rank), unpack_heads(parts_lse, nq, pack, rank)
     lse_s = parts_lse[:, :, :, :nq].float()
     out_s = parts_out[:, :, :, :nq].float()
     top = lse_s.amax(dim=2)
@@ -61,7 +70,7 @@ def _merge_prefix_torch(parts_out, parts_lse, nq, inner, residual, cache, active
 
 
 def merge_prefix(parts_out, parts_lse, nq, inner=None, *, residual=None, cache=None, active=None, out_dtype=None,
-                 backend=None, pack=1):
+                 backend=None, pack=1, rank=None):
     """``(out, lse)`` of the finished call; see the module docstring. ``out_dtype`` defaults to the
     dtype of ``inner``'s output (else of ``parts_out``); ``lse`` is float32 ``(B, H, nq)``."""
     if not isinstance(pack, int) or pack < 1:
@@ -78,7 +87,5 @@ def merge_prefix(parts_out, parts_lse, nq, inner=None, *, residual=None, cache=N
     if backend == "triton" or (backend is None and parts_out.is_cuda):
         from .prefix_merge_triton import merge_prefix_triton
 
-        return merge_prefix_triton(parts_out, parts_lse, nq, inner, residual, cache, active, out_dtype, pack)
-    if pack > 1:
-        parts_out, parts_lse = unpack_heads(parts_out, nq, pack), unpack_heads(parts_lse, nq, pack)
-    return _merge_prefix_torch(parts_out, parts_lse, nq, inner, residual, cache, active, out_dtype)
+        return merge_prefix_triton(parts_out, parts_lse, nq, inner, residual, cache, active, out_dtype, pack, rank)
+    return _merge_prefix_torch(parts_out, parts_lse, nq, inner, residual, cache, active, out_dtype, pack, rank)

@@ -8,9 +8,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _merge_prefix_kernel(PO, PL, IO, IL, RO, RL, CO, CL, ACT, Out, Lse, S, R, H, nq, PACK, D: tl.constexpr,
+def _merge_prefix_kernel(PO, PL, IO, IL, RO, RL, CO, CL, ACT, RANK, Out, Lse, S, R, H, nq, PACK, D: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_INNER: tl.constexpr,
-                         HAS_RES: tl.constexpr, HAS_CACHE: tl.constexpr):
+                         HAS_RES: tl.constexpr, HAS_CACHE: tl.constexpr, HAS_RANK: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.arange(0, BLOCK_D)
@@ -19,10 +19,15 @@ def _merge_prefix_kernel(PO, PL, IO, IL, RO, RL, CO, CL, ACT, Out, Lse, S, R, H,
     top = tl.full([BLOCK_R], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    # Packed parts: head h is rows [j * nq, (j + 1) * nq) of packed head h // PACK, j = h % PACK.
-    part_row0 = (bh // PACK) * S * R + (bh % PACK) * nq
+    # Packed parts: head h is rows [j * nq, (j + 1) * nq) of packed head h // PACK, j = h % PACK; with
+    # RANK token-major: token i of head h is row RANK[b, i] * PACK + j.
+    if HAS_RANK:
+        in_part = tl.load(RANK + (bh // H) * nq + r, mask=rm, other=0).to(tl.int64) * PACK + bh % PACK
+    else:
+        in_part = (bh % PACK) * nq + r
+    part_row0 = (bh // PACK) * S * R
     for s in range(0, S):
-        row = part_row0 + s * R + r
+        row = part_row0 + s * R + in_part
         lse = tl.load(PL + row, mask=rm, other=float("-inf"))
         part = tl.load(PO + row[:, None] * D + c[None, :], mask=m, other=0.0).to(tl.float32)
         new = tl.maximum(top, lse)
@@ -63,7 +68,7 @@ def _merge_prefix_kernel(PO, PL, IO, IL, RO, RL, CO, CL, ACT, Out, Lse, S, R, H,
     tl.store(Lse + row, lse, mask=rm)
 
 
-def merge_prefix_triton(parts_out, parts_lse, nq, inner, residual, cache, active, out_dtype, pack=1):
+def merge_prefix_triton(parts_out, parts_lse, nq, inner, residual, cache, active, out_dtype, pack=1, rank=None):
     bsz, h, s, r, d = parts_out.shape
     h *= pack
     po, pl = parts_out.contiguous(), parts_lse.contiguous()
@@ -80,7 +85,9 @@ def merge_prefix_triton(parts_out, parts_lse, nq, inner, residual, cache, active
     block_d = triton.next_power_of_2(d)
     block_r = max(1, min(32, 4096 // block_d))
     grid = (bsz * h, triton.cdiv(nq, block_r))
-    _merge_prefix_kernel[grid](po, pl, io, il, ro, rl, co, cl, act, out, lse, s, r, h, nq, pack, D=d, BLOCK_D=block_d,
-                               BLOCK_R=block_r, HAS_INNER=inner is not None, HAS_RES=residual is not None,
-                               HAS_CACHE=cache is not None)
+    rk = lse if rank is None else rank.contiguous()
+    _merge_prefix_kernel[grid](po, pl, io, il, ro, rl, co, cl, act, rk, out, lse, s, r, h, nq, pack, D=d,
+                               BLOCK_D=block_d, BLOCK_R=block_r, HAS_INNER=inner is not None,
+                               HAS_RES=residual is not None,
+                               HAS_CACHE=cache is not None, HAS_RANK=rank is not None)
     return out, lse

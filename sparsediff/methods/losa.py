@@ -56,6 +56,7 @@ from .dense import dense_attention
 from .flashblock import selector_config
 from .prefix_attention import (
     Partials,
+    active_first_partials,
     choose_splits,
     kv_capacity,
     pack_factor,
@@ -407,10 +408,14 @@ class LoSAMethod(AttentionMethod):
                                       per_kv_head=cfg.union == "kv_head")
                 index = strided_layout(index, entry.splits) if entry.splits > 1 else index
             count = entry.count.expand(*index.shape[:3])
-            parts = prefix_partials(q, kc, vc, index, count, scale=scale, block_size=bs,
-                                    split=(index, count, entry.splits) if entry.splits > 1 else None, splits=1)
+            if index.shape[1] in (1, kc.shape[1]):  # one union per KV head: compute the active rows only
+                parts = active_first_partials(q, kc, vc, (index, count, entry.splits), active, scale=scale,
+                                              block_size=bs)
+            else:
+                parts = prefix_partials(q, kc, vc, index, count, scale=scale, block_size=bs,
+                                        split=(index, count, entry.splits) if entry.splits > 1 else None, splits=1)
         out, lse = merge_prefix(parts.out, parts.lse, nq, inner, cache=(entry.out, entry.lse), active=active,
-                                out_dtype=q.dtype, pack=parts.pack)
+                                out_dtype=q.dtype, pack=parts.pack, rank=parts.rank)
         if cfg.compare_to == "last_step":
             entry.q_ref.copy_(qf)
             self._threshold(entry.q_ref, out=entry.ref_thr)

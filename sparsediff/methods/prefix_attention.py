@@ -80,11 +80,14 @@ def split_index(block_index, block_count, num_kv_blocks: int, splits: int, devic
 class Partials(NamedTuple):
     """Split prefix attention before its merge: ``out (B, Hq / pack, S, R, D)``, ``lse (B, Hq / pack, S, R)``.
     With ``pack > 1`` the query heads of a KV group were stacked into one query block: rows
-    ``[j * Nq, (j + 1) * Nq)`` of packed head ``p`` belong to query head ``p * pack + j``."""
+    ``[j * Nq, (j + 1) * Nq)`` of packed head ``p`` belong to query head ``p * pack + j``. With ``rank``
+    ``(B, Nq)`` (int64) the stacking is token-major instead: row ``rank[b, t] * pack + j`` holds token ``t``
+    of query head ``p * pack + j`` (:func:`active_first_partials`)."""
 
     out: torch.Tensor
     lse: torch.Tensor
     pack: int = 1
+    rank: torch.Tensor | None = None
 
 
 def pack_factor(num_heads: int, num_kv_heads: int, nq: int, block_size: int, index_heads: int | None) -> int:
@@ -146,6 +149,51 @@ def prefix_partials(q, k, v, block_index=None, block_count=None, *, scale=None, 
     return Partials(out.view(bsz, heads, splits, block_size, d), lse.view(bsz, heads, splits, block_size), pack)
 
 
+def active_first_partials(q, k, v, split, active, *, scale=None, block_size=128) -> Partials:
+    """Split prefix attention that computes only the ``active`` tokens' rows (``(B, Nq)`` bool), at a
+    fixed shape (CUDA-graph safe). The tokens are ordered active-first on the device and each KV group's
+    query heads stacked token-major, ``Nq * G`` rows per KV head: the active rows fill the leading query
+    tiles, and tiles past them get a kept count of 0, so their programs skip the prefix. Needs one block
+    index per KV head (or one for all): ``split = (index, count, S)`` as :func:`split_index` lays it out.
+    Rows of inactive tokens are left as zeros / -inf or computed, whichever their tile is."""
+    bsz, hq, nq, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    index, count, splits = split
+    if index.shape[1] not in (1, hkv):
+        raise ValueError(f"active-first prefix attention needs one block index per KV head, got {index.shape[1]} "
+                         f"index heads for {hkv} KV heads")
+    # Stable descending sort of the mask: active tokens first, each group in token order.
+    order = torch.sort(active.to(torch.uint8), dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, _positions(bsz, nq, q.device))
+    rows = nq * group
+    nqb = math.ceil(rows / block_size)
+    # One gather straight into the token-major layout (B, Hkv, Nq, G, D): row r * G + j is head j of token r.
+    by_token = q.reshape(bsz, hkv, group, nq, d).transpose(2, 3)
+    stacked = by_token.gather(2, order[:, None, :, None, None].expand(-1, hkv, -1, group, d)).view(bsz, hkv, rows, d)
+    if nqb * block_size != rows:
+        stacked = F.pad(stacked, (0, 0, 0, nqb * block_size - rows))
+    # Tile t holds an active row iff t * block_size < n_active * G, i.e. ceil((t * block_size + 1) / G) <= n_active.
+    live = _first_token_of_tile(nqb, block_size, group, q.device) <= active.sum(dim=1, keepdim=True)  # (B, nqb)
+    count = torch.where(live[:, None, None, :], count[..., None], 0).reshape(bsz, count.shape[1], splits * nqb)
+    index = (index.repeat_interleave(nqb, dim=2) if nqb > 1 else index).expand(bsz, -1, -1, -1)
+    out, lse = block_sparse_attention(stacked.repeat(1, 1, splits, 1), k, v, index, count, scale=scale,
+                                      block_size=block_size, return_lse=True, check_ids=False)
+    r = nqb * block_size
+    return Partials(out.view(bsz, hkv, splits, r, d), lse.view(bsz, hkv, splits, r), group, rank)
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(bsz: int, n: int, device) -> torch.Tensor:
+    return torch.arange(n, device=device).expand(bsz, n)
+
+
+@functools.lru_cache(maxsize=64)
+def _first_token_of_tile(nqb: int, block_size: int, group: int, device) -> torch.Tensor:
+    """``(1, nqb)``: how many active tokens make query tile ``t`` hold an active row."""
+    return torch.tensor([(t * block_size + group) // group for t in range(nqb)], device=device)[None, :]
+
+
 def prefix_attention(q, k, v, block_index=None, block_count=None, *, scale=None, block_size=128, splits=None,
                      split=None):
     """``(out, lse)`` of q ``(B, Hq, Nq, D)`` against k, v ``(B, Hkv, Nk, D)``, dense or over the kept
@@ -156,8 +204,8 @@ def prefix_attention(q, k, v, block_index=None, block_count=None, *, scale=None,
     a plain kernel call. ``split``: a precomputed :func:`split_index` result (callers that reuse one
     selection for many steps), which then replaces ``block_index`` and ``splits``.
     """
-    out, lse, pack = prefix_partials(q, k, v, block_index, block_count, scale=scale, block_size=block_size,
-                                     splits=splits, split=split)
+    out, lse, pack, _ = prefix_partials(q, k, v, block_index, block_count, scale=scale, block_size=block_size,
+                                        splits=splits, split=split)
     if out.shape[2] == 1 and pack == 1:
         return out[:, :, 0], lse[:, :, 0]
     return merge_prefix(out, lse, q.shape[2], out_dtype=q.dtype, pack=pack)

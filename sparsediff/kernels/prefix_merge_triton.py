@@ -84,6 +84,10 @@ def merge_prefix_triton(parts_out, parts_lse, nq, inner, residual, cache, active
         co, cl, act = out, lse, lse
     block_d = triton.next_power_of_2(d)
     block_r = max(1, min(32, 4096 // block_d))
+    # Each program walks all S splits: with few heads x rows, use shorter row blocks so that several
+    # programs per SM share the walk (128 programs at B*H = 32, nq = 32 would leave most SMs idle).
+    while block_r > 4 and bsz * h * triton.cdiv(nq, block_r) < 512:
+        block_r //= 2
     grid = (bsz * h, triton.cdiv(nq, block_r))
     rk = lse if rank is None else rank.contiguous()
     _merge_prefix_kernel[grid](po, pl, io, il, ro, rl, co, cl, act, rk, out, lse, s, r, h, nq, pack, D=d,

@@ -62,13 +62,13 @@ def test_index_form_is_valid(name, causal):
         assert bool((count.long() <= torch.maximum(budget, torch.full_like(budget, 3))).all())
 
 
-def test_block_mean_is_ba_att_with_beta_zero():
+def test_block_mean_is_ba_att_with_beta_zero_and_no_outliers():
     q, k, _ = _clustered()
     cfg = BlockSparseConfig(selector="block_mean", sparsity=0.5, block_size=BS)
     a = get_selector("block_mean")(q, k, cfg)
     from sparsediff.methods.ba_att import BAAttConfig
 
-    b = select_blocks(q, k, BAAttConfig(sparsity=0.5, block_size=BS, beta=0.0))
+    b = select_blocks(q, k, BAAttConfig(sparsity=0.5, block_size=BS, beta=0.0, outlier_keys=0))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 

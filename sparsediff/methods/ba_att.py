@@ -7,8 +7,11 @@ q and k; (3) score every (query block, key block) pair with the covariance-compe
     score(i, j) = s·μq_i·μk_j + β·(s²/2)·Σ_d (σ²q μ²k + μ²q σ²k + σ²q σ²k)
 
 computed as one matmul of pooled vectors ``[s·μq, c·σ²q, c·μq²] · [μk, μk² + σ²k, σ²k]ᵀ`` with
-``c = β·s²/2``; (4) softmax over key blocks (weighted by tokens per block), keep top-k to a target
-density or the smallest set reaching a cumulative mass; (5) the block-sparse kernel.
+``c = β·s²/2``; with ``outlier_keys = m > 0`` the m largest-norm keys of each key block are scored one by
+one against the pooled query and merged with the Gaussian estimate of the rest of the block (a lone
+heavy key, e.g. a globally attended token, is invisible in a block mean); (4) softmax over key blocks
+(weighted by tokens per block), keep top-k to a target density or the smallest set reaching a
+cumulative mass; (5) the block-sparse kernel.
 
 Under ``causal`` norm sorting is disabled: the kernel masks by key position, and sorting would move
 keys across the causal boundary inside a block, changing the result.
@@ -43,12 +46,19 @@ class BAAttConfig(BlockSparseConfig):
     otherwise: sorting a whole LM-like sequence scatters the local window that dominates its attention
     (measured in docs/ba_att.md: sink recall 0.96 -> 0.69 at 50 % sparsity). ``"sequence"`` sorts the
     whole sequence anyway.
+
+    ``outlier_keys`` (default 1): per key block, this many largest-norm keys are scored exactly against
+    the block-mean query and added to the block's Gaussian estimate; 0 turns the term off. It recovers
+    blocks that hold a single heavy key (vertical stripes of the attention map), whose weight a block
+    mean divides by the block size (docs/ba_att.md: stripe recall 0.919 -> 0.972 at 50 % sparsity).
+    Cost: one norm pass over the keys and an ``(nqb x nkb*m)`` matmul of width 2D.
     """
 
     selector: str = "ba_att"
     beta: float = 0.5
     norm_sort: bool = True
     sort_segment: int | str | None = None
+    outlier_keys: int = 1
 
     def __post_init__(self):
         super().__post_init__()
@@ -61,14 +71,22 @@ class BAAttConfig(BlockSparseConfig):
             raise ValueError(
                 f"sort_segment must be None, 'sequence' or a positive int (tokens per segment), got {seg!r}"
             )
+        m = self.outlier_keys
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= self.block_size:
+            raise ValueError(
+                f"outlier_keys must be an int from 0 (off) to block_size={self.block_size} (keys scored exactly per "
+                f"key block), got {m!r}"
+            )
 
 
-def ba_scores(q, k, *, block_size=128, beta=0.5, scale=None):
+def ba_scores(q, k, *, block_size=128, beta=0.5, scale=None, outlier_keys=1):
     """BA-Att block scores ``(B, Hq, nqb, nkb)`` float32 from q ``(B, Hq, Nq, D)``, k ``(B, Hkv, Nk, D)``.
 
     GQA: each query head is scored against its key/value group's blocks (selection stays per q-head).
+    ``outlier_keys`` adds the exact term of each block's largest-norm keys (see :class:`BAAttConfig`; 0: off).
     """
-    return _scores_from_stats(block_stats(q, block_size), block_stats(k, block_size), beta=beta, scale=scale)
+    return _scores_from_stats(block_stats(q, block_size), block_stats(k, block_size), beta=beta, scale=scale,
+                              k=k, outlier_keys=outlier_keys, block_size=block_size)
 
 
 _coef_cache: dict = {}
@@ -92,7 +110,7 @@ def _triton_path(x, block_size, backend=None):
     return pow2 and (backend == "triton" or (x.is_cuda and triton_available()))
 
 
-def _scores_from_features(q, right, *, block_size, beta=0.5, scale=None, hkv):
+def _scores_from_features(q, right, *, block_size, beta=0.5, scale=None, hkv, k=None, outlier_keys=0):
     """:func:`ba_scores` from the key-side features ``right = [μk, μk² + σ²k, σ²k]`` ``(B, Hkv, nkb, 3D)``;
     the query side comes straight out of one kernel (no torch ops between the stats and the matmul)."""
     bsz, hq, _, d = q.shape
@@ -102,11 +120,13 @@ def _scores_from_features(q, right, *, block_size, beta=0.5, scale=None, hkv):
         left, right = left[..., :d], right[..., :d]
     nqb, nkb = left.shape[2], right.shape[2]
     left = left.reshape(bsz, hkv, (hq // hkv) * nqb, left.shape[-1])
-    return torch.matmul(left, right.transpose(-1, -2)).view(bsz, hq, nqb, nkb)
+    scores = torch.matmul(left, right.transpose(-1, -2)).view(bsz, hq, nqb, nkb)
+    return _with_outlier_keys(scores, left, k, outlier_keys, block_size=block_size, with_var=bool(beta))
 
 
-def _scores_from_stats(sq, sk, *, beta=0.5, scale=None):
-    """:func:`ba_scores` from block statistics of q ``(B, Hq, nqb, D)`` and k ``(B, Hkv, nkb, D)``."""
+def _scores_from_stats(sq, sk, *, beta=0.5, scale=None, k=None, outlier_keys=0, block_size=None):
+    """:func:`ba_scores` from block statistics of q ``(B, Hq, nqb, D)`` and k ``(B, Hkv, nkb, D)`` (the
+    outlier term also needs the keys ``k`` and their ``block_size``)."""
     bsz, hq, nqb, d = sq.mean.shape
     hkv, nkb = sk.mean.shape[1], sk.mean.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -119,7 +139,59 @@ def _scores_from_stats(sq, sk, *, beta=0.5, scale=None):
         left, right = scale * sq.mean, sk.mean
     # Query heads of one kv group share the key side: fold them into the rows of one matmul.
     left = left.view(bsz, hkv, (hq // hkv) * nqb, left.shape[-1])
-    return torch.matmul(left, right.transpose(-1, -2)).view(bsz, hq, nqb, nkb)
+    scores = torch.matmul(left, right.transpose(-1, -2)).view(bsz, hq, nqb, nkb)
+    return _with_outlier_keys(scores, left, k, outlier_keys, block_size=block_size, with_var=bool(beta))
+
+
+_outlier_cache: dict = {}
+
+
+def _outlier_constants(nk, block_size, m, device):
+    """Per key block: ``log((n - m') / n)`` (weight of the Gaussian rest), ``-log n`` (weight of one exact
+    key), which of the m outlier slots hold a real key (only a ragged last block can have fewer) and the
+    block's first token (to turn in-block indices into token indices)."""
+    key = (nk, block_size, m, str(device))
+    if key not in _outlier_cache:
+        if len(_outlier_cache) > 64:
+            _outlier_cache.clear()
+        nkb = math.ceil(nk / block_size)
+        count = torch.full((nkb,), float(block_size), dtype=torch.float64)
+        count[-1] = nk - (nkb - 1) * block_size
+        real = torch.arange(m, dtype=torch.float64)[None, :] < count[:, None]  # (nkb, m)
+        rest = (count - real.sum(-1)).clamp_min(0)
+        first = torch.arange(0, nkb * block_size, block_size)[:, None]
+        _outlier_cache[key] = tuple(
+            t.to(device) for t in ((rest / count).log().float(), (-count.log()).float(), real, first)
+        )
+    return _outlier_cache[key]
+
+
+def _with_outlier_keys(scores, left, k, m, *, block_size, with_var):
+    """Merge the exact term of each key block's ``m`` largest-norm keys into BA-Att's block scores.
+
+    ``scores (B, Hq, nqb, nkb)`` are per-token log-estimates of exp(s·q·k) (selection adds log(tokens));
+    ``left (B, Hkv, G·nqb, F)`` is the query side of the score matmul, ``[s·μq, c·σ²q, ...]`` (or ``s·μq``
+    alone when β = 0). With o = s·μq·k* + c·σ²q·k*² per outlier key k* (the same second-order term, with
+    the key known exactly), the block's estimate becomes ``((n - m)·exp(score) + Σ exp(o)) / n``.
+    Both score paths (Triton features and PyTorch stats) call this, so they keep the same blocks.
+    """
+    if not m:
+        return scores
+    bsz, hq, nqb, nkb = scores.shape
+    hkv, nk, d = k.shape[1], k.shape[2], k.shape[3]
+    rest_w, one_w, real, first = _outlier_constants(nk, block_size, m, scores.device)
+    # Padding norms are -1, so a ragged last block ranks its real keys first.
+    if k.dtype == torch.float64:  # row_norms returns float32 and refuses to narrow float64 inputs
+        norms = torch.nn.functional.pad(k.norm(dim=-1), (0, nkb * block_size - nk), value=-1.0)
+    else:
+        norms = row_norms(k, pad_to=nkb * block_size)
+    norms = norms.view(bsz, hkv, nkb, block_size)
+    top = (norms.topk(m, dim=-1).indices + first).clamp_max(nk - 1).view(bsz, hkv, nkb * m, 1)
+    keys = k.gather(2, top.expand(-1, -1, -1, d)).float()
+    right = torch.cat([keys, keys.square()], dim=-1) if with_var else keys
+    exact = torch.matmul(left[..., : right.shape[-1]], right.transpose(-1, -2))
+    exact = exact.view(bsz, hq, nqb, nkb, m).masked_fill(~real, float("-inf"))
+    return torch.logaddexp(scores + rest_w, torch.logsumexp(exact, dim=-1) + one_w)
 
 
 @register_selector("ba_att")
@@ -129,7 +201,8 @@ def select_blocks(q, k, config, *, causal=False, scale=None, global_tokens=0):
     Ids refer to ``k`` exactly as passed: this function does not sort. :func:`ba_attention` and
     :class:`BAAttMethod` sort keys first (see :func:`sort_keys`) and select on the sorted keys, so their
     ids refer to the sorted order. ``config`` needs ``block_size`` and ``sparsity`` or ``mass``;
-    ``beta``, ``keep_sinks`` and ``keep_diagonal`` default to 0.5 / True / True when absent.
+    ``beta``, ``outlier_keys``, ``keep_sinks`` and ``keep_diagonal`` default to 0.5 / 1 / True / True when
+    absent.
     """
     return _select(q, k, config, causal=causal, scale=scale, global_tokens=global_tokens)
 
@@ -140,13 +213,16 @@ def _select(q, k, config, *, causal=False, scale=None, global_tokens=0, k_stats=
     density, mass = budget_of(config)
     bs = config.block_size
     beta = getattr(config, "beta", 0.5)
+    outliers = getattr(config, "outlier_keys", BAAttConfig.outlier_keys)
     if isinstance(k_stats, torch.Tensor) or (k_stats is None and _triton_path(q, bs, backend)):
         right = k_stats if k_stats is not None else query_features(k, bs)
-        scores = _scores_from_features(q, right, block_size=bs, beta=beta, scale=scale, hkv=k.shape[1])
+        scores = _scores_from_features(q, right, block_size=bs, beta=beta, scale=scale, hkv=k.shape[1], k=k,
+                                       outlier_keys=outliers)
     else:
         if k_stats is None:
             k_stats = block_stats(k, bs)
-        scores = _scores_from_stats(block_stats(q, bs), k_stats, beta=beta, scale=scale)
+        scores = _scores_from_stats(block_stats(q, bs), k_stats, beta=beta, scale=scale, k=k, outlier_keys=outliers,
+                                    block_size=bs)
     return select_from_scores(
         scores, nq=q.shape[2], nk=k.shape[2], block_size=bs, density=density, mass=mass, causal=causal,
         keep_sinks=getattr(config, "keep_sinks", True), keep_diagonal=getattr(config, "keep_diagonal", True),

@@ -1,6 +1,6 @@
 """Baseline block selectors, registered under the same signature as BA-Att's:
 
-- ``"block_mean"``: block means only (BA-Att with β = 0, no sorting).
+- ``"block_mean"``: block means only (BA-Att with β = 0, no outlier keys, no sorting).
 - ``"fixed"``: a data-independent pattern: sinks + the last key block + a local window around the
   diagonal, widened until the target density (mass mode: treated as density = mass).
 - ``"xattention"``: XAttention-style anti-diagonal scoring: inside each block, sums of q·k over
@@ -34,7 +34,7 @@ def _select(scores, q, k, config, causal, global_tokens, **kw):
 
 @register_selector("block_mean")
 def select_block_mean(q, k, config, *, causal=False, scale=None, global_tokens=0):
-    scores = ba_scores(q, k, block_size=config.block_size, beta=0.0, scale=scale)
+    scores = ba_scores(q, k, block_size=config.block_size, beta=0.0, scale=scale, outlier_keys=0)
     return _select(scores, q, k, config, causal, global_tokens)
 
 

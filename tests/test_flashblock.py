@@ -462,7 +462,7 @@ def drive(m, runs, return_lse=False, moving_kv=False):
 
 
 def assert_graphs_match_eager(name, kw, device="cpu", dtype=torch.float32, graphs=None, held=2, first_step=False,
-                              **shape):
+                              cached_per_block=None, **shape):
     """Outputs (and LSE) with ``cuda_graphs=True`` equal the eager ones bit for bit over blocks and steps.
     ``first_step``: the method also captures each block's first step (LoSA), one more graph per layer."""
     runs = buffered_blocks(device=device, dtype=dtype, **shape)
@@ -472,7 +472,9 @@ def assert_graphs_match_eager(name, kw, device="cpu", dtype=torch.float32, graph
     for (o, lse), (o2, lse2) in zip(want, got):
         assert torch.equal(o, o2) and torch.equal(lse, lse2)
     assert len(graphed._cache.graphs()) == held * (2 if first_step else 1)  # per layer, of the last block only
-    if graphs is not None:  # the fake: captured at step 1 of each block and layer, replayed after
+    if graphs is not None and cached_per_block is not None:  # one graph per layer for the whole generation
+        assert len(graphs) == 2 and all(g.replays == len(runs) * cached_per_block - 1 for g in graphs)
+    elif graphs is not None:  # the fake: captured at step 1 of each block and layer, replayed after
         steps = len(runs[0][1])
         steady = [g for g in graphs if g.replays != 0] if first_step else graphs
         assert len(steady) == 2 * len(runs) and all(g.replays == steps - 2 for g in steady)
@@ -503,31 +505,45 @@ def test_cuda_graphs_ignored_on_cpu(kw, caplog):
 def test_cuda_graph_bookkeeping_matches_eager(fake_graphs, monkeypatch, kw):
     force_splits(monkeypatch)
     base = dict(min_seq_len=0, block_size=32, **kw)
-    if "refresh_every" in kw:  # a refresh replaces the entry and its graph; step 4 of 5 is one
-        assert_graphs_match_eager("flashblock", base, held=0)
-        return
-    _, graphed = assert_graphs_match_eager("flashblock", base, graphs=fake_graphs)
+    plain = "sparse_selector" not in kw
+    # Plain mode: entries refreshed in place, one graph per layer for every block (steps 1-4 of 5 cached,
+    # or 1 and 3 with refresh_every=2); combined mode: one graph per layer and block.
+    cached = (2 if "refresh_every" in kw else 4) if plain else None
+    _, graphed = assert_graphs_match_eager("flashblock", base, graphs=fake_graphs, cached_per_block=cached)
     import gc
     import weakref
 
     refs = [weakref.ref(g) for g in graphed._cache.graphs()]
     fake_graphs.clear()  # the stand-in holds the captured function (and so the entry); a CUDA graph does not
-    new_block(99)
+    new_generation() if plain else new_block(99)
     q, k, v = block_call(prefix=256)
     with denoising_step(0, 4):
         graphed(q, k, v, layer="a")
     gc.collect()
-    assert graphed._cache.graphs() == [] and all(r() is None for r in refs)  # released at the new block
+    # Released at the new generation (plain mode keeps them across blocks) or the new block (combined).
+    assert graphed._cache.graphs() == [] and all(r() is None for r in refs)
 
 
 def test_cuda_graph_runs_eager_when_kv_moves(fake_graphs, caplog):
+    # Combined mode reads the prefix in place: a fresh k/v tensor per call cannot replay.
     runs = buffered_blocks(blocks=1, steps=4)
+    kw = dict(sparse_selector="block_mean", sparsity=0.5)
+    want = drive(method(**kw), runs)
+    with caplog.at_level("WARNING"):
+        got = drive(method(cuda_graphs=True, **kw), runs, moving_kv=True)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert all(g.replays == 0 for g in fake_graphs)
+    assert sum("not at the captured step's address" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_plain_graphs_replay_when_kv_moves(fake_graphs, caplog):
+    # Plain mode copies the block's keys / values into fixed buffers: a host without a persistent cache replays.
+    runs = buffered_blocks(blocks=2, steps=4)
     want = drive(method(), runs)
     with caplog.at_level("WARNING"):
         got = drive(method(cuda_graphs=True), runs, moving_kv=True)
     assert all(torch.equal(a, b) for a, b in zip(want, got))
-    assert all(g.replays == 0 for g in fake_graphs)
-    assert sum("not at the captured step's address" in r.getMessage() for r in caplog.records) == 1
+    assert len(fake_graphs) == 2 and all(g.replays == 2 * 3 - 1 for g in fake_graphs) and not caplog.records
 
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -539,6 +555,7 @@ def test_cuda_graphs_match_eager_on_gpu(kw):
     _, graphed = assert_graphs_match_eager("flashblock", dict(min_seq_len=0, **kw), device="cuda",
                                            dtype=torch.bfloat16, blocks=3, steps=6, hq=8, prefix=8192, d=64)
     held = graphed._cache.graphs()
+    assert graphed._cache.captures == (2 if not kw else 6)  # plain: one per layer for all 3 blocks
     assert all(g.nbytes > g.static_q.nbytes for g in held)  # the graph's memory pool is counted
     assert graphed.cache_bytes() >= sum(g.nbytes for g in held)
     new_generation()

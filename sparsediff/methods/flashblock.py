@@ -16,12 +16,15 @@ exactly as for text).
     and LSE) cached at the refresh step. The selection is cached with the residual so they match;
     at the refresh step ``sparse + residual`` is the dense external attention exactly.
 
-``cuda_graphs=True`` (CUDA only; ignored on CPU): a layer's first cached step of a block is captured
-into a CUDA graph and the later ones replay it (``step_cache.run_step``): the same function, so the
-same kernels and bits, without the per-kernel launch and Python cost.
+``cuda_graphs=True`` (CUDA only; ignored on CPU): a layer's first cached step is captured into a CUDA
+graph and the later ones replay it (``step_cache.run_step``): the same function, so the same kernels
+and bits, without the per-kernel launch and Python cost. In plain mode the layer's entry is rewritten
+in place at each refresh and the block's keys / values are copied into fixed buffers, so one graph
+serves every block of a generation; combined mode captures once per block.
 
-Caches are dropped when ``step_state.block`` changes, when the prefix length changes, and at a new
-generation (base class). Without step information a cache lives until one of those happens.
+Caches are refreshed when ``step_state.block`` changes and when the prefix length changes (combined
+mode drops them), and dropped at a new generation (base class). Without step information a cache lives
+until one of those happens.
 Causal calls and calls without a prefix (``Nk <= Nq``) run dense: there is nothing to cache.
 """
 
@@ -34,7 +37,7 @@ import torch
 
 from ..kernels import merge_attention
 from ..kernels.prefix_merge import merge_prefix
-from . import step_state
+from . import step_cache, step_state
 from .base import AttentionMethod, MethodConfig, make_method, register_method
 from .dense import dense_attention
 from .prefix_attention import choose_splits, prefix_attention, prefix_partials, split_index
@@ -90,6 +93,9 @@ class _External:
     step: int | None
     signature: tuple
     graph: object = None  # the steady-state step's CUDA graph (step_cache.run_step); goes with the entry
+    epoch: int = -1  # plain mode: the cache epoch (block) and prefix length the entry was refreshed for
+    n_prefix: int = -1
+    window: tuple | None = None  # plain mode with graphs: fixed buffers the block's keys / values are copied into
 
 
 @register_method
@@ -130,11 +136,17 @@ class FlashBlockMethod(AttentionMethod):
             return None
         return split_index(index, count, math.ceil(kp.shape[2] / block_size), splits, q.device)
 
-    def _refresh(self, q, kp, vp, scale, step, signature):
+    def _refresh(self, q, kp, vp, scale, step, signature, reuse=None):
         ext_out, ext_lse = prefix_attention(q, kp, vp, scale=scale, block_size=self.config.block_size)
         index = count = split = None
         if self.config.sparse_selector is None:
-            stored = (ext_out, ext_lse)
+            if reuse is not None:  # plain mode: rewrite in place, so a captured step stays valid
+                reuse.out.copy_(ext_out)
+                reuse.lse.copy_(ext_lse)
+                reuse.step = step
+                self.stats["refreshes"] += 1
+                return reuse, (ext_out, ext_lse)
+            stored = (ext_out.clone(), ext_lse.clone())
         else:
             selector, sel_cfg, _ = self._sparse_parts()
             index, count = selector(q, kp, sel_cfg, causal=False, scale=scale)
@@ -152,23 +164,39 @@ class FlashBlockMethod(AttentionMethod):
             self.stats["dense_calls"] += 1
             return dense_attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
         cfg = self.config
+        plain = cfg.sparse_selector is None
         state = step_state.current()
-        self._cache.sync(state)
+        # Plain mode keeps its entries (and graphs) across blocks, refreshed in place; combined mode's
+        # selection changes shape with the prefix, so its entries go with the block.
+        self._cache.sync(state, clear=not plain)
         if state.step is None:
             self._cache.warn_once("no denoising-step information; the external attention is computed once per "
                                   "block (block index or prefix length change) and reused until then.")
         key = self._cache.key(layer, state)
-        signature = (tuple(q.shape), tuple(k.shape), q.dtype, q.device, scale)
+        shape = (tuple(q.shape), tuple(k.shape[:2]) + (k.shape[3],), q.dtype, k.dtype, q.device, scale)
+        signature = shape if plain else (tuple(q.shape), tuple(k.shape), q.dtype, q.device, scale)
         kp, vp, kb, vb = split_prefix(k, v, nq)
         entry = self._cache.entries.get(key)
-        if entry is None or entry.signature != signature or stale(entry.step, state.step, cfg.refresh_every):
-            entry, (ext_out, ext_lse) = self._refresh(q, kp, vp, scale, state.step, signature)
+        same = entry is not None and entry.signature == signature
+        if (not same or entry.epoch != self._cache.epoch or entry.n_prefix != nk - nq
+                or stale(entry.step, state.step, cfg.refresh_every)):
+            entry, (ext_out, ext_lse) = self._refresh(q, kp, vp, scale, state.step, signature,
+                                                      reuse=entry if plain and same else None)
+            entry.epoch, entry.n_prefix = self._cache.epoch, nk - nq
             self._cache.entries[key] = entry
             in_out, in_lse = dense_attention(q, kb, vb, scale=scale, return_lse=True)
             out, lse = merge_attention(ext_out, ext_lse, in_out, in_lse)
             return (out, lse) if return_lse else out
         self.stats["cached_calls"] += 1
-        (out, lse), replayed = run_step(lambda q_, k_, v_: self._steady(q_, k_, v_, entry, scale), entry, q, (k, v),
+        pinned = (k, v)
+        if plain and cfg.cuda_graphs and step_cache.graphs_usable(q):  # the block's rows into fixed buffers:
+            # one graph for every block
+            if entry.window is None:
+                entry.window = (torch.empty_like(kb), torch.empty_like(vb))
+            entry.window[0].copy_(kb)
+            entry.window[1].copy_(vb)
+            pinned = entry.window
+        (out, lse), replayed = run_step(lambda q_, k_, v_: self._steady(q_, k_, v_, entry, scale), entry, q, pinned,
                                         self._cache, cfg.cuda_graphs)
         if replayed:  # the graph's outputs are overwritten by its next replay
             out, lse = out.clone(), (lse.clone() if return_lse else lse)
@@ -179,10 +207,11 @@ class FlashBlockMethod(AttentionMethod):
         cached prefix attention; combined mode adds the sparse prefix partials, the in-block attention
         and one fused pass (split merge, residual, block merge)."""
         nq = q.shape[2]
-        kp, vp, kb, vb = split_prefix(k, v, nq)
-        if self.config.sparse_selector is None:
+        if self.config.sparse_selector is None:  # k, v: the whole buffer, or only the block's rows (window)
+            kb, vb = k[:, :, k.shape[2] - nq:], v[:, :, v.shape[2] - nq:]
             in_out, in_lse = dense_attention(q, kb, vb, scale=scale, return_lse=True)
             return merge_attention(entry.out, entry.lse, in_out, in_lse)
+        kp, vp, kb, vb = split_prefix(k, v, nq)
         parts = prefix_partials(q, kp, vp, entry.block_index, entry.block_count, scale=scale,
                                 block_size=self._sparse_parts()[2], split=entry.split)
         inner = dense_attention(q, kb, vb, scale=scale, return_lse=True)

@@ -49,7 +49,7 @@ def model_with(spec, **kw):
     return TinyDLM(method).eval(), method
 
 
-PROMPT = torch.randint(0, MASK, (2, 40), generator=torch.Generator().manual_seed(3))
+PROMPT = torch.randint(0, MASK, (2, 40), generator=torch.Generator("cpu").manual_seed(3), device="cpu")
 
 
 def test_transfer_schedule_sums_to_masked():

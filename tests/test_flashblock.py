@@ -555,7 +555,8 @@ def test_cuda_graphs_match_eager_on_gpu(kw):
     _, graphed = assert_graphs_match_eager("flashblock", dict(min_seq_len=0, **kw), device="cuda",
                                            dtype=torch.bfloat16, blocks=3, steps=6, hq=8, prefix=8192, d=64)
     held = graphed._cache.graphs()
-    assert graphed._cache.captures == (2 if not kw else 6)  # plain: one per layer for all 3 blocks
+    # One per layer: plain mode over all 3 blocks; combined mode since the last block dropped its entries.
+    assert graphed._cache.captures == 2
     assert all(g.nbytes > g.static_q.nbytes for g in held)  # the graph's memory pool is counted
     assert graphed.cache_bytes() >= sum(g.nbytes for g in held)
     new_generation()

@@ -144,7 +144,7 @@ def _tma_ok(k: torch.Tensor, v: torch.Tensor, head_dim: int) -> bool:
 
 
 def block_sparse_attention_triton(q, k, v, block_index, block_count, *, scale, causal, block_size, return_lse,
-                                  config=None, use_tma=None, warp_specialize=None, pipeline_qk=False):
+                                  config=None, use_tma=None, warp_specialize=None):
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     block_d = max(16, triton.next_power_of_2(d))
@@ -168,11 +168,7 @@ def block_sparse_attention_triton(q, k, v, block_index, block_count, *, scale, c
     else:
         k_desc, v_desc = k, v
     grid = (math.ceil(nq / bm), bsz * hq)
-    if pipeline_qk:  # experimental: next tile's QK^T issued before this tile's softmax
-        from .block_sparse_pipelined import _block_sparse_fwd_pipelined as kernel
-    else:
-        kernel = _block_sparse_fwd
-    kernel[grid](
+    _block_sparse_fwd[grid](
         q, k, v, out, lse, block_index, block_count, k_desc, v_desc,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         si[0], si[1], block_index.stride(2), block_index.stride(3),

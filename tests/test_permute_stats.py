@@ -186,3 +186,54 @@ def test_row_norms_padded(device):
     torch.testing.assert_close(out[..., :70].cpu(), x.cpu().norm(dim=-1))
     assert torch.equal(row_norms(x.cpu(), backend="torch", pad_to=100)[..., 70:],
                        torch.full((1, 2, 30), -1.0, device="cpu"))
+
+
+@pytest.mark.parametrize("dtype, n, d, bs", [
+    (torch.bfloat16, 520, 128, 128),  # ragged tail, the 128x128 tile of the GPU profile
+    (torch.float32, 300, 48, 64),  # non-power-of-two head dim
+    (torch.float16, 97, 64, 32),
+])
+def test_feature_grids_give_the_same_bits(dtype, n, d, bs, device, monkeypatch):
+    # The persistent pipelined grid (any size, any depth) and the one-tile-per-program grid share one
+    # tile layout, so their features are the same bits.
+    from sparsediff.kernels import ba_features
+
+    x = torch.randn(2, 3, n, d, device=device).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)  # strided
+    x[:, 1] += 3.0
+    monkeypatch.setattr(ba_features, "PROGRAMS_PER_SM", None)
+    refs = [query_features(x, bs, scale, c) for scale, c in ((None, None), (0.125, 0.01))]
+    for per_sm, stages in ((1, 1), (2, 3), (3, 4)):
+        monkeypatch.setattr(ba_features, "PROGRAMS_PER_SM", per_sm)
+        monkeypatch.setattr(ba_features, "FEATURE_STAGES", stages)
+        assert torch.equal(query_features(x, bs), refs[0])
+        assert torch.equal(query_features(x, bs, 0.125, 0.01), refs[1])
+        assert torch.equal(query_features(x, bs, 0.125, 0.01, programs=5), refs[1])
+
+
+@pytest.mark.parametrize("per_sm, stages", [(1, 2), (4, 3), (6, 4)])
+def test_row_norm_grids_give_the_same_bits(per_sm, stages, device, monkeypatch):
+    from sparsediff.kernels import permute_stats
+
+    x = torch.randn(2, 3, 333, 128, dtype=torch.bfloat16, device=device)
+    monkeypatch.setattr(permute_stats, "NORM_PROGRAMS_PER_SM", None)
+    ref = row_norms(x, backend="triton", pad_to=400)
+    monkeypatch.setattr(permute_stats, "NORM_PROGRAMS_PER_SM", per_sm)
+    monkeypatch.setattr(permute_stats, "NORM_STAGES", stages)
+    assert torch.equal(row_norms(x, backend="triton", pad_to=400), ref)
+    torch.testing.assert_close(ref[..., :333].cpu(), x.float().norm(dim=-1).cpu(), rtol=1e-5, atol=1e-5)
+    assert bool((ref[..., 333:] == -1).all())
+
+
+def test_sorted_gather_block_order_does_not_change_results(device, monkeypatch):
+    from sparsediff.kernels import permute_stats
+    from sparsediff.kernels.permute_stats import gather_sorted_segments
+
+    k, v = torch.randn(2, 3, 300, 32, device=device), torch.randn(2, 3, 300, 32, device=device)
+    norms = row_norms(k[:, :, 4:], backend="triton", pad_to=300)
+    order = norms.view(2, 3, 3, 100).argsort(dim=-1, descending=True).view(2, 3, 300)
+    monkeypatch.setattr(permute_stats, "GATHER_REVERSE", False)
+    fwd = gather_sorted_segments(k, v, order, 100, 4, 64)
+    assert torch.equal(fwd[0], _explicit(k, fwd[2])) and torch.equal(fwd[1], _explicit(v, fwd[2]))
+    monkeypatch.setattr(permute_stats, "GATHER_REVERSE", True)
+    rev = gather_sorted_segments(k, v, order, 100, 4, 64)
+    assert all(torch.equal(a, b) for a, b in zip(rev, fwd))

@@ -1,10 +1,12 @@
 """BA-Att selection kernels that write what the next step consumes, with no torch ops in between.
 
 ``query_features(q, block_size, scale, c)`` -> ``(B, H, nb, 3D)`` float32 rows ``[s·μq, c·σ²q, c·μq²]``, the
-left side of BA-Att's score matmul, straight from one read of ``q``. The grid is capped at a few programs
-per SM; each program walks tiles with a stride and issues the next tile's load before reducing the
-current one, so two 128-row tiles are in flight per program (the one-tile-per-program kernel ran at
-~2.5x the read floor on an H100; this one is not faster, see PROGRAMS_PER_SM).
+left side of BA-Att's score matmul, straight from one read of ``q``. Two grids, one tile layout (so the
+same reduction order and the same bits): a persistent grid of a few programs per SM, each walking tiles
+in a ``tl.range`` loop that Triton software-pipelines (the next tiles are copied into shared memory
+asynchronously while the current one is reduced), or one program per (block, batch*head) tile on a 2-D
+grid. The v3 kernel prefetched the next tile into registers instead (166 registers per thread on
+sm_90, one program per SM) and ran at ~2.9x the read floor.
 
 ``segment_order(norms, seg)`` -> ``(B, H, nseg*seg)`` int64: per segment of ``seg`` norms, the
 in-segment indices in descending norm order (ties: lower index first), one Triton program per segment
@@ -25,11 +27,15 @@ try:
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
-__all__ = ["query_features", "segment_order", "features_from_moments", "PROGRAMS_PER_SM", "MAX_SORT_SEGMENT"]
+__all__ = ["query_features", "segment_order", "features_from_moments", "PROGRAMS_PER_SM", "FEATURE_STAGES",
+           "MAX_SORT_SEGMENT"]
 
-# Programs per SM of the query-feature grid (None: one program per tile). H100, q 32k x 16 heads:
-# 1-2/SM 0.127-0.129 ms, 4 0.131, 8 0.137, one per tile 0.160 (docs/benchmarks.md, "Selection v3").
+# Query-feature grid: an int = that many programs per SM on the persistent, pipelined grid; None = one
+# program per tile on a 2-D grid (docs/benchmarks.md, "Selection v4").
 PROGRAMS_PER_SM = 2
+# Pipeline depth of the persistent grid's tile loop (tiles in flight + 1; each stage holds one tile in
+# shared memory).
+FEATURE_STAGES = 3
 # Longest segment the Triton sort takes; longer ones use torch.argsort. H100: 256-token segments
 # 0.014 ms vs 0.062 for torch, 1560 (padded to 2048) 0.121 vs 0.044; 512-1024 not measured.
 MAX_SORT_SEGMENT = 256
@@ -46,46 +52,50 @@ def features_from_moments(mean, var, scale=None, c=None):
 if triton is not None:
 
     @triton.jit
-    def _load_tile(X, t, total, nb, num_heads, n, sxb, sxh, sxn, sxd, rows0, cols,
-                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-        bh = t // nb
-        blk = t % nb
-        rows = blk * BLOCK_SIZE + rows0
-        # A tile index past the end loads nothing: its row limit drops to 0 (a plain vector compare,
-        # which every Triton version accepts as a load mask).
-        limit = tl.where(t < total, n, 0)
-        mask = (rows < limit)[:, None] & (cols < HEAD_DIM)[None, :]
-        ptrs = X + (bh // num_heads) * sxb + (bh % num_heads) * sxh + rows[:, None] * sxn + cols[None, :] * sxd
-        return tl.load(ptrs, mask=mask, other=0.0)
-
-    @triton.jit
-    def _query_features_kernel(
-        X, Out, sxb, sxh, sxn, sxd, num_heads, n, nb, total, scale, c,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, KEY: tl.constexpr,
-    ):
-        pid = tl.program_id(0).to(tl.int64)
-        nprog = tl.num_programs(0)
-        rows0 = tl.arange(0, BLOCK_SIZE)
+    def _tile_features(X, Out, bh, blk, nb, num_heads, n, sxb, sxh, sxn, sxd, scale, c,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, KEY: tl.constexpr,
+                       ROW64: tl.constexpr):
+        """Features of tile (bh, blk) into its row of ``Out`` (bh is int64). Row offsets are int32 unless
+        ``ROW64`` (``n * sxn`` past int32): fewer registers per thread."""
+        rows = blk * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < HEAD_DIM
-        x = _load_tile(X, pid, total, nb, num_heads, n, sxb, sxh, sxn, sxd, rows0, cols, HEAD_DIM, BLOCK_SIZE)
-        for t in range(pid, total, nprog):
-            # Next tile's load first: its latency overlaps this tile's reductions.
-            x_next = _load_tile(X, t + nprog, total, nb, num_heads, n, sxb, sxh, sxn, sxd, rows0, cols,
-                                HEAD_DIM, BLOCK_SIZE)
-            blk = t % nb
-            mask = ((blk * BLOCK_SIZE + rows0) < n)[:, None] & col_ok[None, :]
-            mean, var = tile_moments(x, mask, tl.minimum(n - blk * BLOCK_SIZE, BLOCK_SIZE))
-            out = Out + t * (3 * HEAD_DIM) + cols
-            if KEY:
-                tl.store(out, mean, mask=col_ok)
-                tl.store(out + HEAD_DIM, var + mean * mean, mask=col_ok)
-                tl.store(out + 2 * HEAD_DIM, var, mask=col_ok)
-            else:
-                tl.store(out, mean * scale, mask=col_ok)
-                tl.store(out + HEAD_DIM, var * c, mask=col_ok)
-                tl.store(out + 2 * HEAD_DIM, (mean * mean) * c, mask=col_ok)
-            x = x_next
+        mask = (rows < n)[:, None] & col_ok[None, :]
+        if ROW64:
+            rows = rows.to(tl.int64)
+        x = tl.load(X + (bh // num_heads) * sxb + (bh % num_heads) * sxh + rows[:, None] * sxn + cols[None, :] * sxd,
+                    mask=mask, other=0.0)
+        mean, var = tile_moments(x, mask, tl.minimum(n - blk * BLOCK_SIZE, BLOCK_SIZE))
+        out = Out + (bh * nb + blk) * (3 * HEAD_DIM) + cols
+        if KEY:
+            tl.store(out, mean, mask=col_ok)
+            tl.store(out + HEAD_DIM, var + mean * mean, mask=col_ok)
+            tl.store(out + 2 * HEAD_DIM, var, mask=col_ok)
+        else:
+            tl.store(out, mean * scale, mask=col_ok)
+            tl.store(out + HEAD_DIM, var * c, mask=col_ok)
+            tl.store(out + 2 * HEAD_DIM, (mean * mean) * c, mask=col_ok)
+
+    @triton.jit
+    def _features_loop_kernel(
+        X, Out, sxb, sxh, sxn, sxd, num_heads, n, nb, total, scale, c,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, KEY: tl.constexpr,
+        ROW64: tl.constexpr, STAGES: tl.constexpr,
+    ):
+        # Persistent: tile t = bh * nb + blk for t = pid, pid + nprog, ...; num_stages makes Triton copy
+        # the next tiles' loads into shared memory asynchronously while this one is reduced.
+        for t in tl.range(tl.program_id(0), total, tl.num_programs(0), num_stages=STAGES):
+            _tile_features(X, Out, (t // nb).to(tl.int64), t % nb, nb, num_heads, n, sxb, sxh, sxn, sxd, scale, c,
+                           HEAD_DIM, BLOCK_D, BLOCK_SIZE, KEY, ROW64)
+
+    @triton.jit
+    def _features_tile_kernel(
+        X, Out, sxb, sxh, sxn, sxd, num_heads, n, scale, c,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, KEY: tl.constexpr,
+        ROW64: tl.constexpr,
+    ):
+        _tile_features(X, Out, tl.program_id(1).to(tl.int64), tl.program_id(0), tl.num_programs(0), num_heads, n,
+                       sxb, sxh, sxn, sxd, scale, c, HEAD_DIM, BLOCK_D, BLOCK_SIZE, KEY, ROW64)
 
     @triton.jit
     def _segment_order_kernel(Norms, Order, seg, SEG_P2: tl.constexpr):
@@ -113,22 +123,31 @@ def _num_sms(device):
 
 def query_features(q, block_size, scale=None, c=None, *, programs=None):
     """``[s·μq, c·σ²q, c·μq²]`` per ``block_size``-token block of ``q (B, H, N, D)`` -> ``(B, H, nb, 3D)``
-    float32 (Triton); with ``scale=None`` the key-side ``[μ, μ² + σ², σ²]`` instead. ``programs`` overrides
-    the grid size (tests use it to exercise the tile loop)."""
+    float32 (Triton); with ``scale=None`` the key-side ``[μ, μ² + σ², σ²]`` instead. ``programs`` sets the
+    persistent grid's size (tests use it to exercise the tile loop); by default :data:`PROGRAMS_PER_SM`
+    picks the grid."""
     b, h, n, d = q.shape
     if block_size & (block_size - 1):
         raise ValueError(f"query_features needs a power-of-two block_size, got {block_size}")
     nb = math.ceil(n / block_size)
     total = b * h * nb
     out = torch.empty(b, h, nb, 3 * d, dtype=torch.float32, device=q.device)
-    if programs is None:
-        programs = total if PROGRAMS_PER_SM is None else _num_sms(q.device) * PROGRAMS_PER_SM
+    if total == 0:
+        return out
     block_d = triton.next_power_of_2(d)
-    _query_features_kernel[(max(1, min(programs, total)),)](
-        q, out, *q.stride(), h, n, nb, total, float(scale or 0.0), float(c or 0.0),
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, KEY=scale is None,
-        num_warps=4 if block_size * block_d <= 8192 else 8,
-    )
+    # One tile layout for every grid (and for the sorted gather's key features): 4 warps up to 8192
+    # elements per tile, else 8.
+    warps = 4 if block_size * block_d <= 8192 else 8
+    args = (float(scale or 0.0), float(c or 0.0))
+    row64 = n * max(q.stride(2), 1) >= 2**31
+    meta = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, KEY=scale is None, ROW64=row64, num_warps=warps)
+    if programs is None and PROGRAMS_PER_SM is not None:
+        programs = _num_sms(q.device) * PROGRAMS_PER_SM
+    if programs is None:
+        _features_tile_kernel[(nb, b * h)](q, out, *q.stride(), h, n, *args, **meta)
+    else:
+        _features_loop_kernel[(max(1, min(programs, total)),)](
+            q, out, *q.stride(), h, n, nb, total, *args, STAGES=FEATURE_STAGES, **meta)
     return out
 
 

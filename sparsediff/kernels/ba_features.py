@@ -1,12 +1,13 @@
 """BA-Att selection kernels that write what the next step consumes, with no torch ops in between.
 
 ``query_features(q, block_size, scale, c)`` -> ``(B, H, nb, 3D)`` float32 rows ``[s·μq, c·σ²q, c·μq²]``, the
-left side of BA-Att's score matmul, straight from one read of ``q``. Two grids, one tile layout (so the
-same reduction order and the same bits): a persistent grid of a few programs per SM, each walking tiles
-in a ``tl.range`` loop that Triton software-pipelines (the next tiles are copied into shared memory
-asynchronously while the current one is reduced), or one program per (block, batch*head) tile on a 2-D
-grid. The v3 kernel prefetched the next tile into registers instead (166 registers per thread on
-sm_90, one program per SM) and ran at ~2.9x the read floor.
+left side of BA-Att's score matmul, straight from one read of ``q``. By default one program per
+(block, batch*head) tile on a 2-D grid: 80 registers per thread for a 128x128 bf16 tile on sm_90, three
+programs per SM. ``programs=`` (or :data:`PROGRAMS_PER_SM`) runs a persistent grid instead, each program
+walking tiles in a ``tl.range`` loop that Triton software-pipelines through shared memory; on an H100
+it was slower (docs/benchmarks.md, "Selection v4"). Both grids use the v3 kernel's tile layout, so the
+reduction order and the features are bit-identical to it; the v3 kernel prefetched the next tile into
+registers (166 registers, one program per SM) and ran 1.3x slower than the 2-D grid.
 
 ``segment_order(norms, seg)`` -> ``(B, H, nseg*seg)`` int64: per segment of ``seg`` norms, the
 in-segment indices in descending norm order (ties: lower index first), one Triton program per segment
@@ -30,11 +31,11 @@ except ImportError:  # pragma: no cover - CPU-only installs
 __all__ = ["query_features", "segment_order", "features_from_moments", "PROGRAMS_PER_SM", "FEATURE_STAGES",
            "MAX_SORT_SEGMENT"]
 
-# Query-feature grid: an int = that many programs per SM on the persistent, pipelined grid; None = one
-# program per tile on a 2-D grid (docs/benchmarks.md, "Selection v4").
-PROGRAMS_PER_SM = 2
-# Pipeline depth of the persistent grid's tile loop (tiles in flight + 1; each stage holds one tile in
-# shared memory).
+# Query-feature grid: None = one program per tile on a 2-D grid (default); an int = that many programs
+# per SM on the persistent, pipelined grid. H100, q 32k x 16 heads x 128: 2-D grid 0.095 ms; persistent
+# 2/SM 0.105-0.117 (2-4 stages), 1/SM 0.120-0.143; the v3 kernel 0.127 (docs/benchmarks.md, v4).
+PROGRAMS_PER_SM = None
+# Pipeline depth of the persistent grid's tile loop (each stage holds one tile in shared memory).
 FEATURE_STAGES = 3
 # Longest segment the Triton sort takes; longer ones use torch.argsort. H100: 256-token segments
 # 0.014 ms vs 0.062 for torch, 1560 (padded to 2048) 0.121 vs 0.044; 512-1024 not measured.

@@ -132,3 +132,22 @@ def test_triton_path_keeps_the_same_blocks(beta, causal, sort):
     # The term matters on this input, so the equality above covers it.
     off = _select(q, k, cfg.replace(outlier_keys=0), causal=causal, backend="torch")
     assert not torch.equal(index_to_mask(*off, 11), index_to_mask(*ref, 11))
+
+
+@pytest.mark.parametrize("n,dtype", [(256, torch.float32), (200, torch.bfloat16), (37, torch.float32)])
+def test_outlier_key_kernel_matches_torch(n, dtype):
+    # One Triton program per key block (here under the interpreter) writes the largest-norm row and its square.
+    from sparsediff.kernels.outlier_keys import outlier_key_features
+
+    k = torch.randn(2, 3, n, 16).to(dtype)
+    k[0, 1, 5] *= 10  # a planted outlier in block 0
+    if n > 70:
+        k[1, 0, 70] = k[1, 0, 66] = 9.0  # a tie inside block 1: the first row wins
+    want = outlier_key_features(k, 64, backend="torch")
+    got = outlier_key_features(k, 64, backend="triton")
+    assert got.shape == (2, 3, -(-n // 64), 32)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(want[0, 1, 0, :16], k[0, 1, 5].float(), rtol=0, atol=0)
+    if n > 70:
+        torch.testing.assert_close(want[1, 0, 1, :16], k[1, 0, 66].float(), rtol=0, atol=0)
+    torch.testing.assert_close(want[..., 16:], want[..., :16].square(), rtol=0, atol=0)

@@ -27,6 +27,7 @@ import torch
 from ..kernels import block_sparse_attention, block_stats
 from ..kernels.ba_features import query_features, segment_order
 from ..kernels.block_sparse import triton_available
+from ..kernels.outlier_keys import outlier_key_features
 from ..kernels.permute_stats import gather_rows_with_stats, gather_sorted_segments, row_norms
 from .base import register_method
 from .block_select import budget_of, select_from_scores
@@ -51,7 +52,8 @@ class BAAttConfig(BlockSparseConfig):
     the block-mean query and added to the block's Gaussian estimate; 0 turns the term off. It recovers
     blocks that hold a single heavy key (vertical stripes of the attention map), whose weight a block
     mean divides by the block size (docs/ba_att.md: stripe recall 0.919 -> 0.972 at 50 % sparsity).
-    Cost: one norm pass over the keys and an ``(nqb x nkb*m)`` matmul of width 2D.
+    Cost with m = 1: one kernel that reads the keys once (``kernels.outlier_keys``) and an ``(nqb x nkb)``
+    matmul of width 2D; m > 1 takes a norm pass, a top-m and a gather in torch ops.
     """
 
     selector: str = "ba_att"
@@ -180,6 +182,11 @@ def _with_outlier_keys(scores, left, k, m, *, block_size, with_var):
     bsz, hq, nqb, nkb = scores.shape
     hkv, nk, d = k.shape[1], k.shape[2], k.shape[3]
     rest_w, one_w, real, first = _outlier_constants(nk, block_size, m, scores.device)
+    if m == 1:  # the default: one kernel writes each block's largest-norm key and its square
+        right = outlier_key_features(k, block_size)
+        right = right if with_var else right[..., :d]
+        exact = torch.matmul(left[..., : right.shape[-1]], right.transpose(-1, -2)).view(bsz, hq, nqb, nkb)
+        return torch.logaddexp(scores + rest_w, exact + one_w)
     # Padding norms are -1, so a ragged last block ranks its real keys first.
     if k.dtype == torch.float64:  # row_norms returns float32 and refuses to narrow float64 inputs
         norms = torch.nn.functional.pad(k.norm(dim=-1), (0, nkb * block_size - nk), value=-1.0)

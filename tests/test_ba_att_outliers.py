@@ -16,7 +16,15 @@ PLANTED = (200, 650, 900)  # key blocks 3, 10 and 14 at block size 64
 
 
 def _planted_stripes(n=1024, d=32, hq=2, hkv=1, seed=0, planted=PLANTED):
-    """Rotary locality plus a few keys that every query attends to strongly (vertical stripes)."""
+    """Rotary locality plus a few keys that every query attends to strongly (vertical stripes); drawn on
+    the CPU, returned on the default device (the GPU under SPARSEDIFF_TEST_DEVICE=cuda)."""
+    device = torch.get_default_device()
+    with torch.device("cpu"):
+        q, k, v = _planted_stripes_cpu(n, d, hq, hkv, seed, planted)
+    return q.to(device), k.to(device), v.to(device)
+
+
+def _planted_stripes_cpu(n, d, hq, hkv, seed, planted):
     gen = torch.Generator().manual_seed(seed)
     freqs = (n / 8) ** (-torch.arange(d // 2, dtype=torch.float64) / (d // 2 - 1))
     ang = torch.arange(n, dtype=torch.float64)[:, None] * freqs

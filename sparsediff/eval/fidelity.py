@@ -83,11 +83,21 @@ def _local_1d(gen, b, h, n, d, sharpness=10.0, noise=0.35):
 
 
 def make_probe(name, *, batch=1, heads=4, n=4096, dim=64, seed=0, dtype=torch.float32) -> Probe:
-    """A seeded synthetic probe (see the module docstring for what each generator models)."""
+    """A seeded synthetic probe (see the module docstring for what each generator models). Drawn on the
+    CPU (the same numbers whatever the default device), returned on the default device."""
     if name not in GENERATORS:
         raise ValueError(f"unknown generator {name!r}; available: {', '.join(GENERATORS)}")
     if dim % 2 or dim < 6:
         raise ValueError(f"dim must be even and >= 6 (rotary pairs over 3 axes), got {dim}")
+    device = torch.get_default_device()
+    with torch.device("cpu"):
+        probe = _draw_probe(name, batch, heads, n, dim, seed, dtype)
+    if device.type != "cpu":
+        probe = dataclasses.replace(probe, q=probe.q.to(device), k=probe.k.to(device), v=probe.v.to(device))
+    return probe
+
+
+def _draw_probe(name, batch, heads, n, dim, seed, dtype) -> Probe:
     gen = torch.Generator().manual_seed(seed * 1000 + GENERATORS.index(name))
     b, h, d = batch, heads, dim
     v = torch.randn(b, h, n, d, generator=gen, dtype=torch.float64)

@@ -24,11 +24,12 @@ union density (kept prefix key blocks / all prefix key blocks, mean over layers 
 Selection: ``selector=None`` (default) scores each prefix key block by the active tokens' summed
 softmax mass against the block's mean key (means cached at the block's first step, since the prefix
 does not change within a block) and keeps the top ``(1 - sparsity)`` share per batch row and (KV) head.
-The union-sparse attention then runs for the whole block in one call (its cost is the union's KV
-read, shared by all queries) and only the active rows are kept: no device sync per step. With a union
-per KV head (GQA) the group's query heads share a union, so a short block's heads are stacked into one
-query block of the kernel (``prefix_attention.pack_factor``): one read of each kept K/V block serves the
-whole group, instead of one per query head over mostly padded rows. A
+The union-sparse attention then runs in one call at a fixed shape: no device sync per step. With a
+union per KV head (GQA, the default) the block's tokens are ordered active-first on the device and each
+group's query heads stacked token-major (``prefix_attention.active_first_partials``): one read of each
+kept K/V block serves the whole group, and query tiles holding no active row skip the prefix, so the
+kernel's work follows the active share. With ``union="head"`` every row is computed and only the active
+ones kept. A
 registered selector name runs that selector on the gathered active tokens instead, and the union of
 its per-query-block choices is used. Prefix attention is split over key chunks for short blocks
 (``prefix_attention``).

@@ -47,12 +47,12 @@ def _planted_stripes_cpu(n, d, hq, hkv, seed, planted):
 
 @pytest.mark.parametrize("value", [-1, 1.0, True, "1", 33])
 def test_config_rejects_bad_outlier_keys(value):
-    with pytest.raises(ValueError, match="outlier_keys must be an int from 0"):
+    with pytest.raises(ValueError, match="outlier_keys must be None .auto. or an int from 0"):
         BAAttConfig(block_size=32, outlier_keys=value)
 
 
 def test_config_accepts_range_and_default():
-    assert BAAttConfig().outlier_keys == 1
+    assert BAAttConfig().outlier_keys is None  # auto: 1 on unsorted keys, 0 on norm-sorted ones
     assert BAAttConfig(block_size=32, outlier_keys=0).outlier_keys == 0
     assert BAAttConfig(block_size=32, outlier_keys=32).outlier_keys == 32
 
@@ -159,3 +159,17 @@ def test_outlier_key_kernel_matches_torch(n, dtype):
     if n > 70:
         torch.testing.assert_close(want[1, 0, 1, :16], k[1, 0, 66].float(), rtol=0, atol=0)
     torch.testing.assert_close(want[..., 16:], want[..., :16].square(), rtol=0, atol=0)
+
+
+def test_auto_outlier_keys_follow_norm_sorting(monkeypatch):
+    # Default None: the term runs on keys in their own order and is skipped on norm-sorted keys.
+    import sparsediff.methods.ba_att as ba
+
+    seen = []
+    original = ba._with_outlier_keys
+    monkeypatch.setattr(ba, "_with_outlier_keys", lambda *a, **kw: seen.append(a[3]) or original(*a, **kw))
+    q, k, v = _planted_stripes()
+    BAAttMethod(BAAttConfig(block_size=64, min_seq_len=0))(q, k, v)  # no frame: keys unsorted
+    BAAttMethod(BAAttConfig(block_size=64, min_seq_len=0))(q, k, v, frame_size=256)  # sorted per frame
+    BAAttMethod(BAAttConfig(block_size=64, min_seq_len=0, outlier_keys=2))(q, k, v, frame_size=256)
+    assert seen == [1, 0, 2]

@@ -101,7 +101,7 @@ def test_capture_round_trip(tmp_path):
     q, k, v = torch.randn(1, 2, 100, 16), torch.randn(1, 1, 100, 16), torch.randn(1, 1, 100, 16)
     save_qkv(tmp_path / "one.safetensors", q, k, v, layer="blocks.3.attn1", step=7, frame_size=50, causal=1)
     (probe,) = load_qkv(tmp_path / "one.safetensors")
-    assert torch.equal(probe.q, q) and torch.equal(probe.k, k) and torch.equal(probe.v, v)
+    assert torch.equal(probe.q, q.cpu()) and torch.equal(probe.k, k.cpu()) and torch.equal(probe.v, v.cpu())
     assert probe.frame_size == 50 and probe.causal and probe.meta == {"layer": "blocks.3.attn1", "step": "7"}
     from safetensors.torch import save_file
 

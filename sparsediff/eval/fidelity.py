@@ -230,17 +230,19 @@ def block_mass(q, k, *, head=0, batch=0, block_size=128, causal=False) -> torch.
     nq, nk = qh.shape[0], kh.shape[0]
     nqb, nkb = math.ceil(nq / block_size), math.ceil(nk / block_size)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    out = torch.zeros(nqb, nkb, dtype=torch.float64)
+    dev = qh.device  # not the default device: probes may live elsewhere
+    out = torch.zeros(nqb, nkb, dtype=torch.float64, device=dev)
     rows_per_chunk = block_size * max(1, 2**24 // (block_size * nk))
     for start in range(0, nq, rows_per_chunk):
-        rows = torch.arange(start, min(start + rows_per_chunk, nq))
+        rows = torch.arange(start, min(start + rows_per_chunk, nq), device=dev)
         scores = qh[rows] @ kh.T * scale
         if causal:
-            scores = scores.masked_fill(torch.arange(nk)[None, :] > rows[:, None] + nk - nq, float("-inf"))
+            scores = scores.masked_fill(torch.arange(nk, device=dev)[None, :] > rows[:, None] + nk - nq,
+                                        float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         probs = torch.nn.functional.pad(probs, (0, nkb * block_size - nk)).view(len(rows), nkb, block_size).sum(-1)
         out.index_add_(0, rows // block_size, probs)
-    counts = torch.full((nqb,), float(block_size), dtype=torch.float64)
+    counts = torch.full((nqb,), float(block_size), dtype=torch.float64, device=dev)
     counts[-1] = nq - (nqb - 1) * block_size
     return (out / counts[:, None]).float()
 

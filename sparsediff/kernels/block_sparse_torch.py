@@ -18,7 +18,8 @@ def _attend(q, k, v, valid, scale, acc):
     """Attention of (R, 1, bq, D) queries to (R, 1, bk, D) keys under an optional bool mask -> (out, lse)."""
     if q.device.type == "cpu":
         # PyTorch's fused CPU flash attention returns the LSE too; fully masked rows are fixed by the caller.
-        bias = None if valid is None else torch.zeros(valid.shape, dtype=q.dtype).masked_fill_(~valid, float("-inf"))
+        bias = None if valid is None else torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            ~valid, float("-inf"))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias, scale=scale
         )[:2]

@@ -211,7 +211,8 @@ def select_blocks(q, k, config, *, causal=False, scale=None, global_tokens=0):
     :class:`BAAttMethod` sort keys first (see :func:`sort_keys`) and select on the sorted keys, so their
     ids refer to the sorted order. ``config`` needs ``block_size`` and ``sparsity`` or ``mass``;
     ``beta``, ``outlier_keys``, ``keep_sinks`` and ``keep_diagonal`` default to 0.5 / 1 / True / True when
-    absent.
+    absent. ``outlier_keys=None`` means 1 here (this function cannot tell whether ``k`` was sorted);
+    :class:`BAAttMethod` uses 0 on keys it sorted.
     """
     return _select(q, k, config, causal=causal, scale=scale, global_tokens=global_tokens)
 

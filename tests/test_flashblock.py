@@ -304,6 +304,8 @@ def test_token_major_merge_triton_matches_torch():
     plain = merge_prefix(po[b:b + 1, p:p + 1, :, row:row + 1], pl[b:b + 1, p:p + 1, :, row:row + 1], 1,
                          backend="torch")
     torch.testing.assert_close(one[0][b, 4 * p + j, t], plain[0][0, 0, 0], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="rank must be"):
+        merge_prefix(po, pl, nq, pack=4, rank=rank[:, :5], backend="torch")
 
 
 def force_splits(monkeypatch, n=8):

@@ -78,6 +78,8 @@ def merge_prefix(parts_out, parts_lse, nq, inner=None, *, residual=None, cache=N
     if parts_out.dim() != 5 or parts_lse.shape != parts_out.shape[:-1] or parts_out.shape[3] < pack * nq:
         raise ValueError(f"parts must be (B, H / pack, S, R >= pack * nq, D) with LSE (B, H / pack, S, R), got "
                          f"{tuple(parts_out.shape)} and {tuple(parts_lse.shape)} for nq={nq}, pack={pack}")
+    if rank is not None and tuple(rank.shape) != (parts_out.shape[0], nq):
+        raise ValueError(f"rank must be (B, nq) = ({parts_out.shape[0]}, {nq}), got {tuple(rank.shape)}")
     if (cache is None) != (active is None):
         raise ValueError("cache and active go together")
     if out_dtype is None:

@@ -131,8 +131,14 @@ def mean_key_union(q, active, key_means, keep, scale, per_kv_head=False):
     head, shared by its query heads), ranked by the active tokens' softmax mass against the block mean
     keys. q ``(B, Hq, Nq, D)``, active bool ``(B, Nq)``, key_means ``(B, Hkv, nkb, D)``; returns a bool
     mask ``(B, Hq or Hkv, nkb)``. Stable tokens carry no weight, so they cannot inflate the union."""
-    means_t = (key_means.float() * scale).transpose(-1, -2)
-    score = _active_mass(q.float(), active, means_t, None, per_kv_head)[:, :, 0]
+    # Written out plainly (not through _active_mass): the tests use it as the reference for the fused path.
+    bsz, hq, nq, d = q.shape
+    hkv, nkb = key_means.shape[1], key_means.shape[2]
+    means = key_means.float().repeat_interleave(hq // hkv, dim=1)  # (B, Hq, nkb, D)
+    probs = torch.softmax(torch.matmul(q.float(), means.transpose(-1, -2)) * scale, dim=-1)  # (B, Hq, Nq, nkb)
+    score = (probs * active[:, None, :, None]).sum(dim=2)  # (B, Hq, nkb)
+    if per_kv_head:
+        score = score.view(bsz, hkv, hq // hkv, nkb).sum(dim=2)
     top = torch.topk(score, keep, dim=-1).indices
     return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
 

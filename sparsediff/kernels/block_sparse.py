@@ -32,10 +32,24 @@ def triton_available() -> bool:
     return True
 
 
+def gluon_enabled() -> bool:
+    """The Hopper Gluon kernel is used where it applies unless ``SPARSEDIFF_GLUON=0``."""
+    if os.environ.get("SPARSEDIFF_GLUON", "1") == "0" or not triton_available():
+        return False
+    try:
+        from triton.experimental import gluon  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_backend(backend: str | None, q: torch.Tensor) -> str:
-    """None -> Triton for fp16/bf16 CUDA tensors, the PyTorch path elsewhere."""
-    if backend not in (None, "triton", "torch"):
-        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
+    """None -> Triton for fp16/bf16 CUDA tensors, the PyTorch path elsewhere (the caller may still pick
+    the Gluon kernel for the Triton case); "gluon" is checked by the caller, which knows the full shape."""
+    if backend not in (None, "triton", "torch", "gluon"):
+        raise ValueError(f"backend must be None, 'triton', 'gluon' or 'torch', got {backend!r}")
+    if backend == "gluon":
+        return backend
     if backend is not None:
         if backend == "triton":
             if not triton_available():
@@ -73,10 +87,10 @@ def check_inputs(q, k, v, block_index, block_count, block_size, backend, check_i
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    supported = TRITON_DTYPES if backend == "triton" else TORCH_DTYPES
+    supported = TORCH_DTYPES if backend == "torch" else TRITON_DTYPES
     if q.dtype not in supported:
         raise TypeError(f"the {backend} backend supports dtypes {supported}, got {q.dtype}")
-    if backend == "triton":
+    if backend in ("triton", "gluon"):
         d = q.shape[-1]
         if d > MAX_TRITON_HEAD_DIM or d % 8:
             raise ValueError(f"the Triton backend supports head dims that are multiples of 8 up to 256, got {d}")
@@ -136,7 +150,9 @@ def block_sparse_attention(
         block_count: int32 ``(B or 1, Hq or 1, ceil(Nq/block_size))``.
         causal: mask inside blocks as ``scaled_dot_product_attention(is_causal=True)`` does, aligned to
             the end when ``Nq != Nk``: query ``i`` sees keys ``j <= i + Nk - Nq`` (a prefix cache).
-        backend: None picks Triton for fp16/bf16 CUDA tensors and the PyTorch path elsewhere;
+        backend: None picks the fastest kernel that applies: on an H100/H200 the warp-specialized Gluon
+            kernel (non-causal, head dim 64/128, ``block_size`` 128; ``SPARSEDIFF_GLUON=0`` turns it
+            off), else Triton for fp16/bf16 CUDA tensors, and the PyTorch path elsewhere. "gluon",
             "triton" or "torch" forces one ("triton" on CPU needs ``TRITON_INTERPRET=1``).
         check_ids: validate block ids and counts (one device sync); callers that built the index
             themselves may skip it.
@@ -146,20 +162,35 @@ def block_sparse_attention(
         float32. A query row that keeps no key (or sees none under the causal mask) gets zeros and
         ``lse = -inf``.
     """
+    requested = backend
     backend = resolve_backend(backend, q) if isinstance(q, torch.Tensor) else backend
     check_inputs(q, k, v, block_index, block_count, block_size, backend, check_ids=check_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     block_index = block_index.to(torch.int32)
     block_count = block_count.to(torch.int32)
-    if backend == "triton":
-        from .block_sparse_triton import block_sparse_attention_triton
-
+    if backend in ("triton", "gluon"):
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = block_sparse_attention_triton(
-            q, k, v, block_index, block_count, scale=scale, causal=causal, block_size=block_size,
-            return_lse=return_lse,
-        )
+        use_gluon = backend == "gluon"
+        if use_gluon or (requested is None and gluon_enabled()):
+            from .block_sparse_gluon import gluon_support_error
+
+            problem = gluon_support_error(q, k, v, causal=causal, block_size=block_size)
+            if use_gluon and problem:
+                raise ValueError(f"backend='gluon': {problem}")
+            use_gluon = problem is None
+        if use_gluon:
+            from .block_sparse_gluon import block_sparse_attention_gluon
+
+            out, lse = block_sparse_attention_gluon(q, k, v, block_index, block_count, scale=scale,
+                                                    return_lse=return_lse)
+        else:
+            from .block_sparse_triton import block_sparse_attention_triton
+
+            out, lse = block_sparse_attention_triton(
+                q, k, v, block_index, block_count, scale=scale, causal=causal, block_size=block_size,
+                return_lse=return_lse,
+            )
     else:
         out, lse = block_sparse_attention_torch(
             q, k, v, block_index, block_count, scale=scale, causal=causal, block_size=block_size,

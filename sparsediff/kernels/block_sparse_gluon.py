@@ -1,0 +1,277 @@
+"""Hopper (sm_90) block-sparse attention forward in Gluon: warp-specialized, FlashAttention-3 schedule.
+
+The Triton kernel (``block_sparse_triton.py``) runs each tile's softmax on the CUDA cores between its two
+tensor-core GEMMs, so the tensor cores idle for that time. Here a CTA owns one 128-row query block and
+splits the work three ways:
+
+* a one-warp **loader** walks the kept key-block ids and streams K and V tiles into a ring of shared
+  memory stages through TMA (separate K and V barriers, so QK^T starts before V lands);
+* two **consumer warpgroups**, 64 query rows each, run the online softmax. Each overlaps its own work
+  (``OVERLAP``): QK^T of tile j and PV of tile j-1 are issued together and the softmax of tile j runs
+  while PV(j-1) is on the tensor cores;
+* with ``PINGPONG`` the two consumers take turns to issue their GEMMs (an mbarrier per warpgroup), so
+  one warpgroup's softmax runs while the other's GEMMs occupy the tensor cores.
+
+Scope: non-causal, head dim 64 or 128, ``block_size`` 128, fp16/bf16, sm_90. The public entry point
+falls back to the Triton kernel elsewhere. Same outputs as the Triton kernel: natural
+log LSE, rows with no kept key give zeros and ``-inf``. There is no CPU interpreter for Gluon, so its
+tests run on the GPU only (``SPARSEDIFF_TEST_DEVICE=cuda``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+LOG2E = 1.4426950408889634
+BLOCK_SIZE = 128  # key block = tile width; a CTA covers one query block of the same size
+ROWS_PER_WARPGROUP = 64
+# Measured best on H100 (docs/benchmarks.md): 3 K/V stages, ping-pong and in-warpgroup overlap on, and
+# 240 registers for each consumer warpgroup (the loader keeps 24).
+DEFAULT_SCHEDULE = dict(stages=3, pingpong=True, overlap=True, consumer_regs=240, loader_regs=24)
+
+
+@gluon.jit
+def _tile_coords(BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
+                 num_heads, num_kv_heads, group_size, nq, nk):
+    q_block = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    count = gl.load(BlockCount + b * stride_cb + h * stride_ch + q_block * stride_cq)
+    index_base = BlockIndex + b * stride_ib + h * stride_ih + q_block * stride_iq
+    return count, index_base, b, h, h // group_size, pid_bh, q_block
+
+
+@gluon.jit
+def _loader(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars,
+            BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
+            num_heads, num_kv_heads, group_size, nq, nk, STAGES: gl.constexpr):
+    count, index_base, b, h, h_kv, pid_bh, q_block = _tile_coords(
+        BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
+        num_heads, num_kv_heads, group_size, nq, nk)
+    # 4-D descriptors over (B, H, N, D): any strides, and rows past N are zero-filled, never another head's.
+    for w in gl.static_range(2):
+        mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, h, q_block * 128 + w * 64, 0], q_bars.index(w),
+                                        q_smem.index(w))
+    for t in range(count):
+        s = t % STAGES
+        phase = (t // STAGES) & 1
+        row = gl.load(index_base + t * stride_ik) * 128
+        # A stage is free once both consumers finished PV on it (mbarriers start as if phase 1 completed).
+        mbarrier.wait(empty_bars.index(s), phase ^ 1)
+        mbarrier.expect(k_bars.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [b, h_kv, row, 0], k_bars.index(s), k_smem.index(s))
+        mbarrier.expect(v_bars.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [b, h_kv, row, 0], v_bars.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, index_ptr, nk, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                  EVEN_N: gl.constexpr):
+    # Only a key tile that runs past the head's last key pays for masking; a kept block always holds at
+    # least one valid key, so m stays finite from the first tile on.
+    if not EVEN_N:
+        start_n = gl.load(index_ptr) * BLOCK_N
+        if start_n + BLOCK_N > nk:
+            cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where((cols < nk)[None, :], s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
+              BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
+              stride_ob, stride_oh, stride_on, num_heads, num_kv_heads, group_size, nq, nk, qk_scale,
+              WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+              OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr):
+    BLOCK_N: gl.constexpr = 128
+    ROWS: gl.constexpr = 64
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    count, index_base, b, h, h_kv, pid_bh, q_block = _tile_coords(
+        BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
+        num_heads, num_kv_heads, group_size, nq, nk)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
+    l_i = gl.zeros([ROWS], gl.float32, row_layout)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    q = q_smem.index(WG).reshape([ROWS, HEAD_DIM])
+    turn = 0
+    if PINGPONG:
+        if WG == 1:
+            mbarrier.arrive(turn_bars.index(0))  # warpgroup 0 issues first
+    if count > 0:
+        mbarrier.wait(q_bars.index(WG), 0)
+        # Tile 0: QK^T alone.
+        mbarrier.wait(k_bars.index(0), 0)
+        if PINGPONG:
+            mbarrier.wait(turn_bars.index(WG), turn)
+        s_tok = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
+                              use_acc=False, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn_bars.index(1 - WG))
+        turn ^= 1
+        s = warpgroup_mma_wait(0, deps=[s_tok])
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base, nk, qk_scale, s_layout, BLOCK_N, EVEN_N)
+        p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+        for j in range(1, count):
+            st = j % STAGES
+            prev = (j - 1) % STAGES
+            mbarrier.wait(k_bars.index(st), (j // STAGES) & 1)
+            mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
+            if PINGPONG:
+                mbarrier.wait(turn_bars.index(WG), turn)
+            s_tok = warpgroup_mma(q, k_smem.index(st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                                  gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+            if not OVERLAP:
+                s = warpgroup_mma_wait(0, deps=[s_tok])
+            acc_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn_bars.index(1 - WG))
+            turn ^= 1
+            if OVERLAP:
+                s = warpgroup_mma_wait(1, deps=[s_tok])  # QK^T(j) done; PV(j-1) may still run
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base + j * stride_ik, nk, qk_scale, s_layout,
+                                               BLOCK_N, EVEN_N)
+            acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
+            mbarrier.arrive(empty_bars.index(prev))
+            acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
+            p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+        last = (count - 1) % STAGES
+        mbarrier.wait(v_bars.index(last), ((count - 1) // STAGES) & 1)
+        if PINGPONG:
+            mbarrier.wait(turn_bars.index(WG), turn)
+        acc_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn_bars.index(1 - WG))
+        acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
+        mbarrier.arrive(empty_bars.index(last))
+
+    # Rows that kept no key (l = 0) get zeros and lse = -inf.
+    l_o = gl.convert_layout(l_i, orow_layout)
+    out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
+    rows = q_block * 128 + WG * ROWS + gl.arange(0, ROWS, layout=orow_layout)
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + cols[None, :]
+    gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows < nq)[:, None])
+    if WRITE_LSE:
+        lse = (m_i + gl.log2(l_i)) / 1.4426950408889634
+        lrows = q_block * 128 + WG * ROWS + gl.arange(0, ROWS, layout=row_layout)
+        gl.store(Lse + pid_bh * nq + lrows, lse, mask=lrows < nq)
+
+
+@gluon.jit
+def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockCount,
+                            stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
+                            stride_ob, stride_oh, stride_on, num_heads, num_kv_heads, group_size, nq, nk, qk_scale,
+                            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                            OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                            LOADER_REGS: gl.constexpr, EVEN_N: gl.constexpr):
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bars.index(i), count=1)
+        mbarrier.init(turn_bars.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+        mbarrier.init(empty_bars.index(i), count=2)  # both consumer warpgroups release a stage
+
+    # Argument tuples are spelled out: constexprs inside concatenated tuples lose their constexpr-ness.
+    gl.warp_specialize([
+        (_consumer, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse, BlockCount,
+                     BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
+                     stride_ob, stride_oh, stride_on, num_heads, num_kv_heads, group_size, nq, nk, qk_scale,
+                     0, HEAD_DIM, STAGES, PINGPONG, OVERLAP, WRITE_LSE, EVEN_N)),
+        (_consumer, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse, BlockCount,
+                     BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
+                     stride_ob, stride_oh, stride_on, num_heads, num_kv_heads, group_size, nq, nk, qk_scale,
+                     1, HEAD_DIM, STAGES, PINGPONG, OVERLAP, WRITE_LSE, EVEN_N)),
+        (_loader, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, BlockCount,
+                   BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
+                   num_heads, num_kv_heads, group_size, nq, nk, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+
+
+def gluon_support_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                        block_size: int) -> str | None:
+    """None where this kernel applies, else what it supports (the caller uses the Triton kernel)."""
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return f"needs an sm_90 GPU (H100/H200), got {q.device}"
+    if causal:
+        return "supports non-causal attention only"
+    if block_size != BLOCK_SIZE:
+        return f"supports block_size {BLOCK_SIZE} only, got {block_size}"
+    if q.shape[-1] not in (64, 128):
+        return f"supports head dims 64 and 128, got {q.shape[-1]}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"supports float16 and bfloat16, got {q.dtype}"
+    return None
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """A TMA descriptor needs a 16-byte aligned base, unit last stride and 16-byte multiples elsewhere."""
+    size = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
+
+
+def kernel_maxnreg(schedule: dict) -> int:
+    """Registers per thread for the whole CTA: 3 warpgroups share the register file, and the default
+    partition (consumer 0) gets what the workers leave."""
+    return (2 * schedule["consumer_regs"] + schedule["loader_regs"]) // 3 // 8 * 8
+
+
+def block_sparse_attention_gluon(q, k, v, block_index, block_count, *, scale, return_lse, **schedule):
+    """Same contract as ``block_sparse_attention_triton`` (non-causal); ``schedule`` overrides
+    ``DEFAULT_SCHEDULE`` keys (stages, pingpong, overlap, consumer_regs, loader_regs) for ablations."""
+    unknown = set(schedule) - set(DEFAULT_SCHEDULE)
+    if unknown:
+        raise ValueError(f"unknown schedule options {sorted(unknown)}; known: {sorted(DEFAULT_SCHEDULE)}")
+    cfg = {**DEFAULT_SCHEDULE, **schedule}
+    q, k, v = (t if _tma_ready(t) else t.contiguous() for t in (q, k, v))
+    bsz, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    q_block = [1, 1, ROWS_PER_WARPGROUP, d]
+    kv_block = [1, 1, BLOCK_SIZE, d]
+    q_desc = TensorDescriptor(q, list(q.shape), list(q.stride()), q_block,
+                              gl.NVMMASharedLayout.get_default_for(q_block, gdtype))
+    kv_layout = gl.NVMMASharedLayout.get_default_for(kv_block, gdtype)
+    k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), kv_block, kv_layout)
+    v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), kv_block, kv_layout)
+    out = torch.empty_like(q)
+    lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device) if return_lse else out
+    si = [0 if block_index.shape[i] == 1 else block_index.stride(i) for i in range(2)]
+    sc = [0 if block_count.shape[i] == 1 else block_count.stride(i) for i in range(2)]
+    grid = (triton.cdiv(nq, BLOCK_SIZE), bsz * hq)
+    _block_sparse_fwd_gluon[grid](
+        q_desc, k_desc, v_desc, out, lse, block_index, block_count,
+        si[0], si[1], block_index.stride(2), block_index.stride(3), sc[0], sc[1], block_count.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), hq, hkv, hq // hkv, nq, nk, scale * LOG2E,
+        HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=return_lse,
+        CONSUMER_REGS=cfg["consumer_regs"], LOADER_REGS=cfg["loader_regs"], EVEN_N=nk % BLOCK_SIZE == 0,
+        num_warps=4, maxnreg=kernel_maxnreg(cfg),
+    )
+    return out, (lse if return_lse else None)

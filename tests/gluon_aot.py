@@ -1,0 +1,76 @@
+"""Compile the Gluon kernel for sm_90a without a GPU and print what the tests check, as one JSON line.
+
+    python tests/gluon_aot.py WORKDIR '[[128, "bfloat16", true, true], ...]'
+
+Run without TRITON_INTERPRET (Gluon has no interpreter). The Triton wheel ships ptxas and cuobjdump.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.runtime import driver
+
+from sparsediff.kernels import block_sparse_gluon as G
+
+
+class Sm90Target:
+    """Stands in for the CUDA driver so the JIT compiles for sm_90a."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def compile_variant(d, dtype_name, even_n, write_lse):
+    dtype = getattr(torch, dtype_name)
+    gdtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    x = torch.empty(1, 2, 512, d, dtype=dtype)
+    out, lse = torch.empty_like(x), torch.empty(1, 2, 512)
+    q_block, kv_block = [1, 1, G.ROWS_PER_WARPGROUP, d], [1, 1, G.BLOCK_SIZE, d]
+    q_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), q_block,
+                              gl.NVMMASharedLayout.get_default_for(q_block, gdtype))
+    kv_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), kv_block,
+                               gl.NVMMASharedLayout.get_default_for(kv_block, gdtype))
+    index = torch.zeros(1, 1, 4, 4, dtype=torch.int32)
+    count = torch.zeros(1, 1, 4, dtype=torch.int32)
+    cfg = G.DEFAULT_SCHEDULE
+    return G._block_sparse_fwd_gluon.warmup(
+        q_desc, kv_desc, kv_desc, out, lse, index, count, 0, 0, 16, 1, 0, 0, 4, *out.stride()[:3],
+        2, 2, 1, 512, 512, 0.1, HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"],
+        OVERLAP=cfg["overlap"], WRITE_LSE=write_lse, CONSUMER_REGS=cfg["consumer_regs"],
+        LOADER_REGS=cfg["loader_regs"], EVEN_N=even_n, num_warps=4, maxnreg=G.kernel_maxnreg(cfg), grid=(1,))
+
+
+def main():
+    workdir, variants = Path(sys.argv[1]), json.loads(sys.argv[2])
+    cuobjdump = Path(sys.modules["triton.backends.nvidia"].__file__).parent / "bin" / "cuobjdump"
+    driver.set_active(Sm90Target())
+    results = []
+    for i, variant in enumerate(variants):
+        kernel = compile_variant(*variant)
+        ptx = kernel.asm["ptx"]
+        cubin = workdir / f"kernel{i}.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+        results.append({
+            "variant": variant, "ptx_head": ptx[:2000], "setmaxnreg": "setmaxnreg" in ptx,
+            "wgmma": ptx.count("wgmma.mma_async"), "tma_4d": ptx.count("cp.async.bulk.tensor.4d"),
+            "shared": kernel.metadata.shared, "usage": usage,
+        })
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

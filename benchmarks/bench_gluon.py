@@ -34,35 +34,40 @@ VARIANTS = {
 
 def check(log) -> bool:
     cases = [
-        # b, hq, hkv, nq, nk, d, dtype, density
-        (1, 4, 4, 1024, 1024, 128, torch.bfloat16, 0.5),
-        (2, 8, 2, 1000, 1000, 128, torch.bfloat16, 0.5),
-        (1, 4, 1, 300, 1100, 64, torch.float16, 0.6),
-        (1, 4, 4, 777, 777, 64, torch.float16, 1.0),
-        (1, 2, 2, 2048, 4096, 128, torch.float16, 0.3),
+        # b, hq, hkv, nq, nk, d, dtype, density, causal
+        (1, 4, 4, 1024, 1024, 128, torch.bfloat16, 0.5, False),
+        (2, 8, 2, 1000, 1000, 128, torch.bfloat16, 0.5, False),
+        (1, 4, 1, 300, 1100, 64, torch.float16, 0.6, False),
+        (1, 4, 4, 777, 777, 64, torch.float16, 1.0, False),
+        (1, 2, 2, 2048, 4096, 128, torch.float16, 0.3, False),
+        (2, 8, 2, 1000, 1000, 128, torch.bfloat16, 0.7, True),
+        (1, 4, 1, 300, 1100, 64, torch.float16, 0.7, True),
     ]
     ok = True
-    for b, hq, hkv, nq, nk, d, dtype, density in cases:
+    for b, hq, hkv, nq, nk, d, dtype, density, causal in cases:
         q = torch.randn(b, hq, nq, d, device="cuda", dtype=dtype)
         k = torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype)
         v = torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype)
         mask = torch.rand(b, hq, math.ceil(nq / 128), math.ceil(nk / 128), device="cuda") < density
         mask[0, 0, 0] = False  # an empty query block
         index, count = mask_to_index(mask)
-        ref, ref_lse = block_sparse_attention_ref(q.float(), k.float(), v.float(), index, count, block_size=128)
-        lowp, _ = block_sparse_attention_ref(q, k, v, index, count, block_size=128, upcast=False)
+        ref, ref_lse = block_sparse_attention_ref(q.float(), k.float(), v.float(), index, count, block_size=128,
+                                                  causal=causal)
+        lowp, _ = block_sparse_attention_ref(q, k, v, index, count, block_size=128, upcast=False, causal=causal)
         budget = 3 * (lowp.float() - ref).abs().max().item() + 2e-3
-        tri, tri_lse = block_sparse_attention_triton(q, k, v, index, count, scale=d ** -0.5, causal=False,
+        tri, tri_lse = block_sparse_attention_triton(q, k, v, index, count, scale=d ** -0.5, causal=causal,
                                                      block_size=128, return_lse=True)
         for name, opts in VARIANTS.items():
-            out, lse = block_sparse_attention_gluon(q, k, v, index, count, scale=d ** -0.5, return_lse=True, **opts)
+            out, lse = block_sparse_attention_gluon(q, k, v, index, count, scale=d ** -0.5, return_lse=True,
+                                                    causal=causal, **opts)
             err = (out.float() - ref).abs().max().item()
             fin = torch.isfinite(ref_lse)
             lse_err = (lse[fin] - ref_lse[fin]).abs().max().item()
             empty_ok = bool(torch.isneginf(lse[~fin]).all()) and bool((out[~fin] == 0).all())
             good = err <= budget and lse_err < 1e-2 and empty_ok
             ok &= good
-            log(f"check {b},{hq},{hkv},{nq},{nk},{d},{dtype},{density} {name}: err {err:.2e} (budget {budget:.2e}, "
+            log(f"check {b},{hq},{hkv},{nq},{nk},{d},{dtype},{density},causal={causal} {name}: "
+                f"err {err:.2e} (budget {budget:.2e}, "
                 f"triton {(tri.float() - ref).abs().max().item():.2e}) lse {lse_err:.1e} empty {empty_ok} "
                 f"{'OK' if good else 'FAIL'}")
     # A broadcast index (one mask for every batch and head), on (B, N, H, D) tensors seen as (B, H, N, D).
@@ -117,7 +122,8 @@ def main() -> int:
         lines.append(msg)
 
     ok = check(log)
-    rows = bench([int(s) for s in args.sizes.split(",")], [float(x) for x in args.densities.split(",")], log) if ok else []
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = bench(sizes, [float(x) for x in args.densities.split(",")], log) if ok else []
     if args.out:
         Path(args.out).write_text(json.dumps({"env": environment(), "correct": ok, "rows": rows}, indent=1))
     return 0 if ok else 1

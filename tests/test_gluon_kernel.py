@@ -24,10 +24,11 @@ SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CTA may use on sm_90
 
 
 AOT_VARIANTS = [
-    # head dim, dtype, even N (no tail masking), write LSE
-    (128, "bfloat16", True, True),
-    (128, "float16", False, False),
-    (64, "bfloat16", False, True),
+    # head dim, dtype, even N (no tail masking), write LSE, causal
+    (128, "bfloat16", True, True, False),
+    (128, "float16", False, False, False),
+    (64, "bfloat16", False, True, False),
+    (128, "bfloat16", True, True, True),
 ]
 
 
@@ -61,10 +62,11 @@ def test_forcing_gluon_where_it_does_not_apply_names_what_it_supports():
 gpu = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (H100/H200)")
 
 
-def _check(q, k, v, index, count, **kw):
-    out, lse = block_sparse_attention(q, k, v, index, count, return_lse=True, block_size=128, **kw)
-    ref, ref_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), index, count, block_size=128)
-    lowp, _ = block_sparse_attention_ref(q, k, v, index, count, block_size=128, upcast=False)
+def _check(q, k, v, index, count, causal=False, **kw):
+    out, lse = block_sparse_attention(q, k, v, index, count, return_lse=True, block_size=128, causal=causal, **kw)
+    ref, ref_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), index, count, block_size=128,
+                                              causal=causal)
+    lowp, _ = block_sparse_attention_ref(q, k, v, index, count, block_size=128, upcast=False, causal=causal)
     budget = 3 * (lowp.double() - ref).abs().max().item() + 1e-3
     err = (out.double() - ref).abs().max().item()
     assert err <= budget, f"max error {err:.3g} > budget {budget:.3g}"
@@ -76,14 +78,17 @@ def _check(q, k, v, index, count, **kw):
 
 
 @gpu
-@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,dtype,density", [
-    (1, 4, 4, 1024, 1024, 128, torch.bfloat16, 0.5),
-    (2, 8, 2, 1000, 1000, 128, torch.bfloat16, 0.4),  # GQA, ragged tails on both sides
-    (1, 4, 1, 300, 1100, 64, torch.float16, 0.6),  # MQA, Nq != Nk
-    (1, 2, 2, 777, 777, 64, torch.float16, 1.0),
-    (1, 2, 2, 2048, 4096, 128, torch.float16, 0.2),
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,dtype,density,causal", [
+    (1, 4, 4, 1024, 1024, 128, torch.bfloat16, 0.5, False),
+    (2, 8, 2, 1000, 1000, 128, torch.bfloat16, 0.4, False),  # GQA, ragged tails on both sides
+    (1, 4, 1, 300, 1100, 64, torch.float16, 0.6, False),  # MQA, Nq != Nk
+    (1, 2, 2, 777, 777, 64, torch.float16, 1.0, False),
+    (1, 2, 2, 2048, 4096, 128, torch.float16, 0.2, False),
+    (2, 8, 2, 1000, 1000, 128, torch.bfloat16, 0.6, True),  # causal, ragged: diagonal tiles masked
+    (1, 4, 1, 300, 1100, 64, torch.float16, 0.7, True),  # causal, end-aligned to a prefix
+    (1, 2, 2, 1024, 1024, 128, torch.bfloat16, 1.0, True),
 ])
-def test_matches_reference(b, hq, hkv, nq, nk, d, dtype, density):
+def test_matches_reference(b, hq, hkv, nq, nk, d, dtype, density, causal):
     g = torch.Generator(device="cuda").manual_seed(nq + nk)
     q = torch.randn(b, hq, nq, d, dtype=dtype, device="cuda", generator=g)
     k = torch.randn(b, hkv, nk, d, dtype=dtype, device="cuda", generator=g)
@@ -91,8 +96,8 @@ def test_matches_reference(b, hq, hkv, nq, nk, d, dtype, density):
     mask = torch.rand(b, hq, math.ceil(nq / 128), math.ceil(nk / 128), device="cuda", generator=g) < density
     mask[0, 0, 0] = False  # an empty query block: zeros and -inf
     index, count = mask_to_index(mask)
-    out, _ = _check(q, k, v, index, count, backend="gluon")
-    tri = block_sparse_attention(q, k, v, index, count, block_size=128, backend="triton")
+    out, _ = _check(q, k, v, index, count, causal=causal, backend="gluon")
+    tri = block_sparse_attention(q, k, v, index, count, block_size=128, causal=causal, backend="triton")
     assert (out.float() - tri.float()).abs().max().item() < 2e-2
 
 
@@ -130,9 +135,12 @@ def test_default_backend_picks_gluon_and_falls_back(monkeypatch):
     q = torch.randn(1, 2, 512, 128, dtype=torch.bfloat16, device="cuda")
     index, count = mask_to_index(torch.ones(1, 1, 4, 4, dtype=torch.bool, device="cuda"))
     block_sparse_attention(q, q, q, index, count)
-    block_sparse_attention(q, q, q, index, count, causal=True)  # outside its scope: Triton
+    block_sparse_attention(q, q, q, index, count, causal=True)
+    block_sparse_attention(q, q, q, index, count, backend="triton")
+    q96 = torch.randn(1, 2, 512, 96, dtype=torch.bfloat16, device="cuda")
+    block_sparse_attention(q96, q96, q96, index, count)  # head dim 96: outside its scope, Triton
     monkeypatch.setenv("SPARSEDIFF_GLUON", "0")
     block_sparse_attention(q, q, q, index, count)
-    assert calls == ["gluon", "triton", "triton"]
-    with pytest.raises(ValueError, match="non-causal"):
-        block_sparse_attention(q, q, q, index, count, causal=True, backend="gluon")
+    assert calls == ["gluon", "gluon", "triton", "triton", "triton"]
+    with pytest.raises(ValueError, match="head dims 64 and 128"):
+        block_sparse_attention(q96, q96, q96, index, count, backend="gluon")

@@ -151,7 +151,7 @@ def block_sparse_attention(
         causal: mask inside blocks as ``scaled_dot_product_attention(is_causal=True)`` does, aligned to
             the end when ``Nq != Nk``: query ``i`` sees keys ``j <= i + Nk - Nq`` (a prefix cache).
         backend: None picks the fastest kernel that applies: on an H100/H200 the warp-specialized Gluon
-            kernel (non-causal, head dim 64/128, ``block_size`` 128; ``SPARSEDIFF_GLUON=0`` turns it
+            kernel (head dim 64/128, ``block_size`` 128; ``SPARSEDIFF_GLUON=0`` turns it
             off), else Triton for fp16/bf16 CUDA tensors, and the PyTorch path elsewhere. "gluon",
             "triton" or "torch" forces one ("triton" on CPU needs ``TRITON_INTERPRET=1``).
         check_ids: validate block ids and counts (one device sync); callers that built the index
@@ -175,7 +175,7 @@ def block_sparse_attention(
         if use_gluon or (requested is None and gluon_enabled()):
             from .block_sparse_gluon import gluon_support_error
 
-            problem = gluon_support_error(q, k, v, causal=causal, block_size=block_size)
+            problem = gluon_support_error(q, k, v, block_size=block_size)
             if use_gluon and problem:
                 raise ValueError(f"backend='gluon': {problem}")
             use_gluon = problem is None
@@ -183,7 +183,7 @@ def block_sparse_attention(
             from .block_sparse_gluon import block_sparse_attention_gluon
 
             out, lse = block_sparse_attention_gluon(q, k, v, block_index, block_count, scale=scale,
-                                                    return_lse=return_lse)
+                                                    return_lse=return_lse, causal=causal)
         else:
             from .block_sparse_triton import block_sparse_attention_triton
 

@@ -12,13 +12,16 @@ splits the work three ways:
 * with ``PINGPONG`` the two consumers take turns to issue their GEMMs (an mbarrier per warpgroup), so
   one warpgroup's softmax runs while the other's GEMMs occupy the tensor cores.
 
-Scope: non-causal, head dim 64 or 128, ``block_size`` 128, fp16/bf16, sm_90. The public entry point
+Scope: head dim 64 or 128, ``block_size`` 128, fp16/bf16, sm_90; causal masking (end-aligned, as in
+the Triton kernel) only on the tiles that need it. The public entry point
 falls back to the Triton kernel elsewhere. Same outputs as the Triton kernel: natural
 log LSE, rows with no kept key give zeros and ``-inf``. There is no CPU interpreter for Gluon, so its
 tests run on the GPU only (``SPARSEDIFF_TEST_DEVICE=cuda``).
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 import triton
@@ -72,18 +75,27 @@ def _loader(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_ba
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, index_ptr, nk, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-                  EVEN_N: gl.constexpr):
-    # Only a key tile that runs past the head's last key pays for masking; a kept block always holds at
-    # least one valid key, so m stays finite from the first tile on.
-    if not EVEN_N:
+def _softmax_step(s, m_i, l_i, index_ptr, nk, qk_scale, row0, causal_offset, s_layout: gl.constexpr,
+                  BLOCK_N: gl.constexpr, ROWS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr):
+    # Only tiles on the ragged tail or the causal diagonal pay for masking. Without causal masking a kept
+    # block always holds a valid key, so m is finite from the first tile on; with it, a row may have seen
+    # only masked keys (m = -inf), and exp2 must not see -inf - -inf.
+    if CAUSAL or not EVEN_N:
         start_n = gl.load(index_ptr) * BLOCK_N
-        if start_n + BLOCK_N > nk:
+        if (start_n + BLOCK_N > nk) or (CAUSAL and start_n + BLOCK_N - 1 > row0 + causal_offset):
             cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            s = gl.where((cols < nk)[None, :], s, float("-inf"))
+            valid = (cols < nk)[None, :]
+            if CAUSAL:
+                rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+                valid = valid & (cols[None, :] <= rows[:, None] + causal_offset)
+            s = gl.where(valid, s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-    p = gl.exp2(s * qk_scale - m_new[:, None])
-    alpha = gl.exp2(m_i - m_new)
+    if CAUSAL:
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = gl.exp2(s * qk_scale - m_use[:, None])
+    alpha = gl.exp2(m_i - m_use)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
 
@@ -91,9 +103,9 @@ def _softmax_step(s, m_i, l_i, index_ptr, nk, qk_scale, s_layout: gl.constexpr, 
 @gluon.jit
 def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
               BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
-              stride_ob, stride_oh, stride_on, num_heads, num_kv_heads, group_size, nq, nk, qk_scale,
+              stride_ob, stride_oh, stride_on, num_heads, num_kv_heads, group_size, nq, nk, qk_scale, causal_offset,
               WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-              OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr):
+              OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr):
     BLOCK_N: gl.constexpr = 128
     ROWS: gl.constexpr = 64
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -111,6 +123,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
     l_i = gl.zeros([ROWS], gl.float32, row_layout)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
     q = q_smem.index(WG).reshape([ROWS, HEAD_DIM])
+    row0 = q_block * 128 + WG * ROWS
     turn = 0
     if PINGPONG:
         if WG == 1:
@@ -121,13 +134,14 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
         mbarrier.wait(k_bars.index(0), 0)
         if PINGPONG:
             mbarrier.wait(turn_bars.index(WG), turn)
-        s_tok = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
-                              use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                              gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn_bars.index(1 - WG))
         turn ^= 1
         s = warpgroup_mma_wait(0, deps=[s_tok])
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base, nk, qk_scale, s_layout, BLOCK_N, EVEN_N)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base, nk, qk_scale, row0, causal_offset, s_layout,
+                                           BLOCK_N, ROWS, EVEN_N, CAUSAL)
         p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
         for j in range(1, count):
             st = j % STAGES
@@ -146,8 +160,8 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
             turn ^= 1
             if OVERLAP:
                 s = warpgroup_mma_wait(1, deps=[s_tok])  # QK^T(j) done; PV(j-1) may still run
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base + j * stride_ik, nk, qk_scale, s_layout,
-                                               BLOCK_N, EVEN_N)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base + j * stride_ik, nk, qk_scale, row0,
+                                               causal_offset, s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL)
             acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
             mbarrier.arrive(empty_bars.index(prev))
             acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
@@ -179,9 +193,9 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
 def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockCount,
                             stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                             stride_ob, stride_oh, stride_on, num_heads, num_kv_heads, group_size, nq, nk, qk_scale,
-                            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                            causal_offset, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
                             OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                            LOADER_REGS: gl.constexpr, EVEN_N: gl.constexpr):
+                            LOADER_REGS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -204,24 +218,21 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
         (_consumer, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse, BlockCount,
                      BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                      stride_ob, stride_oh, stride_on, num_heads, num_kv_heads, group_size, nq, nk, qk_scale,
-                     0, HEAD_DIM, STAGES, PINGPONG, OVERLAP, WRITE_LSE, EVEN_N)),
+                     causal_offset, 0, HEAD_DIM, STAGES, PINGPONG, OVERLAP, WRITE_LSE, EVEN_N, CAUSAL)),
         (_consumer, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse, BlockCount,
                      BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                      stride_ob, stride_oh, stride_on, num_heads, num_kv_heads, group_size, nq, nk, qk_scale,
-                     1, HEAD_DIM, STAGES, PINGPONG, OVERLAP, WRITE_LSE, EVEN_N)),
+                     causal_offset, 1, HEAD_DIM, STAGES, PINGPONG, OVERLAP, WRITE_LSE, EVEN_N, CAUSAL)),
         (_loader, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, BlockCount,
                    BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                    num_heads, num_kv_heads, group_size, nq, nk, STAGES)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
-def gluon_support_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                        block_size: int) -> str | None:
+def gluon_support_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int) -> str | None:
     """None where this kernel applies, else what it supports (the caller uses the Triton kernel)."""
     if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
         return f"needs an sm_90 GPU (H100/H200), got {q.device}"
-    if causal:
-        return "supports non-causal attention only"
     if block_size != BLOCK_SIZE:
         return f"supports block_size {BLOCK_SIZE} only, got {block_size}"
     if q.shape[-1] not in (64, 128):
@@ -229,6 +240,12 @@ def gluon_support_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"supports float16 and bfloat16, got {q.dtype}"
     return None
+
+
+@cache
+def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype):
+    gdtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], gdtype)
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
@@ -243,8 +260,9 @@ def kernel_maxnreg(schedule: dict) -> int:
     return (2 * schedule["consumer_regs"] + schedule["loader_regs"]) // 3 // 8 * 8
 
 
-def block_sparse_attention_gluon(q, k, v, block_index, block_count, *, scale, return_lse, **schedule):
-    """Same contract as ``block_sparse_attention_triton`` (non-causal); ``schedule`` overrides
+def block_sparse_attention_gluon(q, k, v, block_index, block_count, *, scale, return_lse, causal=False,
+                                 **schedule):
+    """Same contract as ``block_sparse_attention_triton``; ``schedule`` overrides
     ``DEFAULT_SCHEDULE`` keys (stages, pingpong, overlap, consumer_regs, loader_regs) for ablations."""
     unknown = set(schedule) - set(DEFAULT_SCHEDULE)
     if unknown:
@@ -253,12 +271,9 @@ def block_sparse_attention_gluon(q, k, v, block_index, block_count, *, scale, re
     q, k, v = (t if _tma_ready(t) else t.contiguous() for t in (q, k, v))
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_block = [1, 1, ROWS_PER_WARPGROUP, d]
-    kv_block = [1, 1, BLOCK_SIZE, d]
-    q_desc = TensorDescriptor(q, list(q.shape), list(q.stride()), q_block,
-                              gl.NVMMASharedLayout.get_default_for(q_block, gdtype))
-    kv_layout = gl.NVMMASharedLayout.get_default_for(kv_block, gdtype)
+    q_block, kv_block = [1, 1, ROWS_PER_WARPGROUP, d], [1, 1, BLOCK_SIZE, d]
+    q_desc = TensorDescriptor(q, list(q.shape), list(q.stride()), q_block, _smem_layout(ROWS_PER_WARPGROUP, d, q.dtype))
+    kv_layout = _smem_layout(BLOCK_SIZE, d, q.dtype)
     k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), kv_block, kv_layout)
     v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), kv_block, kv_layout)
     out = torch.empty_like(q)
@@ -269,9 +284,9 @@ def block_sparse_attention_gluon(q, k, v, block_index, block_count, *, scale, re
     _block_sparse_fwd_gluon[grid](
         q_desc, k_desc, v_desc, out, lse, block_index, block_count,
         si[0], si[1], block_index.stride(2), block_index.stride(3), sc[0], sc[1], block_count.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), hq, hkv, hq // hkv, nq, nk, scale * LOG2E,
+        out.stride(0), out.stride(1), out.stride(2), hq, hkv, hq // hkv, nq, nk, scale * LOG2E, nk - nq,
         HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=return_lse,
         CONSUMER_REGS=cfg["consumer_regs"], LOADER_REGS=cfg["loader_regs"], EVEN_N=nk % BLOCK_SIZE == 0,
-        num_warps=4, maxnreg=kernel_maxnreg(cfg),
+        CAUSAL=causal, num_warps=4, maxnreg=kernel_maxnreg(cfg),
     )
     return out, (lse if return_lse else None)

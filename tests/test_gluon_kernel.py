@@ -54,7 +54,7 @@ def test_compiles_for_sm90_without_spills(tmp_path):
 
 def test_forcing_gluon_where_it_does_not_apply_names_what_it_supports():
     q = torch.randn(1, 2, 256, 128, dtype=torch.bfloat16, device="cpu")
-    index, count = mask_to_index(torch.ones(1, 1, 2, 2, dtype=torch.bool))
+    index, count = mask_to_index(torch.ones(1, 1, 2, 2, dtype=torch.bool, device="cpu"))
     with pytest.raises(ValueError, match="sm_90"):
         block_sparse_attention(q, q, q, index, count, backend="gluon")
 

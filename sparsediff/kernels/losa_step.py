@@ -15,13 +15,21 @@ D)`` float32, the block mean keys already times the softmax scale (any strides);
 0 on the blocks that may be chosen and -1e30 on the others (padding of a capacity-sized state): added to the
 logits and once more to the score, so that those blocks get no mass and rank last. The CUDA kernel skips
 the query tiles past ``n_live`` at a fixed launch shape (CUDA-graph safe), so its cost follows the number of
-live rows, and the logits never reach memory; its products run as three TF32 passes (``tf32x3``), about
-float32 accuracy.
+live rows, and the logits never reach memory. It multiplies on bfloat16 tensor cores: the float32 means are
+split into three bfloat16 parts (``split_means``) and a bfloat16 q is exact, so the logits keep about float32
+accuracy (other q dtypes are split in two as well).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+
+def _interpreter_or_cuda(x):
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)")
 
 
 def _token_sq_norms(x, out=None):
@@ -56,6 +64,7 @@ def token_change_update(q, q_ref, ref_thr, threshold, *, only_active=False, back
     if backend == "triton" or (backend is None and q.is_cuda):
         from .losa_step_triton import token_change_triton
 
+        _interpreter_or_cuda(q)
         return token_change_triton(q, q_ref, ref_thr, float(threshold) ** 2, only_active)
     return _token_change_torch(q, q_ref, ref_thr, threshold, only_active)
 
@@ -82,14 +91,32 @@ def _mean_key_score_torch(rows, n_live, means, bias):
     return torch.matmul(live[:, None, None, :], probs)[:, :, 0].add_(bias)
 
 
-def mean_key_score(rows, n_live, means, bias, *, backend=None):
-    """``(B, H, nkb)`` float32 score; see the module docstring. ``backend``: None (Triton on CUDA), "triton"
-    or "torch"."""
+def split_means(means, out=None):
+    """float32 means ``(B, H, nkb, D)`` (any strides) as three bfloat16 parts ``(3, B, H, D, nkb)`` whose sum
+    is the float32 value (8 + 8 + 8 significand bits): what the CUDA kernel reads. Callers that score many
+    times against the same means (LoSA, once per block) make it once and pass it as ``split``."""
+    t = means.transpose(-1, -2)
+    hi = t.to(torch.bfloat16)
+    rest = t - hi.float()
+    mid = rest.to(torch.bfloat16)
+    parts = torch.stack([hi, mid, (rest - mid.float()).to(torch.bfloat16)])
+    return parts if out is None else out.copy_(parts)
+
+
+def mean_key_score(rows, n_live, means, bias, *, split=None, backend=None):
+    """``(B, H, nkb)`` float32 score; see the module docstring. ``split``: :func:`split_means` of ``means``
+    (made here when needed and not given). ``backend``: None (Triton on CUDA), "triton" or "torch"."""
     _check(rows, n_live, means, bias)
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
     if backend == "triton" or (backend is None and rows.is_cuda):
         from .losa_step_triton import mean_key_score_triton
 
-        return mean_key_score_triton(rows, n_live, means, bias)
+        _interpreter_or_cuda(rows)
+        if split is None:
+            split = split_means(means)
+        b, h, nkb, d = means.shape
+        if tuple(split.shape) != (3, b, h, d, nkb) or split.dtype != torch.bfloat16:
+            raise ValueError(f"split must be bfloat16 (3, {b}, {h}, {d}, {nkb}), got {split.dtype} {tuple(split.shape)}")
+        return mean_key_score_triton(rows, n_live, split, bias)
     return _mean_key_score_torch(rows, n_live, means, bias)

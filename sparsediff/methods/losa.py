@@ -52,7 +52,7 @@ import math
 import torch
 
 from ..kernels import block_stats, index_to_mask, mask_to_index
-from ..kernels.losa_step import mean_key_score, token_change_update
+from ..kernels.losa_step import mean_key_score, split_means, token_change_update
 from ..kernels.prefix_merge import merge_prefix
 from . import step_state
 from .base import AttentionMethod, MethodConfig, register_method
@@ -67,7 +67,6 @@ from .prefix_attention import (
     pack_factor,
     prefix_attention,
     prefix_partials,
-    strided_counts,
     strided_layout,
 )
 from .selectors import get_selector
@@ -182,6 +181,7 @@ class _Prefix:
     q_ref: torch.Tensor  # float32 q the change is measured against
     ref_thr: torch.Tensor  # (B, Nq) (threshold * |q_ref|)^2: a token is active when |q - q_ref|^2 >= ref_thr
     means_t: torch.Tensor  # (B, Hkv, D, nkb_cap) float32 block means * scale; zero past the prefix
+    means_split: torch.Tensor | None  # CUDA: means_t as three bfloat16 parts (3, B, Hkv, D, nkb_cap), the kernel's
     bias: torch.Tensor  # (nkb_cap,) float32: 0 on the prefix's full blocks, -1e30 past them
     index: torch.Tensor | None  # sparsity 0: every block id, laid out once
     count: torch.Tensor  # (1, 1, splits) int32 kept blocks per split
@@ -190,6 +190,11 @@ class _Prefix:
     all_active: torch.Tensor  # (B, Nq) True: the first step writes every row of the row cache
     win_idx: torch.Tensor  # (block_size + Nq,) int64 KV rows of the window: tail | active block, then padding
     win_bias: torch.Tensor  # (block_size + Nq,) 0 on the window's valid rows, -inf on its padding
+    n_dev: torch.Tensor  # () int64 the prefix length: the first step derives the values above from it
+    count_table: torch.Tensor  # (nkb_cap + 1, splits) int32 kept blocks per split for each prefix block count
+    dense_table: torch.Tensor  # (nkb_cap + 1, dense_splits) int32 likewise with every block kept
+    block_ids: torch.Tensor  # (nkb_cap,) int64 0, 1, ...
+    win_rows: torch.Tensor  # (block_size + Nq,) int64 0, 1, ...
     splits: int
     dense_splits: int
     keep_cap: int  # ranks computed per step: the keep of the full capacity
@@ -220,13 +225,14 @@ class LoSAMethod(AttentionMethod):
 
     def _record(self, state, stat, ratio):
         # ``stat`` (B, Nq + 1): the active mask and, last, whether a row had any active token. Summed on
-        # the device (one in-place op, no sync per call, outside a captured step); step_report() converts.
+        # the device (one op per call, no sync, outside a captured step: a replay's stat is overwritten by the
+        # next replay, so the first call of a step copies it); step_report() converts.
         key = (state.block, state.step)
         rec = self.stats["per_step"].get(key)
         if rec is None:
-            rec = self.stats["per_step"][key] = {"block": state.block, "step": state.step, "calls": 0, "ratio": 0.0,
-                                                 "counts": torch.zeros(stat.shape, dtype=torch.int32,
-                                                                       device=stat.device)}
+            self.stats["per_step"][key] = {"block": state.block, "step": state.step, "calls": 1, "ratio": ratio,
+                                           "counts": stat.to(torch.int32)}
+            return
         rec["counts"].add_(stat)
         rec["ratio"] += ratio
         rec["calls"] += 1
@@ -289,6 +295,14 @@ class LoSAMethod(AttentionMethod):
         dense_splits = choose_splits(q, nkb_cap, heads=hq // dense_pack) if nq <= cfg.block_size else 1
         w = cfg.block_size + nq
         f32 = dict(dtype=torch.float32, device=dev)
+        # Kept counts per split for every prefix length, laid out once (strided_counts of each row's keep).
+        nkbs = torch.arange(nkb_cap + 1)
+        keeps = nkbs if cfg.sparsity == 0.0 else torch.tensor([self._keep(n) for n in range(nkb_cap + 1)])
+
+        def table(kept, s):
+            return torch.div(kept[:, None] + (s - 1) - torch.arange(s), s, rounding_mode="floor").clamp_(min=0).to(
+                device=dev, dtype=torch.int32)
+
         return _Prefix(out=torch.zeros(q.shape, dtype=q.dtype, device=dev), lse=torch.zeros(bsz, hq, nq, **f32),
                        q_ref=torch.zeros(q.shape, **f32), ref_thr=torch.zeros(bsz, nq, **f32),
                        means_t=torch.zeros(bsz, hkv, d, nkb_cap, **f32), bias=torch.zeros(nkb_cap, **f32),
@@ -297,27 +311,35 @@ class LoSAMethod(AttentionMethod):
                        dense_count=torch.zeros(1, 1, dense_splits, dtype=torch.int32, device=dev),
                        all_active=torch.ones(bsz, nq, dtype=torch.bool, device=dev), dense_splits=dense_splits,
                        win_idx=torch.zeros(w, dtype=torch.int64, device=dev),
-                       win_bias=torch.zeros(w, **f32), splits=splits, keep_cap=keep_cap, signature=signature)
+                       win_bias=torch.zeros(w, **f32), splits=splits, keep_cap=keep_cap, signature=signature,
+                       means_split=(torch.zeros(3, bsz, hkv, d, nkb_cap, dtype=torch.bfloat16, device=dev)
+                                    if q.is_cuda else None),
+                       n_dev=torch.zeros((), dtype=torch.int64, device=dev), count_table=table(keeps, splits),
+                       dense_table=table(nkbs, dense_splits), block_ids=torch.arange(nkb_cap, device=dev),
+                       win_rows=torch.arange(w, device=dev))
 
-    def _begin_block(self, entry, k, v, n_prefix, epoch):
-        """A block's first step, eager part: the length-dependent values of ``entry`` rewritten in place
-        (kept counts, the prefix's key-block bias, the window's rows); :meth:`_first` does the rest."""
-        cfg = self.config
-        nkb = n_prefix // cfg.block_size
-        entry.n_prefix, entry.epoch = n_prefix, epoch
-        entry.bias.fill_(-1e30)[:nkb].zero_()
-        keep = nkb if cfg.sparsity == 0.0 else self._keep(nkb)
-        strided_counts(keep, entry.splits, entry.count)
-        strided_counts(nkb, entry.dense_splits, entry.dense_count)
-        entry.ratio = keep / nkb if nkb else 0.0
-        # The window gathers its rows from the KV buffer inside the (captured) step: no copies per step.
-        # Padding rows repeat the last valid row (rows past the keys may hold anything, even NaN) and are
-        # masked by the bias.
-        start = nkb * cfg.block_size
-        nk = k.shape[2]
-        torch.clamp(torch.arange(start, start + entry.win_idx.shape[0], device=k.device), max=nk - 1,
-                    out=entry.win_idx)
-        entry.win_bias.fill_(float("-inf"))[: nk - start].zero_()
+    def _begin_block(self, entry, n_prefix, epoch):
+        """A block's first step, eager part: the prefix length into the entry (one device op; :meth:`_first`
+        derives the kept counts, the key-block bias and the window from it)."""
+        nkb = n_prefix // self.config.block_size
+        keep = nkb if self.config.sparsity == 0.0 else self._keep(nkb)
+        entry.n_prefix, entry.epoch, entry.ratio = n_prefix, epoch, (keep / nkb if nkb else 0.0)
+        entry.n_dev.fill_(n_prefix)
+
+    def _write_lengths(self, entry, nq):
+        """The length-dependent state from ``entry.n_dev``, written in place on the device (eager or captured):
+        the bias of the prefix's full key blocks, the kept counts per split, and the window's rows: the
+        prefix's partial last block and the active block, gathered from the KV buffer inside the step (no
+        copies per step); padding rows repeat the last valid row (rows past the keys may hold anything, even
+        NaN) and are masked by the window's bias."""
+        bs = self.config.block_size
+        nkb = torch.div(entry.n_dev, bs, rounding_mode="floor")
+        entry.bias.copy_(torch.where(entry.block_ids < nkb, 0.0, -1e30))
+        entry.count.view(-1).copy_(entry.count_table.index_select(0, nkb.view(1))[0])
+        entry.dense_count.view(-1).copy_(entry.dense_table.index_select(0, nkb.view(1))[0])
+        start, last = nkb * bs, entry.n_dev + (nq - 1)
+        torch.minimum(entry.win_rows + start, last, out=entry.win_idx)
+        entry.win_bias.copy_(torch.where(entry.win_rows <= last - start, 0.0, float("-inf")))
 
     def _first(self, q, kc, vc, *, entry, scale):
         """A block's first step, run eagerly or captured (fixed shapes for a capacity): dense prefix
@@ -325,6 +347,7 @@ class LoSAMethod(AttentionMethod):
         entry), the block mean keys of the capacity (zero past the prefix), the change test's references,
         the window attention and one fused pass that fills the row cache and merges. Returns (out, lse)."""
         bs = self.config.block_size
+        self._write_lengths(entry, q.shape[2])
         count = entry.dense_count.expand(*entry.dense_index.shape[:3])
         split = (entry.dense_index, count, entry.dense_splits) if entry.dense_splits > 1 else None
         parts = prefix_partials(q, kc, vc, entry.dense_index, count, scale=scale, block_size=bs, split=split,
@@ -333,6 +356,8 @@ class LoSAMethod(AttentionMethod):
         # Reads the whole capacity (rows past the prefix may hold anything, even NaN): masked by the bias.
         means = block_stats(kc[:, :, : nkb_cap * bs], bs).mean.float().mul_(scale).transpose(-1, -2)
         entry.means_t.copy_(torch.where(entry.bias == 0, means, 0.0))
+        if entry.means_split is not None:
+            split_means(entry.means_t.transpose(-1, -2), out=entry.means_split)
         token_change_update(q, entry.q_ref, entry.ref_thr, self.config.threshold)  # the references only
         inner = window_attention(q.float(), kc.index_select(2, entry.win_idx), vc.index_select(2, entry.win_idx),
                                  entry.win_bias, scale)
@@ -359,7 +384,7 @@ class LoSAMethod(AttentionMethod):
         if entry is None or entry.signature != signature:  # the capacity grew (or a new shape class)
             entry = self._cache.entries[key] = self._new_entry(q, cap, k.dtype, signature)
         if entry.epoch != self._cache.epoch or entry.n_prefix != nk - nq:
-            self._begin_block(entry, k, v, nk - nq, self._cache.epoch)
+            self._begin_block(entry, nk - nq, self._cache.epoch)
             (out, lse), replayed = run_step(lambda *a: self._first(*a, entry=entry, scale=scale), entry.first, q,
                                             (kc, vc), self._cache, cfg.cuda_graphs)
             self.stats["full_refreshes"] += 1
@@ -412,7 +437,8 @@ class LoSAMethod(AttentionMethod):
                 # The active rows first: the union is scored from them only (one kernel on CUDA) and the
                 # same stacked rows go to the prefix attention.
                 rows = active_first_rows(q, active, hkv, bs)
-                score = mean_key_score(rows.stacked, rows.n_rows, entry.means_t.transpose(-1, -2), entry.bias)
+                score = mean_key_score(rows.stacked, rows.n_rows, entry.means_t.transpose(-1, -2), entry.bias,
+                                       split=entry.means_split)
                 index = rank_blocks(score, entry.keep_cap)
             elif index is None:
                 index = mean_key_rank(qf, active, entry.means_t, entry.bias, entry.keep_cap)

@@ -152,7 +152,7 @@ def prefix_partials(q, k, v, block_index=None, block_count=None, *, scale=None, 
 class ActiveRows(NamedTuple):
     """A block's query rows ordered active-first, each KV group's query heads stacked token-major:
     ``stacked`` ``(B, Hkv, nqb * block_size, D)`` (zero-padded), row ``rank[b, t] * group + j`` holding token
-    ``t`` of the group's query head ``j``; ``n_rows`` ``(B,)`` int64 = active tokens * group (the leading rows)."""
+    ``t`` of the group's query head ``j``; ``n_rows`` ``(B,)`` int32 = active tokens * group (the leading rows)."""
 
     stacked: torch.Tensor
     rank: torch.Tensor
@@ -175,7 +175,7 @@ def active_first_rows(q, active, num_kv_heads: int, block_size: int) -> ActiveRo
     stacked = by_token.gather(2, index).view(bsz, num_kv_heads, rows, d)
     if nqb * block_size != rows:
         stacked = F.pad(stacked, (0, 0, 0, nqb * block_size - rows))
-    return ActiveRows(stacked, rank, active.sum(dim=1) * group, group)
+    return ActiveRows(stacked, rank, active.sum(dim=1, dtype=torch.int32) * group, group)
 
 
 def active_first_partials(q, k, v, split, active, *, scale=None, block_size=128, rows=None) -> Partials:

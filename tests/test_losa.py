@@ -391,10 +391,11 @@ def test_growing_prefix_exact(fake_graphs, graphs):
 
 # -- The union score over the active rows (kernels/mean_key_score.py) ------------------------------------
 
-def score_inputs(b=2, h=3, r=70, d=16, nkb=37, masked=5, dtype=torch.float32, device="cpu", seed=0):
+def score_inputs(b=2, h=3, r=70, d=16, nkb=37, masked=5, dtype=torch.float32, device=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    rows = torch.randn(b, h, r, d, generator=gen).to(device, dtype)
-    means_t = (0.3 * torch.randn(b, h, d, nkb, generator=gen)).to(device)  # LoSA's transposed layout
+    device = torch.get_default_device() if device is None else device  # the GPU under SPARSEDIFF_TEST_DEVICE=cuda
+    rows = torch.randn(b, h, r, d, generator=gen, device="cpu").to(device, dtype)
+    means_t = (0.3 * torch.randn(b, h, d, nkb, generator=gen, device="cpu")).to(device)  # LoSA's transposed layout
     means_t[:, :, :, 3] += 0.5 * rows[:, :, :4].float().mean(dim=2)  # one block the leading rows point at
     bias = torch.zeros(nkb, device=device)
     bias[nkb - masked:] = -1e30
@@ -407,7 +408,7 @@ def test_mean_key_score_triton_matches_torch(dtype, live):
     from sparsediff.kernels.losa_step import mean_key_score
 
     rows, means, bias = score_inputs(dtype=dtype)
-    n_live = torch.tensor(live)
+    n_live = torch.tensor(live, device=rows.device)
     want = mean_key_score(rows, n_live, means, bias, backend="torch")
     got = mean_key_score(rows, n_live, means, bias, backend="triton")
     # Definition: the live rows' softmax mass per block, the bias added to logits and score.
@@ -427,6 +428,8 @@ def test_mean_key_score_rejects_bad_input():
     rows, means, bias = score_inputs()
     with pytest.raises(ValueError, match="n_live"):
         mean_key_score(rows, torch.tensor([1.0, 2.0]), means, bias)
+    with pytest.raises(ValueError, match="split"):
+        mean_key_score(rows, torch.tensor([1, 2]), means, bias, split=torch.zeros(3, 2, 3, 16, 36), backend="triton")
     with pytest.raises(TypeError, match="float32"):
         mean_key_score(rows, torch.tensor([1, 2]), means.double(), bias)
     with pytest.raises(ValueError, match="bias"):
@@ -458,9 +461,10 @@ def test_token_change_triton_matches_torch(only_active, dtype):
     from sparsediff.kernels.losa_step import token_change_update
 
     gen = torch.Generator().manual_seed(1)
-    q = torch.randn(2, 6, 10, 16, generator=gen).to(dtype)
-    ref = torch.randn(2, 6, 10, 16, generator=gen)
-    ref[:, :, :5] = q[:, :, :5].float() + 1e-3 * torch.randn(2, 6, 5, 16, generator=gen)  # tokens 0-4 barely moved
+    q = torch.randn(2, 6, 10, 16, generator=gen, device="cpu").to(dtype)
+    ref = torch.randn(2, 6, 10, 16, generator=gen, device="cpu")
+    ref[:, :, :5] = q[:, :, :5].float() + 1e-3 * torch.randn(2, 6, 5, 16, generator=gen, device="cpu")  # barely moved
+    q, ref = q.to(torch.get_default_device()), ref.to(torch.get_default_device())
     thr = torch.full((2, 10), 1e-2)
     outs = []
     for backend, qq in (("torch", q), ("triton", q.transpose(1, 2).contiguous().transpose(1, 2))):  # any strides
@@ -470,7 +474,7 @@ def test_token_change_triton_matches_torch(only_active, dtype):
     assert torch.equal(a, a2) and a[:, :5].logical_not().all() and a[:, 5:].all()
     assert torch.equal(r, r2)
     torch.testing.assert_close(t, t2, rtol=1e-6, atol=0)
-    moved = torch.ones(10, dtype=torch.bool) if not only_active else a[0]
+    moved = torch.ones(10, dtype=torch.bool, device=a.device) if not only_active else a[0]
     torch.testing.assert_close(r[0][:, moved], q[0][:, moved].float(), rtol=0, atol=0)
     torch.testing.assert_close(t[0][moved], 0.01 * q[0][:, moved].float().square().sum(dim=(0, 2)), rtol=1e-5, atol=0)
     if only_active:  # stable tokens keep their references

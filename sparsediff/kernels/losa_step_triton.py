@@ -125,7 +125,7 @@ def mean_key_score_triton(rows, n_live, split, bias):
     if split.stride(4) != 1:
         split = split.contiguous()
     # 32-row tiles: more programs share the work at long blocks, and 64-row tiles ran 6x slower per chunk on
-    # an H100 (2026-11-24: 0.144 ms per step for 16 programs at 64k / 128-token blocks, against 0.022 ms
+    # an H100 (2026-11-23: 0.144 ms per step for 16 programs at 64k / 128-token blocks, against 0.022 ms
     # for 8 programs of 32 rows at 64k / 32-token blocks).
     block_m = 32
     block_n = 64

@@ -117,6 +117,7 @@ def mean_key_score(rows, n_live, means, bias, *, split=None, backend=None):
             split = split_means(means)
         b, h, nkb, d = means.shape
         if tuple(split.shape) != (3, b, h, d, nkb) or split.dtype != torch.bfloat16:
-            raise ValueError(f"split must be bfloat16 (3, {b}, {h}, {d}, {nkb}), got {split.dtype} {tuple(split.shape)}")
+            raise ValueError(f"split must be bfloat16 (3, {b}, {h}, {d}, {nkb}), got {split.dtype} "
+                             f"{tuple(split.shape)}")
         return mean_key_score_triton(rows, n_live, split, bias)
     return _mean_key_score_torch(rows, n_live, means, bias)

@@ -26,10 +26,17 @@ def _merge_prefix_kernel(PO, PL, IO, IL, RO, RL, CO, CL, ACT, RANK, Out, Lse, S,
     else:
         in_part = (bh % PACK) * nq + r
     part_row0 = (bh // PACK) * S * R
+    row = bh * nq + r
+    if HAS_CACHE:  # stable rows take the cached prefix: they skip the walk over the splits (no loads)
+        act = tl.load(ACT + (bh // H) * nq + r, mask=rm, other=0) != 0
+        rp = rm & act
+    else:
+        rp = rm
+    mp = rp[:, None] & (c[None, :] < D)
     for s in range(0, S):
-        row = part_row0 + s * R + in_part
-        lse = tl.load(PL + row, mask=rm, other=float("-inf"))
-        part = tl.load(PO + row[:, None] * D + c[None, :], mask=m, other=0.0).to(tl.float32)
+        prow = part_row0 + s * R + in_part
+        lse = tl.load(PL + prow, mask=rp, other=float("-inf"))
+        part = tl.load(PO + prow[:, None] * D + c[None, :], mask=mp, other=0.0).to(tl.float32)
         new = tl.maximum(top, lse)
         new_safe = tl.where(new == float("-inf"), 0.0, new)
         alpha = tl.exp(top - new_safe)
@@ -40,16 +47,16 @@ def _merge_prefix_kernel(PO, PL, IO, IL, RO, RL, CO, CL, ACT, RANK, Out, Lse, S,
     top_safe = tl.where(top == float("-inf"), 0.0, top)
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
     lse = tl.where(total > 0, top_safe + tl.log(total), float("-inf"))
-    row = bh * nq + r
     if HAS_RES:
         out += tl.load(RO + row[:, None] * D + c[None, :], mask=m, other=0.0).to(tl.float32)
         lse += tl.load(RL + row, mask=rm, other=0.0)
     if HAS_CACHE:
-        act = tl.load(ACT + (bh // H) * nq + r, mask=rm, other=0) != 0
         # Read the cache before writing it: a load after the store could run in another thread of the
         # program and miss the write. Every row continues at the cache's precision, as later steps read it.
-        cached = tl.load(CO + row[:, None] * D + c[None, :], mask=m, other=0.0).to(tl.float32)
-        cached_lse = tl.load(CL + row, mask=rm, other=float("-inf"))
+        st = rm & (act == 0)  # active rows never read the cache
+        cached = tl.load(CO + row[:, None] * D + c[None, :], mask=st[:, None] & (c[None, :] < D),
+                         other=0.0).to(tl.float32)
+        cached_lse = tl.load(CL + row, mask=st, other=float("-inf"))
         out = tl.where(act[:, None], out.to(CO.dtype.element_ty).to(tl.float32), cached)
         lse = tl.where(act, lse, cached_lse)
         tl.store(CO + row[:, None] * D + c[None, :], out.to(CO.dtype.element_ty), mask=m & act[:, None])

@@ -26,10 +26,12 @@ softmax mass against the block's mean key (means cached at the block's first ste
 does not change within a block) and keeps the top ``(1 - sparsity)`` share per batch row and (KV) head.
 The union-sparse attention then runs in one call at a fixed shape: no device sync per step. With a
 union per KV head (GQA, the default) the block's tokens are ordered active-first on the device and each
-group's query heads stacked token-major (``prefix_attention.active_first_partials``): one read of each
-kept K/V block serves the whole group, and query tiles holding no active row skip the prefix, so the
-kernel's work follows the active share. With ``union="head"`` every row is computed and only the active
-ones kept. A
+group's query heads stacked token-major (``prefix_attention.active_first_rows``): the union is scored from
+the leading (active) rows only (``kernels.losa_step.mean_key_score``, one kernel on CUDA), one read of each
+kept K/V block serves the whole group, and query tiles holding no active row skip the prefix, so both
+follow the active share. The change test and the next step's references are one kernel on CUDA too
+(``kernels.losa_step.token_change_update``). With ``union="head"`` every row is scored and computed and
+only the active ones kept. A
 registered selector name runs that selector on the gathered active tokens instead, and the union of
 its per-query-block choices is used. Prefix attention is split over key chunks for short blocks
 (``prefix_attention``).
@@ -50,6 +52,7 @@ import math
 import torch
 
 from ..kernels import block_stats, index_to_mask, mask_to_index
+from ..kernels.losa_step import mean_key_score, split_means, token_change_update
 from ..kernels.prefix_merge import merge_prefix
 from . import step_state
 from .base import AttentionMethod, MethodConfig, register_method
@@ -58,12 +61,12 @@ from .flashblock import selector_config
 from .prefix_attention import (
     Partials,
     active_first_partials,
+    active_first_rows,
     choose_splits,
     kv_capacity,
     pack_factor,
     prefix_attention,
     prefix_partials,
-    strided_counts,
     strided_layout,
 )
 from .selectors import get_selector
@@ -120,12 +123,6 @@ def _active_mass(qf, active, means_t, bias, per_kv_head):
     return torch.matmul(weight, probs.view(bsz, hq, nq, nkb))
 
 
-def token_sq_norms(x, out=None):
-    """Squared L2 norm per token over all heads, ``(B, Nq)`` from ``(B, H, Nq, D)``: a contiguous reduction
-    over D, then one over heads (a single reduction over dims (1, 3) takes a slow strided kernel on GPUs)."""
-    return torch.sum(x.square().sum(dim=3), dim=1, out=out)
-
-
 def mean_key_union(q, active, key_means, keep, scale, per_kv_head=False):
     """Built-in LoSA selection: one set of ``keep`` prefix key blocks per batch row and head (or per KV
     head, shared by its query heads), ranked by the active tokens' softmax mass against the block mean
@@ -148,16 +145,22 @@ def mean_key_rank(qf, active, means_t, bias, keep, per_kv_head=False):
     per batch row and head (or KV head), best first, int32 ``(B, H, 1, keep)``. ``bias`` ``(nkb,)`` is
     0 on the current prefix's blocks and -1e30 past it: those get no softmax mass and rank last, so the
     first ``k`` ids are the top ``k`` of the current prefix for every ``k`` (the kernels read a count)."""
-    score = _active_mass(qf, active, means_t, bias, per_kv_head).add_(bias)
+    return rank_blocks(_active_mass(qf, active, means_t, bias, per_kv_head).add_(bias)[:, :, 0], keep)
+
+
+def rank_blocks(score, keep):
+    """The ``keep`` best key-block ids of ``score`` ``(B, H, nkb)``, best first: int32 ``(B, H, 1, keep)``."""
     # A full sort of one short row per head: one kernel, where a sorted top-k takes a select and a sort.
-    return torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :keep].to(torch.int32)
+    return torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :, None, :keep].to(torch.int32)
 
 
 def window_attention(qf, wk, wv, bias, scale):
     """Attention of float32 q ``(B, Hq, Nq, D)`` to a small key window ``(B, Hkv, W, D)`` with an
-    additive key mask ``bias (W,)`` (0 or -inf): ``(out float32, lse)``. Five ops, any W."""
+    additive key mask ``bias (W,)`` (0 or -inf): ``(out float32, lse)``. Five ops, any W (keys and values
+    of another dtype are converted first)."""
     bsz, hq, nq, d = qf.shape
     hkv, w = wk.shape[1], wk.shape[2]
+    wk, wv = wk.float(), wv.float()
     logits = torch.baddbmm(bias, qf.reshape(bsz * hkv, (hq // hkv) * nq, d),
                            wk.reshape(bsz * hkv, w, d).transpose(1, 2), alpha=scale)
     lse = torch.logsumexp(logits, dim=-1)
@@ -178,14 +181,20 @@ class _Prefix:
     q_ref: torch.Tensor  # float32 q the change is measured against
     ref_thr: torch.Tensor  # (B, Nq) (threshold * |q_ref|)^2: a token is active when |q - q_ref|^2 >= ref_thr
     means_t: torch.Tensor  # (B, Hkv, D, nkb_cap) float32 block means * scale; zero past the prefix
+    means_split: torch.Tensor | None  # CUDA: means_t as three bfloat16 parts (3, B, Hkv, D, nkb_cap), the kernel's
     bias: torch.Tensor  # (nkb_cap,) float32: 0 on the prefix's full blocks, -1e30 past them
     index: torch.Tensor | None  # sparsity 0: every block id, laid out once
     count: torch.Tensor  # (1, 1, splits) int32 kept blocks per split
     dense_index: torch.Tensor  # every block id of the capacity, laid out for the first step's splits
     dense_count: torch.Tensor  # (1, 1, dense_splits) int32: the prefix's full blocks per split
     all_active: torch.Tensor  # (B, Nq) True: the first step writes every row of the row cache
-    win: tuple  # float32 (B, Hkv, block_size + Nq, D) window keys and values: tail | active block
+    win_idx: torch.Tensor  # (block_size + Nq,) int64 KV rows of the window: tail | active block, then padding
     win_bias: torch.Tensor  # (block_size + Nq,) 0 on the window's valid rows, -inf on its padding
+    n_dev: torch.Tensor  # () int64 the prefix length: the first step derives the values above from it
+    count_table: torch.Tensor  # (nkb_cap + 1, splits) int32 kept blocks per split for each prefix block count
+    dense_table: torch.Tensor  # (nkb_cap + 1, dense_splits) int32 likewise with every block kept
+    block_ids: torch.Tensor  # (nkb_cap,) int64 0, 1, ...
+    win_rows: torch.Tensor  # (block_size + Nq,) int64 0, 1, ...
     splits: int
     dense_splits: int
     keep_cap: int  # ranks computed per step: the keep of the full capacity
@@ -216,13 +225,14 @@ class LoSAMethod(AttentionMethod):
 
     def _record(self, state, stat, ratio):
         # ``stat`` (B, Nq + 1): the active mask and, last, whether a row had any active token. Summed on
-        # the device (one in-place op, no sync per call, outside a captured step); step_report() converts.
+        # the device (one op per call, no sync, outside a captured step: a replay's stat is overwritten by the
+        # next replay, so the first call of a step copies it); step_report() converts.
         key = (state.block, state.step)
         rec = self.stats["per_step"].get(key)
         if rec is None:
-            rec = self.stats["per_step"][key] = {"block": state.block, "step": state.step, "calls": 0, "ratio": 0.0,
-                                                 "counts": torch.zeros(stat.shape, dtype=torch.int32,
-                                                                       device=stat.device)}
+            self.stats["per_step"][key] = {"block": state.block, "step": state.step, "calls": 1, "ratio": ratio,
+                                           "counts": stat.to(torch.int32)}
+            return
         rec["counts"].add_(stat)
         rec["ratio"] += ratio
         rec["calls"] += 1
@@ -285,6 +295,14 @@ class LoSAMethod(AttentionMethod):
         dense_splits = choose_splits(q, nkb_cap, heads=hq // dense_pack) if nq <= cfg.block_size else 1
         w = cfg.block_size + nq
         f32 = dict(dtype=torch.float32, device=dev)
+        # Kept counts per split for every prefix length, laid out once (strided_counts of each row's keep).
+        nkbs = torch.arange(nkb_cap + 1)
+        keeps = nkbs if cfg.sparsity == 0.0 else torch.tensor([self._keep(n) for n in range(nkb_cap + 1)])
+
+        def table(kept, s):
+            return torch.div(kept[:, None] + (s - 1) - torch.arange(s), s, rounding_mode="floor").clamp_(min=0).to(
+                device=dev, dtype=torch.int32)
+
         return _Prefix(out=torch.zeros(q.shape, dtype=q.dtype, device=dev), lse=torch.zeros(bsz, hq, nq, **f32),
                        q_ref=torch.zeros(q.shape, **f32), ref_thr=torch.zeros(bsz, nq, **f32),
                        means_t=torch.zeros(bsz, hkv, d, nkb_cap, **f32), bias=torch.zeros(nkb_cap, **f32),
@@ -292,39 +310,44 @@ class LoSAMethod(AttentionMethod):
                        dense_index=strided_layout(every, dense_splits) if dense_splits > 1 else every,
                        dense_count=torch.zeros(1, 1, dense_splits, dtype=torch.int32, device=dev),
                        all_active=torch.ones(bsz, nq, dtype=torch.bool, device=dev), dense_splits=dense_splits,
-                       win=(torch.zeros(bsz, hkv, w, d, **f32), torch.zeros(bsz, hkv, w, d, **f32)),
-                       win_bias=torch.zeros(w, **f32), splits=splits, keep_cap=keep_cap, signature=signature)
+                       win_idx=torch.zeros(w, dtype=torch.int64, device=dev),
+                       win_bias=torch.zeros(w, **f32), splits=splits, keep_cap=keep_cap, signature=signature,
+                       means_split=(torch.zeros(3, bsz, hkv, d, nkb_cap, dtype=torch.bfloat16, device=dev)
+                                    if q.is_cuda else None),
+                       n_dev=torch.zeros((), dtype=torch.int64, device=dev), count_table=table(keeps, splits),
+                       dense_table=table(nkbs, dense_splits), block_ids=torch.arange(nkb_cap, device=dev),
+                       win_rows=torch.arange(w, device=dev))
 
-    def _load_window(self, entry, k, v):
-        """The prefix's partial last block and the active block into the fixed window (two copies)."""
-        start = (entry.n_prefix // self.config.block_size) * self.config.block_size
-        rows = k.shape[2] - start
-        entry.win[0][:, :, :rows].copy_(k[:, :, start:])
-        entry.win[1][:, :, :rows].copy_(v[:, :, start:])
-        return rows
+    def _begin_block(self, entry, n_prefix, epoch):
+        """A block's first step, eager part: the prefix length into the entry (one device op; :meth:`_first`
+        derives the kept counts, the key-block bias and the window from it)."""
+        nkb = n_prefix // self.config.block_size
+        keep = nkb if self.config.sparsity == 0.0 else self._keep(nkb)
+        entry.n_prefix, entry.epoch, entry.ratio = n_prefix, epoch, (keep / nkb if nkb else 0.0)
+        entry.n_dev.fill_(n_prefix)
 
-    def _begin_block(self, entry, k, v, n_prefix, epoch):
-        """A block's first step, eager part: the length-dependent values of ``entry`` rewritten in place
-        (kept counts, the prefix's key-block bias, the window); :meth:`_first` does the rest."""
-        cfg = self.config
-        nkb = n_prefix // cfg.block_size
-        entry.n_prefix, entry.epoch = n_prefix, epoch
-        entry.bias.fill_(-1e30)[:nkb].zero_()
-        keep = nkb if cfg.sparsity == 0.0 else self._keep(nkb)
-        strided_counts(keep, entry.splits, entry.count)
-        strided_counts(nkb, entry.dense_splits, entry.dense_count)
-        entry.ratio = keep / nkb if nkb else 0.0
-        rows = self._load_window(entry, k, v)
-        entry.win[0][:, :, rows:].zero_()
-        entry.win[1][:, :, rows:].zero_()
-        entry.win_bias.fill_(float("-inf"))[:rows].zero_()
+    def _write_lengths(self, entry, nq):
+        """The length-dependent state from ``entry.n_dev``, written in place on the device (eager or captured):
+        the bias of the prefix's full key blocks, the kept counts per split, and the window's rows: the
+        prefix's partial last block and the active block, gathered from the KV buffer inside the step (no
+        copies per step); padding rows repeat the last valid row (rows past the keys may hold anything, even
+        NaN) and are masked by the window's bias."""
+        bs = self.config.block_size
+        nkb = torch.div(entry.n_dev, bs, rounding_mode="floor")
+        entry.bias.copy_(torch.where(entry.block_ids < nkb, 0.0, -1e30))
+        entry.count.view(-1).copy_(entry.count_table.index_select(0, nkb.view(1))[0])
+        entry.dense_count.view(-1).copy_(entry.dense_table.index_select(0, nkb.view(1))[0])
+        start, last = nkb * bs, entry.n_dev + (nq - 1)
+        torch.minimum(entry.win_rows + start, last, out=entry.win_idx)
+        entry.win_bias.copy_(torch.where(entry.win_rows <= last - start, 0.0, float("-inf")))
 
-    def _first(self, q, kc, vc, wk, wv, *, entry, scale):
+    def _first(self, q, kc, vc, *, entry, scale):
         """A block's first step, run eagerly or captured (fixed shapes for a capacity): dense prefix
         attention of every token over the prefix's full key blocks (capacity-sized ids, counts from the
         entry), the block mean keys of the capacity (zero past the prefix), the change test's references,
         the window attention and one fused pass that fills the row cache and merges. Returns (out, lse)."""
         bs = self.config.block_size
+        self._write_lengths(entry, q.shape[2])
         count = entry.dense_count.expand(*entry.dense_index.shape[:3])
         split = (entry.dense_index, count, entry.dense_splits) if entry.dense_splits > 1 else None
         parts = prefix_partials(q, kc, vc, entry.dense_index, count, scale=scale, block_size=bs, split=split,
@@ -333,17 +356,13 @@ class LoSAMethod(AttentionMethod):
         # Reads the whole capacity (rows past the prefix may hold anything, even NaN): masked by the bias.
         means = block_stats(kc[:, :, : nkb_cap * bs], bs).mean.float().mul_(scale).transpose(-1, -2)
         entry.means_t.copy_(torch.where(entry.bias == 0, means, 0.0))
-        qf = q.float()
-        entry.q_ref.copy_(qf)
-        self._threshold(entry.q_ref, out=entry.ref_thr)
-        inner = window_attention(qf, wk, wv, entry.win_bias, scale)
+        if entry.means_split is not None:
+            split_means(entry.means_t.transpose(-1, -2), out=entry.means_split)
+        token_change_update(q, entry.q_ref, entry.ref_thr, self.config.threshold)  # the references only
+        inner = window_attention(q.float(), kc.index_select(2, entry.win_idx), vc.index_select(2, entry.win_idx),
+                                 entry.win_bias, scale)
         return merge_prefix(parts.out, parts.lse, q.shape[2], inner, cache=(entry.out, entry.lse),
                             active=entry.all_active, out_dtype=q.dtype, pack=parts.pack)
-
-    def _threshold(self, qf, out=None):
-        # |q - q_ref|^2 >= (threshold * |q_ref|)^2: the relative change of token_change without a division or root.
-        sq = token_sq_norms(qf, out=out)
-        return sq.clamp_min_(1e-12).mul_(float(self.config.threshold) ** 2)
 
     def sparse_attention(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
         nq, nk = q.shape[2], k.shape[2]
@@ -365,9 +384,9 @@ class LoSAMethod(AttentionMethod):
         if entry is None or entry.signature != signature:  # the capacity grew (or a new shape class)
             entry = self._cache.entries[key] = self._new_entry(q, cap, k.dtype, signature)
         if entry.epoch != self._cache.epoch or entry.n_prefix != nk - nq:
-            self._begin_block(entry, k, v, nk - nq, self._cache.epoch)
+            self._begin_block(entry, nk - nq, self._cache.epoch)
             (out, lse), replayed = run_step(lambda *a: self._first(*a, entry=entry, scale=scale), entry.first, q,
-                                            (kc, vc, *entry.win), self._cache, cfg.cuda_graphs)
+                                            (kc, vc), self._cache, cfg.cuda_graphs)
             self.stats["full_refreshes"] += 1
             self._record(state, torch.ones(q.shape[0], nq + 1, dtype=torch.bool, device=q.device), 1.0)
             if replayed:
@@ -379,9 +398,8 @@ class LoSAMethod(AttentionMethod):
                 self._cache.warn_once("cuda_graphs: the registered-selector path gathers the active tokens "
                                       "(data-dependent shapes) and cannot be captured; running eager.")
             graphs = False
-        self._load_window(entry, k, v)
         (out, lse, stat), replayed = run_step(lambda *a: self._steady(*a, entry=entry, scale=scale), entry, q,
-                                              (kc, vc, *entry.win), self._cache, graphs)
+                                              (kc, vc), self._cache, graphs)
         ratio = entry.ratio
         if cfg.selector is not None:
             ratio = float(stat[1])
@@ -391,16 +409,20 @@ class LoSAMethod(AttentionMethod):
             out, lse = out.clone(), (lse.clone() if return_lse else lse)
         return (out, lse) if return_lse else out
 
-    def _steady(self, q, kc, vc, wk, wv, *, entry, scale):
+    def _steady(self, q, kc, vc, *, entry, scale):
         """A cached step, run eagerly or captured: change test, union ranking, union-sparse partials over
         the prefix's full blocks (``kc, vc``: the whole KV buffer; the kept counts come from the entry),
         the window attention and one fused pass (split merge, row cache read/write, window merge). Fixed
         shapes for a capacity; the entry's tensors are updated in place. Returns ``(out, lse, stat)``."""
         cfg = self.config
         nq = q.shape[2]
+        # |q - q_ref|^2 >= (threshold * |q_ref|)^2: token_change's test without a division or root; the
+        # references move to this step's q (all tokens, or the active ones with compare_to="cached").
+        active = token_change_update(q, entry.q_ref, entry.ref_thr, cfg.threshold,
+                                     only_active=cfg.compare_to == "cached")  # (B, Nq)
         qf = q.float()
-        active = token_sq_norms(qf - entry.q_ref) >= entry.ref_thr  # (B, Nq)
-        inner = window_attention(qf, wk, wv, entry.win_bias, scale)
+        inner = window_attention(qf, kc.index_select(2, entry.win_idx), vc.index_select(2, entry.win_idx),
+                                 entry.win_bias, scale)
         bs = cfg.block_size
         if cfg.selector is not None:  # eager only: data-dependent shapes
             p = (entry.n_prefix // bs) * bs
@@ -410,25 +432,26 @@ class LoSAMethod(AttentionMethod):
                 o, s_, extra = torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device), 0.0
             parts = Partials(o[:, :, None], s_[:, :, None])
         else:
-            index = entry.index
-            if index is None:
-                index = mean_key_rank(qf, active, entry.means_t, entry.bias, entry.keep_cap,
-                                      per_kv_head=cfg.union == "kv_head")
-                index = strided_layout(index, entry.splits) if entry.splits > 1 else index
+            index, rows, hkv = entry.index, None, kc.shape[1]
+            if index is None and (cfg.union == "kv_head" or q.shape[1] == hkv):
+                # The active rows first: the union is scored from them only (one kernel on CUDA) and the
+                # same stacked rows go to the prefix attention.
+                rows = active_first_rows(q, active, hkv, bs)
+                score = mean_key_score(rows.stacked, rows.n_rows, entry.means_t.transpose(-1, -2), entry.bias,
+                                       split=entry.means_split)
+                index = rank_blocks(score, entry.keep_cap)
+            elif index is None:
+                index = mean_key_rank(qf, active, entry.means_t, entry.bias, entry.keep_cap)
+            if entry.index is None and entry.splits > 1:
+                index = strided_layout(index, entry.splits)
             count = entry.count.expand(*index.shape[:3])
-            if index.shape[1] in (1, kc.shape[1]):  # one union per KV head: compute the active rows only
+            if index.shape[1] in (1, hkv):  # one union per KV head: compute the active rows only
                 parts = active_first_partials(q, kc, vc, (index, count, entry.splits), active, scale=scale,
-                                              block_size=bs)
+                                              block_size=bs, rows=rows)
             else:
                 parts = prefix_partials(q, kc, vc, index, count, scale=scale, block_size=bs,
                                         split=(index, count, entry.splits) if entry.splits > 1 else None, splits=1)
         out, lse = merge_prefix(parts.out, parts.lse, nq, inner, cache=(entry.out, entry.lse), active=active,
                                 out_dtype=q.dtype, pack=parts.pack, rank=parts.rank)
-        if cfg.compare_to == "last_step":
-            entry.q_ref.copy_(qf)
-            self._threshold(entry.q_ref, out=entry.ref_thr)
-        else:
-            entry.q_ref.copy_(torch.where(active[:, None, :, None], qf, entry.q_ref))
-            entry.ref_thr.copy_(torch.where(active, self._threshold(qf), entry.ref_thr))
         stat = torch.cat([active, active.any(dim=1, keepdim=True)], dim=1)
         return out, lse, ((stat, extra) if cfg.selector is not None else stat)

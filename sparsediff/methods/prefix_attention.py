@@ -149,38 +149,60 @@ def prefix_partials(q, k, v, block_index=None, block_count=None, *, scale=None, 
     return Partials(out.view(bsz, heads, splits, block_size, d), lse.view(bsz, heads, splits, block_size), pack)
 
 
-def active_first_partials(q, k, v, split, active, *, scale=None, block_size=128) -> Partials:
-    """Split prefix attention that computes only the ``active`` tokens' rows (``(B, Nq)`` bool), at a
-    fixed shape (CUDA-graph safe). The tokens are ordered active-first on the device and each KV group's
-    query heads stacked token-major, ``Nq * G`` rows per KV head: the active rows fill the leading query
-    tiles, and tiles past them get a kept count of 0, so their programs skip the prefix. Needs one block
-    index per KV head (or one for all): ``split = (index, count, S)`` as :func:`split_index` lays it out.
-    Rows of inactive tokens are left as zeros / -inf or computed, whichever their tile is."""
+class ActiveRows(NamedTuple):
+    """A block's query rows ordered active-first, each KV group's query heads stacked token-major:
+    ``stacked`` ``(B, Hkv, nqb * block_size, D)`` (zero-padded), row ``rank[b, t] * group + j`` holding token
+    ``t`` of the group's query head ``j``; ``n_rows`` ``(B,)`` int32 = active tokens * group (the leading rows)."""
+
+    stacked: torch.Tensor
+    rank: torch.Tensor
+    n_rows: torch.Tensor
+    group: int
+
+
+def active_first_rows(q, active, num_kv_heads: int, block_size: int) -> ActiveRows:
+    """:class:`ActiveRows` of q ``(B, Hq, Nq, D)`` for the bool mask ``active`` ``(B, Nq)``, at a fixed shape."""
     bsz, hq, nq, d = q.shape
-    hkv = k.shape[1]
-    group = hq // hkv
-    index, count, splits = split
-    if index.shape[1] not in (1, hkv):
-        raise ValueError(f"active-first prefix attention needs one block index per KV head, got {index.shape[1]} "
-                         f"index heads for {hkv} KV heads")
+    group = hq // num_kv_heads
     # Stable descending sort of the mask: active tokens first, each group in token order.
     order = torch.sort(active.to(torch.uint8), dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(1, order, _positions(bsz, nq, q.device))
     rows = nq * group
     nqb = math.ceil(rows / block_size)
     # One gather straight into the token-major layout (B, Hkv, Nq, G, D): row r * G + j is head j of token r.
-    by_token = q.reshape(bsz, hkv, group, nq, d).transpose(2, 3)
-    stacked = by_token.gather(2, order[:, None, :, None, None].expand(-1, hkv, -1, group, d)).view(bsz, hkv, rows, d)
+    by_token = q.reshape(bsz, num_kv_heads, group, nq, d).transpose(2, 3)
+    index = order[:, None, :, None, None].expand(-1, num_kv_heads, -1, group, d)
+    stacked = by_token.gather(2, index).view(bsz, num_kv_heads, rows, d)
     if nqb * block_size != rows:
         stacked = F.pad(stacked, (0, 0, 0, nqb * block_size - rows))
-    # Tile t holds an active row iff t * block_size < n_active * G, i.e. ceil((t * block_size + 1) / G) <= n_active.
-    live = _first_token_of_tile(nqb, block_size, group, q.device) <= active.sum(dim=1, keepdim=True)  # (B, nqb)
+    return ActiveRows(stacked, rank, active.sum(dim=1, dtype=torch.int32) * group, group)
+
+
+def active_first_partials(q, k, v, split, active, *, scale=None, block_size=128, rows=None) -> Partials:
+    """Split prefix attention that computes only the ``active`` tokens' rows (``(B, Nq)`` bool), at a
+    fixed shape (CUDA-graph safe). The tokens are ordered active-first on the device and each KV group's
+    query heads stacked token-major (:func:`active_first_rows`, or ``rows`` when already made): the active
+    rows fill the leading query tiles, and tiles past them get a kept count of 0, so their programs skip
+    the prefix. Needs one block index per KV head (or one for all): ``split = (index, count, S)`` as
+    :func:`split_index` lays it out. Rows of inactive tokens are left as zeros / -inf or computed,
+    whichever their tile is."""
+    bsz, hq, nq, d = q.shape
+    hkv = k.shape[1]
+    index, count, splits = split
+    if index.shape[1] not in (1, hkv):
+        raise ValueError(f"active-first prefix attention needs one block index per KV head, got {index.shape[1]} "
+                         f"index heads for {hkv} KV heads")
+    if rows is None:
+        rows = active_first_rows(q, active, hkv, block_size)
+    stacked = rows.stacked
+    nqb = stacked.shape[2] // block_size
+    live = _tile_starts(nqb, block_size, q.device) < rows.n_rows[:, None]  # (B, nqb): tile holds an active row
     count = torch.where(live[:, None, None, :], count[..., None], 0).reshape(bsz, count.shape[1], splits * nqb)
     index = (index.repeat_interleave(nqb, dim=2) if nqb > 1 else index).expand(bsz, -1, -1, -1)
     out, lse = block_sparse_attention(stacked.repeat(1, 1, splits, 1), k, v, index, count, scale=scale,
                                       block_size=block_size, return_lse=True, check_ids=False)
     r = nqb * block_size
-    return Partials(out.view(bsz, hkv, splits, r, d), lse.view(bsz, hkv, splits, r), group, rank)
+    return Partials(out.view(bsz, hkv, splits, r, d), lse.view(bsz, hkv, splits, r), rows.group, rows.rank)
 
 
 @functools.lru_cache(maxsize=64)
@@ -189,9 +211,9 @@ def _positions(bsz: int, n: int, device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _first_token_of_tile(nqb: int, block_size: int, group: int, device) -> torch.Tensor:
-    """``(1, nqb)``: how many active tokens make query tile ``t`` hold an active row."""
-    return torch.tensor([(t * block_size + group) // group for t in range(nqb)], device=device)[None, :]
+def _tile_starts(nqb: int, block_size: int, device) -> torch.Tensor:
+    """``(1, nqb)``: the first row of each query tile (a tile is live when it starts below the active rows)."""
+    return (torch.arange(nqb, device=device) * block_size)[None, :]
 
 
 def prefix_attention(q, k, v, block_index=None, block_count=None, *, scale=None, block_size=128, splits=None,

@@ -240,7 +240,7 @@ class OpCounter:
     def __enter__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
 
-        from ..kernels import block_sparse, merge, prefix_merge
+        from ..kernels import block_sparse, losa_step, merge, prefix_merge
 
         counter = self
 
@@ -253,7 +253,9 @@ class OpCounter:
 
         for module, attr, label in ((block_sparse, "block_sparse_attention_torch", "<attention kernel>"),
                                     (merge, "_merge_torch", "<merge kernel>"),
-                                    (prefix_merge, "_merge_prefix_torch", "<merge kernel>")):
+                                    (prefix_merge, "_merge_prefix_torch", "<merge kernel>"),
+                                    (losa_step, "_mean_key_score_torch", "<score kernel>"),
+                                    (losa_step, "_token_change_torch", "<change kernel>")):
             original = getattr(module, attr)
             self._patches.append((module, attr, original))
             setattr(module, attr, self._opaque(label, original))

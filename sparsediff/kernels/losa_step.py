@@ -26,6 +26,8 @@ import os
 
 import torch
 
+MAX_KERNEL_ROWS = 256
+
 
 def _interpreter_or_cuda(x):
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -105,11 +107,15 @@ def split_means(means, out=None):
 
 def mean_key_score(rows, n_live, means, bias, *, split=None, backend=None):
     """``(B, H, nkb)`` float32 score; see the module docstring. ``split``: :func:`split_means` of ``means``
-    (made here when needed and not given). ``backend``: None (Triton on CUDA), "triton" or "torch"."""
+    (made here when needed and not given). ``backend``: None (Triton on CUDA up to ``MAX_KERNEL_ROWS``
+    stacked rows, PyTorch above), "triton" or "torch"."""
     _check(rows, n_live, means, bias)
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
-    if backend == "triton" or (backend is None and rows.is_cuda):
+    # Above ~256 stacked rows one float32 cuBLAS matmul over every row beat the kernel on an H100 (0.07 vs
+    # 0.16 ms per step at a 128k prefix, 128-token blocks; docs/block_methods.md); below it the kernel wins.
+    many_rows = rows.shape[2] > MAX_KERNEL_ROWS
+    if backend == "triton" or (backend is None and rows.is_cuda and not many_rows):
         from .losa_step_triton import mean_key_score_triton
 
         _interpreter_or_cuda(rows)

@@ -38,7 +38,8 @@ def _keys(n, d, device, dtype=torch.bfloat16, heads=2, structured=True):
     (200, 200, 48, 256),  # one segment of 200 (padded to 256), non-power-of-two head dim
     (390, 390, 32, 64),  # 1560-like scaled down: 7 runs, the last of 6 rows, merged
     (1000, 390, 32, 64),  # three segments of 7 runs, ragged last segment
-    (300, 129, 16, 32),  # runs of 32, a last run of one row
+    (300, 129, 16, 32),  # runs of 64 (a run holds whole 64-row norm tiles), a last run of one row
+    (70, 20, 16, 256),  # tiny segments: one 64-wide run each, ragged last one
 ])
 def test_order_equals_norms_then_stable_argsort(n, seg, d, run, device, monkeypatch):
     monkeypatch.setattr(segment_sort, "RUN_ROWS", run)
@@ -69,15 +70,22 @@ def test_strided_keys(device, monkeypatch):
     assert torch.equal(norm_segment_order(k.contiguous(), 100), ref)
 
 
-@pytest.mark.parametrize("run, bs", [(64, 32), (256, 64)])
-def test_query_features_from_the_sort_launch_are_the_same_bits(run, bs, device, monkeypatch):
+@pytest.mark.parametrize("run, bs, d", [(64, 32, 32), (256, 64, 32), (64, 128, 128)])
+def test_query_features_from_the_sort_launch_are_the_same_bits(run, bs, d, device, monkeypatch):
     monkeypatch.setattr(segment_sort, "RUN_ROWS", run)
-    k = _keys(300, 32, device)
-    q = torch.randn(1, 4, 250, 32, device=device).to(torch.bfloat16)  # GQA, ragged last query block
+    k = _keys(300, d, device)
+    q = torch.randn(1, 4, 250, d, device=device).to(torch.bfloat16)  # GQA, ragged last query block
     q[:, 1] += 3.0
     order, feats = norm_segment_order(k, 150, q=q, block_size=bs, scale=0.17, c=0.0072)
     assert torch.equal(order, _reference(k, 150)[0])
     assert torch.equal(feats, query_features(q, bs, 0.17, 0.0072))
+
+
+def test_small_head_dim_keeps_the_query_features_out(device):
+    # 8-warp query tiles (128 x 128) next to 64 x 16 norm tiles: the launch is not fused (None).
+    k = _keys(200, 16, device)
+    order, feats = norm_segment_order(k, 100, q=torch.randn(1, 2, 200, 128, device=device), block_size=128)
+    assert feats is None and torch.equal(order, _reference(k, 100)[0])
 
 
 def test_sort_keys_and_selection_with_fused_query_features(device, monkeypatch):

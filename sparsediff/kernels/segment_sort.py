@@ -143,8 +143,15 @@ if triton is not None:
 
 
 def _chunk(block_d):
-    # The row-norm kernel's rows per tile (permute_stats.row_norms): the same per-row reduction.
+    # The row-norm kernel's tile (permute_stats.row_norms: these rows, 4 warps): the same per-row reduction.
     return max(1, min(64, 8192 // block_d))
+
+
+def _norm_warps_ok(chunk, block_d, warps):
+    """Whether a (chunk, block_d) norm tile reduces its rows as the row-norm kernel's 4-warp tile does
+    under ``warps`` warps: always with 4; with more only for a tile of >= 8192 elements (H100: bit-equal
+    norms measured at D = 128 with 4, 8 and 16 warps), so that smaller tiles never spread differently."""
+    return warps == 4 or chunk * block_d >= 8192
 
 
 def norm_segment_order(k, seg, *, q=None, block_size=128, scale=None, c=None, return_norms=False):
@@ -152,7 +159,8 @@ def norm_segment_order(k, seg, *, q=None, block_size=128, scale=None, c=None, re
     ``nseg = ceil(N / seg)`` (Triton; CUDA or the interpreter).
 
     With ``q (B, Hq, Nq, Dq)`` the first launch also writes ``query_features(q, block_size, scale, c)``
-    (the same bits) and the result is ``(order, q_features)``. ``return_norms`` appends the padded float32
+    (the same bits) and the result is ``(order, q_features)``; ``q_features`` is None when the query
+    tile's warps could change the norm tile's reduction (small head dims: the caller computes them). ``return_norms`` appends the padded float32
     norms ``(B, H, nseg*seg)`` (-1 past ``N``), equal to ``row_norms(k, pad_to=nseg*seg)``."""
     if triton is None:
         raise RuntimeError("norm_segment_order needs Triton")
@@ -165,39 +173,40 @@ def norm_segment_order(k, seg, *, q=None, block_size=128, scale=None, c=None, re
         raise ValueError("norm_segment_order needs at least one row")
     nseg = math.ceil(n / seg)
     seg_p2 = max(triton.next_power_of_2(seg), 16)
-    run = min(seg_p2, RUN_ROWS)
-    nruns = math.ceil(seg / run)
     block_d = triton.next_power_of_2(d)
+    chunk = _chunk(block_d)
+    run = max(min(seg_p2, RUN_ROWS), chunk)  # a run holds whole norm tiles
+    nruns = math.ceil(seg / run)
     norms = torch.empty(b, h, nseg * seg, dtype=torch.float32, device=k.device)
     order = torch.empty(b, h, nseg * seg, dtype=torch.int64, device=k.device)
     out = order if nruns == 1 else torch.empty(b, h, nseg, nruns * run, dtype=torch.int64, device=k.device)
-    meta = dict(HEAD_DIM=d, BLOCK_D=block_d, CHUNK=min(_chunk(block_d), run), RUN=run, NRUNS=nruns, SEG_P2=seg_p2)
+    meta = dict(HEAD_DIM=d, BLOCK_D=block_d, CHUNK=chunk, RUN=run, NRUNS=nruns, SEG_P2=seg_p2)
     feats = None
-    if q is None:
-        _run_sort_kernel[(nseg * nruns, b * h)](k, norms, out, *k.stride(), h, n, seg, nseg, **meta,
-                                                num_warps=8 if run * block_d > 8192 else 4)
+    if q is not None and (q.dim() != 4 or block_size & (block_size - 1)):
+        raise ValueError(f"q must be (B, Hq, Nq, D) and block_size a power of two, got {tuple(q.shape)}, {block_size}")
+    # The query tiles' warps (query_features' choice) set a fused launch's: same layout, same bits.
+    q_warps = 0 if q is None else (4 if block_size * triton.next_power_of_2(q.shape[3]) <= 8192 else 8)
+    if q is None or not _norm_warps_ok(chunk, block_d, q_warps):
+        warps = 8 if run * block_d > 8192 and _norm_warps_ok(chunk, block_d, 8) else 4
+        _run_sort_kernel[(nseg * nruns, b * h)](k, norms, out, *k.stride(), h, n, seg, nseg, **meta, num_warps=warps)
     else:
-        if q.dim() != 4 or block_size & (block_size - 1):
-            raise ValueError(f"q must be (B, Hq, Nq, D) and block_size a power of two, got {tuple(q.shape)}, "
-                             f"{block_size}")
         qb, qh, nq, qd = q.shape
         nqb = math.ceil(nq / block_size)
         feats = torch.empty(qb, qh, nqb, 3 * qd, dtype=torch.float32, device=q.device)
         q_block_d = triton.next_power_of_2(qd)
         sort_programs = b * h * nseg * nruns
-        # The query tiles' warps (query_features' choice) set the launch's: same layout, same bits.
         _features_run_sort_kernel[(sort_programs + qb * qh * nqb,)](
             k, norms, out, *k.stride(), h, n, seg, nseg, sort_programs,
             q, feats, *q.stride(), qh, nq, nqb, float(scale or 0.0), float(c or 0.0), **meta,
             Q_DIM=qd, Q_BLOCK_D=q_block_d, BLOCK_SIZE=block_size, ROW64=nq * max(q.stride(2), 1) >= 2**31,
-            num_warps=4 if block_size * q_block_d <= 8192 else 8,
+            num_warps=q_warps,
             **({"maxnreg": FUSED_MAXNREG} if FUSED_MAXNREG and k.is_cuda else {}),
         )
     if nruns > 1:
         _run_merge_kernel[(nseg * nruns, b * h)](out, order, seg, nseg, RUN=run, LOG_RUN=run.bit_length() - 1,
                                                  NRUNS=nruns, NR_P2=triton.next_power_of_2(nruns), SEG_P2=seg_p2,
                                                  num_warps=4)
-    res = (order,) if feats is None else (order, feats)
+    res = (order,) if q is None else (order, feats)
     if return_norms:
         res = res + (norms,)
     return res[0] if len(res) == 1 else res

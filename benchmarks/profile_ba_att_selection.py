@@ -1,15 +1,16 @@
-"""Per-stage GPU timings of BA-Att selection (norms, sort, gather, q features, matmul, select), the current
-path against the previous one (v3: strided q-feature grid with register prefetch, reproduced here; forward
-gather order), launch counts, host time and a CUDA-graph replay of the plan (to tell launch gaps from
-kernel time). Plans are timed without BA-Att's outlier-key term (``outlier_keys=0``: the pipeline
-measured up to v3) and with the default.
+"""Per-stage GPU timings of BA-Att selection and whole plans, the current path (v5: norms, in-segment
+sorted runs (+ merge) and the query features in one launch) against the previous one (v4: norm kernel,
+Triton or torch sort, the selector's own query-feature launch), launch counts and host time.
 
     python benchmarks/profile_ba_att_selection.py [--n 32768,65536] [--segment 256] [--out profile.json]
 
 B=1, H=16, D=128, bf16, sparsity 0.5; ``--segment`` is the sort segment (the video probe's frame is 256
-tokens, Wan2.1's 1560; 0 sorts the whole sequence). Checks that the current path keeps the same blocks,
-permutation and sorted keys as the v3 path, v2's PyTorch path and the older element-wise one, and that the
-q/k features of every swept grid are bit-identical to the v3 kernel's.
+tokens, Wan2.1's 1560). Plans use the default (automatic) ``outlier_keys``, which is 0 on these
+norm-sorted keys. Checks that the current plan keeps the same blocks, permutation and sorted keys and
+values as v4's path, v3's (its strided query-feature kernel is reproduced here), v2's PyTorch path and
+the first element-wise one, and that the fused launch's order, norms and query features are the bits of
+the row-norm kernel + a stable argsort and of ``query_features``. The per-grid sweeps of v4 are in
+docs/results/profile_ba_att_selection_h100_v4.json.
 """
 import argparse
 import contextlib
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 import triton.testing as tt
 
-from sparsediff.kernels import ba_features, block_stats, permute_stats
+from sparsediff.kernels import ba_features, permute_stats, segment_sort
 from sparsediff.kernels.ba_features import query_features, segment_order
 from sparsediff.kernels.block_stats_triton import tile_moments
 from sparsediff.kernels.permute_stats import gather_sorted_segments, row_norms
@@ -91,12 +92,11 @@ def v3_query_features(q, block_size, scale=None, c=None):
 
 
 V3 = {(ba_att, "query_features"): v3_query_features, (permute_stats, "GATHER_REVERSE"): False}
-
-FEATURE_GRIDS = {f"persistent {per_sm}/SM stages={stages}": {(ba_features, "PROGRAMS_PER_SM"): per_sm,
-                                                             (ba_features, "FEATURE_STAGES"): stages}
-                 for per_sm in (1, 2) for stages in (2, 3, 4)}
-FEATURE_GRIDS["one tile per program (2-D grid)"] = {(ba_features, "PROGRAMS_PER_SM"): None}
-
+# The v4 plan: norm kernel + sort (Triton up to 256 tokens, torch argsort above), selector's own q features.
+V4 = {(segment_sort, "MAX_FUSED_SEGMENT"): 0, (segment_sort, "FUSE_QUERY_FEATURES"): False}
+# v5 without the query tiles in the sort's launch (sort fused, q features separate).
+V5_SPLIT_Q = {(segment_sort, "FUSE_QUERY_FEATURES"): False}
+V5_NO_REGCAP = {(segment_sort, "FUSED_MAXNREG"): None}
 
 @contextlib.contextmanager
 def knobs(settings):
@@ -167,125 +167,75 @@ def launches(fn):
     return sum(names.values()), names
 
 
-def graph_of(fn):
-    """Capture ``fn`` in a CUDA graph; returns (graph, its static outputs)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 def same(a, b):
     return bool(torch.equal(a, b))
 
 
 def checks(q, k, v, m, seg, n):
-    """Blocks, permutation and sorted keys of the current path against the v3, v2 and first paths; bit
-    equality of the features of every swept grid with the v3 kernel's."""
+    """Blocks, permutation, sorted keys and values of the current (v5) plan against v4's path, v3's, v2's
+    PyTorch path and the first one; the fused sort's order, norms and query features bit for bit."""
     row = {}
     new = m.plan(q, k, v)
-    with knobs(V3):
-        v3 = m.plan(q, k, v)
-    row["v4_vs_v3_same_counts"] = same(new.block_count, v3.block_count)
-    row["v4_vs_v3_same_index"] = same(new.block_index, v3.block_index)
-    row["v4_vs_v3_same_perm"] = same(new.perm, v3.perm)
-    row["v4_vs_v3_same_sorted_k_v"] = same(new.k, v3.k) and same(new.v, v3.v)
-    v2_k, _, (v2_index, v2_count), v2_perm = v2_plan(q, k, v, m.config, seg)
-    row["v4_vs_v2_same_counts"] = same(new.block_count, v2_count)
-    row["v4_vs_v2_same_index_share"] = float((new.block_index == v2_index).float().mean())
-    row["v4_vs_v2_same_perm_share"] = float((new.perm == v2_perm).float().mean())
-    old_k, _, (old_index, old_count), old_perm = legacy_plan(q, k, v, seg, n)
-    row["v4_vs_first_same_counts"] = same(new.block_count, old_count)
-    row["v4_vs_first_same_index_share"] = float((new.block_index == old_index).float().mean())
-    row["v4_vs_first_same_perm_share"] = float((new.perm == old_perm).float().mean())
-    # Features: every grid against the v3 kernel (bit equality and max difference).
-    ref_q, ref_k = v3_query_features(q, 128, 0.1, 0.01), v3_query_features(k, 128)
-    for name, setting in FEATURE_GRIDS.items():
+    for name, setting in (("v4", V4), ("v3", {**V4, **V3}), ("v5 split q", V5_SPLIT_Q), ("v5 no reg cap", V5_NO_REGCAP)):
         with knobs(setting):
-            got_q, got_k = query_features(q, 128, 0.1, 0.01), query_features(k, 128)
-        row[f"q/k features bit_equal_v3 {name}"] = same(got_q, ref_q) and same(got_k, ref_k)
-        row[f"q/k features max_abs_diff {name}"] = max(float((got_q - ref_q).abs().max()),
-                                                        float((got_k - ref_k).abs().max()))
+            old = m.plan(q, k, v)
+        row[f"v5_vs_{name}_same [counts, index, perm, sorted k, sorted v]"] = [
+            same(new.block_count, old.block_count), same(new.block_index, old.block_index), same(new.perm, old.perm),
+            same(new.k, old.k), same(new.v, old.v)]
+    v2_k, _, (v2_index, v2_count), v2_perm = v2_plan(q, k, v, m.config, seg)
+    row["v5_vs_v2_same_counts"] = same(new.block_count, v2_count)
+    row["v5_vs_v2_same_index_share"] = float((new.block_index == v2_index).float().mean())
+    row["v5_vs_v2_same_perm_share"] = float((new.perm == v2_perm).float().mean())
+    old_k, _, (old_index, old_count), old_perm = legacy_plan(q, k, v, seg, n)
+    row["v5_vs_first_same_counts"] = same(new.block_count, old_count)
+    row["v5_vs_first_same_perm_share"] = float((new.perm == old_perm).float().mean())
     nseg = math.ceil(n / seg)
     ref_norms = row_norms(k, pad_to=nseg * seg)
-    order = ref_norms.view(1, 16, nseg, seg).argsort(dim=-1, descending=True).view(1, 16, -1)
-    with knobs({(permute_stats, "GATHER_REVERSE"): False}):
-        fwd = gather_sorted_segments(k, v, order, seg, 0)
-    rev = gather_sorted_segments(k, v, order, seg, 0)
-    row["gather reverse bit_equal_v3"] = all(same(a, b) for a, b in zip(fwd, rev))
-    ks = new.k
-    ref = block_stats(ks, 128, backend="torch")
-    feat = rev[3]
-    row["k_features_vs_block_stats_max_abs"] = float((feat[..., :128] - ref.mean).abs().max())
+    ref_order = torch.sort(ref_norms.view(1, 16, nseg, seg), dim=-1, descending=True, stable=True).indices
+    order, feats, norms = segment_sort.norm_segment_order(k, seg, q=q, block_size=128, scale=0.1, c=0.01,
+                                                         return_norms=True)
+    row["fused order == row_norms + stable argsort"] = same(order, ref_order.view(1, 16, -1))
+    row["fused norms == row_norms"] = same(norms, ref_norms)
+    row["fused q features == query_features == v3 kernel"] = [same(feats, query_features(q, 128, 0.1, 0.01)),
+                                                              same(feats, v3_query_features(q, 128, 0.1, 0.01))]
     return row
 
 
 def stages(q, k, v, m, seg, n):
-    """Per-stage times of the current path, the sweeps, and the whole plan (current and v3, interleaved)."""
+    """Per-stage times (v5 kernels and the v4 ones they replace) and whole plans (v5, v4, v5 variants;
+    three interleaved rounds)."""
     nseg = math.ceil(n / seg)
     norms = row_norms(k, pad_to=nseg * seg)
-    order = segment_order(norms, seg)
-    triton_sort = order is not None
-    if order is None:
-        order = norms.view(1, 16, nseg, seg).argsort(dim=-1, descending=True).view(1, 16, -1)
+    nv = norms.view(1, 16, nseg, seg)
+    order = segment_sort.norm_segment_order(k, seg)
     ks, _, _, right = gather_sorted_segments(k, v, order, seg, 0)
     scores = _scores_from_features(q, right, block_size=128, hkv=16)
     left = query_features(q, 128, 0.1, 0.01)
+    v4_sort = (lambda: segment_order(norms, seg)) if seg <= ba_features.MAX_SORT_SEGMENT else (
+        lambda: nv.argsort(dim=-1, descending=True))
     row = {
-        "norms (padded)": bench(lambda: row_norms(k, pad_to=nseg * seg)),
-        "segment sort, " + ("Triton" if triton_sort else "torch argsort"): bench(
-            (lambda: segment_order(norms, seg)) if triton_sort else
-            (lambda: norms.view(1, 16, nseg, seg).argsort(dim=-1, descending=True))),
+        "v4: norms (padded)": bench(lambda: row_norms(k, pad_to=nseg * seg)),
+        "v4: segment sort (" + ("Triton" if seg <= ba_features.MAX_SORT_SEGMENT else "torch argsort") + ")": bench(v4_sort),
+        "v4: q features": bench(lambda: query_features(q, 128, 0.1, 0.01)),
+        "v5: norms + sorted runs (+ merge), one launch (two above 256)": bench(
+            lambda: segment_sort.norm_segment_order(k, seg)),
+        "v5: the same + q features in the first launch": bench(
+            lambda: segment_sort.norm_segment_order(k, seg, q=q, block_size=128, scale=0.1, c=0.01)),
         "gather K, V + perm + k features": bench(lambda: gather_sorted_segments(k, v, order, seg, 0)),
-        "q features": bench(lambda: query_features(q, 128, 0.1, 0.01)),
         "matmul (features given)": bench(lambda: torch.matmul(left, right.transpose(-1, -2))),
-        "q features + matmul": bench(lambda: _scores_from_features(q, right, block_size=128, hkv=16)),
         "select (Triton top-k)": bench(lambda: select_from_scores(scores, nq=n, nk=n, block_size=128, density=0.5)),
-        "k features, unsorted keys": bench(lambda: query_features(k, 128)),
-        "q features, v3 kernel": bench(lambda: v3_query_features(q, 128, 0.1, 0.01)),
         "read floor 3 TB/s, one of q/k/v": round(q.numel() * q.element_size() / 3e9, 4),
         "copy ceiling: k.clone() (read + write one of q/k/v)": bench(lambda: k.clone()),
     }
-    try:  # BA-Att's outlier-key term (scoring side), when this version of the scores has it
-        from sparsediff.methods.ba_att import _with_outlier_keys
-
-        row["outlier-key term, m=1 (norms of sorted keys, top-1, exact scores, merge)"] = bench(
-            lambda: _with_outlier_keys(scores, left.view(1, 16, -1, left.shape[-1]), ks, 1, block_size=128,
-                                       with_var=True))
-    except (ImportError, TypeError) as exc:
-        row["outlier-key term"] = repr(exc)[:200]
-    with knobs({(permute_stats, "GATHER_REVERSE"): False}):
-        row["gather, forward block order (v3)"] = bench(lambda: gather_sorted_segments(k, v, order, seg, 0))
-    for name, setting in FEATURE_GRIDS.items():
-        with knobs(setting):
-            row[f"sweep q features {name}"] = bench(lambda: query_features(q, 128, 0.1, 0.01))
-    # Host time of each launch (Python + launcher, nothing waiting on the GPU).
-    row["host ms: norms"] = host_ms(lambda: row_norms(k, pad_to=nseg * seg))
-    row["host ms: segment sort"] = host_ms(
-        (lambda: segment_order(norms, seg)) if triton_sort else
-        (lambda: norms.view(1, 16, nseg, seg).argsort(dim=-1, descending=True)))
-    row["host ms: gather"] = host_ms(lambda: gather_sorted_segments(k, v, order, seg, 0))
-    row["host ms: q features"] = host_ms(lambda: query_features(q, 128, 0.1, 0.01))
-    row["host ms: q features + matmul"] = host_ms(lambda: _scores_from_features(q, right, block_size=128, hkv=16))
-    row["host ms: select"] = host_ms(lambda: select_from_scores(scores, nq=n, nk=n, block_size=128, density=0.5))
-    sort_key = [key for key in row if key.startswith("segment sort")][0]
-    row["stage sum (norms + sort + gather + q features + matmul + select)"] = round(
-        row["norms (padded)"] + row[sort_key] + row["gather K, V + perm + k features"]
-        + row["q features + matmul"] + row["select (Triton top-k)"], 4)
-    # Whole plan: current vs v3, three interleaved rounds (drift between rounds hits both alike); the
-    # pipeline without the outlier-key term (outlier_keys=0, as measured up to v3) and with it (default).
-    m0 = BAAttMethod(BAAttConfig(sparsity=0.5, min_seq_len=0, sort_segment=seg, outlier_keys=0)) \
-        if hasattr(m.config, "outlier_keys") else m
-    plans = {"plan v4": (m0, {}), "plan v3 (same run)": (m0, V3),
-             "plan v4, outlier_keys default": (m, {}), "plan v3, outlier_keys default": (m, V3),
-             "plan v4, gather forward": (m0, {(permute_stats, "GATHER_REVERSE"): False}),
-             "plan v4, q features persistent 2/SM stages=3": (m0, FEATURE_GRIDS["persistent 2/SM stages=3"])}
+    with knobs(V5_NO_REGCAP):
+        row["v5: sort + q features, no register cap"] = bench(
+            lambda: segment_sort.norm_segment_order(k, seg, q=q, block_size=128, scale=0.1, c=0.01))
+    row["host ms: v5 sort + q features"] = host_ms(
+        lambda: segment_sort.norm_segment_order(k, seg, q=q, block_size=128, scale=0.1, c=0.01))
+    row["host ms: v4 norms + sort"] = host_ms(lambda: (row_norms(k, pad_to=nseg * seg), v4_sort()))
+    m0 = BAAttMethod(BAAttConfig(sparsity=0.5, min_seq_len=0, sort_segment=seg, outlier_keys=0))
+    plans = {"plan v5": (m, {}), "plan v4 (same run)": (m, V4), "plan v5, q features split": (m, V5_SPLIT_Q),
+             "plan v5, no register cap": (m, V5_NO_REGCAP), "plan v5, outlier_keys=0": (m0, {})}
     times = {name: [] for name in plans}
     for _ in range(3):
         for name, (method, setting) in plans.items():
@@ -294,22 +244,16 @@ def stages(q, k, v, m, seg, n):
     for name, ts in times.items():
         row[name] = round(statistics.median(ts), 4)
         row[name + " (rounds)"] = ts
-    row["host ms per plan v4"] = host_ms(lambda: m0.plan(q, k, v))
-    with knobs(V3):
-        row["host ms per plan v3"] = host_ms(lambda: m0.plan(q, k, v))
-    row["host ms per plan v4, outlier_keys default"] = host_ms(lambda: m.plan(q, k, v))
+    row["host ms per plan v5"] = host_ms(lambda: m.plan(q, k, v))
+    with knobs(V4):
+        row["host ms per plan v4"] = host_ms(lambda: m.plan(q, k, v))
     try:
-        count, names = launches(lambda: m0.plan(q, k, v))
-        row["GPU activities per plan v4"], row["GPU activities v4 by name"] = count, names
-        row["GPU activities per plan v4, outlier_keys default"] = launches(lambda: m.plan(q, k, v))[0]
-        graph, out = graph_of(lambda: m0.plan(q, k, v))
-        graph.replay()
-        eager = m0.plan(q, k, v)
-        row["plan v4, CUDA graph replay"] = bench(graph.replay, rep=200)
-        row["graph replay equals eager"] = all(same(a, b) for a, b in zip(out, eager))
-        del graph, out
+        for name, setting in (("v5", {}), ("v4", V4)):
+            with knobs(setting):
+                count, names = launches(lambda: m.plan(q, k, v))
+            row[f"GPU activities per plan {name}"], row[f"GPU activities {name} by name"] = count, names
     except Exception as exc:  # diagnostics only
-        row["graph/profiler error"] = repr(exc)[:300]
+        row["profiler error"] = repr(exc)[:300]
     return row
 
 
@@ -323,11 +267,14 @@ def main():
                "defaults": {"PROGRAMS_PER_SM": ba_features.PROGRAMS_PER_SM,
                             "FEATURE_STAGES": ba_features.FEATURE_STAGES,
                             "MAX_SORT_SEGMENT": ba_features.MAX_SORT_SEGMENT,
-                            "GATHER_REVERSE": permute_stats.GATHER_REVERSE}}
+                            "GATHER_REVERSE": permute_stats.GATHER_REVERSE,
+                            "MAX_FUSED_SEGMENT": segment_sort.MAX_FUSED_SEGMENT, "RUN_ROWS": segment_sort.RUN_ROWS,
+                            "FUSED_MAXNREG": segment_sort.FUSED_MAXNREG}}
     for n in (int(x) for x in args.n.split(",")):
         torch.manual_seed(0)
         q, k, v = (torch.randn(1, 16, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         seg = args.segment or n
+        # Frame-sorted keys: the automatic outlier_keys is 0, as in the video path.
         m = BAAttMethod(BAAttConfig(sparsity=0.5, min_seq_len=0, sort_segment=seg))
         row = checks(q, k, v, m, seg, n)
         print(n, "checks", row, flush=True)

@@ -38,7 +38,9 @@ PROGRAMS_PER_SM = None
 # Pipeline depth of the persistent grid's tile loop (each stage holds one tile in shared memory).
 FEATURE_STAGES = 3
 # Longest segment the Triton sort takes; longer ones use torch.argsort. H100: 256-token segments
-# 0.014 ms vs 0.062 for torch, 1560 (padded to 2048) 0.121 vs 0.044; 512-1024 not measured.
+# 0.014 ms vs 0.062 for torch, 1560 (padded to 2048) 0.085-0.122 vs 0.044; 512-1024 not measured.
+# BA-Att's plan now sorts segments up to segment_sort.MAX_FUSED_SEGMENT in the fused norm launch; this
+# kernel remains for the previous path (norm kernel, then sort).
 MAX_SORT_SEGMENT = 256
 
 

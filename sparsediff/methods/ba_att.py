@@ -28,10 +28,11 @@ from ..kernels import block_sparse_attention, block_stats
 from ..kernels.ba_features import query_features, segment_order
 from ..kernels.block_sparse import triton_available
 from ..kernels.outlier_keys import outlier_key_features
+from ..kernels import segment_sort
 from ..kernels.permute_stats import gather_rows_with_stats, gather_sorted_segments, row_norms
 from .base import register_method
 from .block_select import budget_of, select_from_scores
-from .block_sparse import BlockSparseConfig, BlockSparseMethod
+from .block_sparse import BlockSparseConfig, BlockSparseMethod, SparsePlan
 from .selectors import register_selector
 
 __all__ = ["BAAttConfig", "BAAttMethod", "ba_attention", "ba_scores", "select_blocks", "sort_keys"]
@@ -114,12 +115,19 @@ def _triton_path(x, block_size, backend=None):
     return pow2 and (backend == "triton" or (x.is_cuda and triton_available()))
 
 
-def _scores_from_features(q, right, *, block_size, beta=0.5, scale=None, hkv, k=None, outlier_keys=0):
-    """:func:`ba_scores` from the key-side features ``right = [μk, μk² + σ²k, σ²k]`` ``(B, Hkv, nkb, 3D)``;
-    the query side comes straight out of one kernel (no torch ops between the stats and the matmul)."""
-    bsz, hq, _, d = q.shape
+def _query_coefficients(d, beta, scale):
+    """``(s, c)`` of the query features: s = scale (default 1/sqrt(D)), c = β·s²/2."""
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    left = query_features(q, block_size, scale, beta * scale * scale / 2)
+    return scale, beta * scale * scale / 2
+
+
+def _scores_from_features(q, right, *, block_size, beta=0.5, scale=None, hkv, k=None, outlier_keys=0, left=None):
+    """:func:`ba_scores` from the key-side features ``right = [μk, μk² + σ²k, σ²k]`` ``(B, Hkv, nkb, 3D)``;
+    the query side comes straight out of one kernel (no torch ops between the stats and the matmul), or is
+    ``left``, the same features from the sort's launch."""
+    bsz, hq, _, d = q.shape
+    if left is None:
+        left = query_features(q, block_size, *_query_coefficients(d, beta, scale))
     if not beta:
         left, right = left[..., :d], right[..., :d]
     nqb, nkb = left.shape[2], right.shape[2]
@@ -218,10 +226,11 @@ def select_blocks(q, k, config, *, causal=False, scale=None, global_tokens=0):
 
 
 def _select(q, k, config, *, causal=False, scale=None, global_tokens=0, k_stats=None, backend=None,
-            sorted_keys=False):
+            sorted_keys=False, q_features=None):
     """:func:`select_blocks`, reusing the caller's key statistics of ``k`` when given: a :class:`BlockStats`
-    or the key-side score features ``(B, Hkv, nkb, 3D)`` from the fused gather. ``sorted_keys``: k was
-    norm-sorted (sets the automatic ``outlier_keys``)."""
+    or the key-side score features ``(B, Hkv, nkb, 3D)`` from the fused gather (then ``q_features``, when
+    given, are the query side from the sort's launch). ``sorted_keys``: k was norm-sorted (sets the automatic
+    ``outlier_keys``)."""
     density, mass = budget_of(config)
     bs = config.block_size
     beta = getattr(config, "beta", 0.5)
@@ -231,7 +240,7 @@ def _select(q, k, config, *, causal=False, scale=None, global_tokens=0, k_stats=
     if isinstance(k_stats, torch.Tensor) or (k_stats is None and _triton_path(q, bs, backend)):
         right = k_stats if k_stats is not None else query_features(k, bs)
         scores = _scores_from_features(q, right, block_size=bs, beta=beta, scale=scale, hkv=k.shape[1], k=k,
-                                       outlier_keys=outliers)
+                                       outlier_keys=outliers, left=q_features if k_stats is not None else None)
     else:
         if k_stats is None:
             k_stats = block_stats(k, bs)
@@ -254,23 +263,41 @@ def sort_keys(k, v, *, segment=None, start=0):
     return _sort_keys(k, v, segment=segment, start=start)[:3]
 
 
-def _sort_keys(k, v, *, segment=None, start=0, block_size=None, backend=None):
+def _sort_keys(k, v, *, segment=None, start=0, block_size=None, backend=None, query=None):
     """:func:`sort_keys` plus the sorted keys' block statistics (None without ``block_size`` or when
     nothing moves). On the Triton path (CUDA) they are the key-side score features ``(B, H, nb, 3D)``
-    from the gather kernel, and norms -> in-segment sort -> gather are three launches with no torch ops
-    between them; elsewhere a :class:`BlockStats`."""
+    from the gather kernel, and the sort runs with no torch ops: segments up to
+    ``segment_sort.MAX_FUSED_SEGMENT`` tokens take norms + sorted runs in one launch (and a merge launch past
+    ``segment_sort.RUN_ROWS``), longer ones the norm kernel and a sort; then the gather. Elsewhere a
+    :class:`BlockStats`.
+
+    ``query=(q, scale, c)`` (the plan's path) returns a fifth item: the query features
+    ``query_features(q, block_size, scale, c)`` when the sort's launch computed them, else None."""
+    res = _sort_keys_impl(k, v, segment=segment, start=start, block_size=block_size, backend=backend, query=query)
+    return res if query is not None else res[:4]
+
+
+def _sort_keys_impl(k, v, *, segment, start, block_size, backend, query):
     bsz, h, n, d = k.shape
     body = n - start
     if body <= 1:
-        return k, v, None, None
+        return k, v, None, None, None
     seg = body if segment is None else min(int(segment), body)
     nseg = math.ceil(body / seg)
     if block_size is not None and v.shape == k.shape and _triton_path(k, block_size, backend):
+        if seg <= segment_sort.MAX_FUSED_SEGMENT:
+            if query is None:
+                order, left = segment_sort.norm_segment_order(k[:, :, start:], seg), None
+            else:
+                q, scale, c = query
+                order, left = segment_sort.norm_segment_order(k[:, :, start:], seg, q=q, block_size=block_size,
+                                                              scale=scale, c=c)
+            return (*gather_sorted_segments(k, v, order, seg, start, block_size), left)
         norms = row_norms(k[:, :, start:], backend="triton", pad_to=nseg * seg)
         order = segment_order(norms, seg)
         if order is None:  # long segments: torch's segmented sort is faster than a bitonic tl.sort
             order = norms.view(bsz, h, nseg, seg).argsort(dim=-1, descending=True).view(bsz, h, nseg * seg)
-        return gather_sorted_segments(k, v, order, seg, start, block_size)
+        return (*gather_sorted_segments(k, v, order, seg, start, block_size), None)
     norms = row_norms(k[:, :, start:])
     if nseg * seg != body:
         # Padding sorts last, and only the last segment is padded, so the first `body` entries are real.
@@ -286,7 +313,7 @@ def _sort_keys(k, v, *, segment=None, start=0, block_size=None, backend=None):
         perm[..., :start] = torch.arange(start, device=k.device)
     k_sorted, v_sorted, stats = gather_rows_with_stats(
         k, v, perm, block_size or 128, with_stats=block_size is not None)
-    return k_sorted, v_sorted, perm, stats
+    return k_sorted, v_sorted, perm, stats, None
 
 
 @register_method
@@ -296,15 +323,36 @@ class BAAttMethod(BlockSparseMethod):
     name = "ba_att"
     config_class = BAAttConfig
 
-    def prepare_kv(self, q, k, v, *, causal, frame_size, global_tokens):
+    def _segment(self, causal, frame_size):
+        """The sort segment (an int, or None for the whole sequence), or False when nothing is sorted."""
         cfg = self.config
         segment = cfg.sort_segment if cfg.sort_segment is not None else frame_size
         if not cfg.norm_sort or causal or segment is None:
+            return False
+        return None if segment == "sequence" else segment
+
+    def prepare_kv(self, q, k, v, *, causal, frame_size, global_tokens):
+        segment = self._segment(causal, frame_size)
+        if segment is False:
             return k, v, None
-        segment = None if segment == "sequence" else segment
         # BA-Att's own selector reuses the sorted keys' block statistics from the gather.
-        bs = cfg.block_size if cfg.selector == "ba_att" else None
+        bs = self.config.block_size if self.config.selector == "ba_att" else None
         return _sort_keys(k, v, segment=segment, start=min(global_tokens, k.shape[2]), block_size=bs)
+
+    def plan(self, q, k, v, *, causal=False, scale=None, frame_size=None, global_tokens=0):
+        """As the base class (sort -> select), but with BA-Att's selector the sort's launch also writes the
+        query features (same bits as the selector's own kernel), saving the selector that read of q."""
+        cfg = self.config
+        segment = self._segment(causal, frame_size)
+        if segment is False or cfg.selector != "ba_att" or not segment_sort.FUSE_QUERY_FEATURES:
+            return super().plan(q, k, v, causal=causal, scale=scale, frame_size=frame_size,
+                                global_tokens=global_tokens)
+        query = (q, *_query_coefficients(q.shape[-1], cfg.beta, scale))
+        ks, vs, perm, right, left = _sort_keys(k, v, segment=segment, start=min(global_tokens, k.shape[2]),
+                                               block_size=cfg.block_size, query=query)
+        index, count = _select(q, ks, cfg, causal=causal, scale=scale, global_tokens=global_tokens, k_stats=right,
+                               sorted_keys=right is not None, q_features=left)
+        return SparsePlan(ks, vs, index, count, perm)
 
     def select(self, q, k, *, causal, scale, global_tokens, k_stats=None):
         if self.config.selector != "ba_att":

@@ -144,3 +144,30 @@ def test_default_backend_picks_gluon_and_falls_back(monkeypatch):
     assert calls == ["gluon", "gluon", "triton", "triton", "triton"]
     with pytest.raises(ValueError, match="head dims 64 and 128"):
         block_sparse_attention(q96, q96, q96, index, count, backend="gluon")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="drives the Triton interpreter on CPU tensors")
+def test_a_gluon_build_failure_falls_back_to_triton_with_a_warning(monkeypatch, caplog):
+    # Stands for a Triton release whose Gluon API differs: the first build fails, Triton takes over for good.
+    from sparsediff.kernels import block_sparse, block_sparse_gluon
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise AttributeError("module 'gluon' has no attribute 'warp_specialize'")
+
+    monkeypatch.setattr(block_sparse, "_gluon_failure", None)
+    monkeypatch.setattr(block_sparse, "_warned", set())
+    monkeypatch.setattr(block_sparse, "resolve_backend", lambda backend, q: "triton")
+    monkeypatch.setattr(block_sparse_gluon, "gluon_support_error", lambda *a, **kw: None)
+    monkeypatch.setattr(block_sparse_gluon, "block_sparse_attention_gluon", broken)
+    q, k, v = (torch.randn(1, 2, 64, 32, device="cpu") for _ in range(3))
+    index, count = mask_to_index(torch.rand(1, 1, 2, 2, device="cpu") < 0.7)
+    with caplog.at_level("WARNING"):
+        out = block_sparse_attention(q.half(), k.half(), v.half(), index, count, block_size=32)
+        again = block_sparse_attention(q.half(), k.half(), v.half(), index, count, block_size=32)
+    assert calls == [1]  # never tried again
+    assert "could not be built" in caplog.text and "warp_specialize" in caplog.text
+    want = block_sparse_attention(q.half(), k.half(), v.half(), index, count, block_size=32, backend="triton")
+    assert torch.equal(out, want) and torch.equal(again, want)

@@ -32,15 +32,26 @@ def triton_available() -> bool:
     return True
 
 
+_gluon_failure: str | None = None  # why the Gluon kernel could not be built here, once it failed
+
+
 def gluon_enabled() -> bool:
-    """The Hopper Gluon kernel is used where it applies unless ``SPARSEDIFF_GLUON=0``."""
-    if os.environ.get("SPARSEDIFF_GLUON", "1") == "0" or not triton_available():
+    """The Hopper Gluon kernel is used where it applies unless ``SPARSEDIFF_GLUON=0`` or it failed to build
+    (e.g. a Triton release whose Gluon API differs from the tested 3.6)."""
+    if os.environ.get("SPARSEDIFF_GLUON", "1") == "0" or not triton_available() or _gluon_failure:
         return False
     try:
         from triton.experimental import gluon  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def _disable_gluon(err: Exception) -> None:
+    global _gluon_failure
+    _gluon_failure = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+    warn_once(f"block_sparse_attention: the Gluon kernel could not be built ({_gluon_failure}); "
+              "using the Triton kernel from now on")
 
 
 def resolve_backend(backend: str | None, q: torch.Tensor) -> str:
@@ -180,11 +191,17 @@ def block_sparse_attention(
                 raise ValueError(f"backend='gluon': {problem}")
             use_gluon = problem is None
         if use_gluon:
-            from .block_sparse_gluon import block_sparse_attention_gluon
+            try:
+                from .block_sparse_gluon import block_sparse_attention_gluon
 
-            out, lse = block_sparse_attention_gluon(q, k, v, block_index, block_count, scale=scale,
-                                                    return_lse=return_lse, causal=causal)
-        else:
+                out, lse = block_sparse_attention_gluon(q, k, v, block_index, block_count, scale=scale,
+                                                        return_lse=return_lse, causal=causal)
+            except Exception as err:  # a build failure: fall back, unless asked for Gluon or the GPU failed
+                if requested == "gluon" or "CUDA error" in str(err):
+                    raise
+                _disable_gluon(err)
+                use_gluon = False
+        if not use_gluon:
             from .block_sparse_triton import block_sparse_attention_triton
 
             out, lse = block_sparse_attention_triton(

@@ -147,6 +147,12 @@ def environment() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         pass
+    if torch.cuda.is_available():
+        from .kernels.block_sparse import gluon_enabled
+
+        # Which block-sparse kernel the default backend picks for block 128, D 64/128 on this GPU.
+        sm90 = torch.cuda.get_device_capability() == (9, 0)
+        info["block_sparse_kernel"] = "gluon" if sm90 and gluon_enabled() else "triton"
     return info
 
 

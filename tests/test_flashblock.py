@@ -582,7 +582,7 @@ def cache_blocks(blocks=4, steps=5, prompt=200, nq=16, hq=4, hkv=2, d=16, dtype=
         q = randn(1, hq, nq, d)
         per_step = []
         for _ in range(steps):
-            q = q + 0.3 * randn(*q.shape) * (torch.rand(1, 1, nq, 1, generator=gen) < 0.25).to(device)
+            q = q + 0.3 * randn(*q.shape) * (torch.rand(1, 1, nq, 1, generator=gen, device="cpu") < 0.25).to(device)
             per_step.append((q, randn(1, hkv, nq, d), randn(1, hkv, nq, d)))
         plan.append((buf, prompt if same_prefix else prompt + blk * nq, per_step))
     return plan

@@ -74,7 +74,15 @@ def test_cached_external_merged_with_fresh_internal(frames):
         else:  # the cache is an approximation: it must differ from dense once q moved
             assert (out - ref_full(q, k, v)[0]).abs().max() > 1e-3
     assert m.stats == {"refreshes": 1, "cached_calls": 3, "dense_calls": 0}
-    assert m.cache_bytes() == q0.numel() * 4 + q0[..., 0].numel() * 4
+    assert m.cache_bytes() == q0.numel() * 4 + q0[..., 0].numel() * 4 + layout_bytes(q0, k.shape[2], 16)
+
+
+def layout_bytes(q, cap, block_size, splits=1):
+    """Plain mode's bytes besides the cached output and LSE: the prefix length, row ids of the block and of
+    the tail (with its mask), and the key-block ids and counts of the capacity. Ints only, no keys or values."""
+    nq, nkb = q.shape[2], max(cap // block_size, 1)
+    chunk = -(-nkb // splits)
+    return 8 + 2 * 8 * nq + (8 + 8 + 4) * block_size + 4 * (splits * chunk + splits + (nkb + 1) * splits)
 
 
 def test_cache_invalidated_at_new_block_prefix_and_generation():
@@ -412,7 +420,7 @@ def install_fake_graphs(monkeypatch):
 
     graphs = []
 
-    def capture(fn, static_q, pinned):
+    def capture(fn, static_q, pinned, share=None):
         graphs.append(FakeGraph(fn, (static_q, *pinned)))
         return graphs[-1], graphs[-1].outputs, 0
 
@@ -548,6 +556,138 @@ def test_plain_graphs_replay_when_kv_moves(fake_graphs, caplog):
     assert len(fake_graphs) == 2 and all(g.replays == 2 * 3 - 1 for g in fake_graphs) and not caplog.records
 
 
+# -- Plain mode on a persistent KV buffer: the first step captured too, cached steps read the buffer ---------
+
+def cache_blocks(blocks=4, steps=5, prompt=200, nq=16, hq=4, hkv=2, d=16, dtype=torch.float32, device="cpu",
+                 grow_at=None, same_prefix=False, seed=0):
+    """One generation as a preallocated KV cache sees it: per block ``(buffer, prefix length, steps)`` with
+    ``(q, block keys, block values)`` per step (a quarter of the queries move per step). The prefix grows by
+    ``nq`` per block inside one buffer, re-allocated larger at block ``grow_at``. ``same_prefix``: every block
+    at prefix ``prompt`` in one buffer of exactly ``prompt + nq`` rows (a benchmark's fresh blocks)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):  # drawn on the CPU whatever the default device, then moved
+        return torch.randn(shape, generator=gen, device="cpu").to(device, dtype)
+
+    rows = prompt + (1 if same_prefix else blocks) * nq
+    cap = rows if grow_at is None else prompt + grow_at * nq
+    buf = [randn(1, hkv, cap, d), randn(1, hkv, cap, d)]
+    plan = []
+    for blk in range(blocks):
+        if blk == grow_at:
+            bigger = [randn(1, hkv, rows, d) for _ in range(2)]
+            for new, old in zip(bigger, buf):
+                new[:, :, :cap] = old
+            buf, cap = bigger, rows
+        q = randn(1, hq, nq, d)
+        per_step = []
+        for _ in range(steps):
+            q = q + 0.3 * randn(*q.shape) * (torch.rand(1, 1, nq, 1, generator=gen, device="cpu") < 0.25).to(device)
+            per_step.append((q, randn(1, hkv, nq, d), randn(1, hkv, nq, d)))
+        plan.append((buf, prompt if same_prefix else prompt + blk * nq, per_step))
+    return plan
+
+
+def drive_cache(m, plan, layers=("a", "b"), move_at=None):
+    """Two layers per step on the buffer's leading rows; ``move_at`` = (block, step): from then on k / v are
+    copies (the buffer moved)."""
+    outs = []
+    for blk, ((k, v), n, per_step) in enumerate(plan):
+        new_block(blk)
+        for step, (q, kb, vb) in enumerate(per_step):
+            nq = q.shape[2]
+            k[:, :, n : n + nq], v[:, :, n : n + nq] = kb, vb
+            kk, vv = k[:, :, : n + nq], v[:, :, : n + nq]
+            if move_at is not None and (blk, step) >= move_at:
+                kk, vv = kk.clone(), vv.clone()
+            with denoising_step(step, len(per_step)):
+                for i, layer in enumerate(layers):
+                    outs.append(m(q if i % 2 == 0 else -q, kk, vv, layer=layer, return_lse=True))
+    return outs
+
+
+def assert_equal_outputs(want, got):
+    for (o, lse), (o2, lse2) in zip(want, got, strict=True):
+        assert torch.equal(o, o2) and torch.equal(lse, lse2)
+
+
+@pytest.mark.parametrize("grow_at", [None, 2])
+def test_plain_graphs_on_a_growing_cache(fake_graphs, monkeypatch, caplog, grow_at):
+    # Prefix 200, 216, 232, 248 with 32-key blocks: the tail (partial last key block) changes every block.
+    force_splits(monkeypatch)
+    plan = cache_blocks(grow_at=grow_at)
+    eager, graphed = method(block_size=32), method(block_size=32, cuda_graphs=True)
+    with caplog.at_level("WARNING"):
+        assert_equal_outputs(drive_cache(eager, plan), drive_cache(graphed, plan))
+    assert not caplog.records
+    # Per layer: the first step and the in-place cached step, captured once (again at the growth).
+    assert len(fake_graphs) == graphed._cache.captures == (4 if grow_at is None else 8)
+    entries = graphed._cache.entries.values()
+    assert len(graphed._cache.graphs()) == 4 and all(e.windowed.graph is None for e in entries)
+    if grow_at is None:  # first steps replayed at the 3 later blocks; cached steps at every later one
+        assert sorted(g.replays for g in fake_graphs) == [3, 3, 4 * 4 - 1, 4 * 4 - 1]
+    assert graphed.stats == eager.stats
+
+
+def test_plain_graphs_same_buffer_each_block(fake_graphs, monkeypatch):
+    # A buffer of exactly [prefix | block] reused by every block: captured once it outlived a block.
+    force_splits(monkeypatch)
+    plan = cache_blocks(blocks=4, same_prefix=True, prompt=256)
+    eager, graphed = method(block_size=32), method(block_size=32, cuda_graphs=True)
+    assert_equal_outputs(drive_cache(eager, plan), drive_cache(graphed, plan))
+    # Block 0: eager first step, cached steps on copied rows; block 1: both captured on the buffer; then replays.
+    windowed, first, in_place = fake_graphs[:2], fake_graphs[2:4], fake_graphs[4:]
+    assert len(fake_graphs) == 6 and [g.replays for g in windowed] == [3, 3]
+    assert [g.replays for g in first] == [2, 2] and [g.replays for g in in_place] == [3 * 4 - 1] * 2
+
+
+def test_plain_graphs_fall_back_when_the_buffer_moves(fake_graphs, monkeypatch, caplog):
+    # After a graphed first step the host hands over copies: the cached steps copy the block's rows instead.
+    force_splits(monkeypatch)
+    plan = cache_blocks(blocks=3)
+    want = drive_cache(method(block_size=32), plan)
+    with caplog.at_level("WARNING"):
+        assert_equal_outputs(want, drive_cache(method(block_size=32, cuda_graphs=True), plan, move_at=(1, 2)))
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("prompt", [200, 256, 20])  # a partial last key block, none, no full key block
+@pytest.mark.parametrize("graphs", [False, True])
+def test_plain_first_step_exact_on_a_growing_cache(fake_graphs, monkeypatch, prompt, graphs):
+    # refresh_every=1 is dense at every step; by default each block's first step is.
+    force_splits(monkeypatch)
+    plan = cache_blocks(blocks=3, steps=3, prompt=prompt)
+    for kw in (dict(refresh_every=1), {}):
+        outs = iter(drive_cache(method(block_size=32, cuda_graphs=graphs, **kw), plan))
+        for (k, v), n, per_step in plan:
+            for step, (q, kb, vb) in enumerate(per_step):
+                kk, vv = torch.cat([k[:, :, :n], kb], dim=2), torch.cat([v[:, :, :n], vb], dim=2)
+                for sign in (1, -1):
+                    out, lse = next(outs)
+                    if kw or step == 0:
+                        want, want_lse = ref_full(sign * q, kk, vv)
+                        torch.testing.assert_close(out, want, rtol=0, atol=2e-5)
+                        torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-5)
+
+
+def test_plain_cached_steps_issue_two_ops_on_a_cache(monkeypatch):
+    # Eager cached steps on a buffer with spare rows: the in-block kernel and the merge, no copies.
+    from sparsediff.methods.step_cache import OpCounter
+
+    force_splits(monkeypatch)
+    m = method(block_size=32)
+    plan = cache_blocks(blocks=1, steps=3)
+    (k, v), n, per_step = plan[0]
+    new_block(0)
+    counts = []
+    for step, (q, kb, vb) in enumerate(per_step):
+        k[:, :, n : n + 16], v[:, :, n : n + 16] = kb, vb
+        with denoising_step(step, 3), OpCounter() as c:
+            m(q, k[:, :, : n + 16], v[:, :, : n + 16], layer="l")
+        counts.append(c.total)
+    assert counts[1:] == [2, 2], counts
+
+
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
@@ -559,10 +699,51 @@ def test_cuda_graphs_match_eager_on_gpu(kw):
     held = graphed._cache.graphs()
     # One per layer: plain mode over all 3 blocks; combined mode since the last block dropped its entries.
     assert graphed._cache.captures == 2
-    assert all(g.nbytes > g.static_q.nbytes for g in held)  # the graph's memory pool is counted
+    assert sum(g.nbytes for g in held) > sum(g.static_q.nbytes for g in held)  # the memory pool is counted
     assert graphed.cache_bytes() >= sum(g.nbytes for g in held)
     new_generation()
     q, k, v = block_call(prefix=512, d=64, dtype=torch.bfloat16)
     with denoising_step(0, 4):
         graphed(q.cuda(), k.cuda(), v.cuda(), layer="a")
     assert graphed._cache.graphs() == []  # released at a new generation
+
+
+@cuda_only
+@pytest.mark.parametrize("d,nq,prompt", [(64, 32, 8000), (128, 32, 8192), (128, 128, 8000)])
+def test_plain_graphs_on_a_growing_cache_on_gpu(d, nq, prompt):
+    # The first step captured once per layer and replayed at every block, bit for bit; 128-key blocks take the
+    # Gluon kernel on an H100. Prefix 8000 leaves a partial last key block, 8192 none.
+    plan = cache_blocks(blocks=4, steps=5, prompt=prompt, nq=nq, hq=8, d=d, dtype=torch.bfloat16, device="cuda")
+    eager, graphed = method(block_size=128), method(block_size=128, cuda_graphs=True)
+    got = drive_cache(graphed, plan)
+    assert_equal_outputs(drive_cache(eager, plan), got)
+    assert graphed._cache.captures == 4 and len(graphed._cache.graphs()) == 4
+    for blk, ((k, v), n, per_step) in enumerate(plan):  # each block's first step (replayed from block 1) is dense
+        q, kb, vb = per_step[0]
+        want, want_lse = ref_full(q, torch.cat([k[:, :, :n], kb], 2), torch.cat([v[:, :, :n], vb], 2))
+        out, lse = got[blk * 2 * len(per_step)]
+        torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=TOL[torch.bfloat16])
+        torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-3)
+
+
+@cuda_only
+def test_plain_graphs_same_buffer_each_block_on_gpu():
+    plan = cache_blocks(blocks=4, steps=4, same_prefix=True, prompt=16384, nq=32, hq=8, d=128,
+                        dtype=torch.bfloat16, device="cuda")
+    eager, graphed = method(block_size=128), method(block_size=128, cuda_graphs=True)
+    assert_equal_outputs(drive_cache(eager, plan), drive_cache(graphed, plan))
+    assert graphed._cache.captures == 6  # per layer: cached step on copies (block 0), first and in-place (block 1)
+
+
+@cuda_only
+def test_plain_graphs_share_one_memory_pool_on_gpu():
+    # Eight layers' first-step graphs hold about one graph's work memory (the split partials), not eight.
+    plan = cache_blocks(blocks=2, steps=2, prompt=32768, nq=32, hq=32, hkv=8, d=128, dtype=torch.bfloat16,
+                        device="cuda")
+    one, eight = (method(block_size=128, cuda_graphs=True) for _ in range(2))
+    drive_cache(one, plan, layers=("a",))
+    drive_cache(eight, plan, layers=tuple("abcdefgh"))
+    assert one._cache.captures == 2 and eight._cache.captures == 16
+    single = sum(g.nbytes for g in one._cache.graphs())
+    assert single > 8 * 2**20  # the split partials of a 32k prefix: several MiB
+    assert sum(g.nbytes for g in eight._cache.graphs()) < 2 * single

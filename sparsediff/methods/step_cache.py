@@ -73,12 +73,15 @@ class LayerCache:
         return total
 
     def graphs(self) -> list:
-        """The CUDA graphs held (a layer entry's step graph and its first-step ``GraphSlot``, if any); they
-        go with their entries."""
+        """The CUDA graphs held (each layer entry's step graph and those of its ``GraphSlot`` fields, in field
+        order); they go with their entries."""
         held = []
         for e in self.entries.values():
-            first = getattr(e, "first", None)
-            held += [g for g in (getattr(e, "graph", None), getattr(first, "graph", None)) if isinstance(g, StepGraph)]
+            for f in dataclasses.fields(e) if dataclasses.is_dataclass(e) else ():
+                g = getattr(e, f.name)
+                g = g.graph if isinstance(g, GraphSlot) else g
+                if isinstance(g, StepGraph):
+                    held.append(g)
         return held
 
 
@@ -127,8 +130,16 @@ def graphs_usable(q) -> bool:
     return q.is_cuda
 
 
-def _key(q, pinned) -> tuple:
+def graph_key(q, pinned) -> tuple:
+    """What a replay needs unchanged: q's layout, then the pinned tensors' addresses and layouts."""
     return (q.stride(), q.dtype) + tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in pinned)
+
+
+def replay(held: StepGraph, q) -> tuple:
+    """Replay ``held`` for ``q`` (the caller checked ``held.key``): its outputs, overwritten by the next replay."""
+    held.static_q.copy_(q)
+    held.graph.replay()
+    return tuple(held.outputs)
 
 
 def _warm_up(fn, static_q, pinned):
@@ -149,16 +160,20 @@ def _warm_up(fn, static_q, pinned):
     return result
 
 
-def _capture(fn, static_q, pinned):
+def _capture(fn, static_q, pinned, share=None):
     """Record ``fn(static_q, *pinned)`` into a CUDA graph: ``(graph, outputs, pool bytes)``. Capture
     runs no kernel, so the step's in-place state updates happen once (in the warm-up call).
     ``capture_begin`` directly rather than ``torch.cuda.graph``: that one synchronises and empties
-    the allocator cache at every capture (one per layer and block here)."""
+    the allocator cache at every capture (one per layer and block here). ``share``: a callable giving
+    graphs held now, whose memory pool this one joins (see ``run_step``)."""
     device = static_q.device
+    pool = None
+    if share is not None:  # a live graph's pool: its use count is above 0 while we hold the graph
+        pool = next((g.graph.pool() for g in share() if g.static_q.device == device), None)
     graph = torch.cuda.CUDAGraph()
     before = torch.cuda.memory_reserved(device)
     with torch.cuda.stream(_streams[device]):
-        graph.capture_begin(capture_error_mode="thread_local")
+        graph.capture_begin(**({} if pool is None else {"pool": pool}), capture_error_mode="thread_local")
         try:
             outputs = fn(static_q, *pinned)
         finally:
@@ -166,7 +181,7 @@ def _capture(fn, static_q, pinned):
     return graph, outputs, torch.cuda.memory_reserved(device) - before
 
 
-def run_step(fn, entry, q, pinned, cache: LayerCache, enabled: bool):
+def run_step(fn, entry, q, pinned, cache: LayerCache, enabled: bool, *, key=None, share=None):
     """``fn(q, *pinned) -> tuple`` for one cached step, eagerly or as a CUDA graph; returns
     ``(outputs, replayed)``. With ``replayed`` the tensors are the graph's static outputs: copy what
     outlives the next call. ``entry.graph`` holds the graph (None: not captured yet, False: eager).
@@ -174,23 +189,28 @@ def run_step(fn, entry, q, pinned, cache: LayerCache, enabled: bool):
     ``fn`` must be capturable: fixed shapes for a given entry, state updated in place, no host reads
     of device values. q is copied into a static buffer; the ``pinned`` tensors (k and v: the prefix is
     too large to copy) are read in place, so a replay needs them at the captured address and layout,
-    which a preallocated KV cache gives. Otherwise the call runs eager (warned once)."""
+    which a preallocated KV cache gives. Otherwise the call runs eager (warned once). ``key``: the
+    call's ``graph_key`` when the caller has it already.
+
+    ``share`` (a callable giving the graphs held now, e.g. ``cache.graphs``): capture into the memory pool
+    of one of them, so a method's graphs hold about one graph's work memory rather than one per layer.
+    Only for callers that copy a replay's outputs before any other replay and keep their state outside
+    the graphs: one graph's intermediates may then overwrite another's outputs."""
     if not enabled or not graphs_usable(q) or entry.graph is False:
         return fn(q, *pinned), False
-    key = _key(q, pinned)
+    key = graph_key(q, pinned) if key is None else key
     held = entry.graph
     if held is not None:
         if held.key != key:
             cache.warn_once("cuda_graphs: k/v are not at the captured step's address (or q's layout changed); "
                             "graphs need [prefix | block] in one persistent buffer. Running eager.")
             return fn(q, *pinned), False
-        held.static_q.copy_(q)
-        held.graph.replay()
-        return tuple(held.outputs), True
+        return replay(held, q), True
     static_q = torch.empty_like(q).copy_(q)  # keeps q's strides: the same kernels see the same layout
     result = _warm_up(fn, static_q, pinned)
     try:
-        graph, outputs, pool = _capture(fn, static_q, pinned)
+        graph, outputs, pool = (_capture(fn, static_q, pinned) if share is None
+                                else _capture(fn, static_q, pinned, share=share))
     except Exception as err:  # an op that cannot be captured: this entry stays eager
         cache.warn_once(f"cuda_graphs: capture failed, running eager ({type(err).__name__}: {err})")
         entry.graph = False

@@ -228,7 +228,7 @@ def test_steady_state_op_count(monkeypatch):
     assert max(counts) <= 33, counts
 
 
-# -- CUDA graphs of the cached step (helpers and the CPU stand-in in test_flashblock) ----------------------
+# -- CUDA graphs of the cached step (helpers and the CPU stand-in in test_flashblock_graphs) ----------------------
 
 def test_cuda_graphs_flag_validated():
     assert LoSAConfig().cuda_graphs is False
@@ -237,7 +237,7 @@ def test_cuda_graphs_flag_validated():
 
 
 def test_cuda_graphs_ignored_on_cpu(caplog):
-    from test_flashblock import buffered_blocks, drive
+    from test_flashblock_graphs import buffered_blocks, drive
 
     if torch.zeros(1).is_cuda:
         pytest.skip("checks the CPU behaviour")
@@ -255,7 +255,7 @@ GRAPH_CONFIGS = [dict(), dict(sparsity=0.0), dict(compare_to="cached", threshold
 
 @pytest.fixture
 def fake_graphs(monkeypatch):
-    from test_flashblock import install_fake_graphs
+    from test_flashblock_graphs import install_fake_graphs
 
     return install_fake_graphs(monkeypatch)
 
@@ -263,7 +263,8 @@ def fake_graphs(monkeypatch):
 @pytest.mark.parametrize("kw", GRAPH_CONFIGS)
 def test_cuda_graph_bookkeeping_matches_eager(fake_graphs, monkeypatch, kw):
     # In-place state (row cache, q_ref, thresholds) and device stats behave as in eager.
-    from test_flashblock import assert_graphs_match_eager, force_splits
+    from test_flashblock import force_splits
+    from test_flashblock_graphs import assert_graphs_match_eager
 
     force_splits(monkeypatch)
     eager, graphed = assert_graphs_match_eager("losa", dict(min_seq_len=0, block_size=32, **kw), graphs=fake_graphs,
@@ -272,7 +273,7 @@ def test_cuda_graph_bookkeeping_matches_eager(fake_graphs, monkeypatch, kw):
 
 
 def test_cuda_graphs_skip_the_selector_path(fake_graphs):
-    from test_flashblock import buffered_blocks, drive
+    from test_flashblock_graphs import buffered_blocks, drive
 
     m = method(cuda_graphs=True, selector="block_mean", sparsity=0.75)
     drive(m, buffered_blocks(blocks=1, steps=3))
@@ -283,7 +284,7 @@ def test_cuda_graphs_skip_the_selector_path(fake_graphs):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("kw", GRAPH_CONFIGS)
 def test_cuda_graphs_match_eager_on_gpu(kw):
-    from test_flashblock import assert_graphs_match_eager
+    from test_flashblock_graphs import assert_graphs_match_eager
 
     eager, graphed = assert_graphs_match_eager("losa", dict(min_seq_len=0, **kw), device="cuda", first_step=True,
                                                dtype=torch.bfloat16, blocks=3, steps=6, hq=8, prefix=8192, d=64)

@@ -25,8 +25,8 @@ from sparsediff.kernels.block_sparse_triton import block_sparse_attention_triton
 from sparsediff.kernels.reference import block_sparse_attention_ref  # noqa: E402
 
 VARIANTS = {
-    "default": {},  # 3 stages, ping-pong + in-warpgroup overlap
-    "overlap only": dict(pingpong=False),
+    "default": {},  # 3 stages, in-warpgroup overlap, no ping-pong
+    "ping-pong + overlap": dict(pingpong=True),
     "neither": dict(pingpong=False, overlap=False),
     "2 stages": dict(stages=2),
     "default, no LSE": dict(return_lse=False),

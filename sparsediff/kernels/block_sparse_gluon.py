@@ -9,8 +9,9 @@ splits the work three ways:
 * two **consumer warpgroups**, 64 query rows each, run the online softmax. Each overlaps its own work
   (``OVERLAP``): QK^T of tile j and PV of tile j-1 are issued together and the softmax of tile j runs
   while PV(j-1) is on the tensor cores;
-* with ``PINGPONG`` the two consumers take turns to issue their GEMMs (an mbarrier per warpgroup), so
-  one warpgroup's softmax runs while the other's GEMMs occupy the tensor cores.
+* with ``PINGPONG`` (off by default: +2 % dense, -3 % at half density on an H100) the two consumers
+  take turns to issue their GEMMs (an mbarrier per warpgroup), so one warpgroup's softmax runs while the
+  other's GEMMs occupy the tensor cores.
 
 Scope: head dim 64 or 128, ``block_size`` 128, fp16/bf16, sm_90; causal masking (end-aligned, as in
 the Triton kernel) only on the tiles that need it. The public entry point
@@ -33,9 +34,10 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 LOG2E = 1.4426950408889634
 BLOCK_SIZE = 128  # key block = tile width; a CTA covers one query block of the same size
 ROWS_PER_WARPGROUP = 64
-# Measured best on H100 (docs/benchmarks.md): 3 K/V stages, ping-pong and in-warpgroup overlap on, and
-# 240 registers for each consumer warpgroup (the loader keeps 24).
-DEFAULT_SCHEDULE = dict(stages=3, pingpong=True, overlap=True, consumer_regs=240, loader_regs=24)
+# Measured on H100 over 4 runs (docs/benchmarks.md): 3 K/V stages, in-warpgroup overlap on, 240 registers
+# per consumer warpgroup (the loader keeps 24). Ping-pong gained ~2 % at density 1 but lost ~3 % at 0.5,
+# where sparse attention runs, so it is off by default.
+DEFAULT_SCHEDULE = dict(stages=3, pingpong=False, overlap=True, consumer_regs=240, loader_regs=24)
 
 
 @gluon.jit

@@ -14,10 +14,10 @@ splits the work three ways:
   other's GEMMs occupy the tensor cores.
 
 Scope: head dim 64 or 128, ``block_size`` 128, fp16/bf16, sm_90; causal masking (end-aligned, as in
-the Triton kernel) only on the tiles that need it. The public entry point
-falls back to the Triton kernel elsewhere. Same outputs as the Triton kernel: natural
-log LSE, rows with no kept key give zeros and ``-inf``. There is no CPU interpreter for Gluon, so its
-tests run on the GPU only (``SPARSEDIFF_TEST_DEVICE=cuda``).
+the Triton kernel) only on the tiles that need it. The public entry point falls back to the Triton
+kernel elsewhere. Same outputs as the Triton kernel: natural-log LSE, rows with no kept key give zeros
+and ``-inf``. There is no CPU interpreter for Gluon: CI compiles the kernel for sm_90a on the CPU and
+checks registers and shared memory; its numerics are tested on the GPU (``SPARSEDIFF_TEST_DEVICE=cuda``).
 """
 
 from __future__ import annotations

@@ -132,3 +132,27 @@ def test_probe_cli_writes_report(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000
     with pytest.raises(ValueError, match="key=value"):
         probe_cli.build_method("ba_att/beta", 0.5, 64)
+
+
+def test_probe_report_gives_recall_as_a_share_of_the_oracle(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    probe_cli.add_arguments(parser)
+    args = parser.parse_args(["--generators", "stripes", "--methods", "oracle,ba_att,fixed", "--densities", "0.5",
+                              "--n", "512", "--heads", "1", "--dim", "24", "--block-size", "64", "--out",
+                              str(tmp_path), "--no-plots"])
+    assert probe_cli.run(args) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert rows["oracle"]["recall_of_oracle"] == pytest.approx(1.0)
+    for name in ("ba_att", "fixed"):
+        assert rows[name]["recall_of_oracle"] == pytest.approx(rows[name]["recall"] / rows["oracle"]["recall"])
+    # At the same number of kept blocks per query block the oracle keeps the most mass.
+    assert rows["ba_att"]["density"] == pytest.approx(rows["oracle"]["density"])
+    assert rows["ba_att"]["recall_of_oracle"] <= 1.0 + 1e-6
+    assert "recall / oracle" in (tmp_path / "results.md").read_text()
+    # Without the oracle in the run the column is left out.
+    plain = [{"probe": "p", "method": "fixed", "target_density": 0.5, "density": 0.5, "recall": 0.9,
+              "rel_l2": 0.1, "cosine": 0.99}]
+    probe_cli.add_oracle_share(plain)
+    assert plain[0]["recall_of_oracle"] is None and "oracle" not in probe_cli.markdown_table(plain)

@@ -79,12 +79,28 @@ def _floats(text: str) -> list[float]:
     return values
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| probe | method | target density | density | recall | rel L2 | cosine |",
-             "|---|---|---|---|---|---|---|"]
+def add_oracle_share(rows: list[dict]) -> None:
+    """``recall_of_oracle`` on each row: its recall over the ``oracle`` method's (the true block mass, the
+    best any selector can keep at that density) on the same probe and target density, when the oracle ran.
+    It separates what a selector misses from what block sparsity itself cannot keep."""
+    best = {(r["probe"], r["target_density"]): r["recall"] for r in rows if r["method"] == "oracle"}
     for r in rows:
-        lines.append(f"| {r['probe']} | {r['method']} | {r['target_density']:.2f} | {r['density']:.3f} | "
-                     f"{r['recall']:.4f} | {r['rel_l2']:.4f} | {r['cosine']:.4f} |")
+        oracle = best.get((r["probe"], r["target_density"]))
+        r["recall_of_oracle"] = r["recall"] / oracle if oracle else None
+
+
+def markdown_table(rows: list[dict]) -> str:
+    with_oracle = any(r.get("recall_of_oracle") is not None for r in rows)
+    lines = ["| probe | method | target density | density | recall | rel L2 | cosine |"
+             + (" recall / oracle |" if with_oracle else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if with_oracle else "")]
+    for r in rows:
+        line = (f"| {r['probe']} | {r['method']} | {r['target_density']:.2f} | {r['density']:.3f} | "
+                f"{r['recall']:.4f} | {r['rel_l2']:.4f} | {r['cosine']:.4f} |")
+        if with_oracle:
+            share = r.get("recall_of_oracle")
+            line += f" {share:.4f} |" if share is not None else " – |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -168,6 +184,7 @@ def run(args) -> int:
                     rows.append({"probe": probe.name, "method": spec, "target_density": density, **result,
                                  "n": probe.k.shape[2], "meta": probe.meta})
                     bar.update()
+    add_oracle_share(rows)
     config = {key: getattr(args, key) for key in ("n", "heads", "dim", "block_size", "seed", "dtype")}
     (out_dir / "results.json").write_text(json.dumps({"config": config, "rows": rows}, indent=1))
     table = markdown_table(rows)

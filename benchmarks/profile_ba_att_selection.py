@@ -26,7 +26,7 @@ import triton.testing as tt
 
 from sparsediff.kernels import ba_features, permute_stats, segment_sort
 from sparsediff.kernels.ba_features import query_features, segment_order
-from sparsediff.kernels.block_stats_triton import tile_moments
+from sparsediff.kernels.block_stats_triton import store_score_features, tile_moments
 from sparsediff.kernels.permute_stats import gather_sorted_segments, row_norms
 from sparsediff.methods import ba_att
 from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _scores_from_features, _select, _sort_keys, ba_scores
@@ -63,15 +63,7 @@ def _v3_features_kernel(
         blk = t % nb
         mask = ((blk * BLOCK_SIZE + rows0) < n)[:, None] & col_ok[None, :]
         mean, var = tile_moments(x, mask, tl.minimum(n - blk * BLOCK_SIZE, BLOCK_SIZE))
-        out = Out + t * (3 * HEAD_DIM) + cols
-        if KEY:
-            tl.store(out, mean, mask=col_ok)
-            tl.store(out + HEAD_DIM, var + mean * mean, mask=col_ok)
-            tl.store(out + 2 * HEAD_DIM, var, mask=col_ok)
-        else:
-            tl.store(out, mean * scale, mask=col_ok)
-            tl.store(out + HEAD_DIM, var * c, mask=col_ok)
-            tl.store(out + 2 * HEAD_DIM, (mean * mean) * c, mask=col_ok)
+        store_score_features(Out + t * (3 * HEAD_DIM) + cols, mean, var, col_ok, scale, c, HEAD_DIM, KEY)
         x = x_next
 
 

@@ -24,7 +24,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .block_stats_triton import tile_moments
+    from .block_stats_triton import store_score_features, tile_moments
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
@@ -69,15 +69,8 @@ if triton is not None:
         x = tl.load(X + (bh // num_heads) * sxb + (bh % num_heads) * sxh + rows[:, None] * sxn + cols[None, :] * sxd,
                     mask=mask, other=0.0)
         mean, var = tile_moments(x, mask, tl.minimum(n - blk * BLOCK_SIZE, BLOCK_SIZE))
-        out = Out + (bh * nb + blk) * (3 * HEAD_DIM) + cols
-        if KEY:
-            tl.store(out, mean, mask=col_ok)
-            tl.store(out + HEAD_DIM, var + mean * mean, mask=col_ok)
-            tl.store(out + 2 * HEAD_DIM, var, mask=col_ok)
-        else:
-            tl.store(out, mean * scale, mask=col_ok)
-            tl.store(out + HEAD_DIM, var * c, mask=col_ok)
-            tl.store(out + 2 * HEAD_DIM, (mean * mean) * c, mask=col_ok)
+        store_score_features(Out + (bh * nb + blk) * (3 * HEAD_DIM) + cols, mean, var, col_ok, scale, c, HEAD_DIM,
+                             KEY)
 
     @triton.jit
     def _features_loop_kernel(

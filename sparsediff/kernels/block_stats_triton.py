@@ -23,6 +23,20 @@ def tile_moments(x, mask, count):
 
 
 @triton.jit
+def store_score_features(out, mean, var, col_ok, scale, c, HEAD_DIM: tl.constexpr, KEY: tl.constexpr):
+    """One block's BA-Att score features at ``out`` (a (3D,) row): key side ``[μ, μ² + σ², σ²]``, query side
+    ``[s·μ, c·σ², c·μ²]``."""
+    if KEY:
+        tl.store(out, mean, mask=col_ok)
+        tl.store(out + HEAD_DIM, var + mean * mean, mask=col_ok)
+        tl.store(out + 2 * HEAD_DIM, var, mask=col_ok)
+    else:
+        tl.store(out, mean * scale, mask=col_ok)
+        tl.store(out + HEAD_DIM, var * c, mask=col_ok)
+        tl.store(out + 2 * HEAD_DIM, (mean * mean) * c, mask=col_ok)
+
+
+@triton.jit
 def tile_stats(x, mask, count):
     """:func:`tile_moments` plus the mean row L2 norm of the valid rows."""
     mean, var = tile_moments(x, mask, count)

@@ -23,7 +23,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .block_stats_triton import tile_moments, tile_stats
+    from .block_stats_triton import store_score_features, tile_moments, tile_stats
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
@@ -119,10 +119,8 @@ if triton is not None:
             if FEATURES:
                 # BA-Att's key-side score features [μ, μ² + σ², σ²], one (3D,) row per block.
                 mean, var = tile_moments(kt, mask, tl.minimum(n - blk * BLOCK_SIZE, BLOCK_SIZE))
-                so = (pid_bh * nb + blk) * (3 * HEAD_DIM) + cols
-                tl.store(Mean + so, mean, mask=col_ok)
-                tl.store(Mean + so + HEAD_DIM, var + mean * mean, mask=col_ok)
-                tl.store(Mean + so + 2 * HEAD_DIM, var, mask=col_ok)
+                store_score_features(Mean + (pid_bh * nb + blk) * (3 * HEAD_DIM) + cols, mean, var, col_ok, 0.0,
+                                     0.0, HEAD_DIM, True)
             else:
                 mean, var, norm = tile_stats(kt, mask, tl.minimum(n - blk * BLOCK_SIZE, BLOCK_SIZE))
                 so = (pid_bh * nb + blk) * HEAD_DIM + cols

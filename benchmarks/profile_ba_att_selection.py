@@ -168,7 +168,8 @@ def checks(q, k, v, m, seg, n):
     PyTorch path and the first one; the fused sort's order, norms and query features bit for bit."""
     row = {}
     new = m.plan(q, k, v)
-    for name, setting in (("v4", V4), ("v3", {**V4, **V3}), ("v5 split q", V5_SPLIT_Q), ("v5 no reg cap", V5_NO_REGCAP)):
+    variants = (("v4", V4), ("v3", {**V4, **V3}), ("v5 split q", V5_SPLIT_Q), ("v5 no reg cap", V5_NO_REGCAP))
+    for name, setting in variants:
         with knobs(setting):
             old = m.plan(q, k, v)
         row[f"v5_vs_{name}_same [counts, index, perm, sorted k, sorted v]"] = [
@@ -207,7 +208,8 @@ def stages(q, k, v, m, seg, n):
         lambda: nv.argsort(dim=-1, descending=True))
     row = {
         "v4: norms (padded)": bench(lambda: row_norms(k, pad_to=nseg * seg)),
-        "v4: segment sort (" + ("Triton" if seg <= ba_features.MAX_SORT_SEGMENT else "torch argsort") + ")": bench(v4_sort),
+        "v4: segment sort (" + ("Triton" if seg <= ba_features.MAX_SORT_SEGMENT else "torch argsort") + ")":
+            bench(v4_sort),
         "v4: q features": bench(lambda: query_features(q, 128, 0.1, 0.01)),
         "v5: norms + sorted runs (+ merge), one launch (two above 256)": bench(
             lambda: segment_sort.norm_segment_order(k, seg)),

@@ -12,8 +12,8 @@ import torch
 from sparsediff.kernels import segment_sort
 from sparsediff.kernels.ba_features import query_features
 from sparsediff.kernels.permute_stats import row_norms
-from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _select, _sort_keys
 from sparsediff.kernels.segment_sort import norm_segment_order
+from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _select, _sort_keys
 
 
 def _reference(k, seg):

@@ -160,8 +160,9 @@ def norm_segment_order(k, seg, *, q=None, block_size=128, scale=None, c=None, re
 
     With ``q (B, Hq, Nq, Dq)`` the first launch also writes ``query_features(q, block_size, scale, c)``
     (the same bits) and the result is ``(order, q_features)``; ``q_features`` is None when the query
-    tile's warps could change the norm tile's reduction (small head dims: the caller computes them). ``return_norms`` appends the padded float32
-    norms ``(B, H, nseg*seg)`` (-1 past ``N``), equal to ``row_norms(k, pad_to=nseg*seg)``."""
+    tile's warps could change the norm tile's reduction (small head dims: the caller computes them).
+    ``return_norms`` appends the padded float32 norms ``(B, H, nseg*seg)`` (-1 past ``N``), equal to
+    ``row_norms(k, pad_to=nseg*seg)``."""
     if triton is None:
         raise RuntimeError("norm_segment_order needs Triton")
     if k.dim() != 4:

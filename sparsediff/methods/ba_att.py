@@ -24,11 +24,10 @@ import math
 
 import torch
 
-from ..kernels import block_sparse_attention, block_stats
+from ..kernels import block_sparse_attention, block_stats, segment_sort
 from ..kernels.ba_features import query_features, segment_order
 from ..kernels.block_sparse import triton_available
 from ..kernels.outlier_keys import outlier_key_features
-from ..kernels import segment_sort
 from ..kernels.permute_stats import gather_rows_with_stats, gather_sorted_segments, row_norms
 from .base import register_method
 from .block_select import budget_of, select_from_scores

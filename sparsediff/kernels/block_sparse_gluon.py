@@ -42,7 +42,7 @@ DEFAULT_SCHEDULE = dict(stages=3, pingpong=False, overlap=True, consumer_regs=24
 
 @gluon.jit
 def _tile_coords(BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
-                 num_heads, num_kv_heads, group_size, nq, nk):
+                 num_heads, group_size):
     q_block = gl.program_id(0)
     pid_bh = gl.program_id(1)
     b = pid_bh // num_heads
@@ -55,10 +55,10 @@ def _tile_coords(BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride
 @gluon.jit
 def _loader(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars,
             BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
-            num_heads, num_kv_heads, group_size, nq, nk, STAGES: gl.constexpr):
+            num_heads, group_size, STAGES: gl.constexpr):
     count, index_base, b, h, h_kv, pid_bh, q_block = _tile_coords(
         BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
-        num_heads, num_kv_heads, group_size, nq, nk)
+        num_heads, group_size)
     # 4-D descriptors over (B, H, N, D): any strides, and rows past N are zero-filled, never another head's.
     for w in gl.static_range(2):
         mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
@@ -105,7 +105,7 @@ def _softmax_step(s, m_i, l_i, index_ptr, nk, qk_scale, row0, causal_offset, s_l
 @gluon.jit
 def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
               BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
-              stride_ob, stride_oh, stride_on, num_heads, num_kv_heads, group_size, nq, nk, qk_scale, causal_offset,
+              stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale, causal_offset,
               WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
               OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr):
     BLOCK_N: gl.constexpr = 128
@@ -120,7 +120,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
 
     count, index_base, b, h, h_kv, pid_bh, q_block = _tile_coords(
         BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
-        num_heads, num_kv_heads, group_size, nq, nk)
+        num_heads, group_size)
     m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
     l_i = gl.zeros([ROWS], gl.float32, row_layout)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
@@ -194,7 +194,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
 @gluon.jit
 def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockCount,
                             stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
-                            stride_ob, stride_oh, stride_on, num_heads, num_kv_heads, group_size, nq, nk, qk_scale,
+                            stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
                             causal_offset, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
                             OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                             LOADER_REGS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr):
@@ -219,15 +219,15 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
     gl.warp_specialize([
         (_consumer, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse, BlockCount,
                      BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
-                     stride_ob, stride_oh, stride_on, num_heads, num_kv_heads, group_size, nq, nk, qk_scale,
+                     stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
                      causal_offset, 0, HEAD_DIM, STAGES, PINGPONG, OVERLAP, WRITE_LSE, EVEN_N, CAUSAL)),
         (_consumer, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse, BlockCount,
                      BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
-                     stride_ob, stride_oh, stride_on, num_heads, num_kv_heads, group_size, nq, nk, qk_scale,
+                     stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
                      causal_offset, 1, HEAD_DIM, STAGES, PINGPONG, OVERLAP, WRITE_LSE, EVEN_N, CAUSAL)),
         (_loader, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, BlockCount,
                    BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
-                   num_heads, num_kv_heads, group_size, nq, nk, STAGES)),
+                   num_heads, group_size, STAGES)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -286,7 +286,7 @@ def block_sparse_attention_gluon(q, k, v, block_index, block_count, *, scale, re
     _block_sparse_fwd_gluon[grid](
         q_desc, k_desc, v_desc, out, lse, block_index, block_count,
         si[0], si[1], block_index.stride(2), block_index.stride(3), sc[0], sc[1], block_count.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), hq, hkv, hq // hkv, nq, nk, scale * LOG2E, nk - nq,
+        out.stride(0), out.stride(1), out.stride(2), hq, hq // hkv, nq, nk, scale * LOG2E, nk - nq,
         HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=return_lse,
         CONSUMER_REGS=cfg["consumer_regs"], LOADER_REGS=cfg["loader_regs"], EVEN_N=nk % BLOCK_SIZE == 0,
         CAUSAL=causal, num_warps=4, maxnreg=kernel_maxnreg(cfg),

@@ -3,7 +3,7 @@ FlashBlock + sparse external attention.
 
     python benchmarks/bench_blockdiff.py --out bench_blockdiff.json    # H100: prefix 16k/64k/128k, blocks 32/128
     python benchmarks/bench_blockdiff.py --quick --out /tmp/b.json     # CPU smoke run (small shapes)
-    python benchmarks/bench_blockdiff.py --structured --cuda-graphs     # also FlashBlock / LoSA with cuda_graphs=True
+    python benchmarks/bench_blockdiff.py --structured --cuda-graphs     # also with cuda_graphs=True (eager: False)
 
 One attention layer, B=1, GQA 32 query / 8 key-value heads, D=128, bf16, 16 denoising steps per block.
 Calls follow the block-diffusion convention: q = the active block, k/v = [prefix | block].
@@ -104,13 +104,13 @@ def gpu_busy_ms(fn):
 
 def methods(args):
     out = {
-        "flashblock": make_method("flashblock", min_seq_len=0),
+        "flashblock": make_method("flashblock", min_seq_len=0, cuda_graphs=False),
         "losa": make_method("losa", min_seq_len=0, threshold=args.threshold, sparsity=args.sparsity,
-                            union=args.union),
+                            union=args.union, cuda_graphs=False),
     }
     if args.selector in available_selectors():
         out["flashblock+sparse"] = make_method("flashblock", min_seq_len=0, sparse_selector=args.selector,
-                                               sparsity=args.sparsity)
+                                               sparsity=args.sparsity, cuda_graphs=False)
     if args.cuda_graphs:
         out |= {f"{name}+graphs": make_method(m, cuda_graphs=True) for name, m in list(out.items())}
     return out

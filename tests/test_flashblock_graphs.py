@@ -74,8 +74,10 @@ def buffered_blocks(blocks=2, steps=5, b=1, hq=4, hkv=2, prefix=256, nq=32, d=16
 
 
 def drive(m, runs, return_lse=False, moving_kv=False):
-    """Two layers per step; ``moving_kv``: a fresh k/v tensor every call (a host without a persistent cache)."""
-    outs = []
+    """Two layers per step; ``moving_kv``: a fresh k/v tensor every call (a host without a persistent cache),
+    each kept alive so that no two calls share an address (an allocator may hand a freed one out again, and
+    then a replay on it is valid)."""
+    outs, held = [], []
     for blk, ((k, v), per_step) in enumerate(runs):
         new_block(blk)
         k, v = k.clone(), v.clone()
@@ -84,6 +86,7 @@ def drive(m, runs, return_lse=False, moving_kv=False):
             with denoising_step(step, len(per_step)):
                 for layer, sign in (("a", 1), ("b", -1)):
                     kk, vv = (k.clone(), v.clone()) if moving_kv else (k, v)
+                    held += [kk, vv] if moving_kv else []
                     outs.append(m(sign * q, kk, vv, layer=layer, return_lse=return_lse))
     return outs
 
@@ -93,7 +96,7 @@ def assert_graphs_match_eager(name, kw, device="cpu", dtype=torch.float32, graph
     """Outputs (and LSE) with ``cuda_graphs=True`` equal the eager ones bit for bit over blocks and steps.
     ``first_step``: the method also captures each block's first step (LoSA), one more graph per layer."""
     runs = buffered_blocks(device=device, dtype=dtype, **shape)
-    eager = make_method(name, **kw)
+    eager = make_method(name, cuda_graphs=False, **kw)
     graphed = make_method(name, cuda_graphs=True, **kw)
     want, got = drive(eager, runs, return_lse=True), drive(graphed, runs, return_lse=True)
     for (o, lse), (o2, lse2) in zip(want, got):
@@ -110,8 +113,9 @@ def assert_graphs_match_eager(name, kw, device="cpu", dtype=torch.float32, graph
 
 
 def test_cuda_graphs_flag_validated():
-    assert FlashBlockConfig().cuda_graphs is False
-    with pytest.raises(ValueError, match="cuda_graphs"):
+    assert FlashBlockConfig().cuda_graphs is None  # automatic
+    assert FlashBlockConfig(cuda_graphs=False).cuda_graphs is False
+    with pytest.raises(ValueError, match="True, False or None"):
         FlashBlockConfig(cuda_graphs="yes")
 
 
@@ -172,6 +176,54 @@ def test_plain_graphs_replay_when_kv_moves(fake_graphs, caplog):
     assert all(torch.equal(a, b) for a, b in zip(want, got))
     assert len(fake_graphs) == 2 and all(g.replays == 2 * 3 - 1 for g in fake_graphs) and not caplog.records
 
+
+
+@pytest.mark.parametrize("name, kw", [("flashblock", {}), ("losa", {}),
+                                      ("flashblock", dict(sparse_selector="block_mean", sparsity=0.5))])
+def test_automatic_graphs(fake_graphs, caplog, name, kw):
+    """The default (``cuda_graphs=None``) captures once two calls in a row saw the same buffers, replays after,
+    and neither captures nor warns where a host hands fresh k/v every call."""
+    runs = buffered_blocks(blocks=2, steps=5)
+    base = dict(min_seq_len=0, block_size=32, **kw)
+    want = drive(make_method(name, cuda_graphs=False, **base), runs)
+    auto = make_method(name, **base)
+    assert auto.config.cuda_graphs is None
+    with caplog.at_level("WARNING"):
+        got = drive(auto, runs)
+        moving = make_method(name, **base)
+        got_moving = drive(moving, runs, moving_kv=True)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert all(torch.equal(a, b) for a, b in zip(want, got_moving))
+    assert not caplog.records
+    assert auto._cache.captures >= 2 and any(g.replays for g in fake_graphs)  # two layers: one graph each, at least
+    if name == "flashblock" and not kw:  # fixed buffers of the block's rows: fresh k/v still replay
+        assert moving._cache.captures == 2
+    else:  # the prefix is read in place: nothing to replay on fresh k/v, so nothing is captured
+        assert moving._cache.captures == 0
+
+
+def test_explicit_graphs_capture_at_once(fake_graphs):
+    # True captures at an entry's first cached call; automatic waits for a second call on the same buffers.
+    kw = dict(sparse_selector="block_mean", sparsity=0.5)
+    for steps, captures in ((2, [2, 0]), (3, [2, 2])):  # step 0 refreshes; 1, 2 are cached calls (two layers)
+        modes = [method(cuda_graphs=mode, **kw) for mode in (True, None)]
+        for m in modes:
+            drive(m, buffered_blocks(blocks=1, steps=steps))
+        assert [m._cache.captures for m in modes] == captures
+
+
+@pytest.mark.parametrize("name", ["flashblock", "losa"])
+def test_graphs_step_aside_inside_a_host_capture(fake_graphs, monkeypatch, name):
+    # Inside someone else's capture (a host graphing whole steps) the kernels are recorded there, not in our own.
+    from sparsediff.methods import step_cache
+
+    monkeypatch.setattr(step_cache, "capturing", lambda q: True)
+    runs = buffered_blocks(blocks=2, steps=4)
+    want = drive(make_method(name, min_seq_len=0, block_size=32, cuda_graphs=False), runs)
+    m = make_method(name, min_seq_len=0, block_size=32, cuda_graphs=True)
+    got = drive(m, runs)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert m._cache.captures == 0 and not fake_graphs
 
 # -- Plain mode on a persistent KV buffer: the first step captured too, cached steps read the buffer ---------
 
@@ -323,6 +375,17 @@ def test_cuda_graphs_match_eager_on_gpu(kw):
     with denoising_step(0, 4):
         graphed(q.cuda(), k.cuda(), v.cuda(), layer="a")
     assert graphed._cache.graphs() == []  # released at a new generation
+
+
+@cuda_only
+@pytest.mark.parametrize("name", ["flashblock", "losa"])
+def test_automatic_graphs_on_gpu(name):
+    # The default on a GPU: real graphs, captured on the second sighting of a buffer, equal to eager bit for bit.
+    plan = cache_blocks(blocks=3, steps=5, prompt=8000, nq=32, hq=8, d=128, dtype=torch.bfloat16, device="cuda")
+    eager = make_method(name, min_seq_len=0, block_size=128, cuda_graphs=False)
+    auto = make_method(name, min_seq_len=0, block_size=128)
+    assert_equal_outputs(drive_cache(eager, plan), drive_cache(auto, plan))
+    assert auto._cache.captures >= 4 and len(auto._cache.graphs()) >= 2
 
 
 @cuda_only

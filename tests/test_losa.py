@@ -20,7 +20,7 @@ def block_call(b=1, hq=4, hkv=2, prefix=128, nq=16, d=16, dtype=torch.float32):
 
 
 def method(**kw):
-    return make_method("losa", **{"min_seq_len": 0, "block_size": 16, **kw})
+    return make_method("losa", **{"min_seq_len": 0, "block_size": 16, "cuda_graphs": False, **kw})
 
 
 def perturb(q, tokens, rel):
@@ -116,7 +116,8 @@ def test_packed_split_path_matches_reference(monkeypatch):
     from test_flashblock import force_splits
 
     force_splits(monkeypatch, n=3)
-    m = make_method("losa", min_seq_len=0, block_size=32, threshold=0.05, sparsity=0.5)  # 16 prefix blocks, keep 8
+    m = make_method("losa", min_seq_len=0, block_size=32, threshold=0.05, sparsity=0.5,  # 16 prefix blocks, keep 8
+                    cuda_graphs=False)
     q0, k, v = block_call(hq=8, hkv=2, prefix=512, nq=8)
     npre = 512
     with denoising_step(0, 2):
@@ -224,15 +225,17 @@ def test_steady_state_op_count(monkeypatch):
     from test_flashblock import force_splits, steady_state_ops
 
     force_splits(monkeypatch)
-    counts = steady_state_ops(make_method("losa", min_seq_len=0, block_size=32, sparsity=0.8), steps=4)
+    counts = steady_state_ops(make_method("losa", min_seq_len=0, block_size=32, sparsity=0.8, cuda_graphs=False),
+                              steps=4)
     assert max(counts) <= 33, counts
 
 
 # -- CUDA graphs of the cached step (helpers and the CPU stand-in in test_flashblock_graphs) ----------------------
 
 def test_cuda_graphs_flag_validated():
-    assert LoSAConfig().cuda_graphs is False
-    with pytest.raises(ValueError, match="cuda_graphs"):
+    assert LoSAConfig().cuda_graphs is None  # automatic
+    assert LoSAConfig(cuda_graphs=True).cuda_graphs and LoSAConfig(cuda_graphs=False).cuda_graphs is False
+    with pytest.raises(ValueError, match="True, False or None"):
         LoSAConfig(cuda_graphs=1)
 
 

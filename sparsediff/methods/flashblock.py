@@ -22,15 +22,16 @@ kernel with capacity-sized ids and kept counts derived on the device from the pr
 partial last key block (the tail) is a small masked window. So its shapes depend on the capacity, not
 on the prefix length.
 
-``cuda_graphs=True`` (CUDA only; ignored on CPU): a layer's steps are captured into CUDA graphs and
-replayed (``step_cache.run_step``): the same functions, so the same kernels and bits, without the
-per-kernel launch and Python cost. In plain mode, when k/v live in a persistent buffer (a preallocated
-KV cache, or one buffer reused at the same prefix length), the first step is captured once per layer
-and capacity and replayed at every block, and the cached steps read the block's rows from the buffer
-in place; otherwise the first step runs eagerly and the cached steps copy the block's keys / values
-into fixed buffers, so one graph still serves every block. Combined mode captures once per block. A
-method's graphs share one memory pool: they run one at a time and each replay's outputs are copied
-out at once, so the pool holds about one graph's work memory, not one per layer.
+CUDA graphs (``cuda_graphs``: None, the default, uses them on CUDA inputs wherever a step's tensors stay put;
+True also warns where they cannot be used; False never; CPU inputs run eager): a layer's steps are captured
+into CUDA graphs and replayed (``step_cache.run_step``): the same functions, so the same kernels and bits,
+without the per-kernel launch and Python cost. In plain mode, when k/v live in a persistent buffer (a
+preallocated KV cache, or one buffer reused at the same prefix length), the first step is captured once per
+layer and capacity and replayed at every block, and the cached steps read the block's rows from the buffer in
+place; otherwise the first step runs eagerly and the cached steps copy the block's keys / values into fixed
+buffers, so one graph still serves every block. Combined mode captures once per block. A method's graphs share
+one memory pool: they run one at a time and each replay's outputs are copied out at once, so the pool holds
+about one graph's work memory, not one per layer.
 
 Caches are refreshed when ``step_state.block`` changes and when the prefix length changes (combined
 mode drops them), and dropped at a new generation (base class). Without step information a cache lives
@@ -72,12 +73,11 @@ class FlashBlockConfig(MethodConfig):
     sparse_selector: str | None = None
     sparsity: float = 0.5  # sparsity handed to the selector in combined mode
     residual: bool = True  # combined mode: add the cached dense - sparse correction back
-    cuda_graphs: bool = False  # replay each layer's steps as CUDA graphs (CUDA only)
+    cuda_graphs: bool | None = None  # replay each layer's steps as CUDA graphs; None: when they can (CUDA)
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.cuda_graphs, bool):
-            raise ValueError(f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
+        step_cache.validate_mode(self.cuda_graphs)
         if self.refresh_every is not None and (not isinstance(self.refresh_every, int) or self.refresh_every < 1):
             raise ValueError(f"refresh_every must be None or an int >= 1, got {self.refresh_every!r}")
         if not 0.0 <= float(self.sparsity) < 1.0:
@@ -218,7 +218,8 @@ class FlashBlockMethod(AttentionMethod):
         entry = self._cache.entries.get(name)
         if entry is None or entry.signature != signature:
             entry = self._cache.entries[name] = self._new_plain(q, signature)
-        graphs = cfg.cuda_graphs and step_cache.graphs_usable(q)
+        mode = cfg.cuda_graphs
+        graphs = mode is not False and step_cache.graphs_usable(q) and not step_cache.capturing(q)
         if entry.epoch != self._cache.epoch or entry.n_prefix != n or stale(entry.step, state.step, cfg.refresh_every):
             self.stats["refreshes"] += 1
             entry.epoch, entry.n_prefix, entry.step = self._cache.epoch, n, state.step
@@ -234,7 +235,7 @@ class FlashBlockMethod(AttentionMethod):
             if held is None:
                 _, kc, vc = _buffer(k, v)
                 return run_step(lambda *a: self._in_place(*a, entry=entry, scale=scale), entry, q, (kc, vc),
-                                self._cache, True, key=key, share=self._cache.graphs)
+                                self._cache, mode, key=key, share=self._cache.graphs)
         # Any other k / v: the block's rows into fixed buffers, so one graph serves every block.
         kb, vb = k[:, :, n:], v[:, :, n:]
         if entry.win_k is None:
@@ -242,7 +243,7 @@ class FlashBlockMethod(AttentionMethod):
         entry.win_k.copy_(kb)
         entry.win_v.copy_(vb)
         return run_step(lambda *a: self._inner(*a, entry=entry, scale=scale), entry.windowed, q,
-                        (entry.win_k, entry.win_v), self._cache, True, share=self._cache.graphs)
+                        (entry.win_k, entry.win_v), self._cache, mode, share=self._cache.graphs)
 
     def _plain_first(self, q, k, v, entry, scale, graphs):
         """A block's first step (or a refresh): replayed, captured or eager; ``((out, lse), replayed)``."""

@@ -36,12 +36,14 @@ registered selector name runs that selector on the gathered active tokens instea
 its per-query-block choices is used. Prefix attention is split over key chunks for short blocks
 (``prefix_attention``).
 
-``cuda_graphs=True`` (CUDA only; ignored on CPU): each layer's cached step is captured into a CUDA graph
-once and replayed (``step_cache.run_step``). The layer's state is sized for the capacity of the KV buffer
-k/v are views of (``kv_capacity``) and rewritten in place at each block's first step, so the graph
-survives blocks: re-captured only when the capacity, q's shape or the dtype change. The active set is a
-mask and the union a ranked, capacity-sized index with kept counts on the device, so shapes are fixed;
-the registered-selector path gathers the active tokens (data-dependent shapes) and stays eager.
+CUDA graphs (``cuda_graphs``: None, the default, uses them on CUDA inputs once two calls in a row found k/v in
+the same buffer; True also warns where they cannot be used; False never; CPU inputs run eager): each layer's
+first and cached steps are captured into CUDA graphs once and replayed (``step_cache.run_step``). The layer's
+state is sized for the capacity of the KV buffer k/v are views of (``kv_capacity``) and rewritten in place at
+each block's first step, so the graph survives blocks: re-captured only when the capacity, q's shape or the
+dtype change. The active set is a mask and the union a ranked, capacity-sized index with kept counts on the
+device, so shapes are fixed; the registered-selector path gathers the active tokens (data-dependent shapes)
+and stays eager.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ import torch
 from ..kernels import block_stats, index_to_mask, mask_to_index
 from ..kernels.losa_step import MAX_KERNEL_ROWS, mean_key_score, split_means, token_change_update
 from ..kernels.prefix_merge import merge_prefix
-from . import step_state
+from . import step_cache, step_state
 from .base import AttentionMethod, MethodConfig, register_method
 from .dense import dense_attention
 from .flashblock import selector_config
@@ -82,7 +84,7 @@ class LoSAConfig(MethodConfig):
     selector: str | None = None  # None: built-in mean-key scoring; else a registered selector name
     compare_to: str = "last_step"  # or "cached": change since the step its prefix attention was computed
     union: str = "kv_head"  # one union of key blocks per KV head (shared by its query heads) or per "head"
-    cuda_graphs: bool = False  # replay each layer's cached steps as a CUDA graph (CUDA only)
+    cuda_graphs: bool | None = None  # replay each layer's steps as CUDA graphs; None: when they can (CUDA)
 
     def __post_init__(self):
         super().__post_init__()
@@ -90,8 +92,7 @@ class LoSAConfig(MethodConfig):
             raise ValueError(f"threshold must be >= 0, got {self.threshold!r}")
         if not 0.0 <= float(self.sparsity) < 1.0:
             raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity!r}")
-        if not isinstance(self.cuda_graphs, bool):
-            raise ValueError(f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
+        step_cache.validate_mode(self.cuda_graphs)
         if self.compare_to not in ("last_step", "cached"):
             raise ValueError(f"compare_to must be 'last_step' or 'cached', got {self.compare_to!r}")
         if self.union not in ("kv_head", "head"):
@@ -395,8 +396,8 @@ class LoSAMethod(AttentionMethod):
                 out, lse = out.clone(), (lse.clone() if return_lse else lse)
             return (out, lse) if return_lse else out
         graphs = cfg.cuda_graphs
-        if graphs and cfg.selector is not None:
-            if q.is_cuda:
+        if graphs is not False and cfg.selector is not None:
+            if graphs and q.is_cuda:
                 self._cache.warn_once("cuda_graphs: the registered-selector path gathers the active tokens "
                                       "(data-dependent shapes) and cannot be captured; running eager.")
             graphs = False

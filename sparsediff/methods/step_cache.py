@@ -27,10 +27,12 @@ class LayerCache:
         self.captures = 0  # CUDA graphs captured since the last clear (a generation)
         self._mark, self._index = None, -1
         self._warned: set[str] = set()
+        self.sightings: dict[int, tuple] = {}  # automatic graphs: id(entry) -> the last call's graph key
 
     def clear(self) -> None:
         self.entries = {}
         self.captures = 0
+        self.sightings = {}
         self._mark, self._index = None, -1
 
     def sync(self, state, clear: bool = True) -> bool:
@@ -130,6 +132,18 @@ def graphs_usable(q) -> bool:
     return q.is_cuda
 
 
+def capturing(q) -> bool:
+    """Whether q's stream is being captured by someone else's CUDA graph (a host graphing whole steps):
+    then a step runs its kernels directly, into that graph, instead of capturing its own."""
+    return q.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def validate_mode(value) -> None:
+    """The methods' ``cuda_graphs`` setting: True, False or None (automatic)."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"cuda_graphs must be True, False or None (automatic: on for CUDA inputs), got {value!r}")
+
+
 def graph_key(q, pinned) -> tuple:
     """What a replay needs unchanged: q's layout, then the pinned tensors' addresses and layouts."""
     return (q.stride(), q.dtype) + tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in pinned)
@@ -181,7 +195,7 @@ def _capture(fn, static_q, pinned, share=None):
     return graph, outputs, torch.cuda.memory_reserved(device) - before
 
 
-def run_step(fn, entry, q, pinned, cache: LayerCache, enabled: bool, *, key=None, share=None):
+def run_step(fn, entry, q, pinned, cache: LayerCache, mode, *, key=None, share=None):
     """``fn(q, *pinned) -> tuple`` for one cached step, eagerly or as a CUDA graph; returns
     ``(outputs, replayed)``. With ``replayed`` the tensors are the graph's static outputs: copy what
     outlives the next call. ``entry.graph`` holds the graph (None: not captured yet, False: eager).
@@ -189,23 +203,35 @@ def run_step(fn, entry, q, pinned, cache: LayerCache, enabled: bool, *, key=None
     ``fn`` must be capturable: fixed shapes for a given entry, state updated in place, no host reads
     of device values. q is copied into a static buffer; the ``pinned`` tensors (k and v: the prefix is
     too large to copy) are read in place, so a replay needs them at the captured address and layout,
-    which a preallocated KV cache gives. Otherwise the call runs eager (warned once). ``key``: the
-    call's ``graph_key`` when the caller has it already.
+    which a preallocated KV cache gives. ``key``: the call's ``graph_key`` when the caller has it already.
+
+    ``mode``: False runs eager. True captures at the entry's first call and warns once when a later call's
+    pinned tensors have moved (that call runs eager). None (automatic, the methods' default) captures only
+    when two calls in a row saw the same pinned tensors, and drops a graph whose tensors moved, silently:
+    hosts that rebuild k/v every call pay no capture. Inside another CUDA graph's capture every mode runs
+    the step directly, so it is recorded into that graph.
 
     ``share`` (a callable giving the graphs held now, e.g. ``cache.graphs``): capture into the memory pool
     of one of them, so a method's graphs hold about one graph's work memory rather than one per layer.
     Only for callers that copy a replay's outputs before any other replay and keep their state outside
     the graphs: one graph's intermediates may then overwrite another's outputs."""
-    if not enabled or not graphs_usable(q) or entry.graph is False:
+    if mode is False or not graphs_usable(q) or entry.graph is False or capturing(q):
         return fn(q, *pinned), False
     key = graph_key(q, pinned) if key is None else key
     held = entry.graph
     if held is not None:
-        if held.key != key:
+        if held.key == key:
+            return replay(held, q), True
+        if mode is None:  # the buffer moved: this graph is stale; capture again once a buffer stays put
+            entry.graph = None
+            cache.sightings[id(entry)] = key
+        else:
             cache.warn_once("cuda_graphs: k/v are not at the captured step's address (or q's layout changed); "
                             "graphs need [prefix | block] in one persistent buffer. Running eager.")
-            return fn(q, *pinned), False
-        return replay(held, q), True
+        return fn(q, *pinned), False
+    if mode is None and cache.sightings.get(id(entry)) != key:
+        cache.sightings[id(entry)] = key
+        return fn(q, *pinned), False
     static_q = torch.empty_like(q).copy_(q)  # keeps q's strides: the same kernels see the same layout
     result = _warm_up(fn, static_q, pinned)
     try:

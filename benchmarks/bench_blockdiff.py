@@ -48,19 +48,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsediff.bench import environment, time_ms  # noqa: E402
+from sparsediff.eval.blockdiff_probe import evolve  # noqa: E402
 from sparsediff.methods import available_selectors, denoising_step, make_method, new_block  # noqa: E402
 from sparsediff.methods.dense import dense_attention  # noqa: E402
-
-
-def evolve(x, frac, gen, big=0.3, small=0.01):
-    """Next step's tensor: a ``frac`` share of tokens moves by ``big`` (relative), the rest by ``small``."""
-    n = x.shape[2]
-    moving = torch.rand(n, device=x.device, generator=gen) < frac
-    noise = torch.randn(x.shape, device=x.device, dtype=torch.float32, generator=gen)
-    scale = torch.where(moving, big, small)[None, None, :, None]
-    xf = x.float()
-    noise = noise * xf.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True)
-    return (xf + scale * noise).to(x.dtype)
 
 
 def make_block(prefix, nq, args, device, dtype, seed):

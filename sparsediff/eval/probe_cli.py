@@ -3,10 +3,14 @@
     sparsediff probe --generators video,sinks,stripes,clustered,random \\
         --methods ba_att,block_mean,fixed,xattention --densities 0.1,0.25,0.5 --out probe_out/
     sparsediff probe --qkv captured.safetensors --methods ba_att,xattention --out probe_out/
+    sparsediff probe --block-diffusion --methods flashblock,losa --out blockprobe/   # error per step
 
 A method is a selector name (``ba_att`` runs the BA-Att method with norm sorting; the others run
 ``BlockSparseMethod(selector=...)``) with optional config overrides after slashes, e.g.
 ``ba_att/beta=0/norm_sort=false``. Writes ``results.json``, ``results.md`` and PNG plots to ``--out``.
+``--block-diffusion`` evaluates FlashBlock / LoSA instead: each probe's last ``--block`` tokens are an
+active block denoised over ``--steps`` steps, and the error vs dense is reported per step
+(:mod:`sparsediff.eval.blockdiff_probe`).
 """
 
 from __future__ import annotations
@@ -20,13 +24,17 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_METHODS = "ba_att,block_mean,fixed,xattention"
+BLOCK_METHODS = "flashblock,losa,flashblock/sparse_selector=ba_att/sparsity=0.8"
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--generators", default="video,sinks,stripes,clustered,random",
                         help="comma-separated synthetic generators (ignored with --qkv)")
     parser.add_argument("--qkv", default=None, help="a .safetensors capture of q, k, v instead of generators")
-    parser.add_argument("--methods", default="ba_att,block_mean,fixed,xattention",
-                        help="comma-separated methods; overrides after slashes: ba_att/beta=0/norm_sort=false")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods; overrides after slashes: ba_att/beta=0/norm_sort=false "
+                             f"(default: {DEFAULT_METHODS}; with --block-diffusion: {BLOCK_METHODS})")
     parser.add_argument("--densities", default="0.1,0.25,0.5", help="comma-separated target densities (1 - sparsity)")
     parser.add_argument("--n", type=int, default=4096, help="tokens per sequence (generators)")
     parser.add_argument("--heads", type=int, default=2)
@@ -37,6 +45,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--out", default="probe_out", help="output folder")
     parser.add_argument("--no-plots", action="store_true")
+    blocks = parser.add_argument_group("block diffusion (FlashBlock, LoSA): error vs dense per denoising step")
+    blocks.add_argument("--block-diffusion", action="store_true",
+                        help="treat each probe's last --block tokens as the active block of a block-diffusion step")
+    blocks.add_argument("--block", type=int, default=128, help="active block tokens")
+    blocks.add_argument("--steps", type=int, default=8, help="denoising steps of the block")
+    blocks.add_argument("--active-frac", type=float, default=0.25,
+                        help="share of the block's tokens that move a lot (relative change 0.3) per step")
 
 
 def _parse_value(text: str):
@@ -166,7 +181,8 @@ def run(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype)
     densities = _floats(args.densities)
-    methods = [m for m in args.methods.split(",") if m.strip()]
+    methods = [m for m in (args.methods or (BLOCK_METHODS if args.block_diffusion else DEFAULT_METHODS)).split(",")
+               if m.strip()]
     if args.qkv:
         probes = load_qkv(args.qkv, device=args.device, dtype=dtype)
     else:
@@ -174,6 +190,8 @@ def run(args) -> int:
                   for g in args.generators.split(",") if g.strip()]
         for p in probes:
             p.q, p.k, p.v = (t.to(args.device) for t in (p.q, p.k, p.v))
+    if args.block_diffusion:
+        return run_block_diffusion(args, probes, methods, out_dir)
     rows = []
     with tqdm(total=len(probes) * len(methods) * len(densities), desc="probe", unit="run") as bar:
         for probe in probes:
@@ -197,4 +215,26 @@ def run(args) -> int:
             if math.ceil(probe.k.shape[2] / args.block_size) <= 256:  # heatmaps of moderate size only
                 paths.append(plot_sorting(probe, middle, args.block_size, out_dir))
         print("plots:", ", ".join(str(p) for p in paths))
+    return 0
+
+
+def run_block_diffusion(args, probes, methods, out_dir: pathlib.Path) -> int:
+    from tqdm import tqdm
+
+    from .blockdiff_probe import block_run, build_block_method, evaluate_steps, plot_steps, summary_table
+
+    built = {spec: build_block_method(spec, args.block_size) for spec in methods}  # bad specs fail first
+    rows = []
+    for probe in tqdm(probes, desc="block-diffusion probe", unit="probe"):
+        run = block_run(probe, block=args.block, steps=args.steps, active_frac=args.active_frac, seed=args.seed)
+        for spec, method in built.items():
+            rows += [{"probe": probe.name, "method": spec, **r} for r in evaluate_steps(method, run)]
+    config = {key: getattr(args, key) for key in ("n", "heads", "dim", "block_size", "seed", "dtype", "block",
+                                                  "steps", "active_frac")}
+    (out_dir / "results.json").write_text(json.dumps({"config": config, "rows": rows}, indent=1))
+    table = summary_table(rows)
+    (out_dir / "results.md").write_text(table)
+    print(table)
+    if not args.no_plots:
+        print("plots:", ", ".join(str(p) for p in plot_steps(rows, out_dir)))
     return 0

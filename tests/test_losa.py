@@ -99,7 +99,8 @@ def test_active_tokens_use_one_shared_union(union):
     is_active = torch.zeros(1, 16, dtype=torch.bool)
     is_active[0, active] = True
     per_kv = union == "kv_head"
-    union = mean_key_union(q1, is_active, block_stats(k[:, :, :npre], 16).mean, 2, 0.25, per_kv_head=per_kv)
+    union = mean_key_union(q1, is_active, block_stats(k[:, :, :npre], 16).mean, 2, 0.25, per_kv_head=per_kv,
+                           keep_sinks=True)
     assert union.shape == (1, 2 if per_kv else 4, 8)
     if per_kv:  # the group's query heads share their KV head's union
         union = union.repeat_interleave(2, dim=1)
@@ -130,7 +131,8 @@ def test_packed_split_path_matches_reference(monkeypatch):
     is_active = torch.zeros(1, 8, dtype=torch.bool)
     is_active[0, active] = True
     assert [e.splits for e in m._cache.entries.values()] == [2]
-    union = mean_key_union(q1, is_active, block_stats(k[:, :, :npre], 32).mean, 8, 0.25, per_kv_head=True)
+    union = mean_key_union(q1, is_active, block_stats(k[:, :, :npre], 32).mean, 8, 0.25, per_kv_head=True,
+                           keep_sinks=True)
     token_mask = union.repeat_interleave(4, dim=1).repeat_interleave(32, -1)[:, :, None, :]
     sparse = masked_attention_ref(q1[:, :, active], k[:, :, :npre], v[:, :, :npre], token_mask)
     inner = masked_attention_ref(q1[:, :, active], k[:, :, npre:], v[:, :, npre:], ALL)
@@ -155,6 +157,20 @@ def test_union_follows_the_active_tokens_on_structured_inputs():
     assert union.shape == (1, 4, 8) and bool(union[..., 5].all()) and int(union.sum()) == 4
     union_all = mean_key_union(q, torch.ones_like(active), block_stats(k[:, :, :128], 16).mean, 1, 0.25)
     assert bool(union_all[..., 2].all())  # with every token active the stable tokens' block wins
+    with_sinks = mean_key_union(q, active, block_stats(k[:, :, :128], 16).mean, 2, 0.25, keep_sinks=True)
+    assert bool(with_sinks[..., 0].all() & with_sinks[..., 5].all()) and int(with_sinks.sum()) == 8
+
+
+def test_keep_sinks_on_the_sinks_generator():
+    # Four leading keys every query attends: their block's mean key hides them, so the union must keep it.
+    from sparsediff.eval.blockdiff_probe import block_run, build_block_method, evaluate_steps
+    from sparsediff.eval.fidelity import make_probe
+
+    run = block_run(make_probe("sinks", heads=2, n=2048, dim=32), block=64, steps=4)
+    errors = {flag: max(r["rel_l2"] for r in evaluate_steps(build_block_method(f"losa/keep_sinks={flag}", 64), run))
+              for flag in (True, False)}
+    assert LoSAConfig().keep_sinks is True
+    assert errors[True] < 0.5 * errors[False], errors
 
 
 def test_no_active_tokens_reuses_everything():

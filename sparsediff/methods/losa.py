@@ -84,6 +84,7 @@ class LoSAConfig(MethodConfig):
     selector: str | None = None  # None: built-in mean-key scoring; else a registered selector name
     compare_to: str = "last_step"  # or "cached": change since the step its prefix attention was computed
     union: str = "kv_head"  # one union of key blocks per KV head (shared by its query heads) or per "head"
+    keep_sinks: bool = True  # the prefix's first key block is always in the union (attention sinks)
     cuda_graphs: bool | None = None  # replay each layer's steps as CUDA graphs; None: when they can (CUDA)
 
     def __post_init__(self):
@@ -124,11 +125,12 @@ def _active_mass(qf, active, means_t, bias, per_kv_head):
     return torch.matmul(weight, probs.view(bsz, hq, nq, nkb))
 
 
-def mean_key_union(q, active, key_means, keep, scale, per_kv_head=False):
+def mean_key_union(q, active, key_means, keep, scale, per_kv_head=False, keep_sinks=False):
     """Built-in LoSA selection: one set of ``keep`` prefix key blocks per batch row and head (or per KV
     head, shared by its query heads), ranked by the active tokens' softmax mass against the block mean
     keys. q ``(B, Hq, Nq, D)``, active bool ``(B, Nq)``, key_means ``(B, Hkv, nkb, D)``; returns a bool
-    mask ``(B, Hq or Hkv, nkb)``. Stable tokens carry no weight, so they cannot inflate the union."""
+    mask ``(B, Hq or Hkv, nkb)``. Stable tokens carry no weight, so they cannot inflate the union.
+    ``keep_sinks``: the first key block is always one of the ``keep``."""
     # Written out plainly (not through _active_mass): the tests use it as the reference for the fused path.
     bsz, hq, nq, d = q.shape
     hkv, nkb = key_means.shape[1], key_means.shape[2]
@@ -137,16 +139,21 @@ def mean_key_union(q, active, key_means, keep, scale, per_kv_head=False):
     score = (probs * active[:, None, :, None]).sum(dim=2)  # (B, Hq, nkb)
     if per_kv_head:
         score = score.view(bsz, hkv, hq // hkv, nkb).sum(dim=2)
+    if keep_sinks:
+        score[..., 0] = float("inf")
     top = torch.topk(score, keep, dim=-1).indices
     return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
 
 
-def mean_key_rank(qf, active, means_t, bias, keep, per_kv_head=False):
+def mean_key_rank(qf, active, means_t, bias, keep, per_kv_head=False, keep_sinks=False):
     """:func:`mean_key_union` for prefix buffers sized to a capacity: the ``keep`` best key-block ids
     per batch row and head (or KV head), best first, int32 ``(B, H, 1, keep)``. ``bias`` ``(nkb,)`` is
     0 on the current prefix's blocks and -1e30 past it: those get no softmax mass and rank last, so the
     first ``k`` ids are the top ``k`` of the current prefix for every ``k`` (the kernels read a count)."""
-    return rank_blocks(_active_mass(qf, active, means_t, bias, per_kv_head).add_(bias)[:, :, 0], keep)
+    score = _active_mass(qf, active, means_t, bias, per_kv_head).add_(bias)[:, :, 0]
+    if keep_sinks:
+        score[..., 0] = float("inf")
+    return rank_blocks(score, keep)
 
 
 def rank_blocks(score, keep):
@@ -442,9 +449,11 @@ class LoSAMethod(AttentionMethod):
                 rows = active_first_rows(q, active, hkv, bs)
                 score = mean_key_score(rows.stacked, rows.n_rows, entry.means_t.transpose(-1, -2), entry.bias,
                                        split=entry.means_split)
+                if cfg.keep_sinks:  # ranked first: the kept counts of any prefix length include it
+                    score[..., 0] = float("inf")
                 index = rank_blocks(score, entry.keep_cap)
             elif index is None:
-                index = mean_key_rank(qf, active, entry.means_t, entry.bias, entry.keep_cap)
+                index = mean_key_rank(qf, active, entry.means_t, entry.bias, entry.keep_cap, keep_sinks=cfg.keep_sinks)
             if entry.index is None and entry.splits > 1:
                 index = strided_layout(index, entry.splits)
             count = entry.count.expand(*index.shape[:3])

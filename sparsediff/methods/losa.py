@@ -51,8 +51,14 @@ import math
 
 import torch
 
-from ..kernels import block_stats, index_to_mask, mask_to_index
-from ..kernels.losa_step import MAX_KERNEL_ROWS, mean_key_score, split_means, token_change_update
+from ..kernels import block_stats, index_to_mask, losa_step, mask_to_index
+from ..kernels.losa_step import (
+    MAX_KERNEL_ROWS,
+    mean_key_score,
+    split_means,
+    token_change_update,
+    window_attention,
+)
 from ..kernels.prefix_merge import merge_prefix
 from . import step_state
 from .base import AttentionMethod, MethodConfig, register_method
@@ -140,32 +146,20 @@ def mean_key_union(q, active, key_means, keep, scale, per_kv_head=False):
     return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
 
 
-def mean_key_rank(qf, active, means_t, bias, keep, per_kv_head=False):
+def mean_key_rank(qf, active, means_t, bias, keep, per_kv_head=False, splits=1):
     """:func:`mean_key_union` for prefix buffers sized to a capacity: the ``keep`` best key-block ids
     per batch row and head (or KV head), best first, int32 ``(B, H, 1, keep)``. ``bias`` ``(nkb,)`` is
     0 on the current prefix's blocks and -1e30 past it: those get no softmax mass and rank last, so the
-    first ``k`` ids are the top ``k`` of the current prefix for every ``k`` (the kernels read a count)."""
-    return rank_blocks(_active_mass(qf, active, means_t, bias, per_kv_head).add_(bias)[:, :, 0], keep)
+    first ``k`` ids are the top ``k`` of the current prefix for every ``k`` (the kernels read a count).
+    ``splits > 1``: laid out for that many query blocks (:func:`rank_blocks`)."""
+    return rank_blocks(_active_mass(qf, active, means_t, bias, per_kv_head).add_(bias)[:, :, 0], keep, splits)
 
 
-def rank_blocks(score, keep):
-    """The ``keep`` best key-block ids of ``score`` ``(B, H, nkb)``, best first: int32 ``(B, H, 1, keep)``."""
-    # A full sort of one short row per head: one kernel, where a sorted top-k takes a select and a sort.
-    return torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :, None, :keep].to(torch.int32)
-
-
-def window_attention(qf, wk, wv, bias, scale):
-    """Attention of float32 q ``(B, Hq, Nq, D)`` to a small key window ``(B, Hkv, W, D)`` with an
-    additive key mask ``bias (W,)`` (0 or -inf): ``(out float32, lse)``. Five ops, any W (keys and values
-    of another dtype are converted first)."""
-    bsz, hq, nq, d = qf.shape
-    hkv, w = wk.shape[1], wk.shape[2]
-    wk, wv = wk.float(), wv.float()
-    logits = torch.baddbmm(bias, qf.reshape(bsz * hkv, (hq // hkv) * nq, d),
-                           wk.reshape(bsz * hkv, w, d).transpose(1, 2), alpha=scale)
-    lse = torch.logsumexp(logits, dim=-1)
-    out = torch.bmm(torch.exp(logits - lse[..., None]), wv.reshape(bsz * hkv, w, d))
-    return out.view(bsz, hq, nq, d), lse.view(bsz, hq, nq)
+def rank_blocks(score, keep, splits=1):
+    """The ``keep`` best key-block ids of ``score`` ``(B, H, nkb)``, best first: int32 ``(B, H, 1, keep)``, or
+    laid out for ``splits`` query blocks (``strided_layout``). Stable descending sort order, one kernel on
+    CUDA (``kernels.losa_step.rank_blocks``)."""
+    return losa_step.rank_blocks(score, keep, splits)
 
 
 @dataclasses.dataclass(eq=False)
@@ -361,8 +355,7 @@ class LoSAMethod(AttentionMethod):
         if entry.means_split is not None:
             split_means(entry.means_t.transpose(-1, -2), out=entry.means_split)
         token_change_update(q, entry.q_ref, entry.ref_thr, self.config.threshold)  # the references only
-        inner = window_attention(q.float(), kc.index_select(2, entry.win_idx), vc.index_select(2, entry.win_idx),
-                                 entry.win_bias, scale)
+        inner = window_attention(q, kc, vc, entry.win_idx, entry.win_bias, scale)
         return merge_prefix(parts.out, parts.lse, q.shape[2], inner, cache=(entry.out, entry.lse),
                             active=entry.all_active, out_dtype=q.dtype, pack=parts.pack)
 
@@ -422,9 +415,7 @@ class LoSAMethod(AttentionMethod):
         # references move to this step's q (all tokens, or the active ones with compare_to="cached").
         active = token_change_update(q, entry.q_ref, entry.ref_thr, cfg.threshold,
                                      only_active=cfg.compare_to == "cached")  # (B, Nq)
-        qf = q.float()
-        inner = window_attention(qf, kc.index_select(2, entry.win_idx), vc.index_select(2, entry.win_idx),
-                                 entry.win_bias, scale)
+        inner = window_attention(q, kc, vc, entry.win_idx, entry.win_bias, scale)
         bs = cfg.block_size
         if cfg.selector is not None:  # eager only: data-dependent shapes
             p = (entry.n_prefix // bs) * bs
@@ -441,11 +432,9 @@ class LoSAMethod(AttentionMethod):
                 rows = active_first_rows(q, active, hkv, bs)
                 score = mean_key_score(rows.stacked, rows.n_rows, entry.means_t.transpose(-1, -2), entry.bias,
                                        split=entry.means_split)
-                index = rank_blocks(score, entry.keep_cap)
+                index = rank_blocks(score, entry.keep_cap, entry.splits)  # laid out for the splits
             elif index is None:
-                index = mean_key_rank(qf, active, entry.means_t, entry.bias, entry.keep_cap)
-            if entry.index is None and entry.splits > 1:
-                index = strided_layout(index, entry.splits)
+                index = mean_key_rank(q.float(), active, entry.means_t, entry.bias, entry.keep_cap, splits=entry.splits)
             count = entry.count.expand(*index.shape[:3])
             if index.shape[1] in (1, hkv):  # one union per KV head: compute the active rows only
                 parts = active_first_partials(q, kc, vc, (index, count, entry.splits), active, scale=scale,

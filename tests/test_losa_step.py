@@ -15,7 +15,7 @@ def _dev():
 def ranked_scores(b=2, h=3, nkb=150, masked=7, seed=0):
     """Softmax-mass-like scores with many exact ties, zeros of both signs and LoSA's -1e30 past the prefix."""
     gen = torch.Generator().manual_seed(seed)
-    s = torch.randint(0, 12, (b, h, nkb), generator=gen).float() / 8  # coarse values: many ties
+    s = torch.randint(0, 12, (b, h, nkb), generator=gen, device="cpu").float() / 8  # coarse values: many ties
     s[..., ::5] = 0.0
     s[..., 1::10] = -0.0
     s[..., nkb - masked:] += -1e30  # LoSA's bias past the prefix: equal scores, ranked last by index
@@ -55,7 +55,7 @@ def test_rank_blocks_kernel_nan_signed_zero_and_strides():
 
 
 def test_rank_blocks_random_scores_and_bad_input():
-    score = torch.rand(2, 8, 1040, generator=torch.Generator().manual_seed(3)).to(_dev())
+    score = torch.rand(2, 8, 1040, generator=torch.Generator().manual_seed(3), device="cpu").to(_dev())
     score[..., 1024:] -= 1e30
     assert torch.equal(rank_blocks(score, 205, 5, backend="triton"), torch_rank(score, 205, 5))
     with pytest.raises(ValueError, match="float32"):
@@ -69,14 +69,14 @@ def test_rank_blocks_random_scores_and_bad_input():
 def window_inputs(b=2, hq=6, hkv=2, nq=5, d=16, cap=90, start=64, valid=11, w=24, dtype=torch.float32, seed=0):
     """q, a KV buffer with NaN in the rows the window must not read, and LoSA's window rows and mask."""
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, nq, d, generator=gen).to(_dev(), dtype)
-    k = torch.randn(b, hkv, cap, d, generator=gen)
-    v = torch.randn(b, hkv, cap, d, generator=gen)
+    q = torch.randn(b, hq, nq, d, generator=gen, device="cpu").to(_dev(), dtype)
+    k = torch.randn(b, hkv, cap, d, generator=gen, device="cpu")
+    v = torch.randn(b, hkv, cap, d, generator=gen, device="cpu")
     last = start + valid - 1
     k[:, :, last + 1:] = float("nan")
     v[:, :, last + 1:] = float("nan")
-    rows = torch.arange(w)
-    idx = torch.minimum(rows + start, torch.tensor(last)).to(_dev())  # padding repeats the last valid row
+    rows = torch.arange(w, device="cpu")
+    idx = torch.minimum(rows + start, torch.tensor(last, device="cpu")).to(_dev())  # padding repeats the last valid row
     bias = torch.where(rows < valid, 0.0, float("-inf")).to(_dev())
     return q, k.to(_dev(), dtype), v.to(_dev(), dtype), idx, bias
 

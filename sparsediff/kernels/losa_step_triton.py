@@ -142,12 +142,14 @@ def mean_key_score_triton(rows, n_live, split, bias):
 
 
 @triton.jit
-def _descending_key(x):
-    """int32 keys that order float32 ``x`` as torch's descending sort does: NaN above +inf, -0.0 == +0.0."""
+def _descending_key(x, idx):
+    """int64 keys that order float32 ``x`` at indices ``idx`` as torch's stable descending sort does: NaN
+    above +inf, -0.0 equal to +0.0, ties by lower index first. Distinct for distinct indices."""
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # negatives: larger magnitude -> smaller key
     key = tl.where(x == 0.0, 0, key)
-    return tl.where(x != x, 0x7FFFFFFF, key)
+    key = tl.where(x != x, 0x7FFFFFFF, key)
+    return (key.to(tl.int64) << 32) | (0x7FFFFFFF - idx).to(tl.int64)
 
 
 @triton.jit
@@ -158,15 +160,16 @@ def _rank_blocks_kernel(S, Out, N, KEEP, SPLITS, CHUNK, H, ssb, ssh, ssn, BLOCK_
     s_row = S + (bh // H).to(tl.int64) * ssb + (bh % H).to(tl.int64) * ssh
     out = Out + bh.to(tl.int64) * (SPLITS * CHUNK)
     i = blk * BLOCK_I + tl.arange(0, BLOCK_I)
-    ki = _descending_key(tl.load(s_row + i * ssn, mask=i < N, other=0.0))
-    # An element's rank is the number of elements before it in the stable descending order: greater
-    # keys, and equal keys at lower indices. Keys are distinct as (key, index) pairs, so ranks are too.
+    ki = _descending_key(tl.load(s_row + i * ssn, mask=i < N, other=0.0), i)
+    # An element's rank is the number of keys above its own (keys are distinct, so ranks are too). Small
+    # row tiles: many programs, since a few per SM leave the comparisons latency-bound.
     rank = tl.zeros([BLOCK_I], dtype=tl.int32)
     for j0 in range(0, N, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
-        kj = _descending_key(tl.load(s_row + j * ssn, mask=j < N, other=0.0))
-        before = (kj[None, :] > ki[:, None]) | ((kj[None, :] == ki[:, None]) & (j[None, :] < i[:, None]))
-        rank += tl.sum((before & (j[None, :] < N)).to(tl.int32), axis=1)
+        # Past the row: below every key (the lowest, -inf's, is about -0x7F80_0001 << 32).
+        kj = tl.where(j < N, _descending_key(tl.load(s_row + j * ssn, mask=j < N, other=0.0), j),
+                      -0x7FFFFFFFFFFFFFFF)
+        rank += tl.sum((kj[None, :] > ki[:, None]).to(tl.int32), axis=1)
     # Rank r goes to split r % SPLITS, slot r // SPLITS (prefix_attention.strided_layout).
     tl.store(out + (rank % SPLITS) * CHUNK + rank // SPLITS, i, mask=(i < N) & (rank < KEEP))
     if blk == 0:  # the layout's padding past KEEP ranks holds block 0
@@ -179,8 +182,8 @@ def rank_blocks_triton(score, keep, splits):
     b, h, n = score.shape
     chunk = -(-keep // splits)
     out = torch.empty(b, h, splits, chunk, dtype=torch.int32, device=score.device)
-    block_i = min(64, max(16, triton.next_power_of_2(n)))
-    block_j = min(128, max(16, triton.next_power_of_2(n)))
+    block_i = 16
+    block_j = min(256, max(16, triton.next_power_of_2(n)))
     _rank_blocks_kernel[(b * h, triton.cdiv(n, block_i))](
         score, out, n, keep, splits, chunk, h, score.stride(0), score.stride(1), score.stride(2), BLOCK_I=block_i,
         BLOCK_J=block_j, BLOCK_PAD=max(16, triton.next_power_of_2(splits)), num_warps=4)
@@ -190,7 +193,7 @@ def rank_blocks_triton(score, keep, splits):
 @triton.jit
 def _window_attention_kernel(Q, K, V, Idx, Bias, Out, L, HKV, G, NQ, W, scale, sqb, sqh, sqt, skb, skh, skn, svb,
                              svh, svn, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_D: tl.constexpr, QK_BF16: tl.constexpr):
+                             BLOCK_D: tl.constexpr, BF16: tl.constexpr):
     bh = tl.program_id(0)
     b = (bh // HKV).to(tl.int64)
     h = (bh % HKV).to(tl.int64)
@@ -203,7 +206,7 @@ def _window_attention_kernel(Q, K, V, Idx, Bias, Out, L, HKV, G, NQ, W, scale, s
     d_ok = dd < D
     q = tl.load(Q + b * sqb + head[:, None] * sqh + tok[:, None] * sqt + dd[None, :],
                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-    if not QK_BF16:
+    if not BF16:
         q = q.to(tl.float32)
     kp = K + b * skb + h * skh
     vp = V + b * svb + h * svh
@@ -216,7 +219,7 @@ def _window_attention_kernel(Q, K, V, Idx, Bias, Out, L, HKV, G, NQ, W, scale, s
         rows = tl.load(Idx + n, mask=n_ok, other=0)  # KV rows of the window (gathered here: no copies)
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(kp + rows[:, None] * skn + dd[None, :], mask=kv_mask, other=0.0)
-        if QK_BF16:  # bfloat16 products are exact in the float32 accumulator
+        if BF16:  # bfloat16 q and k (CUDA): products exact in the float32 accumulator
             s = tl.dot(q, tl.trans(k))
         else:
             s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
@@ -226,8 +229,17 @@ def _window_attention_kernel(Q, K, V, Idx, Bias, Out, L, HKV, G, NQ, W, scale, s
         alpha = tl.exp(top - shift)
         p = tl.exp(s - shift[:, None])
         total = total * alpha + tl.sum(p, axis=1)
-        v = tl.load(vp + rows[:, None] * svn + dd[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        v = tl.load(vp + rows[:, None] * svn + dd[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None]
+        if BF16:  # bfloat16 v: p as three bfloat16 parts (about float32 accuracy), smallest first
+            p_hi = p.to(tl.bfloat16)
+            rest = p - p_hi.to(tl.float32)
+            p_mid = rest.to(tl.bfloat16)
+            acc = tl.dot((rest - p_mid.to(tl.float32)).to(tl.bfloat16), v, acc)
+            acc = tl.dot(p_mid, v, acc)
+            acc = tl.dot(p_hi, v, acc)
+        else:
+            acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
         top = new
     at = (b * HKV * G + head) * NQ + tok
     tl.store(L + at, top + tl.log(total), mask=r_ok)
@@ -244,9 +256,9 @@ def window_attention_triton(q, k, v, idx, bias, scale):
     lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
     block_m, block_n = 16, 64
     rows = (hq // hkv) * nq
-    qk_bf16 = q.is_cuda and q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16
+    bf16 = q.is_cuda and q.dtype == k.dtype == v.dtype == torch.bfloat16
     _window_attention_kernel[(b * hkv, triton.cdiv(rows, block_m))](
         q, k, v, idx, bias, out, lse, hkv, hq // hkv, nq, w, float(scale), q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), D=d, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), QK_BF16=qk_bf16, num_warps=4)
+        BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), BF16=bf16, num_warps=4)
     return out, lse

@@ -112,3 +112,26 @@ def test_window_attention_rejects_bad_input():
         window_attention(q, k, v, idx.int(), bias, 0.25)
     with pytest.raises(ValueError, match="idx"):
         window_attention(q, k, v, idx, bias[:-1], 0.25)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 4, 6, 16, 32), (1, 4, 4, 32, 16, 128), (3, 6, 2, 5, 32, 16)])
+def test_active_first_order_kernel_equals_active_first_rows(shape):
+    from sparsediff.kernels.losa_step import active_first_order
+    from sparsediff.methods.prefix_attention import active_first_rows
+
+    b, hq, hkv, nq, d, bs = shape
+    gen = torch.Generator().manual_seed(nq)
+    q = torch.randn(b, hq, nq, d, generator=gen, device="cpu").to(_dev(), torch.bfloat16)
+    active = (torch.rand(b, nq, generator=gen, device="cpu") < 0.4).to(_dev())
+    active[0] = False  # a row without active tokens
+    if b > 2:
+        active[2] = True  # and one with only active tokens
+    for qq in (q, q.transpose(1, 2).contiguous().transpose(1, 2)):  # any q strides
+        want = active_first_rows(qq, active, hkv, bs)
+        stacked, rank, n_rows, stat = active_first_order(qq, active, hkv, bs)
+        assert torch.equal(stacked, want.stacked)  # padding rows included (zeros)
+        assert rank.dtype == want.rank.dtype and torch.equal(rank, want.rank)
+        assert n_rows.dtype == torch.int32 and torch.equal(n_rows, want.n_rows)
+        assert torch.equal(stat, torch.cat([active, active.any(dim=1, keepdim=True)], dim=1))
+    with pytest.raises(ValueError, match="bool"):
+        active_first_order(q, active.int(), hkv, bs)

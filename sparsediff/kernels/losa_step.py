@@ -195,3 +195,17 @@ def window_attention(q, k, v, idx, bias, scale, *, backend=None):
             raise ValueError("window_attention's kernel needs k, v with unit stride over D and contiguous idx, bias")
         return window_attention_triton(q, k, v, idx, bias, scale)
     return _window_attention_torch(q, k, v, idx, bias, scale)
+
+
+def active_first_order(q, active, num_kv_heads, block_size):
+    """One kernel for ``prefix_attention.active_first_rows`` plus LoSA's step statistics (CUDA or the
+    interpreter): ``(stacked, rank, n_rows, stat)``, the first three equal to ``active_first_rows``'s
+    fields, ``stat`` ``(B, Nq + 1)`` bool = ``active`` and, last, whether the row has an active token."""
+    bad_mask = active.dtype != torch.bool or active.dim() != 2 or q.dim() != 4 or active.shape != q.shape[::2]
+    if q.dim() != 4 or q.shape[1] % num_kv_heads or bad_mask:
+        raise ValueError(f"need q (B, Hq, Nq, D) with Hq divisible by {num_kv_heads} and a bool (B, Nq) mask, got "
+                         f"{tuple(q.shape)} and {active.dtype} {tuple(active.shape)}")
+    from .losa_step_triton import active_first_triton
+
+    _interpreter_or_cuda(q)
+    return active_first_triton(q, active, num_kv_heads, block_size)

@@ -262,3 +262,55 @@ def window_attention_triton(q, k, v, idx, bias, scale):
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), D=d, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), BF16=bf16, num_warps=4)
     return out, lse
+
+
+@triton.jit
+def _active_first_kernel(Q, Act, Stacked, Rank, NRows, Stat, HQ, HKV, G, NQ, R, pad_iters, sqb, sqh, sqt,
+                         D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
+    tt = tl.arange(0, BLOCK_T)
+    act = tl.load(Act + b * NQ + tt, mask=tt < NQ, other=0).to(tl.int32)
+    a_t = tl.load(Act + b * NQ + t).to(tl.int32)
+    n_act = tl.sum(act, axis=0)
+    act_before = tl.sum(tl.where(tt < t, act, 0), axis=0)
+    # The stable active-first order: active tokens in token order, then the others.
+    pos = tl.where(a_t != 0, act_before, n_act + t - act_before)
+    tl.store(Rank + b * NQ + t, pos.to(tl.int64))
+    tl.store(Stat + b * (NQ + 1) + t, a_t.to(tl.int8))
+    if t == 0:
+        tl.store(NRows + b, n_act * G)
+        tl.store(Stat + b * (NQ + 1) + NQ, (n_act > 0).to(tl.int8))
+    # Token t's query heads to rows pos * G + j of their KV group (token-major stacking).
+    hq = tl.arange(0, BLOCK_HQ)
+    dd = tl.arange(0, BLOCK_D)
+    m = (hq[:, None] < HQ) & (dd[None, :] < D)
+    x = tl.load(Q + b * sqb + hq[:, None] * sqh + t * sqt + dd[None, :], mask=m)
+    dst = ((b * HKV + hq // G) * R + pos * G + hq % G) * D
+    tl.store(Stacked + dst[:, None] + dd[None, :], x, mask=m)
+    # Zero padding rows past NQ * G: this program takes every NQ-th of them.
+    hk = tl.arange(0, BLOCK_HKV)
+    for i in range(pad_iters):
+        r = NQ * G + t + i * NQ
+        pm = (hk[:, None] < HKV) & (dd[None, :] < D) & (r < R)
+        tl.store(Stacked + ((b * HKV + hk[:, None]) * R + r) * D + dd[None, :],
+                 tl.zeros([BLOCK_HKV, BLOCK_D], dtype=Stacked.dtype.element_ty), mask=pm)
+
+
+def active_first_triton(q, active, num_kv_heads, block_size):
+    b, hq, nq, d = q.shape
+    group = hq // num_kv_heads
+    rows = -(-nq * group // block_size) * block_size
+    if q.stride(3) != 1:
+        q = q.contiguous()
+    stacked = torch.empty(b, num_kv_heads, rows, d, dtype=q.dtype, device=q.device)
+    rank = torch.empty(b, nq, dtype=torch.int64, device=q.device)
+    n_rows = torch.empty(b, dtype=torch.int32, device=q.device)
+    stat = torch.empty(b, nq + 1, dtype=torch.bool, device=q.device)
+    _active_first_kernel[(b, nq)](
+        q, active.contiguous().view(torch.int8), stacked, rank, n_rows, stat.view(torch.int8), hq, num_kv_heads,
+        group, nq, rows, -(-(rows - nq * group) // nq), q.stride(0), q.stride(1), q.stride(2), D=d,
+        BLOCK_T=max(16, triton.next_power_of_2(nq)), BLOCK_HQ=triton.next_power_of_2(hq),
+        BLOCK_HKV=triton.next_power_of_2(num_kv_heads), BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=4)
+    return stacked, rank, n_rows, stat

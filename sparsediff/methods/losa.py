@@ -54,6 +54,7 @@ import torch
 from ..kernels import block_stats, index_to_mask, losa_step, mask_to_index
 from ..kernels.losa_step import (
     MAX_KERNEL_ROWS,
+    active_first_order,
     mean_key_score,
     split_means,
     token_change_update,
@@ -65,6 +66,7 @@ from .base import AttentionMethod, MethodConfig, register_method
 from .dense import dense_attention
 from .flashblock import selector_config
 from .prefix_attention import (
+    ActiveRows,
     Partials,
     active_first_partials,
     active_first_rows,
@@ -415,6 +417,7 @@ class LoSAMethod(AttentionMethod):
         # references move to this step's q (all tokens, or the active ones with compare_to="cached").
         active = token_change_update(q, entry.q_ref, entry.ref_thr, cfg.threshold,
                                      only_active=cfg.compare_to == "cached")  # (B, Nq)
+        stat = None
         inner = window_attention(q, kc, vc, entry.win_idx, entry.win_bias, scale)
         bs = cfg.block_size
         if cfg.selector is not None:  # eager only: data-dependent shapes
@@ -426,10 +429,15 @@ class LoSAMethod(AttentionMethod):
             parts = Partials(o[:, :, None], s_[:, :, None])
         else:
             index, rows, hkv = entry.index, None, kc.shape[1]
-            if index is None and (cfg.union == "kv_head" or q.shape[1] == hkv):
-                # The active rows first: the union is scored from them only (one kernel on CUDA) and the
-                # same stacked rows go to the prefix attention.
-                rows = active_first_rows(q, active, hkv, bs)
+            if index is not None or cfg.union == "kv_head" or q.shape[1] == hkv:
+                # The active rows first (and on CUDA the step's stat, in the same kernel): the union is scored
+                # from them only and the same stacked rows go to the prefix attention.
+                if q.is_cuda:
+                    stacked, rank, n_rows, stat = active_first_order(q, active, hkv, bs)
+                    rows = ActiveRows(stacked, rank, n_rows, q.shape[1] // hkv)
+                else:
+                    rows = active_first_rows(q, active, hkv, bs)
+            if index is None and rows is not None:
                 score = mean_key_score(rows.stacked, rows.n_rows, entry.means_t.transpose(-1, -2), entry.bias,
                                        split=entry.means_split)
                 index = rank_blocks(score, entry.keep_cap, entry.splits)  # laid out for the splits
@@ -444,5 +452,6 @@ class LoSAMethod(AttentionMethod):
                                         split=(index, count, entry.splits) if entry.splits > 1 else None, splits=1)
         out, lse = merge_prefix(parts.out, parts.lse, nq, inner, cache=(entry.out, entry.lse), active=active,
                                 out_dtype=q.dtype, pack=parts.pack, rank=parts.rank)
-        stat = torch.cat([active, active.any(dim=1, keepdim=True)], dim=1)
+        if stat is None:
+            stat = torch.cat([active, active.any(dim=1, keepdim=True)], dim=1)
         return out, lse, ((stat, extra) if cfg.selector is not None else stat)

@@ -30,7 +30,9 @@ group's query heads stacked token-major (``prefix_attention.active_first_rows``)
 the leading (active) rows only (``kernels.losa_step.mean_key_score``, one kernel on CUDA), one read of each
 kept K/V block serves the whole group, and query tiles holding no active row skip the prefix, so both
 follow the active share. The change test and the next step's references are one kernel on CUDA too
-(``kernels.losa_step.token_change_update``). With ``union="head"`` every row is scored and computed and
+(``kernels.losa_step.token_change_update``), and so are the active-first order with the step's statistics,
+the ranking of the scored key blocks (laid out for the splits) and the window attention (``kernels.losa_step``).
+With ``union="head"`` every row is scored and computed and
 only the active ones kept. A
 registered selector name runs that selector on the gathered active tokens instead, and the union of
 its per-query-block choices is used. Prefix attention is split over key chunks for short blocks

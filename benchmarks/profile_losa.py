@@ -1,6 +1,6 @@
 """Where a LoSA block's time goes: the first (refresh) step and the cached steps, kernel by kernel.
 
-    python benchmarks/profile_losa.py [--prefixes 131072] [--blocks 32,128] [--cuda-graphs] [--host]
+    python benchmarks/profile_losa.py [--prefixes 131072] [--blocks 32,128] [--cuda-graphs] [--host] [--top 8]
 
 Same inputs as ``bench_blockdiff.py --structured`` (one layer, GQA 32/8, D=128, bf16, 16 steps).
 For each case: synchronised wall time of the first step and the mean of the others, then the top
@@ -118,6 +118,7 @@ def main() -> int:
     parser.add_argument("--cuda-graphs", action="store_true")
     parser.add_argument("--union", default="kv_head")
     parser.add_argument("--host", action="store_true", help="also profile the host side of replayed blocks")
+    parser.add_argument("--top", type=int, default=8, help="kernels listed per table")
     args = parser.parse_args()
     args.heads, args.kv_heads, args.dim, args.steps, args.active_frac, args.structured = 32, 8, 128, 16, 0.25, True
     counter = [100]
@@ -160,7 +161,7 @@ def main() -> int:
             for name, which in (("first step", 0), ("cached steps (sum of 15)", 1)):
                 prof = profile(activities=[ProfilerActivity.CUDA])
                 block(prof, which)
-                total, rows = kernel_table(prof)
+                total, rows = kernel_table(prof, args.top)
                 print(f"-- {name}: GPU busy {total:.3f} ms")
                 for t, count, key in rows:
                     print(f"   {t:8.3f} ms  x{count:<4d} {key}")

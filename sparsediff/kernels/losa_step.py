@@ -18,6 +18,18 @@ the query tiles past ``n_live`` at a fixed launch shape (CUDA-graph safe), so it
 live rows, and the logits never reach memory. It multiplies on bfloat16 tensor cores: the float32 means are
 split into three bfloat16 parts (``split_means``) and a bfloat16 q is exact, so the logits keep about float32
 accuracy (other q dtypes are split in two as well).
+
+``rank_blocks``: the ``keep`` best key-block ids of a score ``(B, H, nkb)``, best first, exactly as a stable
+descending ``torch.sort`` orders them (ties by lower index, NaN first, -0.0 equal to +0.0), laid out for
+``splits`` query blocks as ``prefix_attention.strided_layout`` does (rank ``r`` to split ``r % splits``,
+slot ``r // splits``, padding block 0). On CUDA one kernel counts each element's rank (the elements before
+it in that order) and scatters it: 8 rows of ~1000 scores are too few for a radix sort to pay off.
+
+``window_attention``: float32 attention of q ``(B, Hq, Nq, D)`` to the KV rows ``idx`` ``(W,)`` of k, v
+``(B, Hkv, C, D)`` with an additive key mask ``bias`` ``(W,)`` (0 or -inf): ``(out float32, lse)``. On CUDA one
+kernel gathers the rows and attends (online softmax over the window); in PyTorch a gather, a conversion and
+five ops. The kernel is not bit-equal to the PyTorch path (other summation order), only close to float32
+rounding.
 """
 
 from __future__ import annotations
@@ -127,3 +139,73 @@ def mean_key_score(rows, n_live, means, bias, *, split=None, backend=None):
                              f"{tuple(split.shape)}")
         return mean_key_score_triton(rows, n_live, split, bias)
     return _mean_key_score_torch(rows, n_live, means, bias)
+
+
+def _rank_blocks_torch(score, keep, splits):
+    index = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :, None, :keep].to(torch.int32)
+    if splits == 1:
+        return index
+    chunk = -(-keep // splits)
+    index = torch.nn.functional.pad(index, (0, splits * chunk - keep))
+    return index.view(*index.shape[:2], chunk, splits).transpose(-1, -2).contiguous()
+
+
+def rank_blocks(score, keep, splits=1, *, backend=None):
+    """int32 ``(B, H, splits, ceil(keep / splits))`` ranked block ids of ``score`` (module docstring)."""
+    if score.dim() != 3 or score.dtype != torch.float32:
+        raise ValueError(f"score must be a float32 (B, H, nkb) tensor, got {score.dtype} {tuple(score.shape)}")
+    if not 1 <= keep <= score.shape[2] or not 1 <= splits:
+        raise ValueError(f"need 1 <= keep <= nkb = {score.shape[2]} and splits >= 1, got keep={keep}, splits={splits}")
+    if backend not in (None, "torch", "triton"):
+        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
+    if backend == "triton" or (backend is None and score.is_cuda):
+        from .losa_step_triton import rank_blocks_triton
+
+        _interpreter_or_cuda(score)
+        return rank_blocks_triton(score, keep, splits)
+    return _rank_blocks_torch(score, keep, splits)
+
+
+def _window_attention_torch(q, k, v, idx, bias, scale):
+    bsz, hq, nq, d = q.shape
+    hkv, w = k.shape[1], idx.shape[0]
+    wk, wv = k.index_select(2, idx).float(), v.index_select(2, idx).float()
+    logits = torch.baddbmm(bias, q.float().reshape(bsz * hkv, (hq // hkv) * nq, d),
+                           wk.reshape(bsz * hkv, w, d).transpose(1, 2), alpha=scale)
+    lse = torch.logsumexp(logits, dim=-1)
+    out = torch.bmm(torch.exp(logits - lse[..., None]), wv.reshape(bsz * hkv, w, d))
+    return out.view(bsz, hq, nq, d), lse.view(bsz, hq, nq)
+
+
+def window_attention(q, k, v, idx, bias, scale, *, backend=None):
+    """``(out float32 (B, Hq, Nq, D), lse (B, Hq, Nq))`` of q over the rows ``idx`` of k, v (module docstring)."""
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q (B, Hq, Nq, D) and k, v (B, Hkv, C, D) do not match: {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if idx.dim() != 1 or idx.dtype != torch.int64 or bias.shape != idx.shape or bias.dtype != torch.float32:
+        raise ValueError(f"idx must be int64 (W,) and bias float32 (W,), got {idx.dtype} {tuple(idx.shape)} and "
+                         f"{bias.dtype} {tuple(bias.shape)}")
+    if backend not in (None, "torch", "triton"):
+        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
+    if backend == "triton" or (backend is None and q.is_cuda):
+        from .losa_step_triton import window_attention_triton
+
+        _interpreter_or_cuda(q)
+        if k.stride(3) != 1 or v.stride(3) != 1 or not idx.is_contiguous() or not bias.is_contiguous():
+            raise ValueError("window_attention's kernel needs k, v with unit stride over D and contiguous idx, bias")
+        return window_attention_triton(q, k, v, idx, bias, scale)
+    return _window_attention_torch(q, k, v, idx, bias, scale)
+
+
+def active_first_order(q, active, num_kv_heads, block_size):
+    """One kernel for ``prefix_attention.active_first_rows`` plus LoSA's step statistics (CUDA or the
+    interpreter): ``(stacked, rank, n_rows, stat)``, the first three equal to ``active_first_rows``'s
+    fields, ``stat`` ``(B, Nq + 1)`` bool = ``active`` and, last, whether the row has an active token."""
+    bad_mask = active.dtype != torch.bool or active.dim() != 2 or q.dim() != 4 or active.shape != q.shape[::2]
+    if q.dim() != 4 or q.shape[1] % num_kv_heads or bad_mask:
+        raise ValueError(f"need q (B, Hq, Nq, D) with Hq divisible by {num_kv_heads} and a bool (B, Nq) mask, got "
+                         f"{tuple(q.shape)} and {active.dtype} {tuple(active.shape)}")
+    from .losa_step_triton import active_first_triton
+
+    _interpreter_or_cuda(q)
+    return active_first_triton(q, active, num_kv_heads, block_size)

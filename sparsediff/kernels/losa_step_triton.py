@@ -139,3 +139,178 @@ def mean_key_score_triton(rows, n_live, split, bias):
         BLOCK_N=block_n, BLOCK_D=block_d, Q_SPLIT=rows.dtype != torch.bfloat16, DOT_F32=not rows.is_cuda,
         num_warps=4)
     return partial.sum(dim=2) if tiles > 1 else partial[:, :, 0]
+
+
+@triton.jit
+def _descending_key(x, idx):
+    """int64 keys that order float32 ``x`` at indices ``idx`` as torch's stable descending sort does: NaN
+    above +inf, -0.0 equal to +0.0, ties by lower index first. Distinct for distinct indices."""
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # negatives: larger magnitude -> smaller key
+    key = tl.where(x == 0.0, 0, key)
+    key = tl.where(x != x, 0x7FFFFFFF, key)
+    return (key.to(tl.int64) << 32) | (0x7FFFFFFF - idx).to(tl.int64)
+
+
+@triton.jit
+def _rank_blocks_kernel(S, Out, N, KEEP, SPLITS, CHUNK, H, ssb, ssh, ssn, BLOCK_I: tl.constexpr,
+                        BLOCK_J: tl.constexpr, BLOCK_PAD: tl.constexpr):
+    bh = tl.program_id(0)
+    blk = tl.program_id(1)
+    s_row = S + (bh // H).to(tl.int64) * ssb + (bh % H).to(tl.int64) * ssh
+    out = Out + bh.to(tl.int64) * (SPLITS * CHUNK)
+    i = blk * BLOCK_I + tl.arange(0, BLOCK_I)
+    ki = _descending_key(tl.load(s_row + i * ssn, mask=i < N, other=0.0), i)
+    # An element's rank is the number of keys above its own (keys are distinct, so ranks are too). Small
+    # row tiles: many programs, since a few per SM leave the comparisons latency-bound.
+    rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+    for j0 in range(0, N, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        # Past the row: below every key (the lowest, -inf's, is about -0x7F80_0001 << 32).
+        kj = tl.where(j < N, _descending_key(tl.load(s_row + j * ssn, mask=j < N, other=0.0), j),
+                      -0x7FFFFFFFFFFFFFFF)
+        rank += tl.sum((kj[None, :] > ki[:, None]).to(tl.int32), axis=1)
+    # Rank r goes to split r % SPLITS, slot r // SPLITS (prefix_attention.strided_layout).
+    tl.store(out + (rank % SPLITS) * CHUNK + rank // SPLITS, i, mask=(i < N) & (rank < KEEP))
+    if blk == 0:  # the layout's padding past KEEP ranks holds block 0
+        r = KEEP + tl.arange(0, BLOCK_PAD)
+        tl.store(out + (r % SPLITS) * CHUNK + r // SPLITS, tl.zeros([BLOCK_PAD], dtype=tl.int32),
+                 mask=r < SPLITS * CHUNK)
+
+
+def rank_blocks_triton(score, keep, splits):
+    b, h, n = score.shape
+    chunk = -(-keep // splits)
+    out = torch.empty(b, h, splits, chunk, dtype=torch.int32, device=score.device)
+    block_i = 16
+    block_j = min(256, max(16, triton.next_power_of_2(n)))
+    _rank_blocks_kernel[(b * h, triton.cdiv(n, block_i))](
+        score, out, n, keep, splits, chunk, h, score.stride(0), score.stride(1), score.stride(2), BLOCK_I=block_i,
+        BLOCK_J=block_j, BLOCK_PAD=max(16, triton.next_power_of_2(splits)), num_warps=4)
+    return out
+
+
+@triton.jit
+def _window_attention_kernel(Q, K, V, Idx, Bias, Out, L, HKV, G, NQ, W, scale, sqb, sqh, sqt, skb, skh, skn, svb,
+                             svh, svn, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BF16: tl.constexpr):
+    bh = tl.program_id(0)
+    b = (bh // HKV).to(tl.int64)
+    h = (bh % HKV).to(tl.int64)
+    # The KV group's query heads stacked: row r is token r % NQ of query head h * G + r // NQ.
+    r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = r < G * NQ
+    head = h * G + r // NQ
+    tok = r % NQ
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    q = tl.load(Q + b * sqb + head[:, None] * sqh + tok[:, None] * sqt + dd[None, :],
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    if not BF16:
+        q = q.to(tl.float32)
+    kp = K + b * skb + h * skh
+    vp = V + b * svb + h * svh
+    top = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(0, W, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < W
+        rows = tl.load(Idx + n, mask=n_ok, other=0)  # KV rows of the window (gathered here: no copies)
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(kp + rows[:, None] * skn + dd[None, :], mask=kv_mask, other=0.0)
+        if BF16:  # bfloat16 q and k (CUDA): products exact in the float32 accumulator
+            s = tl.dot(q, tl.trans(k))
+        else:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        s = s * scale + tl.load(Bias + n, mask=n_ok, other=float("-inf"))[None, :]
+        new = tl.maximum(top, tl.max(s, axis=1))
+        shift = tl.where(new == float("-inf"), 0.0, new)  # a row with no valid key yet stays at zero mass
+        alpha = tl.exp(top - shift)
+        p = tl.exp(s - shift[:, None])
+        total = total * alpha + tl.sum(p, axis=1)
+        v = tl.load(vp + rows[:, None] * svn + dd[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None]
+        if BF16:  # bfloat16 v: p as three bfloat16 parts (about float32 accuracy), smallest first
+            p_hi = p.to(tl.bfloat16)
+            rest = p - p_hi.to(tl.float32)
+            p_mid = rest.to(tl.bfloat16)
+            acc = tl.dot((rest - p_mid.to(tl.float32)).to(tl.bfloat16), v, acc)
+            acc = tl.dot(p_mid, v, acc)
+            acc = tl.dot(p_hi, v, acc)
+        else:
+            acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+        top = new
+    at = (b * HKV * G + head) * NQ + tok
+    tl.store(L + at, top + tl.log(total), mask=r_ok)
+    tl.store(Out + at[:, None] * D + dd[None, :], acc / total[:, None], mask=r_ok[:, None] & d_ok[None, :])
+
+
+def window_attention_triton(q, k, v, idx, bias, scale):
+    b, hq, nq, d = q.shape
+    hkv = k.shape[1]
+    w = idx.shape[0]
+    if q.stride(3) != 1:
+        q = q.contiguous()
+    out = torch.empty(b, hq, nq, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
+    block_m, block_n = 16, 64
+    rows = (hq // hkv) * nq
+    bf16 = q.is_cuda and q.dtype == k.dtype == v.dtype == torch.bfloat16
+    _window_attention_kernel[(b * hkv, triton.cdiv(rows, block_m))](
+        q, k, v, idx, bias, out, lse, hkv, hq // hkv, nq, w, float(scale), q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), D=d, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), BF16=bf16, num_warps=4)
+    return out, lse
+
+
+@triton.jit
+def _active_first_kernel(Q, Act, Stacked, Rank, NRows, Stat, HQ, HKV, G, NQ, R, pad_iters, sqb, sqh, sqt,
+                         D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
+    tt = tl.arange(0, BLOCK_T)
+    act = tl.load(Act + b * NQ + tt, mask=tt < NQ, other=0).to(tl.int32)
+    a_t = tl.load(Act + b * NQ + t).to(tl.int32)
+    n_act = tl.sum(act, axis=0)
+    act_before = tl.sum(tl.where(tt < t, act, 0), axis=0)
+    # The stable active-first order: active tokens in token order, then the others.
+    pos = tl.where(a_t != 0, act_before, n_act + t - act_before)
+    tl.store(Rank + b * NQ + t, pos.to(tl.int64))
+    tl.store(Stat + b * (NQ + 1) + t, a_t.to(tl.int8))
+    if t == 0:
+        tl.store(NRows + b, n_act * G)
+        tl.store(Stat + b * (NQ + 1) + NQ, (n_act > 0).to(tl.int8))
+    # Token t's query heads to rows pos * G + j of their KV group (token-major stacking).
+    hq = tl.arange(0, BLOCK_HQ)
+    dd = tl.arange(0, BLOCK_D)
+    m = (hq[:, None] < HQ) & (dd[None, :] < D)
+    x = tl.load(Q + b * sqb + hq[:, None] * sqh + t * sqt + dd[None, :], mask=m)
+    dst = ((b * HKV + hq // G) * R + pos * G + hq % G) * D
+    tl.store(Stacked + dst[:, None] + dd[None, :], x, mask=m)
+    # Zero padding rows past NQ * G: this program takes every NQ-th of them.
+    hk = tl.arange(0, BLOCK_HKV)
+    for i in range(pad_iters):
+        r = NQ * G + t + i * NQ
+        pm = (hk[:, None] < HKV) & (dd[None, :] < D) & (r < R)
+        tl.store(Stacked + ((b * HKV + hk[:, None]) * R + r) * D + dd[None, :],
+                 tl.zeros([BLOCK_HKV, BLOCK_D], dtype=Stacked.dtype.element_ty), mask=pm)
+
+
+def active_first_triton(q, active, num_kv_heads, block_size):
+    b, hq, nq, d = q.shape
+    group = hq // num_kv_heads
+    rows = -(-nq * group // block_size) * block_size
+    if q.stride(3) != 1:
+        q = q.contiguous()
+    stacked = torch.empty(b, num_kv_heads, rows, d, dtype=q.dtype, device=q.device)
+    rank = torch.empty(b, nq, dtype=torch.int64, device=q.device)
+    n_rows = torch.empty(b, dtype=torch.int32, device=q.device)
+    stat = torch.empty(b, nq + 1, dtype=torch.bool, device=q.device)
+    _active_first_kernel[(b, nq)](
+        q, active.contiguous().view(torch.int8), stacked, rank, n_rows, stat.view(torch.int8), hq, num_kv_heads,
+        group, nq, rows, -(-(rows - nq * group) // nq), q.stride(0), q.stride(1), q.stride(2), D=d,
+        BLOCK_T=max(16, triton.next_power_of_2(nq)), BLOCK_HQ=triton.next_power_of_2(hq),
+        BLOCK_HKV=triton.next_power_of_2(num_kv_heads), BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=4)
+    return stacked, rank, n_rows, stat

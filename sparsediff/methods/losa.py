@@ -30,7 +30,9 @@ group's query heads stacked token-major (``prefix_attention.active_first_rows``)
 the leading (active) rows only (``kernels.losa_step.mean_key_score``, one kernel on CUDA), one read of each
 kept K/V block serves the whole group, and query tiles holding no active row skip the prefix, so both
 follow the active share. The change test and the next step's references are one kernel on CUDA too
-(``kernels.losa_step.token_change_update``). With ``union="head"`` every row is scored and computed and
+(``kernels.losa_step.token_change_update``), and so are the active-first order with the step's statistics,
+the ranking of the scored key blocks (laid out for the splits) and the window attention (``kernels.losa_step``).
+With ``union="head"`` every row is scored and computed and
 only the active ones kept. A
 registered selector name runs that selector on the gathered active tokens instead, and the union of
 its per-query-block choices is used. Prefix attention is split over key chunks for short blocks
@@ -53,14 +55,22 @@ import math
 
 import torch
 
-from ..kernels import block_stats, index_to_mask, mask_to_index
-from ..kernels.losa_step import MAX_KERNEL_ROWS, mean_key_score, split_means, token_change_update
+from ..kernels import block_stats, index_to_mask, losa_step, mask_to_index
+from ..kernels.losa_step import (
+    MAX_KERNEL_ROWS,
+    active_first_order,
+    mean_key_score,
+    split_means,
+    token_change_update,
+    window_attention,
+)
 from ..kernels.prefix_merge import merge_prefix
 from . import step_cache, step_state
 from .base import AttentionMethod, MethodConfig, register_method
 from .dense import dense_attention
 from .flashblock import selector_config
 from .prefix_attention import (
+    ActiveRows,
     Partials,
     active_first_partials,
     active_first_rows,
@@ -145,35 +155,23 @@ def mean_key_union(q, active, key_means, keep, scale, per_kv_head=False, keep_si
     return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
 
 
-def mean_key_rank(qf, active, means_t, bias, keep, per_kv_head=False, keep_sinks=False):
+def mean_key_rank(qf, active, means_t, bias, keep, per_kv_head=False, splits=1, keep_sinks=False):
     """:func:`mean_key_union` for prefix buffers sized to a capacity: the ``keep`` best key-block ids
     per batch row and head (or KV head), best first, int32 ``(B, H, 1, keep)``. ``bias`` ``(nkb,)`` is
     0 on the current prefix's blocks and -1e30 past it: those get no softmax mass and rank last, so the
-    first ``k`` ids are the top ``k`` of the current prefix for every ``k`` (the kernels read a count)."""
+    first ``k`` ids are the top ``k`` of the current prefix for every ``k`` (the kernels read a count).
+    ``splits > 1``: laid out for that many query blocks (:func:`rank_blocks`). ``keep_sinks``: block 0 first."""
     score = _active_mass(qf, active, means_t, bias, per_kv_head).add_(bias)[:, :, 0]
     if keep_sinks:
         score[..., 0] = float("inf")
-    return rank_blocks(score, keep)
+    return rank_blocks(score, keep, splits)
 
 
-def rank_blocks(score, keep):
-    """The ``keep`` best key-block ids of ``score`` ``(B, H, nkb)``, best first: int32 ``(B, H, 1, keep)``."""
-    # A full sort of one short row per head: one kernel, where a sorted top-k takes a select and a sort.
-    return torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :, None, :keep].to(torch.int32)
-
-
-def window_attention(qf, wk, wv, bias, scale):
-    """Attention of float32 q ``(B, Hq, Nq, D)`` to a small key window ``(B, Hkv, W, D)`` with an
-    additive key mask ``bias (W,)`` (0 or -inf): ``(out float32, lse)``. Five ops, any W (keys and values
-    of another dtype are converted first)."""
-    bsz, hq, nq, d = qf.shape
-    hkv, w = wk.shape[1], wk.shape[2]
-    wk, wv = wk.float(), wv.float()
-    logits = torch.baddbmm(bias, qf.reshape(bsz * hkv, (hq // hkv) * nq, d),
-                           wk.reshape(bsz * hkv, w, d).transpose(1, 2), alpha=scale)
-    lse = torch.logsumexp(logits, dim=-1)
-    out = torch.bmm(torch.exp(logits - lse[..., None]), wv.reshape(bsz * hkv, w, d))
-    return out.view(bsz, hq, nq, d), lse.view(bsz, hq, nq)
+def rank_blocks(score, keep, splits=1):
+    """The ``keep`` best key-block ids of ``score`` ``(B, H, nkb)``, best first: int32 ``(B, H, 1, keep)``, or
+    laid out for ``splits`` query blocks (``strided_layout``). Stable descending sort order, one kernel on
+    CUDA (``kernels.losa_step.rank_blocks``)."""
+    return losa_step.rank_blocks(score, keep, splits)
 
 
 @dataclasses.dataclass(eq=False)
@@ -369,8 +367,7 @@ class LoSAMethod(AttentionMethod):
         if entry.means_split is not None:
             split_means(entry.means_t.transpose(-1, -2), out=entry.means_split)
         token_change_update(q, entry.q_ref, entry.ref_thr, self.config.threshold)  # the references only
-        inner = window_attention(q.float(), kc.index_select(2, entry.win_idx), vc.index_select(2, entry.win_idx),
-                                 entry.win_bias, scale)
+        inner = window_attention(q, kc, vc, entry.win_idx, entry.win_bias, scale)
         return merge_prefix(parts.out, parts.lse, q.shape[2], inner, cache=(entry.out, entry.lse),
                             active=entry.all_active, out_dtype=q.dtype, pack=parts.pack)
 
@@ -430,9 +427,8 @@ class LoSAMethod(AttentionMethod):
         # references move to this step's q (all tokens, or the active ones with compare_to="cached").
         active = token_change_update(q, entry.q_ref, entry.ref_thr, cfg.threshold,
                                      only_active=cfg.compare_to == "cached")  # (B, Nq)
-        qf = q.float()
-        inner = window_attention(qf, kc.index_select(2, entry.win_idx), vc.index_select(2, entry.win_idx),
-                                 entry.win_bias, scale)
+        stat = None
+        inner = window_attention(q, kc, vc, entry.win_idx, entry.win_bias, scale)
         bs = cfg.block_size
         if cfg.selector is not None:  # eager only: data-dependent shapes
             p = (entry.n_prefix // bs) * bs
@@ -443,19 +439,23 @@ class LoSAMethod(AttentionMethod):
             parts = Partials(o[:, :, None], s_[:, :, None])
         else:
             index, rows, hkv = entry.index, None, kc.shape[1]
-            if index is None and (cfg.union == "kv_head" or q.shape[1] == hkv):
-                # The active rows first: the union is scored from them only (one kernel on CUDA) and the
-                # same stacked rows go to the prefix attention.
-                rows = active_first_rows(q, active, hkv, bs)
+            if index is not None or cfg.union == "kv_head" or q.shape[1] == hkv:
+                # The active rows first (and on CUDA the step's stat, in the same kernel): the union is scored
+                # from them only and the same stacked rows go to the prefix attention.
+                if q.is_cuda:
+                    stacked, rank, n_rows, stat = active_first_order(q, active, hkv, bs)
+                    rows = ActiveRows(stacked, rank, n_rows, q.shape[1] // hkv)
+                else:
+                    rows = active_first_rows(q, active, hkv, bs)
+            if index is None and rows is not None:
                 score = mean_key_score(rows.stacked, rows.n_rows, entry.means_t.transpose(-1, -2), entry.bias,
                                        split=entry.means_split)
                 if cfg.keep_sinks:  # ranked first: the kept counts of any prefix length include it
                     score[..., 0] = float("inf")
-                index = rank_blocks(score, entry.keep_cap)
+                index = rank_blocks(score, entry.keep_cap, entry.splits)  # laid out for the splits
             elif index is None:
-                index = mean_key_rank(qf, active, entry.means_t, entry.bias, entry.keep_cap, keep_sinks=cfg.keep_sinks)
-            if entry.index is None and entry.splits > 1:
-                index = strided_layout(index, entry.splits)
+                index = mean_key_rank(q.float(), active, entry.means_t, entry.bias, entry.keep_cap, splits=entry.splits,
+                                      keep_sinks=cfg.keep_sinks)
             count = entry.count.expand(*index.shape[:3])
             if index.shape[1] in (1, hkv):  # one union per KV head: compute the active rows only
                 parts = active_first_partials(q, kc, vc, (index, count, entry.splits), active, scale=scale,
@@ -465,5 +465,6 @@ class LoSAMethod(AttentionMethod):
                                         split=(index, count, entry.splits) if entry.splits > 1 else None, splits=1)
         out, lse = merge_prefix(parts.out, parts.lse, nq, inner, cache=(entry.out, entry.lse), active=active,
                                 out_dtype=q.dtype, pack=parts.pack, rank=parts.rank)
-        stat = torch.cat([active, active.any(dim=1, keepdim=True)], dim=1)
+        if stat is None:
+            stat = torch.cat([active, active.any(dim=1, keepdim=True)], dim=1)
         return out, lse, ((stat, extra) if cfg.selector is not None else stat)

@@ -1,0 +1,137 @@
+"""LoSA's per-step kernels added for the captured step: block ranking and the window attention
+(``kernels.losa_step``), each against its PyTorch reference."""
+
+import pytest
+import torch
+
+from sparsediff.kernels.losa_step import rank_blocks, window_attention
+from sparsediff.methods.prefix_attention import strided_layout
+
+
+def _dev():
+    return torch.get_default_device()  # the GPU under SPARSEDIFF_TEST_DEVICE=cuda
+
+
+def ranked_scores(b=2, h=3, nkb=150, masked=7, seed=0):
+    """Softmax-mass-like scores with many exact ties, zeros of both signs and LoSA's -1e30 past the prefix."""
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randint(0, 12, (b, h, nkb), generator=gen, device="cpu").float() / 8  # coarse values: many ties
+    s[..., ::5] = 0.0
+    s[..., 1::10] = -0.0
+    s[..., nkb - masked:] += -1e30  # LoSA's bias past the prefix: equal scores, ranked last by index
+    return s.to(_dev())
+
+
+def torch_rank(score, keep, splits):
+    index = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :, None, :keep].to(torch.int32)
+    return strided_layout(index, splits) if splits > 1 else index
+
+
+@pytest.mark.parametrize("nkb,keep", [(150, 30), (150, 150), (37, 1), (16, 5)])
+@pytest.mark.parametrize("splits", [1, 3, 4])
+def test_rank_blocks_kernel_equals_stable_descending_sort(nkb, keep, splits):
+    score = ranked_scores(nkb=nkb)
+    want = torch_rank(score, keep, splits)
+    got = rank_blocks(score, keep, splits, backend="triton")
+    assert got.dtype == torch.int32 and got.shape == want.shape
+    assert torch.equal(got, want)
+    assert torch.equal(rank_blocks(score, keep, splits, backend="torch"), want)
+    if splits == 1 and keep == nkb:  # the whole order: a permutation, the -1e30 blocks last in index order
+        assert torch.equal(got[0, 0, 0, -7:].long(), torch.arange(nkb - 7, nkb, device=got.device))
+
+
+def test_rank_blocks_kernel_nan_signed_zero_and_strides():
+    score = ranked_scores(b=1, h=4, nkb=70)
+    score[0, 1, [3, 40]] = float("nan")  # torch's descending sort puts NaN first, in index order
+    score[0, 2, 10] = float("inf")
+    score[0, 2, 11] = float("-inf")
+    score[0, 3] = torch.where(torch.arange(70, device=score.device) % 2 == 0, 0.0, -0.0)  # all equal: index order
+    for s in (score, score.transpose(0, 1).contiguous().transpose(0, 1), torch.cat([score, score], -1)[..., ::2]):
+        for keep, splits in ((70, 1), (9, 2)):
+            assert torch.equal(rank_blocks(s, keep, splits, backend="triton"), torch_rank(s, keep, splits))
+    full = rank_blocks(score, 70, 1, backend="triton")[0, :, 0]
+    assert full[1, :2].tolist() == [3, 40] and full[2, 0] == 10
+    assert torch.equal(full[3].long(), torch.arange(70, device=full.device))
+
+
+def test_rank_blocks_random_scores_and_bad_input():
+    score = torch.rand(2, 8, 1040, generator=torch.Generator().manual_seed(3), device="cpu").to(_dev())
+    score[..., 1024:] -= 1e30
+    assert torch.equal(rank_blocks(score, 205, 5, backend="triton"), torch_rank(score, 205, 5))
+    with pytest.raises(ValueError, match="float32"):
+        rank_blocks(score.double(), 5)
+    with pytest.raises(ValueError, match="keep"):
+        rank_blocks(score, 2000)
+    with pytest.raises(ValueError, match="backend"):
+        rank_blocks(score, 5, backend="cuda")
+
+
+def window_inputs(b=2, hq=6, hkv=2, nq=5, d=16, cap=90, start=64, valid=11, w=24, dtype=torch.float32, seed=0):
+    """q, a KV buffer with NaN in the rows the window must not read, and LoSA's window rows and mask."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, nq, d, generator=gen, device="cpu").to(_dev(), dtype)
+    k = torch.randn(b, hkv, cap, d, generator=gen, device="cpu")
+    v = torch.randn(b, hkv, cap, d, generator=gen, device="cpu")
+    last = start + valid - 1
+    k[:, :, last + 1:] = float("nan")
+    v[:, :, last + 1:] = float("nan")
+    rows = torch.arange(w, device="cpu")
+    idx = torch.minimum(rows + start, torch.tensor(last, device="cpu")).to(_dev())  # padding repeats the last valid row
+    bias = torch.where(rows < valid, 0.0, float("-inf")).to(_dev())
+    return q, k.to(_dev(), dtype), v.to(_dev(), dtype), idx, bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [dict(), dict(hq=4, hkv=4, nq=3, w=160, valid=100, start=0, cap=128, d=32),
+                                   dict(b=1, hq=8, hkv=2, nq=16, w=80, valid=80, start=10, cap=90)])
+def test_window_attention_kernel_matches_torch(dtype, shape):
+    q, k, v, idx, bias = window_inputs(dtype=dtype, **shape)
+    scale = q.shape[-1] ** -0.5
+    want_o, want_l = window_attention(q, k, v, idx, bias, scale, backend="torch")
+    got_o, got_l = window_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, idx, bias, scale,
+                                    backend="triton")  # any q strides
+    assert got_o.dtype == torch.float32 and got_o.shape == q.shape and got_l.shape == q.shape[:3]
+    assert torch.isfinite(got_o).all() and torch.isfinite(got_l).all()
+    torch.testing.assert_close(got_o, want_o, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(got_l, want_l, rtol=1e-5, atol=2e-5)
+    # Definition, in float64: softmax over the valid window rows only.
+    valid = int((bias == 0).sum())
+    g = q.shape[1] // k.shape[1]
+    kk = k[:, :, idx[:valid]].double().repeat_interleave(g, 1)
+    logits = (q.double() @ kk.transpose(-1, -2)) * scale
+    ref_o = torch.softmax(logits, -1) @ v[:, :, idx[:valid]].double().repeat_interleave(g, 1)
+    torch.testing.assert_close(got_o.double(), ref_o, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_l.double(), torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-4)
+
+
+def test_window_attention_rejects_bad_input():
+    q, k, v, idx, bias = window_inputs()
+    with pytest.raises(ValueError, match="do not match"):
+        window_attention(q[:, :5], k, v, idx, bias, 0.25)
+    with pytest.raises(ValueError, match="idx"):
+        window_attention(q, k, v, idx.int(), bias, 0.25)
+    with pytest.raises(ValueError, match="idx"):
+        window_attention(q, k, v, idx, bias[:-1], 0.25)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 4, 6, 16, 32), (1, 4, 4, 32, 16, 128), (3, 6, 2, 5, 32, 16)])
+def test_active_first_order_kernel_equals_active_first_rows(shape):
+    from sparsediff.kernels.losa_step import active_first_order
+    from sparsediff.methods.prefix_attention import active_first_rows
+
+    b, hq, hkv, nq, d, bs = shape
+    gen = torch.Generator().manual_seed(nq)
+    q = torch.randn(b, hq, nq, d, generator=gen, device="cpu").to(_dev(), torch.bfloat16)
+    active = (torch.rand(b, nq, generator=gen, device="cpu") < 0.4).to(_dev())
+    active[0] = False  # a row without active tokens
+    if b > 2:
+        active[2] = True  # and one with only active tokens
+    for qq in (q, q.transpose(1, 2).contiguous().transpose(1, 2)):  # any q strides
+        want = active_first_rows(qq, active, hkv, bs)
+        stacked, rank, n_rows, stat = active_first_order(qq, active, hkv, bs)
+        assert torch.equal(stacked, want.stacked)  # padding rows included (zeros)
+        assert rank.dtype == want.rank.dtype and torch.equal(rank, want.rank)
+        assert n_rows.dtype == torch.int32 and torch.equal(n_rows, want.n_rows)
+        assert torch.equal(stat, torch.cat([active, active.any(dim=1, keepdim=True)], dim=1))
+    with pytest.raises(ValueError, match="bool"):
+        active_first_order(q, active.int(), hkv, bs)

@@ -389,6 +389,46 @@ def test_automatic_graphs_on_gpu(name):
 
 
 @cuda_only
+@pytest.mark.parametrize("name", ["flashblock", "losa"])
+def test_float32_inputs_on_gpu(name, caplog):
+    # float32 takes PyTorch fallbacks on a GPU: whatever of them would synchronise is never captured, the
+    # outputs equal eager, and the CUDA random generator still works afterwards.
+    plan = cache_blocks(blocks=3, steps=4, prompt=1000, nq=32, hq=8, d=64, dtype=torch.float32, device="cuda")
+    eager = make_method(name, min_seq_len=0, block_size=128, cuda_graphs=False)
+    for mode in (None, True):
+        graphed = make_method(name, min_seq_len=0, block_size=128, cuda_graphs=mode)
+        with caplog.at_level("WARNING"):
+            assert_equal_outputs(drive_cache(eager, plan), drive_cache(graphed, plan))
+        assert not [r for r in caplog.records if "capture failed" in r.getMessage()]
+        torch.randn(4, device="cuda")
+
+
+@cuda_only
+def test_a_step_that_synchronises_runs_eager_on_gpu(caplog):
+    from sparsediff.methods import step_cache
+    from sparsediff.methods.step_cache import GraphSlot, LayerCache, run_step
+
+    def step(q, k):  # a host read: cannot be captured
+        return (q * float(k.sum()),)
+
+    q, k = torch.randn(4, 8, device="cuda"), torch.randn(16, device="cuda")
+    cache, slot = LayerCache("test"), GraphSlot()
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            (out,), replayed = run_step(step, slot, q, (k,), cache, True)
+            torch.testing.assert_close(out, q * k.sum())
+            assert not replayed
+    assert slot.graph is False and cache.captures == 0
+    assert any("synchronises with the host" in r.getMessage() for r in caplog.records)
+    # A capture that fails anyway (the sync check bypassed) leaves the random generator usable.
+    step_cache._warm_up(step, q, (k,))
+    with pytest.raises(RuntimeError):  # torch.AcceleratorError: not permitted while capturing
+        step_cache._capture(step, q, (k,))
+    step_cache._reset_after_failed_capture(q.device)
+    torch.randn(4, device="cuda")
+
+
+@cuda_only
 @pytest.mark.parametrize("d,nq,prompt", [(64, 32, 8000), (128, 32, 8192), (128, 128, 8000)])
 def test_plain_graphs_on_a_growing_cache_on_gpu(d, nq, prompt):
     # The first step captured once per layer and replayed at every block, bit for bit; 128-key blocks take the

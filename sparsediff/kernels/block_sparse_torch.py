@@ -65,9 +65,10 @@ def block_sparse_attention_torch(q, k, v, block_index, block_count, *, scale, ca
         kg = k_blocks[batch_ids, kv_head_ids, ids].view(bsz * hq * c, 1, max_kept * block_size, d)
         vg = v_blocks[batch_ids, kv_head_ids, ids].view(bsz * hq * c, 1, max_kept * block_size, d)
         qc = q_blocks[:, :, start:stop].reshape(bsz * hq * c, 1, block_size, d)
-        # Build a mask only when some key can be invalid: padded slots, the ragged tail, causal.
+        # Build a mask only when some key can be invalid: padded slots, the ragged tail, causal. On a GPU
+        # always: asking would synchronise the host, which also rules out CUDA graph capture.
         valid = None
-        if bool((count[:, :, start:stop] < max_kept).any()) or tail or causal:
+        if q.is_cuda or tail or causal or bool((count[:, :, start:stop] < max_kept).any()):
             key_pos = (ids[..., None] * block_size + in_block).view(bsz, hq, c, 1, max_kept * block_size)
             slot_ok = (slot < count[:, :, start:stop, None])[..., None].expand(-1, -1, -1, -1, block_size)
             valid = slot_ok.reshape(bsz, hq, c, 1, max_kept * block_size) & (key_pos < nk)

@@ -8,8 +8,10 @@ held on the device, and replaying a layer's steady-state step as a CUDA graph (`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import warnings
 
 import torch
 
@@ -174,6 +176,40 @@ def _warm_up(fn, static_q, pinned):
     return result
 
 
+@contextlib.contextmanager
+def _watch_host_syncs(q):
+    """Records in ``found`` whether the block synchronised the host with q's device (``.item()``, ``bool(t)``,
+    ``nonzero``, ...): such a step cannot be captured, and a capture that fails leaves PyTorch's CUDA random
+    generators marked as capturing. Uses PyTorch's sync debug mode in "warn"; nothing on CPU."""
+    found = []
+    if not q.is_cuda:
+        yield found
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    found += [w for w in caught if "synchroniz" in str(w.message)]
+    for w in caught:
+        if w not in found:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _reset_after_failed_capture(device) -> None:
+    """A failed ``capture_end`` skips the CUDA generators' capture epilogue, and every later random op on the
+    device raises "Offset increment outside graph capture". An empty capture runs the epilogue."""
+    graph = torch.cuda.CUDAGraph()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "the CUDA graph is empty"
+        with torch.cuda.stream(_streams[device]):
+            graph.capture_begin(capture_error_mode="thread_local")
+            graph.capture_end()
+
+
 def _capture(fn, static_q, pinned, share=None):
     """Record ``fn(static_q, *pinned)`` into a CUDA graph: ``(graph, outputs, pool bytes)``. Capture
     runs no kernel, so the step's in-place state updates happen once (in the warm-up call).
@@ -233,11 +269,18 @@ def run_step(fn, entry, q, pinned, cache: LayerCache, mode, *, key=None, share=N
         cache.sightings[id(entry)] = key
         return fn(q, *pinned), False
     static_q = torch.empty_like(q).copy_(q)  # keeps q's strides: the same kernels see the same layout
-    result = _warm_up(fn, static_q, pinned)
+    with _watch_host_syncs(q) as syncs:
+        result = _warm_up(fn, static_q, pinned)
+    if syncs:  # e.g. the PyTorch fallback of a kernel for float32 inputs: this entry stays eager
+        if mode:
+            cache.warn_once(f"cuda_graphs: the step synchronises with the host ({syncs[0].message}); running eager")
+        entry.graph = False
+        return result, False
     try:
         graph, outputs, pool = (_capture(fn, static_q, pinned) if share is None
                                 else _capture(fn, static_q, pinned, share=share))
     except Exception as err:  # an op that cannot be captured: this entry stays eager
+        _reset_after_failed_capture(q.device)
         cache.warn_once(f"cuda_graphs: capture failed, running eager ({type(err).__name__}: {err})")
         entry.graph = False
         return result, False

@@ -13,7 +13,7 @@ from sparsediff.eval.fidelity import make_probe
 
 def test_evolve_moves_the_chosen_share_by_the_given_amounts():
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 2, 4000, 16)
+    x = torch.randn(1, 2, 4000, 16, device="cpu")
     y = evolve(x, 0.25, gen, big=0.3, small=0.01)
     change = ((y - x).norm(dim=-1) / x.norm(dim=-1))[0, 0]
     moved = change > 0.1

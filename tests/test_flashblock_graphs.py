@@ -414,7 +414,7 @@ def test_a_step_that_synchronises_runs_eager_on_gpu(caplog):
     q, k = torch.randn(4, 8, device="cuda"), torch.randn(16, device="cuda")
     cache, slot = LayerCache("test"), GraphSlot()
     with caplog.at_level("WARNING"):
-        for _ in range(3):
+        for _ in range(3):  # two warm-ups that synchronise, then eager for good
             (out,), replayed = run_step(step, slot, q, (k,), cache, True)
             torch.testing.assert_close(out, q * k.sum())
             assert not replayed

@@ -30,11 +30,12 @@ class LayerCache:
         self._mark, self._index = None, -1
         self._warned: set[str] = set()
         self.sightings: dict[int, tuple] = {}  # automatic graphs: id(entry) -> the last call's graph key
+        self.sync_strikes: dict[int, int] = {}  # id(entry) -> warm-ups that synchronised with the host
 
     def clear(self) -> None:
         self.entries = {}
         self.captures = 0
-        self.sightings = {}
+        self.sightings, self.sync_strikes = {}, {}
         self._mark, self._index = None, -1
 
     def sync(self, state, clear: bool = True) -> bool:
@@ -193,9 +194,10 @@ def _watch_host_syncs(q):
             yield found
         finally:
             torch.cuda.set_sync_debug_mode(previous)
-    found += [w for w in caught if "synchroniz" in str(w.message)]
     for w in caught:
-        if w not in found:
+        if "called a synchronizing CUDA operation" in str(w.message):
+            found.append(w)
+        elif "debug mode is a prototype" not in str(w.message):  # PyTorch's notice on setting the mode
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
@@ -271,10 +273,13 @@ def run_step(fn, entry, q, pinned, cache: LayerCache, mode, *, key=None, share=N
     static_q = torch.empty_like(q).copy_(q)  # keeps q's strides: the same kernels see the same layout
     with _watch_host_syncs(q) as syncs:
         result = _warm_up(fn, static_q, pinned)
-    if syncs:  # e.g. the PyTorch fallback of a kernel for float32 inputs: this entry stays eager
-        if mode:
-            cache.warn_once(f"cuda_graphs: the step synchronises with the host ({syncs[0].message}); running eager")
-        entry.graph = False
+    if syncs:  # a first call's one-time work (compilation, autotuning) may synchronise: try once more
+        strikes = cache.sync_strikes[id(entry)] = cache.sync_strikes.get(id(entry), 0) + 1
+        if strikes >= 2:  # every call does, e.g. a PyTorch fallback for float32 inputs: this entry stays eager
+            if mode:
+                cache.warn_once(f"cuda_graphs: the step synchronises with the host ({syncs[0].message}); "
+                                "running eager")
+            entry.graph = False
         return result, False
     try:
         graph, outputs, pool = (_capture(fn, static_q, pinned) if share is None

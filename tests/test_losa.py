@@ -312,8 +312,10 @@ def test_cuda_graphs_match_eager_on_gpu(kw):
     q, k, v = block_call(prefix=512, d=64, dtype=torch.bfloat16)
     with denoising_step(0, 4):
         graphed(q.cuda(), k.cuda(), v.cuda(), layer="a")
-    # The old graphs were released at the new generation; only the new first step's graph is held.
-    assert graphed._cache.graphs() == [graphed._cache.entries["a"].first.graph]
+    # The old graphs were released at the new generation; at most the new first step's graph is held (a warm-up
+    # that compiles kernels for the new shapes synchronises, and the capture then waits for the next call).
+    held = graphed._cache.graphs()
+    assert len(held) <= 1 and all(g is graphed._cache.entries["a"].first.graph for g in held)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -237,7 +237,7 @@ def main() -> int:
     parser.add_argument("--union", default="kv_head", choices=["kv_head", "head"], help="LoSA's union of key blocks")
     parser.add_argument("--structured", action="store_true", help="hot prefix blocks the queries align with")
     parser.add_argument("--cuda-graphs", action="store_true",
-                        help="also time each method with its default CUDA graphs (the plain columns: cuda_graphs=False)")
+                        help="also time each method with its default CUDA graphs (plain columns: cuda_graphs=False)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -2,7 +2,7 @@
 and v4's in the same run, a sweep of the tile layouts, launch counts and host time.
 
     python benchmarks/profile_ba_att_selection.py [--n 32768,65536] [--segment 256] [--sweep] [--history]
-        [--out profile.json]
+        [--rounds 3] [--out profile.json]
 
 B=1, H=16, D=128, bf16, sparsity 0.5; ``--segment`` is the sort segment (the video probe's frame is 256
 tokens, Wan2.1's 1560). Plans use the default (automatic) ``outlier_keys``, which is 0 on these
@@ -98,10 +98,10 @@ def fused(cols, warps, maxnreg, prefetch):
 
 
 # First-launch sweep (norms + sorted runs + query tiles): (query tile columns, warps, register cap, prefetch).
-FUSED_SWEEP = [(None, None, 80, False), (None, None, 80, True), (64, 4, 80, False), (64, 4, 80, True),
-               (64, 8, 80, True), (64, 8, 64, True), (64, 8, None, True), (32, 4, 80, True), (32, 4, 64, True)]
-Q_SWEEP = [(None, None), (64, 4), (64, 8), (32, 4), (32, 2), (16, 2)]  # query_features alone
-GATHER_SWEEP = [(None, None), (64, 4), (64, 8), (32, 4), (32, 2)]  # (columns, warps)
+FUSED_SWEEP = [(None, None, 80, False), (64, 4, 80, False), (64, 4, 64, False), (64, 4, None, False),
+               (64, 4, 80, True), (64, 8, 80, True), (32, 4, 80, True)]
+Q_SWEEP = [(None, None), (64, 4), (64, 8), (32, 4), (32, 2)]  # query_features alone: (columns, warps)
+GATHER_SWEEP = [(None, None), (64, 4), (64, 8), (32, 4)]  # (columns, warps)
 
 @contextlib.contextmanager
 def knobs(settings):
@@ -223,9 +223,9 @@ def checks(q, k, v, m, seg, n, history=False):
     return row
 
 
-def stages(q, k, v, m, seg, n, sweep=False):
-    """Per-stage times (v6 kernels and the v5 / v4 ones), the layout sweep, whole plans (v6, v5, v4;
-    three interleaved rounds)."""
+def stages(q, k, v, m, seg, n, sweep=False, rounds=3):
+    """Per-stage times (v6 kernels and the v5 / v4 ones), the layout sweep, whole plans (v6, v5, v4 and
+    variants; ``rounds`` interleaved rounds)."""
     nseg = math.ceil(n / seg)
     norms = row_norms(k, pad_to=nseg * seg)
     nv = norms.view(1, 16, nseg, seg)
@@ -276,7 +276,7 @@ def stages(q, k, v, m, seg, n, sweep=False):
     for i, extra in enumerate(PLAN_VARIANTS):
         plans[f"plan v6 variant {i}: {extra}"] = (m, PLAN_VARIANTS[extra])
     times = {name: [] for name in plans}
-    for _ in range(3):
+    for _ in range(rounds):
         for name, (method, setting) in plans.items():
             with knobs(setting):
                 times[name].append(bench(lambda: method.plan(q, k, v), rep=200))
@@ -298,6 +298,7 @@ def stages(q, k, v, m, seg, n, sweep=False):
 PLAN_VARIANTS = {
     "v6 with v5's gather": {(permute_stats, "GATHER_COLS"): None, (permute_stats, "GATHER_WARPS"): None},
     "v6 with v5's first launch": {k: v for k, v in V5.items() if k[1] not in ("GATHER_COLS", "GATHER_WARPS")},
+    "v6, merge searches all runs": {(segment_sort, "MERGE_SKIP_OWN"): False},
 }
 
 
@@ -307,6 +308,7 @@ def main():
     parser.add_argument("--segment", type=int, default=256)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--history", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     names = ("TILE_COLS", "TILE_WARPS", "GATHER_COLS", "GATHER_WARPS", "FUSED_MAXNREG", "PREFETCH_CHUNKS",
@@ -321,7 +323,7 @@ def main():
         # Frame-sorted keys: the automatic outlier_keys is 0, as in the video path.
         m = BAAttMethod(BAAttConfig(sparsity=0.5, min_seq_len=0, sort_segment=seg))
         row = checks(q, k, v, m, seg, n, args.history)
-        row.update(stages(q, k, v, m, seg, n, args.sweep))
+        row.update(stages(q, k, v, m, seg, n, args.sweep, args.rounds))
         results[str(n)] = row
         for name, val in row.items():  # a short table: times, checks and sweep rows, no per-round lists
             if not name.endswith("(rounds)") and "by name" not in name:

@@ -234,9 +234,9 @@ def _features64(x, bs, scale=None, c=None):
     b, h, n, d = x.shape
     nb = -(-n // bs)
     xp = torch.nn.functional.pad(x.double().cpu(), (0, 0, 0, nb * bs - n))
-    cnt = torch.full((nb,), float(bs), dtype=torch.float64)
+    cnt = torch.full((nb,), float(bs), dtype=torch.float64, device="cpu")
     cnt[-1] = n - (nb - 1) * bs
-    rows = torch.arange(nb * bs).view(nb, bs) < n
+    rows = torch.arange(nb * bs, device="cpu").view(nb, bs) < n
     xb = xp.view(b, h, nb, bs, d)
     mean = xb.sum(3) / cnt[:, None]
     var = ((xb - mean[:, :, :, None]) * rows[..., None]).square().sum(3) / cnt[:, None]

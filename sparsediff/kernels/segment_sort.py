@@ -48,7 +48,7 @@ FUSE_QUERY_FEATURES = True
 # 8 warps per SM); uncapped the sort branch lifts the launch to 91 (two per SM). None: no cap.
 FUSED_MAXNREG = 80
 # Run programs issue the next 64-row chunk's load before reducing the current one (two chunks in flight).
-PREFETCH_CHUNKS = True
+PREFETCH_CHUNKS = False
 # The merge searches only the other runs (a key's rank in its own run is its position): 1/NRUNS fewer probes.
 MERGE_SKIP_OWN = True
 

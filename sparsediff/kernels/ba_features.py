@@ -2,12 +2,13 @@
 
 ``query_features(q, block_size, scale, c)`` -> ``(B, H, nb, 3D)`` float32 rows ``[s·μq, c·σ²q, c·μq²]``, the
 left side of BA-Att's score matmul, straight from one read of ``q``. By default one program per
-(block, batch*head) tile on a 2-D grid: 80 registers per thread for a 128x128 bf16 tile on sm_90, three
-programs per SM. ``programs=`` (or :data:`PROGRAMS_PER_SM`) runs a persistent grid instead, each program
-walking tiles in a ``tl.range`` loop that Triton software-pipelines through shared memory; on an H100
-it was slower (docs/benchmarks.md, "Selection v4"). Both grids use the v3 kernel's tile layout, so the
-reduction order and the features are bit-identical to it; the v3 kernel prefetched the next tile into
-registers (166 registers, one program per SM) and ran 1.3x slower than the 2-D grid.
+(block, column block, batch*head) tile on a 2-D grid: a column's moments need only its own rows, so each
+128-row block is split into 64-column tiles of 4 warps (:data:`TILE_COLS`; H100, q 32k x 16 heads x 128:
+0.062 ms against 0.096 for v5's whole 128 x 128 tile of 8 warps, docs/benchmarks.md "Selection v6").
+``programs=`` (or :data:`PROGRAMS_PER_SM`) runs a persistent grid instead, each program walking tiles in a
+``tl.range`` loop that Triton software-pipelines through shared memory; it was slower ("Selection v4"). All
+grids of one tile layout give the same bits; another layout reduces a column in another float32 order
+(tests compare every layout against float64).
 
 ``segment_order(norms, seg)`` -> ``(B, H, nseg*seg)`` int64: per segment of ``seg`` norms, the
 in-segment indices in descending norm order (ties: lower index first), one Triton program per segment
@@ -32,8 +33,8 @@ __all__ = ["query_features", "segment_order", "features_from_moments", "feature_
            "FEATURE_STAGES", "MAX_SORT_SEGMENT", "TILE_COLS", "TILE_WARPS"]
 
 # Query-feature grid: None = one program per tile on a 2-D grid (default); an int = that many programs
-# per SM on the persistent, pipelined grid. H100, q 32k x 16 heads x 128: 2-D grid 0.095 ms; persistent
-# 2/SM 0.105-0.117 (2-4 stages), 1/SM 0.120-0.143; the v3 kernel 0.127 (docs/benchmarks.md, v4).
+# per SM on the persistent, pipelined grid. H100, q 32k x 16 heads x 128, 128 x 128 tiles: 2-D grid 0.095
+# ms; persistent 2/SM 0.105-0.117 (2-4 stages), 1/SM 0.120-0.143; the v3 kernel 0.127 (docs/benchmarks.md, v4).
 PROGRAMS_PER_SM = None
 # Pipeline depth of the persistent grid's tile loop (each stage holds one tile in shared memory).
 FEATURE_STAGES = 3
@@ -44,7 +45,8 @@ FEATURE_STAGES = 3
 MAX_SORT_SEGMENT = 256
 # Columns per feature program: None = the whole (padded) head dim, i.e. one 128 x 128 tile per (block,
 # head) at D = 128 (selection v4/v5); a power of two splits each tile into column blocks, one program
-# each (a column's mean and variance need only its own rows).
+# each (a column's mean and variance need only its own rows). H100, q 32k x 16 x 128: 64 columns / 4
+# warps 0.062 ms, whole rows / 8 warps 0.096, 64 / 8 0.103, 32 / 2 0.064 (docs/benchmarks.md, v6).
 TILE_COLS = 64
 # Warps per feature program; None: 4 up to 8192 elements per program's tile, else 8.
 TILE_WARPS = None

@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - CPU-only installs
 GATHER_REVERSE = True
 # Columns per sort-side gather program: None = the whole (padded) head dim (selection v5); a power of two
 # splits each key block into column blocks, one program each (a column's features need only its rows).
+# H100, Wan shape: 64 columns / 4 warps 0.198 ms, whole rows / 8 warps 0.223 (docs/benchmarks.md, v6).
 GATHER_COLS = 64
 # Warps per sort-side gather program; None: 4 up to 8192 elements per program's tile, else 8.
 GATHER_WARPS = None

@@ -1,16 +1,16 @@
-"""Per-stage GPU timings of BA-Att selection and whole plans, the current path (v5: norms, in-segment
-sorted runs (+ merge) and the query features in one launch) against the previous one (v4: norm kernel,
-Triton or torch sort, the selector's own query-feature launch), launch counts and host time.
+"""Per-stage GPU timings of BA-Att selection and whole plans: the current path (v6 knobs) against v5's
+and v4's in the same run, a sweep of the tile layouts, launch counts and host time.
 
-    python benchmarks/profile_ba_att_selection.py [--n 32768,65536] [--segment 256] [--out profile.json]
+    python benchmarks/profile_ba_att_selection.py [--n 32768,65536] [--segment 256] [--sweep] [--history]
+        [--rounds 3] [--out profile.json]
 
 B=1, H=16, D=128, bf16, sparsity 0.5; ``--segment`` is the sort segment (the video probe's frame is 256
 tokens, Wan2.1's 1560). Plans use the default (automatic) ``outlier_keys``, which is 0 on these
-norm-sorted keys. Checks that the current plan keeps the same blocks, permutation and sorted keys and
-values as v4's path, v3's (its strided query-feature kernel is reproduced here), v2's PyTorch path and
-the first element-wise one, and that the fused launch's order, norms and query features are the bits of
-the row-norm kernel + a stable argsort and of ``query_features``. The per-grid sweeps of v4 are in
-docs/results/profile_ba_att_selection_h100_v4.json.
+norm-sorted keys. v6 changes only float32 reduction orders of the score features (column-split tiles),
+so the checks compare the permutation and sorted K, V bit for bit with v5 and v4, the kept blocks as a
+share of equal ids, and both versions' features against a float64 reference. ``--sweep`` times the
+layout variants (query tile columns / warps / register cap / chunk prefetch, gather columns / warps,
+merge search); ``--history`` adds the v2 / first-path block checks of earlier versions.
 """
 import argparse
 import contextlib
@@ -29,7 +29,7 @@ from sparsediff.kernels.ba_features import query_features, segment_order
 from sparsediff.kernels.block_stats_triton import store_score_features, tile_moments
 from sparsediff.kernels.permute_stats import gather_sorted_segments, row_norms
 from sparsediff.methods import ba_att
-from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _scores_from_features, _select, _sort_keys, ba_scores
+from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _scores_from_features, _select, _sort_keys
 from sparsediff.methods.block_select import select_from_scores
 
 
@@ -84,11 +84,24 @@ def v3_query_features(q, block_size, scale=None, c=None):
 
 
 V3 = {(ba_att, "query_features"): v3_query_features, (permute_stats, "GATHER_REVERSE"): False}
+# Selection v5: whole-row 128 x 128 query and gather tiles (8 warps), no chunk prefetch, merge in all runs.
+V5 = {(ba_features, "TILE_COLS"): None, (ba_features, "TILE_WARPS"): None, (permute_stats, "GATHER_COLS"): None,
+      (permute_stats, "GATHER_WARPS"): None, (segment_sort, "FUSED_MAXNREG"): 80,
+      (segment_sort, "PREFETCH_CHUNKS"): False, (segment_sort, "MERGE_SKIP_OWN"): False}
 # The v4 plan: norm kernel + sort (Triton up to 256 tokens, torch argsort above), selector's own q features.
-V4 = {(segment_sort, "MAX_FUSED_SEGMENT"): 0, (segment_sort, "FUSE_QUERY_FEATURES"): False}
-# v5 without the query tiles in the sort's launch (sort fused, q features separate).
-V5_SPLIT_Q = {(segment_sort, "FUSE_QUERY_FEATURES"): False}
-V5_NO_REGCAP = {(segment_sort, "FUSED_MAXNREG"): None}
+V4 = {**V5, (segment_sort, "MAX_FUSED_SEGMENT"): 0, (segment_sort, "FUSE_QUERY_FEATURES"): False}
+
+
+def fused(cols, warps, maxnreg, prefetch):
+    return {(ba_features, "TILE_COLS"): cols, (ba_features, "TILE_WARPS"): warps,
+            (segment_sort, "FUSED_MAXNREG"): maxnreg, (segment_sort, "PREFETCH_CHUNKS"): prefetch}
+
+
+# First-launch sweep (norms + sorted runs + query tiles): (query tile columns, warps, register cap, prefetch).
+FUSED_SWEEP = [(None, None, 80, False), (64, 4, 80, False), (64, 4, 64, False), (64, 4, None, False),
+               (64, 4, 80, True), (64, 8, 80, True), (32, 4, 80, True)]
+Q_SWEEP = [(None, None), (64, 4), (64, 8), (32, 4), (32, 2)]  # query_features alone: (columns, warps)
+GATHER_SWEEP = [(None, None), (64, 4), (64, 8), (32, 4)]  # (columns, warps)
 
 @contextlib.contextmanager
 def knobs(settings):
@@ -101,24 +114,6 @@ def knobs(settings):
     finally:
         for (mod, name), value in saved.items():
             setattr(mod, name, value)
-
-
-def legacy_sort_keys(k, v, seg):
-    """The first sort_keys: fp32 norms, pad, segment argsort, element-wise gather with an expanded index."""
-    bsz, h, n, d = k.shape
-    nseg = math.ceil(n / seg)
-    norms = torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32)
-    norms = torch.nn.functional.pad(norms, (0, nseg * seg - n), value=-1.0)
-    order = norms.view(bsz, h, nseg, seg).argsort(dim=-1, descending=True)
-    perm = (order + torch.arange(nseg, device=k.device)[:, None] * seg).view(bsz, h, nseg * seg)[..., :n]
-    index = perm[..., None].expand(bsz, h, n, d)
-    return k.gather(2, index), v.gather(2, index), perm
-
-
-def legacy_plan(q, k, v, seg, n):
-    ks, vs, perm = legacy_sort_keys(k, v, seg)
-    scores = ba_scores(q, ks)
-    return ks, vs, select_from_scores(scores, nq=n, nk=n, block_size=128, density=0.5, backend="torch"), perm
 
 
 def v2_plan(q, k, v, cfg, seg):
@@ -163,25 +158,41 @@ def same(a, b):
     return bool(torch.equal(a, b))
 
 
-def checks(q, k, v, m, seg, n):
-    """Blocks, permutation, sorted keys and values of the current (v5) plan against v4's path, v3's, v2's
-    PyTorch path and the first one; the fused sort's order, norms and query features bit for bit."""
+def features64(x, bs, scale=None, c=None):
+    """float64 reference of the score features of ``x (B, H, N, D)`` (query side with ``scale``/``c``)."""
+    b, h, n, d = x.shape
+    nb = math.ceil(n / bs)
+    xp = torch.nn.functional.pad(x.double(), (0, 0, 0, nb * bs - n)).view(b, h, nb, bs, d)
+    cnt = torch.full((nb, 1), float(bs), dtype=torch.float64, device=x.device)
+    cnt[-1] = n - (nb - 1) * bs
+    rows = (torch.arange(nb * bs, device=x.device).view(nb, bs) < n)[..., None]
+    mean = xp.sum(3) / cnt
+    var = ((xp - mean[:, :, :, None]) * rows).square().sum(3) / cnt
+    return ba_features.features_from_moments(mean, var, scale, c)
+
+
+def rel_err(got, want):
+    """max |got - want| over max |want|, per third of the feature row (mean / second / third term)."""
+    d = want.shape[-1] // 3
+    return [float((got[..., i * d:(i + 1) * d].double() - want[..., i * d:(i + 1) * d]).abs().max()
+                  / want[..., i * d:(i + 1) * d].abs().max()) for i in range(3)]
+
+
+def checks(q, k, v, m, seg, n, history=False):
+    """The current plan against v5's and v4's: permutation and sorted K, V bit for bit, kept blocks as a
+    share; the fused sort's order and norms against the row-norm kernel + a stable argsort; q and k
+    features of v6 and v5 against float64."""
     row = {}
     new = m.plan(q, k, v)
-    variants = (("v4", V4), ("v3", {**V4, **V3}), ("v5 split q", V5_SPLIT_Q), ("v5 no reg cap", V5_NO_REGCAP))
-    for name, setting in variants:
+    for name, setting in (("v5", V5), ("v4", V4)):
         with knobs(setting):
             old = m.plan(q, k, v)
-        row[f"v5_vs_{name}_same [counts, index, perm, sorted k, sorted v]"] = [
+        row[f"v6 vs {name}: same [counts, index, perm, sorted k, sorted v]"] = [
             same(new.block_count, old.block_count), same(new.block_index, old.block_index), same(new.perm, old.perm),
             same(new.k, old.k), same(new.v, old.v)]
-    v2_k, _, (v2_index, v2_count), v2_perm = v2_plan(q, k, v, m.config, seg)
-    row["v5_vs_v2_same_counts"] = same(new.block_count, v2_count)
-    row["v5_vs_v2_same_index_share"] = float((new.block_index == v2_index).float().mean())
-    row["v5_vs_v2_same_perm_share"] = float((new.perm == v2_perm).float().mean())
-    old_k, _, (old_index, old_count), old_perm = legacy_plan(q, k, v, seg, n)
-    row["v5_vs_first_same_counts"] = same(new.block_count, old_count)
-    row["v5_vs_first_same_perm_share"] = float((new.perm == old_perm).float().mean())
+        row[f"v6 vs {name}: share of equal kept ids"] = float((new.block_index == old.block_index).float().mean())
+        if name == "v5":
+            v5_plan = old
     nseg = math.ceil(n / seg)
     ref_norms = row_norms(k, pad_to=nseg * seg)
     ref_order = torch.sort(ref_norms.view(1, 16, nseg, seg), dim=-1, descending=True, stable=True).indices
@@ -189,14 +200,32 @@ def checks(q, k, v, m, seg, n):
                                                          return_norms=True)
     row["fused order == row_norms + stable argsort"] = same(order, ref_order.view(1, 16, -1))
     row["fused norms == row_norms"] = same(norms, ref_norms)
-    row["fused q features == query_features == v3 kernel"] = [same(feats, query_features(q, 128, 0.1, 0.01)),
-                                                              same(feats, v3_query_features(q, 128, 0.1, 0.01))]
+    row["fused q features == query_features (same layout)"] = same(feats, query_features(q, 128, 0.1, 0.01))
+    want = features64(q, 128, 0.1, 0.01)
+    row["q features v6, rel. max error vs float64 [s*mu, c*var, c*mu^2]"] = rel_err(feats, want)
+    with knobs(V5):
+        row["q features v5, rel. max error vs float64"] = rel_err(query_features(q, 128, 0.1, 0.01), want)
+        _, _, _, right5 = gather_sorted_segments(k, v, order, seg, 0)
+    _, _, _, right6 = gather_sorted_segments(k, v, order, seg, 0)
+    want = features64(new.k, 128)
+    row["k features v6, rel. max error vs float64 [mu, mu^2+var, var]"] = rel_err(right6, want)
+    row["k features v5, rel. max error vs float64"] = rel_err(right5, want)
+    del want, v5_plan
+    if history:
+        with knobs({**V4, **V3}):
+            old = m.plan(q, k, v)
+        row["v6 vs v3: same [perm, sorted k], equal kept ids"] = [
+            same(new.perm, old.perm), same(new.k, old.k), float((new.block_index == old.block_index).float().mean())]
+        v2_k, _, (v2_index, v2_count), v2_perm = v2_plan(q, k, v, m.config, seg)
+        row["v6 vs v2: same counts, equal ids, equal perm"] = [
+            same(new.block_count, v2_count), float((new.block_index == v2_index).float().mean()),
+            float((new.perm == v2_perm).float().mean())]
     return row
 
 
-def stages(q, k, v, m, seg, n):
-    """Per-stage times (v5 kernels and the v4 ones they replace) and whole plans (v5, v4, v5 variants;
-    three interleaved rounds)."""
+def stages(q, k, v, m, seg, n, sweep=False, rounds=3):
+    """Per-stage times (v6 kernels and the v5 / v4 ones), the layout sweep, whole plans (v6, v5, v4 and
+    variants; ``rounds`` interleaved rounds)."""
     nseg = math.ceil(n / seg)
     norms = row_norms(k, pad_to=nseg * seg)
     nv = norms.view(1, 16, nseg, seg)
@@ -206,81 +235,105 @@ def stages(q, k, v, m, seg, n):
     left = query_features(q, 128, 0.1, 0.01)
     v4_sort = (lambda: segment_order(norms, seg)) if seg <= ba_features.MAX_SORT_SEGMENT else (
         lambda: nv.argsort(dim=-1, descending=True))
-    row = {
+    first = lambda: segment_sort.norm_segment_order(k, seg, q=q, block_size=128, scale=0.1, c=0.01)  # noqa: E731
+    gather = lambda: gather_sorted_segments(k, v, order, seg, 0)  # noqa: E731
+    row = {}
+    for tag, setting in (("v5", V5), ("v6", {})):
+        with knobs(setting):
+            row[f"{tag}: norms + sorted runs (+ merge)"] = bench(lambda: segment_sort.norm_segment_order(k, seg))
+            row[f"{tag}: first launch with q tiles (+ merge)"] = bench(first)
+            row[f"{tag}: q features alone"] = bench(lambda: query_features(q, 128, 0.1, 0.01))
+            row[f"{tag}: gather K, V + perm + k features"] = bench(gather)
+    row.update({
         "v4: norms (padded)": bench(lambda: row_norms(k, pad_to=nseg * seg)),
         "v4: segment sort (" + ("Triton" if seg <= ba_features.MAX_SORT_SEGMENT else "torch argsort") + ")":
             bench(v4_sort),
-        "v4: q features": bench(lambda: query_features(q, 128, 0.1, 0.01)),
-        "v5: norms + sorted runs (+ merge), one launch (two above 256)": bench(
-            lambda: segment_sort.norm_segment_order(k, seg)),
-        "v5: the same + q features in the first launch": bench(
-            lambda: segment_sort.norm_segment_order(k, seg, q=q, block_size=128, scale=0.1, c=0.01)),
-        "gather K, V + perm + k features": bench(lambda: gather_sorted_segments(k, v, order, seg, 0)),
         "matmul (features given)": bench(lambda: torch.matmul(left, right.transpose(-1, -2))),
         "select (Triton top-k)": bench(lambda: select_from_scores(scores, nq=n, nk=n, block_size=128, density=0.5)),
         "read floor 3 TB/s, one of q/k/v": round(q.numel() * q.element_size() / 3e9, 4),
         "copy ceiling: k.clone() (read + write one of q/k/v)": bench(lambda: k.clone()),
-    }
-    with knobs(V5_NO_REGCAP):
-        row["v5: sort + q features, no register cap"] = bench(
-            lambda: segment_sort.norm_segment_order(k, seg, q=q, block_size=128, scale=0.1, c=0.01))
-    row["host ms: v5 sort + q features"] = host_ms(
-        lambda: segment_sort.norm_segment_order(k, seg, q=q, block_size=128, scale=0.1, c=0.01))
-    row["host ms: v4 norms + sort"] = host_ms(lambda: (row_norms(k, pad_to=nseg * seg), v4_sort()))
-    m0 = BAAttMethod(BAAttConfig(sparsity=0.5, min_seq_len=0, sort_segment=seg, outlier_keys=0))
-    plans = {"plan v5": (m, {}), "plan v4 (same run)": (m, V4), "plan v5, q features split": (m, V5_SPLIT_Q),
-             "plan v5, no register cap": (m, V5_NO_REGCAP), "plan v5, outlier_keys=0": (m0, {})}
+    })
+    if sweep:
+        for skip in (False, True):
+            with knobs({(segment_sort, "MERGE_SKIP_OWN"): skip, (segment_sort, "PREFETCH_CHUNKS"): False}):
+                row[f"sweep norms + runs + merge, merge skips own run={skip}"] = bench(
+                    lambda: segment_sort.norm_segment_order(k, seg))
+        with knobs({(segment_sort, "PREFETCH_CHUNKS"): True}):
+            row["sweep norms + runs + merge, chunk prefetch"] = bench(lambda: segment_sort.norm_segment_order(k, seg))
+        for cols, warps in Q_SWEEP:
+            with knobs({(ba_features, "TILE_COLS"): cols, (ba_features, "TILE_WARPS"): warps}):
+                row[f"sweep q features alone, cols={cols} warps={warps}"] = bench(
+                    lambda: query_features(q, 128, 0.1, 0.01))
+        for cfg in FUSED_SWEEP + FUSED_SWEEP[:1]:  # v5's again at the end: drift within the sweep
+            with knobs(fused(*cfg)):
+                name = "sweep first launch, cols={} warps={} maxnreg={} prefetch={}".format(*cfg)
+                row[name + (" (again)" if name in row else "")] = bench(first)
+        for cols, warps in GATHER_SWEEP:
+            with knobs({(permute_stats, "GATHER_COLS"): cols, (permute_stats, "GATHER_WARPS"): warps}):
+                row[f"sweep gather, cols={cols} warps={warps}"] = bench(gather)
+    row["host ms: first launch v6"] = host_ms(first)
+    plans = {"plan v6": (m, {}), "plan v5 (same run)": (m, V5), "plan v4 (same run)": (m, V4)}
+    for i, extra in enumerate(PLAN_VARIANTS):
+        plans[f"plan v6 variant {i}: {extra}"] = (m, PLAN_VARIANTS[extra])
     times = {name: [] for name in plans}
-    for _ in range(3):
+    for _ in range(rounds):
         for name, (method, setting) in plans.items():
             with knobs(setting):
                 times[name].append(bench(lambda: method.plan(q, k, v), rep=200))
     for name, ts in times.items():
         row[name] = round(statistics.median(ts), 4)
         row[name + " (rounds)"] = ts
-    row["host ms per plan v5"] = host_ms(lambda: m.plan(q, k, v))
-    with knobs(V4):
-        row["host ms per plan v4"] = host_ms(lambda: m.plan(q, k, v))
+    for name, setting in (("v6", {}), ("v5", V5)):
+        with knobs(setting):
+            row[f"host ms per plan {name}"] = host_ms(lambda: m.plan(q, k, v))
     try:
-        for name, setting in (("v5", {}), ("v4", V4)):
-            with knobs(setting):
-                count, names = launches(lambda: m.plan(q, k, v))
-            row[f"GPU activities per plan {name}"], row[f"GPU activities {name} by name"] = count, names
+        count, names = launches(lambda: m.plan(q, k, v))
+        row["GPU activities per plan v6"], row["GPU activities v6 by name"] = count, names
     except Exception as exc:  # diagnostics only
         row["profiler error"] = repr(exc)[:300]
     return row
+
+
+# Extra whole-plan variants timed with the plans (name -> knobs over the current defaults).
+PLAN_VARIANTS = {
+    "v6 with v5's gather": {(permute_stats, "GATHER_COLS"): None, (permute_stats, "GATHER_WARPS"): None},
+    "v6 with v5's first launch": {k: v for k, v in V5.items() if k[1] not in ("GATHER_COLS", "GATHER_WARPS")},
+    "v6, merge searches all runs": {(segment_sort, "MERGE_SKIP_OWN"): False},
+}
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", default="32768,65536")
     parser.add_argument("--segment", type=int, default=256)
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--history", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    names = ("TILE_COLS", "TILE_WARPS", "GATHER_COLS", "GATHER_WARPS", "FUSED_MAXNREG", "PREFETCH_CHUNKS",
+             "MERGE_SKIP_OWN", "RUN_ROWS", "MAX_FUSED_SEGMENT", "GATHER_REVERSE")
+    mods = (ba_features, permute_stats, segment_sort)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "segment": args.segment,
-               "defaults": {"PROGRAMS_PER_SM": ba_features.PROGRAMS_PER_SM,
-                            "FEATURE_STAGES": ba_features.FEATURE_STAGES,
-                            "MAX_SORT_SEGMENT": ba_features.MAX_SORT_SEGMENT,
-                            "GATHER_REVERSE": permute_stats.GATHER_REVERSE,
-                            "MAX_FUSED_SEGMENT": segment_sort.MAX_FUSED_SEGMENT, "RUN_ROWS": segment_sort.RUN_ROWS,
-                            "FUSED_MAXNREG": segment_sort.FUSED_MAXNREG}}
+               "defaults": {name: getattr(mod, name) for name in names for mod in mods if hasattr(mod, name)}}
     for n in (int(x) for x in args.n.split(",")):
         torch.manual_seed(0)
         q, k, v = (torch.randn(1, 16, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         seg = args.segment or n
         # Frame-sorted keys: the automatic outlier_keys is 0, as in the video path.
         m = BAAttMethod(BAAttConfig(sparsity=0.5, min_seq_len=0, sort_segment=seg))
-        row = checks(q, k, v, m, seg, n)
-        print(n, "checks", row, flush=True)
-        row.update(stages(q, k, v, m, seg, n))
-        for name, val in row.items():
-            print(n, f"{name:60s}", val)
+        row = checks(q, k, v, m, seg, n, args.history)
+        row.update(stages(q, k, v, m, seg, n, args.sweep, args.rounds))
         results[str(n)] = row
+        for name, val in row.items():  # a short table: times, checks and sweep rows, no per-round lists
+            if not name.endswith("(rounds)") and "by name" not in name:
+                print(n, f"{name[:78]:78s}", val)
         q = k = v = None  # free before the next size
         torch.cuda.empty_cache()
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
+    return results
 
 
 if __name__ == "__main__":

@@ -227,3 +227,61 @@ def test_sorted_gather_block_order_does_not_change_results(device, monkeypatch):
     monkeypatch.setattr(permute_stats, "GATHER_REVERSE", True)
     rev = gather_sorted_segments(k, v, order, 100, 4, 64)
     assert all(torch.equal(a, b) for a, b in zip(rev, fwd))
+
+
+def _features64(x, bs, scale=None, c=None):
+    """float64 reference of query_features / the gather's key features."""
+    b, h, n, d = x.shape
+    nb = -(-n // bs)
+    xp = torch.nn.functional.pad(x.double().cpu(), (0, 0, 0, nb * bs - n))
+    cnt = torch.full((nb,), float(bs), dtype=torch.float64, device="cpu")
+    cnt[-1] = n - (nb - 1) * bs
+    rows = torch.arange(nb * bs, device="cpu").view(nb, bs) < n
+    xb = xp.view(b, h, nb, bs, d)
+    mean = xb.sum(3) / cnt[:, None]
+    var = ((xb - mean[:, :, :, None]) * rows[..., None]).square().sum(3) / cnt[:, None]
+    return features_from_moments(mean, var, scale, c)
+
+
+@pytest.mark.parametrize("cols, warps", [(None, None), (64, None), (32, 8), (16, 2)])
+@pytest.mark.parametrize("dtype, n, d, bs", [
+    (torch.bfloat16, 300, 128, 128),  # ragged tail, the Wan tile
+    (torch.float16, 97, 80, 32),  # one ragged block, non-power-of-two head dim
+])
+def test_feature_tile_layouts_against_float64(cols, warps, dtype, n, d, bs, device, monkeypatch):
+    # Any column split / warp count: features within float32 rounding of a float64 reference, on inputs
+    # with large means (two-pass variance) and a few huge rows; the grids of one layout agree bit for bit.
+    from sparsediff.kernels import ba_features
+
+    monkeypatch.setattr(ba_features, "TILE_COLS", cols)
+    monkeypatch.setattr(ba_features, "TILE_WARPS", warps)
+    x = torch.randn(1, 3, n, d, device=device)
+    x[:, 1] += 4.0
+    x[:, 2, [5, 60]] *= 30
+    x = x.to(dtype)
+    for scale, c in ((None, None), (0.09, 0.004)):
+        want = _features64(x, bs, scale, c)
+        got = query_features(x, bs, scale, c)
+        torch.testing.assert_close(got.double().cpu(), want, rtol=2e-6, atol=1e-6)
+        assert torch.equal(query_features(x, bs, scale, c, programs=3), got)
+
+
+@pytest.mark.parametrize("cols, warps", [(None, None), (16, None), (8, 2)])
+def test_sorted_gather_column_split(cols, warps, device, monkeypatch):
+    # Column-split sorted gather: the same K, V, permutation; key features against float64.
+    from sparsediff.kernels import permute_stats
+    from sparsediff.kernels.permute_stats import gather_sorted_segments
+
+    k, v = torch.randn(2, 3, 300, 24, device=device), torch.randn(2, 3, 300, 24, device=device)
+    k[:, 1] += 5.0
+    norms = row_norms(k[:, :, 4:], backend="triton", pad_to=300)
+    order = norms.view(2, 3, 3, 100).argsort(dim=-1, descending=True).view(2, 3, 300)
+    monkeypatch.setattr(permute_stats, "GATHER_COLS", None)
+    monkeypatch.setattr(permute_stats, "GATHER_WARPS", None)
+    ref = gather_sorted_segments(k, v, order, 100, 4, 64)
+    monkeypatch.setattr(permute_stats, "GATHER_COLS", cols)
+    monkeypatch.setattr(permute_stats, "GATHER_WARPS", warps)
+    got = gather_sorted_segments(k, v, order, 100, 4, 64)
+    assert all(torch.equal(a, b) for a, b in zip(got[:3], ref[:3]))
+    assert torch.equal(got[0], _explicit(k, got[2])) and torch.equal(got[1], _explicit(v, got[2]))
+    torch.testing.assert_close(got[3].double().cpu(), _features64(got[0], 64), rtol=2e-6, atol=1e-6)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from sparsediff.kernels import segment_sort
+from sparsediff.kernels import ba_features, permute_stats, segment_sort
 from sparsediff.kernels.ba_features import query_features
 from sparsediff.kernels.permute_stats import row_norms
 from sparsediff.kernels.segment_sort import norm_segment_order
@@ -41,8 +41,12 @@ def _keys(n, d, device, dtype=torch.bfloat16, heads=2, structured=True):
     (300, 129, 16, 32),  # runs of 64 (a run holds whole 64-row norm tiles), a last run of one row
     (70, 20, 16, 256),  # tiny segments: one 64-wide run each, ragged last one
 ])
-def test_order_equals_norms_then_stable_argsort(n, seg, d, run, device, monkeypatch):
+@pytest.mark.parametrize("prefetch, skip_own", [(False, True), (True, False)])
+def test_order_equals_norms_then_stable_argsort(n, seg, d, run, prefetch, skip_own, device, monkeypatch):
+    # Both chunk schedules of the run programs and both merge searches give the same order.
     monkeypatch.setattr(segment_sort, "RUN_ROWS", run)
+    monkeypatch.setattr(segment_sort, "PREFETCH_CHUNKS", prefetch)
+    monkeypatch.setattr(segment_sort, "MERGE_SKIP_OWN", skip_own)
     k = _keys(n, d, device)
     ref, norms = _reference(k, seg)
     order, got_norms = norm_segment_order(k, seg, return_norms=True)
@@ -70,9 +74,15 @@ def test_strided_keys(device, monkeypatch):
     assert torch.equal(norm_segment_order(k.contiguous(), 100), ref)
 
 
-@pytest.mark.parametrize("run, bs, d", [(64, 32, 32), (256, 64, 32), (64, 128, 128)])
-def test_query_features_from_the_sort_launch_are_the_same_bits(run, bs, d, device, monkeypatch):
+@pytest.mark.parametrize("run, bs, d, cols, warps", [
+    (64, 32, 32, None, None), (256, 64, 32, None, None), (64, 128, 128, None, None),
+    (64, 128, 128, 64, None), (64, 128, 128, 64, 8), (256, 64, 32, 16, None),  # column-split query tiles
+])
+def test_query_features_from_the_sort_launch_are_the_same_bits(run, bs, d, cols, warps, device, monkeypatch):
     monkeypatch.setattr(segment_sort, "RUN_ROWS", run)
+    monkeypatch.setattr(ba_features, "TILE_COLS", cols)
+    monkeypatch.setattr(ba_features, "TILE_WARPS", warps)
+    monkeypatch.setattr(segment_sort, "PREFETCH_CHUNKS", cols is not None)
     k = _keys(300, d, device)
     q = torch.randn(1, 4, 250, d, device=device).to(torch.bfloat16)  # GQA, ragged last query block
     q[:, 1] += 3.0
@@ -81,11 +91,17 @@ def test_query_features_from_the_sort_launch_are_the_same_bits(run, bs, d, devic
     assert torch.equal(feats, query_features(q, bs, 0.17, 0.0072))
 
 
-def test_small_head_dim_keeps_the_query_features_out(device):
-    # 8-warp query tiles (128 x 128) next to 64 x 16 norm tiles: the launch is not fused (None).
+def test_small_head_dim_keeps_the_query_features_out(device, monkeypatch):
+    # 8-warp query tiles (128 x 128) next to 64 x 16 norm tiles: the launch is not fused (None); 4-warp
+    # column-split query tiles share the norm kernel's warps, so they are fused.
     k = _keys(200, 16, device)
-    order, feats = norm_segment_order(k, 100, q=torch.randn(1, 2, 200, 128, device=device), block_size=128)
+    q = torch.randn(1, 2, 200, 128, device=device)
+    monkeypatch.setattr(ba_features, "TILE_COLS", None)
+    order, feats = norm_segment_order(k, 100, q=q, block_size=128)
     assert feats is None and torch.equal(order, _reference(k, 100)[0])
+    monkeypatch.setattr(ba_features, "TILE_COLS", 64)
+    order, feats = norm_segment_order(k, 100, q=q, block_size=128, scale=0.2, c=0.01)
+    assert torch.equal(order, _reference(k, 100)[0]) and torch.equal(feats, query_features(q, 128, 0.2, 0.01))
 
 
 def test_sort_keys_and_selection_with_fused_query_features(device, monkeypatch):
@@ -114,6 +130,34 @@ def test_method_plan_equals_the_unfused_plan(segment, device, monkeypatch):
     monkeypatch.setattr(segment_sort, "MAX_FUSED_SEGMENT", 0)
     old = m.plan(q, k, v, global_tokens=5)
     assert all(torch.equal(a, b) for a, b in zip(new, old))
+
+
+def _block_structured(b, h, n, d, bs, device, spread):
+    # Every block gets its own offset direction: block scores far apart, so selections cannot flip on
+    # float32 rounding; plus noise and a few huge-norm keys.
+    nb = math.ceil(n / bs)
+    offs = torch.randn(b, h, nb, d, device=device) * spread
+    x = torch.randn(b, h, nb * bs, d, device=device) + offs.repeat_interleave(bs, dim=2)
+    return x[:, :, :n].contiguous()
+
+
+def test_layouts_keep_the_same_blocks_on_structured_inputs(device, monkeypatch):
+    # Column-split query / gather tiles reduce in another order (other float32 bits, checked against
+    # float64 in test_permute_stats); on inputs whose block scores are well separated the plan keeps
+    # exactly the blocks of the whole-row layout, and the permutation and sorted K, V do not change.
+    monkeypatch.setattr(segment_sort, "RUN_ROWS", 64)
+    q = _block_structured(1, 4, 520, 64, 64, device, 1.5).to(torch.bfloat16)
+    k = _block_structured(1, 2, 520, 64, 64, device, 1.5).to(torch.bfloat16)
+    v = torch.randn(1, 2, 520, 64, device=device).to(torch.bfloat16)
+    m = BAAttMethod(BAAttConfig(sparsity=0.5, block_size=64, min_seq_len=0, sort_segment=200))
+    monkeypatch.setattr(ba_features, "TILE_COLS", None)
+    monkeypatch.setattr(permute_stats, "GATHER_COLS", None)
+    ref = m.plan(q, k, v, global_tokens=3)
+    for cols in (32, 16):
+        monkeypatch.setattr(ba_features, "TILE_COLS", cols)
+        monkeypatch.setattr(permute_stats, "GATHER_COLS", cols)
+        got = m.plan(q, k, v, global_tokens=3)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
 def test_errors():

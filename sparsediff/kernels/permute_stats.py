@@ -30,6 +30,12 @@ except ImportError:  # pragma: no cover - CPU-only installs
 # The sort-side gather walks blocks from the last head's end backwards, so it starts on keys the norm
 # pass read last (results do not depend on the order; H100: <= 0.003 ms per plan, within noise).
 GATHER_REVERSE = True
+# Columns per sort-side gather program: None = the whole (padded) head dim (selection v5); a power of two
+# splits each key block into column blocks, one program each (a column's features need only its rows).
+# H100, Wan shape: 64 columns / 4 warps 0.198 ms, whole rows / 8 warps 0.223 (docs/benchmarks.md, v6).
+GATHER_COLS = 64
+# Warps per sort-side gather program; None: 4 up to 8192 elements per program's tile, else 8.
+GATHER_WARPS = None
 
 
 def _check(k, v, perm):
@@ -80,17 +86,21 @@ if triton is not None:
         num_heads, n, seg, start,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, WITH_STATS: tl.constexpr,
         FROM_ORDER: tl.constexpr = False, FEATURES: tl.constexpr = False, REVERSE: tl.constexpr = False,
+        NCB: tl.constexpr = 1,
     ):
-        blk = tl.program_id(0)
+        # NCB column blocks per key block (neighbouring programs): each gathers BLOCK_D columns of the rows.
+        pid = tl.program_id(0)
         pid_bh = tl.program_id(1).to(tl.int64)
         if REVERSE:
             # Last head's last block first: the keys the norm pass read last may still be in L2.
-            blk = tl.num_programs(0) - 1 - blk
+            pid = tl.num_programs(0) - 1 - pid
             pid_bh = tl.num_programs(1) - 1 - pid_bh
+        blk = pid // NCB
+        cb = pid % NCB
         b = pid_bh // num_heads
         h = pid_bh % num_heads
         rows = blk * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        cols = tl.arange(0, BLOCK_D)
+        cols = cb * BLOCK_D + tl.arange(0, BLOCK_D)
         row_ok = rows < n
         col_ok = cols < HEAD_DIM
         mask = row_ok[:, None] & col_ok[None, :]
@@ -102,7 +112,7 @@ if triton is not None:
             bodyc = tl.maximum(body, 0)
             local = tl.load(Perm + b * stride_pb + h * stride_ph + bodyc * stride_pn, mask=in_body, other=0)
             src = tl.where(in_body, start + (bodyc // seg) * seg + local.to(tl.int64), rows.to(tl.int64))
-            tl.store(PermOut + pid_bh * n + rows, src, mask=row_ok)
+            tl.store(PermOut + pid_bh * n + rows, src, mask=row_ok & (cb == 0))
         else:
             src = tl.load(Perm + b * stride_pb + h * stride_ph + rows * stride_pn, mask=row_ok, other=0)
             src = src.to(tl.int64)
@@ -115,7 +125,7 @@ if triton is not None:
         tl.store(KOut + out, kt, mask=mask)
         tl.store(VOut + out, vt, mask=mask)
         if WITH_STATS:
-            nb = tl.num_programs(0)
+            nb = tl.num_programs(0) // NCB
             if FEATURES:
                 # BA-Att's key-side score features [μ, μ² + σ², σ²], one (3D,) row per block.
                 mean, var = tile_moments(kt, mask, tl.minimum(n - blk * BLOCK_SIZE, BLOCK_SIZE))
@@ -224,10 +234,13 @@ def gather_sorted_segments(k, v, order, segment, start, block_size=128):
     perm = torch.empty(b, h, n, dtype=torch.int64, device=k.device)
     feat = torch.empty(b, h, nb, 3 * d, dtype=torch.float32, device=k.device)
     block_d = triton.next_power_of_2(d)
-    _gather_stats_kernel[(nb, b * h)](
+    cols = block_d if GATHER_COLS is None else max(1, min(block_d, int(GATHER_COLS)))
+    if cols & (cols - 1):
+        raise ValueError(f"GATHER_COLS must be a power of two, got {GATHER_COLS!r}")
+    _gather_stats_kernel[(nb * (block_d // cols), b * h)](
         k, v, order, ks, vs, feat, feat, feat, perm, *k.stride(), *v.stride(), *order.stride(), h, n,
         int(segment), int(start),
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, WITH_STATS=True, FROM_ORDER=True, FEATURES=True,
-        REVERSE=GATHER_REVERSE, num_warps=_warps(block_size, block_d),
+        HEAD_DIM=d, BLOCK_D=cols, BLOCK_SIZE=block_size, WITH_STATS=True, FROM_ORDER=True, FEATURES=True,
+        REVERSE=GATHER_REVERSE, NCB=block_d // cols, num_warps=GATHER_WARPS or _warps(block_size, cols),
     )
     return ks, vs, perm, feat

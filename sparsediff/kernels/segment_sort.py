@@ -18,7 +18,8 @@ run, all runs at once) and scatters the index to that rank.
 
 ``q=`` adds BA-Att's query features ``[s·μq, c·σ²q, c·μq²]`` (``ba_features.query_features``) to the
 first launch: its tiles run as extra programs of the same grid, with the same tile code, layout and
-warps, so the features are the same bits, and their loads overlap the sort's arithmetic.
+warps (``ba_features.feature_tile``), so the features are the same bits; the sort programs take those
+warps too (4 with the default 128 x 64 query tiles), which leaves the norm tile's reduction unchanged.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ try:
     import triton
     import triton.language as tl
 
-    from .ba_features import _tile_features
+    from .ba_features import _tile_features, feature_tile
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
-__all__ = ["norm_segment_order", "MAX_FUSED_SEGMENT", "RUN_ROWS", "FUSE_QUERY_FEATURES", "FUSED_MAXNREG"]
+__all__ = ["norm_segment_order", "MAX_FUSED_SEGMENT", "RUN_ROWS", "FUSE_QUERY_FEATURES", "FUSED_MAXNREG",
+           "PREFETCH_CHUNKS", "MERGE_SKIP_OWN"]
 
 # Longest segment this path takes (8 runs); longer segments use the row-norm kernel and torch.argsort.
 MAX_FUSED_SEGMENT = 2048
@@ -43,9 +45,16 @@ MAX_FUSED_SEGMENT = 2048
 RUN_ROWS = 256
 # BA-Att's plan passes q to the sort's launch (False: the selector's own query-feature launch, as before).
 FUSE_QUERY_FEATURES = True
-# Register cap of the launch with query tiles: the query tile alone needs 80 on sm_90 (three programs of
-# 8 warps per SM); uncapped the sort branch lifts the launch to 91 (two per SM). None: no cap.
+# Register cap of the launch with query tiles (v5, 128 x 128 query tiles of 8 warps: the tile alone needs
+# 80 on sm_90, uncapped the sort branch lifted the launch to 91). With v6's 4-warp tiles, H100 Wan shape:
+# 80 -> 0.142 ms, 64 -> 0.149, none -> 0.143. None: no cap.
 FUSED_MAXNREG = 80
+# Run programs issue the next 64-row chunk's load before reducing the current one (two chunks in flight).
+# Neutral on the H100 (first launch 0.143 vs 0.142 ms at the Wan shape), so off.
+PREFETCH_CHUNKS = False
+# The merge searches only the other runs (a key's rank in its own run is its position): 1/NRUNS fewer probes,
+# the same order; neutral on the H100 (0.093 vs 0.090 ms for norms + runs + merge at the Wan shape).
+MERGE_SKIP_OWN = True
 
 if triton is not None:
 
@@ -61,9 +70,15 @@ if triton is not None:
         return tl.where(ok, (bits << 32) | inv, -(1 << 62))
 
     @triton.jit
+    def _norm_chunk(kp, rows, loc, seg, n, sxn, sxd, cols, col_ok):
+        real = (loc < seg) & (rows < n)
+        return tl.load(kp + rows[:, None].to(tl.int64) * sxn + cols[None, :] * sxd,
+                       mask=real[:, None] & col_ok[None, :], other=0.0)
+
+    @triton.jit
     def _run_sort(K, Norms, Out, rid, bh, sxb, sxh, sxn, sxd, num_heads, n, seg, nseg,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, RUN: tl.constexpr,
-                  NRUNS: tl.constexpr, SEG_P2: tl.constexpr):
+                  NRUNS: tl.constexpr, SEG_P2: tl.constexpr, PREFETCH: tl.constexpr):
         """Norms of run ``rid`` (segment rid // NRUNS) of head ``bh`` (int64) and its sorted keys: the
         in-segment order itself when the segment is one run, else the keys into the merge's scratch."""
         s = rid // NRUNS
@@ -75,11 +90,20 @@ if triton is not None:
         for c in tl.static_range(RUN // CHUNK):
             loc = r * RUN + c * CHUNK + tl.arange(0, CHUNK)  # in-segment index
             rows = s * seg + loc
-            real = (loc < seg) & (rows < n)
-            x = tl.load(kp + rows[:, None].to(tl.int64) * sxn + cols[None, :] * sxd,
-                        mask=real[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            if PREFETCH:
+                # Chunk c was loaded in the previous step: issue chunk c + 1 before this one's norm stores.
+                if c == 0:
+                    x = _norm_chunk(kp, rows, loc, seg, n, sxn, sxd, cols, col_ok)
+                if c + 1 < RUN // CHUNK:
+                    x_next = _norm_chunk(kp, rows + CHUNK, loc + CHUNK, seg, n, sxn, sxd, cols, col_ok)
+            else:
+                x = _norm_chunk(kp, rows, loc, seg, n, sxn, sxd, cols, col_ok)
+            x = x.to(tl.float32)
             # The row-norm kernel's expression and per-row reduction: the same float32 bits.
             tl.store(Norms + base + loc, tl.where(rows < n, tl.sqrt(tl.sum(x * x, 1)), -1.0), mask=loc < seg)
+            if PREFETCH:
+                if c + 1 < RUN // CHUNK:
+                    x = x_next
         # Every thread's norms are in memory before any thread reads the whole run back.
         tl.debug_barrier()
         loc = r * RUN + tl.arange(0, RUN)
@@ -95,33 +119,35 @@ if triton is not None:
     def _run_sort_kernel(
         K, Norms, Out, sxb, sxh, sxn, sxd, num_heads, n, seg, nseg,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, RUN: tl.constexpr,
-        NRUNS: tl.constexpr, SEG_P2: tl.constexpr,
+        NRUNS: tl.constexpr, SEG_P2: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         _run_sort(K, Norms, Out, tl.program_id(0), tl.program_id(1).to(tl.int64), sxb, sxh, sxn, sxd, num_heads, n,
-                  seg, nseg, HEAD_DIM, BLOCK_D, CHUNK, RUN, NRUNS, SEG_P2)
+                  seg, nseg, HEAD_DIM, BLOCK_D, CHUNK, RUN, NRUNS, SEG_P2, PREFETCH)
 
     @triton.jit
     def _features_run_sort_kernel(
         K, Norms, Out, sxb, sxh, sxn, sxd, num_heads, n, seg, nseg, sort_programs,
         Q, QOut, sqb, sqh, sqn, sqd, q_heads, nq, nqb, scale, c,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, RUN: tl.constexpr,
-        NRUNS: tl.constexpr, SEG_P2: tl.constexpr,
-        Q_DIM: tl.constexpr, Q_BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROW64: tl.constexpr,
+        NRUNS: tl.constexpr, SEG_P2: tl.constexpr, PREFETCH: tl.constexpr,
+        Q_DIM: tl.constexpr, Q_COLS: tl.constexpr, Q_NCB: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        ROW64: tl.constexpr,
     ):
         # Sort programs first (the longer ones), then one program per query tile.
         pid = tl.program_id(0)
         if pid < sort_programs:
             runs = nseg * NRUNS
             _run_sort(K, Norms, Out, pid % runs, (pid // runs).to(tl.int64), sxb, sxh, sxn, sxd, num_heads, n, seg,
-                      nseg, HEAD_DIM, BLOCK_D, CHUNK, RUN, NRUNS, SEG_P2)
+                      nseg, HEAD_DIM, BLOCK_D, CHUNK, RUN, NRUNS, SEG_P2, PREFETCH)
         else:
             t = pid - sort_programs
-            _tile_features(Q, QOut, (t // nqb).to(tl.int64), t % nqb, nqb, q_heads, nq, sqb, sqh, sqn, sqd, scale, c,
-                           Q_DIM, Q_BLOCK_D, BLOCK_SIZE, False, ROW64)
+            tile = t // Q_NCB
+            _tile_features(Q, QOut, (tile // nqb).to(tl.int64), tile % nqb, t % Q_NCB, nqb, q_heads, nq, sqb, sqh,
+                           sqn, sqd, scale, c, Q_DIM, Q_COLS, BLOCK_SIZE, False, ROW64)
 
     @triton.jit
     def _run_merge_kernel(Runs, Order, seg, nseg, RUN: tl.constexpr, LOG_RUN: tl.constexpr, NRUNS: tl.constexpr,
-                          NR_P2: tl.constexpr, SEG_P2: tl.constexpr):
+                          NR_P2: tl.constexpr, SEG_P2: tl.constexpr, SKIP_OWN: tl.constexpr):
         rid = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         s = rid // NRUNS
@@ -129,9 +155,12 @@ if triton is not None:
         rp = Runs + (bh * nseg + s) * (NRUNS * RUN)
         a = tl.load(rp + r * RUN + tl.arange(0, RUN))
         o = tl.arange(0, NR_P2)
-        o_ok = o < NRUNS
-        # Binary lifting in every run at once: pos[i, o] = number of keys of run o above a[i] (runs are
-        # sorted descending, keys distinct, so the sum over runs is a[i]'s rank in the segment).
+        # Binary lifting in the other runs at once: pos[i, o] = number of keys of run o above a[i]. Runs
+        # are sorted descending and keys distinct, so a[i]'s rank in the segment is i plus the sum.
+        if SKIP_OWN:
+            o_ok = (o < NRUNS) & (o != r)
+        else:
+            o_ok = o < NRUNS
         pos = tl.zeros([RUN, NR_P2], dtype=tl.int32)
         for j in tl.static_range(LOG_RUN + 1):
             probe = pos + ((RUN >> j) - 1)
@@ -139,6 +168,8 @@ if triton is not None:
             cand = tl.load(rp + o[None, :] * RUN + tl.minimum(probe, RUN - 1), mask=inside, other=0)
             pos = tl.where(inside & (cand > a[:, None]), pos + (RUN >> j), pos)
         rank = tl.sum(pos, 1)
+        if SKIP_OWN:
+            rank += tl.arange(0, RUN)
         tl.store(Order + (bh * nseg + s) * seg + rank, (SEG_P2 - 1) - (a & 0xFFFFFFFF), mask=a > -(1 << 62))
 
 
@@ -181,32 +212,33 @@ def norm_segment_order(k, seg, *, q=None, block_size=128, scale=None, c=None, re
     norms = torch.empty(b, h, nseg * seg, dtype=torch.float32, device=k.device)
     order = torch.empty(b, h, nseg * seg, dtype=torch.int64, device=k.device)
     out = order if nruns == 1 else torch.empty(b, h, nseg, nruns * run, dtype=torch.int64, device=k.device)
-    meta = dict(HEAD_DIM=d, BLOCK_D=block_d, CHUNK=chunk, RUN=run, NRUNS=nruns, SEG_P2=seg_p2)
+    meta = dict(HEAD_DIM=d, BLOCK_D=block_d, CHUNK=chunk, RUN=run, NRUNS=nruns, SEG_P2=seg_p2,
+                PREFETCH=bool(PREFETCH_CHUNKS) and run > chunk)
     feats = None
     if q is not None and (q.dim() != 4 or block_size & (block_size - 1)):
         raise ValueError(f"q must be (B, Hq, Nq, D) and block_size a power of two, got {tuple(q.shape)}, {block_size}")
-    # The query tiles' warps (query_features' choice) set a fused launch's: same layout, same bits.
-    q_warps = 0 if q is None else (4 if block_size * triton.next_power_of_2(q.shape[3]) <= 8192 else 8)
-    if q is None or not _norm_warps_ok(chunk, block_d, q_warps):
+    # The query tiles' layout and warps (query_features' choice) set a fused launch's: same bits.
+    q_tile = None if q is None else feature_tile(block_size, q.shape[3])
+    if q is None or not _norm_warps_ok(chunk, block_d, q_tile[2]):
         warps = 8 if run * block_d > 8192 and _norm_warps_ok(chunk, block_d, 8) else 4
         _run_sort_kernel[(nseg * nruns, b * h)](k, norms, out, *k.stride(), h, n, seg, nseg, **meta, num_warps=warps)
     else:
         qb, qh, nq, qd = q.shape
         nqb = math.ceil(nq / block_size)
+        q_cols, q_ncb, q_warps = q_tile
         feats = torch.empty(qb, qh, nqb, 3 * qd, dtype=torch.float32, device=q.device)
-        q_block_d = triton.next_power_of_2(qd)
         sort_programs = b * h * nseg * nruns
-        _features_run_sort_kernel[(sort_programs + qb * qh * nqb,)](
+        _features_run_sort_kernel[(sort_programs + qb * qh * nqb * q_ncb,)](
             k, norms, out, *k.stride(), h, n, seg, nseg, sort_programs,
             q, feats, *q.stride(), qh, nq, nqb, float(scale or 0.0), float(c or 0.0), **meta,
-            Q_DIM=qd, Q_BLOCK_D=q_block_d, BLOCK_SIZE=block_size, ROW64=nq * max(q.stride(2), 1) >= 2**31,
-            num_warps=q_warps,
+            Q_DIM=qd, Q_COLS=q_cols, Q_NCB=q_ncb, BLOCK_SIZE=block_size,
+            ROW64=nq * max(q.stride(2), 1) >= 2**31, num_warps=q_warps,
             **({"maxnreg": FUSED_MAXNREG} if FUSED_MAXNREG and k.is_cuda else {}),
         )
     if nruns > 1:
         _run_merge_kernel[(nseg * nruns, b * h)](out, order, seg, nseg, RUN=run, LOG_RUN=run.bit_length() - 1,
                                                  NRUNS=nruns, NR_P2=triton.next_power_of_2(nruns), SEG_P2=seg_p2,
-                                                 num_warps=4)
+                                                 SKIP_OWN=bool(MERGE_SKIP_OWN), num_warps=4)
     res = (order,) if q is None else (order, feats)
     if return_norms:
         res = res + (norms,)

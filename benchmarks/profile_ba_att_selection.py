@@ -286,11 +286,41 @@ def stages(q, k, v, m, seg, n, sweep=False, rounds=3):
     for name, setting in (("v6", {}), ("v5", V5)):
         with knobs(setting):
             row[f"host ms per plan {name}"] = host_ms(lambda: m.plan(q, k, v))
+    row.update(graph_and_dense(q, k, v, m))
     try:
         count, names = launches(lambda: m.plan(q, k, v))
         row["GPU activities per plan v6"], row["GPU activities v6 by name"] = count, names
     except Exception as exc:  # diagnostics only
         row["profiler error"] = repr(exc)[:300]
+    return row
+
+
+def graph_and_dense(q, k, v, m):
+    """The plan replayed as one CUDA graph (its GPU time without host gaps: eager plans at 32k are partly
+    host-bound) and cuDNN dense attention of the same q, k, v, timed in the same call, for the share."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    row = {}
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                m.plan(q, k, v)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            m.plan(q, k, v)
+        row["plan v6, CUDA graph replay"] = bench(graph.replay, rep=200)
+        del graph
+    except Exception as exc:  # diagnostics only
+        row["plan graph error"] = repr(exc)[:300]
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        dense = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), rep=100)
+    row["cuDNN dense attention ms"] = dense
+    for name in ("plan v6", "plan v6, CUDA graph replay"):
+        if name in row:
+            row[f"{name}, % of cuDNN dense"] = round(100 * row[name] / dense, 2)
     return row
 
 

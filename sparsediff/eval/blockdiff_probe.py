@@ -125,6 +125,8 @@ def summary_table(rows: list[dict]) -> str:
 def plot_steps(rows, out_dir) -> list:
     import matplotlib
 
+    from .probe_cli import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -137,9 +139,5 @@ def plot_steps(rows, out_dir) -> list:
         ax.set(xlabel="denoising step of the block", ylabel="relative L2 error vs dense", yscale="log",
                title=f"{probe}: block diffusion")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"blocksteps_{probe.replace('/', '_')}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out_dir / f"blocksteps_{probe.replace('/', '_')}.png"))
     return paths

@@ -136,12 +136,17 @@ def plot_curves(rows, out_dir: pathlib.Path) -> list[pathlib.Path]:
         ax_r.set(xlabel="density", ylabel="attention-mass recall", title=f"{probe}: recall")
         ax_e.set(xlabel="density", ylabel="relative L2 error", title=f"{probe}: output error", yscale="log")
         ax_r.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"curves_{probe.replace('/', '_')}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out_dir / f"curves_{probe.replace('/', '_')}.png"))
     return paths
+
+
+def save_figure(fig, path: pathlib.Path) -> pathlib.Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def plot_sorting(probe, density: float, block_size: int, out_dir: pathlib.Path) -> pathlib.Path:
@@ -165,11 +170,7 @@ def plot_sorting(probe, density: float, block_size: int, out_dir: pathlib.Path) 
         ax.set(title=f"{probe.name}: keys {'norm-sorted' if norm_sort else 'in order'}",
                xlabel="key block", ylabel="query block")
     fig.suptitle(f"log10 block attention mass, BA-Att kept blocks outlined (density {density:.2f})")
-    fig.tight_layout()
-    path = out_dir / f"sorting_{probe.name.replace('/', '_')}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out_dir / f"sorting_{probe.name.replace('/', '_')}.png")
 
 
 def run(args) -> int:

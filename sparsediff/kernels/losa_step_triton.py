@@ -183,11 +183,12 @@ def _live_mass_kernel(L, Bias, Live, P, R, NKB, T, H, slb, slh, slr, BLOCK_M: tl
             tl.store(out + n, first * tl.load(Bias + n, mask=n < NKB, other=0.0), mask=n < NKB)
 
 
-def live_mass_triton(logits, n_live, bias, block_m=32):
+def live_mass_triton(logits, n_live, bias, block_m=16):
     """``mean_key_score`` from float32 logits ``(B, H, R, nkb)`` (rows . means, without the bias): the live
     rows' softmax mass per key block, one program per (batch x head, tile of ``block_m`` rows); tiles past
     ``n_live`` only write zeros. The per-tile partial scores are summed in a fixed order (deterministic).
-    32-row tiles: 0.049 ms with the matmul at 64k / 128-token blocks on an H100, 16 rows 0.071, 8 rows 0.075."""
+    16-row tiles: 21 us per cached step in LoSA's graph at 64k / 128-token blocks on an H100, 32-row tiles
+    40 us (timed alone with the matmul, do_bench ranked them the other way: 0.071 vs 0.049 ms)."""
     b, h, r, nkb = logits.shape
     if logits.stride(3) != 1:
         logits = logits.contiguous()

@@ -47,7 +47,7 @@ def compile_variant(d, dtype_name, even_n, write_lse, causal):
     cfg = G.DEFAULT_SCHEDULE
     return G._block_sparse_fwd_gluon.warmup(
         q_desc, kv_desc, kv_desc, out, lse, index, count, 0, 0, 16, 1, 0, 0, 4, *out.stride()[:3],
-        2, 1, 512, 512, 0.1, 0, HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"],
+        2, 1, 512, 512, 0.1, 0, 4, HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"],
         OVERLAP=cfg["overlap"], WRITE_LSE=write_lse, CONSUMER_REGS=cfg["consumer_regs"],
         LOADER_REGS=cfg["loader_regs"], EVEN_N=even_n, CAUSAL=causal, num_warps=4, maxnreg=G.kernel_maxnreg(cfg),
         grid=(1,))

@@ -1,5 +1,6 @@
 """LoSA's per-step kernels added for the captured step: block ranking and the window attention
-(``kernels.losa_step``), each against its PyTorch reference."""
+(``kernels.losa_step``), each against its PyTorch reference; the score from float32 logits, and block-sparse
+attention reading q once per split (``repeat_q``)."""
 
 import pytest
 import torch
@@ -135,3 +136,81 @@ def test_active_first_order_kernel_equals_active_first_rows(shape):
         assert torch.equal(stat, torch.cat([active, active.any(dim=1, keepdim=True)], dim=1))
     with pytest.raises(ValueError, match="bool"):
         active_first_order(q, active.int(), hkv, bs)
+
+
+# -- The union score from float32 logits (mean_key_score's "logits" backend) ------------------------------
+
+def _score_inputs(b, h, r, d, nkb, masked, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(b, h, r, d, generator=gen, device="cpu").to(_dev(), torch.bfloat16)
+    means_t = (0.3 * torch.randn(b, h, d, nkb, generator=gen, device="cpu")).to(_dev()) * d ** -0.5
+    means_t[:, :, :, 3] += 0.5 * rows[:, :, :4].float().mean(dim=2)  # a block the leading rows point at
+    bias = torch.zeros(nkb, device=_dev())
+    bias[nkb - masked:] = -1e30
+    return rows, means_t.transpose(-1, -2), bias
+
+
+@pytest.mark.parametrize("shape,live", [((2, 3, 70, 16, 37, 5), [0, 33]), ((2, 3, 70, 16, 37, 5), [70, 1]),
+                                        ((1, 2, 64, 32, 300, 40), [17])])
+def test_mean_key_score_logits_backend_matches_float64(shape, live):
+    from sparsediff.kernels.losa_step import mean_key_score
+
+    rows, means, bias = _score_inputs(*shape, seed=len(live) + live[0])
+    n_live = torch.tensor(live, device=rows.device)
+    got = mean_key_score(rows, n_live, means, bias, backend="logits")
+    want = mean_key_score(rows, n_live, means, bias, backend="torch")
+    # Definition in float64: the live rows' softmax mass per block, the bias added to logits and score.
+    probs = torch.softmax(rows.double() @ means.double().transpose(-1, -2) + bias.double(), dim=-1)
+    for b, n in enumerate(live):
+        ref = probs[b, :, :n].sum(dim=1) + bias.double()
+        torch.testing.assert_close(got[b].double(), ref, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    assert bool((got[..., -shape[5]:] <= -1e29).all())  # blocks past the prefix rank last
+    keep = 8
+    assert torch.equal(rank_blocks(got, keep), rank_blocks(want, keep))  # the same ranked ids
+
+
+def test_mean_key_score_logits_backend_on_losa_structured_inputs():
+    # The ids LoSA ranks from the logits path equal the float32 PyTorch path's on the fidelity generator.
+    from sparsediff.kernels.losa_step import mean_key_score
+    from sparsediff.methods.prefix_attention import active_first_rows
+
+    gen = torch.Generator().manual_seed(3)
+    b, hq, hkv, nq, d, bs, nkb = 1, 8, 2, 32, 32, 16, 48
+    q = torch.randn(b, hq, nq, d, generator=gen, device="cpu").to(_dev(), torch.bfloat16)
+    k = torch.randn(b, hkv, nkb * bs, d, generator=gen, device="cpu").to(_dev(), torch.bfloat16)
+    k[:, :, 5 * bs: 6 * bs] += 0.8 * q[:, ::4, :1].float().mean(dim=2, keepdim=True).to(k.dtype)  # a hot block
+    active = torch.rand(b, nq, generator=gen, device="cpu").to(_dev()) < 0.3
+    rows = active_first_rows(q, active, hkv, bs)
+    means = k.float().view(b, hkv, nkb, bs, d).mean(dim=3) * d ** -0.5
+    bias = torch.zeros(nkb, device=_dev())
+    got = mean_key_score(rows.stacked, rows.n_rows, means, bias, backend="logits")
+    want = mean_key_score(rows.stacked, rows.n_rows, means, bias, backend="torch")
+    assert torch.equal(rank_blocks(got, 10, 3), rank_blocks(want, 10, 3))
+
+
+# -- Block-sparse attention with q read repeatedly (the splits of prefix attention) ------------------------
+
+@pytest.mark.parametrize("backend", ["triton", "torch"] + (["gluon"] if torch.cuda.is_available() else []))
+def test_block_sparse_repeat_q_equals_the_copy(backend):
+    from sparsediff.kernels import block_sparse_attention
+
+    gen = torch.Generator().manual_seed(1)
+    bs = 128 if backend == "gluon" else 16
+    b, hq, hkv, d, reps, nkb = 1, 4, 2, 128 if backend == "gluon" else 32, 3, 6
+    q = torch.randn(b, hq, 2 * bs, d, generator=gen, device="cpu").to(_dev(), torch.bfloat16)
+    k = torch.randn(b, hkv, nkb * bs, d, generator=gen, device="cpu").to(_dev(), torch.bfloat16)
+    v = torch.randn_like(k)
+    nqb = 2 * reps
+    index = torch.randint(0, nkb, (b, hq, nqb, 4), generator=gen, device="cpu").to(_dev(), torch.int32)
+    count = torch.randint(0, 5, (b, hq, nqb), generator=gen, device="cpu").to(_dev(), torch.int32)
+    kw = dict(block_size=bs, return_lse=True, backend=backend)
+    want = block_sparse_attention(q.repeat(1, 1, reps, 1), k, v, index, count, **kw)
+    got = block_sparse_attention(q, k, v, index, count, repeat_q=reps, **kw)
+    assert got[0].shape == want[0].shape and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        block_sparse_attention(q[:, :, 1:], k, v, index, count, repeat_q=reps, **kw)
+    with pytest.raises(ValueError, match="non-causal"):
+        block_sparse_attention(q, k, v, index, count, repeat_q=reps, causal=True, **kw)
+    with pytest.raises(ValueError, match="repeat_q"):
+        block_sparse_attention(q, k, v, index[:, :, :2], count[:, :, :2], repeat_q=0, **kw)

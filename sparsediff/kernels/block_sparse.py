@@ -78,7 +78,7 @@ def resolve_backend(backend: str | None, q: torch.Tensor) -> str:
     return "torch"
 
 
-def check_inputs(q, k, v, block_index, block_count, block_size, backend, check_ids=True):
+def check_inputs(q, k, v, block_index, block_count, block_size, backend, check_ids=True, repeat_q=1):
     """Raise a ValueError/TypeError that names the problem; never let a bad input through."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -115,6 +115,11 @@ def check_inputs(q, k, v, block_index, block_count, block_size, backend, check_i
         if t.dim() != rank:
             raise ValueError(f"{name} must have {rank} dims, got shape {tuple(t.shape)}")
     bsz, hq, nq, _ = q.shape
+    if not isinstance(repeat_q, int) or repeat_q < 1:
+        raise ValueError(f"repeat_q must be a positive int, got {repeat_q!r}")
+    if repeat_q > 1 and nq % block_size:
+        raise ValueError(f"repeat_q > 1 needs Nq ({nq}) to be a multiple of block_size ({block_size})")
+    nq *= repeat_q
     nqb, nkb = math.ceil(nq / block_size), math.ceil(k.shape[2] / block_size)
     for name, t in (("block_index", block_index), ("block_count", block_count)):
         if t.shape[0] not in (1, bsz) or t.shape[1] not in (1, hq) or t.shape[2] != nqb:
@@ -151,6 +156,7 @@ def block_sparse_attention(
     return_lse: bool = False,
     backend: str | None = None,
     check_ids: bool = True,
+    repeat_q: int = 1,
 ):
     """Attention of each query block to the key blocks it keeps.
 
@@ -167,6 +173,9 @@ def block_sparse_attention(
             "triton" or "torch" forces one ("triton" on CPU needs ``TRITON_INTERPRET=1``).
         check_ids: validate block ids and counts (one device sync); callers that built the index
             themselves may skip it.
+        repeat_q: attend as if q were ``q.repeat(1, 1, repeat_q, 1)`` (Nq a multiple of ``block_size``;
+            not causal), without making the copy: query block ``i`` reads q's block ``i % (Nq / block_size)``.
+            Split prefix attention runs one query block against several key chunks this way.
 
     Returns:
         ``out`` in the input dtype, and with ``return_lse`` the natural-log LSE ``(B, Hq, Nq)`` in
@@ -175,7 +184,9 @@ def block_sparse_attention(
     """
     requested = backend
     backend = resolve_backend(backend, q) if isinstance(q, torch.Tensor) else backend
-    check_inputs(q, k, v, block_index, block_count, block_size, backend, check_ids=check_ids)
+    check_inputs(q, k, v, block_index, block_count, block_size, backend, check_ids=check_ids, repeat_q=repeat_q)
+    if repeat_q > 1 and causal:
+        raise ValueError("repeat_q > 1 is for non-causal attention only")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     block_index = block_index.to(torch.int32)
     block_count = block_count.to(torch.int32)
@@ -195,7 +206,7 @@ def block_sparse_attention(
                 from .block_sparse_gluon import block_sparse_attention_gluon
 
                 out, lse = block_sparse_attention_gluon(q, k, v, block_index, block_count, scale=scale,
-                                                        return_lse=return_lse, causal=causal)
+                                                        return_lse=return_lse, causal=causal, repeat_q=repeat_q)
             except Exception as err:  # a build failure: fall back, unless asked for Gluon or the GPU failed
                 if requested == "gluon" or "CUDA error" in str(err):
                     raise
@@ -206,9 +217,11 @@ def block_sparse_attention(
 
             out, lse = block_sparse_attention_triton(
                 q, k, v, block_index, block_count, scale=scale, causal=causal, block_size=block_size,
-                return_lse=return_lse,
+                return_lse=return_lse, repeat_q=repeat_q,
             )
     else:
+        if repeat_q > 1:  # the reference path makes the copy
+            q = q.repeat(1, 1, repeat_q, 1)
         out, lse = block_sparse_attention_torch(
             q, k, v, block_index, block_count, scale=scale, causal=causal, block_size=block_size,
             return_lse=return_lse,

@@ -55,14 +55,15 @@ def _tile_coords(BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride
 @gluon.jit
 def _loader(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars,
             BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
-            num_heads, group_size, STAGES: gl.constexpr):
+            num_heads, group_size, q_tiles, STAGES: gl.constexpr):
     count, index_base, b, h, h_kv, pid_bh, q_block = _tile_coords(
         BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
         num_heads, group_size)
     # 4-D descriptors over (B, H, N, D): any strides, and rows past N are zero-filled, never another head's.
+    # q holds q_tiles query blocks; output block i reads block i % q_tiles (repeat_q: no copy of q).
     for w in gl.static_range(2):
         mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [b, h, q_block * 128 + w * 64, 0], q_bars.index(w),
+        tma.async_copy_global_to_shared(q_desc, [b, h, (q_block % q_tiles) * 128 + w * 64, 0], q_bars.index(w),
                                         q_smem.index(w))
     for t in range(count):
         s = t % STAGES
@@ -195,7 +196,8 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
 def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockCount,
                             stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                             stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
-                            causal_offset, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                            causal_offset, q_tiles, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                            PINGPONG: gl.constexpr,
                             OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                             LOADER_REGS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
@@ -227,7 +229,7 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
                      causal_offset, 1, HEAD_DIM, STAGES, PINGPONG, OVERLAP, WRITE_LSE, EVEN_N, CAUSAL)),
         (_loader, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, BlockCount,
                    BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
-                   num_heads, group_size, STAGES)),
+                   num_heads, group_size, q_tiles, STAGES)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -262,23 +264,24 @@ def kernel_maxnreg(schedule: dict) -> int:
     return (2 * schedule["consumer_regs"] + schedule["loader_regs"]) // 3 // 8 * 8
 
 
-def block_sparse_attention_gluon(q, k, v, block_index, block_count, *, scale, return_lse, causal=False,
+def block_sparse_attention_gluon(q, k, v, block_index, block_count, *, scale, return_lse, causal=False, repeat_q=1,
                                  **schedule):
-    """Same contract as ``block_sparse_attention_triton``; ``schedule`` overrides
+    """Same contract as ``block_sparse_attention_triton`` (``repeat_q``: Nq a multiple of 128); ``schedule`` overrides
     ``DEFAULT_SCHEDULE`` keys (stages, pingpong, overlap, consumer_regs, loader_regs) for ablations."""
     unknown = set(schedule) - set(DEFAULT_SCHEDULE)
     if unknown:
         raise ValueError(f"unknown schedule options {sorted(unknown)}; known: {sorted(DEFAULT_SCHEDULE)}")
     cfg = {**DEFAULT_SCHEDULE, **schedule}
     q, k, v = (t if _tma_ready(t) else t.contiguous() for t in (q, k, v))
-    bsz, hq, nq, d = q.shape
+    bsz, hq, q_rows, d = q.shape
+    nq = q_rows * repeat_q
     hkv, nk = k.shape[1], k.shape[2]
     q_block, kv_block = [1, 1, ROWS_PER_WARPGROUP, d], [1, 1, BLOCK_SIZE, d]
     q_desc = TensorDescriptor(q, list(q.shape), list(q.stride()), q_block, _smem_layout(ROWS_PER_WARPGROUP, d, q.dtype))
     kv_layout = _smem_layout(BLOCK_SIZE, d, q.dtype)
     k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), kv_block, kv_layout)
     v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), kv_block, kv_layout)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if repeat_q == 1 else q.new_empty(bsz, hq, nq, d)
     lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device) if return_lse else out
     si = [0 if block_index.shape[i] == 1 else block_index.stride(i) for i in range(2)]
     sc = [0 if block_count.shape[i] == 1 else block_count.stride(i) for i in range(2)]
@@ -287,7 +290,7 @@ def block_sparse_attention_gluon(q, k, v, block_index, block_count, *, scale, re
         q_desc, k_desc, v_desc, out, lse, block_index, block_count,
         si[0], si[1], block_index.stride(2), block_index.stride(3), sc[0], sc[1], block_count.stride(2),
         out.stride(0), out.stride(1), out.stride(2), hq, hq // hkv, nq, nk, scale * LOG2E, nk - nq,
-        HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=return_lse,
+        triton.cdiv(q_rows, BLOCK_SIZE), HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=return_lse,
         CONSUMER_REGS=cfg["consumer_regs"], LOADER_REGS=cfg["loader_regs"], EVEN_N=nk % BLOCK_SIZE == 0,
         CAUSAL=causal, num_warps=4, maxnreg=kernel_maxnreg(cfg),
     )

@@ -30,7 +30,7 @@ def _block_sparse_fwd(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq,
-    qk_scale, num_heads, num_kv_heads, group_size, nq, nk, causal_offset,
+    qk_scale, num_heads, num_kv_heads, group_size, nq, nk, causal_offset, q_rows,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr,
     DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
@@ -47,7 +47,8 @@ def _block_sparse_fwd(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    # q holds q_rows rows; output row i reads row i % q_rows (repeat_q: no copy of q).
+    q_ptrs = Q + b * stride_qb + h * stride_qh + (offs_m % q_rows)[:, None] * stride_qn + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < nq) & d_mask[None, :], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
@@ -144,14 +145,15 @@ def _tma_ok(k: torch.Tensor, v: torch.Tensor, head_dim: int) -> bool:
 
 
 def block_sparse_attention_triton(q, k, v, block_index, block_count, *, scale, causal, block_size, return_lse,
-                                  config=None, use_tma=None, warp_specialize=None):
-    bsz, hq, nq, d = q.shape
+                                  config=None, use_tma=None, warp_specialize=None, repeat_q=1):
+    bsz, hq, q_rows, d = q.shape
+    nq = q_rows * repeat_q
     hkv, nk = k.shape[1], k.shape[2]
     block_d = max(16, triton.next_power_of_2(d))
     bm, bn, warps, stages = config or _launch_config(d, block_size, causal)
     if block_size % bm or block_size % bn:
         raise ValueError(f"block_size {block_size} must be a multiple of the tile sizes ({bm}, {bn})")
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if repeat_q == 1 else q.new_empty(bsz, hq, nq, d)
     lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device) if return_lse else out
     # Broadcast dims (size 1) get stride 0, so one index serves every batch / head.
     si = [0 if block_index.shape[i] == 1 else block_index.stride(i) for i in range(2)]
@@ -173,7 +175,7 @@ def block_sparse_attention_triton(q, k, v, block_index, block_count, *, scale, c
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         si[0], si[1], block_index.stride(2), block_index.stride(3),
         sc[0], sc[1], block_count.stride(2),
-        scale * LOG2E, hq, hkv, hq // hkv, nq, nk, nk - nq,
+        scale * LOG2E, hq, hkv, hq // hkv, nq, nk, nk - nq, q_rows,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_M=bm, BLOCK_N=bn,
         CAUSAL=causal, WRITE_LSE=return_lse, DOT_F32=_interpreter_bf16(q), USE_TMA=use_tma,
         WARP_SPECIALIZE=warp_specialize, num_warps=warps, num_stages=stages,

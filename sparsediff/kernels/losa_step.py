@@ -120,13 +120,21 @@ def split_means(means, out=None):
 def mean_key_score(rows, n_live, means, bias, *, split=None, backend=None):
     """``(B, H, nkb)`` float32 score; see the module docstring. ``split``: :func:`split_means` of ``means``
     (made here when needed and not given). ``backend``: None (Triton on CUDA up to ``MAX_KERNEL_ROWS``
-    stacked rows, PyTorch above), "triton" or "torch"."""
+    stacked rows, "logits" above, PyTorch elsewhere), "triton", "logits" or "torch". "logits": the float32
+    logits of every row in one matmul (as the PyTorch path), then one Triton kernel for the live rows'
+    softmax mass (``live_mass_triton``; summed per row tile, so not bit-equal to the PyTorch path)."""
     _check(rows, n_live, means, bias)
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
-    # Above ~256 stacked rows one float32 cuBLAS matmul over every row beat the kernel on an H100 (0.07 vs
-    # 0.16 ms per step at a 128k prefix, 128-token blocks; docs/block_methods.md); below it the kernel wins.
+    if backend not in (None, "torch", "triton", "logits"):
+        raise ValueError(f"backend must be None, 'triton', 'logits' or 'torch', got {backend!r}")
+    # Above ~256 stacked rows one float32 cuBLAS matmul over every row beat the split-bfloat16 kernel on an
+    # H100 (0.07 vs 0.16 ms per step at a 128k prefix, 128-token blocks; docs/block_methods.md); below it
+    # the kernel wins. The softmax, the bias and the sum over live rows after that matmul are one kernel.
     many_rows = rows.shape[2] > MAX_KERNEL_ROWS
+    if backend == "logits" or (backend is None and rows.is_cuda and many_rows):
+        from .losa_step_triton import live_mass_triton
+
+        _interpreter_or_cuda(rows)
+        return live_mass_triton(torch.matmul(rows.float(), means.transpose(-1, -2)), n_live, bias.float())
     if backend == "triton" or (backend is None and rows.is_cuda and not many_rows):
         from .losa_step_triton import mean_key_score_triton
 

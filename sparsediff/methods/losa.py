@@ -27,7 +27,8 @@ does not change within a block) and keeps the top ``(1 - sparsity)`` share per b
 The union-sparse attention then runs in one call at a fixed shape: no device sync per step. With a
 union per KV head (GQA, the default) the block's tokens are ordered active-first on the device and each
 group's query heads stacked token-major (``prefix_attention.active_first_rows``): the union is scored from
-the leading (active) rows only (``kernels.losa_step.mean_key_score``, one kernel on CUDA), one read of each
+the leading (active) rows only (``kernels.losa_step.mean_key_score``: one kernel on CUDA, after one float32
+matmul above 256 stacked rows), one read of each
 kept K/V block serves the whole group, and query tiles holding no active row skip the prefix, so both
 follow the active share. The change test and the next step's references are one kernel on CUDA too
 (``kernels.losa_step.token_change_update``), and so are the active-first order with the step's statistics,

@@ -3,7 +3,7 @@
 In block diffusion the active block has 32-128 queries and the prefix up to 128k+ keys. The
 block-sparse kernel runs one program per (query block, head): with a single query block that is
 only B * H programs, too few to fill a GPU, each walking the whole prefix. Here the key blocks are
-cut into ``splits`` chunks and the query block is repeated once per chunk (as extra query blocks of
+cut into ``splits`` chunks and the query block is read once per chunk (as extra query blocks of
 one kernel call, each with its chunk's block ids), so ``splits`` times more programs each read a
 share of the prefix; the partial results merge exactly by their LSE. FlashBlock and LoSA use it for
 their prefix attention; it also takes a block mask (sparse prefix attention).
@@ -142,10 +142,10 @@ def prefix_partials(q, k, v, block_index=None, block_count=None, *, scale=None, 
     if index.shape[1] not in (1, heads):  # one index per KV head -> per (packed) query head
         index = index.repeat_interleave(heads // index.shape[1], dim=1)
         count = count.repeat_interleave(heads // count.shape[1], dim=1)
-    # Split s is query block s of one call: the (padded) query block repeated S times.
-    q_rep = (F.pad(q, (0, 0, 0, block_size - rows)) if rows < block_size else q).repeat(1, 1, splits, 1)
-    out, lse = block_sparse_attention(q_rep, k, v, index, count, scale=scale, block_size=block_size,
-                                      return_lse=True, check_ids=False)
+    # Split s is query block s of one call: the (padded) query block read S times (no copy: repeat_q).
+    q_pad = F.pad(q, (0, 0, 0, block_size - rows)) if rows < block_size else q
+    out, lse = block_sparse_attention(q_pad, k, v, index, count, scale=scale, block_size=block_size,
+                                      return_lse=True, check_ids=False, repeat_q=splits)
     return Partials(out.view(bsz, heads, splits, block_size, d), lse.view(bsz, heads, splits, block_size), pack)
 
 
@@ -199,8 +199,8 @@ def active_first_partials(q, k, v, split, active, *, scale=None, block_size=128,
     live = _tile_starts(nqb, block_size, q.device) < rows.n_rows[:, None]  # (B, nqb): tile holds an active row
     count = torch.where(live[:, None, None, :], count[..., None], 0).reshape(bsz, count.shape[1], splits * nqb)
     index = (index.repeat_interleave(nqb, dim=2) if nqb > 1 else index).expand(bsz, -1, -1, -1)
-    out, lse = block_sparse_attention(stacked.repeat(1, 1, splits, 1), k, v, index, count, scale=scale,
-                                      block_size=block_size, return_lse=True, check_ids=False)
+    out, lse = block_sparse_attention(stacked, k, v, index, count, scale=scale, block_size=block_size,
+                                      return_lse=True, check_ids=False, repeat_q=splits)
     r = nqb * block_size
     return Partials(out.view(bsz, hkv, splits, r, d), lse.view(bsz, hkv, splits, r), rows.group, rows.rank)
 

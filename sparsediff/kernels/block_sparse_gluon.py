@@ -290,8 +290,9 @@ def block_sparse_attention_gluon(q, k, v, block_index, block_count, *, scale, re
         q_desc, k_desc, v_desc, out, lse, block_index, block_count,
         si[0], si[1], block_index.stride(2), block_index.stride(3), sc[0], sc[1], block_count.stride(2),
         out.stride(0), out.stride(1), out.stride(2), hq, hq // hkv, nq, nk, scale * LOG2E, nk - nq,
-        triton.cdiv(q_rows, BLOCK_SIZE), HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=return_lse,
-        CONSUMER_REGS=cfg["consumer_regs"], LOADER_REGS=cfg["loader_regs"], EVEN_N=nk % BLOCK_SIZE == 0,
+        triton.cdiv(q_rows, BLOCK_SIZE), HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"],
+        OVERLAP=cfg["overlap"], WRITE_LSE=return_lse, CONSUMER_REGS=cfg["consumer_regs"],
+        LOADER_REGS=cfg["loader_regs"], EVEN_N=nk % BLOCK_SIZE == 0,
         CAUSAL=causal, num_warps=4, maxnreg=kernel_maxnreg(cfg),
     )
     return out, (lse if return_lse else None)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sparsediff.kernels import block_stats
+from sparsediff.kernels.outlier_keys import outlier_key_features
 from sparsediff.kernels.reference import masked_attention_ref, merge_attention_ref
 from sparsediff.methods import denoising_step, make_method, new_block, new_generation
 from sparsediff.methods.losa import LoSAConfig, mean_key_union, token_change
@@ -85,9 +86,10 @@ def test_stable_and_active_split():
     assert m.step_report()[-1]["active_share"] == pytest.approx(5 / 16)
 
 
+@pytest.mark.parametrize("outliers", [False, True])
 @pytest.mark.parametrize("union", ["kv_head", "head"])
-def test_active_tokens_use_one_shared_union(union):
-    m = method(threshold=0.05, sparsity=0.75, union=union)  # 8 prefix blocks -> keep 2
+def test_active_tokens_use_one_shared_union(union, outliers):
+    m = method(threshold=0.05, sparsity=0.75, union=union, outlier_keys=outliers)  # 8 prefix blocks -> keep 2
     q0, k, v = block_call()
     npre = k.shape[2] - q0.shape[2]
     with denoising_step(0, 2):
@@ -99,8 +101,9 @@ def test_active_tokens_use_one_shared_union(union):
     is_active = torch.zeros(1, 16, dtype=torch.bool)
     is_active[0, active] = True
     per_kv = union == "kv_head"
+    peaks = outlier_key_features(k[:, :, :npre], 16)[..., :16] if outliers else None
     union = mean_key_union(q1, is_active, block_stats(k[:, :, :npre], 16).mean, 2, 0.25, per_kv_head=per_kv,
-                           keep_sinks=True)
+                           keep_sinks=True, key_outliers=peaks, block_size=16)
     assert union.shape == (1, 2 if per_kv else 4, 8)
     if per_kv:  # the group's query heads share their KV head's union
         union = union.repeat_interleave(2, dim=1)
@@ -159,6 +162,21 @@ def test_union_follows_the_active_tokens_on_structured_inputs():
     assert bool(union_all[..., 2].all())  # with every token active the stable tokens' block wins
     with_sinks = mean_key_union(q, active, block_stats(k[:, :, :128], 16).mean, 2, 0.25, keep_sinks=True)
     assert bool(with_sinks[..., 0].all() & with_sinks[..., 5].all()) and int(with_sinks.sum()) == 8
+
+
+def test_outlier_keys_on_the_stripes_generator():
+    # A few keys every query attends, at random positions: a block's mean hides its one hot key, its
+    # largest-norm key does not.
+    from sparsediff.eval.blockdiff_probe import block_run, build_block_method, evaluate_steps
+    from sparsediff.eval.fidelity import make_probe
+
+    run = block_run(make_probe("stripes", heads=2, n=4096, dim=32), block=64, steps=4)
+    errors = {flag: max(r["rel_l2"] for r in evaluate_steps(build_block_method(f"losa/outlier_keys={flag}", 64),
+                                                             run)) for flag in (True, False)}
+    assert LoSAConfig().outlier_keys is False
+    assert errors[True] < 0.6 * errors[False], errors
+    with pytest.raises(ValueError, match="outlier_keys"):
+        LoSAConfig(outlier_keys=1)
 
 
 def test_keep_sinks_on_the_sinks_generator():
@@ -269,7 +287,8 @@ def test_cuda_graphs_ignored_on_cpu(caplog):
     assert m._cache.graphs() == [] and not caplog.records
 
 
-GRAPH_CONFIGS = [dict(), dict(sparsity=0.0), dict(compare_to="cached", threshold=0.1), dict(threshold=0.0)]
+GRAPH_CONFIGS = [dict(), dict(sparsity=0.0), dict(compare_to="cached", threshold=0.1), dict(threshold=0.0),
+                 dict(outlier_keys=True)]
 
 
 @pytest.fixture
@@ -458,6 +477,32 @@ def test_mean_key_score_rejects_bad_input():
         mean_key_score(rows, torch.tensor([1, 2]), means, bias[:-1])
     with pytest.raises(ValueError, match="do not match"):
         mean_key_score(rows[:, :2], torch.tensor([1, 2]), means, bias)
+    with pytest.raises(ValueError, match="outliers must be"):
+        mean_key_score(rows, torch.tensor([1, 2]), means, bias, outliers=means[:, :, :-1])
+    with pytest.raises(ValueError, match="outliers need"):
+        mean_key_score(rows, torch.tensor([1, 2]), means, bias, outliers=means, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "logits"])
+def test_mean_key_score_with_outlier_keys(backend):
+    import math
+
+    from sparsediff.kernels.losa_step import mean_key_score
+
+    rows, means, bias = score_inputs()
+    outliers = means + 0.2 * torch.randn(means.shape, generator=torch.Generator().manual_seed(1)).to(means.device)
+    outliers[:, :, 7] += 2.0 * rows[:, :, :4].float().mean(dim=2)  # a single hot key in block 7
+    n_live = torch.tensor([4, 70], device=rows.device)
+    got = mean_key_score(rows, n_live, means, bias, outliers=outliers, block_size=16, backend=backend)
+    r64 = rows.double()
+    logits = torch.logaddexp(r64 @ means.double().transpose(-1, -2),
+                             r64 @ outliers.double().transpose(-1, -2) - math.log(16)) + bias.double()
+    probs = torch.softmax(logits, dim=-1)
+    for b, n in enumerate([4, 70]):
+        torch.testing.assert_close(got[b].double(), probs[b, :, :n].sum(dim=1) + bias.double(), rtol=1e-5,
+                                   atol=1e-5)
+    plain = mean_key_score(rows, n_live, means, bias, backend="torch")
+    assert bool((got[0, :, 7] > plain[0, :, 7]).all())  # the hot key lifts its block for the rows it serves
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the CUDA kernel with the float32 path")

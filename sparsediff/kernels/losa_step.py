@@ -34,6 +34,7 @@ rounding.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -98,8 +99,21 @@ def _check(rows, n_live, means, bias):
         raise ValueError(f"n_live must be an integer tensor of shape ({b},), got {n_live.dtype} {tuple(n_live.shape)}")
 
 
-def _mean_key_score_torch(rows, n_live, means, bias):
-    logits = torch.matmul(rows.float(), means.transpose(-1, -2)).add_(bias)
+def block_logits(rows, means, outliers=None, block_size=1):
+    """float32 logits of ``rows`` ``(B, H, R, D)`` against each key block ``(B, H, nkb, D)``: its mean key
+    (``means``, times the softmax scale), or with ``outliers`` (the block's largest-norm key, times the scale)
+    ``logaddexp(q.mean, q.outlier - log(block_size))``: the block's log-sum of exponentials up to a constant
+    all blocks share, seen through its mean and its one outlier key (BA-Att's outlier term), so that a
+    single key every query attends is not averaged away."""
+    logits = torch.matmul(rows.float(), means.transpose(-1, -2))
+    if outliers is None:
+        return logits
+    peak = torch.matmul(rows.float(), outliers.transpose(-1, -2)).sub_(math.log(block_size))
+    return torch.logaddexp(logits, peak)
+
+
+def _mean_key_score_torch(rows, n_live, means, bias, outliers=None, block_size=1):
+    logits = block_logits(rows, means, outliers, block_size).add_(bias)
     probs = torch.softmax(logits, dim=-1)  # (B, H, R, nkb)
     live = (torch.arange(rows.shape[2], device=rows.device) < n_live[:, None]).to(probs.dtype)  # (B, R)
     return torch.matmul(live[:, None, None, :], probs)[:, :, 0].add_(bias)
@@ -117,13 +131,27 @@ def split_means(means, out=None):
     return parts if out is None else out.copy_(parts)
 
 
-def mean_key_score(rows, n_live, means, bias, *, split=None, backend=None):
+def mean_key_score(rows, n_live, means, bias, *, split=None, backend=None, outliers=None, block_size=1):
     """``(B, H, nkb)`` float32 score; see the module docstring. ``split``: :func:`split_means` of ``means``
     (made here when needed and not given). ``backend``: None (Triton on CUDA up to ``MAX_KERNEL_ROWS``
     stacked rows, "logits" above, PyTorch elsewhere), "triton", "logits" or "torch". "logits": the float32
     logits of every row in one matmul (as the PyTorch path), then one Triton kernel for the live rows'
-    softmax mass (``live_mass_triton``; summed per row tile, so not bit-equal to the PyTorch path)."""
+    softmax mass (``live_mass_triton``; summed per row tile, so not bit-equal to the PyTorch path).
+    ``outliers``: each block's largest-norm key times the scale, shaped as ``means``, scored with it as
+    :func:`block_logits` says (``block_size`` keys per block); the "logits" path on CUDA whatever the rows."""
     _check(rows, n_live, means, bias)
+    if outliers is not None:
+        if outliers.shape != means.shape or outliers.dtype != torch.float32:
+            raise ValueError(f"outliers must be float32 {tuple(means.shape)} as means, got {outliers.dtype} "
+                             f"{tuple(outliers.shape)}")
+        if backend == "triton":
+            raise ValueError("backend='triton' scores block means only; outliers need 'logits' or 'torch'")
+        if backend == "logits" or (backend is None and rows.is_cuda):
+            from .losa_step_triton import live_mass_triton
+
+            _interpreter_or_cuda(rows)
+            return live_mass_triton(block_logits(rows, means, outliers, block_size), n_live, bias.float())
+        return _mean_key_score_torch(rows, n_live, means, bias, outliers, block_size)
     if backend not in (None, "torch", "triton", "logits"):
         raise ValueError(f"backend must be None, 'triton', 'logits' or 'torch', got {backend!r}")
     # Above ~256 stacked rows one float32 cuBLAS matmul over every row beat the split-bfloat16 kernel on an

@@ -60,11 +60,13 @@ from ..kernels import block_stats, index_to_mask, losa_step, mask_to_index
 from ..kernels.losa_step import (
     MAX_KERNEL_ROWS,
     active_first_order,
+    block_logits,
     mean_key_score,
     split_means,
     token_change_update,
     window_attention,
 )
+from ..kernels.outlier_keys import outlier_key_features
 from ..kernels.prefix_merge import merge_prefix
 from . import step_cache, step_state
 from .base import AttentionMethod, MethodConfig, register_method
@@ -96,6 +98,7 @@ class LoSAConfig(MethodConfig):
     compare_to: str = "last_step"  # or "cached": change since the step its prefix attention was computed
     union: str = "kv_head"  # one union of key blocks per KV head (shared by its query heads) or per "head"
     keep_sinks: bool = True  # the prefix's first key block is always in the union (attention sinks)
+    outlier_keys: bool = False  # score blocks by their largest-norm key too (finds single hot keys: stripes)
     cuda_graphs: bool | None = None  # replay each layer's steps as CUDA graphs; None: when they can (CUDA)
 
     def __post_init__(self):
@@ -105,6 +108,8 @@ class LoSAConfig(MethodConfig):
         if not 0.0 <= float(self.sparsity) < 1.0:
             raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity!r}")
         step_cache.validate_mode(self.cuda_graphs)
+        if not isinstance(self.outlier_keys, bool):
+            raise ValueError(f"outlier_keys must be a bool, got {self.outlier_keys!r}")
         if self.compare_to not in ("last_step", "cached"):
             raise ValueError(f"compare_to must be 'last_step' or 'cached', got {self.compare_to!r}")
         if self.union not in ("kv_head", "head"):
@@ -120,15 +125,17 @@ def token_change(q_now, q_ref):
     return torch.sqrt(diff / ref.clamp_min(1e-12))
 
 
-def _active_mass(qf, active, means_t, bias, per_kv_head):
+def _active_mass(qf, active, means_t, bias, per_kv_head, outliers_t=None, block_size=1):
     """The active tokens' summed softmax mass per key block against the block mean keys: ``(B, Hq, 1, nkb)``,
     or ``(B, Hkv, 1, nkb)`` summed over each KV group's query heads. ``means_t`` ``(B, Hkv, D, nkb)`` are
-    the block means times the softmax scale, transposed; ``bias`` is added to the logits (or None)."""
+    the block means times the softmax scale, transposed; ``bias`` is added to the logits (or None).
+    ``outliers_t``: the blocks' largest-norm keys, laid out as ``means_t`` (``losa_step.block_logits``)."""
     bsz, hq, nq, d = qf.shape
     hkv, nkb = means_t.shape[1], means_t.shape[3]
     group = hq // hkv
     # Query heads of one KV group share the key means: one matmul per group.
-    logits = torch.matmul(qf.reshape(bsz, hkv, group * nq, d), means_t)
+    logits = block_logits(qf.reshape(bsz, hkv, group * nq, d), means_t.transpose(-1, -2),
+                          None if outliers_t is None else outliers_t.transpose(-1, -2), block_size)
     probs = torch.softmax(logits if bias is None else logits.add_(bias), dim=-1)
     weight = active.to(probs.dtype)[:, None, None, :]  # stable tokens carry no weight
     if per_kv_head:  # one batched product over the group's heads and the block's tokens
@@ -136,17 +143,23 @@ def _active_mass(qf, active, means_t, bias, per_kv_head):
     return torch.matmul(weight, probs.view(bsz, hq, nq, nkb))
 
 
-def mean_key_union(q, active, key_means, keep, scale, per_kv_head=False, keep_sinks=False):
+def mean_key_union(q, active, key_means, keep, scale, per_kv_head=False, keep_sinks=False, key_outliers=None,
+                   block_size=1):
     """Built-in LoSA selection: one set of ``keep`` prefix key blocks per batch row and head (or per KV
     head, shared by its query heads), ranked by the active tokens' softmax mass against the block mean
     keys. q ``(B, Hq, Nq, D)``, active bool ``(B, Nq)``, key_means ``(B, Hkv, nkb, D)``; returns a bool
     mask ``(B, Hq or Hkv, nkb)``. Stable tokens carry no weight, so they cannot inflate the union.
-    ``keep_sinks``: the first key block is always one of the ``keep``."""
+    ``keep_sinks``: the first key block is always one of the ``keep``. ``key_outliers`` ``(B, Hkv, nkb, D)``:
+    each block's largest-norm key, scored with the mean as ``losa_step.block_logits`` says."""
     # Written out plainly (not through _active_mass): the tests use it as the reference for the fused path.
     bsz, hq, nq, d = q.shape
     hkv, nkb = key_means.shape[1], key_means.shape[2]
     means = key_means.float().repeat_interleave(hq // hkv, dim=1)  # (B, Hq, nkb, D)
-    probs = torch.softmax(torch.matmul(q.float(), means.transpose(-1, -2)) * scale, dim=-1)  # (B, Hq, Nq, nkb)
+    logits = torch.matmul(q.float(), means.transpose(-1, -2)) * scale  # (B, Hq, Nq, nkb)
+    if key_outliers is not None:
+        peak = torch.matmul(q.float(), key_outliers.float().repeat_interleave(hq // hkv, dim=1).transpose(-1, -2))
+        logits = torch.logaddexp(logits, peak * scale - math.log(block_size))
+    probs = torch.softmax(logits, dim=-1)
     score = (probs * active[:, None, :, None]).sum(dim=2)  # (B, Hq, nkb)
     if per_kv_head:
         score = score.view(bsz, hkv, hq // hkv, nkb).sum(dim=2)
@@ -156,13 +169,14 @@ def mean_key_union(q, active, key_means, keep, scale, per_kv_head=False, keep_si
     return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
 
 
-def mean_key_rank(qf, active, means_t, bias, keep, per_kv_head=False, splits=1, keep_sinks=False):
+def mean_key_rank(qf, active, means_t, bias, keep, per_kv_head=False, splits=1, keep_sinks=False, outliers_t=None,
+                  block_size=1):
     """:func:`mean_key_union` for prefix buffers sized to a capacity: the ``keep`` best key-block ids
     per batch row and head (or KV head), best first, int32 ``(B, H, 1, keep)``. ``bias`` ``(nkb,)`` is
     0 on the current prefix's blocks and -1e30 past it: those get no softmax mass and rank last, so the
     first ``k`` ids are the top ``k`` of the current prefix for every ``k`` (the kernels read a count).
     ``splits > 1``: laid out for that many query blocks (:func:`rank_blocks`). ``keep_sinks``: block 0 first."""
-    score = _active_mass(qf, active, means_t, bias, per_kv_head).add_(bias)[:, :, 0]
+    score = _active_mass(qf, active, means_t, bias, per_kv_head, outliers_t, block_size).add_(bias)[:, :, 0]
     if keep_sinks:
         score[..., 0] = float("inf")
     return rank_blocks(score, keep, splits)
@@ -188,6 +202,7 @@ class _Prefix:
     q_ref: torch.Tensor  # float32 q the change is measured against
     ref_thr: torch.Tensor  # (B, Nq) (threshold * |q_ref|)^2: a token is active when |q - q_ref|^2 >= ref_thr
     means_t: torch.Tensor  # (B, Hkv, D, nkb_cap) float32 block means * scale; zero past the prefix
+    outliers_t: torch.Tensor | None  # outlier_keys: (B, Hkv, D, nkb_cap) the blocks' largest-norm keys * scale
     means_split: torch.Tensor | None  # CUDA: means_t as three bfloat16 parts (3, B, Hkv, D, nkb_cap), the kernel's
     bias: torch.Tensor  # (nkb_cap,) float32: 0 on the prefix's full blocks, -1e30 past them
     index: torch.Tensor | None  # sparsity 0: every block id, laid out once
@@ -315,6 +330,7 @@ class LoSAMethod(AttentionMethod):
         return _Prefix(out=torch.zeros(q.shape, dtype=q.dtype, device=dev), lse=torch.zeros(bsz, hq, nq, **f32),
                        q_ref=torch.zeros(q.shape, **f32), ref_thr=torch.zeros(bsz, nq, **f32),
                        means_t=torch.zeros(bsz, hkv, d, nkb_cap, **f32), bias=torch.zeros(nkb_cap, **f32),
+                       outliers_t=torch.zeros(bsz, hkv, d, nkb_cap, **f32) if cfg.outlier_keys else None,
                        index=index, count=torch.zeros(1, 1, splits, dtype=torch.int32, device=dev),
                        dense_index=strided_layout(every, dense_splits) if dense_splits > 1 else every,
                        dense_count=torch.zeros(1, 1, dense_splits, dtype=torch.int32, device=dev),
@@ -322,7 +338,8 @@ class LoSAMethod(AttentionMethod):
                        win_idx=torch.zeros(w, dtype=torch.int64, device=dev),
                        win_bias=torch.zeros(w, **f32), splits=splits, keep_cap=keep_cap, signature=signature,
                        means_split=(torch.zeros(3, bsz, hkv, d, nkb_cap, dtype=torch.bfloat16, device=dev)
-                                    if q.is_cuda and stacked_rows <= MAX_KERNEL_ROWS else None),
+                                    if q.is_cuda and stacked_rows <= MAX_KERNEL_ROWS and not cfg.outlier_keys
+                                    else None),
                        n_dev=torch.zeros((), dtype=torch.int64, device=dev), count_table=table(keeps, splits),
                        dense_table=table(nkbs, dense_splits), block_ids=torch.arange(nkb_cap, device=dev),
                        win_rows=torch.arange(w, device=dev))
@@ -365,6 +382,10 @@ class LoSAMethod(AttentionMethod):
         # Reads the whole capacity (rows past the prefix may hold anything, even NaN): masked by the bias.
         means = block_stats(kc[:, :, : nkb_cap * bs], bs).mean.float().mul_(scale).transpose(-1, -2)
         entry.means_t.copy_(torch.where(entry.bias == 0, means, 0.0))
+        if entry.outliers_t is not None:
+            d = kc.shape[-1]
+            peaks = outlier_key_features(kc[:, :, : nkb_cap * bs], bs)[..., :d].mul_(scale).transpose(-1, -2)
+            entry.outliers_t.copy_(torch.where(entry.bias == 0, peaks, 0.0))
         if entry.means_split is not None:
             split_means(entry.means_t.transpose(-1, -2), out=entry.means_split)
         token_change_update(q, entry.q_ref, entry.ref_thr, self.config.threshold)  # the references only
@@ -449,14 +470,15 @@ class LoSAMethod(AttentionMethod):
                 else:
                     rows = active_first_rows(q, active, hkv, bs)
             if index is None and rows is not None:
+                outliers = None if entry.outliers_t is None else entry.outliers_t.transpose(-1, -2)
                 score = mean_key_score(rows.stacked, rows.n_rows, entry.means_t.transpose(-1, -2), entry.bias,
-                                       split=entry.means_split)
+                                       split=entry.means_split, outliers=outliers, block_size=bs)
                 if cfg.keep_sinks:  # ranked first: the kept counts of any prefix length include it
                     score[..., 0] = float("inf")
                 index = rank_blocks(score, entry.keep_cap, entry.splits)  # laid out for the splits
             elif index is None:
                 index = mean_key_rank(q.float(), active, entry.means_t, entry.bias, entry.keep_cap, splits=entry.splits,
-                                      keep_sinks=cfg.keep_sinks)
+                                      keep_sinks=cfg.keep_sinks, outliers_t=entry.outliers_t, block_size=bs)
             count = entry.count.expand(*index.shape[:3])
             if index.shape[1] in (1, hkv):  # one union per KV head: compute the active rows only
                 parts = active_first_partials(q, kc, vc, (index, count, entry.splits), active, scale=scale,

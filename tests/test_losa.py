@@ -490,7 +490,8 @@ def test_mean_key_score_with_outlier_keys(backend):
     from sparsediff.kernels.losa_step import mean_key_score
 
     rows, means, bias = score_inputs()
-    outliers = means + 0.2 * torch.randn(means.shape, generator=torch.Generator().manual_seed(1)).to(means.device)
+    noise = torch.randn(means.shape, generator=torch.Generator().manual_seed(1), device="cpu")
+    outliers = means + 0.2 * noise.to(means.device)
     outliers[:, :, 7] += 2.0 * rows[:, :, :4].float().mean(dim=2)  # a single hot key in block 7
     n_live = torch.tensor([4, 70], device=rows.device)
     got = mean_key_score(rows, n_live, means, bias, outliers=outliers, block_size=16, backend=backend)

@@ -1,6 +1,6 @@
-"""LoSA's per-step kernels added for the captured step: block ranking and the window attention
-(``kernels.losa_step``), each against its PyTorch reference; the score from float32 logits, and block-sparse
-attention reading q once per split (``repeat_q``)."""
+"""LoSA's per-step kernels (``kernels.losa_step``), each against its PyTorch reference: block ranking, the
+window attention, the active-first order, the union score (split-bfloat16 kernel, float32 logits, the outlier
+term), the change test, and block-sparse attention reading q once per split (``repeat_q``)."""
 
 import pytest
 import torch
@@ -214,3 +214,124 @@ def test_block_sparse_repeat_q_equals_the_copy(backend):
         block_sparse_attention(q, k, v, index, count, repeat_q=reps, causal=True, **kw)
     with pytest.raises(ValueError, match="repeat_q"):
         block_sparse_attention(q, k, v, index[:, :, :2], count[:, :, :2], repeat_q=0, **kw)
+
+
+# -- The union score (mean_key_score) and the change test (token_change_update) -----------------------------
+
+def score_inputs(b=2, h=3, r=70, d=16, nkb=37, masked=5, dtype=torch.float32, device=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    device = torch.get_default_device() if device is None else device  # the GPU under SPARSEDIFF_TEST_DEVICE=cuda
+    rows = torch.randn(b, h, r, d, generator=gen, device="cpu").to(device, dtype)
+    means_t = (0.3 * torch.randn(b, h, d, nkb, generator=gen, device="cpu")).to(device)  # LoSA's transposed layout
+    means_t[:, :, :, 3] += 0.5 * rows[:, :, :4].float().mean(dim=2)  # one block the leading rows point at
+    bias = torch.zeros(nkb, device=device)
+    bias[nkb - masked:] = -1e30
+    return rows, means_t.transpose(-1, -2), bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("live", [[0, 33], [70, 1], [5, 64]])
+def test_mean_key_score_triton_matches_torch(dtype, live):
+    from sparsediff.kernels.losa_step import mean_key_score
+
+    rows, means, bias = score_inputs(dtype=dtype)
+    n_live = torch.tensor(live, device=rows.device)
+    want = mean_key_score(rows, n_live, means, bias, backend="torch")
+    got = mean_key_score(rows, n_live, means, bias, backend="triton")
+    # Definition: the live rows' softmax mass per block, the bias added to logits and score.
+    probs = torch.softmax(rows.double() @ means.double().transpose(-1, -2) + bias.double(), dim=-1)
+    for b, n in enumerate(live):
+        ref = probs[b, :, :n].sum(dim=1) + bias.double()
+        torch.testing.assert_close(want[b].double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert bool((got[:, :, -5:] <= -1e29).all())  # masked blocks rank last
+    keep = 8
+    assert torch.equal(got.topk(keep).indices.sort().values, want.topk(keep).indices.sort().values)
+
+
+def test_mean_key_score_rejects_bad_input():
+    from sparsediff.kernels.losa_step import mean_key_score
+
+    rows, means, bias = score_inputs()
+    with pytest.raises(ValueError, match="n_live"):
+        mean_key_score(rows, torch.tensor([1.0, 2.0]), means, bias)
+    with pytest.raises(ValueError, match="split"):
+        mean_key_score(rows, torch.tensor([1, 2]), means, bias, split=torch.zeros(3, 2, 3, 16, 36), backend="triton")
+    with pytest.raises(TypeError, match="float32"):
+        mean_key_score(rows, torch.tensor([1, 2]), means.double(), bias)
+    with pytest.raises(ValueError, match="bias"):
+        mean_key_score(rows, torch.tensor([1, 2]), means, bias[:-1])
+    with pytest.raises(ValueError, match="do not match"):
+        mean_key_score(rows[:, :2], torch.tensor([1, 2]), means, bias)
+    with pytest.raises(ValueError, match="outliers must be"):
+        mean_key_score(rows, torch.tensor([1, 2]), means, bias, outliers=means[:, :, :-1])
+    with pytest.raises(ValueError, match="outliers need"):
+        mean_key_score(rows, torch.tensor([1, 2]), means, bias, outliers=means, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "logits"])
+def test_mean_key_score_with_outlier_keys(backend):
+    import math
+
+    from sparsediff.kernels.losa_step import mean_key_score
+
+    rows, means, bias = score_inputs()
+    noise = torch.randn(means.shape, generator=torch.Generator().manual_seed(1), device="cpu")
+    outliers = means + 0.2 * noise.to(means.device)
+    outliers[:, :, 7] += 2.0 * rows[:, :, :4].float().mean(dim=2)  # a single hot key in block 7
+    n_live = torch.tensor([4, 70], device=rows.device)
+    got = mean_key_score(rows, n_live, means, bias, outliers=outliers, block_size=16, backend=backend)
+    r64 = rows.double()
+    logits = torch.logaddexp(r64 @ means.double().transpose(-1, -2),
+                             r64 @ outliers.double().transpose(-1, -2) - math.log(16)) + bias.double()
+    probs = torch.softmax(logits, dim=-1)
+    for b, n in enumerate([4, 70]):
+        torch.testing.assert_close(got[b].double(), probs[b, :, :n].sum(dim=1) + bias.double(), rtol=1e-5,
+                                   atol=1e-5)
+    plain = mean_key_score(rows, n_live, means, bias, backend="torch")
+    assert bool((got[0, :, 7] > plain[0, :, 7]).all())  # the hot key lifts its block for the rows it serves
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the CUDA kernel with the float32 path")
+def test_mean_key_score_on_gpu_keeps_the_float32_union():
+    # LoSA's sizes at a 128k prefix (GQA 32/8, 128-token block: 512 stacked rows, a quarter of them live).
+    from sparsediff.kernels.losa_step import mean_key_score
+
+    rows, means, bias = score_inputs(b=1, h=8, r=512, d=128, nkb=1040, masked=16, dtype=torch.bfloat16,
+                                     device="cuda")
+    means = means * 128 ** -0.5
+    n_live = torch.tensor([128], device="cuda")
+    want = mean_key_score(rows, n_live, means, bias, backend="torch")
+    got = mean_key_score(rows, n_live, means, bias)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    keep = 205
+    same = [set(a.tolist()) == set(b.tolist()) for a, b in zip(got.topk(keep).indices[0], want.topk(keep).indices[0])]
+    assert sum(same) >= 7, same  # near-ties at the cut may swap one block in rare heads
+
+
+@pytest.mark.parametrize("only_active", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_change_triton_matches_torch(only_active, dtype):
+    from sparsediff.kernels.losa_step import token_change_update
+
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 6, 10, 16, generator=gen, device="cpu").to(dtype)
+    ref = torch.randn(2, 6, 10, 16, generator=gen, device="cpu")
+    ref[:, :, :5] = q[:, :, :5].float() + 1e-3 * torch.randn(2, 6, 5, 16, generator=gen, device="cpu")  # barely moved
+    q, ref = q.to(torch.get_default_device()), ref.to(torch.get_default_device())
+    thr = torch.full((2, 10), 1e-2)
+    outs = []
+    for backend, qq in (("torch", q), ("triton", q.transpose(1, 2).contiguous().transpose(1, 2))):  # any strides
+        r, t = ref.clone(), thr.clone()
+        outs.append((token_change_update(qq, r, t, 0.1, only_active=only_active, backend=backend), r, t))
+    (a, r, t), (a2, r2, t2) = outs
+    assert torch.equal(a, a2) and a[:, :5].logical_not().all() and a[:, 5:].all()
+    assert torch.equal(r, r2)
+    torch.testing.assert_close(t, t2, rtol=1e-6, atol=0)
+    moved = torch.ones(10, dtype=torch.bool, device=a.device) if not only_active else a[0]
+    torch.testing.assert_close(r[0][:, moved], q[0][:, moved].float(), rtol=0, atol=0)
+    torch.testing.assert_close(t[0][moved], 0.01 * q[0][:, moved].float().square().sum(dim=(0, 2)), rtol=1e-5, atol=0)
+    if only_active:  # stable tokens keep their references
+        assert torch.equal(r[:, :, :5], ref[:, :, :5]) and torch.equal(t[:, :5], thr[:, :5])
+    with pytest.raises(ValueError, match="q_ref"):
+        token_change_update(q, ref.double(), thr, 0.1)

@@ -255,13 +255,14 @@ def test_steady_state_op_count(monkeypatch):
     # are repeated per query head when the block is too long to stack heads, and contiguous token norms; 46
     # with the active-first order (sort, ranks, one gather, tile counts); 33 with the union scored by one kernel
     # on the active rows, the change test and its references in one kernel and the window gathered in the
-    # step; the count includes the test's 6 ops).
+    # step; 35 with keep_sinks, whose block-0-first order costs the PyTorch ranking a slice and a concatenation
+    # (on CUDA it is inside the ranking kernel); the count includes the test's 6 ops).
     from test_flashblock import force_splits, steady_state_ops
 
     force_splits(monkeypatch)
     counts = steady_state_ops(make_method("losa", min_seq_len=0, block_size=32, sparsity=0.8, cuda_graphs=False),
                               steps=4)
-    assert max(counts) <= 33, counts
+    assert max(counts) <= 35, counts
 
 
 # -- CUDA graphs of the cached step (helpers and the CPU stand-in in test_flashblock_graphs) ----------------------

@@ -41,6 +41,21 @@ def test_rank_blocks_kernel_equals_stable_descending_sort(nkb, keep, splits):
         assert torch.equal(got[0, 0, 0, -7:].long(), torch.arange(nkb - 7, nkb, device=got.device))
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_rank_blocks_first_puts_block_zero_ahead(splits):
+    # keep_sinks: block 0 first even when its score is the lowest (or another is NaN), the rest in order.
+    score = ranked_scores(nkb=60)
+    score[..., 0] = -5.0
+    score[0, 0, 7] = float("nan")
+    rest = torch.sort(score[..., 1:], dim=-1, descending=True, stable=True).indices + 1
+    order = torch.cat([torch.zeros_like(rest[..., :1]), rest], dim=-1)[:, :, None, :20].to(torch.int32)
+    want = strided_layout(order, splits) if splits > 1 else order
+    for backend in ("torch", "triton"):
+        got = rank_blocks(score, 20, splits, first=True, backend=backend)
+        assert torch.equal(got, want), backend
+    assert not bool((rank_blocks(score, 20, 1, backend="torch") == 0).any())  # without it block 0 is dropped
+
+
 def test_rank_blocks_kernel_nan_signed_zero_and_strides():
     score = ranked_scores(b=1, h=4, nkb=70)
     score[0, 1, [3, 40]] = float("nan")  # torch's descending sort puts NaN first, in index order

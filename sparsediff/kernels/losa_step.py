@@ -177,8 +177,12 @@ def mean_key_score(rows, n_live, means, bias, *, split=None, backend=None, outli
     return _mean_key_score_torch(rows, n_live, means, bias)
 
 
-def _rank_blocks_torch(score, keep, splits):
-    index = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :, None, :keep].to(torch.int32)
+def _rank_blocks_torch(score, keep, splits, first=False):
+    if first:  # block 0, then the others in order
+        rest = torch.sort(score[..., 1:], dim=-1, descending=True, stable=True).indices + 1
+        index = torch.cat([torch.zeros_like(rest[..., :1]), rest], dim=-1)[:, :, None, :keep].to(torch.int32)
+    else:
+        index = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :, None, :keep].to(torch.int32)
     if splits == 1:
         return index
     chunk = -(-keep // splits)
@@ -186,8 +190,9 @@ def _rank_blocks_torch(score, keep, splits):
     return index.view(*index.shape[:2], chunk, splits).transpose(-1, -2).contiguous()
 
 
-def rank_blocks(score, keep, splits=1, *, backend=None):
-    """int32 ``(B, H, splits, ceil(keep / splits))`` ranked block ids of ``score`` (module docstring)."""
+def rank_blocks(score, keep, splits=1, *, first=False, backend=None):
+    """int32 ``(B, H, splits, ceil(keep / splits))`` ranked block ids of ``score`` (module docstring).
+    ``first``: block 0 ranks first whatever its score (attention sinks), the others follow in order."""
     if score.dim() != 3 or score.dtype != torch.float32:
         raise ValueError(f"score must be a float32 (B, H, nkb) tensor, got {score.dtype} {tuple(score.shape)}")
     if not 1 <= keep <= score.shape[2] or not 1 <= splits:
@@ -198,8 +203,8 @@ def rank_blocks(score, keep, splits=1, *, backend=None):
         from .losa_step_triton import rank_blocks_triton
 
         _interpreter_or_cuda(score)
-        return rank_blocks_triton(score, keep, splits)
-    return _rank_blocks_torch(score, keep, splits)
+        return rank_blocks_triton(score, keep, splits, first)
+    return _rank_blocks_torch(score, keep, splits, first)
 
 
 def _window_attention_torch(q, k, v, idx, bias, scale):

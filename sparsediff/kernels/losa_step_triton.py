@@ -213,13 +213,15 @@ def _descending_key(x, idx):
 
 @triton.jit
 def _rank_blocks_kernel(S, Out, N, KEEP, SPLITS, CHUNK, H, ssb, ssh, ssn, BLOCK_I: tl.constexpr,
-                        BLOCK_J: tl.constexpr, BLOCK_PAD: tl.constexpr):
+                        BLOCK_J: tl.constexpr, BLOCK_PAD: tl.constexpr, FIRST: tl.constexpr):
     bh = tl.program_id(0)
     blk = tl.program_id(1)
     s_row = S + (bh // H).to(tl.int64) * ssb + (bh % H).to(tl.int64) * ssh
     out = Out + bh.to(tl.int64) * (SPLITS * CHUNK)
     i = blk * BLOCK_I + tl.arange(0, BLOCK_I)
     ki = _descending_key(tl.load(s_row + i * ssn, mask=i < N, other=0.0), i)
+    if FIRST:  # block 0 above every key, NaN's included
+        ki = tl.where(i == 0, 0x7FFFFFFFFFFFFFFF, ki)
     # An element's rank is the number of keys above its own (keys are distinct, so ranks are too). Small
     # row tiles: many programs, since a few per SM leave the comparisons latency-bound.
     rank = tl.zeros([BLOCK_I], dtype=tl.int32)
@@ -228,6 +230,8 @@ def _rank_blocks_kernel(S, Out, N, KEEP, SPLITS, CHUNK, H, ssb, ssh, ssn, BLOCK_
         # Past the row: below every key (the lowest, -inf's, is about -0x7F80_0001 << 32).
         kj = tl.where(j < N, _descending_key(tl.load(s_row + j * ssn, mask=j < N, other=0.0), j),
                       -0x7FFFFFFFFFFFFFFF)
+        if FIRST:
+            kj = tl.where(j == 0, 0x7FFFFFFFFFFFFFFF, kj)
         rank += tl.sum((kj[None, :] > ki[:, None]).to(tl.int32), axis=1)
     # Rank r goes to split r % SPLITS, slot r // SPLITS (prefix_attention.strided_layout).
     tl.store(out + (rank % SPLITS) * CHUNK + rank // SPLITS, i, mask=(i < N) & (rank < KEEP))
@@ -237,7 +241,7 @@ def _rank_blocks_kernel(S, Out, N, KEEP, SPLITS, CHUNK, H, ssb, ssh, ssn, BLOCK_
                  mask=r < SPLITS * CHUNK)
 
 
-def rank_blocks_triton(score, keep, splits):
+def rank_blocks_triton(score, keep, splits, first=False):
     b, h, n = score.shape
     chunk = -(-keep // splits)
     out = torch.empty(b, h, splits, chunk, dtype=torch.int32, device=score.device)
@@ -245,7 +249,7 @@ def rank_blocks_triton(score, keep, splits):
     block_j = min(256, max(16, triton.next_power_of_2(n)))
     _rank_blocks_kernel[(b * h, triton.cdiv(n, block_i))](
         score, out, n, keep, splits, chunk, h, score.stride(0), score.stride(1), score.stride(2), BLOCK_I=block_i,
-        BLOCK_J=block_j, BLOCK_PAD=max(16, triton.next_power_of_2(splits)), num_warps=4)
+        BLOCK_J=block_j, BLOCK_PAD=max(16, triton.next_power_of_2(splits)), FIRST=bool(first), num_warps=4)
     return out
 
 

@@ -177,16 +177,14 @@ def mean_key_rank(qf, active, means_t, bias, keep, per_kv_head=False, splits=1, 
     first ``k`` ids are the top ``k`` of the current prefix for every ``k`` (the kernels read a count).
     ``splits > 1``: laid out for that many query blocks (:func:`rank_blocks`). ``keep_sinks``: block 0 first."""
     score = _active_mass(qf, active, means_t, bias, per_kv_head, outliers_t, block_size).add_(bias)[:, :, 0]
-    if keep_sinks:
-        score[..., 0] = float("inf")
-    return rank_blocks(score, keep, splits)
+    return rank_blocks(score, keep, splits, first=keep_sinks)
 
 
-def rank_blocks(score, keep, splits=1):
+def rank_blocks(score, keep, splits=1, first=False):
     """The ``keep`` best key-block ids of ``score`` ``(B, H, nkb)``, best first: int32 ``(B, H, 1, keep)``, or
     laid out for ``splits`` query blocks (``strided_layout``). Stable descending sort order, one kernel on
-    CUDA (``kernels.losa_step.rank_blocks``)."""
-    return losa_step.rank_blocks(score, keep, splits)
+    CUDA (``kernels.losa_step.rank_blocks``); ``first``: block 0 ahead of all."""
+    return losa_step.rank_blocks(score, keep, splits, first=first)
 
 
 @dataclasses.dataclass(eq=False)
@@ -473,9 +471,8 @@ class LoSAMethod(AttentionMethod):
                 outliers = None if entry.outliers_t is None else entry.outliers_t.transpose(-1, -2)
                 score = mean_key_score(rows.stacked, rows.n_rows, entry.means_t.transpose(-1, -2), entry.bias,
                                        split=entry.means_split, outliers=outliers, block_size=bs)
-                if cfg.keep_sinks:  # ranked first: the kept counts of any prefix length include it
-                    score[..., 0] = float("inf")
-                index = rank_blocks(score, entry.keep_cap, entry.splits)  # laid out for the splits
+                # Laid out for the splits; with keep_sinks block 0 ranks first, so any prefix's count keeps it.
+                index = rank_blocks(score, entry.keep_cap, entry.splits, first=cfg.keep_sinks)
             elif index is None:
                 index = mean_key_rank(q.float(), active, entry.means_t, entry.bias, entry.keep_cap, splits=entry.splits,
                                       keep_sinks=cfg.keep_sinks, outliers_t=entry.outliers_t, block_size=bs)

@@ -94,17 +94,11 @@ def evaluate_steps(method, run: BlockRun) -> list[dict]:
 
 def build_block_method(spec: str, block_size: int):
     """``"losa/threshold=0.1"`` -> a method (``min_seq_len=0``); overrides after slashes as in ``probe``."""
-    from .probe_cli import _parse_value
+    from .probe_cli import parse_spec
 
-    name, *parts = spec.split("/")
+    name, overrides = parse_spec(spec)
     if name not in ("flashblock", "losa"):
         raise ValueError(f"block-diffusion probes run 'flashblock' or 'losa' (with overrides), got {name!r}")
-    overrides = {}
-    for part in parts:
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise ValueError(f"in method {spec!r}, {part!r} must look like key=value")
-        overrides[key] = _parse_value(value)
     return make_method(name, **{"min_seq_len": 0, "block_size": block_size, **overrides})
 
 

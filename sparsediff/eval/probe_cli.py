@@ -68,11 +68,8 @@ def _parse_value(text: str):
     return text
 
 
-def build_method(spec: str, density: float, block_size: int):
-    """``"ba_att/beta=0.1"`` at a density -> a method object (``min_seq_len=0``: always sparse)."""
-    from ..methods.ba_att import BAAttMethod
-    from ..methods.block_sparse import BlockSparseMethod
-
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``"ba_att/beta=0.1/norm_sort=false"`` -> ``("ba_att", {"beta": 0.1, "norm_sort": False})``."""
     name, *parts = spec.split("/")
     overrides = {}
     for part in parts:
@@ -80,6 +77,15 @@ def build_method(spec: str, density: float, block_size: int):
         if not sep:
             raise ValueError(f"in method {spec!r}, {part!r} must look like key=value")
         overrides[key] = _parse_value(value)
+    return name, overrides
+
+
+def build_method(spec: str, density: float, block_size: int):
+    """``"ba_att/beta=0.1"`` at a density -> a method object (``min_seq_len=0``: always sparse)."""
+    from ..methods.ba_att import BAAttMethod
+    from ..methods.block_sparse import BlockSparseMethod
+
+    name, overrides = parse_spec(spec)
     common = dict(sparsity=1.0 - density, block_size=block_size, min_seq_len=0)
     if name == "ba_att":
         return BAAttMethod(**common, **overrides)

@@ -155,14 +155,11 @@ def test_active_first_order_kernel_equals_active_first_rows(shape):
 
 # -- The union score from float32 logits (mean_key_score's "logits" backend) ------------------------------
 
-def _score_inputs(b, h, r, d, nkb, masked, seed):
-    gen = torch.Generator().manual_seed(seed)
-    rows = torch.randn(b, h, r, d, generator=gen, device="cpu").to(_dev(), torch.bfloat16)
-    means_t = (0.3 * torch.randn(b, h, d, nkb, generator=gen, device="cpu")).to(_dev()) * d ** -0.5
-    means_t[:, :, :, 3] += 0.5 * rows[:, :, :4].float().mean(dim=2)  # a block the leading rows point at
-    bias = torch.zeros(nkb, device=_dev())
-    bias[nkb - masked:] = -1e30
-    return rows, means_t.transpose(-1, -2), bias
+def live_mass_ref(logits, bias, live):
+    """The score's definition in float64: per batch row the first ``live[b]`` rows' softmax mass per block of
+    ``logits + bias`` (``(B, H, R, nkb)``), plus the bias."""
+    probs = torch.softmax(logits.double() + bias.double(), dim=-1)
+    return [probs[b, :, :n].sum(dim=1) + bias.double() for b, n in enumerate(live)]
 
 
 @pytest.mark.parametrize("shape,live", [((2, 3, 70, 16, 37, 5), [0, 33]), ((2, 3, 70, 16, 37, 5), [70, 1]),
@@ -170,15 +167,14 @@ def _score_inputs(b, h, r, d, nkb, masked, seed):
 def test_mean_key_score_logits_backend_matches_float64(shape, live):
     from sparsediff.kernels.losa_step import mean_key_score
 
-    rows, means, bias = _score_inputs(*shape, seed=len(live) + live[0])
+    b, h, r, d, nkb, masked = shape
+    rows, means, bias = score_inputs(b, h, r, d, nkb, masked, dtype=torch.bfloat16, seed=len(live) + live[0],
+                                     spread=0.3 * d ** -0.5)
     n_live = torch.tensor(live, device=rows.device)
     got = mean_key_score(rows, n_live, means, bias, backend="logits")
     want = mean_key_score(rows, n_live, means, bias, backend="torch")
-    # Definition in float64: the live rows' softmax mass per block, the bias added to logits and score.
-    probs = torch.softmax(rows.double() @ means.double().transpose(-1, -2) + bias.double(), dim=-1)
-    for b, n in enumerate(live):
-        ref = probs[b, :, :n].sum(dim=1) + bias.double()
-        torch.testing.assert_close(got[b].double(), ref, rtol=2e-6, atol=2e-6)
+    for i, ref in enumerate(live_mass_ref(rows.double() @ means.double().transpose(-1, -2), bias, live)):
+        torch.testing.assert_close(got[i].double(), ref, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
     assert bool((got[..., -shape[5]:] <= -1e29).all())  # blocks past the prefix rank last
     keep = 8
@@ -233,11 +229,11 @@ def test_block_sparse_repeat_q_equals_the_copy(backend):
 
 # -- The union score (mean_key_score) and the change test (token_change_update) -----------------------------
 
-def score_inputs(b=2, h=3, r=70, d=16, nkb=37, masked=5, dtype=torch.float32, device=None, seed=0):
+def score_inputs(b=2, h=3, r=70, d=16, nkb=37, masked=5, dtype=torch.float32, device=None, seed=0, spread=0.3):
     gen = torch.Generator().manual_seed(seed)
     device = torch.get_default_device() if device is None else device  # the GPU under SPARSEDIFF_TEST_DEVICE=cuda
     rows = torch.randn(b, h, r, d, generator=gen, device="cpu").to(device, dtype)
-    means_t = (0.3 * torch.randn(b, h, d, nkb, generator=gen, device="cpu")).to(device)  # LoSA's transposed layout
+    means_t = (spread * torch.randn(b, h, d, nkb, generator=gen, device="cpu")).to(device)  # LoSA's layout
     means_t[:, :, :, 3] += 0.5 * rows[:, :, :4].float().mean(dim=2)  # one block the leading rows point at
     bias = torch.zeros(nkb, device=device)
     bias[nkb - masked:] = -1e30
@@ -253,11 +249,8 @@ def test_mean_key_score_triton_matches_torch(dtype, live):
     n_live = torch.tensor(live, device=rows.device)
     want = mean_key_score(rows, n_live, means, bias, backend="torch")
     got = mean_key_score(rows, n_live, means, bias, backend="triton")
-    # Definition: the live rows' softmax mass per block, the bias added to logits and score.
-    probs = torch.softmax(rows.double() @ means.double().transpose(-1, -2) + bias.double(), dim=-1)
-    for b, n in enumerate(live):
-        ref = probs[b, :, :n].sum(dim=1) + bias.double()
-        torch.testing.assert_close(want[b].double(), ref, rtol=1e-5, atol=1e-5)
+    for i, ref in enumerate(live_mass_ref(rows.double() @ means.double().transpose(-1, -2), bias, live)):
+        torch.testing.assert_close(want[i].double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert bool((got[:, :, -5:] <= -1e29).all())  # masked blocks rank last
     keep = 8
@@ -298,11 +291,9 @@ def test_mean_key_score_with_outlier_keys(backend):
     got = mean_key_score(rows, n_live, means, bias, outliers=outliers, block_size=16, backend=backend)
     r64 = rows.double()
     logits = torch.logaddexp(r64 @ means.double().transpose(-1, -2),
-                             r64 @ outliers.double().transpose(-1, -2) - math.log(16)) + bias.double()
-    probs = torch.softmax(logits, dim=-1)
-    for b, n in enumerate([4, 70]):
-        torch.testing.assert_close(got[b].double(), probs[b, :, :n].sum(dim=1) + bias.double(), rtol=1e-5,
-                                   atol=1e-5)
+                             r64 @ outliers.double().transpose(-1, -2) - math.log(16))
+    for i, ref in enumerate(live_mass_ref(logits, bias, [4, 70])):
+        torch.testing.assert_close(got[i].double(), ref, rtol=1e-5, atol=1e-5)
     plain = mean_key_score(rows, n_live, means, bias, backend="torch")
     assert bool((got[0, :, 7] > plain[0, :, 7]).all())  # the hot key lifts its block for the rows it serves
 

@@ -34,6 +34,8 @@ def test_block_run_layout_and_errors():
         block_run(probe, block=640)
     with pytest.raises(ValueError, match="steps must be >= 2"):
         block_run(probe, steps=1)
+    with pytest.raises(ValueError, match="active_frac must lie"):
+        block_run(probe, active_frac=1.5)
     with pytest.raises(ValueError, match="'flashblock' or 'losa'"):
         build_block_method("ba_att", 64)
     with pytest.raises(ValueError, match="key=value"):

@@ -57,6 +57,8 @@ def block_run(probe: Probe, *, block=128, steps=8, active_frac=0.25, big=0.3, sm
         raise ValueError(f"block must lie in (0, {n}) for a probe of {n} tokens, got {block}")
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (a first step and cached steps), got {steps}")
+    if not 0.0 <= active_frac <= 1.0 or big < 0 or small < 0:
+        raise ValueError(f"active_frac must lie in [0, 1] and big, small be >= 0, got {active_frac}, {big}, {small}")
     gen = torch.Generator(device=probe.q.device).manual_seed(seed)
     q, kb, vb = (t[:, :, n - block:].clone() for t in (probe.q, probe.k, probe.v))
     per_step = [(q, kb, vb)]

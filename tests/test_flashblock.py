@@ -316,6 +316,29 @@ def test_token_major_merge_triton_matches_torch():
         merge_prefix(po, pl, nq, pack=4, rank=rank[:, :5], backend="torch")
 
 
+def test_prefix_merge_over_many_splits_matches_torch():
+    # More splits than the kernel loads at once (chunks of 32): rows whose first chunk saw nothing, a row no
+    # split saw, stable rows reading the cache; the same as the PyTorch merge.
+    from sparsediff.kernels.prefix_merge import merge_prefix
+
+    po, pl = torch.randn(2, 3, 70, 8, 16), 3 * torch.randn(2, 3, 70, 8)
+    pl[:, :, :40, 1] = float("-inf")
+    pl[0, 1, :, 2] = float("-inf")
+    pl[1, 2, 5:, 3] = float("-inf")
+    inner = (torch.randn(2, 3, 8, 16), torch.randn(2, 3, 8))
+    active = torch.rand(2, 8) < 0.6
+    active[0, 2] = True
+    caches = [(torch.randn(2, 3, 8, 16), torch.randn(2, 3, 8)) for _ in range(2)]
+    caches[1] = (caches[0][0].clone(), caches[0][1].clone())
+    got = [merge_prefix(po, pl, 8, inner, cache=c, active=active, backend=b)
+           for c, b in zip(caches, ("torch", "triton"))]
+    torch.testing.assert_close(got[0], got[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(caches[0], caches[1], rtol=0, atol=1e-5)
+    plain = [merge_prefix(po, pl, 8, backend=b) for b in ("torch", "triton")]
+    torch.testing.assert_close(plain[0], plain[1], rtol=0, atol=1e-5)
+    assert bool(torch.isneginf(plain[1][1][0, 1, 2])) and bool((plain[1][0][0, 1, 2] == 0).all())
+
+
 def force_splits(monkeypatch, n=8):
     """Take the split prefix path (what a GPU runs for short blocks) on CPU."""
     import sparsediff.methods.flashblock as fb

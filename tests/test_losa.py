@@ -120,10 +120,10 @@ def test_packed_split_path_matches_reference(monkeypatch):
     from test_flashblock import force_splits
 
     force_splits(monkeypatch, n=3)
-    m = make_method("losa", min_seq_len=0, block_size=32, threshold=0.05, sparsity=0.5,  # 16 prefix blocks, keep 8
+    m = make_method("losa", min_seq_len=0, block_size=32, threshold=0.05, sparsity=0.5,  # 32 prefix blocks, keep 16
                     cuda_graphs=False)
-    q0, k, v = block_call(hq=8, hkv=2, prefix=512, nq=8)
-    npre = 512
+    q0, k, v = block_call(hq=8, hkv=2, prefix=1024, nq=8)
+    npre = 1024
     with denoising_step(0, 2):
         first = m(q0, k, v, layer="l")
     torch.testing.assert_close(first, masked_attention_ref(q0, k, v, ALL)[0], rtol=0, atol=2e-5)
@@ -134,7 +134,7 @@ def test_packed_split_path_matches_reference(monkeypatch):
     is_active = torch.zeros(1, 8, dtype=torch.bool)
     is_active[0, active] = True
     assert [e.splits for e in m._cache.entries.values()] == [2]
-    union = mean_key_union(q1, is_active, block_stats(k[:, :, :npre], 32).mean, 8, 0.25, per_kv_head=True,
+    union = mean_key_union(q1, is_active, block_stats(k[:, :, :npre], 32).mean, 16, 0.25, per_kv_head=True,
                            keep_sinks=True)
     token_mask = union.repeat_interleave(4, dim=1).repeat_interleave(32, -1)[:, :, None, :]
     sparse = masked_attention_ref(q1[:, :, active], k[:, :, :npre], v[:, :, :npre], token_mask)

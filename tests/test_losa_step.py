@@ -294,12 +294,12 @@ def test_mean_key_score_chunked_kernel_matches_float64(shape, live, block_n):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mean_key_score_default_path_on_losa_structured_inputs(dtype):
     # What LoSA calls: the stacked active-first rows of a block, the means split once; the ranked ids equal
-    # the float32 PyTorch path's. 128 stacked rows span 4 row tiles; 48 blocks, 2 chunks.
+    # the float32 PyTorch path's. 128 stacked rows span 4 row tiles; 150 blocks, 3 chunks of up to 64.
     from sparsediff.kernels.losa_step import split_means
     from sparsediff.methods.prefix_attention import active_first_rows
 
     gen = torch.Generator().manual_seed(5)
-    b, hq, hkv, nq, d, bs, nkb = 2, 8, 2, 32, 32, 16, 48
+    b, hq, hkv, nq, d, bs, nkb = 2, 8, 2, 32, 32, 16, 150
     q = torch.randn(b, hq, nq, d, generator=gen, device="cpu").to(_dev(), dtype)
     k = torch.randn(b, hkv, nkb * bs, d, generator=gen, device="cpu").to(_dev(), torch.bfloat16)
     k[:, :, 5 * bs: 6 * bs] += 0.8 * q[:, ::4, :1].float().mean(dim=2, keepdim=True).to(k.dtype)  # a hot block
@@ -311,7 +311,8 @@ def test_mean_key_score_default_path_on_losa_structured_inputs(dtype):
     bias[-3:] = -1e30
     got = mean_key_score(rows.stacked, rows.n_rows, means, bias, split=split_means(means), backend="triton")
     want = mean_key_score(rows.stacked, rows.n_rows, means, bias, backend="torch")
-    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 2e-6, atol=2e-6)
+    rtol = 5e-5 if dtype == torch.float32 else 2e-6  # a float32 q is split in two bfloat16 parts (16 bits)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=2e-6)
     assert torch.equal(rank_blocks(got, 10, 3), rank_blocks(want, 10, 3))
 
 

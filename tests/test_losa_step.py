@@ -5,7 +5,7 @@ term), the change test, and block-sparse attention reading q once per split (``r
 import pytest
 import torch
 
-from sparsediff.kernels.losa_step import rank_blocks, window_attention
+from sparsediff.kernels.losa_step import mean_key_score, rank_blocks, window_attention
 from sparsediff.methods.prefix_attention import strided_layout
 
 
@@ -255,6 +255,90 @@ def test_mean_key_score_triton_matches_torch(dtype, live):
     assert bool((got[:, :, -5:] <= -1e29).all())  # masked blocks rank last
     keep = 8
     assert torch.equal(got.topk(keep).indices.sort().values, want.topk(keep).indices.sort().values)
+
+
+@pytest.mark.parametrize("shape,live,block_n", [
+    ((2, 3, 70, 16, 37, 5), [0, 70], 16),  # no live row, all rows; 37 blocks in chunks of 16
+    ((2, 3, 70, 16, 37, 5), [33, 1], 32),  # ragged: a partial row tile, one row
+    ((1, 2, 64, 32, 300, 40), [17], 16),  # 19 chunks, the last one partial
+    ((3, 2, 40, 16, 50, 3), [40, 7, 45], 16),  # B = 3; n_live past R counts R rows
+    ((1, 2, 20, 16, 20, 20), [20], 16),  # every block masked: uniform mass, no NaN
+])
+def test_mean_key_score_chunked_kernel_matches_float64(shape, live, block_n):
+    from sparsediff.kernels.losa_step import split_means
+    from sparsediff.kernels.losa_step_triton import mean_key_score_triton
+
+    b, h, r, d, nkb, masked = shape
+    rows, means, bias = score_inputs(b, h, r, d, nkb, masked, dtype=torch.bfloat16, seed=sum(live),
+                                     spread=0.3 * d ** -0.5)
+    n_live = torch.tensor(live, device=rows.device)
+    strided = rows.transpose(1, 2).contiguous().transpose(1, 2)  # rows of a head not adjacent
+    got = mean_key_score_triton(strided, n_live, split_means(means), bias, block_n=block_n)
+    want = mean_key_score(rows, n_live, means, bias, backend="torch")
+    assert got.shape == (b, h, nkb) and got.dtype == torch.float32
+    for i, ref in enumerate(live_mass_ref(rows.double() @ means.double().transpose(-1, -2), bias, live)):
+        torch.testing.assert_close(got[i].double(), ref, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    for i, n in enumerate(live):
+        if n == 0:  # no mass, only the bias
+            assert torch.equal(got[i], bias.expand(h, nkb))
+    if masked < nkb:
+        assert bool((got[..., -masked:] <= -1e29).all()) and bool((got[..., :-masked] > -1e29).all())
+        order = rank_blocks(got, nkb)[..., 0, -masked:].long()  # the masked blocks last, in index order
+        assert torch.equal(order, torch.arange(nkb - masked, nkb, device=got.device).expand_as(order))
+        assert torch.equal(rank_blocks(got, 8, 3), rank_blocks(want, 8, 3))  # the same ranked ids
+    again = mean_key_score_triton(strided, n_live, split_means(means), bias, block_n=block_n)
+    assert torch.equal(got, again)  # fixed summation order
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mean_key_score_default_path_on_losa_structured_inputs(dtype):
+    # What LoSA calls: the stacked active-first rows of a block, the means split once; the ranked ids equal
+    # the float32 PyTorch path's. 128 stacked rows span 4 row tiles; 150 blocks, 3 chunks of up to 64.
+    from sparsediff.kernels.losa_step import split_means
+    from sparsediff.methods.prefix_attention import active_first_rows
+
+    gen = torch.Generator().manual_seed(5)
+    b, hq, hkv, nq, d, bs, nkb = 2, 8, 2, 32, 32, 16, 150
+    q = torch.randn(b, hq, nq, d, generator=gen, device="cpu").to(_dev(), dtype)
+    k = torch.randn(b, hkv, nkb * bs, d, generator=gen, device="cpu").to(_dev(), torch.bfloat16)
+    k[:, :, 5 * bs: 6 * bs] += 0.8 * q[:, ::4, :1].float().mean(dim=2, keepdim=True).to(k.dtype)  # a hot block
+    active = torch.rand(b, nq, generator=gen, device="cpu").to(_dev()) < 0.4
+    rows = active_first_rows(q, active, hkv, bs)
+    means_t = k.float().view(b, hkv, nkb, bs, d).mean(dim=3).transpose(-1, -2).contiguous() * d ** -0.5
+    means = means_t.transpose(-1, -2)  # LoSA's layout: (B, H, D, nkb) storage
+    bias = torch.zeros(nkb, device=_dev())
+    bias[-3:] = -1e30
+    got = mean_key_score(rows.stacked, rows.n_rows, means, bias, split=split_means(means), backend="triton")
+    want = mean_key_score(rows.stacked, rows.n_rows, means, bias, backend="torch")
+    rtol = 5e-5 if dtype == torch.float32 else 2e-6  # a float32 q is split in two bfloat16 parts (16 bits)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=2e-6)
+    assert torch.equal(rank_blocks(got, 10, 3), rank_blocks(want, 10, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_mean_key_score_kernel_in_a_cuda_graph_follows_n_live():
+    # No host read of n_live: one captured launch serves every live count.
+    rows, means, bias = score_inputs(b=1, h=8, r=512, d=128, nkb=1040, masked=16, dtype=torch.bfloat16,
+                                     device="cuda", spread=0.3 * 128 ** -0.5)
+    from sparsediff.kernels.losa_step import split_means
+
+    split = split_means(means)
+    n_live = torch.tensor([1], device="cuda", dtype=torch.int32)
+    mean_key_score(rows, n_live, means, bias, split=split)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        out = mean_key_score(rows, n_live, means, bias, split=split)
+    torch.cuda.current_stream().wait_stream(stream)
+    for live in (0, 37, 128, 512):
+        n_live.fill_(live)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, mean_key_score(rows, n_live, means, bias, split=split))
+        ref = live_mass_ref(rows.double() @ means.double().transpose(-1, -2), bias, [live])[0]
+        torch.testing.assert_close(out[0].double(), ref, rtol=2e-6, atol=2e-6)
 
 
 def test_mean_key_score_rejects_bad_input():

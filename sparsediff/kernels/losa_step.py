@@ -13,11 +13,13 @@ for the active tokens only. Fourteen small ops in PyTorch, one program per token
 tokens active-first and stacks each KV group's query heads, so the active rows lead); ``means`` ``(B, H, nkb,
 D)`` float32, the block mean keys already times the softmax scale (any strides); ``bias`` ``(nkb,)`` float32,
 0 on the blocks that may be chosen and -1e30 on the others (padding of a capacity-sized state): added to the
-logits and once more to the score, so that those blocks get no mass and rank last. The CUDA kernel skips
-the query tiles past ``n_live`` at a fixed launch shape (CUDA-graph safe), so its cost follows the number of
-live rows, and the logits never reach memory. It multiplies on bfloat16 tensor cores: the float32 means are
-split into three bfloat16 parts (``split_means``) and a bfloat16 q is exact, so the logits keep about float32
-accuracy (other q dtypes are split in two as well).
+logits and once more to the score, so that those blocks get no mass and rank last. On CUDA two kernels
+work on chunks of key blocks (a few heads of a few live rows leave too few programs otherwise): the first
+writes each live row's max and normaliser per chunk, the second combines them and sums the live rows'
+probabilities per block. Both skip the query tiles past ``n_live`` at a fixed launch shape (CUDA-graph
+safe), so their cost follows the number of live rows, and the logits never reach memory. They multiply on
+bfloat16 tensor cores: the float32 means are split into three bfloat16 parts (``split_means``) and a bfloat16
+q is exact, so the logits keep about float32 accuracy (other q dtypes are split in two as well).
 
 ``rank_blocks``: the ``keep`` best key-block ids of a score ``(B, H, nkb)``, best first, exactly as a stable
 descending ``torch.sort`` orders them (ties by lower index, NaN first, -0.0 equal to +0.0), laid out for
@@ -38,8 +40,6 @@ import math
 import os
 
 import torch
-
-MAX_KERNEL_ROWS = 256
 
 
 def _interpreter_or_cuda(x):
@@ -133,10 +133,10 @@ def split_means(means, out=None):
 
 def mean_key_score(rows, n_live, means, bias, *, split=None, backend=None, outliers=None, block_size=1):
     """``(B, H, nkb)`` float32 score; see the module docstring. ``split``: :func:`split_means` of ``means``
-    (made here when needed and not given). ``backend``: None (Triton on CUDA up to ``MAX_KERNEL_ROWS``
-    stacked rows, "logits" above, PyTorch elsewhere), "triton", "logits" or "torch". "logits": the float32
-    logits of every row in one matmul (as the PyTorch path), then one Triton kernel for the live rows'
-    softmax mass (``live_mass_triton``; summed per row tile, so not bit-equal to the PyTorch path).
+    (made here when needed and not given). ``backend``: None (Triton on CUDA, PyTorch elsewhere), "triton",
+    "logits" or "torch". "logits": the float32 logits of every row in one matmul (as the PyTorch path), then
+    one Triton kernel for the live rows' softmax mass (``live_mass_triton``; summed per row tile, so not
+    bit-equal to the PyTorch path).
     ``outliers``: each block's largest-norm key times the scale, shaped as ``means``, scored with it as
     :func:`block_logits` says (``block_size`` keys per block); the "logits" path on CUDA whatever the rows."""
     _check(rows, n_live, means, bias)
@@ -154,16 +154,12 @@ def mean_key_score(rows, n_live, means, bias, *, split=None, backend=None, outli
         return _mean_key_score_torch(rows, n_live, means, bias, outliers, block_size)
     if backend not in (None, "torch", "triton", "logits"):
         raise ValueError(f"backend must be None, 'triton', 'logits' or 'torch', got {backend!r}")
-    # Above ~256 stacked rows one float32 cuBLAS matmul over every row beat the split-bfloat16 kernel on an
-    # H100 (0.07 vs 0.16 ms per step at a 128k prefix, 128-token blocks; docs/block_methods.md); below it
-    # the kernel wins. The softmax, the bias and the sum over live rows after that matmul are one kernel.
-    many_rows = rows.shape[2] > MAX_KERNEL_ROWS
-    if backend == "logits" or (backend is None and rows.is_cuda and many_rows):
+    if backend == "logits":
         from .losa_step_triton import live_mass_triton
 
         _interpreter_or_cuda(rows)
         return live_mass_triton(torch.matmul(rows.float(), means.transpose(-1, -2)), n_live, bias.float())
-    if backend == "triton" or (backend is None and rows.is_cuda and not many_rows):
+    if backend == "triton" or (backend is None and rows.is_cuda):
         from .losa_step_triton import mean_key_score_triton
 
         _interpreter_or_cuda(rows)

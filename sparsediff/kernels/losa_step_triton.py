@@ -1,5 +1,6 @@
-"""Triton kernels of ``losa_step``: ``token_change_update`` (one program per token) and ``mean_key_score``
-(one program per (batch x head, tile of query rows))."""
+"""Triton kernels of ``losa_step``: ``token_change_update`` (one program per token), ``mean_key_score`` (two
+kernels over (batch x head, chunk of key blocks)), the live rows' mass from float32 logits, ``rank_blocks``,
+``window_attention`` and the active-first order."""
 
 from __future__ import annotations
 
@@ -70,75 +71,103 @@ def _split_logits(q_hi, q_lo, m_ptr, n, dd, sms, smd, NKB, D: tl.constexpr, Q_SP
 
 
 @triton.jit
-def _mean_key_score_kernel(Q, MS, Bias, Live, P, R, NKB, T, H, sqb, sqh, sqr, sms, smb, smh, smd,
-                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                           Q_SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
+def _chunk_stats_kernel(Q, MS, Bias, Live, M, S, R, NKB, C, H, sqb, sqh, sqr, sms, smb, smh, smd, D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, Q_SPLIT: tl.constexpr,
+                        DOT_F32: tl.constexpr):
+    """Per (batch x head, chunk of key blocks, row tile): each live row's max and sum of exponentials over the
+    chunk's logits, to ``M`` and ``S`` ``(B * H, R, C)``. Tiles past ``n_live`` return at once."""
     bh = tl.program_id(0)
-    t = tl.program_id(1)
+    c = tl.program_id(1)
+    t = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    live = tl.load(Live + b)
-    rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    dd = tl.arange(0, BLOCK_D)
-    out = P + (bh.to(tl.int64) * T + t) * NKB
-    first = (t == 0).to(tl.float32)  # tile 0 adds the bias to the score once
+    live = tl.minimum(tl.load(Live + b), R)
     if t * BLOCK_M < live:
+        rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = c * BLOCK_N + tl.arange(0, BLOCK_N)
+        dd = tl.arange(0, BLOCK_D)
         q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqr + dd[None, :],
-                    mask=(rows[:, None] < R) & (dd[None, :] < D), other=0.0)
+                    mask=(rows[:, None] < live) & (dd[None, :] < D), other=0.0)
         q_hi = q.to(tl.bfloat16)
         q_lo = q_hi
         if Q_SPLIT:
             q_lo = (q.to(tl.float32) - q_hi.to(tl.float32)).to(tl.bfloat16)
-        m_ptr = MS + b * smb + h * smh
-        top = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK_M], tl.float32)
-        # Pass 1: each row's softmax max and normaliser over all key blocks.
-        for n0 in range(0, NKB, BLOCK_N):
-            n = n0 + cols
-            s = _split_logits(q_hi, q_lo, m_ptr, n, dd, sms, smd, NKB, D, Q_SPLIT, DOT_F32)
-            s += tl.load(Bias + n, mask=n < NKB, other=float("-inf"))[None, :]
-            new = tl.maximum(top, tl.max(s, axis=1))
-            total = total * tl.exp(top - new) + tl.sum(tl.exp(s - new[:, None]), axis=1)
-            top = new
-        weight = tl.where(rows < live, 1.0 / total, 0.0)  # rows past the live ones carry no mass
-        # Pass 2: the live rows' probabilities summed per key block.
-        for n0 in range(0, NKB, BLOCK_N):
-            n = n0 + cols
-            bias = tl.load(Bias + n, mask=n < NKB, other=float("-inf"))
-            s = _split_logits(q_hi, q_lo, m_ptr, n, dd, sms, smd, NKB, D, Q_SPLIT, DOT_F32) + bias[None, :]
-            p = tl.exp(s - top[:, None]) * weight[:, None]
-            tl.store(out + n, tl.sum(p, axis=0) + first * tl.where(n < NKB, bias, 0.0), mask=n < NKB)
-    else:  # no live row in this tile: its share of the score is zero (plus the bias on tile 0)
-        for n0 in range(0, NKB, BLOCK_N):
-            n = n0 + cols
-            bias = tl.load(Bias + n, mask=n < NKB, other=0.0)
-            tl.store(out + n, first * bias, mask=n < NKB)
+        s = _split_logits(q_hi, q_lo, MS + b * smb + h * smh, n, dd, sms, smd, NKB, D, Q_SPLIT, DOT_F32)
+        s += tl.load(Bias + n, mask=n < NKB, other=float("-inf"))[None, :]
+        top = tl.max(s, axis=1)  # finite: a chunk holds at least one block, and the bias is finite
+        at = (bh.to(tl.int64) * R + rows) * C + c
+        tl.store(M + at, top, mask=rows < live)
+        tl.store(S + at, tl.sum(tl.exp(s - top[:, None]), axis=1), mask=rows < live)
 
 
-def mean_key_score_triton(rows, n_live, split, bias):
-    """``split``: ``(3, B, H, D, nkb)`` bfloat16 parts of the means (``losa_step.split_means``)."""
+@triton.jit
+def _chunk_mass_kernel(Q, MS, Bias, Live, M, S, P, R, NKB, C, H, sqb, sqh, sqr, sms, smb, smh, smd, D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                       Q_SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
+    """Per (batch x head, chunk of key blocks): the live rows' softmax mass on the chunk's blocks, tile by tile
+    in row order (deterministic), each row's normaliser combined from the chunk statistics; plus the bias."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    live = tl.minimum(tl.load(Live + b), R)
+    n = c * BLOCK_N + tl.arange(0, BLOCK_N)
+    dd = tl.arange(0, BLOCK_D)
+    cc = tl.arange(0, BLOCK_C)
+    bias = tl.load(Bias + n, mask=n < NKB, other=float("-inf"))
+    m_ptr = MS + b * smb + h * smh
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for t in range(0, tl.cdiv(live, BLOCK_M)):  # live tiles only: the launch shape stays fixed
+        rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        use = rows < live
+        at = (bh.to(tl.int64) * R + rows[:, None]) * C + cc[None, :]
+        mc = tl.load(M + at, mask=use[:, None] & (cc[None, :] < C), other=float("-inf"))
+        sc = tl.load(S + at, mask=use[:, None] & (cc[None, :] < C), other=0.0)
+        top = tl.where(use, tl.max(mc, axis=1), 0.0)
+        total = tl.sum(sc * tl.exp(mc - top[:, None]), axis=1)
+        weight = tl.where(use, 1.0 / tl.where(use, total, 1.0), 0.0)  # rows past the live ones carry no mass
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqr + dd[None, :],
+                    mask=use[:, None] & (dd[None, :] < D), other=0.0)
+        q_hi = q.to(tl.bfloat16)
+        q_lo = q_hi
+        if Q_SPLIT:
+            q_lo = (q.to(tl.float32) - q_hi.to(tl.float32)).to(tl.bfloat16)
+        # The same logits as the first kernel's (same code and tile shape): recomputed, never in memory.
+        s = _split_logits(q_hi, q_lo, m_ptr, n, dd, sms, smd, NKB, D, Q_SPLIT, DOT_F32) + bias[None, :]
+        acc += tl.sum(tl.exp(s - top[:, None]) * weight[:, None], axis=0)
+    tl.store(P + bh.to(tl.int64) * NKB + n, acc + bias, mask=n < NKB)
+
+
+def mean_key_score_triton(rows, n_live, split, bias, block_n=64):
+    """``split``: ``(3, B, H, D, nkb)`` bfloat16 parts of the means (``losa_step.split_means``). Two kernels over
+    chunks of ``block_n`` key blocks, so that all SMs share the work even with 8 heads of ~32 live rows: each
+    chunk's max and normaliser per live row, then each chunk's mass from the combined normalisers.
+    Tiles of 32 rows, chunks of 64 blocks, 4 warps: the best of 10 settings on an H100 at LoSA's shapes (8
+    heads, 512 / 1024 blocks, 32 of 128 or 128 of 512 rows live: 7.3-21.6 us per call; chunks of 128 were up
+    to 1.2 us faster at 1024 blocks and 2.6-4.1 us slower at 512, chunks of 32 2.3-10 us slower, 64-row tiles
+    slower everywhere)."""
     b, h, r, d = rows.shape
     nkb = split.shape[4]
     if rows.stride(3) != 1:
         rows = rows.contiguous()
     if split.stride(4) != 1:
         split = split.contiguous()
-    # 32-row tiles: more programs share the work at long blocks, and 64-row tiles ran 6x slower per chunk on
-    # an H100 (2026-11-23: 0.144 ms per step for 16 programs at 64k / 128-token blocks, against 0.022 ms
-    # for 8 programs of 32 rows at 64k / 32-token blocks).
     block_m = 32
-    block_n = 64
     block_d = max(16, triton.next_power_of_2(d))
-    tiles = triton.cdiv(r, block_m)
-    partial = torch.empty(b, h, tiles, nkb, dtype=torch.float32, device=rows.device)
+    chunks = triton.cdiv(nkb, block_n)
+    tops = torch.empty(b * h, r, chunks, dtype=torch.float32, device=rows.device)
+    sums = torch.empty_like(tops)
+    score = torch.empty(b, h, nkb, dtype=torch.float32, device=rows.device)
     live = n_live if n_live.dtype == torch.int32 and n_live.is_contiguous() else n_live.to(torch.int32).contiguous()
-    _mean_key_score_kernel[(b * h, tiles)](
-        rows, split, bias.contiguous(), live, partial, r, nkb, tiles, h, rows.stride(0), rows.stride(1),
-        rows.stride(2), split.stride(0), split.stride(1), split.stride(2), split.stride(3), D=d, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=block_d, Q_SPLIT=rows.dtype != torch.bfloat16, DOT_F32=not rows.is_cuda,
-        num_warps=4)
-    return partial.sum(dim=2) if tiles > 1 else partial[:, :, 0]
+    bias = bias.contiguous()
+    args = (r, nkb, chunks, h, rows.stride(0), rows.stride(1), rows.stride(2), split.stride(0), split.stride(1),
+            split.stride(2), split.stride(3))
+    kw = dict(D=d, BLOCK_N=block_n, BLOCK_D=block_d, Q_SPLIT=rows.dtype != torch.bfloat16, DOT_F32=not rows.is_cuda,
+              BLOCK_M=block_m, num_warps=4)
+    _chunk_stats_kernel[(b * h, chunks, triton.cdiv(r, block_m))](rows, split, bias, live, tops, sums, *args, **kw)
+    _chunk_mass_kernel[(b * h, chunks)](rows, split, bias, live, tops, sums, score, *args,
+                                        BLOCK_C=max(16, triton.next_power_of_2(chunks)), **kw)
+    return score
 
 
 @triton.jit

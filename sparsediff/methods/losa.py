@@ -58,7 +58,6 @@ import torch
 
 from ..kernels import index_to_mask, losa_step, mask_to_index
 from ..kernels.losa_step import (
-    MAX_KERNEL_ROWS,
     active_first_order,
     block_logits,
     mean_key_score,
@@ -317,8 +316,6 @@ class LoSAMethod(AttentionMethod):
         dense_splits = choose_splits(q, nkb_cap, heads=hq // dense_pack) if nq <= cfg.block_size else 1
         w = cfg.block_size + nq
         f32 = dict(dtype=torch.float32, device=dev)
-        # The union-score kernel's input, made once per block, where it scores (mean_key_score's cut-over).
-        stacked_rows = -(-nq * (hq // hkv) // cfg.block_size) * cfg.block_size
         # Kept counts per split for every prefix length, laid out once (strided_counts of each row's keep).
         nkbs = torch.arange(nkb_cap + 1)
         keeps = nkbs if cfg.sparsity == 0.0 else torch.tensor([self._keep(n) for n in range(nkb_cap + 1)])
@@ -338,7 +335,7 @@ class LoSAMethod(AttentionMethod):
                        win_idx=torch.zeros(w, dtype=torch.int64, device=dev),
                        win_bias=torch.zeros(w, **f32), splits=splits, keep_cap=keep_cap, signature=signature,
                        means_split=(torch.zeros(3, bsz, hkv, d, nkb_cap, dtype=torch.bfloat16, device=dev)
-                                    if q.is_cuda and stacked_rows <= MAX_KERNEL_ROWS and not cfg.outlier_keys
+                                    if q.is_cuda and not cfg.outlier_keys
                                     else None),
                        n_dev=torch.zeros((), dtype=torch.int64, device=dev), count_table=table(keeps, splits),
                        dense_table=table(nkbs, dense_splits), block_ids=torch.arange(nkb_cap, device=dev),

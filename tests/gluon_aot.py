@@ -1,6 +1,6 @@
 """Compile the Gluon kernel for sm_90a without a GPU and print what the tests check, as one JSON line.
 
-    python tests/gluon_aot.py WORKDIR '[[128, "bfloat16", true, true, false], ...]'
+    python tests/gluon_aot.py WORKDIR '[[128, "bfloat16", true, true, false, false], ...]'
 
 Run without TRITON_INTERPRET (Gluon has no interpreter). The Triton wheel ships ptxas and cuobjdump.
 """
@@ -32,7 +32,7 @@ class Sm90Target:
         return 0
 
 
-def compile_variant(d, dtype_name, even_n, write_lse, causal):
+def compile_variant(d, dtype_name, even_n, write_lse, causal, has_live=False):
     dtype = getattr(torch, dtype_name)
     gdtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
     x = torch.empty(1, 2, 512, d, dtype=dtype)
@@ -47,9 +47,10 @@ def compile_variant(d, dtype_name, even_n, write_lse, causal):
     cfg = G.DEFAULT_SCHEDULE
     return G._block_sparse_fwd_gluon.warmup(
         q_desc, kv_desc, kv_desc, out, lse, index, count, 0, 0, 16, 1, 0, 0, 4, *out.stride()[:3],
-        2, 1, 512, 512, 0.1, 0, 4, HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"],
+        2, 1, 512, 512, 0.1, 0, 4, count, HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"],
         OVERLAP=cfg["overlap"], WRITE_LSE=write_lse, CONSUMER_REGS=cfg["consumer_regs"],
-        LOADER_REGS=cfg["loader_regs"], EVEN_N=even_n, CAUSAL=causal, num_warps=4, maxnreg=G.kernel_maxnreg(cfg),
+        LOADER_REGS=cfg["loader_regs"], EVEN_N=even_n, CAUSAL=causal, HAS_LIVE=has_live, num_warps=4,
+        maxnreg=G.kernel_maxnreg(cfg),
         grid=(1,))
 
 

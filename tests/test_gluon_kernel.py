@@ -24,11 +24,12 @@ SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CTA may use on sm_90
 
 
 AOT_VARIANTS = [
-    # head dim, dtype, even N (no tail masking), write LSE, causal
-    (128, "bfloat16", True, True, False),
-    (128, "float16", False, False, False),
-    (64, "bfloat16", False, True, False),
-    (128, "bfloat16", True, True, True),
+    # head dim, dtype, even N (no tail masking), write LSE, causal, live rows
+    (128, "bfloat16", True, True, False, False),
+    (128, "float16", False, False, False, False),
+    (64, "bfloat16", False, True, False, False),
+    (128, "bfloat16", True, True, True, False),
+    (128, "bfloat16", True, True, False, True),
 ]
 
 
@@ -107,6 +108,40 @@ def test_strided_inputs_and_broadcast_index():
     q, k, v = (torch.randn(2, 640, 4, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2) for _ in range(3))
     index, count = mask_to_index(torch.rand(1, 1, 5, 5, device="cuda") < 0.5)
     _check(q, k, v, index, count, backend="gluon")
+
+
+@gpu
+@pytest.mark.parametrize("repeat", [1, 3])
+def test_live_rows_skip_dead_halves_and_leave_live_rows_bit_equal(repeat):
+    # live_rows (per batch row): 64-row halves of q past them are skipped (zeros, -inf); every row below
+    # them is bit-equal to the full computation, whatever repeat_q does with the query blocks.
+    g = torch.Generator(device="cuda").manual_seed(repeat)
+    q = torch.randn(4, 4, 256, 128, dtype=torch.bfloat16, device="cuda", generator=g)
+    k, v = (torch.randn(4, 2, 1000, 128, dtype=torch.bfloat16, device="cuda", generator=g) for _ in range(2))
+    mask = torch.rand(4, 4, 2 * repeat, 8, device="cuda", generator=g) < 0.6
+    mask[..., 0] = True
+    index, count = mask_to_index(mask)
+    live = torch.tensor([0, 40, 64, 200], dtype=torch.int32, device="cuda")
+    full, full_lse = block_sparse_attention(q, k, v, index, count, return_lse=True, repeat_q=repeat, backend="gluon")
+    out, lse = block_sparse_attention(q, k, v, index, count, return_lse=True, repeat_q=repeat, backend="gluon",
+                                      live_rows=live)
+    rows = torch.arange(256 * repeat, device="cuda") % 256  # row of q each output row reads
+    for b, n in enumerate(live.tolist()):
+        keep = rows < n
+        assert torch.equal(out[b][:, keep], full[b][:, keep]) and torch.equal(lse[b][:, keep], full_lse[b][:, keep])
+        skipped = rows >= -(-n // 64) * 64  # whole halves past the live rows
+        assert bool((out[b][:, skipped] == 0).all()) and bool(torch.isneginf(lse[b][:, skipped]).all())
+
+
+def test_live_rows_are_checked_and_other_kernels_compute_every_row():
+    q = torch.randn(2, 2, 128, 64, device="cpu")
+    index, count = mask_to_index(torch.ones(1, 1, 1, 2, dtype=torch.bool, device="cpu"))
+    k = torch.randn(2, 2, 256, 64, device="cpu")
+    with pytest.raises(ValueError, match="live_rows must be an int32"):
+        block_sparse_attention(q, k, k, index, count, backend="torch", live_rows=torch.tensor([1, 2]))
+    live = torch.tensor([0, 5], dtype=torch.int32, device="cpu")
+    got = block_sparse_attention(q, k, k, index, count, backend="torch", live_rows=live)
+    assert torch.equal(got, block_sparse_attention(q, k, k, index, count, backend="torch"))
 
 
 @gpu

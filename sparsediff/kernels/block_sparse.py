@@ -157,6 +157,7 @@ def block_sparse_attention(
     backend: str | None = None,
     check_ids: bool = True,
     repeat_q: int = 1,
+    live_rows: torch.Tensor | None = None,
 ):
     """Attention of each query block to the key blocks it keeps.
 
@@ -176,6 +177,10 @@ def block_sparse_attention(
         repeat_q: attend as if q were ``q.repeat(1, 1, repeat_q, 1)`` (Nq a multiple of ``block_size``;
             not causal), without making the copy: query block ``i`` reads q's block ``i % (Nq / block_size)``.
             Split prefix attention runs one query block against several key chunks this way.
+        live_rows: int32 ``(B,)``, optional: only rows ``< live_rows[b]`` of q (before ``repeat_q``) are
+            needed. The Gluon kernel then skips each 64-row half of a query block that holds none of them
+            (its rows get zeros and ``-inf``); the other kernels compute every row. Rows below it are the
+            same either way.
 
     Returns:
         ``out`` in the input dtype, and with ``return_lse`` the natural-log LSE ``(B, Hq, Nq)`` in
@@ -190,6 +195,10 @@ def block_sparse_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     block_index = block_index.to(torch.int32)
     block_count = block_count.to(torch.int32)
+    if live_rows is not None and (live_rows.dtype != torch.int32 or tuple(live_rows.shape) != (q.shape[0],)
+                                  or live_rows.device != q.device):
+        raise ValueError(f"live_rows must be an int32 ({q.shape[0]},) tensor on {q.device}, got {live_rows.dtype} "
+                         f"{tuple(live_rows.shape)} on {live_rows.device}")
     if backend in ("triton", "gluon"):
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -206,7 +215,8 @@ def block_sparse_attention(
                 from .block_sparse_gluon import block_sparse_attention_gluon
 
                 out, lse = block_sparse_attention_gluon(q, k, v, block_index, block_count, scale=scale,
-                                                        return_lse=return_lse, causal=causal, repeat_q=repeat_q)
+                                                        return_lse=return_lse, causal=causal, repeat_q=repeat_q,
+                                                        live_rows=live_rows)
             except Exception as err:  # a build failure: fall back, unless asked for Gluon or the GPU failed
                 if requested == "gluon" or "CUDA error" in str(err):
                     raise

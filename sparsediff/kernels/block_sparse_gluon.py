@@ -106,9 +106,10 @@ def _softmax_step(s, m_i, l_i, index_ptr, nk, qk_scale, row0, causal_offset, s_l
 @gluon.jit
 def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
               BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
-              stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale, causal_offset,
-              WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-              OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr):
+              stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale, causal_offset, QLive,
+              q_tiles, WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+              OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
+              HAS_LIVE: gl.constexpr):
     BLOCK_N: gl.constexpr = 128
     ROWS: gl.constexpr = 64
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -131,7 +132,17 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
     if PINGPONG:
         if WG == 1:
             mbarrier.arrive(turn_bars.index(0))  # warpgroup 0 issues first
-    if count > 0:
+    # With live_rows, a warpgroup whose 64 rows of q are all past the live ones skips its GEMMs and softmax:
+    # it only releases each stage once the tile has landed (the loader's ring needs both arrivals in order)
+    # and writes zeros / -inf. Not with ping-pong, whose turns need both warpgroups to issue.
+    live_wg = True
+    if HAS_LIVE and not PINGPONG:
+        live_wg = (q_block % q_tiles) * 128 + WG * ROWS < gl.load(QLive + b)
+    if count > 0 and not live_wg:
+        for t in range(count):
+            mbarrier.wait(v_bars.index(t % STAGES), (t // STAGES) & 1)
+            mbarrier.arrive(empty_bars.index(t % STAGES))
+    if count > 0 and live_wg:
         mbarrier.wait(q_bars.index(WG), 0)
         # Tile 0: QK^T alone.
         mbarrier.wait(k_bars.index(0), 0)
@@ -196,10 +207,11 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
 def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockCount,
                             stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                             stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
-                            causal_offset, q_tiles, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                            causal_offset, q_tiles, QLive, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                             PINGPONG: gl.constexpr,
                             OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                            LOADER_REGS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr):
+                            LOADER_REGS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
+                            HAS_LIVE: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -222,11 +234,13 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
         (_consumer, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse, BlockCount,
                      BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                      stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
-                     causal_offset, 0, HEAD_DIM, STAGES, PINGPONG, OVERLAP, WRITE_LSE, EVEN_N, CAUSAL)),
+                     causal_offset, QLive, q_tiles, 0, HEAD_DIM, STAGES, PINGPONG, OVERLAP, WRITE_LSE, EVEN_N,
+                     CAUSAL, HAS_LIVE)),
         (_consumer, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse, BlockCount,
                      BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                      stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
-                     causal_offset, 1, HEAD_DIM, STAGES, PINGPONG, OVERLAP, WRITE_LSE, EVEN_N, CAUSAL)),
+                     causal_offset, QLive, q_tiles, 1, HEAD_DIM, STAGES, PINGPONG, OVERLAP, WRITE_LSE, EVEN_N,
+                     CAUSAL, HAS_LIVE)),
         (_loader, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, BlockCount,
                    BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                    num_heads, group_size, q_tiles, STAGES)),
@@ -265,9 +279,11 @@ def kernel_maxnreg(schedule: dict) -> int:
 
 
 def block_sparse_attention_gluon(q, k, v, block_index, block_count, *, scale, return_lse, causal=False, repeat_q=1,
-                                 **schedule):
+                                 live_rows=None, **schedule):
     """Same contract as ``block_sparse_attention_triton`` (``repeat_q``: Nq a multiple of 128); ``schedule`` overrides
-    ``DEFAULT_SCHEDULE`` keys (stages, pingpong, overlap, consumer_regs, loader_regs) for ablations."""
+    ``DEFAULT_SCHEDULE`` keys (stages, pingpong, overlap, consumer_regs, loader_regs) for ablations. ``live_rows``:
+    int32 ``(B,)``, rows of q from ``live_rows[b]`` on (before ``repeat_q``) are skipped by 64-row warpgroup and
+    get zeros and ``-inf``."""
     unknown = set(schedule) - set(DEFAULT_SCHEDULE)
     if unknown:
         raise ValueError(f"unknown schedule options {sorted(unknown)}; known: {sorted(DEFAULT_SCHEDULE)}")
@@ -290,9 +306,9 @@ def block_sparse_attention_gluon(q, k, v, block_index, block_count, *, scale, re
         q_desc, k_desc, v_desc, out, lse, block_index, block_count,
         si[0], si[1], block_index.stride(2), block_index.stride(3), sc[0], sc[1], block_count.stride(2),
         out.stride(0), out.stride(1), out.stride(2), hq, hq // hkv, nq, nk, scale * LOG2E, nk - nq,
-        triton.cdiv(q_rows, BLOCK_SIZE), HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"],
-        OVERLAP=cfg["overlap"], WRITE_LSE=return_lse, CONSUMER_REGS=cfg["consumer_regs"],
-        LOADER_REGS=cfg["loader_regs"], EVEN_N=nk % BLOCK_SIZE == 0,
-        CAUSAL=causal, num_warps=4, maxnreg=kernel_maxnreg(cfg),
+        triton.cdiv(q_rows, BLOCK_SIZE), block_count if live_rows is None else live_rows, HEAD_DIM=d,
+        STAGES=cfg["stages"], PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=return_lse,
+        CONSUMER_REGS=cfg["consumer_regs"], LOADER_REGS=cfg["loader_regs"], EVEN_N=nk % BLOCK_SIZE == 0,
+        CAUSAL=causal, HAS_LIVE=live_rows is not None, num_warps=4, maxnreg=kernel_maxnreg(cfg),
     )
     return out, (lse if return_lse else None)

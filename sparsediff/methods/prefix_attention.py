@@ -185,7 +185,7 @@ def active_first_partials(q, k, v, split, active, *, scale=None, block_size=128,
     rows fill the leading query tiles, and tiles past them get a kept count of 0, so their programs skip
     the prefix. Needs one block index per KV head (or one for all): ``split = (index, count, S)`` as
     :func:`split_index` lays it out. Rows of inactive tokens are left as zeros / -inf or computed,
-    whichever their tile is."""
+    whichever their tile (or 64-row half of it, on the Gluon kernel) is."""
     bsz, hq, nq, d = q.shape
     hkv = k.shape[1]
     index, count, splits = split
@@ -200,7 +200,7 @@ def active_first_partials(q, k, v, split, active, *, scale=None, block_size=128,
     count = torch.where(live[:, None, None, :], count[..., None], 0).reshape(bsz, count.shape[1], splits * nqb)
     index = (index.repeat_interleave(nqb, dim=2) if nqb > 1 else index).expand(bsz, -1, -1, -1)
     out, lse = block_sparse_attention(stacked, k, v, index, count, scale=scale, block_size=block_size,
-                                      return_lse=True, check_ids=False, repeat_q=splits)
+                                      return_lse=True, check_ids=False, repeat_q=splits, live_rows=rows.n_rows)
     r = nqb * block_size
     return Partials(out.view(bsz, hkv, splits, r, d), lse.view(bsz, hkv, splits, r), rows.group, rows.rank)
 

@@ -133,15 +133,26 @@ def test_live_rows_skip_dead_halves_and_leave_live_rows_bit_equal(repeat):
         assert bool((out[b][:, skipped] == 0).all()) and bool(torch.isneginf(lse[b][:, skipped]).all())
 
 
-def test_live_rows_are_checked_and_other_kernels_compute_every_row():
-    q = torch.randn(2, 2, 128, 64, device="cpu")
-    index, count = mask_to_index(torch.ones(1, 1, 1, 2, dtype=torch.bool, device="cpu"))
-    k = torch.randn(2, 2, 256, 64, device="cpu")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_live_rows_are_checked_and_skip_query_blocks_past_them(backend):
+    # Every backend: a query block with no row below live_rows keeps nothing (zeros, -inf); rows below it
+    # are what the call without live_rows gives. repeat_q reads q's blocks again: the same rule per copy.
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 2, 256, 64, generator=g).to("cpu", torch.bfloat16)
+    k = torch.randn(3, 2, 384, 64, generator=g).to("cpu", torch.bfloat16)
+    index, count = mask_to_index(torch.ones(1, 1, 4, 3, dtype=torch.bool, device="cpu"))
     with pytest.raises(ValueError, match="live_rows must be an int32"):
-        block_sparse_attention(q, k, k, index, count, backend="torch", live_rows=torch.tensor([1, 2]))
-    live = torch.tensor([0, 5], dtype=torch.int32, device="cpu")
-    got = block_sparse_attention(q, k, k, index, count, backend="torch", live_rows=live)
-    assert torch.equal(got, block_sparse_attention(q, k, k, index, count, backend="torch"))
+        block_sparse_attention(q, k, k, index, count, backend=backend, repeat_q=2, live_rows=torch.tensor([1, 2, 3]))
+    live = torch.tensor([0, 100, 130], dtype=torch.int32, device="cpu")
+    full, full_lse = block_sparse_attention(q, k, k, index, count, backend=backend, repeat_q=2, return_lse=True)
+    out, lse = block_sparse_attention(q, k, k, index, count, backend=backend, repeat_q=2, return_lse=True,
+                                      live_rows=live)
+    rows = torch.arange(512) % 256
+    for b, n in enumerate(live.tolist()):
+        keep = rows < n
+        assert torch.equal(out[b][:, keep], full[b][:, keep]) and torch.equal(lse[b][:, keep], full_lse[b][:, keep])
+        dead = rows >= -(-n // 128) * 128  # whole query blocks past the live rows
+        assert bool((out[b][:, dead] == 0).all()) and bool(torch.isneginf(lse[b][:, dead]).all())
 
 
 @gpu

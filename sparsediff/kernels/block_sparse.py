@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -76,6 +77,12 @@ def resolve_backend(backend: str | None, q: torch.Tensor) -> str:
             f"got {q.dtype}, head dim {q.shape[-1]}: using the slower PyTorch path"
         )
     return "torch"
+
+
+@functools.lru_cache(maxsize=64)
+def _block_starts(num_blocks: int, q_tiles: int, block_size: int, device) -> torch.Tensor:
+    """The first row of q each query block reads (block ``i`` reads q's block ``i % q_tiles``)."""
+    return (torch.arange(num_blocks, device=device) % q_tiles) * block_size
 
 
 def check_inputs(q, k, v, block_index, block_count, block_size, backend, check_ids=True, repeat_q=1):
@@ -178,9 +185,10 @@ def block_sparse_attention(
             not causal), without making the copy: query block ``i`` reads q's block ``i % (Nq / block_size)``.
             Split prefix attention runs one query block against several key chunks this way.
         live_rows: int32 ``(B,)``, optional: only rows ``< live_rows[b]`` of q (before ``repeat_q``) are
-            needed. The Gluon kernel then skips each 64-row half of a query block that holds none of them
-            (its rows get zeros and ``-inf``); the other kernels compute every row. Rows below it are the
-            same either way.
+            needed, read on the device (no sync). A query block with none of them keeps no key (zeros and
+            ``-inf``, no loads) on every backend; the Gluon kernel also skips the GEMMs of a 64-row half
+            with none, the Triton kernel of a row tile (zeros and ``-inf`` too). Rows below it are the same
+            with or without it.
 
     Returns:
         ``out`` in the input dtype, and with ``return_lse`` the natural-log LSE ``(B, Hq, Nq)`` in
@@ -227,9 +235,12 @@ def block_sparse_attention(
 
             out, lse = block_sparse_attention_triton(
                 q, k, v, block_index, block_count, scale=scale, causal=causal, block_size=block_size,
-                return_lse=return_lse, repeat_q=repeat_q,
+                return_lse=return_lse, repeat_q=repeat_q, live_rows=live_rows,
             )
     else:
+        if live_rows is not None:  # query blocks past the live rows keep nothing, as on the GPU kernels
+            starts = _block_starts(block_count.shape[2], math.ceil(q.shape[2] / block_size), block_size, q.device)
+            block_count = torch.where(starts < live_rows[:, None, None], block_count, 0)
         if repeat_q > 1:  # the reference path makes the copy
             q = q.repeat(1, 1, repeat_q, 1)
         out, lse = block_sparse_attention_torch(

@@ -42,12 +42,15 @@ DEFAULT_SCHEDULE = dict(stages=3, pingpong=False, overlap=True, consumer_regs=24
 
 @gluon.jit
 def _tile_coords(BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
-                 num_heads, group_size):
+                 num_heads, group_size, QLive, q_tiles, HAS_LIVE: gl.constexpr):
     q_block = gl.program_id(0)
     pid_bh = gl.program_id(1)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     count = gl.load(BlockCount + b * stride_cb + h * stride_ch + q_block * stride_cq)
+    if HAS_LIVE:  # a query block past the live rows keeps nothing: no loads, zeros and -inf
+        if (q_block % q_tiles) * 128 >= gl.load(QLive + b):
+            count = 0
     index_base = BlockIndex + b * stride_ib + h * stride_ih + q_block * stride_iq
     return count, index_base, b, h, h // group_size, pid_bh, q_block
 
@@ -55,10 +58,10 @@ def _tile_coords(BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride
 @gluon.jit
 def _loader(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars,
             BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
-            num_heads, group_size, q_tiles, STAGES: gl.constexpr):
+            num_heads, group_size, q_tiles, QLive, STAGES: gl.constexpr, HAS_LIVE: gl.constexpr):
     count, index_base, b, h, h_kv, pid_bh, q_block = _tile_coords(
         BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
-        num_heads, group_size)
+        num_heads, group_size, QLive, q_tiles, HAS_LIVE)
     # 4-D descriptors over (B, H, N, D): any strides, and rows past N are zero-filled, never another head's.
     # q holds q_tiles query blocks; output block i reads block i % q_tiles (repeat_q: no copy of q).
     for w in gl.static_range(2):
@@ -122,7 +125,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
 
     count, index_base, b, h, h_kv, pid_bh, q_block = _tile_coords(
         BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
-        num_heads, group_size)
+        num_heads, group_size, QLive, q_tiles, HAS_LIVE)
     m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
     l_i = gl.zeros([ROWS], gl.float32, row_layout)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
@@ -243,7 +246,7 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
                      CAUSAL, HAS_LIVE)),
         (_loader, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, BlockCount,
                    BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
-                   num_heads, group_size, q_tiles, STAGES)),
+                   num_heads, group_size, q_tiles, QLive, STAGES, HAS_LIVE)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 

@@ -30,10 +30,10 @@ def _block_sparse_fwd(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq,
-    qk_scale, num_heads, num_kv_heads, group_size, nq, nk, causal_offset, q_rows,
+    qk_scale, num_heads, num_kv_heads, group_size, nq, nk, causal_offset, q_rows, QLive,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr,
-    DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, HAS_LIVE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -54,6 +54,8 @@ def _block_sparse_fwd(
         q = q.to(tl.float32)
 
     count = tl.load(BlockCount + b * stride_cb + h * stride_ch + q_block * stride_cq)
+    if HAS_LIVE:  # a row tile past the live rows of q keeps nothing (zeros, -inf)
+        count = tl.where(q_start % q_rows >= tl.load(QLive + b), 0, count)
     index_base = BlockIndex + b * stride_ib + h * stride_ih + q_block * stride_iq
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
@@ -145,7 +147,7 @@ def _tma_ok(k: torch.Tensor, v: torch.Tensor, head_dim: int) -> bool:
 
 
 def block_sparse_attention_triton(q, k, v, block_index, block_count, *, scale, causal, block_size, return_lse,
-                                  config=None, use_tma=None, warp_specialize=None, repeat_q=1):
+                                  config=None, use_tma=None, warp_specialize=None, repeat_q=1, live_rows=None):
     bsz, hq, q_rows, d = q.shape
     nq = q_rows * repeat_q
     hkv, nk = k.shape[1], k.shape[2]
@@ -175,9 +177,9 @@ def block_sparse_attention_triton(q, k, v, block_index, block_count, *, scale, c
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         si[0], si[1], block_index.stride(2), block_index.stride(3),
         sc[0], sc[1], block_count.stride(2),
-        scale * LOG2E, hq, hkv, hq // hkv, nq, nk, nk - nq, q_rows,
+        scale * LOG2E, hq, hkv, hq // hkv, nq, nk, nk - nq, q_rows, block_count if live_rows is None else live_rows,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_M=bm, BLOCK_N=bn,
         CAUSAL=causal, WRITE_LSE=return_lse, DOT_F32=_interpreter_bf16(q), USE_TMA=use_tma,
-        WARP_SPECIALIZE=warp_specialize, num_warps=warps, num_stages=stages,
+        WARP_SPECIALIZE=warp_specialize, HAS_LIVE=live_rows is not None, num_warps=warps, num_stages=stages,
     )
     return out, (lse if return_lse else None)

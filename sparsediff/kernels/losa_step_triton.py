@@ -346,13 +346,15 @@ def window_attention_triton(q, k, v, idx, bias, scale):
         q = q.contiguous()
     out = torch.empty(b, hq, nq, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
-    block_m, block_n = 16, 64
+    # 128-key chunks, 2 stages: 6.9 / 9.9 us against 7.7 / 12.6 with 64 (128k prefix, 32 / 128-token blocks,
+    # H100, graph replays; 32- and 64-row tiles and 8 warps were no faster).
+    block_m, block_n = 16, 128
     rows = (hq // hkv) * nq
     bf16 = q.is_cuda and q.dtype == k.dtype == v.dtype == torch.bfloat16
     _window_attention_kernel[(b * hkv, triton.cdiv(rows, block_m))](
         q, k, v, idx, bias, out, lse, hkv, hq // hkv, nq, w, float(scale), q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), D=d, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), BF16=bf16, num_warps=4)
+        BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), BF16=bf16, num_warps=4, num_stages=2)
     return out, lse
 
 

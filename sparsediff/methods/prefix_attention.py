@@ -196,11 +196,12 @@ def active_first_partials(q, k, v, split, active, *, scale=None, block_size=128,
         rows = active_first_rows(q, active, hkv, block_size)
     stacked = rows.stacked
     nqb = stacked.shape[2] // block_size
-    live = _tile_starts(nqb, block_size, q.device) < rows.n_rows[:, None]  # (B, nqb): tile holds an active row
-    count = torch.where(live[:, None, None, :], count[..., None], 0).reshape(bsz, count.shape[1], splits * nqb)
-    index = (index.repeat_interleave(nqb, dim=2) if nqb > 1 else index).expand(bsz, -1, -1, -1)
-    out, lse = block_sparse_attention(stacked, k, v, index, count, scale=scale, block_size=block_size,
-                                      return_lse=True, check_ids=False, repeat_q=splits, live_rows=rows.n_rows)
+    if nqb > 1:  # query block s * nqb + t: tile t of the stacked rows against split s
+        count, index = count.repeat_interleave(nqb, dim=-1), index.repeat_interleave(nqb, dim=2)
+    # The kernels skip the tiles past the active rows themselves (live_rows, read on the device).
+    out, lse = block_sparse_attention(stacked, k, v, index.expand(bsz, -1, -1, -1), count.expand(bsz, -1, -1),
+                                      scale=scale, block_size=block_size, return_lse=True, check_ids=False,
+                                      repeat_q=splits, live_rows=rows.n_rows)
     r = nqb * block_size
     return Partials(out.view(bsz, hkv, splits, r, d), lse.view(bsz, hkv, splits, r), rows.group, rows.rank)
 
@@ -208,12 +209,6 @@ def active_first_partials(q, k, v, split, active, *, scale=None, block_size=128,
 @functools.lru_cache(maxsize=64)
 def _positions(bsz: int, n: int, device) -> torch.Tensor:
     return torch.arange(n, device=device).expand(bsz, n)
-
-
-@functools.lru_cache(maxsize=64)
-def _tile_starts(nqb: int, block_size: int, device) -> torch.Tensor:
-    """``(1, nqb)``: the first row of each query tile (a tile is live when it starts below the active rows)."""
-    return (torch.arange(nqb, device=device) * block_size)[None, :]
 
 
 def prefix_attention(q, k, v, block_index=None, block_count=None, *, scale=None, block_size=128, splits=None,

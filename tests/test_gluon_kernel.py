@@ -137,17 +137,19 @@ def test_live_rows_skip_dead_halves_and_leave_live_rows_bit_equal(repeat):
 def test_live_rows_are_checked_and_skip_query_blocks_past_them(backend):
     # Every backend: a query block with no row below live_rows keeps nothing (zeros, -inf); rows below it
     # are what the call without live_rows gives. repeat_q reads q's blocks again: the same rule per copy.
+    dev = torch.get_default_device()  # CPU (the interpreter) in CI, the GPU with SPARSEDIFF_TEST_DEVICE=cuda
     g = torch.Generator().manual_seed(1)
-    q = torch.randn(3, 2, 256, 64, generator=g).to("cpu", torch.bfloat16)
-    k = torch.randn(3, 2, 384, 64, generator=g).to("cpu", torch.bfloat16)
-    index, count = mask_to_index(torch.ones(1, 1, 4, 3, dtype=torch.bool, device="cpu"))
+    q = torch.randn(3, 2, 256, 64, generator=g, device="cpu").to(dev, torch.bfloat16)
+    k = torch.randn(3, 2, 384, 64, generator=g, device="cpu").to(dev, torch.bfloat16)
+    index, count = mask_to_index(torch.ones(1, 1, 4, 3, dtype=torch.bool, device=dev))
     with pytest.raises(ValueError, match="live_rows must be an int32"):
-        block_sparse_attention(q, k, k, index, count, backend=backend, repeat_q=2, live_rows=torch.tensor([1, 2, 3]))
-    live = torch.tensor([0, 100, 130], dtype=torch.int32, device="cpu")
+        block_sparse_attention(q, k, k, index, count, backend=backend, repeat_q=2,
+                               live_rows=torch.tensor([1, 2, 3], device=dev))
+    live = torch.tensor([0, 100, 130], dtype=torch.int32, device=dev)
     full, full_lse = block_sparse_attention(q, k, k, index, count, backend=backend, repeat_q=2, return_lse=True)
     out, lse = block_sparse_attention(q, k, k, index, count, backend=backend, repeat_q=2, return_lse=True,
                                       live_rows=live)
-    rows = torch.arange(512) % 256
+    rows = torch.arange(512, device=dev) % 256
     for b, n in enumerate(live.tolist()):
         keep = rows < n
         assert torch.equal(out[b][:, keep], full[b][:, keep]) and torch.equal(lse[b][:, keep], full_lse[b][:, keep])

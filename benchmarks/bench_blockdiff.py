@@ -28,7 +28,7 @@ that block; their GPU-busy time is not profiled (same kernels as eager).
 
 Dense peers, each over the same 16 steps and buffer copies: SDPA with its default backend choice
 (``dense_sdpa_ms``), SDPA forced to FlashAttention-2 (``dense_flash_ms``) and to cuDNN (``dense_cudnn_ms``),
-with ``--flex`` compiled FlexAttention. On an H100 SDPA's default picks cuDNN, up to 3.4x slower than the
+with ``--flex`` compiled FlexAttention. On an H100 SDPA's default picks cuDNN, up to 3.5x slower than the
 flash backend at these short-query shapes (flash splits the keys over the SMs); every ``*_speedup`` is
 taken against the fastest peer of the run (``dense_best``), ``*_speedup_sdpa`` against SDPA's default.
 With ``--host-graph`` each dense peer and each method (a fresh ``cuda_graphs=False`` instance, its kernels

@@ -1,0 +1,27 @@
+"""The block-diffusion benchmark's CPU smoke run: every column it reports is there and consistent."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_run_reports_ratios_against_the_fastest_dense_peer(tmp_path):
+    out = tmp_path / "bench.json"
+    script = ROOT / "benchmarks" / "bench_blockdiff.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    peers = [p for p in ("sdpa", "flash", "cudnn", "flex") if f"dense_{p}_ms" in row]
+    assert peers == ["sdpa"]  # on CPU only SDPA's own choice
+    assert row["dense_best_ms"] == min(row[f"dense_{p}_ms"] for p in peers)
+    for name in ("flashblock", "losa", "flashblock+sparse"):
+        assert row[f"{name}_speedup"] == row["dense_best_ms"] / row[f"{name}_ms"]
+        assert row[f"{name}_prefix_speedup"] == row["dense_best_prefix_ms"] / row[f"{name}_ms"]
+        errors = row[f"{name}_err"]
+        assert len(errors) == row["steps"] and errors[0] < 1e-5  # the block's first step is exact
+    assert 0 < row["losa_active_share"] <= 1 and 0 < row["losa_union_density"] <= 1
+    assert "x best / x prefix >= / x sdpa" in proc.stdout

@@ -308,31 +308,34 @@ def _window_attention_kernel(Q, K, V, Idx, Bias, Out, L, HKV, G, NQ, W, scale, s
     for n0 in range(0, W, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < W
-        rows = tl.load(Idx + n, mask=n_ok, other=0)  # KV rows of the window (gathered here: no copies)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(kp + rows[:, None] * skn + dd[None, :], mask=kv_mask, other=0.0)
-        if BF16:  # bfloat16 q and k (CUDA): products exact in the float32 accumulator
-            s = tl.dot(q, tl.trans(k))
-        else:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        s = s * scale + tl.load(Bias + n, mask=n_ok, other=float("-inf"))[None, :]
-        new = tl.maximum(top, tl.max(s, axis=1))
-        shift = tl.where(new == float("-inf"), 0.0, new)  # a row with no valid key yet stays at zero mass
-        alpha = tl.exp(top - shift)
-        p = tl.exp(s - shift[:, None])
-        total = total * alpha + tl.sum(p, axis=1)
-        v = tl.load(vp + rows[:, None] * svn + dd[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None]
-        if BF16:  # bfloat16 v: p as three bfloat16 parts (about float32 accuracy), smallest first
-            p_hi = p.to(tl.bfloat16)
-            rest = p - p_hi.to(tl.float32)
-            p_mid = rest.to(tl.bfloat16)
-            acc = tl.dot((rest - p_mid.to(tl.float32)).to(tl.bfloat16), v, acc)
-            acc = tl.dot(p_mid, v, acc)
-            acc = tl.dot(p_hi, v, acc)
-        else:
-            acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
-        top = new
+        bias = tl.load(Bias + n, mask=n_ok, other=float("-inf"))
+        # A chunk of masked rows only (the window's padding past the block) adds nothing: skip its loads.
+        if tl.max(bias, axis=0) > float("-inf"):
+            rows = tl.load(Idx + n, mask=n_ok, other=0)  # KV rows of the window (gathered here: no copies)
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(kp + rows[:, None] * skn + dd[None, :], mask=kv_mask, other=0.0)
+            if BF16:  # bfloat16 q and k (CUDA): products exact in the float32 accumulator
+                s = tl.dot(q, tl.trans(k))
+            else:
+                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            s = s * scale + bias[None, :]
+            new = tl.maximum(top, tl.max(s, axis=1))
+            shift = tl.where(new == float("-inf"), 0.0, new)  # a row with no valid key yet stays at zero mass
+            alpha = tl.exp(top - shift)
+            p = tl.exp(s - shift[:, None])
+            total = total * alpha + tl.sum(p, axis=1)
+            v = tl.load(vp + rows[:, None] * svn + dd[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None]
+            if BF16:  # bfloat16 v: p as three bfloat16 parts (about float32 accuracy), smallest first
+                p_hi = p.to(tl.bfloat16)
+                rest = p - p_hi.to(tl.float32)
+                p_mid = rest.to(tl.bfloat16)
+                acc = tl.dot((rest - p_mid.to(tl.float32)).to(tl.bfloat16), v, acc)
+                acc = tl.dot(p_mid, v, acc)
+                acc = tl.dot(p_hi, v, acc)
+            else:
+                acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+            top = new
     at = (b * HKV * G + head) * NQ + tok
     tl.store(L + at, top + tl.log(total), mask=r_ok)
     tl.store(Out + at[:, None] * D + dd[None, :], acc / total[:, None], mask=r_ok[:, None] & d_ok[None, :])

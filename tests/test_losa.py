@@ -256,13 +256,15 @@ def test_steady_state_op_count(monkeypatch):
     # with the active-first order (sort, ranks, one gather, tile counts); 33 with the union scored by one kernel
     # on the active rows, the change test and its references in one kernel and the window gathered in the
     # step; 35 with keep_sinks, whose block-0-first order costs the PyTorch ranking a slice and a concatenation
-    # (on CUDA it is inside the ranking kernel); the count includes the test's 6 ops).
+    # (on CUDA it is inside the ranking kernel); 32 with the ids ranked straight into the per-tile layout, the
+    # first cached step 36: it builds the PyTorch path's table of query-block starts for live_rows once;
+    # the count includes the test's 6 ops).
     from test_flashblock import force_splits, steady_state_ops
 
     force_splits(monkeypatch)
     counts = steady_state_ops(make_method("losa", min_seq_len=0, block_size=32, sparsity=0.8, cuda_graphs=False),
                               steps=4)
-    assert max(counts) <= 35, counts
+    assert counts[0] <= 36 and max(counts[1:]) <= 32, counts
 
 
 # -- CUDA graphs of the cached step (helpers and the CPU stand-in in test_flashblock_graphs) ----------------------

@@ -56,6 +56,20 @@ def test_rank_blocks_first_puts_block_zero_ahead(splits):
     assert not bool((rank_blocks(score, 20, 1, backend="torch") == 0).any())  # without it block 0 is dropped
 
 
+@pytest.mark.parametrize("first", [False, True])
+def test_rank_blocks_repeat_writes_each_split_row_per_query_tile(first):
+    # repeat=R: the layout a split attention with R query tiles per split reads, no copy afterwards.
+    score = ranked_scores(nkb=90)
+    for keep, splits in ((30, 4), (90, 1), (7, 3)):
+        want = torch_rank(score, keep, splits) if not first else rank_blocks(score, keep, splits, first=True,
+                                                                             backend="torch")
+        for backend in ("torch", "triton"):
+            got = rank_blocks(score, keep, splits, first=first, repeat=3, backend=backend)
+            assert torch.equal(got, want.repeat_interleave(3, dim=2)), (backend, keep, splits)
+    with pytest.raises(ValueError, match="repeat"):
+        rank_blocks(score, 5, repeat=0)
+
+
 def test_rank_blocks_kernel_nan_signed_zero_and_strides():
     score = ranked_scores(b=1, h=4, nkb=70)
     score[0, 1, [3, 40]] = float("nan")  # torch's descending sort puts NaN first, in index order

@@ -173,7 +173,12 @@ def mean_key_score(rows, n_live, means, bias, *, split=None, backend=None, outli
     return _mean_key_score_torch(rows, n_live, means, bias)
 
 
-def _rank_blocks_torch(score, keep, splits, first=False):
+def _rank_blocks_torch(score, keep, splits, first=False, repeat=1):
+    index = _ranked_layout(score, keep, splits, first)
+    return index.repeat_interleave(repeat, dim=2) if repeat > 1 else index
+
+
+def _ranked_layout(score, keep, splits, first):
     if first:  # block 0, then the others in order
         rest = torch.sort(score[..., 1:], dim=-1, descending=True, stable=True).indices + 1
         index = torch.cat([torch.zeros_like(rest[..., :1]), rest], dim=-1)[:, :, None, :keep].to(torch.int32)
@@ -186,21 +191,24 @@ def _rank_blocks_torch(score, keep, splits, first=False):
     return index.view(*index.shape[:2], chunk, splits).transpose(-1, -2).contiguous()
 
 
-def rank_blocks(score, keep, splits=1, *, first=False, backend=None):
+def rank_blocks(score, keep, splits=1, *, first=False, repeat=1, backend=None):
     """int32 ``(B, H, splits, ceil(keep / splits))`` ranked block ids of ``score`` (module docstring).
-    ``first``: block 0 ranks first whatever its score (attention sinks), the others follow in order."""
+    ``first``: block 0 ranks first whatever its score (attention sinks), the others follow in order.
+    ``repeat``: each split's row written ``repeat`` times in a row, ``(B, H, splits * repeat, ...)``: the layout
+    of a split attention whose query blocks are ``repeat`` tiles per split (no copy afterwards)."""
     if score.dim() != 3 or score.dtype != torch.float32:
         raise ValueError(f"score must be a float32 (B, H, nkb) tensor, got {score.dtype} {tuple(score.shape)}")
-    if not 1 <= keep <= score.shape[2] or not 1 <= splits:
-        raise ValueError(f"need 1 <= keep <= nkb = {score.shape[2]} and splits >= 1, got keep={keep}, splits={splits}")
+    if not 1 <= keep <= score.shape[2] or not 1 <= splits or not 1 <= repeat:
+        raise ValueError(f"need 1 <= keep <= nkb = {score.shape[2]}, splits >= 1 and repeat >= 1, got keep={keep}, "
+                         f"splits={splits}, repeat={repeat}")
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
     if backend == "triton" or (backend is None and score.is_cuda):
         from .losa_step_triton import rank_blocks_triton
 
         _interpreter_or_cuda(score)
-        return rank_blocks_triton(score, keep, splits, first)
-    return _rank_blocks_torch(score, keep, splits, first)
+        return rank_blocks_triton(score, keep, splits, first, repeat)
+    return _rank_blocks_torch(score, keep, splits, first, repeat)
 
 
 def _window_attention_torch(q, k, v, idx, bias, scale):

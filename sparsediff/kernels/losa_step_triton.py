@@ -241,12 +241,12 @@ def _descending_key(x, idx):
 
 
 @triton.jit
-def _rank_blocks_kernel(S, Out, N, KEEP, SPLITS, CHUNK, H, ssb, ssh, ssn, BLOCK_I: tl.constexpr,
+def _rank_blocks_kernel(S, Out, N, KEEP, SPLITS, CHUNK, REPEAT, H, ssb, ssh, ssn, BLOCK_I: tl.constexpr,
                         BLOCK_J: tl.constexpr, BLOCK_PAD: tl.constexpr, FIRST: tl.constexpr):
     bh = tl.program_id(0)
     blk = tl.program_id(1)
     s_row = S + (bh // H).to(tl.int64) * ssb + (bh % H).to(tl.int64) * ssh
-    out = Out + bh.to(tl.int64) * (SPLITS * CHUNK)
+    out = Out + bh.to(tl.int64) * (SPLITS * REPEAT * CHUNK)
     i = blk * BLOCK_I + tl.arange(0, BLOCK_I)
     ki = _descending_key(tl.load(s_row + i * ssn, mask=i < N, other=0.0), i)
     if FIRST:  # block 0 above every key, NaN's included
@@ -262,22 +262,25 @@ def _rank_blocks_kernel(S, Out, N, KEEP, SPLITS, CHUNK, H, ssb, ssh, ssn, BLOCK_
         if FIRST:
             kj = tl.where(j == 0, 0x7FFFFFFFFFFFFFFF, kj)
         rank += tl.sum((kj[None, :] > ki[:, None]).to(tl.int32), axis=1)
-    # Rank r goes to split r % SPLITS, slot r // SPLITS (prefix_attention.strided_layout).
-    tl.store(out + (rank % SPLITS) * CHUNK + rank // SPLITS, i, mask=(i < N) & (rank < KEEP))
-    if blk == 0:  # the layout's padding past KEEP ranks holds block 0
-        r = KEEP + tl.arange(0, BLOCK_PAD)
-        tl.store(out + (r % SPLITS) * CHUNK + r // SPLITS, tl.zeros([BLOCK_PAD], dtype=tl.int32),
-                 mask=r < SPLITS * CHUNK)
+    # Rank r goes to split r % SPLITS, slot r // SPLITS (prefix_attention.strided_layout); each split's row is
+    # written REPEAT times (one per query tile of the split, as the attention kernel reads them).
+    for t in range(REPEAT):
+        tl.store(out + ((rank % SPLITS) * REPEAT + t) * CHUNK + rank // SPLITS, i, mask=(i < N) & (rank < KEEP))
+        if blk == 0:  # the layout's padding past KEEP ranks holds block 0
+            r = KEEP + tl.arange(0, BLOCK_PAD)
+            tl.store(out + ((r % SPLITS) * REPEAT + t) * CHUNK + r // SPLITS, tl.zeros([BLOCK_PAD], dtype=tl.int32),
+                     mask=r < SPLITS * CHUNK)
 
 
-def rank_blocks_triton(score, keep, splits, first=False):
+def rank_blocks_triton(score, keep, splits, first=False, repeat=1):
     b, h, n = score.shape
     chunk = -(-keep // splits)
-    out = torch.empty(b, h, splits, chunk, dtype=torch.int32, device=score.device)
+    out = torch.empty(b, h, splits * repeat, chunk, dtype=torch.int32, device=score.device)
     block_i = 16
     block_j = min(256, max(16, triton.next_power_of_2(n)))
     _rank_blocks_kernel[(b * h, triton.cdiv(n, block_i))](
-        score, out, n, keep, splits, chunk, h, score.stride(0), score.stride(1), score.stride(2), BLOCK_I=block_i,
+        score, out, n, keep, splits, chunk, repeat, h, score.stride(0), score.stride(1), score.stride(2),
+        BLOCK_I=block_i,
         BLOCK_J=block_j, BLOCK_PAD=max(16, triton.next_power_of_2(splits)), FIRST=bool(first), num_warps=4)
     return out
 

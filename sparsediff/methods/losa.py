@@ -179,11 +179,12 @@ def mean_key_rank(qf, active, means_t, bias, keep, per_kv_head=False, splits=1, 
     return rank_blocks(score, keep, splits, first=keep_sinks)
 
 
-def rank_blocks(score, keep, splits=1, first=False):
+def rank_blocks(score, keep, splits=1, first=False, repeat=1):
     """The ``keep`` best key-block ids of ``score`` ``(B, H, nkb)``, best first: int32 ``(B, H, 1, keep)``, or
     laid out for ``splits`` query blocks (``strided_layout``). Stable descending sort order, one kernel on
-    CUDA (``kernels.losa_step.rank_blocks``); ``first``: block 0 ahead of all."""
-    return losa_step.rank_blocks(score, keep, splits, first=first)
+    CUDA (``kernels.losa_step.rank_blocks``); ``first``: block 0 ahead of all; ``repeat``: each split's row
+    repeated for that many query tiles."""
+    return losa_step.rank_blocks(score, keep, splits, first=first, repeat=repeat)
 
 
 @dataclasses.dataclass(eq=False)
@@ -202,8 +203,9 @@ class _Prefix:
     outliers_t: torch.Tensor | None  # outlier_keys: (B, Hkv, D, nkb_cap) the blocks' largest-norm keys * scale
     means_split: torch.Tensor | None  # CUDA: means_t as three bfloat16 parts (3, B, Hkv, D, nkb_cap), the kernel's
     bias: torch.Tensor  # (nkb_cap,) float32: 0 on the prefix's full blocks, -1e30 past them
-    index: torch.Tensor | None  # sparsity 0: every block id, laid out once
+    index: torch.Tensor | None  # sparsity 0: every block id, laid out once (per query tile, as count_tiles)
     count: torch.Tensor  # (1, 1, splits) int32 kept blocks per split
+    count_tiles: torch.Tensor  # (1, 1, splits * tiles) the same per query tile of the active-first rows
     dense_index: torch.Tensor  # every block id of the capacity, laid out for the first step's splits
     dense_count: torch.Tensor  # (1, 1, dense_splits) int32: the prefix's full blocks per split
     all_active: torch.Tensor  # (B, Nq) True: the first step writes every row of the row cache
@@ -211,10 +213,12 @@ class _Prefix:
     win_bias: torch.Tensor  # (block_size + Nq,) 0 on the window's valid rows, -inf on its padding
     n_dev: torch.Tensor  # () int64 the prefix length: the first step derives the values above from it
     count_table: torch.Tensor  # (nkb_cap + 1, splits) int32 kept blocks per split for each prefix block count
+    tile_table: torch.Tensor  # (nkb_cap + 1, splits * tiles) likewise, each split's counts repeated per tile
     dense_table: torch.Tensor  # (nkb_cap + 1, dense_splits) int32 likewise with every block kept
     block_ids: torch.Tensor  # (nkb_cap,) int64 0, 1, ...
     win_rows: torch.Tensor  # (block_size + Nq,) int64 0, 1, ...
     splits: int
+    tiles: int  # query tiles of the active-first stacked rows (ceil(Nq * group / block_size))
     dense_splits: int
     keep_cap: int  # ranks computed per step: the keep of the full capacity
     signature: tuple
@@ -309,9 +313,11 @@ class LoSAMethod(AttentionMethod):
         splits = choose_splits(q, keep_cap, 8, heads=hq // pack) if nq <= cfg.block_size else 1
         dev = q.device
         every = torch.arange(nkb_cap, dtype=torch.int32, device=dev).view(1, 1, 1, nkb_cap)
+        tiles = -(-nq * (hq // hkv) // cfg.block_size)  # query tiles of the active-first stacked rows
         index = None
         if cfg.sparsity == 0.0:
             index = strided_layout(every, splits) if splits > 1 else every
+            index = index.repeat_interleave(tiles, dim=2) if tiles > 1 else index
         dense_pack = pack_factor(hq, hkv, nq, cfg.block_size, None)
         dense_splits = choose_splits(q, nkb_cap, heads=hq // dense_pack) if nq <= cfg.block_size else 1
         w = cfg.block_size + nq
@@ -329,6 +335,8 @@ class LoSAMethod(AttentionMethod):
                        means_t=torch.zeros(bsz, hkv, d, nkb_cap, **f32), bias=torch.zeros(nkb_cap, **f32),
                        outliers_t=torch.zeros(bsz, hkv, d, nkb_cap, **f32) if cfg.outlier_keys else None,
                        index=index, count=torch.zeros(1, 1, splits, dtype=torch.int32, device=dev),
+                       count_tiles=torch.zeros(1, 1, splits * tiles, dtype=torch.int32, device=dev), tiles=tiles,
+                       tile_table=table(keeps, splits).repeat_interleave(tiles, dim=1),
                        dense_index=strided_layout(every, dense_splits) if dense_splits > 1 else every,
                        dense_count=torch.zeros(1, 1, dense_splits, dtype=torch.int32, device=dev),
                        all_active=torch.ones(bsz, nq, dtype=torch.bool, device=dev), dense_splits=dense_splits,
@@ -359,6 +367,7 @@ class LoSAMethod(AttentionMethod):
         nkb = torch.div(entry.n_dev, bs, rounding_mode="floor")
         entry.bias.copy_(torch.where(entry.block_ids < nkb, 0.0, -1e30))
         entry.count.view(-1).copy_(entry.count_table.index_select(0, nkb.view(1))[0])
+        entry.count_tiles.view(-1).copy_(entry.tile_table.index_select(0, nkb.view(1))[0])
         entry.dense_count.view(-1).copy_(entry.dense_table.index_select(0, nkb.view(1))[0])
         start, last = nkb * bs, entry.n_dev + (nq - 1)
         torch.minimum(entry.win_rows + start, last, out=entry.win_idx)
@@ -472,16 +481,18 @@ class LoSAMethod(AttentionMethod):
                 outliers = None if entry.outliers_t is None else entry.outliers_t.transpose(-1, -2)
                 score = mean_key_score(rows.stacked, rows.n_rows, entry.means_t.transpose(-1, -2), entry.bias,
                                        split=entry.means_split, outliers=outliers, block_size=bs)
-                # Laid out for the splits; with keep_sinks block 0 ranks first, so any prefix's count keeps it.
-                index = rank_blocks(score, entry.keep_cap, entry.splits, first=cfg.keep_sinks)
+                # Laid out for the splits, each split's row once per query tile of the stacked rows; with
+                # keep_sinks block 0 ranks first, so any prefix's count keeps it.
+                index = rank_blocks(score, entry.keep_cap, entry.splits, first=cfg.keep_sinks, repeat=entry.tiles)
             elif index is None:
                 index = mean_key_rank(q.float(), active, entry.means_t, entry.bias, entry.keep_cap, splits=entry.splits,
                                       keep_sinks=cfg.keep_sinks, outliers_t=entry.outliers_t, block_size=bs)
-            count = entry.count.expand(*index.shape[:3])
             if index.shape[1] in (1, hkv):  # one union per KV head: compute the active rows only
+                count = entry.count_tiles.expand(*index.shape[:3])
                 parts = active_first_partials(q, kc, vc, (index, count, entry.splits), active, scale=scale,
                                               block_size=bs, rows=rows)
             else:
+                count = entry.count.expand(*index.shape[:3])
                 parts = prefix_partials(q, kc, vc, index, count, scale=scale, block_size=bs,
                                         split=(index, count, entry.splits) if entry.splits > 1 else None, splits=1)
         out, lse = merge_prefix(parts.out, parts.lse, nq, inner, cache=(entry.out, entry.lse), active=active,

@@ -182,10 +182,11 @@ def active_first_partials(q, k, v, split, active, *, scale=None, block_size=128,
     """Split prefix attention that computes only the ``active`` tokens' rows (``(B, Nq)`` bool), at a
     fixed shape (CUDA-graph safe). The tokens are ordered active-first on the device and each KV group's
     query heads stacked token-major (:func:`active_first_rows`, or ``rows`` when already made): the active
-    rows fill the leading query tiles, and tiles past them get a kept count of 0, so their programs skip
-    the prefix. Needs one block index per KV head (or one for all): ``split = (index, count, S)`` as
-    :func:`split_index` lays it out. Rows of inactive tokens are left as zeros / -inf or computed,
-    whichever their tile (or 64-row half of it, on the Gluon kernel) is."""
+    rows fill the leading query tiles, and the kernels skip the tiles past them (``live_rows``). Needs one
+    block index per KV head (or one for all): ``split = (index, count, S)`` as :func:`split_index` lays it
+    out, or with each split's row already repeated for the ``nqb`` query tiles (``S * nqb`` rows). Rows of
+    inactive tokens are left as zeros / -inf or computed, whichever their tile (or 64-row half of it, on the
+    Gluon kernel) is."""
     bsz, hq, nq, d = q.shape
     hkv = k.shape[1]
     index, count, splits = split
@@ -196,8 +197,12 @@ def active_first_partials(q, k, v, split, active, *, scale=None, block_size=128,
         rows = active_first_rows(q, active, hkv, block_size)
     stacked = rows.stacked
     nqb = stacked.shape[2] // block_size
-    if nqb > 1:  # query block s * nqb + t: tile t of the stacked rows against split s
-        count, index = count.repeat_interleave(nqb, dim=-1), index.repeat_interleave(nqb, dim=2)
+    # Query block s * nqb + t is tile t of the stacked rows against split s: rows of ids and counts per split
+    # are repeated per tile, unless they come laid out so (S * nqb rows, e.g. rank_blocks(repeat=nqb)).
+    if nqb > 1 and index.shape[2] == splits:
+        index = index.repeat_interleave(nqb, dim=2)
+    if nqb > 1 and count.shape[-1] == splits:
+        count = count.repeat_interleave(nqb, dim=-1)
     # The kernels skip the tiles past the active rows themselves (live_rows, read on the device).
     out, lse = block_sparse_attention(stacked, k, v, index.expand(bsz, -1, -1, -1), count.expand(bsz, -1, -1),
                                       scale=scale, block_size=block_size, return_lse=True, check_ids=False,

@@ -27,12 +27,12 @@ does not change within a block) and keeps the top ``(1 - sparsity)`` share per b
 The union-sparse attention then runs in one call at a fixed shape: no device sync per step. With a
 union per KV head (GQA, the default) the block's tokens are ordered active-first on the device and each
 group's query heads stacked token-major (``prefix_attention.active_first_rows``): the union is scored from
-the leading (active) rows only (``kernels.losa_step.mean_key_score``: one kernel on CUDA, after one float32
-matmul above 256 stacked rows), one read of each
-kept K/V block serves the whole group, and query tiles holding no active row skip the prefix, so both
-follow the active share. The change test and the next step's references are one kernel on CUDA too
-(``kernels.losa_step.token_change_update``), and so are the active-first order with the step's statistics,
-the ranking of the scored key blocks (laid out for the splits) and the window attention (``kernels.losa_step``).
+the leading (active) rows only (``kernels.losa_step.mean_key_score``: two kernels over chunks of key blocks
+on CUDA), one read of each kept K/V block serves the whole group, and query tiles holding no active row skip
+the prefix (``live_rows``: on the Gluon kernel also the half-tiles), so both follow the active share. The
+change test and the next step's references are one kernel on CUDA too (``kernels.losa_step.token_change_update``),
+and so are the active-first order with the step's statistics, the ranking of the scored key blocks (laid out
+for the splits and query tiles) and the window attention (``kernels.losa_step``).
 With ``union="head"`` every row is scored and computed and
 only the active ones kept. A
 registered selector name runs that selector on the gathered active tokens instead, and the union of

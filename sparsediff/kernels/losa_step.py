@@ -47,6 +47,16 @@ def _interpreter_or_cuda(x):
         raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)")
 
 
+def _use_triton(backend, x) -> bool:
+    """Whether a ``backend`` of None / "triton" / "torch" runs the Triton kernel for ``x`` (None: on CUDA)."""
+    if backend not in (None, "torch", "triton"):
+        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
+    if backend == "triton" or (backend is None and x.is_cuda):
+        _interpreter_or_cuda(x)
+        return True
+    return False
+
+
 def _token_sq_norms(x, out=None):
     # Contiguous reduction over D, then over heads (one reduction over dims (1, 3) is a slow strided kernel).
     return torch.sum(x.square().sum(dim=3), dim=1, out=out)
@@ -74,12 +84,9 @@ def token_change_update(q, q_ref, ref_thr, threshold, *, only_active=False, back
     if tuple(ref_thr.shape) != (b, n) or ref_thr.dtype != torch.float32 or not ref_thr.is_contiguous():
         raise ValueError(f"ref_thr must be a contiguous float32 ({b}, {n}) tensor, got {ref_thr.dtype} "
                          f"{tuple(ref_thr.shape)}")
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
-    if backend == "triton" or (backend is None and q.is_cuda):
+    if _use_triton(backend, q):
         from .losa_step_triton import token_change_triton
 
-        _interpreter_or_cuda(q)
         return token_change_triton(q, q_ref, ref_thr, float(threshold) ** 2, only_active)
     return _token_change_torch(q, q_ref, ref_thr, threshold, only_active)
 
@@ -201,12 +208,9 @@ def rank_blocks(score, keep, splits=1, *, first=False, repeat=1, backend=None):
     if not 1 <= keep <= score.shape[2] or not 1 <= splits or not 1 <= repeat:
         raise ValueError(f"need 1 <= keep <= nkb = {score.shape[2]}, splits >= 1 and repeat >= 1, got keep={keep}, "
                          f"splits={splits}, repeat={repeat}")
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
-    if backend == "triton" or (backend is None and score.is_cuda):
+    if _use_triton(backend, score):
         from .losa_step_triton import rank_blocks_triton
 
-        _interpreter_or_cuda(score)
         return rank_blocks_triton(score, keep, splits, first, repeat)
     return _rank_blocks_torch(score, keep, splits, first, repeat)
 
@@ -230,12 +234,9 @@ def window_attention(q, k, v, idx, bias, scale, *, backend=None):
     if idx.dim() != 1 or idx.dtype != torch.int64 or bias.shape != idx.shape or bias.dtype != torch.float32:
         raise ValueError(f"idx must be int64 (W,) and bias float32 (W,), got {idx.dtype} {tuple(idx.shape)} and "
                          f"{bias.dtype} {tuple(bias.shape)}")
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
-    if backend == "triton" or (backend is None and q.is_cuda):
+    if _use_triton(backend, q):
         from .losa_step_triton import window_attention_triton
 
-        _interpreter_or_cuda(q)
         if k.stride(3) != 1 or v.stride(3) != 1 or not idx.is_contiguous() or not bias.is_contiguous():
             raise ValueError("window_attention's kernel needs k, v with unit stride over D and contiguous idx, bias")
         return window_attention_triton(q, k, v, idx, bias, scale)

@@ -213,7 +213,6 @@ class _Prefix:
     win_bias: torch.Tensor  # (block_size + Nq,) 0 on the window's valid rows, -inf on its padding
     n_dev: torch.Tensor  # () int64 the prefix length: the first step derives the values above from it
     count_table: torch.Tensor  # (nkb_cap + 1, splits) int32 kept blocks per split for each prefix block count
-    tile_table: torch.Tensor  # (nkb_cap + 1, splits * tiles) likewise, each split's counts repeated per tile
     dense_table: torch.Tensor  # (nkb_cap + 1, dense_splits) int32 likewise with every block kept
     block_ids: torch.Tensor  # (nkb_cap,) int64 0, 1, ...
     win_rows: torch.Tensor  # (block_size + Nq,) int64 0, 1, ...
@@ -336,7 +335,6 @@ class LoSAMethod(AttentionMethod):
                        outliers_t=torch.zeros(bsz, hkv, d, nkb_cap, **f32) if cfg.outlier_keys else None,
                        index=index, count=torch.zeros(1, 1, splits, dtype=torch.int32, device=dev),
                        count_tiles=torch.zeros(1, 1, splits * tiles, dtype=torch.int32, device=dev), tiles=tiles,
-                       tile_table=table(keeps, splits).repeat_interleave(tiles, dim=1),
                        dense_index=strided_layout(every, dense_splits) if dense_splits > 1 else every,
                        dense_count=torch.zeros(1, 1, dense_splits, dtype=torch.int32, device=dev),
                        all_active=torch.ones(bsz, nq, dtype=torch.bool, device=dev), dense_splits=dense_splits,
@@ -367,7 +365,7 @@ class LoSAMethod(AttentionMethod):
         nkb = torch.div(entry.n_dev, bs, rounding_mode="floor")
         entry.bias.copy_(torch.where(entry.block_ids < nkb, 0.0, -1e30))
         entry.count.view(-1).copy_(entry.count_table.index_select(0, nkb.view(1))[0])
-        entry.count_tiles.view(-1).copy_(entry.tile_table.index_select(0, nkb.view(1))[0])
+        entry.count_tiles.view(*entry.count.shape, entry.tiles).copy_(entry.count[..., None])  # per query tile
         entry.dense_count.view(-1).copy_(entry.dense_table.index_select(0, nkb.view(1))[0])
         start, last = nkb * bs, entry.n_dev + (nq - 1)
         torch.minimum(entry.win_rows + start, last, out=entry.win_idx)

@@ -215,6 +215,86 @@ def rank_blocks(score, keep, splits=1, *, first=False, repeat=1, backend=None):
     return _rank_blocks_torch(score, keep, splits, first, repeat)
 
 
+def _step_lengths_torch(n_dev, block_size, nq, count_table, dense_table, bias, count, count_tiles, dense_count,
+                        win_idx, win_bias):
+    nkb = torch.div(n_dev, block_size, rounding_mode="floor")
+    block_ids = torch.arange(bias.numel(), device=bias.device)
+    bias.copy_(torch.where(block_ids < nkb, 0.0, -1e30))
+    count.view(-1).copy_(count_table.index_select(0, nkb.view(1))[0])
+    count_tiles.view(count.numel(), -1).copy_(count.view(-1, 1))
+    dense_count.view(-1).copy_(dense_table.index_select(0, nkb.view(1))[0])
+    start, last = nkb * block_size, n_dev + (nq - 1)
+    rows = torch.arange(win_idx.numel(), device=win_idx.device)
+    torch.minimum(rows + start, last, out=win_idx)
+    win_bias.copy_(torch.where(rows <= last - start, 0.0, float("-inf")))
+
+
+def step_lengths(n_dev, block_size, nq, count_table, dense_table, bias, count, count_tiles, dense_count, win_idx,
+                 win_bias, *, backend=None):
+    """A prefix length's state, written in place from ``n_dev`` (int64 0-d, the prefix length on the device;
+    ``nkb = n_dev // block_size`` full key blocks): ``bias`` ``(nkb_cap,)`` float32, 0 on blocks ``< nkb`` and
+    -1e30 past them; ``count`` ``(..., S)`` int32 = ``count_table[nkb]`` (``(nkb_cap + 1, S)``), ``count_tiles``
+    each of them ``T`` times in a row (``S * T``), ``dense_count`` = ``dense_table[nkb]``; the window (the
+    prefix's partial last block and the ``nq`` block rows): ``win_idx`` ``(W,)`` int64 rows from ``nkb *
+    block_size``, clamped at the last row, ``win_bias`` 0 on the valid ones and -inf past them. One kernel on
+    CUDA, a dozen ops in PyTorch."""
+    ints = (count_table, dense_table, count, count_tiles, dense_count)
+    if n_dev.numel() != 1 or n_dev.dtype != torch.int64 or any(t.dtype != torch.int32 for t in ints):
+        raise ValueError("n_dev must be one int64 and the count tables and counts int32")
+    if count_tiles.numel() % count.numel() or count_table.shape[1] != count.numel():
+        raise ValueError(f"count ({count.numel()}) must match count_table {tuple(count_table.shape)} and divide "
+                         f"count_tiles ({count_tiles.numel()})")
+    if win_idx.dtype != torch.int64 or win_bias.dtype != torch.float32 or bias.dtype != torch.float32:
+        raise ValueError("win_idx must be int64, win_bias and bias float32")
+    if _use_triton(backend, bias):
+        from .losa_first_triton import step_lengths_triton
+
+        if not all(t.is_contiguous() for t in (*ints, bias, win_idx, win_bias)):
+            raise ValueError("step_lengths' kernel writes contiguous tensors in place")
+        return step_lengths_triton(n_dev, block_size, nq, count_table, dense_table, bias, count, count_tiles,
+                                   dense_count, win_idx, win_bias)
+    return _step_lengths_torch(n_dev, block_size, nq, count_table, dense_table, bias, count, count_tiles,
+                               dense_count, win_idx, win_bias)
+
+
+def _block_means_torch(k, n_dev, block_size, scale, means_t, split):
+    nkb_cap = means_t.shape[3]
+    means = k[:, :, : nkb_cap * block_size].unflatten(2, (nkb_cap, block_size)).mean(dim=3, dtype=torch.float32)
+    means = means.mul_(scale).transpose(-1, -2)
+    full = torch.arange(nkb_cap, device=k.device) < torch.div(n_dev, block_size, rounding_mode="floor")
+    means_t.copy_(torch.where(full, means, 0.0))  # rows past the prefix may hold anything, even NaN
+    if split is not None:
+        split_means(means_t.transpose(-1, -2), out=split)
+
+
+def prefix_block_means(k, n_dev, block_size, scale, means_t, split=None, *, backend=None):
+    """The prefix's block mean keys times ``scale``, written in place: ``means_t`` ``(B, H, D, nkb_cap)``
+    float32 (transposed, as :func:`mean_key_score` reads them) gets the mean of k's rows ``[j * block_size, (j +
+    1) * block_size)`` for the full blocks ``j < n_dev // block_size`` and 0 for the others, whose rows are not
+    read (they may hold anything, even NaN); ``split`` (optional, ``(3, B, H, D, nkb_cap)`` bfloat16) its
+    :func:`split_means` parts. k ``(B, H, C, D)`` with ``C >= nkb_cap * block_size``. One kernel on CUDA
+    (one program per head and block), a float32 mean and a few ops in PyTorch."""
+    b, h, c, d = k.shape
+    nkb_cap = means_t.shape[-1]
+    if tuple(means_t.shape) != (b, h, d, nkb_cap) or means_t.dtype != torch.float32 or c < nkb_cap * block_size:
+        raise ValueError(f"means_t must be float32 ({b}, {h}, {d}, nkb_cap) with nkb_cap * {block_size} <= {c}, "
+                         f"got {means_t.dtype} {tuple(means_t.shape)}")
+    if split is not None and (tuple(split.shape) != (3, b, h, d, nkb_cap) or split.dtype != torch.bfloat16):
+        raise ValueError(f"split must be bfloat16 (3, {b}, {h}, {d}, {nkb_cap}), got {split.dtype} "
+                         f"{tuple(split.shape)}")
+    if n_dev.numel() != 1 or n_dev.dtype != torch.int64:
+        raise ValueError("n_dev must be one int64 (the prefix length)")
+    if _use_triton(backend, k):
+        from .losa_first_triton import block_means_triton
+
+        fits = k.stride(3) == 1 and means_t.is_contiguous() and (split is None or split.is_contiguous())
+        if fits:
+            return block_means_triton(k, n_dev, block_size, scale, means_t, split)
+        if backend == "triton":
+            raise ValueError("prefix_block_means' kernel needs k with unit stride over D and contiguous outputs")
+    return _block_means_torch(k, n_dev, block_size, scale, means_t, split)
+
+
 def _window_attention_torch(q, k, v, idx, bias, scale):
     bsz, hq, nq, d = q.shape
     hkv, w = k.shape[1], idx.shape[0]

@@ -61,7 +61,8 @@ from ..kernels.losa_step import (
     active_first_order,
     block_logits,
     mean_key_score,
-    split_means,
+    prefix_block_means,
+    step_lengths,
     token_change_update,
     window_attention,
 )
@@ -214,8 +215,6 @@ class _Prefix:
     n_dev: torch.Tensor  # () int64 the prefix length: the first step derives the values above from it
     count_table: torch.Tensor  # (nkb_cap + 1, splits) int32 kept blocks per split for each prefix block count
     dense_table: torch.Tensor  # (nkb_cap + 1, dense_splits) int32 likewise with every block kept
-    block_ids: torch.Tensor  # (nkb_cap,) int64 0, 1, ...
-    win_rows: torch.Tensor  # (block_size + Nq,) int64 0, 1, ...
     splits: int
     tiles: int  # query tiles of the active-first stacked rows (ceil(Nq * group / block_size))
     dense_splits: int
@@ -344,8 +343,7 @@ class LoSAMethod(AttentionMethod):
                                     if q.is_cuda and not cfg.outlier_keys
                                     else None),
                        n_dev=torch.zeros((), dtype=torch.int64, device=dev), count_table=table(keeps, splits),
-                       dense_table=table(nkbs, dense_splits), block_ids=torch.arange(nkb_cap, device=dev),
-                       win_rows=torch.arange(w, device=dev))
+                       dense_table=table(nkbs, dense_splits))
 
     def _begin_block(self, entry, n_prefix, epoch):
         """A block's first step, eager part: the prefix length into the entry (one device op; :meth:`_first`
@@ -356,20 +354,13 @@ class LoSAMethod(AttentionMethod):
         entry.n_dev.fill_(n_prefix)
 
     def _write_lengths(self, entry, nq):
-        """The length-dependent state from ``entry.n_dev``, written in place on the device (eager or captured):
-        the bias of the prefix's full key blocks, the kept counts per split, and the window's rows: the
-        prefix's partial last block and the active block, gathered from the KV buffer inside the step (no
-        copies per step); padding rows repeat the last valid row (rows past the keys may hold anything, even
-        NaN) and are masked by the window's bias."""
-        bs = self.config.block_size
-        nkb = torch.div(entry.n_dev, bs, rounding_mode="floor")
-        entry.bias.copy_(torch.where(entry.block_ids < nkb, 0.0, -1e30))
-        entry.count.view(-1).copy_(entry.count_table.index_select(0, nkb.view(1))[0])
-        entry.count_tiles.view(*entry.count.shape, entry.tiles).copy_(entry.count[..., None])  # per query tile
-        entry.dense_count.view(-1).copy_(entry.dense_table.index_select(0, nkb.view(1))[0])
-        start, last = nkb * bs, entry.n_dev + (nq - 1)
-        torch.minimum(entry.win_rows + start, last, out=entry.win_idx)
-        entry.win_bias.copy_(torch.where(entry.win_rows <= last - start, 0.0, float("-inf")))
+        """The length-dependent state from ``entry.n_dev``, written in place on the device (eager or captured;
+        one kernel on CUDA, ``losa_step.step_lengths``): the bias of the prefix's full key blocks, the kept counts
+        per split (and per query tile), and the window's rows: the prefix's partial last block and the active
+        block, gathered from the KV buffer inside the step (no copies per step); padding rows repeat the last
+        valid row (rows past the keys may hold anything, even NaN) and are masked by the window's bias."""
+        step_lengths(entry.n_dev, self.config.block_size, nq, entry.count_table, entry.dense_table, entry.bias,
+                     entry.count, entry.count_tiles, entry.dense_count, entry.win_idx, entry.win_bias)
 
     def _first(self, q, kc, vc, *, entry, scale):
         """A block's first step, run eagerly or captured (fixed shapes for a capacity): dense prefix
@@ -382,18 +373,13 @@ class LoSAMethod(AttentionMethod):
         split = (entry.dense_index, count, entry.dense_splits) if entry.dense_splits > 1 else None
         parts = prefix_partials(q, kc, vc, entry.dense_index, count, scale=scale, block_size=bs, split=split,
                                 splits=1)
-        nkb_cap = entry.bias.shape[0]
-        # Reads the whole capacity (rows past the prefix may hold anything, even NaN): masked by the bias.
-        # A plain float32 mean: half the time of block_stats, which also makes variances and norms.
-        means = kc[:, :, : nkb_cap * bs].unflatten(2, (nkb_cap, bs)).mean(dim=3, dtype=torch.float32)
-        means = means.mul_(scale).transpose(-1, -2)
-        entry.means_t.copy_(torch.where(entry.bias == 0, means, 0.0))
+        # Reads the prefix's full blocks only (rows past it may hold anything, even NaN); on CUDA one kernel
+        # that also writes the three bfloat16 parts the union score reads.
+        prefix_block_means(kc, entry.n_dev, bs, scale, entry.means_t, entry.means_split)
         if entry.outliers_t is not None:
-            d = kc.shape[-1]
+            d, nkb_cap = kc.shape[-1], entry.bias.shape[0]
             peaks = outlier_key_features(kc[:, :, : nkb_cap * bs], bs)[..., :d].mul_(scale).transpose(-1, -2)
             entry.outliers_t.copy_(torch.where(entry.bias == 0, peaks, 0.0))
-        if entry.means_split is not None:
-            split_means(entry.means_t.transpose(-1, -2), out=entry.means_split)
         token_change_update(q, entry.q_ref, entry.ref_thr, self.config.threshold)  # the references only
         inner = window_attention(q, kc, vc, entry.win_idx, entry.win_bias, scale)
         return merge_prefix(parts.out, parts.lse, q.shape[2], inner, cache=(entry.out, entry.lse),

@@ -1,0 +1,118 @@
+"""The state a LoSA block's first step writes from the prefix length on the device (``kernels.losa_step``):
+``step_lengths`` and ``prefix_block_means``, each kernel against its PyTorch path and against the values
+spelled out from their definition."""
+
+import math
+
+import pytest
+import torch
+
+from sparsediff.kernels.losa_step import prefix_block_means, split_means, step_lengths
+
+
+def _dev():
+    return torch.get_default_device()  # the GPU under SPARSEDIFF_TEST_DEVICE=cuda
+
+
+def _lengths_state(nkb_cap, splits, tiles, dsplits, w, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    dev = _dev()
+    tables = [torch.randint(0, 50, (nkb_cap + 1, s), generator=gen, device="cpu").to(dev, torch.int32)
+              for s in (splits, dsplits)]
+    # Outputs start as garbage: every element must be written.
+    outs = dict(bias=torch.full((nkb_cap,), 7.0, device=dev), count=torch.full((1, 1, splits), -3, dtype=torch.int32,
+                                                                                device=dev),
+                count_tiles=torch.full((1, 1, splits * tiles), -3, dtype=torch.int32, device=dev),
+                dense_count=torch.full((1, 1, dsplits), -3, dtype=torch.int32, device=dev),
+                win_idx=torch.full((w,), -9, dtype=torch.int64, device=dev),
+                win_bias=torch.full((w,), 3.0, device=dev))
+    return tables, outs
+
+
+@pytest.mark.parametrize("n_prefix", [0, 100, 128, 1000, 1300])
+@pytest.mark.parametrize("splits,tiles", [(1, 1), (5, 3)])
+def test_step_lengths_kernel_writes_the_definition(n_prefix, splits, tiles):
+    bs, nq, nkb_cap, dsplits = 128, 40, 11, 4
+    w = bs + nq
+    (count_table, dense_table), _ = _lengths_state(nkb_cap, splits, tiles, dsplits, w)
+    got = {}
+    for backend in ("torch", "triton"):
+        _, outs = _lengths_state(nkb_cap, splits, tiles, dsplits, w)
+        n_dev = torch.tensor(n_prefix, device=_dev())
+        step_lengths(n_dev, bs, nq, count_table, dense_table, backend=backend, **outs)
+        got[backend] = outs
+    nkb = n_prefix // bs
+    start, last = nkb * bs, n_prefix + nq - 1
+    rows = torch.arange(w)
+    want = dict(bias=torch.where(torch.arange(nkb_cap) < nkb, 0.0, -1e30),
+                count=count_table[nkb].cpu().view(1, 1, -1),
+                count_tiles=count_table[nkb].cpu().repeat_interleave(tiles).view(1, 1, -1),
+                dense_count=dense_table[nkb].cpu().view(1, 1, -1),
+                win_idx=torch.clamp(rows + start, max=last),
+                win_bias=torch.where(rows <= last - start, 0.0, float("-inf")))
+    for backend, outs in got.items():
+        for name, value in want.items():
+            assert torch.equal(outs[name].cpu(), value), (backend, name)
+    # The window holds the partial block and the active block, exactly.
+    assert int((want["win_bias"] == 0).sum()) == n_prefix - start + nq
+
+
+def test_step_lengths_rejects_bad_input():
+    (count_table, dense_table), outs = _lengths_state(6, 2, 1, 2, 10)
+    with pytest.raises(ValueError, match="int64"):
+        step_lengths(torch.tensor(5, dtype=torch.int32), 4, 2, count_table, dense_table, **outs)
+    with pytest.raises(ValueError, match="count"):
+        step_lengths(torch.tensor(5), 4, 2, count_table[:, :1], dense_table, **outs)
+
+
+def _keys(b, h, c, d, dtype, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, h, c, d, generator=gen, device="cpu")
+    k[:, :, :, 3] += 4.0 * torch.arange(c) / c  # a drift along the sequence: block means differ
+    return k.to(_dev(), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bs,n_prefix", [(64, 0), (64, 700), (128, 1024), (32, 999)])
+def test_prefix_block_means_kernel_matches_the_definition(dtype, bs, n_prefix):
+    b, h, d = 2, 3, 64
+    cap = 1100
+    nkb_cap = cap // bs
+    k = _keys(b, h, cap, d, dtype)
+    k[:, :, (n_prefix // bs) * bs:] = float("nan")  # past the prefix's full blocks: never read
+    scale = 1 / math.sqrt(d)
+    n_dev = torch.tensor(n_prefix, device=_dev())
+    nkb = n_prefix // bs
+    want = torch.zeros(b, h, d, nkb_cap, dtype=torch.float64)
+    if nkb:
+        full = k[:, :, : nkb * bs].double().cpu().unflatten(2, (nkb, bs)).mean(dim=3) * scale
+        want[..., :nkb] = full.transpose(-1, -2)
+    for backend in ("torch", "triton"):
+        means_t = torch.full((b, h, d, nkb_cap), 5.0, device=_dev())
+        split = torch.full((3, b, h, d, nkb_cap), 5.0, dtype=torch.bfloat16, device=_dev())
+        prefix_block_means(k, n_dev, bs, scale, means_t, split, backend=backend)
+        got = means_t.cpu().double()
+        assert torch.isfinite(got).all(), backend
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=backend)
+        parts = split.cpu().double()
+        torch.testing.assert_close(parts.sum(dim=0), got, rtol=2e-7, atol=1e-12, msg=backend)  # three parts, 24 bits
+        if backend == "torch" or split.is_cuda:  # the interpreter rounds to bfloat16 its own way
+            assert torch.equal(split.cpu(), split_means(means_t.transpose(-1, -2)).cpu()), backend
+        if nkb < nkb_cap:
+            assert not bool(got[..., nkb:].any()), backend
+
+
+def test_prefix_block_means_without_split_and_bad_input():
+    k = _keys(1, 2, 256, 32, torch.float32)
+    means_t = torch.zeros(1, 2, 32, 4, device=_dev())
+    want = torch.zeros_like(means_t)
+    n_dev = torch.tensor(200, device=_dev())
+    prefix_block_means(k, n_dev, 64, 0.5, want, backend="torch")
+    prefix_block_means(k, n_dev, 64, 0.5, means_t, backend="triton")
+    torch.testing.assert_close(means_t, want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="means_t"):
+        prefix_block_means(k, n_dev, 128, 0.5, means_t)  # 4 blocks of 128 do not fit 256 rows
+    with pytest.raises(ValueError, match="split"):
+        prefix_block_means(k, n_dev, 64, 0.5, means_t, torch.zeros(3, 1, 2, 32, 4, device=_dev()))
+    with pytest.raises(ValueError, match="int64"):
+        prefix_block_means(k, n_dev.int(), 64, 0.5, means_t)

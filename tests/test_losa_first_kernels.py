@@ -43,8 +43,8 @@ def test_step_lengths_kernel_writes_the_definition(n_prefix, splits, tiles):
         got[backend] = outs
     nkb = n_prefix // bs
     start, last = nkb * bs, n_prefix + nq - 1
-    rows = torch.arange(w)
-    want = dict(bias=torch.where(torch.arange(nkb_cap) < nkb, 0.0, -1e30),
+    rows = torch.arange(w, device="cpu")
+    want = dict(bias=torch.where(torch.arange(nkb_cap, device="cpu") < nkb, 0.0, -1e30),
                 count=count_table[nkb].cpu().view(1, 1, -1),
                 count_tiles=count_table[nkb].cpu().repeat_interleave(tiles).view(1, 1, -1),
                 dense_count=dense_table[nkb].cpu().view(1, 1, -1),
@@ -68,7 +68,7 @@ def test_step_lengths_rejects_bad_input():
 def _keys(b, h, c, d, dtype, seed=1):
     gen = torch.Generator().manual_seed(seed)
     k = torch.randn(b, h, c, d, generator=gen, device="cpu")
-    k[:, :, :, 3] += 4.0 * torch.arange(c) / c  # a drift along the sequence: block means differ
+    k[:, :, :, 3] += 4.0 * torch.arange(c, device="cpu") / c  # a drift along the sequence: block means differ
     return k.to(_dev(), dtype)
 
 
@@ -83,7 +83,7 @@ def test_prefix_block_means_kernel_matches_the_definition(dtype, bs, n_prefix):
     scale = 1 / math.sqrt(d)
     n_dev = torch.tensor(n_prefix, device=_dev())
     nkb = n_prefix // bs
-    want = torch.zeros(b, h, d, nkb_cap, dtype=torch.float64)
+    want = torch.zeros(b, h, d, nkb_cap, dtype=torch.float64, device="cpu")
     if nkb:
         full = k[:, :, : nkb * bs].double().cpu().unflatten(2, (nkb, bs)).mean(dim=3) * scale
         want[..., :nkb] = full.transpose(-1, -2)

@@ -46,39 +46,46 @@ def step_lengths_triton(n_dev, block_size, nq, count_table, dense_table, bias, c
 
 @triton.jit
 def _block_means_kernel(K, NDev, MT, MS, H, NKB_CAP, skb, skh, skn, scale, BS: tl.constexpr, D: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SPLIT: tl.constexpr):
-    # One program per (batch x head, key block): blocks past the prefix's full ones are written as zeros and
-    # never read (rows past the prefix may hold anything, even NaN).
+                        BLOCK_J: tl.constexpr, CHUNK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                        HAS_SPLIT: tl.constexpr):
+    # One program per (batch x head, BLOCK_J key blocks), CHUNK_R rows of each block per load. Blocks past the
+    # prefix's full ones are written as zeros and never read (rows past the prefix may hold anything, even NaN).
     bh = tl.program_id(0)
-    j = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     nkb = tl.load(NDev).to(tl.int64) // BS
+    j = tl.program_id(1).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
+    r = tl.arange(0, CHUNK_R)
     dd = tl.arange(0, BLOCK_D)
-    d_ok = dd < D
-    mean = tl.zeros([BLOCK_D], tl.float32)
-    if j < nkb:
-        r = tl.arange(0, BLOCK_R)
-        rows = j.to(tl.int64) * BS + r
-        x = tl.load(K + b * skb + h * skh + rows[:, None] * skn + dd[None, :],
-                    mask=(r[:, None] < BS) & d_ok[None, :], other=0.0)
-        mean = tl.sum(x.to(tl.float32), axis=0) / BS * scale
-    at = (bh.to(tl.int64) * D + dd) * NKB_CAP + j  # (B, H, D, NKB_CAP), contiguous
-    tl.store(MT + at, mean, mask=d_ok)
+    use = (j < nkb)[:, None, None] & (dd < D)[None, None, :]
+    base = K + b * skb + h * skh + (j * BS)[:, None, None] * skn + dd[None, None, :]
+    total = tl.zeros([BLOCK_J, BLOCK_D], tl.float32)
+    for r0 in tl.static_range(0, BS, CHUNK_R):  # unrolled: the chunks' loads are independent
+        rows = r0 + r
+        x = tl.load(base + rows[None, :, None] * skn, mask=use & (rows < BS)[None, :, None], other=0.0)
+        total += tl.sum(x.to(tl.float32), axis=1)
+    mean = total / BS * scale
+    at = (bh.to(tl.int64) * D + dd[None, :]) * NKB_CAP + j[:, None]  # (B, H, D, NKB_CAP), contiguous
+    ok = (j < NKB_CAP)[:, None] & (dd < D)[None, :]
+    tl.store(MT + at, mean, mask=ok)
     if HAS_SPLIT:  # losa_step.split_means: three bfloat16 parts summing to the float32 value
         hi = mean.to(tl.bfloat16)
         rest = mean - hi.to(tl.float32)
         mid = rest.to(tl.bfloat16)
         part = tl.num_programs(0).to(tl.int64) * D * NKB_CAP
-        tl.store(MS + at, hi, mask=d_ok)
-        tl.store(MS + part + at, mid, mask=d_ok)
-        tl.store(MS + 2 * part + at, (rest - mid.to(tl.float32)).to(tl.bfloat16), mask=d_ok)
+        tl.store(MS + at, hi, mask=ok)
+        tl.store(MS + part + at, mid, mask=ok)
+        tl.store(MS + 2 * part + at, (rest - mid.to(tl.float32)).to(tl.bfloat16), mask=ok)
 
 
-def block_means_triton(k, n_dev, block_size, scale, means_t, split):
+def block_means_triton(k, n_dev, block_size, scale, means_t, split, block_j=8, chunk_r=64, num_warps=4):
+    # 8 blocks of 64-row loads, 4 warps: the best of 20 settings on an H100 (8 heads, D 128, 128-key blocks):
+    # 8.6 / 52 / 104 us at 16k / 64k / 128k keys (2.6 TB/s at 64k), against 16 / 68 / - us with one block per
+    # program and 41 / 99 / 160 us for the PyTorch path (mean, mask, split).
     bsz, h, _, d = k.shape
     nkb_cap = means_t.shape[3]
-    _block_means_kernel[(bsz * h, nkb_cap)](
+    chunk_r = min(triton.next_power_of_2(block_size), chunk_r or 128)
+    _block_means_kernel[(bsz * h, triton.cdiv(nkb_cap, block_j))](
         k, n_dev, means_t, means_t if split is None else split, h, nkb_cap, k.stride(0), k.stride(1), k.stride(2),
-        float(scale), BS=block_size, D=d, BLOCK_R=triton.next_power_of_2(block_size),
-        BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_SPLIT=split is not None, num_warps=4)
+        float(scale), BS=block_size, D=d, BLOCK_J=block_j, CHUNK_R=chunk_r,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_SPLIT=split is not None, num_warps=num_warps)

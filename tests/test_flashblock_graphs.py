@@ -467,3 +467,30 @@ def test_plain_graphs_share_one_memory_pool_on_gpu():
     single = sum(g.nbytes for g in one._cache.graphs())
     assert single > 8 * 2**20  # the split partials of a 32k prefix: several MiB
     assert sum(g.nbytes for g in eight._cache.graphs()) < 2 * single
+
+
+@cuda_only
+def test_branch_stream_forks_only_inside_a_capture_on_gpu():
+    # LoSA's captured cached step runs its window attention on this stream: a parallel branch of the graph.
+    from sparsediff.methods import step_cache
+
+    q = torch.zeros(4, device="cuda")
+    assert step_cache.branch_stream(q) is None  # eager: one stream
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            main = torch.cuda.current_stream()
+            side = step_cache.branch_stream(q)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                branch = q + 1
+            main.wait_stream(side)
+            out = branch * 2
+        finally:
+            graph.capture_end()
+    assert side != main
+    q.fill_(3.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), torch.full((4,), 8.0))

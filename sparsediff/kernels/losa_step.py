@@ -306,11 +306,19 @@ def _window_attention_torch(q, k, v, idx, bias, scale):
     return out.view(bsz, hq, nq, d), lse.view(bsz, hq, nq)
 
 
-def window_attention(q, k, v, idx, bias, scale, *, backend=None):
-    """``(out float32 (B, Hq, Nq, D), lse (B, Hq, Nq))`` of q over the rows ``idx`` of k, v (module docstring)."""
+def window_attention(q, k, v, idx, bias, scale, *, backend=None, out=None):
+    """``(out float32 (B, Hq, Nq, D), lse (B, Hq, Nq))`` of q over the rows ``idx`` of k, v (module docstring).
+    ``out``: a pair of contiguous float32 tensors of those shapes to write them into (and return)."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
         raise ValueError(f"q (B, Hq, Nq, D) and k, v (B, Hkv, C, D) do not match: {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if out is not None:
+        b, hq, nq, d = q.shape
+        ok = (len(out) == 2 and tuple(out[0].shape) == (b, hq, nq, d) and tuple(out[1].shape) == (b, hq, nq)
+              and all(t.dtype == torch.float32 and t.is_contiguous() and t.device == q.device for t in out))
+        if not ok:
+            raise ValueError(f"out must be contiguous float32 ({b}, {hq}, {nq}, {d}) and ({b}, {hq}, {nq}) tensors "
+                             f"on {q.device}")
     if idx.dim() != 1 or idx.dtype != torch.int64 or bias.shape != idx.shape or bias.dtype != torch.float32:
         raise ValueError(f"idx must be int64 (W,) and bias float32 (W,), got {idx.dtype} {tuple(idx.shape)} and "
                          f"{bias.dtype} {tuple(bias.shape)}")
@@ -319,8 +327,13 @@ def window_attention(q, k, v, idx, bias, scale, *, backend=None):
 
         if k.stride(3) != 1 or v.stride(3) != 1 or not idx.is_contiguous() or not bias.is_contiguous():
             raise ValueError("window_attention's kernel needs k, v with unit stride over D and contiguous idx, bias")
-        return window_attention_triton(q, k, v, idx, bias, scale)
-    return _window_attention_torch(q, k, v, idx, bias, scale)
+        return window_attention_triton(q, k, v, idx, bias, scale, out)
+    o, lse = _window_attention_torch(q, k, v, idx, bias, scale)
+    if out is None:
+        return o, lse
+    out[0].copy_(o)
+    out[1].copy_(lse)
+    return out
 
 
 def active_first_order(q, active, num_kv_heads, block_size):

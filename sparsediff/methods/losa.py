@@ -212,6 +212,8 @@ class _Prefix:
     all_active: torch.Tensor  # (B, Nq) True: the first step writes every row of the row cache
     win_idx: torch.Tensor  # (block_size + Nq,) int64 KV rows of the window: tail | active block, then padding
     win_bias: torch.Tensor  # (block_size + Nq,) 0 on the window's valid rows, -inf on its padding
+    inner_out: torch.Tensor | None  # CUDA: the window attention's float32 output (B, Hq, Nq, D) when captured
+    inner_lse: torch.Tensor | None  # and its LSE (B, Hq, Nq)
     n_dev: torch.Tensor  # () int64 the prefix length: the first step derives the values above from it
     count_table: torch.Tensor  # (nkb_cap + 1, splits) int32 kept blocks per split for each prefix block count
     dense_table: torch.Tensor  # (nkb_cap + 1, dense_splits) int32 likewise with every block kept
@@ -343,7 +345,9 @@ class LoSAMethod(AttentionMethod):
                                     if q.is_cuda and not cfg.outlier_keys
                                     else None),
                        n_dev=torch.zeros((), dtype=torch.int64, device=dev), count_table=table(keeps, splits),
-                       dense_table=table(nkbs, dense_splits))
+                       dense_table=table(nkbs, dense_splits),
+                       inner_out=torch.zeros(q.shape, **f32) if q.is_cuda else None,
+                       inner_lse=torch.zeros(bsz, hq, nq, **f32) if q.is_cuda else None)
 
     def _begin_block(self, entry, n_prefix, epoch):
         """A block's first step, eager part: the prefix length into the entry (one device op; :meth:`_first`
@@ -442,7 +446,17 @@ class LoSAMethod(AttentionMethod):
         active = token_change_update(q, entry.q_ref, entry.ref_thr, cfg.threshold,
                                      only_active=cfg.compare_to == "cached")  # (B, Nq)
         stat = None
-        inner = window_attention(q, kc, vc, entry.win_idx, entry.win_bias, scale)
+        # Inside a CUDA graph capture the window (which the selection does not need) runs on a side stream: a
+        # parallel branch of the graph beside the change test, score and ranking kernels, joined before the merge.
+        side = step_cache.branch_stream(q)
+        if side is None:
+            inner = window_attention(q, kc, vc, entry.win_idx, entry.win_bias, scale)
+        else:
+            main = torch.cuda.current_stream(q.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                inner = window_attention(q, kc, vc, entry.win_idx, entry.win_bias, scale,
+                                         out=(entry.inner_out, entry.inner_lse))
         bs = cfg.block_size
         if cfg.selector is not None:  # eager only: data-dependent shapes
             p = (entry.n_prefix // bs) * bs
@@ -479,6 +493,8 @@ class LoSAMethod(AttentionMethod):
                 count = entry.count.expand(*index.shape[:3])
                 parts = prefix_partials(q, kc, vc, index, count, scale=scale, block_size=bs,
                                         split=(index, count, entry.splits) if entry.splits > 1 else None, splits=1)
+        if side is not None:
+            main.wait_stream(side)
         out, lse = merge_prefix(parts.out, parts.lse, nq, inner, cache=(entry.out, entry.lse), active=active,
                                 out_dtype=q.dtype, pack=parts.pack, rank=parts.rank)
         if stat is None:

@@ -141,6 +141,27 @@ def capturing(q) -> bool:
     return q.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+_branches: dict = {}
+
+
+def branch_stream(q):
+    """Inside a CUDA graph capture of q's stream (a step's own or a host's), a second stream for work that what
+    follows does not need yet: captured on it, that work is a parallel branch of the graph (the caller forks
+    with ``wait_stream`` and joins before reading its results, into buffers that outlive the step). None when
+    not capturing: eager work stays on one stream, at no host cost."""
+    if not (q.is_cuda and capturing(q)):
+        return None
+    device = q.device
+    stream = _branches.get(device)
+    current = torch.cuda.current_stream(device)
+    if stream is None or stream == current:
+        stream = torch.cuda.Stream(device)  # from PyTorch's pool: no CUDA call during the capture
+        while stream == current or stream == _streams.get(device):
+            stream = torch.cuda.Stream(device)
+        _branches[device] = stream
+    return stream
+
+
 def validate_mode(value) -> None:
     """The methods' ``cuda_graphs`` setting: True, False or None (automatic)."""
     if value is not None and not isinstance(value, bool):

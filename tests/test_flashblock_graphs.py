@@ -477,6 +477,7 @@ def test_branch_stream_forks_only_inside_a_capture_on_gpu():
     q = torch.zeros(4, device="cuda")
     assert step_cache.branch_stream(q) is None  # eager: one stream
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    branch = torch.empty_like(q)  # the branch allocates nothing during the capture (its stream has no pool)
     with torch.cuda.stream(stream):
         graph.capture_begin(capture_error_mode="thread_local")
         try:
@@ -484,7 +485,7 @@ def test_branch_stream_forks_only_inside_a_capture_on_gpu():
             side = step_cache.branch_stream(q)
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                branch = q + 1
+                torch.add(q, 1, out=branch)
             main.wait_stream(side)
             out = branch * 2
         finally:

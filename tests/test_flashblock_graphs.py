@@ -477,7 +477,7 @@ def test_branch_stream_forks_only_inside_a_capture_on_gpu():
     q = torch.zeros(4, device="cuda")
     assert step_cache.branch_stream(q) is None  # eager: one stream
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    branch = torch.empty_like(q)  # the branch allocates nothing during the capture (its stream has no pool)
+    branch = torch.empty_like(q)  # made before the capture, as LoSA's window buffers are
     with torch.cuda.stream(stream):
         graph.capture_begin(capture_error_mode="thread_local")
         try:

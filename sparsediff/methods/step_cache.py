@@ -147,9 +147,9 @@ _branches: dict = {}
 def branch_stream(q):
     """Inside a CUDA graph capture of q's stream (a step's own or a host's), a second stream for work that what
     follows does not need yet: captured on it, that work is a parallel branch of the graph (the caller forks
-    with ``wait_stream`` and joins before reading its results). Work on it must allocate nothing (the capture's
-    memory pool serves the capturing stream only): it writes into buffers made beforehand. None when not
-    capturing: eager work stays on one stream, at no host cost."""
+    with ``wait_stream`` and joins before reading its results, which go into buffers made before the capture so
+    that their memory is never handed to the other stream). None when not capturing: eager work stays on one
+    stream, at no host cost."""
     if not (q.is_cuda and capturing(q)):
         return None
     device = q.device

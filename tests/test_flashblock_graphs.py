@@ -494,4 +494,4 @@ def test_branch_stream_forks_only_inside_a_capture_on_gpu():
     q.fill_(3.0)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(out.cpu(), torch.full((4,), 8.0))
+    assert torch.equal(out.cpu(), torch.full((4,), 8.0, device="cpu"))

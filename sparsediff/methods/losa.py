@@ -32,7 +32,10 @@ on CUDA), one read of each kept K/V block serves the whole group, and query tile
 the prefix (``live_rows``: on the Gluon kernel also the half-tiles), so both follow the active share. The
 change test and the next step's references are one kernel on CUDA too (``kernels.losa_step.token_change_update``),
 and so are the active-first order with the step's statistics, the ranking of the scored key blocks (laid out
-for the splits and query tiles) and the window attention (``kernels.losa_step``).
+for the splits and query tiles) and the window attention (``kernels.losa_step``); inside a CUDA graph capture
+the window runs on a parallel branch of the graph (``step_cache.branch_stream``). A block's first step writes
+its length-dependent state and the block mean keys with one kernel each (``step_lengths``,
+``prefix_block_means``).
 With ``union="head"`` every row is scored and computed and
 only the active ones kept. A
 registered selector name runs that selector on the gathered active tokens instead, and the union of

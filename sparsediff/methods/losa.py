@@ -315,6 +315,8 @@ class LoSAMethod(AttentionMethod):
         # an H100 (their prologue and the merge's walk over the splits cost more than they spread).
         splits = choose_splits(q, keep_cap, 8, heads=hq // pack) if nq <= cfg.block_size else 1
         dev = q.device
+        if q.is_cuda:
+            step_cache.prepare_branch(dev)  # the window's branch stream (cached steps captured later)
         every = torch.arange(nkb_cap, dtype=torch.int32, device=dev).view(1, 1, 1, nkb_cap)
         tiles = -(-nq * (hq // hkv) // cfg.block_size)  # query tiles of the active-first stacked rows
         index = None

@@ -152,14 +152,19 @@ def branch_stream(q):
     stream, at no host cost."""
     if not (q.is_cuda and capturing(q)):
         return None
-    device = q.device
+    stream = prepare_branch(q.device)
+    current = torch.cuda.current_stream(q.device)
+    while stream == current or stream == _streams.get(q.device):  # another one from PyTorch's pool
+        stream = _branches[q.device] = torch.cuda.Stream(q.device)
+    return stream
+
+
+def prepare_branch(device):
+    """The branch stream of ``device``, made now. LoSA calls it when it builds a layer's state, which is usually
+    before any capture, so that PyTorch's stream pool is set up outside captures."""
     stream = _branches.get(device)
-    current = torch.cuda.current_stream(device)
-    if stream is None or stream == current:
-        stream = torch.cuda.Stream(device)  # from PyTorch's pool: no CUDA call during the capture
-        while stream == current or stream == _streams.get(device):
-            stream = torch.cuda.Stream(device)
-        _branches[device] = stream
+    if stream is None:
+        stream = _branches[device] = torch.cuda.Stream(device)
     return stream
 
 

@@ -116,3 +116,6 @@ def test_prefix_block_means_without_split_and_bad_input():
         prefix_block_means(k, n_dev, 64, 0.5, means_t, torch.zeros(3, 1, 2, 32, 4, device=_dev()))
     with pytest.raises(ValueError, match="int64"):
         prefix_block_means(k, n_dev.int(), 64, 0.5, means_t)
+    with pytest.raises(ValueError, match="unit stride"):  # the kernel's layout, not a silent slower path
+        prefix_block_means(k.transpose(2, 3).contiguous().transpose(2, 3), n_dev, 64, 0.5, means_t,
+                           backend="triton")

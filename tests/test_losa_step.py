@@ -176,6 +176,12 @@ def live_mass_ref(logits, bias, live):
     return [probs[b, :, :n].sum(dim=1) + bias.double() for b, n in enumerate(live)]
 
 
+def assert_live_mass(score, rows, means, bias, live, tol):
+    """``score`` equals :func:`live_mass_ref` of the float64 logits of ``rows`` against ``means``, per batch row."""
+    for i, ref in enumerate(live_mass_ref(rows.double() @ means.double().transpose(-1, -2), bias, live)):
+        torch.testing.assert_close(score[i].double(), ref, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("shape,live", [((2, 3, 70, 16, 37, 5), [0, 33]), ((2, 3, 70, 16, 37, 5), [70, 1]),
                                         ((1, 2, 64, 32, 300, 40), [17])])
 def test_mean_key_score_logits_backend_matches_float64(shape, live):
@@ -187,8 +193,7 @@ def test_mean_key_score_logits_backend_matches_float64(shape, live):
     n_live = torch.tensor(live, device=rows.device)
     got = mean_key_score(rows, n_live, means, bias, backend="logits")
     want = mean_key_score(rows, n_live, means, bias, backend="torch")
-    for i, ref in enumerate(live_mass_ref(rows.double() @ means.double().transpose(-1, -2), bias, live)):
-        torch.testing.assert_close(got[i].double(), ref, rtol=2e-6, atol=2e-6)
+    assert_live_mass(got, rows, means, bias, live, 2e-6)
     torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
     assert bool((got[..., -shape[5]:] <= -1e29).all())  # blocks past the prefix rank last
     keep = 8
@@ -263,8 +268,7 @@ def test_mean_key_score_triton_matches_torch(dtype, live):
     n_live = torch.tensor(live, device=rows.device)
     want = mean_key_score(rows, n_live, means, bias, backend="torch")
     got = mean_key_score(rows, n_live, means, bias, backend="triton")
-    for i, ref in enumerate(live_mass_ref(rows.double() @ means.double().transpose(-1, -2), bias, live)):
-        torch.testing.assert_close(want[i].double(), ref, rtol=1e-5, atol=1e-5)
+    assert_live_mass(want, rows, means, bias, live, 1e-5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert bool((got[:, :, -5:] <= -1e29).all())  # masked blocks rank last
     keep = 8
@@ -290,8 +294,7 @@ def test_mean_key_score_chunked_kernel_matches_float64(shape, live, block_n):
     got = mean_key_score_triton(strided, n_live, split_means(means), bias, block_n=block_n)
     want = mean_key_score(rows, n_live, means, bias, backend="torch")
     assert got.shape == (b, h, nkb) and got.dtype == torch.float32
-    for i, ref in enumerate(live_mass_ref(rows.double() @ means.double().transpose(-1, -2), bias, live)):
-        torch.testing.assert_close(got[i].double(), ref, rtol=2e-6, atol=2e-6)
+    assert_live_mass(got, rows, means, bias, live, 2e-6)
     torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
     for i, n in enumerate(live):
         if n == 0:  # no mass, only the bias

@@ -57,7 +57,7 @@ def _block_means_kernel(K, NDev, MT, MS, H, NKB_CAP, skb, skh, skn, scale, BS: t
     j = tl.program_id(1).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
     r = tl.arange(0, CHUNK_R)
     dd = tl.arange(0, BLOCK_D)
-    use = (j < nkb)[:, None, None] & (dd < D)[None, None, :]
+    use = ((j < nkb) & (j < NKB_CAP))[:, None, None] & (dd < D)[None, None, :]  # a bad length reads nothing
     base = K + b * skb + h * skh + (j * BS)[:, None, None] * skn + dd[None, None, :]
     total = tl.zeros([BLOCK_J, BLOCK_D], tl.float32)
     for r0 in tl.static_range(0, BS, CHUNK_R):  # unrolled: the chunks' loads are independent
@@ -84,7 +84,7 @@ def block_means_triton(k, n_dev, block_size, scale, means_t, split, block_j=8, c
     # program and 41 / 99 / 160 us for the PyTorch path (mean, mask, split).
     bsz, h, _, d = k.shape
     nkb_cap = means_t.shape[3]
-    chunk_r = min(triton.next_power_of_2(block_size), chunk_r or 128)
+    chunk_r = min(triton.next_power_of_2(block_size), chunk_r)
     _block_means_kernel[(bsz * h, triton.cdiv(nkb_cap, block_j))](
         k, n_dev, means_t, means_t if split is None else split, h, nkb_cap, k.stride(0), k.stride(1), k.stride(2),
         float(scale), BS=block_size, D=d, BLOCK_J=block_j, CHUNK_R=chunk_r,

@@ -273,7 +273,7 @@ def prefix_block_means(k, n_dev, block_size, scale, means_t, split=None, *, back
     1) * block_size)`` for the full blocks ``j < n_dev // block_size`` and 0 for the others, whose rows are not
     read (they may hold anything, even NaN); ``split`` (optional, ``(3, B, H, D, nkb_cap)`` bfloat16) its
     :func:`split_means` parts. k ``(B, H, C, D)`` with ``C >= nkb_cap * block_size``. One kernel on CUDA
-    (one program per head and block), a float32 mean and a few ops in PyTorch."""
+    (a program per head and 8 blocks), a float32 mean and a few ops in PyTorch."""
     b, h, c, d = k.shape
     nkb_cap = means_t.shape[-1]
     if tuple(means_t.shape) != (b, h, d, nkb_cap) or means_t.dtype != torch.float32 or c < nkb_cap * block_size:
@@ -287,11 +287,9 @@ def prefix_block_means(k, n_dev, block_size, scale, means_t, split=None, *, back
     if _use_triton(backend, k):
         from .losa_first_triton import block_means_triton
 
-        fits = k.stride(3) == 1 and means_t.is_contiguous() and (split is None or split.is_contiguous())
-        if fits:
-            return block_means_triton(k, n_dev, block_size, scale, means_t, split)
-        if backend == "triton":
+        if k.stride(3) != 1 or not means_t.is_contiguous() or (split is not None and not split.is_contiguous()):
             raise ValueError("prefix_block_means' kernel needs k with unit stride over D and contiguous outputs")
+        return block_means_triton(k, n_dev, block_size, scale, means_t, split)
     return _block_means_torch(k, n_dev, block_size, scale, means_t, split)
 
 

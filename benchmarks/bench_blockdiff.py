@@ -111,6 +111,8 @@ def method_specs(args):
         "losa": ("losa", {"min_seq_len": 0, "threshold": args.threshold, "sparsity": args.sparsity,
                           "union": args.union, "cuda_graphs": False}),
     }
+    for n in args.losa_splits:  # LoSA with its union attention split in n key chunks (default: chosen for the GPU)
+        specs[f"losa/s{n}"] = ("losa", specs["losa"][1] | {"union_splits": n})
     if args.selector in available_selectors():
         specs["flashblock+sparse"] = ("flashblock", {"min_seq_len": 0, "sparse_selector": args.selector,
                                                      "sparsity": args.sparsity, "cuda_graphs": False})
@@ -256,7 +258,7 @@ def one_case(prefix, nq, args, device, dtype, log):
             row[f"{name}_equal_eager"] = all(torch.equal(a, b) for a, b in zip(outs, eager_outs[base]))
             row[f"{name}_graphs_held"] = len(m._cache.graphs())
             row[f"{name}_graph_mib"] = sum(g.nbytes for g in m._cache.graphs()) / 2**20
-        if base == "losa":
+        if base.split("/")[0] == "losa":
             rep = [r for r in m.step_report() if r["block"] == timed_block]
             row[f"{name}_active_share"] = sum(r["active_share"] for r in rep[1:]) / max(len(rep) - 1, 1)
             row[f"{name}_union_density"] = sum(r["union_density"] for r in rep[1:]) / max(len(rep) - 1, 1)
@@ -325,7 +327,10 @@ def main() -> int:
     parser.add_argument("--host-graph", action="store_true",
                         help="also time each whole block captured as one CUDA graph by the host (GPU only)")
     parser.add_argument("--flex", action="store_true", help="FlexAttention (compiled) as a dense peer too")
+    parser.add_argument("--losa-splits", default="",
+                        help="comma-separated split counts: also time LoSA with union_splits=n (columns losa/sN)")
     args = parser.parse_args()
+    args.losa_splits = [int(n) for n in args.losa_splits.split(",") if n]
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.quick:

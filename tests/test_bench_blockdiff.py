@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quick_run_reports_ratios_against_the_fastest_dense_peer(tmp_path):
     out = tmp_path / "bench.json"
     script = ROOT / "benchmarks" / "bench_blockdiff.py"
-    proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+    cmd = [sys.executable, str(script), "--quick", "--out", str(out), "--losa-splits", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
     peers = [p for p in ("sdpa", "flash", "cudnn", "flex") if f"dense_{p}_ms" in row]
@@ -24,4 +24,7 @@ def test_quick_run_reports_ratios_against_the_fastest_dense_peer(tmp_path):
         errors = row[f"{name}_err"]
         assert len(errors) == row["steps"] and errors[0] < 1e-5  # the block's first step is exact
     assert 0 < row["losa_active_share"] <= 1 and 0 < row["losa_union_density"] <= 1
+    # LoSA with its union attention in 3 key chunks: the same attention up to rounding, the same statistics
+    assert max(abs(a - b) for a, b in zip(row["losa/s3_err"], row["losa_err"])) < 1e-5
+    assert row["losa/s3_active_share"] == row["losa_active_share"]
     assert "x best / x prefix >= / x sdpa" in proc.stdout

@@ -38,7 +38,7 @@ def test_config_validation():
     cfg = LoSAConfig()
     assert cfg.threshold > 0 and 0 < cfg.sparsity < 1
     for bad in (dict(threshold=-1), dict(sparsity=1.0), dict(compare_to="x"), dict(selector="nope"),
-                dict(union="query")):
+                dict(union="query"), dict(union_splits=0), dict(union_splits=2.0), dict(union_splits=True)):
         with pytest.raises(ValueError):
             LoSAConfig(**bad)
 
@@ -144,6 +144,38 @@ def test_packed_split_path_matches_reference(monkeypatch):
     cached = merge_attention_ref(*masked_attention_ref(q0, k[:, :, :npre], v[:, :, :npre], ALL),
                                  *masked_attention_ref(q1, k[:, :, npre:], v[:, :, npre:], ALL))[0]
     torch.testing.assert_close(out[:, :, stable], cached[:, :, stable], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("union", ["kv_head", "head"])
+def test_union_splits_do_not_change_the_result(union):
+    # Any split count of the active tokens' prefix attention gives the same attention (the splits merge by LSE).
+    q0, k, v = block_call(hq=8, hkv=2, prefix=1024, nq=8)
+    qs = [q0, perturb(q0, [1, 6], 0.5), perturb(q0, [0, 2, 3], 0.3)]
+    outs = {}
+    for splits in (None, 2, 5, 64):
+        m = make_method("losa", min_seq_len=0, block_size=32, sparsity=0.5, union=union, union_splits=splits,
+                        cuda_graphs=False)
+        outs[splits] = []
+        for step, q in enumerate(qs):
+            with denoising_step(step, len(qs)):
+                outs[splits].append(m(q, k, v, layer="l"))
+        # 32 prefix blocks keep 16: more splits than kept blocks are capped
+        assert [e.splits for e in m._cache.entries.values()] == [1 if splits is None else min(splits, 16)]
+        assert [r["active_share"] for r in m.step_report()] == [1.0, 0.25, 0.625]  # step 2: tokens 1, 6 move back too
+    for splits in (2, 5, 64):
+        for got, want in zip(outs[splits], outs[None]):
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-6)  # float32 rounding of the LSE merge
+
+
+def test_union_splits_at_sparsity_zero_is_dense():
+    m = method(threshold=0.0, sparsity=0.0, union_splits=3)
+    q0, k, v = block_call(b=2)
+    for step in range(3):
+        q = q0 + 0.3 * step * torch.randn_like(q0)
+        with denoising_step(step, 3):
+            out = m(q, k, v, layer="l")
+        torch.testing.assert_close(out, masked_attention_ref(q, k, v, ALL)[0], rtol=0, atol=TOL[torch.float32])
+    assert [e.splits for e in m._cache.entries.values()] == [3]
 
 
 def test_union_follows_the_active_tokens_on_structured_inputs():

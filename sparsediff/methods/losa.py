@@ -103,9 +103,13 @@ class LoSAConfig(MethodConfig):
     keep_sinks: bool = True  # the prefix's first key block is always in the union (attention sinks)
     outlier_keys: bool = False  # score blocks by their largest-norm key too (finds single hot keys: stripes)
     cuda_graphs: bool | None = None  # replay each layer's steps as CUDA graphs; None: when they can (CUDA)
+    union_splits: int | None = None  # key chunks of the active tokens' prefix attention; None: chosen for the GPU
 
     def __post_init__(self):
         super().__post_init__()
+        if self.union_splits is not None and (
+                isinstance(self.union_splits, bool) or not isinstance(self.union_splits, int) or self.union_splits < 1):
+            raise ValueError(f"union_splits must be None or an int >= 1, got {self.union_splits!r}")
         if not float(self.threshold) >= 0.0:
             raise ValueError(f"threshold must be >= 0, got {self.threshold!r}")
         if not 0.0 <= float(self.sparsity) < 1.0:
@@ -313,7 +317,12 @@ class LoSAMethod(AttentionMethod):
         pack = pack_factor(hq, hkv, nq, cfg.block_size, index_heads)
         # At least 8 kept blocks per split: fewer, shorter programs ran 3-6 % slower per block at 64k / 128k on
         # an H100 (their prologue and the merge's walk over the splits cost more than they spread).
-        splits = choose_splits(q, keep_cap, 8, heads=hq // pack) if nq <= cfg.block_size else 1
+        if nq > cfg.block_size:
+            splits = 1
+        elif cfg.union_splits is not None:
+            splits = max(1, min(cfg.union_splits, keep_cap))
+        else:
+            splits = choose_splits(q, keep_cap, 8, heads=hq // pack)
         dev = q.device
         if q.is_cuda:
             step_cache.prepare_branch(dev)  # the window's branch stream (cached steps captured later)

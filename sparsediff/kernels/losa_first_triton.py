@@ -7,10 +7,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pdl import pdl_kwargs, pdl_start
+
 
 @triton.jit
 def _step_lengths_kernel(NDev, CountTable, DenseTable, Bias, Count, CountTiles, DenseCount, WinIdx, WinBias,
-                         NKB_CAP, SPLITS, TILES, DSPLITS, W, NQ, BS: tl.constexpr, BLOCK: tl.constexpr):
+                         NKB_CAP, SPLITS, TILES, DSPLITS, W, NQ, BS: tl.constexpr, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
     n = tl.load(NDev).to(tl.int64)
     nkb = n // BS
     for j0 in range(0, NKB_CAP, BLOCK):
@@ -41,13 +45,14 @@ def step_lengths_triton(n_dev, block_size, nq, count_table, dense_table, bias, c
     tiles = count_tiles.numel() // splits
     _step_lengths_kernel[(1,)](n_dev, count_table, dense_table, bias, count, count_tiles, dense_count, win_idx,
                                win_bias, bias.numel(), splits, tiles, dsplits, win_idx.numel(), nq, BS=block_size,
-                               BLOCK=1024, num_warps=4)
+                               BLOCK=1024, num_warps=4, **pdl_kwargs(n_dev))
 
 
 @triton.jit
 def _block_means_kernel(K, NDev, MT, MS, H, NKB_CAP, skb, skh, skn, scale, BS: tl.constexpr, D: tl.constexpr,
                         BLOCK_J: tl.constexpr, CHUNK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                        HAS_SPLIT: tl.constexpr):
+                        HAS_SPLIT: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
     # One program per (batch x head, BLOCK_J key blocks), CHUNK_R rows of each block per load. Blocks past the
     # prefix's full ones are written as zeros and never read (rows past the prefix may hold anything, even NaN).
     bh = tl.program_id(0)
@@ -88,4 +93,5 @@ def block_means_triton(k, n_dev, block_size, scale, means_t, split, block_j=8, c
     _block_means_kernel[(bsz * h, triton.cdiv(nkb_cap, block_j))](
         k, n_dev, means_t, means_t if split is None else split, h, nkb_cap, k.stride(0), k.stride(1), k.stride(2),
         float(scale), BS=block_size, D=d, BLOCK_J=block_j, CHUNK_R=chunk_r,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_SPLIT=split is not None, num_warps=num_warps)
+        BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_SPLIT=split is not None, num_warps=num_warps,
+        **pdl_kwargs(k))

@@ -8,10 +8,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_kwargs, pdl_start
+
 
 @triton.jit
 def _token_change_kernel(Q, QR, THR, ACT, H, NQ, sqb, sqh, sqt, thr2, D: tl.constexpr, BLOCK_H: tl.constexpr,
-                         BLOCK_D: tl.constexpr, ONLY_ACTIVE: tl.constexpr):
+                         BLOCK_D: tl.constexpr, ONLY_ACTIVE: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
@@ -43,7 +46,7 @@ def token_change_triton(q, q_ref, ref_thr, thr2, only_active):
     block_h, block_d = triton.next_power_of_2(h), triton.next_power_of_2(d)
     _token_change_kernel[(b, n)](q, q_ref, ref_thr, active.view(torch.int8), h, n, q.stride(0), q.stride(1),
                                  q.stride(2), thr2, D=d, BLOCK_H=block_h, BLOCK_D=block_d, ONLY_ACTIVE=only_active,
-                                 num_warps=4 if block_h * block_d <= 4096 else 8)
+                                 num_warps=4 if block_h * block_d <= 4096 else 8, **pdl_kwargs(q))
     return active
 
 
@@ -73,9 +76,10 @@ def _split_logits(q_hi, q_lo, m_ptr, n, dd, sms, smd, NKB, D: tl.constexpr, Q_SP
 @triton.jit
 def _chunk_stats_kernel(Q, MS, Bias, Live, M, S, R, NKB, C, H, sqb, sqh, sqr, sms, smb, smh, smd, D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, Q_SPLIT: tl.constexpr,
-                        DOT_F32: tl.constexpr):
+                        DOT_F32: tl.constexpr, USE_PDL: tl.constexpr):
     """Per (batch x head, chunk of key blocks, row tile): each live row's max and sum of exponentials over the
     chunk's logits, to ``M`` and ``S`` ``(B * H, R, C)``. Tiles past ``n_live`` return at once."""
+    pdl_start(USE_PDL)
     bh = tl.program_id(0)
     c = tl.program_id(1)
     t = tl.program_id(2)
@@ -103,9 +107,10 @@ def _chunk_stats_kernel(Q, MS, Bias, Live, M, S, R, NKB, C, H, sqb, sqh, sqr, sm
 @triton.jit
 def _chunk_mass_kernel(Q, MS, Bias, Live, M, S, P, R, NKB, C, H, sqb, sqh, sqr, sms, smb, smh, smd, D: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                       Q_SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
+                       Q_SPLIT: tl.constexpr, DOT_F32: tl.constexpr, USE_PDL: tl.constexpr):
     """Per (batch x head, chunk of key blocks): the live rows' softmax mass on the chunk's blocks, tile by tile
     in row order (deterministic), each row's normaliser combined from the chunk statistics; plus the bias."""
+    pdl_start(USE_PDL)
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -163,7 +168,7 @@ def mean_key_score_triton(rows, n_live, split, bias, block_n=64):
     args = (r, nkb, chunks, h, rows.stride(0), rows.stride(1), rows.stride(2), split.stride(0), split.stride(1),
             split.stride(2), split.stride(3))
     kw = dict(D=d, BLOCK_N=block_n, BLOCK_D=block_d, Q_SPLIT=rows.dtype != torch.bfloat16, DOT_F32=not rows.is_cuda,
-              BLOCK_M=block_m, num_warps=4)
+              BLOCK_M=block_m, num_warps=4, **pdl_kwargs(rows))
     _chunk_stats_kernel[(b * h, chunks, triton.cdiv(r, block_m))](rows, split, bias, live, tops, sums, *args, **kw)
     _chunk_mass_kernel[(b * h, chunks)](rows, split, bias, live, tops, sums, score, *args,
                                         BLOCK_C=max(16, triton.next_power_of_2(chunks)), **kw)
@@ -171,7 +176,9 @@ def mean_key_score_triton(rows, n_live, split, bias, block_n=64):
 
 
 @triton.jit
-def _live_mass_kernel(L, Bias, Live, P, R, NKB, T, H, slb, slh, slr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _live_mass_kernel(L, Bias, Live, P, R, NKB, T, H, slb, slh, slr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
     bh = tl.program_id(0)
     t = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -225,7 +232,8 @@ def live_mass_triton(logits, n_live, bias, block_m=16):
     partial = torch.empty(b, h, tiles, nkb, dtype=torch.float32, device=logits.device)
     live = n_live if n_live.dtype == torch.int32 and n_live.is_contiguous() else n_live.to(torch.int32).contiguous()
     _live_mass_kernel[(b * h, tiles)](logits, bias.contiguous(), live, partial, r, nkb, tiles, h, logits.stride(0),
-                                      logits.stride(1), logits.stride(2), BLOCK_M=block_m, BLOCK_N=128, num_warps=4)
+                                      logits.stride(1), logits.stride(2), BLOCK_M=block_m, BLOCK_N=128, num_warps=4,
+                                      **pdl_kwargs(logits))
     return partial.sum(dim=2) if tiles > 1 else partial[:, :, 0]
 
 
@@ -242,7 +250,8 @@ def _descending_key(x, idx):
 
 @triton.jit
 def _rank_blocks_kernel(S, Out, N, KEEP, SPLITS, CHUNK, REPEAT, H, ssb, ssh, ssn, BLOCK_I: tl.constexpr,
-                        BLOCK_J: tl.constexpr, BLOCK_PAD: tl.constexpr, FIRST: tl.constexpr):
+                        BLOCK_J: tl.constexpr, BLOCK_PAD: tl.constexpr, FIRST: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
     bh = tl.program_id(0)
     blk = tl.program_id(1)
     s_row = S + (bh // H).to(tl.int64) * ssb + (bh % H).to(tl.int64) * ssh
@@ -281,14 +290,16 @@ def rank_blocks_triton(score, keep, splits, first=False, repeat=1):
     _rank_blocks_kernel[(b * h, triton.cdiv(n, block_i))](
         score, out, n, keep, splits, chunk, repeat, h, score.stride(0), score.stride(1), score.stride(2),
         BLOCK_I=block_i,
-        BLOCK_J=block_j, BLOCK_PAD=max(16, triton.next_power_of_2(splits)), FIRST=bool(first), num_warps=4)
+        BLOCK_J=block_j, BLOCK_PAD=max(16, triton.next_power_of_2(splits)), FIRST=bool(first), num_warps=4,
+        **pdl_kwargs(score))
     return out
 
 
 @triton.jit
 def _window_attention_kernel(Q, K, V, Idx, Bias, Out, L, HKV, G, NQ, W, scale, sqb, sqh, sqt, skb, skh, skn, svb,
                              svh, svn, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_D: tl.constexpr, BF16: tl.constexpr):
+                             BLOCK_D: tl.constexpr, BF16: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
     bh = tl.program_id(0)
     b = (bh // HKV).to(tl.int64)
     h = (bh % HKV).to(tl.int64)
@@ -362,14 +373,16 @@ def window_attention_triton(q, k, v, idx, bias, scale, out=None):
     _window_attention_kernel[(b * hkv, triton.cdiv(rows, block_m))](
         q, k, v, idx, bias, out, lse, hkv, hq // hkv, nq, w, float(scale), q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), D=d, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), BF16=bf16, num_warps=4, num_stages=2)
+        BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), BF16=bf16, num_warps=4, num_stages=2,
+        **pdl_kwargs(q))
     return out, lse
 
 
 @triton.jit
 def _active_first_kernel(Q, Act, Stacked, Rank, NRows, Stat, HQ, HKV, G, NQ, R, pad_iters, sqb, sqh, sqt,
                          D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
     tt = tl.arange(0, BLOCK_T)
@@ -414,5 +427,6 @@ def active_first_triton(q, active, num_kv_heads, block_size):
         q, active.contiguous().view(torch.int8), stacked, rank, n_rows, stat.view(torch.int8), hq, num_kv_heads,
         group, nq, rows, -(-(rows - nq * group) // nq), q.stride(0), q.stride(1), q.stride(2), D=d,
         BLOCK_T=max(16, triton.next_power_of_2(nq)), BLOCK_HQ=triton.next_power_of_2(hq),
-        BLOCK_HKV=triton.next_power_of_2(num_kv_heads), BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=4)
+        BLOCK_HKV=triton.next_power_of_2(num_kv_heads), BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=4,
+        **pdl_kwargs(q))
     return stacked, rank, n_rows, stat

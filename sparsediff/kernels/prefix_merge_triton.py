@@ -6,11 +6,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_kwargs, pdl_start
+
 
 @triton.jit
 def _merge_prefix_kernel(PO, PL, IO, IL, RO, RL, CO, CL, ACT, RANK, Out, Lse, S, R, H, nq, PACK, D: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_INNER: tl.constexpr,
-                         HAS_RES: tl.constexpr, HAS_CACHE: tl.constexpr, HAS_RANK: tl.constexpr):
+                         HAS_RES: tl.constexpr, HAS_CACHE: tl.constexpr, HAS_RANK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
     # One program (one warp) per (batch x head, row); it loads BLOCK_S splits of its row at once (a walk of
     # one split at a time was latency-bound: 26 us per call at 51 splits, LoSA at a 128k prefix on an H100;
     # one warp instead of four: 3.4 vs 6.2 us there, 5.7 vs 12.0 us at 64k with 128-token blocks).
@@ -96,5 +99,6 @@ def merge_prefix_triton(parts_out, parts_lse, nq, inner, residual, cache, active
     _merge_prefix_kernel[(bsz * h, nq)](po, pl, io, il, ro, rl, co, cl, act, rk, out, lse, s, r, h, nq, pack, D=d,
                                         BLOCK_D=block_d, BLOCK_S=block_s, HAS_INNER=inner is not None,
                                         HAS_RES=residual is not None, HAS_CACHE=cache is not None,
-                                        HAS_RANK=rank is not None, num_warps=1)
+                                        HAS_RANK=rank is not None, num_warps=1,
+                                        **pdl_kwargs(out))
     return out, lse

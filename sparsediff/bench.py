@@ -149,10 +149,12 @@ def environment() -> dict:
         pass
     if torch.cuda.is_available():
         from .kernels.block_sparse import gluon_enabled
+        from .kernels.pdl import pdl_enabled
 
         # Which block-sparse kernel the default backend picks for block 128, D 64/128 on this GPU.
         sm90 = torch.cuda.get_device_capability() == (9, 0)
         info["block_sparse_kernel"] = "gluon" if sm90 and gluon_enabled() else "triton"
+        info["pdl"] = pdl_enabled(torch.empty(0, device="cuda"))  # SPARSEDIFF_PDL=1 on sm_90+
     return info
 
 

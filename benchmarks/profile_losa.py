@@ -1,6 +1,9 @@
 """Where a LoSA block's time goes: the first (refresh) step and the cached steps, kernel by kernel.
 
     python benchmarks/profile_losa.py [--prefixes 131072] [--blocks 32,128] [--cuda-graphs] [--host] [--top 8]
+                                      [--union-splits N]
+
+With ``SPARSEDIFF_PDL=1`` the LoSA step kernels launch with programmatic dependent launch (sm_90+).
 
 Same inputs as ``bench_blockdiff.py --structured`` (one layer, GQA 32/8, D=128, bf16, 16 steps).
 For each case: synchronised wall time of the first step and the mean of the others, then the top
@@ -117,6 +120,7 @@ def main() -> int:
     parser.add_argument("--blocks", default="32,128")
     parser.add_argument("--cuda-graphs", action="store_true")
     parser.add_argument("--union", default="kv_head")
+    parser.add_argument("--union-splits", type=int, default=None, help="LoSA's union_splits (default: its choice)")
     parser.add_argument("--host", action="store_true", help="also profile the host side of replayed blocks")
     parser.add_argument("--top", type=int, default=8, help="kernels listed per table")
     args = parser.parse_args()
@@ -125,7 +129,8 @@ def main() -> int:
     for prefix in [int(p) for p in args.prefixes.split(",")]:
         for nq in [int(b) for b in args.blocks.split(",")]:
             qs, (kbuf, vbuf), kbs, vbs = make_block(prefix, nq, args, "cuda", torch.bfloat16, seed=prefix + nq)
-            m = make_method("losa", min_seq_len=0, cuda_graphs=args.cuda_graphs, union=args.union)
+            m = make_method("losa", min_seq_len=0, cuda_graphs=args.cuda_graphs, union=args.union,
+                            union_splits=args.union_splits)
 
             def step(i):
                 kbuf[:, :, prefix:].copy_(kbs[i])

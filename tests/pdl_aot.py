@@ -62,7 +62,8 @@ def launch_all():
                            torch.zeros(splits, dtype=i32), torch.zeros(splits, dtype=i32),
                            torch.zeros(w, dtype=torch.int64), torch.zeros(w), backend="triton")
     losa_step.prefix_block_means(k, n_dev, bs, 0.125, torch.zeros(b, hkv, d, nkb),
-                                 torch.zeros(3, b, hkv, d, nkb, dtype=bf16), backend="triton")
+                                 torch.zeros(3, b, hkv, d, nkb, dtype=bf16),
+                                 last_keys=torch.zeros(b, hkv, nkb, d, dtype=bf16), backend="triton")
 
 
 def wait_comes_first(ptx):

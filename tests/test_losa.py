@@ -463,3 +463,30 @@ def test_growing_prefix_exact(fake_graphs, graphs):
                     if kw or step == 0:
                         torch.testing.assert_close(out, want, rtol=0, atol=2e-5)
                         torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-5)
+
+
+def test_block_means_follow_the_buffer_within_a_generation():
+    # Block means are kept for blocks whose last key did not change: a growing prefix computes its newly full
+    # blocks only, and a buffer refilled in place (a new sequence without a new generation) is computed again.
+    plan = growing_run(blocks=4, steps=2)  # one buffer; prefix 200, 216, 232, 248 with 32-key blocks
+    m = method(block_size=32)
+
+    def check_means(k, n):
+        (entry,) = m._cache.entries.values()
+        nkb = n // 32
+        want = k[:, :, : nkb * 32].unflatten(2, (nkb, 32)).mean(dim=3) * 0.25  # scale 1 / sqrt(16)
+        torch.testing.assert_close(entry.means_t[..., :nkb], want.mT, rtol=1e-6, atol=1e-7)
+        assert not entry.means_t[..., nkb:].any()
+
+    for blk, ((k, v), n, steps_) in enumerate(plan):
+        new_block(blk)
+        q, kb, vb = steps_[0]
+        k[:, :, n : n + q.shape[2]], v[:, :, n : n + q.shape[2]] = kb, vb
+        with denoising_step(0, len(steps_)):
+            m(q, k[:, :, : n + q.shape[2]], v[:, :, : n + q.shape[2]], layer="a")
+        check_means(k, n)
+    k.normal_()  # the same buffer, refilled
+    new_block(len(plan))
+    with denoising_step(0, 2):
+        m(q, k[:, :, : n + q.shape[2]], v[:, :, : n + q.shape[2]], layer="a")
+    check_means(k, n)

@@ -119,3 +119,58 @@ def test_prefix_block_means_without_split_and_bad_input():
     with pytest.raises(ValueError, match="unit stride"):  # the kernel's layout, not a silent slower path
         prefix_block_means(k.transpose(2, 3).contiguous().transpose(2, 3), n_dev, 64, 0.5, means_t,
                            backend="triton")
+
+
+def _definition(k, n_prefix, bs, nkb_cap, scale):
+    b, h, _, d = k.shape
+    want = torch.zeros(b, h, d, nkb_cap, dtype=torch.float64, device="cpu")
+    nkb = n_prefix // bs
+    if nkb:
+        want[..., :nkb] = (k[:, :, : nkb * bs].double().cpu().unflatten(2, (nkb, bs)).mean(dim=3) * scale).mT
+    return want
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_prefix_block_means_compute_only_blocks_whose_last_key_changed(dtype, backend):
+    b, h, d, bs, cap = 1, 2, 32, 64, 1100
+    nkb_cap = cap // bs
+    k = _keys(b, h, cap, d, dtype)
+    scale = 0.25
+    means_t = torch.zeros(b, h, d, nkb_cap, device=_dev())
+    split = torch.zeros(3, b, h, d, nkb_cap, dtype=torch.bfloat16, device=_dev())
+    last = torch.full((b, h, nkb_cap, d), float("nan"), dtype=dtype, device=_dev())
+
+    def run(n_prefix):
+        prefix_block_means(k, torch.tensor(n_prefix, device=_dev()), bs, scale, means_t, split, last_keys=last,
+                           backend=backend)
+        nkb = n_prefix // bs
+        rows = k[:, :, bs - 1 : nkb * bs : bs].cpu()
+        torch.testing.assert_close(last[:, :, :nkb].cpu(), rows, rtol=0, atol=0, equal_nan=True)
+        assert last[:, :, nkb:].isnan().all()
+        torch.testing.assert_close(split.cpu().double().sum(dim=0), means_t.cpu().double(), rtol=2e-7, atol=1e-12,
+                                   equal_nan=True)
+        return means_t.cpu().double()
+
+    def assert_definition(got, n_prefix, but=()):
+        want = _definition(k, n_prefix, bs, nkb_cap, scale)
+        for j in but:
+            want[..., j] = got[..., j]
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+    assert_definition(run(700), 700)  # 10 full blocks, all computed (nothing stored yet)
+    means_t[..., 3] = 123.0  # a marker: block 3 keeps it (mean and parts) as long as its last key stays
+    split[..., 3] = torch.tensor([123.0, 0.0, 0.0], dtype=torch.bfloat16, device=_dev())[:, None, None, None]
+    assert bool((run(700)[..., 3] == 123.0).all())
+    got = run(1000)  # the prefix grew: blocks 10-14 are computed, 0-9 kept
+    assert bool((got[..., 3] == 123.0).all())
+    assert_definition(got, 1000, but=[3])
+    k[:, :, 3 * bs + 5] += 1.0  # a key inside block 3 and its last key change: recomputed
+    k[:, :, 4 * bs - 1] += 1.0
+    assert_definition(run(1000), 1000)
+    k[:, :, 2 * bs : 3 * bs] = float("nan")  # a NaN last key equals nothing: the block is computed (NaN mean)
+    assert run(1000)[..., 2].isnan().all()
+    k[:, :, 2 * bs : 3 * bs] = _keys(b, h, bs, d, dtype, seed=5)
+    got = run(300)  # shrunk to 4 full blocks: the others are zero, and computed again when the prefix grows
+    assert_definition(got, 300)
+    assert_definition(run(1000), 1000)

@@ -49,9 +49,9 @@ def step_lengths_triton(n_dev, block_size, nq, count_table, dense_table, bias, c
 
 
 @triton.jit
-def _block_means_kernel(K, NDev, MT, MS, H, NKB_CAP, skb, skh, skn, scale, BS: tl.constexpr, D: tl.constexpr,
+def _block_means_kernel(K, NDev, MT, MS, LastK, H, NKB_CAP, skb, skh, skn, scale, BS: tl.constexpr, D: tl.constexpr,
                         BLOCK_J: tl.constexpr, CHUNK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                        HAS_SPLIT: tl.constexpr, USE_PDL: tl.constexpr):
+                        HAS_SPLIT: tl.constexpr, HAS_LAST: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_start(USE_PDL)
     # One program per (batch x head, BLOCK_J key blocks), CHUNK_R rows of each block per load. Blocks past the
     # prefix's full ones are written as zeros and never read (rows past the prefix may hold anything, even NaN).
@@ -62,7 +62,22 @@ def _block_means_kernel(K, NDev, MT, MS, H, NKB_CAP, skb, skh, skn, scale, BS: t
     j = tl.program_id(1).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
     r = tl.arange(0, CHUNK_R)
     dd = tl.arange(0, BLOCK_D)
-    use = ((j < nkb) & (j < NKB_CAP))[:, None, None] & (dd < D)[None, None, :]  # a bad length reads nothing
+    d_ok = dd < D
+    in_cap = j < NKB_CAP
+    in_prefix = (j < nkb) & in_cap  # a bad length reads nothing
+    compute = in_prefix
+    if HAS_LAST:
+        # A full block whose last key is the one stored when its mean was computed keeps its mean (and parts):
+        # nothing of it but that row is read. NaN marks a block not computed yet (NaN equals nothing).
+        last_at = LastK + ((bh.to(tl.int64) * NKB_CAP + j) * D)[:, None] + dd[None, :]  # (B, H, NKB_CAP, D)
+        row_ok = in_prefix[:, None] & d_ok[None, :]
+        row = tl.load(K + b * skb + h * skh + (j * BS + BS - 1)[:, None] * skn + dd[None, :], mask=row_ok, other=0.0)
+        old = tl.load(last_at, mask=row_ok, other=0.0)
+        changed = tl.max(((row != old) & row_ok).to(tl.int32), axis=1) > 0
+        compute = in_prefix & changed
+        fresh = tl.where(in_prefix[:, None], row.to(tl.float32), float("nan"))  # past the prefix: not computed
+        tl.store(last_at, fresh, mask=(compute | (in_cap & ~in_prefix))[:, None] & d_ok[None, :])
+    use = compute[:, None, None] & d_ok[None, None, :]
     base = K + b * skb + h * skh + (j * BS)[:, None, None] * skn + dd[None, None, :]
     total = tl.zeros([BLOCK_J, BLOCK_D], tl.float32)
     for r0 in tl.static_range(0, BS, CHUNK_R):  # unrolled: the chunks' loads are independent
@@ -71,7 +86,7 @@ def _block_means_kernel(K, NDev, MT, MS, H, NKB_CAP, skb, skh, skn, scale, BS: t
         total += tl.sum(x.to(tl.float32), axis=1)
     mean = total / BS * scale
     at = (bh.to(tl.int64) * D + dd[None, :]) * NKB_CAP + j[:, None]  # (B, H, D, NKB_CAP), contiguous
-    ok = (j < NKB_CAP)[:, None] & (dd < D)[None, :]
+    ok = (compute | (in_cap & ~in_prefix))[:, None] & d_ok[None, :]  # computed blocks, and zeros past the prefix
     tl.store(MT + at, mean, mask=ok)
     if HAS_SPLIT:  # losa_step.split_means: three bfloat16 parts summing to the float32 value
         hi = mean.to(tl.bfloat16)
@@ -83,7 +98,8 @@ def _block_means_kernel(K, NDev, MT, MS, H, NKB_CAP, skb, skh, skn, scale, BS: t
         tl.store(MS + 2 * part + at, (rest - mid.to(tl.float32)).to(tl.bfloat16), mask=ok)
 
 
-def block_means_triton(k, n_dev, block_size, scale, means_t, split, block_j=8, chunk_r=64, num_warps=4):
+def block_means_triton(k, n_dev, block_size, scale, means_t, split, last_keys=None, block_j=8, chunk_r=64,
+                       num_warps=4):
     # 8 blocks of 64-row loads, 4 warps: the best of 20 settings on an H100 (8 heads, D 128, 128-key blocks):
     # 8.6 / 52 / 104 us at 16k / 64k / 128k keys (2.6 TB/s at 64k), against 16 / 68 / - us with one block per
     # program and 41 / 99 / 160 us for the PyTorch path (mean, mask, split).
@@ -91,7 +107,8 @@ def block_means_triton(k, n_dev, block_size, scale, means_t, split, block_j=8, c
     nkb_cap = means_t.shape[3]
     chunk_r = min(triton.next_power_of_2(block_size), chunk_r)
     _block_means_kernel[(bsz * h, triton.cdiv(nkb_cap, block_j))](
-        k, n_dev, means_t, means_t if split is None else split, h, nkb_cap, k.stride(0), k.stride(1), k.stride(2),
-        float(scale), BS=block_size, D=d, BLOCK_J=block_j, CHUNK_R=chunk_r,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_SPLIT=split is not None, num_warps=num_warps,
+        k, n_dev, means_t, means_t if split is None else split, means_t if last_keys is None else last_keys, h,
+        nkb_cap, k.stride(0), k.stride(1), k.stride(2), float(scale), BS=block_size, D=d, BLOCK_J=block_j,
+        CHUNK_R=chunk_r, BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_SPLIT=split is not None,
+        HAS_LAST=last_keys is not None, num_warps=num_warps,
         **pdl_kwargs(k))

@@ -257,23 +257,36 @@ def step_lengths(n_dev, block_size, nq, count_table, dense_table, bias, count, c
                                dense_count, win_idx, win_bias)
 
 
-def _block_means_torch(k, n_dev, block_size, scale, means_t, split):
+def _block_means_torch(k, n_dev, block_size, scale, means_t, split, last_keys):
     nkb_cap = means_t.shape[3]
     means = k[:, :, : nkb_cap * block_size].unflatten(2, (nkb_cap, block_size)).mean(dim=3, dtype=torch.float32)
     means = means.mul_(scale).transpose(-1, -2)
     full = torch.arange(nkb_cap, device=k.device) < torch.div(n_dev, block_size, rounding_mode="floor")
-    means_t.copy_(torch.where(full, means, 0.0))  # rows past the prefix may hold anything, even NaN
+    means = torch.where(full, means, 0.0)  # rows past the prefix may hold anything, even NaN
+    if last_keys is not None:
+        rows = k[:, :, block_size - 1 : nkb_cap * block_size : block_size]  # each block's last key
+        keep = full & (rows == last_keys).all(dim=-1)  # NaN (not computed yet) equals nothing
+        means = torch.where(keep[:, :, None, :], means_t, means)
+        last_keys.copy_(torch.where(full[:, None], rows, float("nan")))
+    means_t.copy_(means)
     if split is not None:
         split_means(means_t.transpose(-1, -2), out=split)
 
 
-def prefix_block_means(k, n_dev, block_size, scale, means_t, split=None, *, backend=None):
+def prefix_block_means(k, n_dev, block_size, scale, means_t, split=None, *, last_keys=None, backend=None):
     """The prefix's block mean keys times ``scale``, written in place: ``means_t`` ``(B, H, D, nkb_cap)``
     float32 (transposed, as :func:`mean_key_score` reads them) gets the mean of k's rows ``[j * block_size, (j +
     1) * block_size)`` for the full blocks ``j < n_dev // block_size`` and 0 for the others, whose rows are not
     read (they may hold anything, even NaN); ``split`` (optional, ``(3, B, H, D, nkb_cap)`` bfloat16) its
     :func:`split_means` parts. k ``(B, H, C, D)`` with ``C >= nkb_cap * block_size``. One kernel on CUDA
-    (a program per head and 8 blocks), a float32 mean and a few ops in PyTorch."""
+    (a program per head and 8 blocks), a float32 mean and a few ops in PyTorch.
+
+    ``last_keys`` (optional, ``(B, H, nkb_cap, D)`` in k's dtype, NaN where no mean was computed yet): each
+    block's last key when its mean was computed, updated in place. A full block whose last key is unchanged
+    keeps its mean and parts, and the kernel reads only that row of it; the others are computed. A KV cache that
+    appends keeps every earlier block, so a growing prefix computes only its newly full blocks. A key depends on
+    the tokens before it, so a block's last key changes with any token up to it. A host that edits keys of a
+    block in place but keeps its last one unchanged would keep that block's stale mean."""
     b, h, c, d = k.shape
     nkb_cap = means_t.shape[-1]
     if tuple(means_t.shape) != (b, h, d, nkb_cap) or means_t.dtype != torch.float32 or c < nkb_cap * block_size:
@@ -282,15 +295,19 @@ def prefix_block_means(k, n_dev, block_size, scale, means_t, split=None, *, back
     if split is not None and (tuple(split.shape) != (3, b, h, d, nkb_cap) or split.dtype != torch.bfloat16):
         raise ValueError(f"split must be bfloat16 (3, {b}, {h}, {d}, {nkb_cap}), got {split.dtype} "
                          f"{tuple(split.shape)}")
+    if last_keys is not None and (tuple(last_keys.shape) != (b, h, nkb_cap, d) or last_keys.dtype != k.dtype):
+        raise ValueError(f"last_keys must be {k.dtype} ({b}, {h}, {nkb_cap}, {d}), got {last_keys.dtype} "
+                         f"{tuple(last_keys.shape)}")
     if n_dev.numel() != 1 or n_dev.dtype != torch.int64:
         raise ValueError("n_dev must be one int64 (the prefix length)")
     if _use_triton(backend, k):
         from .losa_first_triton import block_means_triton
 
-        if k.stride(3) != 1 or not means_t.is_contiguous() or (split is not None and not split.is_contiguous()):
+        outs = (means_t, split, last_keys)
+        if k.stride(3) != 1 or not all(t is None or t.is_contiguous() for t in outs):
             raise ValueError("prefix_block_means' kernel needs k with unit stride over D and contiguous outputs")
-        return block_means_triton(k, n_dev, block_size, scale, means_t, split)
-    return _block_means_torch(k, n_dev, block_size, scale, means_t, split)
+        return block_means_triton(k, n_dev, block_size, scale, means_t, split, last_keys)
+    return _block_means_torch(k, n_dev, block_size, scale, means_t, split, last_keys)
 
 
 def _window_attention_torch(q, k, v, idx, bias, scale):

@@ -35,7 +35,8 @@ and so are the active-first order with the step's statistics, the ranking of the
 for the splits and query tiles) and the window attention (``kernels.losa_step``); inside a CUDA graph capture
 the window runs on a parallel branch of the graph (``step_cache.branch_stream``). A block's first step writes
 its length-dependent state and the block mean keys with one kernel each (``step_lengths``,
-``prefix_block_means``).
+``prefix_block_means``); a block's mean is computed again only when its last key changed (a growing prefix:
+its newly full blocks).
 With ``union="head"`` every row is scored and computed and
 only the active ones kept. A
 registered selector name runs that selector on the gathered active tokens instead, and the union of
@@ -208,6 +209,7 @@ class _Prefix:
     q_ref: torch.Tensor  # float32 q the change is measured against
     ref_thr: torch.Tensor  # (B, Nq) (threshold * |q_ref|)^2: a token is active when |q - q_ref|^2 >= ref_thr
     means_t: torch.Tensor  # (B, Hkv, D, nkb_cap) float32 block means * scale; zero past the prefix
+    last_keys: torch.Tensor  # (B, Hkv, nkb_cap, D) each block's last key when its mean was computed (NaN: not yet)
     outliers_t: torch.Tensor | None  # outlier_keys: (B, Hkv, D, nkb_cap) the blocks' largest-norm keys * scale
     means_split: torch.Tensor | None  # CUDA: means_t as three bfloat16 parts (3, B, Hkv, D, nkb_cap), the kernel's
     bias: torch.Tensor  # (nkb_cap,) float32: 0 on the prefix's full blocks, -1e30 past them
@@ -347,6 +349,7 @@ class LoSAMethod(AttentionMethod):
         return _Prefix(out=torch.zeros(q.shape, dtype=q.dtype, device=dev), lse=torch.zeros(bsz, hq, nq, **f32),
                        q_ref=torch.zeros(q.shape, **f32), ref_thr=torch.zeros(bsz, nq, **f32),
                        means_t=torch.zeros(bsz, hkv, d, nkb_cap, **f32), bias=torch.zeros(nkb_cap, **f32),
+                       last_keys=torch.full((bsz, hkv, nkb_cap, d), float("nan"), dtype=kv_dtype, device=dev),
                        outliers_t=torch.zeros(bsz, hkv, d, nkb_cap, **f32) if cfg.outlier_keys else None,
                        index=index, count=torch.zeros(1, 1, splits, dtype=torch.int32, device=dev),
                        count_tiles=torch.zeros(1, 1, splits * tiles, dtype=torch.int32, device=dev), tiles=tiles,
@@ -391,9 +394,10 @@ class LoSAMethod(AttentionMethod):
         split = (entry.dense_index, count, entry.dense_splits) if entry.dense_splits > 1 else None
         parts = prefix_partials(q, kc, vc, entry.dense_index, count, scale=scale, block_size=bs, split=split,
                                 splits=1)
-        # Reads the prefix's full blocks only (rows past it may hold anything, even NaN); on CUDA one kernel
-        # that also writes the three bfloat16 parts the union score reads.
-        prefix_block_means(kc, entry.n_dev, bs, scale, entry.means_t, entry.means_split)
+        # Reads the prefix's full blocks only (rows past it may hold anything, even NaN), and of those only the
+        # ones whose last key changed since their mean was computed (a growing prefix: its newly full blocks); on
+        # CUDA one kernel that also writes the three bfloat16 parts the union score reads.
+        prefix_block_means(kc, entry.n_dev, bs, scale, entry.means_t, entry.means_split, last_keys=entry.last_keys)
         if entry.outliers_t is not None:
             d, nkb_cap = kc.shape[-1], entry.bias.shape[0]
             peaks = outlier_key_features(kc[:, :, : nkb_cap * bs], bs)[..., :d].mul_(scale).transpose(-1, -2)

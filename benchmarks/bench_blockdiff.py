@@ -5,6 +5,7 @@ FlashBlock + sparse external attention.
     python benchmarks/bench_blockdiff.py --quick --out /tmp/b.json     # CPU smoke run (small shapes)
     python benchmarks/bench_blockdiff.py --structured --cuda-graphs     # also with the default CUDA graphs
     python benchmarks/bench_blockdiff.py --structured --cuda-graphs --host-graph   # + whole blocks as one graph
+    python benchmarks/bench_blockdiff.py --structured --host-graph --pdl --losa-splits 8,16   # variants, same run
 
 One attention layer, B=1, GQA 32 query / 8 key-value heads, D=128, bf16, 16 denoising steps per block.
 Calls follow the block-diffusion convention: q = the active block, k/v = [prefix | block].
@@ -47,8 +48,10 @@ the method's prefix-attention speedup. ``*_step_host_ms``: per step, the time un
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -104,6 +107,22 @@ def gpu_busy_ms(fn):
     return total / 1e3
 
 
+@contextlib.contextmanager
+def pdl_env(on):
+    """SPARSEDIFF_PDL=1 (``on``) or 0 inside (kernels read it at each launch, graphs when captured), as before
+    after; ``on=None`` leaves it as it is."""
+    before = os.environ.get("SPARSEDIFF_PDL")
+    if on is not None:
+        os.environ["SPARSEDIFF_PDL"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SPARSEDIFF_PDL"]
+        else:
+            os.environ["SPARSEDIFF_PDL"] = before
+
+
 def method_specs(args):
     """name -> (method, settings): the variants timed, each made fresh where a run needs its own instance."""
     specs = {
@@ -111,6 +130,8 @@ def method_specs(args):
         "losa": ("losa", {"min_seq_len": 0, "threshold": args.threshold, "sparsity": args.sparsity,
                           "union": args.union, "cuda_graphs": False}),
     }
+    if args.pdl:  # the same methods with programmatic dependent launch (SPARSEDIFF_PDL=1 while they run)
+        specs |= {f"{name}+pdl": specs[name] for name in ("flashblock", "losa")}
     for n in args.losa_splits:  # LoSA with its union attention split in n key chunks (default: chosen for the GPU)
         specs[f"losa/s{n}"] = ("losa", specs["losa"][1] | {"union_splits": n})
     if args.selector in available_selectors():
@@ -231,37 +252,42 @@ def one_case(prefix, nq, args, device, dtype, log):
     eager_outs = {}
     specs = method_specs(args)
     for name, (method, settings) in specs.items():
-        m = make_method(method, **settings)
-        first = counter[0]
-        row[f"{name}_ms"] = time_ms(lambda m=m: method_block(m), device)
-        row[f"{name}_captures"], row[f"{name}_blocks_timed"] = m._cache.captures, counter[0] - first
-        if device == "cuda" and not name.endswith("+graphs"):
-            row[f"{name}_gpu_ms"] = gpu_busy_ms(lambda m=m: method_block(m))
-        if device == "cuda":  # where a block's time goes: each step alone, synchronised (no overlap)
-            row[f"{name}_step_ms"], row[f"{name}_step_host_ms"] = step_times(m)
-        outs = []
-        m.reset()
-        for _ in range(2):  # a fresh cache's first blocks run eager or capture; the third replays what it can
-            method_block(m)
-        method_block(m, outs)
-        timed_block = counter[0]
-        row[f"{name}_err"] = [float((o.float() - r).norm() / r.norm()) for o, r in zip(outs, refs)]
-        base = name.removesuffix("+graphs")
-        if name == base:
-            eager_outs[name] = outs
-            if args.host_graph and device == "cuda":  # a fresh eager instance inside the host's own graph
-                fresh = make_method(method, **settings)
-                ms, record, _ = block_graph_ms(lambda rec, fresh=fresh: method_block(fresh, rec))
-                row[f"{name}_graph_ms"] = ms
-                row[f"{name}_graph_equal_eager"] = all(torch.equal(a, b) for a, b in zip(record, outs))
-        else:  # same kernels on the same inputs: equal to the eager outputs bit for bit
-            row[f"{name}_equal_eager"] = all(torch.equal(a, b) for a, b in zip(outs, eager_outs[base]))
-            row[f"{name}_graphs_held"] = len(m._cache.graphs())
-            row[f"{name}_graph_mib"] = sum(g.nbytes for g in m._cache.graphs()) / 2**20
-        if base.split("/")[0] == "losa":
-            rep = [r for r in m.step_report() if r["block"] == timed_block]
-            row[f"{name}_active_share"] = sum(r["active_share"] for r in rep[1:]) / max(len(rep) - 1, 1)
-            row[f"{name}_union_density"] = sum(r["union_density"] for r in rep[1:]) / max(len(rep) - 1, 1)
+        # With --pdl, programmatic dependent launch for the +pdl variants only (else as the caller's environment)
+        with pdl_env(("+pdl" in name) if args.pdl else None):
+            m = make_method(method, **settings)
+            first = counter[0]
+            row[f"{name}_ms"] = time_ms(lambda m=m: method_block(m), device)
+            row[f"{name}_captures"], row[f"{name}_blocks_timed"] = m._cache.captures, counter[0] - first
+            if device == "cuda" and not name.endswith("+graphs"):
+                row[f"{name}_gpu_ms"] = gpu_busy_ms(lambda m=m: method_block(m))
+            if device == "cuda":  # where a block's time goes: each step alone, synchronised (no overlap)
+                row[f"{name}_step_ms"], row[f"{name}_step_host_ms"] = step_times(m)
+            outs = []
+            m.reset()
+            for _ in range(2):  # a fresh cache's first blocks run eager or capture; the third replays what it can
+                method_block(m)
+            method_block(m, outs)
+            timed_block = counter[0]
+            row[f"{name}_err"] = [float((o.float() - r).norm() / r.norm()) for o, r in zip(outs, refs)]
+            base = name.removesuffix("+graphs")
+            if name == base:
+                eager_outs[name] = outs
+                if "+pdl" in name:  # the same kernels, launched earlier: the same bits
+                    row[f"{name}_equal_without_pdl"] = all(
+                        torch.equal(a, b) for a, b in zip(outs, eager_outs[name.replace("+pdl", "")]))
+                if args.host_graph and device == "cuda":  # a fresh eager instance inside the host's own graph
+                    fresh = make_method(method, **settings)
+                    ms, record, _ = block_graph_ms(lambda rec, fresh=fresh: method_block(fresh, rec))
+                    row[f"{name}_graph_ms"] = ms
+                    row[f"{name}_graph_equal_eager"] = all(torch.equal(a, b) for a, b in zip(record, outs))
+            else:  # same kernels on the same inputs: equal to the eager outputs bit for bit
+                row[f"{name}_equal_eager"] = all(torch.equal(a, b) for a, b in zip(outs, eager_outs[base]))
+                row[f"{name}_graphs_held"] = len(m._cache.graphs())
+                row[f"{name}_graph_mib"] = sum(g.nbytes for g in m._cache.graphs()) / 2**20
+            if base.startswith("losa"):
+                rep = [r for r in m.step_report() if r["block"] == timed_block]
+                row[f"{name}_active_share"] = sum(r["active_share"] for r in rep[1:]) / max(len(rep) - 1, 1)
+                row[f"{name}_union_density"] = sum(r["union_density"] for r in rep[1:]) / max(len(rep) - 1, 1)
     for name in specs:
         row[f"{name}_speedup"] = row["dense_best_ms"] / row[f"{name}_ms"]
         row[f"{name}_speedup_sdpa"] = row["dense_sdpa_ms"] / row[f"{name}_ms"]  # SDPA's default backend
@@ -327,6 +353,8 @@ def main() -> int:
     parser.add_argument("--host-graph", action="store_true",
                         help="also time each whole block captured as one CUDA graph by the host (GPU only)")
     parser.add_argument("--flex", action="store_true", help="FlexAttention (compiled) as a dense peer too")
+    parser.add_argument("--pdl", action="store_true",
+                        help="also time FlashBlock and LoSA with programmatic dependent launch (columns *+pdl)")
     parser.add_argument("--losa-splits", default="",
                         help="comma-separated split counts: also time LoSA with union_splits=n (columns losa/sN)")
     args = parser.parse_args()

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quick_run_reports_ratios_against_the_fastest_dense_peer(tmp_path):
     out = tmp_path / "bench.json"
     script = ROOT / "benchmarks" / "bench_blockdiff.py"
-    cmd = [sys.executable, str(script), "--quick", "--out", str(out), "--losa-splits", "3"]
+    cmd = [sys.executable, str(script), "--quick", "--out", str(out), "--losa-splits", "3", "--pdl"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
@@ -27,4 +27,7 @@ def test_quick_run_reports_ratios_against_the_fastest_dense_peer(tmp_path):
     # LoSA with its union attention in 3 key chunks: the same attention up to rounding, the same statistics
     assert max(abs(a - b) for a, b in zip(row["losa/s3_err"], row["losa_err"])) < 1e-5
     assert row["losa/s3_active_share"] == row["losa_active_share"]
+    # --pdl: the same methods again (programmatic dependent launch only exists on CUDA): the same bits
+    assert row["losa+pdl_equal_without_pdl"] and row["flashblock+pdl_equal_without_pdl"]
+    assert row["losa+pdl_err"] == row["losa_err"]
     assert "x best / x prefix >= / x sdpa" in proc.stdout

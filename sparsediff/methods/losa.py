@@ -36,12 +36,10 @@ for the splits and query tiles) and the window attention (``kernels.losa_step``)
 the window runs on a parallel branch of the graph (``step_cache.branch_stream``). A block's first step writes
 its length-dependent state and the block mean keys with one kernel each (``step_lengths``,
 ``prefix_block_means``); a block's mean is computed again only when its last key changed (a growing prefix:
-its newly full blocks).
-With ``union="head"`` every row is scored and computed and
-only the active ones kept. A
-registered selector name runs that selector on the gathered active tokens instead, and the union of
-its per-query-block choices is used. Prefix attention is split over key chunks for short blocks
-(``prefix_attention``).
+its newly full blocks). With ``union="head"`` every row is scored and computed and only the active ones kept.
+A registered selector name runs that selector on the gathered active tokens instead, and the union of its
+per-query-block choices is used. Prefix attention is split over key chunks for short blocks
+(``prefix_attention``; ``union_splits`` sets their number).
 
 CUDA graphs (``cuda_graphs``: None, the default, uses them on CUDA inputs once two calls in a row found k/v in
 the same buffer; True also warns where they cannot be used; False never; CPU inputs run eager): each layer's
@@ -319,12 +317,8 @@ class LoSAMethod(AttentionMethod):
         pack = pack_factor(hq, hkv, nq, cfg.block_size, index_heads)
         # At least 8 kept blocks per split: fewer, shorter programs ran 3-6 % slower per block at 64k / 128k on
         # an H100 (their prologue and the merge's walk over the splits cost more than they spread).
-        if nq > cfg.block_size:
-            splits = 1
-        elif cfg.union_splits is not None:
-            splits = max(1, min(cfg.union_splits, keep_cap))
-        else:
-            splits = choose_splits(q, keep_cap, 8, heads=hq // pack)
+        splits = (1 if nq > cfg.block_size else choose_splits(q, keep_cap, 8, heads=hq // pack)
+                  if cfg.union_splits is None else max(1, min(cfg.union_splits, keep_cap)))
         dev = q.device
         if q.is_cuda:
             step_cache.prepare_branch(dev)  # the window's branch stream (cached steps captured later)

@@ -129,3 +129,24 @@ def test_every_pdl_kernel_compiles_for_sm90_with_the_wait_first():
     assert set(results) == declared and len(declared) == 10
     for name, res in results.items():
         assert res == {"launch_pdl": True, "target": 90, "wait": 1, "launch_dependents": 1, "wait_first": True}, name
+
+
+def test_warns_once_on_a_gpu_older_than_hopper(monkeypatch, caplog):
+    from sparsediff.kernels import pdl
+
+    class OldGpu:  # stands in for a CUDA tensor on a compute capability 8.0 device
+        is_cuda, device = True, "cuda:7"
+
+    monkeypatch.setenv("SPARSEDIFF_PDL", "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA A100")
+    pdl._capability.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert not pdl.pdl_enabled(OldGpu()) and not pdl.pdl_enabled(OldGpu())
+    finally:
+        pdl._capability.cache_clear()
+    assert [r.getMessage() for r in caplog.records] == [
+        "SPARSEDIFF_PDL=1: programmatic dependent launch needs compute capability 9.0 or newer (NVIDIA A100 has "
+        "8.x); kernels launch without it"]

@@ -14,16 +14,23 @@ merge on CUDA devices of compute capability 9.0 or newer. Not under the Triton i
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+logger = logging.getLogger(__name__)
+
 
 @functools.lru_cache(maxsize=8)
 def _capability(device) -> int:
-    return torch.cuda.get_device_capability(device)[0]
+    major = torch.cuda.get_device_capability(device)[0]
+    if major < 9:  # once per device: SPARSEDIFF_PDL=1 asked for what this GPU cannot do
+        logger.warning("SPARSEDIFF_PDL=1: programmatic dependent launch needs compute capability 9.0 or newer "
+                       "(%s has %d.x); kernels launch without it", torch.cuda.get_device_name(device), major)
+    return major
 
 
 def pdl_enabled(x) -> bool:

@@ -53,6 +53,8 @@ def test_same_bits_with_and_without_pdl(monkeypatch, name, kw, graphs):
         assert torch.equal(o, o2) and torch.equal(lse, lse2)
     if name == "losa":
         assert m0.step_report() == m1.step_report()
+    if graphs:  # the launches were captured (a failed capture would have run eager with a warning)
+        assert m1._cache.captures > 0 and m1._cache.graphs()
 
 
 @hopper

@@ -348,8 +348,13 @@ def force_splits(monkeypatch, n=8):
     def choose(q, num_kv_blocks, min_blocks_per_split=4, heads=None):
         return max(1, min(n, num_kv_blocks // min_blocks_per_split))
 
+    def one_wave(q, num_kv_blocks, heads, min_blocks_per_split=2):
+        return choose(q, num_kv_blocks, min_blocks_per_split)
+
     for module in (pa, fb, losa):
         monkeypatch.setattr(module, "choose_splits", choose)
+    for module in (pa, losa):
+        monkeypatch.setattr(module, "one_wave_splits", one_wave)
 
 
 def steady_state_ops(m, prefix=4096, nq=32, steps=3):

@@ -133,7 +133,7 @@ def test_packed_split_path_matches_reference(monkeypatch):
         out = m(q1, k, v, layer="l")
     is_active = torch.zeros(1, 8, dtype=torch.bool)
     is_active[0, active] = True
-    assert [e.splits for e in m._cache.entries.values()] == [2]
+    assert [e.splits for e in m._cache.entries.values()] == [3]  # one tile of stacked rows: >= 2 blocks a split
     union = mean_key_union(q1, is_active, block_stats(k[:, :, :npre], 32).mean, 16, 0.25, per_kv_head=True,
                            keep_sinks=True)
     token_mask = union.repeat_interleave(4, dim=1).repeat_interleave(32, -1)[:, :, None, :]
@@ -490,3 +490,18 @@ def test_block_means_follow_the_buffer_within_a_generation():
     with denoising_step(0, 2):
         m(q, k[:, :, : n + q.shape[2]], v[:, :, : n + q.shape[2]], layer="a")
     check_means(k, n)
+
+
+def test_split_counts_for_a_gpu(monkeypatch):
+    # The split rules as a 132-SM GPU sees them (a stand-in for a CUDA q: GQA 32/8, stacked 4 heads a tile).
+    import sparsediff.methods.prefix_attention as pa
+
+    class CudaQ:
+        is_cuda, device, shape = True, "cuda:0", (1, 32, 32, 128)
+
+    monkeypatch.setattr(pa, "_sm_count", lambda device: 132)
+    # LoSA's union, one tile of stacked rows: one wave of 8-program splits, at least 2 kept blocks each
+    assert [pa.one_wave_splits(CudaQ(), kept, heads=8) for kept in (26, 102, 205)] == [13, 16, 16]
+    # otherwise about four waves, at least 8 kept blocks each (16k / 64k / 128k at 128-token blocks)
+    assert [pa.choose_splits(CudaQ(), kept, 8, heads=32) for kept in (26, 103, 205)] == [3, 12, 17]
+    assert pa.one_wave_splits(torch.zeros(1, 32, 32, 128), 205, heads=8) == 1  # CPU: no split

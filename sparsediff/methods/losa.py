@@ -81,6 +81,7 @@ from .prefix_attention import (
     active_first_rows,
     choose_splits,
     kv_capacity,
+    one_wave_splits,
     pack_factor,
     prefix_attention,
     prefix_partials,
@@ -315,15 +316,24 @@ class LoSAMethod(AttentionMethod):
         keep_cap = nkb_cap if cfg.sparsity == 0.0 else self._keep(nkb_cap)
         index_heads = None if cfg.sparsity == 0.0 else (hkv if cfg.union == "kv_head" else hq)
         pack = pack_factor(hq, hkv, nq, cfg.block_size, index_heads)
-        # At least 8 kept blocks per split: fewer, shorter programs ran 3-6 % slower per block at 64k / 128k on
-        # an H100 (their prologue and the merge's walk over the splits cost more than they spread).
-        splits = (1 if nq > cfg.block_size else choose_splits(q, keep_cap, 8, heads=hq // pack)
-                  if cfg.union_splits is None else max(1, min(cfg.union_splits, keep_cap)))
+        tiles = -(-nq * (hq // hkv) // cfg.block_size)  # query tiles of the active-first stacked rows
+        if nq > cfg.block_size:
+            splits = 1
+        elif cfg.union_splits is not None:
+            splits = max(1, min(cfg.union_splits, keep_cap))
+        elif tiles == 1 and pack > 1:
+            # A KV group's stacked rows fill one tile (short blocks, GQA): one wave of programs, >= 2 blocks each.
+            # H100, 32-token blocks, whole blocks graphed: 16k 1.54 -> 1.74x, 128k 4.62 -> 4.80-4.84x, 64k equal.
+            splits = one_wave_splits(q, keep_cap, heads=hq // pack)
+        else:
+            # At least 8 kept blocks per split: fewer, shorter programs ran 3-6 % slower per block at 64k / 128k
+            # on an H100 (their prologue and the merge's walk over the splits cost more than they spread); at
+            # 128-token blocks one wave was slower at 16k (1.84 -> 1.63-1.69x) and no faster above.
+            splits = choose_splits(q, keep_cap, 8, heads=hq // pack)
         dev = q.device
         if q.is_cuda:
             step_cache.prepare_branch(dev)  # the window's branch stream (cached steps captured later)
         every = torch.arange(nkb_cap, dtype=torch.int32, device=dev).view(1, 1, 1, nkb_cap)
-        tiles = -(-nq * (hq // hkv) // cfg.block_size)  # query tiles of the active-first stacked rows
         index = None
         if cfg.sparsity == 0.0:
             index = strided_layout(every, splits) if splits > 1 else every

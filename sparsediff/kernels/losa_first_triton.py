@@ -76,7 +76,9 @@ def _block_means_kernel(K, NDev, MT, MS, LastK, H, NKB_CAP, skb, skh, skn, scale
         changed = tl.max(((row != old) & row_ok).to(tl.int32), axis=1) > 0
         compute = in_prefix & changed
         fresh = tl.where(in_prefix[:, None], row.to(tl.float32), float("nan"))  # past the prefix: not computed
-        tl.store(last_at, fresh, mask=(compute | (in_cap & ~in_prefix))[:, None] & d_ok[None, :])
+    write = (compute | (in_cap & ~in_prefix))[:, None] & d_ok[None, :]  # computed blocks; past the prefix: zeros
+    if HAS_LAST:
+        tl.store(last_at, fresh, mask=write)
     use = compute[:, None, None] & d_ok[None, None, :]
     base = K + b * skb + h * skh + (j * BS)[:, None, None] * skn + dd[None, None, :]
     total = tl.zeros([BLOCK_J, BLOCK_D], tl.float32)
@@ -86,16 +88,15 @@ def _block_means_kernel(K, NDev, MT, MS, LastK, H, NKB_CAP, skb, skh, skn, scale
         total += tl.sum(x.to(tl.float32), axis=1)
     mean = total / BS * scale
     at = (bh.to(tl.int64) * D + dd[None, :]) * NKB_CAP + j[:, None]  # (B, H, D, NKB_CAP), contiguous
-    ok = (compute | (in_cap & ~in_prefix))[:, None] & d_ok[None, :]  # computed blocks, and zeros past the prefix
-    tl.store(MT + at, mean, mask=ok)
+    tl.store(MT + at, mean, mask=write)
     if HAS_SPLIT:  # losa_step.split_means: three bfloat16 parts summing to the float32 value
         hi = mean.to(tl.bfloat16)
         rest = mean - hi.to(tl.float32)
         mid = rest.to(tl.bfloat16)
         part = tl.num_programs(0).to(tl.int64) * D * NKB_CAP
-        tl.store(MS + at, hi, mask=ok)
-        tl.store(MS + part + at, mid, mask=ok)
-        tl.store(MS + 2 * part + at, (rest - mid.to(tl.float32)).to(tl.bfloat16), mask=ok)
+        tl.store(MS + at, hi, mask=write)
+        tl.store(MS + part + at, mid, mask=write)
+        tl.store(MS + 2 * part + at, (rest - mid.to(tl.float32)).to(tl.bfloat16), mask=write)
 
 
 def block_means_triton(k, n_dev, block_size, scale, means_t, split, last_keys=None, block_j=8, chunk_r=64,

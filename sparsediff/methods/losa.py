@@ -198,7 +198,7 @@ def rank_blocks(score, keep, splits=1, first=False, repeat=1):
 @dataclasses.dataclass(eq=False)
 class _Prefix:
     """A layer's state, sized for the KV buffer's capacity and kept across blocks: a new block
-    rewrites it in place (``_refresh``), so a captured step stays valid until the capacity, q's shape
+    rewrites it in place (``_begin_block``, ``_first``), so a captured step stays valid until the capacity, q's shape
     or the dtype change. Only the full key blocks of the prefix go through the block-sparse kernel;
     its last partial block (the ``tail``) and the active block are the small ``window``, attended
     densely at every step."""

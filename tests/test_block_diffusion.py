@@ -209,3 +209,14 @@ def test_docs_block_diffusion_example_runs(capsys):
     rows = [ast.literal_eval(line) for line in out[1:]]
     assert [r["step"] for r in rows] == [0, 1, 2] and rows[0]["active_share"] == 1.0
     assert all(0 < r["active_share"] <= 1 and 0 < r["union_density"] <= 1 for r in rows)
+
+
+def test_equal_confidence_commits_the_earlier_positions():
+    from sparsediff.pipelines.block_diffusion import _unmask
+
+    block = torch.full((1, 6), MASK)
+    logits = torch.zeros(1, 6, VOCAB)
+    logits[..., 5] = 3.0  # every position predicts token 5 with the same confidence
+    for count in (1, 2, 4):
+        out = _unmask(block, logits, torch.tensor([count]), MASK, 0.0, None)
+        assert out[0].tolist() == [5] * count + [MASK] * (6 - count)

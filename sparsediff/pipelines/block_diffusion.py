@@ -96,7 +96,7 @@ def _unmask(block, logits, count, mask_id, temperature, generator):
     tokens, confidence = _predict(logits, temperature, generator, mask_id)
     masked = block == mask_id
     confidence = torch.where(masked, confidence, float("-inf"))
-    order = torch.argsort(confidence, dim=-1, descending=True)
+    order = torch.argsort(confidence, dim=-1, descending=True, stable=True)  # ties: the earlier position
     chosen = torch.arange(block.shape[1], device=block.device)[None, :] < count[:, None]
     commit = torch.zeros_like(masked).scatter_(1, order, chosen) & masked
     return torch.where(commit, tokens, block)

@@ -1,0 +1,108 @@
+"""Block mass from sampled query rows (the default BA-Att estimator): Triton (interpreter on CPU) and
+PyTorch paths vs the float64 reference, on random and structured inputs and on real captured q/k."""
+
+import math
+
+import pytest
+import torch
+
+from sparsediff.kernels.sampled_mass import sampled_block_mass, sampled_block_mass_ref, sampled_rows
+from sparsediff.kernels.tile_mass import tile_mass_ref
+
+BACKENDS = ["torch", "triton"]
+CASES = [
+    # b, hq, hkv, nq, nk, d, block, rows, causal
+    (1, 2, 2, 64, 64, 32, 16, 4, False),
+    (2, 4, 2, 96, 96, 64, 32, 4, True),  # GQA + causal
+    (1, 3, 1, 50, 130, 32, 16, 2, False),  # MQA, Nq != Nk, ragged tails
+    (1, 2, 1, 40, 100, 32, 16, 8, True),  # causal end-aligned with a prefix
+    (1, 2, 2, 33, 33, 24, 16, 1, True),  # head dim not a power of two, one row per block
+]
+
+
+def lowp_budget(q, k, ref, **kw):
+    """Three times what the PyTorch path loses on the same inputs in their own dtype, plus float32 rounding."""
+    if q.dtype == torch.float32:
+        return 1e-5
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    pos = sampled_rows(q.shape[2], kw["block_size"], kw["rows"], q.device).flatten()
+    group = q.shape[1] // k.shape[1]
+    s = (q[:, :, pos] @ k.repeat_interleave(group, 1).transpose(-1, -2)).float() * scale  # low-precision matmul
+    nk, nq, nkb = k.shape[2], q.shape[2], ref.shape[-1]
+    if kw["causal"]:
+        s = s.masked_fill(torch.arange(nk, device=q.device)[None, :] > pos[:, None] + nk - nq, float("-inf"))
+    p = torch.nn.functional.pad(torch.softmax(s, -1).nan_to_num(0.0), (0, nkb * kw["block_size"] - nk))
+    p = p.view(*p.shape[:2], ref.shape[2], kw["rows"], nkb, kw["block_size"]).sum(-1).mean(-2)
+    return 3 * (p - ref).abs().max().item() + 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference_on_random_inputs(backend, case, dtype, device):
+    b, hq, hkv, nq, nk, d, bs, rows, causal = case
+    q = torch.randn(b, hq, nq, d, device=device).mul(2).to(dtype)  # sharper than unit scores
+    k = torch.randn(b, hkv, nk, d, device=device).to(dtype)
+    kw = dict(block_size=bs, rows=rows, causal=causal)
+    got = sampled_block_mass(q, k, backend=backend, **kw)
+    ref = sampled_block_mass_ref(q.double(), k.double(), **kw)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert torch.isfinite(got).all()
+    err = (got - ref).abs().max().item()
+    assert err <= lowp_budget(q, k, ref, **kw), err
+    # Every row of the estimate is a distribution over the key blocks its sampled rows see.
+    sees = ref.sum(-1) > 0
+    assert torch.allclose(got.sum(-1)[sees], torch.ones_like(got.sum(-1)[sees]), atol=1e-4)
+
+
+def test_sampled_rows_spread_through_each_block():
+    pos = sampled_rows(100, 32, 4)
+    assert pos.tolist() == [[7, 15, 23, 31], [39, 47, 55, 63], [71, 79, 87, 95], [96, 97, 98, 99]]
+    assert sampled_rows(64, 16, 16).flatten().tolist() == list(range(64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_sampled_equals_the_exact_block_oracle(backend, device):
+    """With every row sampled, the estimate is the oracle's mean probability times the key block's size."""
+    q, k = torch.randn(1, 2, 64, 32, device=device), torch.randn(1, 2, 64, 32, device=device)
+    got = sampled_block_mass(q, k, block_size=16, rows=16, causal=True, backend=backend)
+    oracle = tile_mass_ref(q, k, causal=True, block_size=16) * 16
+    assert torch.allclose(got, oracle, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finds_a_planted_key(backend, device):
+    """One key that every query matches strongly: its block gets almost all the mass from every query block
+    that sees it, although the key is 1 of 32 in its block."""
+    d, n = 32, 128
+    q = torch.randn(1, 1, n, d, device=device) * 0.1
+    k = torch.randn(1, 1, n, d, device=device) * 0.1
+    direction = torch.randn(d, device=device)
+    q += direction
+    k[0, 0, 70] = direction * 3
+    got = sampled_block_mass(q, k, block_size=32, rows=2, causal=True, backend=backend)
+    assert (got[0, 0, 2:, 2] > 0.9).all()
+    assert (got[0, 0, :2, 2] == 0).all()  # the causal mask hides it from earlier query blocks
+
+
+def test_on_real_captured_qk(real_qkv):
+    q, k, _ = real_qkv
+    q, k = q[..., :512, :], k[..., :512, :]
+    for backend in BACKENDS:
+        got = sampled_block_mass(q, k, block_size=64, rows=4, causal=True, backend=backend)
+        ref = sampled_block_mass_ref(q.double(), k.double(), block_size=64, rows=4, causal=True)
+        assert (got - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("bad", [dict(rows=0), dict(rows=65), dict(rows=2.0), dict(block_size=48)])
+def test_bad_arguments_raise(bad):
+    q = torch.randn(1, 2, 64, 32)
+    kw = dict(block_size=64, rows=4) | bad
+    with pytest.raises(ValueError, match="rows|block_size"):
+        sampled_block_mass(q, q, **kw)
+
+
+def test_triton_needs_power_of_two_rows():
+    q = torch.randn(1, 1, 64, 32)
+    with pytest.raises(ValueError, match="power-of-two"):
+        sampled_block_mass(q, q, block_size=32, rows=3, backend="triton")

@@ -1,0 +1,85 @@
+"""Dropped key blocks as pooled softmax terms (``compensate=True``): Triton (interpreter on CPU) and PyTorch
+paths vs the float64 reference, on random inputs and real captured q/k/v."""
+
+import math
+
+import pytest
+import torch
+
+from sparsediff.kernels import block_sparse_attention, mask_to_index
+from sparsediff.kernels.dropped_blocks import add_dropped_blocks, dropped_block_attention_ref
+from sparsediff.kernels.masks import causal_block_mask
+from sparsediff.kernels.merge import merge_attention
+from sparsediff.kernels.reference import block_sparse_attention_ref
+
+CASES = [
+    # b, hq, hkv, nq, nk, d, block, causal
+    (1, 2, 2, 64, 64, 32, 16, False),
+    (2, 4, 2, 96, 96, 64, 32, True),
+    (1, 3, 1, 50, 130, 32, 16, False),
+    (1, 2, 1, 40, 100, 24, 16, True),
+]
+
+
+def _random_index(b, h, nq, nk, bs, causal, density=0.4):
+    nqb, nkb = math.ceil(nq / bs), math.ceil(nk / bs)
+    mask = torch.rand(b, h, nqb, nkb) < density
+    mask[..., 0] = True
+    if causal:
+        vis = causal_block_mask(nqb, nkb, nq, nk, bs)
+        mask &= vis
+        diag = vis.cumsum(-1) == vis.sum(-1, keepdim=True)  # the last visible block of each row
+        mask |= diag & vis
+    return mask_to_index(mask)
+
+
+def _expected(q, k, v, index, count, bs, causal):
+    """Merge of the float64 block-sparse reference and the float64 pooled-term reference."""
+    out_s, lse_s = block_sparse_attention_ref(q.double(), k.double(), v.double(), index, count, causal=causal,
+                                              block_size=bs)
+    out_p, lse_p = dropped_block_attention_ref(q, k, v, index, count, causal=causal, block_size=bs)
+    return merge_attention(out_s, lse_s, out_p, lse_p, backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference(backend, case, dtype, device):
+    b, hq, hkv, nq, nk, d, bs, causal = case
+    q, k, v = (torch.randn(b, h, n, d, device=device).to(dtype) for h, n in ((hq, nq), (hkv, nk), (hkv, nk)))
+    index, count = (t.to(device) for t in _random_index(b, hq, nq, nk, bs, causal))
+    out, lse = block_sparse_attention(q, k, v, index, count, causal=causal, block_size=bs, return_lse=True)
+    got, got_lse = add_dropped_blocks(q, k, v, index, count, out, lse, causal=causal, block_size=bs,
+                                      backend=backend)
+    ref, ref_lse = _expected(q.cpu(), k.cpu(), v.cpu(), index.cpu(), count.cpu(), bs, causal)
+    assert got.dtype == dtype and got_lse.dtype == torch.float32
+    if dtype == torch.float32:
+        budget = 1e-5
+    else:  # three times the error of the bf16 sparse output itself, which the merge carries along
+        budget = 3 * (out.double().cpu() - block_sparse_attention_ref(
+            q.double().cpu(), k.double().cpu(), v.double().cpu(), index.cpu(), count.cpu(), causal=causal,
+            block_size=bs)[0]).abs().max().item() + 1e-3
+    assert (got.double().cpu() - ref).abs().max() <= budget
+    assert torch.allclose(got_lse.cpu().double(), ref_lse.double(), atol=1e-4 if dtype == torch.float32 else 2e-3)
+    # Something was added: the pooled terms raise every row's LSE that has a dropped, visible block.
+    assert bool((got_lse >= lse - 1e-6).all())
+
+
+def test_keep_everything_adds_nothing(device):
+    q, k, v = (torch.randn(1, 2, 64, 32, device=device) for _ in range(3))
+    index, count = mask_to_index(torch.ones(1, 2, 4, 4, dtype=torch.bool, device=device))
+    out, lse = block_sparse_attention(q, k, v, index, count, block_size=16, return_lse=True)
+    for backend in ("torch", "triton"):
+        got, got_lse = add_dropped_blocks(q, k, v, index, count, out, lse, block_size=16, backend=backend)
+        assert torch.allclose(got, out, atol=1e-6) and torch.allclose(got_lse, lse, atol=1e-6)
+
+
+def test_on_real_captured_qkv(real_qkv):
+    q, k, v = (t[..., :512, :] for t in real_qkv)
+    index, count = _random_index(1, q.shape[1], 512, 512, 64, True, density=0.3)
+    index, count = index.to(q.device), count.to(q.device)
+    out, lse = block_sparse_attention(q, k, v, index, count, causal=True, block_size=64, return_lse=True)
+    ref, _ = _expected(q.cpu(), k.cpu(), v.cpu(), index.cpu(), count.cpu(), 64, True)
+    for backend in ("torch", "triton"):
+        got, _ = add_dropped_blocks(q, k, v, index, count, out, lse, causal=True, block_size=64, backend=backend)
+        assert (got.double().cpu() - ref).abs().max() < 1e-4

@@ -29,7 +29,7 @@ if triton is not None:
         S, LogCount, Visible, Forced, Budget, Index, Count,
         stride_sb, stride_sh, stride_sq, stride_sk,
         num_heads, nqb, nkb, max_kept,
-        HAS_LOG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr,
+        HAS_LOG: tl.constexpr, ROW_BUDGET: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr,
     ):
         qb = tl.program_id(0)
         pid_bh = tl.program_id(1).to(tl.int64)
@@ -45,7 +45,11 @@ if triton is not None:
         frc = (tl.load(Forced + qb * nkb + cols, mask=ok, other=0) != 0) & vis
         n_vis = tl.sum(vis.to(tl.int32), 0)
         n_frc = tl.sum(frc.to(tl.int32), 0)
-        kk = tl.minimum(tl.maximum(tl.load(Budget + qb).to(tl.int32), n_frc), n_vis)
+        if ROW_BUDGET:  # one budget per (batch, head, query block)
+            want = tl.load(Budget + pid_bh * nqb + qb).to(tl.int32)
+        else:
+            want = tl.load(Budget + qb).to(tl.int32)
+        kk = tl.minimum(tl.maximum(want, n_frc), n_vis)
         # Order-preserving int image of float32 (negative floats: flip the magnitude bits), shifted to
         # [0, 2^32) in int64; forced -> above every float, invisible -> 0, padding -> -1 (never counted).
         bits = s.to(tl.int32, bitcast=True)
@@ -77,15 +81,18 @@ if triton is not None:
 def block_topk(scores, visible, forced, budget, max_kept, log_count=None):
     """``scores (B, H, nqb, nkb)`` -> ``(block_index int32 (B, H, nqb, max_kept), block_count int32 (B, H, nqb))``.
 
-    ``visible``/``forced`` ``(nqb, nkb)`` bool, ``budget (nqb,)`` int (blocks wanted per row before the
-    clamp to ``[#forced, #visible]``), ``log_count (nkb,)`` float32 added to the scores when given.
+    ``visible``/``forced`` ``(nqb, nkb)`` bool, ``budget`` int ``(nqb,)`` or ``(B, H, nqb)`` (blocks wanted per
+    row before the clamp to ``[#forced, #visible]``), ``log_count (nkb,)`` float32 added to the scores when given.
     ``max_kept`` must be at least the largest row count. CUDA (Triton) only: callers keep a PyTorch path.
     """
     if triton is None:
         raise RuntimeError("block_topk needs Triton")
     bsz, h, nqb, nkb = scores.shape
-    if visible.shape != (nqb, nkb) or forced.shape != (nqb, nkb) or budget.shape != (nqb,):
-        raise ValueError("visible/forced must be (nqb, nkb) and budget (nqb,)")
+    row_budget = budget.dim() == 3
+    if visible.shape != (nqb, nkb) or forced.shape != (nqb, nkb) or budget.shape not in ((nqb,), (bsz, h, nqb)):
+        raise ValueError("visible/forced must be (nqb, nkb) and budget (nqb,) or (B, H, nqb)")
+    if row_budget:
+        budget = budget.contiguous()
     index = torch.empty(bsz, h, nqb, max_kept, dtype=torch.int32, device=scores.device)
     count = torch.empty(bsz, h, nqb, dtype=torch.int32, device=scores.device)
     block_k = max(triton.next_power_of_2(nkb), 16)
@@ -94,7 +101,8 @@ def block_topk(scores, visible, forced, budget, max_kept, log_count=None):
     log = log_count if log_count is not None else scores  # unused pointer when HAS_LOG is False
     _block_topk_kernel[(nqb, bsz * h)](
         scores, log, vis, frc, budget, index, count, *scores.stride(), h, nqb, nkb, max_kept,
-        HAS_LOG=log_count is not None, BLOCK_K=block_k, BLOCK_OUT=max(triton.next_power_of_2(max_kept), 16),
+        HAS_LOG=log_count is not None, ROW_BUDGET=row_budget, BLOCK_K=block_k,
+        BLOCK_OUT=max(triton.next_power_of_2(max_kept), 16),
         num_warps=4 if block_k <= 1024 else 8,
     )
     return index, count

@@ -253,11 +253,12 @@ def _result(req, dense, sparse, metrics, dense_path, sparse_path, heatmap, proce
 
 def kept_masks(q, k, v, *, sparsity, beta, block_size, frame_size=None, global_tokens=0):
     """BA-Att's kept blocks ``(B, H, nqb, nkb)`` on keys as given and after norm sorting, and the share of
-    the true attention mass each keeps (per head)."""
+    the true attention mass each keeps (per head). The paper's selection (pooled estimate with ``beta``, the
+    same count per query block), whose block statistics norm sorting is meant to sharpen."""
     from sparsediff.kernels import index_to_mask
     from sparsediff.methods.ba_att import BAAttConfig, select_blocks, sort_keys
 
-    cfg = BAAttConfig(sparsity=sparsity, beta=beta, block_size=block_size, min_seq_len=0)
+    cfg = BAAttConfig.paper(sparsity=sparsity, beta=beta, block_size=block_size, min_seq_len=0)
     sorted_k, _, _ = sort_keys(k, v, segment=frame_size, start=min(global_tokens, k.shape[2]))
     out = {}
     for name, keys in (("unsorted", k), ("sorted", sorted_k)):

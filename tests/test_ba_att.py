@@ -16,6 +16,9 @@ from sparsediff.methods.dense import dense_attention
 
 BS = 32
 
+# The pooled estimator with the paper's per-row budget and no window: what these tests pin down.
+POOLED = dict(estimator="pooled", allocation="row", local_window=0)
+
 
 def _qkv(b=1, hq=4, hkv=2, nq=300, nk=300, d=32, dtype=torch.float32):
     return (torch.randn(b, hq, nq, d, dtype=dtype), torch.randn(b, hkv, nk, d, dtype=dtype),
@@ -48,7 +51,11 @@ def _tol(dtype):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(sparsity=0.5, mass=0.9), "either sparsity"),
+    (dict(sparsity=0.5, mass=1.5), "mass must lie"),
+    (dict(estimator="means"), "estimator must be"),
+    (dict(sample_rows=0), "sample_rows"),
+    (dict(allocation="heads"), "allocation must be"),
+    (dict(local_window=-1), "local_window"),
     (dict(sparsity=1.0), "sparsity must lie"),
     (dict(mass=0.0), "mass must lie"),
     (dict(beta=-1.0), "beta must be"),
@@ -94,7 +101,7 @@ def test_scores_match_per_block_formula():
 @pytest.mark.parametrize("norm_sort", [False, True])
 def test_sparsity_zero_is_dense(dtype, causal, norm_sort):
     q, k, v = _qkv(nq=200, nk=330, dtype=dtype)  # GQA, Nq != Nk, ragged tails
-    cfg = BAAttConfig(sparsity=0.0, block_size=BS, norm_sort=norm_sort, sort_segment=100)
+    cfg = BAAttConfig(**POOLED, sparsity=0.0, block_size=BS, norm_sort=norm_sort, sort_segment=100)
     out, lse = ba_attention(q, k, v, cfg, return_lse=True, causal=causal)
     mask = causal_token_mask(200, 330) if causal else torch.ones(200, 330, dtype=torch.bool)
     ref_out, ref_lse = masked_attention_ref(q.float(), k.float(), v.float(), mask)
@@ -137,7 +144,7 @@ def test_sparse_output_matches_reference_on_plan(causal):
 
 def test_causal_never_selects_future_and_keeps_budget():
     q, k, _ = _qkv(nq=256, nk=384)
-    cfg = BAAttConfig(sparsity=0.5, block_size=BS)
+    cfg = BAAttConfig(**POOLED, sparsity=0.5, block_size=BS)
     index, count = select_blocks(q, k, cfg, causal=True)
     mask = index_to_mask(index, count, 12)
     visible = causal_block_mask(8, 12, 256, 384, BS)
@@ -150,7 +157,7 @@ def test_causal_never_selects_future_and_keeps_budget():
 
 def test_global_tokens_rows_and_columns_always_attended():
     q, k, v = _qkv(nq=320, nk=320)
-    cfg = BAAttConfig(sparsity=0.8, block_size=BS, keep_sinks=False, keep_diagonal=False)
+    cfg = BAAttConfig(**POOLED, sparsity=0.8, block_size=BS, keep_sinks=False, keep_diagonal=False)
     index, count = select_blocks(q, k, cfg, global_tokens=40)
     mask = index_to_mask(index, count, 10)
     assert bool(mask[..., :2].all())  # key blocks 0-1 hold tokens 0-39
@@ -167,7 +174,7 @@ def test_global_tokens_rows_and_columns_always_attended():
 def test_sorting_needs_a_segment():
     """Without frame_size or sort_segment nothing is sorted (whole-sequence sorting is opt-in)."""
     q, k, v = _qkv(nq=320, nk=320)
-    method = BAAttMethod(BAAttConfig(sparsity=0.5, block_size=BS), min_seq_len=0)
+    method = BAAttMethod(BAAttConfig(**POOLED, sparsity=0.5, block_size=BS), min_seq_len=0)
     assert method.plan(q, k, v).perm is None
     assert method.plan(q, k, v, frame_size=64).perm is not None
     assert method.plan(q, k, v, causal=True, frame_size=64).perm is None
@@ -177,7 +184,7 @@ def test_sorting_needs_a_segment():
 
 def test_mass_threshold_keeps_shortest_prefix():
     q, k, _ = _structured()
-    cfg = BAAttConfig(mass=0.9, block_size=BS, keep_sinks=False, keep_diagonal=False)
+    cfg = BAAttConfig(**POOLED, mass=0.9, block_size=BS, keep_sinks=False, keep_diagonal=False)
     index, count = select_blocks(q, k, cfg)
     probs = torch.softmax(ba_scores(q, k, block_size=BS, beta=0.5), dim=-1)  # equal-sized blocks
     kept = index_to_mask(index, count, 16)
@@ -186,7 +193,7 @@ def test_mass_threshold_keeps_shortest_prefix():
     # Dropping the smallest kept block must fall below the threshold (the set is minimal).
     smallest = probs.masked_fill(~kept, float("inf")).min(-1).values
     assert bool((kept_mass - smallest < 0.9 + 1e-5).all())
-    full = BAAttConfig(mass=1.0, block_size=BS)
+    full = BAAttConfig(**POOLED, mass=1.0, block_size=BS)
     assert bool((select_blocks(q, k, full)[1] == 16).all())
 
 

@@ -14,6 +14,9 @@ from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _select, _sort_k
 
 PLANTED = (200, 650, 900)  # key blocks 3, 10 and 14 at block size 64
 
+# The pooled estimator with the paper's per-row budget and no window: what these tests pin down.
+POOLED = dict(estimator="pooled", allocation="row", local_window=0)
+
 
 def _planted_stripes(n=1024, d=32, hq=2, hkv=1, seed=0, planted=PLANTED):
     """Rotary locality plus a few keys that every query attends to strongly (vertical stripes); drawn on
@@ -83,7 +86,7 @@ def test_planted_stripe_blocks_are_kept():
     stripes = [p // 64 for p in PLANTED]
     kept = {}
     for m in (0, 1):
-        index, count = _select(q, k, BAAttConfig(sparsity=0.5, block_size=64, outlier_keys=m))
+        index, count = _select(q, k, BAAttConfig(**POOLED, sparsity=0.5, block_size=64, outlier_keys=m))
         assert bool((count == 8).all())  # same budget with and without the term
         kept[m] = index_to_mask(index, count, 16)[..., stripes]
     # Block means dilute a lone heavy key 64-fold: plain BA-Att drops stripe blocks in many rows ...
@@ -95,7 +98,7 @@ def test_planted_stripe_blocks_are_kept():
 def test_planted_stripes_raise_recall_at_equal_density():
     p = make_probe("stripes", heads=2, n=1024, dim=32)
     ref = dense_reference(p)
-    res = {m: evaluate(BAAttMethod(sparsity=0.5, block_size=64, min_seq_len=0, outlier_keys=m), p, ref)
+    res = {m: evaluate(BAAttMethod(**POOLED, sparsity=0.5, block_size=64, min_seq_len=0, outlier_keys=m), p, ref)
            for m in (0, 1)}
     assert res[1]["density"] == res[0]["density"]
     assert res[1]["recall"] > res[0]["recall"] + 0.02 and res[1]["rel_l2"] < 0.5 * res[0]["rel_l2"]
@@ -106,7 +109,7 @@ def test_causal_never_picks_future_blocks():
     q, k, _ = _planted_stripes(n=640, hq=4, hkv=2, planted=(100, 330))
     q = q[:, :, :384]
     k[:, :, 500:640:7] *= 50
-    cfg = BAAttConfig(sparsity=0.5, block_size=64, outlier_keys=2)
+    cfg = BAAttConfig(**POOLED, sparsity=0.5, block_size=64, outlier_keys=2)
     index, count = _select(q, k, cfg, causal=True)
     mask = index_to_mask(index, count, 10)
     visible = causal_block_mask(6, 10, 384, 640, 64)
@@ -118,7 +121,7 @@ def test_causal_never_picks_future_blocks():
 @pytest.mark.parametrize("causal", [False, True])
 def test_sparsity_zero_is_dense(causal):
     q, k, v = torch.randn(1, 4, 200, 32), torch.randn(1, 2, 330, 32), torch.randn(1, 2, 330, 32)
-    cfg = BAAttConfig(sparsity=0.0, block_size=32, outlier_keys=3, sort_segment=100)
+    cfg = BAAttConfig(**POOLED, sparsity=0.0, block_size=32, outlier_keys=3, sort_segment=100)
     out, lse = ba_attention(q, k, v, cfg, return_lse=True, causal=causal)
     mask = causal_token_mask(200, 330) if causal else torch.ones(200, 330, dtype=torch.bool)
     ref_out, ref_lse = masked_attention_ref(q, k, v, mask)
@@ -130,7 +133,7 @@ def test_sparsity_zero_is_dense(causal):
                                                 (0.5, False, True)])
 def test_triton_path_keeps_the_same_blocks(beta, causal, sort):
     q, k, v = _planted_stripes(n=330, hq=4, hkv=2, planted=(40, 150, 260))
-    cfg = BAAttConfig(sparsity=0.6, block_size=32, beta=beta, outlier_keys=2)
+    cfg = BAAttConfig(**POOLED, sparsity=0.6, block_size=32, beta=beta, outlier_keys=2)
     stats = None
     if sort:  # sorted keys with the gather's key-side features, as BAAttMethod runs it on CUDA
         k, _, _, stats = _sort_keys(k, v, segment=64, block_size=32, backend="triton")
@@ -169,7 +172,7 @@ def test_auto_outlier_keys_follow_norm_sorting(monkeypatch):
     original = ba._with_outlier_keys
     monkeypatch.setattr(ba, "_with_outlier_keys", lambda *a, **kw: seen.append(a[3]) or original(*a, **kw))
     q, k, v = _planted_stripes()
-    BAAttMethod(BAAttConfig(block_size=64, min_seq_len=0))(q, k, v)  # no frame: keys unsorted
-    BAAttMethod(BAAttConfig(block_size=64, min_seq_len=0))(q, k, v, frame_size=256)  # sorted per frame
-    BAAttMethod(BAAttConfig(block_size=64, min_seq_len=0, outlier_keys=2))(q, k, v, frame_size=256)
+    BAAttMethod(BAAttConfig(**POOLED, block_size=64, min_seq_len=0))(q, k, v)  # no frame: keys unsorted
+    BAAttMethod(BAAttConfig(**POOLED, block_size=64, min_seq_len=0))(q, k, v, frame_size=256)  # sorted per frame
+    BAAttMethod(BAAttConfig(**POOLED, block_size=64, min_seq_len=0, outlier_keys=2))(q, k, v, frame_size=256)
     assert seen == [1, 0, 2]

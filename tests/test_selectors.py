@@ -19,6 +19,9 @@ from sparsediff.methods.dense import dense_attention
 BS = 32
 SELECTORS = ["ba_att", "block_mean", "fixed", "xattention", "oracle"]
 
+# The pooled estimator with the paper's per-row budget and no window: what these tests pin down.
+POOLED = dict(estimator="pooled", allocation="row", local_window=0)
+
 
 def _clustered(n=384, d=32, h=2):
     # Keys scattered around 4 centres; queries in runs of one centre.
@@ -68,7 +71,7 @@ def test_block_mean_is_ba_att_with_beta_zero_and_no_outliers():
     a = get_selector("block_mean")(q, k, cfg)
     from sparsediff.methods.ba_att import BAAttConfig
 
-    b = select_blocks(q, k, BAAttConfig(sparsity=0.5, block_size=BS, beta=0.0, outlier_keys=0))
+    b = select_blocks(q, k, BAAttConfig(**POOLED, sparsity=0.5, block_size=BS, beta=0.0, outlier_keys=0))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 

@@ -96,7 +96,7 @@ def evaluate_steps(method, run: BlockRun) -> list[dict]:
 
 def build_block_method(spec: str, block_size: int):
     """``"losa/threshold=0.1"`` -> a method (``min_seq_len=0``); overrides after slashes as in ``probe``."""
-    from .probe_cli import parse_spec
+    from ..methods.base import parse_spec
 
     name, overrides = parse_spec(spec)
     if name not in ("flashblock", "losa"):

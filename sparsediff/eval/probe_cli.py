@@ -22,6 +22,8 @@ import pathlib
 
 import torch
 
+from ..methods.base import parse_spec
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_METHODS = "ba_att,block_mean,fixed,xattention"
@@ -54,42 +56,14 @@ def add_arguments(parser) -> None:
                         help="share of the block's tokens that move a lot (relative change 0.3) per step")
 
 
-def _parse_value(text: str):
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_spec(spec: str) -> tuple[str, dict]:
-    """``"ba_att/beta=0.1/norm_sort=false"`` -> ``("ba_att", {"beta": 0.1, "norm_sort": False})``."""
-    name, *parts = spec.split("/")
-    overrides = {}
-    for part in parts:
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise ValueError(f"in method {spec!r}, {part!r} must look like key=value")
-        overrides[key] = _parse_value(value)
-    return name, overrides
-
-
 def build_method(spec: str, density: float, block_size: int):
-    """``"ba_att/beta=0.1"`` at a density -> a method object (``min_seq_len=0``: always sparse)."""
-    from ..methods.ba_att import BAAttMethod
-    from ..methods.block_sparse import BlockSparseMethod
+    """``"ba_att/beta=0.1"`` at a density -> a method object (``min_seq_len=0``: always sparse); the spec
+    grammar is :func:`sparsediff.methods.base.parse_spec`, and its own overrides win."""
+    from ..methods import make_method
 
     name, overrides = parse_spec(spec)
     common = dict(sparsity=1.0 - density, block_size=block_size, min_seq_len=0)
-    if name == "ba_att":
-        return BAAttMethod(**common, **overrides)
-    return BlockSparseMethod(selector=name, **common, **overrides)
+    return make_method(name, **(common | overrides))
 
 
 def _floats(text: str) -> list[float]:

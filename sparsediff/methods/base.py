@@ -43,7 +43,7 @@ class MethodConfig:
             raise ValueError(f"dense_step_fraction must lie in [0, 1], got {self.dense_step_fraction!r}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def replace(self, **overrides):
         return dataclasses.replace(self, **overrides)
@@ -134,25 +134,82 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def _parse_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``"NAME[:SPARSITY][/KEY=VALUE]..."`` -> ``(NAME, overrides)``, the one grammar of method strings.
+
+    ``"ba_att:0.8/estimator=pooled/local_window=0"`` -> ``("ba_att", {"sparsity": 0.8, "estimator": "pooled",
+    "local_window": 0})``. Values read as bool (true/false), None, int, float, else str."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a method spec must be a non-empty string, got {spec!r}")
+    head, *parts = spec.strip().split("/")
+    name, sep, arg = head.partition(":")
+    overrides = {}
+    if sep:
+        try:
+            overrides["sparsity"] = float(arg)
+        except ValueError:
+            raise ValueError(f"in {spec!r}, the part after ':' must be a sparsity in [0, 1)") from None
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise ValueError(f"in method {spec!r}, {part!r} must look like key=value")
+        overrides[key] = _parse_value(value)
+    return name, overrides
+
+
+def _presets() -> dict:
+    """Named settings of a method: ``name -> (method name, config factory)``."""
+    from .ba_att import BAAttConfig
+
+    return {"ba_att_paper": ("ba_att", BAAttConfig.paper)}
+
+
+def available_specs() -> list[str]:
+    """Every name a spec may start with: methods, presets and block selectors (run as ``block_sparse``)."""
+    from .selectors import available_selectors
+
+    return sorted(set(available_methods()) | set(_presets()) | set(available_selectors()))
+
+
 def make_method(spec, **overrides) -> AttentionMethod:
-    """A method from a name (``"ba_att"``), a ``"name:sparsity"`` string (``"ba_att:0.8"``), a config
-    dataclass (``BAAttConfig(...)``) or an existing method (returned as is when no overrides)."""
+    """A method from a spec string (:func:`parse_spec`: a method name, a preset such as ``"ba_att_paper"``, or
+    a block selector such as ``"xattention"`` run by ``block_sparse``), a config dataclass
+    (``BAAttConfig(...)``) or an existing method (returned as is when no overrides)."""
     if isinstance(spec, AttentionMethod):
         return spec if not overrides else type(spec)(spec.config, **overrides)
     _load_builtin()
     if isinstance(spec, str):
-        name, _, arg = spec.partition(":")
-        if name not in _METHODS:
-            raise ValueError(f"unknown method {name!r}; available: {sorted(_METHODS)}")
-        if arg:
-            try:
-                overrides.setdefault("sparsity", float(arg))
-            except ValueError:
-                raise ValueError(f"in {spec!r}, the part after ':' must be a sparsity in [0, 1)") from None
-        return _METHODS[name](**overrides)
+        name, parsed = parse_spec(spec)
+        overrides = {**parsed, **overrides}
+        presets = _presets()
+        try:
+            if name in presets:
+                method_name, factory = presets[name]
+                return _METHODS[method_name](factory(**overrides))
+            if name in _METHODS:
+                return _METHODS[name](**overrides)
+            from .selectors import available_selectors
+
+            if name in available_selectors():
+                return _METHODS["block_sparse"](selector=name, **overrides)
+        except TypeError as err:  # an unknown config field
+            raise ValueError(f"in method {spec!r}: {err}") from None
+        raise ValueError(f"unknown method {name!r}; available: {available_specs()}")
     for cls in _METHODS.values():
         if type(spec) is cls.config_class:
             return cls(spec, **overrides)
     raise TypeError(f"cannot make a method from {type(spec).__name__}; pass a name, a config or a method")
-
-

@@ -16,46 +16,42 @@ import math
 import torch
 
 from .ba_att import ba_scores
-from .block_select import budget_of, select_from_scores
+from .block_select import budget_of, policy_of, select_from_scores
 from .selectors import register_selector
 
 # Bytes of sampled scores one xattention chunk may hold.
 _CHUNK_BYTES = 128 * 2**20
 
 
-def _select(scores, q, k, config, causal, global_tokens, **kw):
-    density, mass = budget_of(config)
-    return select_from_scores(
-        scores, nq=q.shape[2], nk=k.shape[2], block_size=config.block_size, density=density, mass=mass,
-        causal=causal, keep_sinks=getattr(config, "keep_sinks", True),
-        keep_diagonal=getattr(config, "keep_diagonal", True), global_tokens=global_tokens, **kw,
-    )
+def _select(scores, q, k, config, causal, global_tokens, layer=None, **kw):
+    density, mass = budget_of(config, layer)
+    return select_from_scores(scores, nq=q.shape[2], nk=k.shape[2], density=density, mass=mass, causal=causal,
+                              global_tokens=global_tokens, **policy_of(config), **kw)
 
 
 @register_selector("block_mean")
-def select_block_mean(q, k, config, *, causal=False, scale=None, global_tokens=0):
+def select_block_mean(q, k, config, *, causal=False, scale=None, global_tokens=0, layer=None):
     scores = ba_scores(q, k, block_size=config.block_size, beta=0.0, scale=scale, outlier_keys=0)
-    return _select(scores, q, k, config, causal, global_tokens)
+    return _select(scores, q, k, config, causal, global_tokens, layer)
 
 
 @register_selector("fixed")
-def select_fixed(q, k, config, *, causal=False, scale=None, global_tokens=0):
+def select_fixed(q, k, config, *, causal=False, scale=None, global_tokens=0, layer=None):
     bs = config.block_size
     nq, nk = q.shape[2], k.shape[2]
     nqb, nkb = math.ceil(nq / bs), math.ceil(nk / bs)
-    density, mass = budget_of(config)
+    density, mass = budget_of(config, layer)
     # Priority falls off with distance from the diagonal block (end-aligned), so top-k keeps a window.
     centre = ((torch.arange(nqb, device=q.device) * bs + bs // 2).clamp(max=nq - 1) + nk - nq) // bs
     distance = (torch.arange(nkb, device=q.device)[None, :] - centre[:, None]).abs().float()
     scores = (-distance).expand(q.shape[0], q.shape[1], nqb, nkb)
     last = torch.zeros(nqb, nkb, dtype=torch.bool, device=q.device)
     last[:, -1] = True
-    # A fixed pattern has no mass estimate: a mass budget is read as that density.
-    return select_from_scores(
-        scores, nq=nq, nk=nk, block_size=bs, density=density if density is not None else mass, causal=causal,
-        keep_sinks=getattr(config, "keep_sinks", True), keep_diagonal=getattr(config, "keep_diagonal", True),
-        global_tokens=global_tokens, extra_forced=last, weight_by_count=False,
-    )
+    # A fixed pattern has no mass estimate: a mass budget is read as that density, spread evenly over rows.
+    policy = dict(policy_of(config), allocation="row")
+    return select_from_scores(scores, nq=nq, nk=nk, density=density if density is not None else mass,
+                              causal=causal, global_tokens=global_tokens, extra_forced=last, weight_by_count=False,
+                              **policy)
 
 
 def xattention_scores(q, k, *, block_size=128, stride=8, scale=None, causal=False):
@@ -92,14 +88,14 @@ def xattention_scores(q, k, *, block_size=128, stride=8, scale=None, causal=Fals
 
 
 @register_selector("xattention")
-def select_xattention(q, k, config, *, causal=False, scale=None, global_tokens=0):
+def select_xattention(q, k, config, *, causal=False, scale=None, global_tokens=0, layer=None):
     scores = xattention_scores(q, k, block_size=config.block_size, stride=getattr(config, "stride", 8),
                                scale=scale, causal=causal)
-    return _select(scores, q, k, config, causal, global_tokens, weight_by_count=False)
+    return _select(scores, q, k, config, causal, global_tokens, layer, weight_by_count=False)
 
 
 @register_selector("oracle")
-def select_oracle(q, k, config, *, causal=False, scale=None, global_tokens=0):
+def select_oracle(q, k, config, *, causal=False, scale=None, global_tokens=0, layer=None):
     """The true mean attention probability per tile (two dense passes): an upper bound for any
     selector at equal density, for fidelity studies, not a fast path."""
     from ..kernels.tile_mass import row_lse, tile_mass
@@ -107,4 +103,4 @@ def select_oracle(q, k, config, *, causal=False, scale=None, global_tokens=0):
     bs = config.block_size
     _, lse = row_lse(q, k, k, scale=scale, causal=causal, block_size=bs)
     mass = tile_mass(q, k, lse, scale=scale, causal=causal, block_size=bs)
-    return _select(torch.log(mass + 1e-30), q, k, config, causal, global_tokens)
+    return _select(torch.log(mass + 1e-30), q, k, config, causal, global_tokens, layer)

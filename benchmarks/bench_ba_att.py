@@ -1,5 +1,6 @@
-"""BA-Att as a whole operator (sort + stats + scores + select + kernel) against dense SDPA (flash,
-cuDNN) and FlexAttention running the same selected blocks.
+"""BA-Att as a whole operator (sort + estimate + select + kernel) against dense SDPA (flash, cuDNN) and
+FlexAttention running the same selected blocks, for each of ``--configs`` (default: the library's default
+BA-Att and the paper's setting).
 
     python benchmarks/bench_ba_att.py --out bench_ba_att.json            # H100: N 16k/32k/64k, H 16, D 128
     python benchmarks/bench_ba_att.py --quick --out /tmp/bench.json      # CPU smoke run, tiny sizes
@@ -23,7 +24,7 @@ import time
 import torch
 
 from sparsediff.eval.fidelity import make_probe
-from sparsediff.methods.ba_att import BAAttMethod
+from sparsediff.methods import make_method
 from sparsediff.methods.dense import dense_attention
 
 
@@ -62,24 +63,25 @@ def sdpa_peers(q, k, v, cuda: bool) -> dict:
     return peers
 
 
-def flex_from_plan(plan, q, compile_flex: bool):
+def flex_from_plan(plan, q, compile_flex: bool, block_size: int = 128):
     """FlexAttention over the kept blocks of ``plan`` (keys as the plan sees them)."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     index, count = plan.block_index, plan.block_count
     b, h, nqb, _ = index.shape
-    nkb = -(-plan.k.shape[2] // 128)
+    nkb = -(-plan.k.shape[2] // block_size)
     full_index = torch.zeros(b, h, nqb, nkb, dtype=torch.int32, device=index.device)
     full_index[..., : index.shape[-1]] = index
     # Every kept block is whole (non-causal, N a multiple of the block): flex's mask-free fast path.
     block_mask = BlockMask.from_kv_blocks(
-        torch.zeros_like(count), full_index, full_kv_num_blocks=count, full_kv_indices=full_index, BLOCK_SIZE=128,
+        torch.zeros_like(count), full_index, full_kv_num_blocks=count, full_kv_indices=full_index,
+        BLOCK_SIZE=block_size,
     )
     fn = torch.compile(flex_attention) if compile_flex else flex_attention
     return lambda: fn(q, plan.k, plan.v, block_mask=block_mask)
 
 
-def bench_case(q, k, v, sparsities, cuda, compile_flex, label, frame_size=None) -> dict:
+def bench_case(q, k, v, sparsities, cuda, compile_flex, label, frame_size=None, configs=("ba_att",)) -> dict:
     peers = sdpa_peers(q, k, v, cuda)
     dense_ms = {name: timer(fn, cuda) for name, fn in peers.items()}
     ref = dense_attention(q.float(), k.float(), v.float())
@@ -87,24 +89,28 @@ def bench_case(q, k, v, sparsities, cuda, compile_flex, label, frame_size=None) 
         print(f"  [{label}] dense {name:9s} {ms:9.3f} ms")
     base = dense_ms.get("cudnn") or next(iter(dense_ms.values()))
     rows = []
-    for sparsity in sparsities:
-        method = BAAttMethod(sparsity=sparsity, min_seq_len=0)
+    for sparsity, config in ((s, c) for s in sparsities for c in configs):
+        method = make_method(config, sparsity=sparsity, min_seq_len=0)
+        bs = method.config.block_size
         select_ms = timer(lambda: method.plan(q, k, v, frame_size=frame_size), cuda)
         op_ms = timer(lambda: method(q, k, v, frame_size=frame_size), cuda)
+        method.reset()
         out = method(q, k, v, frame_size=frame_size).float()
         rel_l2 = float((out - ref).norm() / ref.norm())
-        row = {"input": label, "sparsity": sparsity, "ba_att_ms": op_ms, "selection_ms": select_ms,
+        row = {"input": label, "config": config, "sparsity": sparsity, "ba_att_ms": op_ms, "selection_ms": select_ms,
                "selection_pct_of_dense": 100 * select_ms / base, "rel_l2_vs_dense": rel_l2,
+               "realised_density": method.realised_density(),
                "speedup": {name: ms / op_ms for name, ms in dense_ms.items()}}
         try:
-            flex_ms = timer(flex_from_plan(method.plan(q, k, v, frame_size=frame_size), q, compile_flex), cuda)
+            flex_ms = timer(flex_from_plan(method.plan(q, k, v, frame_size=frame_size), q, compile_flex, bs), cuda)
             row["flex_kernel_ms"] = flex_ms
             row["speedup"]["flex_kernel_only"] = flex_ms / op_ms
         except Exception as err:  # noqa: BLE001 - report and go on: flex support varies by version/device
             print(f"  flex: unavailable ({type(err).__name__}: {str(err).splitlines()[0][:80]})")
         ratios = "  ".join(f"x{r:5.2f} vs {n}" for n, r in row["speedup"].items())
-        print(f"  [{label}] sparsity {sparsity:.2f}: ba_att {op_ms:8.3f} ms (selection {select_ms:.3f} ms = "
-              f"{row['selection_pct_of_dense']:.1f}% of dense)  {ratios}  rel_l2 {rel_l2:.3f}")
+        print(f"  [{label}] sparsity {sparsity:.2f} {config}: {op_ms:8.3f} ms (selection {select_ms:.3f} ms = "
+              f"{row['selection_pct_of_dense']:.1f}% of dense)  {ratios}  rel_l2 {rel_l2:.3f} "
+              f"density {row['realised_density']:.3f}")
         rows.append(row)
     return {"dense_ms": dense_ms, "rows": rows}
 
@@ -119,6 +125,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, CPU-friendly")
     parser.add_argument("--no-compile", action="store_true", help="run FlexAttention eagerly")
+    parser.add_argument("--configs", default="ba_att,ba_att_paper",
+                        help="comma-separated BA-Att specs to time (e.g. ba_att/block_size=64, ba_att/compensate=true)")
     parser.add_argument("--out", default="bench_ba_att.json")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -148,7 +156,7 @@ def main(argv=None) -> int:
                 p = make_probe(label, heads=args.heads, n=n, dim=args.dim, dtype=dtype)
                 q, k, v, frame_size = p.q.to(device), p.k.to(device), p.v.to(device), p.frame_size
             case = bench_case(q, k, v, sparsities, cuda, compile_flex=cuda and not args.no_compile, label=label,
-                              frame_size=frame_size)
+                              frame_size=frame_size, configs=[c for c in args.configs.split(",") if c])
             results.append({"n": n, **case})
             del q, k, v
             if cuda:

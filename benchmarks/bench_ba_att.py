@@ -91,7 +91,6 @@ def bench_case(q, k, v, sparsities, cuda, compile_flex, label, frame_size=None, 
     rows = []
     for sparsity, config in ((s, c) for s in sparsities for c in configs):
         method = make_method(config, sparsity=sparsity, min_seq_len=0)
-        bs = method.config.block_size
         select_ms = timer(lambda: method.plan(q, k, v, frame_size=frame_size), cuda)
         op_ms = timer(lambda: method(q, k, v, frame_size=frame_size), cuda)
         method.reset()
@@ -102,7 +101,8 @@ def bench_case(q, k, v, sparsities, cuda, compile_flex, label, frame_size=None, 
                "realised_density": method.realised_density(),
                "speedup": {name: ms / op_ms for name, ms in dense_ms.items()}}
         try:
-            flex_ms = timer(flex_from_plan(method.plan(q, k, v, frame_size=frame_size), q, compile_flex, bs), cuda)
+            plan = method.plan(q, k, v, frame_size=frame_size)
+            flex_ms = timer(flex_from_plan(plan, q, compile_flex, plan.block_size), cuda)
             row["flex_kernel_ms"] = flex_ms
             row["speedup"]["flex_kernel_only"] = flex_ms / op_ms
         except Exception as err:  # noqa: BLE001 - report and go on: flex support varies by version/device

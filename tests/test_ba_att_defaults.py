@@ -113,3 +113,19 @@ def test_real_layer_sparsity_zero_is_dense(real_captures):
     q, k, v = real_captures[0]
     out = make_method("ba_att", sparsity=0.0, block_size=64, min_seq_len=0)(q, k, v, causal=True)
     assert _error(out, dense_attention(q, k, v, causal=True)) < 1e-5
+
+
+def test_short_sequences_run_with_fine_blocks():
+    q, k, v = (torch.randn(1, 2, 1024, 32) for _ in range(3))
+    method = make_method("ba_att", sparsity=0.5, min_seq_len=0, fine_below=2048)
+    plan = method.plan(q, k, v, causal=True)
+    assert plan.block_size == 64 and plan.block_count.shape[-1] == 16
+    long_q, long_k, long_v = (torch.randn(1, 2, 2048, 32) for _ in range(3))
+    assert method.plan(long_q, long_k, long_v, causal=True).block_size == 128
+    method(q, k, v, causal=True)
+    method(long_q, long_k, long_v, causal=True)
+    assert method.stats["sparse_calls"] == 2  # one report for both block sizes
+    assert make_method("ba_att_paper").plan(q, k, v).block_size == 128
+    assert make_method("ba_att", block_size=32).plan(q, k, v).block_size == 32  # never coarser than asked
+    with pytest.raises(ValueError, match="fine_block_size"):
+        make_method("ba_att", fine_block_size=48)

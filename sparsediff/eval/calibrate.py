@@ -38,7 +38,7 @@ def layer_curve(method_factory, q, k, v, *, causal, scale, layer, grid, objectiv
         method = method_factory(density)
         plan = method.plan(q, k, v, causal=causal, scale=scale, layer=None)
         out, lse = method.attend(q, plan, causal=causal, scale=scale, return_lse=True)
-        lay = layout(q.shape[2], k.shape[2], method.config.block_size, q.device, causal=causal)
+        lay = layout(q.shape[2], k.shape[2], plan.block_size, q.device, causal=causal)
         per_head = plan.block_count.expand(q.shape[0], q.shape[1], -1).sum(dim=(0, 2)).double() / (
             int(lay.n_visible.sum()) * q.shape[0])
         if objective == "error":

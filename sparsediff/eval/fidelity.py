@@ -202,7 +202,7 @@ def evaluate(method, probe: Probe, reference: DenseReference | None = None) -> d
     plan = method.plan(q, k, v, **kwargs)
     out, lse = block_sparse_attention(
         q, plan.k, plan.v, plan.block_index, plan.block_count, causal=probe.causal,
-        block_size=method.config.block_size, return_lse=True, check_ids=False,
+        block_size=plan.block_size or method.config.block_size, return_lse=True, check_ids=False,
     )
     out = out.float()
     # Share of the dense softmax mass that the kept keys hold, per query row.
@@ -210,7 +210,7 @@ def evaluate(method, probe: Probe, reference: DenseReference | None = None) -> d
     diff = (out - reference.out).flatten(2).norm(dim=-1)
     rel_l2 = diff / reference.out.flatten(2).norm(dim=-1).clamp_min(1e-30)
     cosine = torch.nn.functional.cosine_similarity(out, reference.out, dim=-1, eps=1e-30)
-    lay = layout(q.shape[2], k.shape[2], method.config.block_size, q.device, causal=probe.causal)
+    lay = layout(q.shape[2], k.shape[2], plan.block_size or method.config.block_size, q.device, causal=probe.causal)
     kept = plan.block_count.expand(q.shape[0], q.shape[1], -1).sum(-1).double()
     density = kept / lay.n_visible.sum().double()
     per_head = {
@@ -252,9 +252,10 @@ def kept_mask(method, probe: Probe, *, head=0, batch=0):
     method uses (sorted when it sorts)."""
     plan = method.plan(probe.q, probe.k, probe.v, causal=probe.causal, frame_size=probe.frame_size,
                        global_tokens=probe.global_tokens)
-    nkb = math.ceil(probe.k.shape[2] / method.config.block_size)
+    block_size = plan.block_size or method.config.block_size
+    nkb = math.ceil(probe.k.shape[2] / block_size)
     idx = plan.block_index[min(batch, plan.block_index.shape[0] - 1), min(head, plan.block_index.shape[1] - 1)]
     cnt = plan.block_count[min(batch, plan.block_count.shape[0] - 1), min(head, plan.block_count.shape[1] - 1)]
-    mass = block_mass(probe.q, plan.k, head=head, batch=batch, block_size=method.config.block_size,
+    mass = block_mass(probe.q, plan.k, head=head, batch=batch, block_size=block_size,
                       causal=probe.causal)
     return index_to_mask(idx, cnt, nkb), mass, plan.perm

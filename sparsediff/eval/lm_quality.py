@@ -113,7 +113,7 @@ def attention_record(method, q, k, v, *, scale, layer_name, reference) -> dict:
     recall = torch.exp(lse - ref_lse).nan_to_num(0.0).clamp(max=1.0).mean(dim=(0, 2))
     diff = (out.float() - ref_out).pow(2).sum(dim=(0, 2, 3)).sqrt()
     error = diff / ref_out.pow(2).sum(dim=(0, 2, 3)).sqrt().clamp_min(1e-30)
-    lay = layout(q.shape[2], k.shape[2], method.config.block_size, q.device, causal=True)
+    lay = layout(q.shape[2], k.shape[2], plan.block_size, q.device, causal=True)
     density = plan.block_count.expand(q.shape[0], q.shape[1], -1).sum(dim=(0, 2)).double() / (
         int(lay.n_visible.sum()) * q.shape[0])
     return {"recall": _round(recall), "error": _round(error), "density": _round(density)}

@@ -58,7 +58,9 @@ class BAAttConfig(BlockSparseConfig):
     """BA-Att settings (see the module docstring for the math).
 
     ``sparsity`` (default 0.5) and/or ``mass``, spread by ``allocation`` (default ``"global"``) with a
-    ``local_window`` (default None: one block) always kept: see :class:`BlockSparseConfig`.
+    ``local_window`` (default None: one block) always kept, in blocks of 128 tokens from 8k keys up and of
+    ``fine_block_size=64`` below (measured on SmolLM2 at 4k: +4.1 % perplexity at density 0.2 with 64-token
+    blocks, +11 % with 128): see :class:`BlockSparseConfig`.
     ``estimator``: ``"sampled"`` (default; ``sample_rows`` exact query rows per block, a power of two for the
     GPU kernel) or ``"pooled"`` (the paper's block statistics; the fields below apply to it).
     :meth:`paper` is the paper's configuration.
@@ -83,6 +85,7 @@ class BAAttConfig(BlockSparseConfig):
     selector: str = "ba_att"
     allocation: str = "global"
     local_window: int | None = None
+    fine_block_size: int | None = 64
     estimator: str = "sampled"
     sample_rows: int = 4
     beta: float = 0.5
@@ -95,7 +98,7 @@ class BAAttConfig(BlockSparseConfig):
         """The BA-Att paper's setting: pooled statistics with β = 0.5 and norm sorting, the same share of key
         blocks for every query block, no local window, no outlier-key term (our addition)."""
         settings = dict(estimator="pooled", allocation="row", local_window=0, outlier_keys=0, beta=0.5,
-                        norm_sort=True)
+                        norm_sort=True, fine_block_size=None)
         return cls(**(settings | overrides))
 
     def __post_init__(self):
@@ -387,7 +390,8 @@ class BAAttMethod(BlockSparseMethod):
         the query features (same bits as the selector's own kernel), saving the selector that read of q."""
         cfg = self.config
         segment = self._segment(causal, frame_size)
-        if segment is False or not self._pooled_selector() or not segment_sort.FUSE_QUERY_FEATURES:
+        if self.for_keys(k.shape[2]) is not self or segment is False or not self._pooled_selector() \
+                or not segment_sort.FUSE_QUERY_FEATURES:
             return super().plan(q, k, v, causal=causal, scale=scale, frame_size=frame_size,
                                 global_tokens=global_tokens, layer=layer)
         query = (q, *_query_coefficients(q.shape[-1], cfg.beta, scale))
@@ -395,7 +399,7 @@ class BAAttMethod(BlockSparseMethod):
                                                block_size=cfg.block_size, query=query)
         index, count = _select(q, ks, cfg, causal=causal, scale=scale, global_tokens=global_tokens, k_stats=right,
                                sorted_keys=right is not None, q_features=left, layer=layer)
-        return SparsePlan(ks, vs, index, count, perm)
+        return SparsePlan(ks, vs, index, count, perm, cfg.block_size)
 
     def select(self, q, k, *, causal, scale, global_tokens, k_stats=None, layer=None):
         if self.config.selector != "ba_att":

@@ -33,7 +33,9 @@ class BlockSparseConfig(MethodConfig):
     kept (0: only the diagonal block). ``compensate``: every dropped visible key block still enters the
     softmax as one pooled term (weight log n + s·q·k̄, value v̄; ``kernels/dropped_blocks.py``).
     ``budgets``: per-layer densities from ``sparsediff calibrate`` (a path, a dict or a ``LayerBudgets``),
-    replacing ``sparsity`` for the layers they name.
+    replacing ``sparsity`` for the layers they name. ``fine_block_size``: calls with fewer than
+    ``fine_below`` keys run with blocks of this size instead of ``block_size`` (more blocks per row where
+    sequences are short; None: always ``block_size``).
     """
 
     selector: str = "block_mean"
@@ -46,9 +48,16 @@ class BlockSparseConfig(MethodConfig):
     local_window: int | None = 0
     compensate: bool = False
     budgets: object = None
+    fine_block_size: int | None = None
+    fine_below: int = 8192
 
     def __post_init__(self):
         super().__post_init__()
+        fine = self.fine_block_size
+        if fine is not None and (isinstance(fine, bool) or not isinstance(fine, int) or fine < 16 or fine & (fine - 1)):
+            raise ValueError(f"fine_block_size must be None or a power of two >= 16, got {fine!r}")
+        if isinstance(self.fine_below, bool) or not isinstance(self.fine_below, int) or self.fine_below < 0:
+            raise ValueError(f"fine_below must be an int >= 0 (keys), got {self.fine_below!r}")
         if self.mass is None and self.sparsity is None:
             self.sparsity = 0.5
         if self.sparsity is not None and not 0.0 <= float(self.sparsity) < 1.0:
@@ -92,6 +101,7 @@ class SparsePlan(NamedTuple):
     block_index: torch.Tensor
     block_count: torch.Tensor
     perm: torch.Tensor | None
+    block_size: int | None = None  # of block_index (None: the method's configured block_size)
 
 
 @functools.lru_cache(maxsize=64)
@@ -134,20 +144,42 @@ class BlockSparseMethod(AttentionMethod):
         fourth item, block statistics of the returned ``k`` that :meth:`select` may reuse."""
         return k, v, None
 
+    def for_keys(self, nk: int) -> BlockSparseMethod:
+        """The method that runs a call with ``nk`` keys: this one, or below ``fine_below`` keys its twin with
+        blocks of ``fine_block_size`` (built once; it shares this method's stats, so reports cover both)."""
+        cfg = self.config
+        fine = cfg.fine_block_size
+        if fine is None or fine >= cfg.block_size or nk >= cfg.fine_below:
+            return self
+        twin = getattr(self, "_fine_twin", None)
+        if twin is None:
+            twin = type(self)(dataclasses.replace(cfg, block_size=fine, fine_block_size=None))
+            self._fine_twin = twin
+        twin.stats = self.stats
+        return twin
+
     def select(self, q, k, *, causal, scale, global_tokens, k_stats=None, layer=None):
         """``(block_index, block_count)`` for keys ``k`` as the kernel will see them."""
         return run_selector(self.config.selector, q, k, self.config, causal=causal, scale=scale,
                             global_tokens=global_tokens, layer=layer)
 
     def plan(self, q, k, v, *, causal=False, scale=None, frame_size=None, global_tokens=0, layer=None) -> SparsePlan:
+        method = self.for_keys(k.shape[2])
+        if method is not self:
+            return method.plan(q, k, v, causal=causal, scale=scale, frame_size=frame_size,
+                               global_tokens=global_tokens, layer=layer)
         prepared = self.prepare_kv(q, k, v, causal=causal, frame_size=frame_size, global_tokens=global_tokens)
         k, v, perm = prepared[:3]
         k_stats = prepared[3] if len(prepared) > 3 else None
         index, count = self.select(q, k, causal=causal, scale=scale, global_tokens=global_tokens, k_stats=k_stats,
                                    layer=layer)
-        return SparsePlan(k, v, index, count, perm)
+        return SparsePlan(k, v, index, count, perm, self.config.block_size)
 
     def sparse_attention(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
+        method = self.for_keys(k.shape[2])
+        if method is not self:
+            return method.sparse_attention(q, k, v, causal=causal, scale=scale, layer=layer, frame_size=frame_size,
+                                           global_tokens=global_tokens, return_lse=return_lse)
         plan = self.plan(q, k, v, causal=causal, scale=scale, frame_size=frame_size, global_tokens=global_tokens,
                          layer=layer)
         self._count_kept(plan.block_count, q, k, causal, layer)
@@ -158,16 +190,17 @@ class BlockSparseMethod(AttentionMethod):
         the config's). Returns ``out`` or ``(out, lse)``."""
         cfg = self.config
         compensate = cfg.compensate if compensate is None else compensate
+        block_size = plan.block_size or cfg.block_size
         out = block_sparse_attention(
             q, plan.k, plan.v, plan.block_index, plan.block_count, scale=scale, causal=causal,
-            block_size=cfg.block_size, return_lse=return_lse or compensate, check_ids=False,
+            block_size=block_size, return_lse=return_lse or compensate, check_ids=False,
         )
         if not compensate:
             return out
         from ..kernels.dropped_blocks import add_dropped_blocks
 
         out, lse = add_dropped_blocks(q, plan.k, plan.v, plan.block_index, plan.block_count, *out, scale=scale,
-                                      causal=causal, block_size=cfg.block_size)
+                                      causal=causal, block_size=block_size)
         return (out, lse) if return_lse else out
 
     # -- what ran: kept density, for reports -------------------------------------------------------------

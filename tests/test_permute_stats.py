@@ -14,6 +14,9 @@ from sparsediff.kernels.permute_stats import gather_rows, gather_rows_with_stats
 from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _select, _sort_keys, select_blocks, sort_keys
 from sparsediff.methods.block_select import layout, select_from_scores
 
+# These tests pin down the pooled estimator's fused feature path, with the paper's per-row budget.
+POOLED = dict(estimator="pooled", allocation="row", local_window=0, fine_block_size=None)
+
 
 def _perms(b, h, n):
     return torch.stack([torch.stack([torch.randperm(n) for _ in range(h)]) for _ in range(b)])
@@ -91,7 +94,7 @@ def test_plan_reuses_sorted_stats_gqa():
     # The method's internal path (stats from the gather) selects what the public selector selects on
     # the sorted keys; GQA: 4 query heads on 2 kv heads.
     q, k, v = torch.randn(1, 4, 320, 32), torch.randn(1, 2, 320, 32), torch.randn(1, 2, 320, 32)
-    cfg = BAAttConfig(sparsity=0.6, block_size=32, min_seq_len=0, sort_segment=64)
+    cfg = BAAttConfig(**POOLED, sparsity=0.6, block_size=32, min_seq_len=0, sort_segment=64)
     plan = BAAttMethod(cfg).plan(q, k, v)
     # The method knows it sorted the keys (automatic outlier_keys: off); the public selector takes keys as
     # given (automatic: on), so it is told.
@@ -175,7 +178,7 @@ def test_fused_sort_path_equals_torch_path(n, seg, start, structured, device):
 @pytest.mark.parametrize("beta, causal", [(0.5, False), (0.0, False), (0.5, True)])
 def test_fused_selection_equals_torch_selection_gqa(beta, causal, device):
     q, k, v = torch.randn(1, 4, 330, 32), torch.randn(1, 2, 330, 32), torch.randn(1, 2, 330, 32)
-    cfg = BAAttConfig(sparsity=0.6, block_size=32, min_seq_len=0, beta=beta)
+    cfg = BAAttConfig(**POOLED, sparsity=0.6, block_size=32, min_seq_len=0, beta=beta)
     ks, _, _, right = _sort_keys(k.to(device), v.to(device), segment=64, block_size=32, backend="triton")
     ref = _select(q.cpu(), ks.cpu(), cfg, causal=causal, backend="torch")
     for stats in (right, None):  # features from the gather, or computed from k by the selector

@@ -15,6 +15,9 @@ from sparsediff.kernels.permute_stats import row_norms
 from sparsediff.kernels.segment_sort import norm_segment_order
 from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _select, _sort_keys
 
+# These tests pin down the pooled estimator's fused feature path, with the paper's per-row budget.
+POOLED = dict(estimator="pooled", allocation="row", local_window=0, fine_block_size=None)
+
 
 def _reference(k, seg):
     b, h, n, _ = k.shape
@@ -107,7 +110,7 @@ def test_small_head_dim_keeps_the_query_features_out(device, monkeypatch):
 def test_sort_keys_and_selection_with_fused_query_features(device, monkeypatch):
     monkeypatch.setattr(segment_sort, "RUN_ROWS", 64)
     q, k, v = (torch.randn(1, h, 330, 32, device=device) for h in (4, 2, 2))
-    cfg = BAAttConfig(sparsity=0.6, block_size=32, min_seq_len=0)
+    cfg = BAAttConfig(**POOLED, sparsity=0.6, block_size=32, min_seq_len=0)
     scale = 1 / math.sqrt(32)
     fused = _sort_keys(k, v, segment=130, start=3, block_size=32, backend="triton",
                        query=(q, scale, cfg.beta * scale * scale / 2))
@@ -124,12 +127,12 @@ def test_method_plan_equals_the_unfused_plan(segment, device, monkeypatch):
     # On CUDA the plan takes the fused launch; the unfused plan is the previous path (norm kernel, sort,
     # selector's own query features). On CPU both are the PyTorch path.
     q, k, v = (torch.randn(1, 2, 400, 32, device=device) for _ in range(3))
-    m = BAAttMethod(BAAttConfig(sparsity=0.5, block_size=32, min_seq_len=0, sort_segment=segment))
+    m = BAAttMethod(BAAttConfig(**POOLED, sparsity=0.5, block_size=32, min_seq_len=0, sort_segment=segment))
     new = m.plan(q, k, v, global_tokens=5)
     monkeypatch.setattr(segment_sort, "FUSE_QUERY_FEATURES", False)
     monkeypatch.setattr(segment_sort, "MAX_FUSED_SEGMENT", 0)
     old = m.plan(q, k, v, global_tokens=5)
-    assert all(torch.equal(a, b) for a, b in zip(new, old))
+    assert all(torch.equal(a, b) for a, b in zip(new[:5], old[:5]))
 
 
 def _block_structured(b, h, n, d, bs, device, spread):
@@ -149,7 +152,7 @@ def test_layouts_keep_the_same_blocks_on_structured_inputs(device, monkeypatch):
     q = _block_structured(1, 4, 520, 64, 64, device, 1.5).to(torch.bfloat16)
     k = _block_structured(1, 2, 520, 64, 64, device, 1.5).to(torch.bfloat16)
     v = torch.randn(1, 2, 520, 64, device=device).to(torch.bfloat16)
-    m = BAAttMethod(BAAttConfig(sparsity=0.5, block_size=64, min_seq_len=0, sort_segment=200))
+    m = BAAttMethod(BAAttConfig(**POOLED, sparsity=0.5, block_size=64, min_seq_len=0, sort_segment=200))
     monkeypatch.setattr(ba_features, "TILE_COLS", None)
     monkeypatch.setattr(permute_stats, "GATHER_COLS", None)
     ref = m.plan(q, k, v, global_tokens=3)
@@ -157,7 +160,7 @@ def test_layouts_keep_the_same_blocks_on_structured_inputs(device, monkeypatch):
         monkeypatch.setattr(ba_features, "TILE_COLS", cols)
         monkeypatch.setattr(permute_stats, "GATHER_COLS", cols)
         got = m.plan(q, k, v, global_tokens=3)
-        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+        assert all(torch.equal(a, b) for a, b in zip(got[:5], ref[:5]))
 
 
 def test_errors():

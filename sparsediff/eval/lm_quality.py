@@ -84,7 +84,11 @@ def build_method(spec: str, density: float, block_size: int | None):
     fill = {"sparsity": round(1.0 - float(density), 6), "min_seq_len": 0}
     if block_size is not None:
         fill["block_size"] = block_size
-    return make_method(name, **(fill | overrides))
+    method = make_method(name, **(fill | overrides))
+    fine = getattr(method.config, "fine_block_size", None)
+    if block_size is not None and fine and "fine_block_size" not in overrides:
+        method = make_method(method.config.replace(fine_block_size=None))  # an explicit block size is the one used
+    return method
 
 
 def _policy(method) -> tuple:

@@ -176,3 +176,42 @@ def test_enable_per_layer_and_exact_restore():
     after = {n: dict(vars(m)) for n, m in model.named_modules()}
     assert after.keys() == before.keys()
     assert all(after[n].keys() == before[n].keys() for n in before)
+
+
+@pytest.mark.parametrize("spec, causal, route", [
+    ("flashblock", True, "dense_causal"),  # block-diffusion methods need a bidirectional block ...
+    ("losa", True, "dense_causal"),
+    ("flashblock", False, "dense_no_prefix"),  # ... and a cached prefix
+    ("sparsed", True, "dense_no_steps"),  # a causal LM's forwards are independent prompts
+])
+def test_methods_that_cannot_act_route_dense_with_their_reason(spec, causal, route, caplog):
+    torch.manual_seed(0)
+    module = bind(FakeAttention(causal=causal), make_method(spec, min_seq_len=0, block_size=16))
+    q, k, v = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    hooks.reset_route_counts()
+    with caplog.at_level(logging.WARNING, logger="sparsediff.hooks.attention"):
+        out, _ = sparse_attention_forward(module, q, k, v, None, default_name=spec, is_causal=causal)
+        sparse_attention_forward(module, q, k, v, None, default_name=spec, is_causal=causal)
+    assert dict(hooks.route_counts) == {route: 2}  # never counted as sparse
+    assert sum("runs dense SDPA" in r.message for r in caplog.records) <= 1
+    torch.testing.assert_close(out, reference(q, k, v, None, causal=causal), atol=1e-5, rtol=1e-5)
+
+
+def test_dense_steps_are_counted_as_such():
+    module = bind(FakeAttention(causal=False), make_method("ba_att", min_seq_len=0, block_size=16, dense_steps=2))
+    q, k, v = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    hooks.reset_route_counts()
+    for step in range(4):
+        with sparsediff.denoising_step(step, 4):
+            sparse_attention_forward(module, q, k, v, None, default_name="ba_att", is_causal=False)
+    assert dict(hooks.route_counts) == {"dense_step": 2, "sparse": 2}
+
+
+def test_norm_sorting_under_causal_masking_warns_once(caplog):
+    method = make_method("ba_att", min_seq_len=0, block_size=16, sort_segment="sequence")
+    q = torch.randn(1, 2, 64, 16)
+    with caplog.at_level(logging.WARNING, logger="sparsediff.methods.ba_att"):
+        method(q, q, q, causal=True)
+        method(q, q, q, causal=True)
+    assert sum("norm sorting is off under causal" in r.message for r in caplog.records) <= 1
+    assert method.plan(q, q, q, causal=True).perm is None

@@ -127,15 +127,27 @@ def _round(t) -> list:
     return [round(float(x), 6) for x in t]
 
 
-def run_attention(run, captures, writer, bar) -> None:
+def causal_reference(q, k, v, scale=None):
+    """Dense causal attention ``(out float32, lse float32)`` of one layer: PyTorch's fused CPU kernel (which
+    returns the LSE) on CPU, the library's dense path elsewhere."""
     from ..methods.dense import dense_attention
 
+    q, k, v = q.float(), k.float(), v.float()
+    if q.device.type != "cpu":
+        out, lse = dense_attention(q, k, v, causal=True, scale=scale, return_lse=True)
+        return out.float(), lse
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)[:2]
+    return out.float(), lse.float()
+
+
+def run_attention(run, captures, writer, bar) -> None:
     for layer, q, k, v, scale in captures:
         todo = [(s, d) for s in run.settings for d in run.densities if _id(s, d, f"L{layer}") not in writer.done]
         if not todo:
             continue
-        reference = dense_attention(q.float(), k.float(), v.float(), causal=True, scale=scale, return_lse=True)
-        reference = (reference[0].float(), reference[1])
+        reference = causal_reference(q, k, v, scale)
         for spec, density in todo:
             start = time.perf_counter()
             method = build_method(spec, density, run.block_size)

@@ -9,9 +9,16 @@ with query ``(B, Hq, Nq, D)``, key/value ``(B, Hkv, Nk, D)`` (after the KV cache
    caches -> transformers' own SDPA function (exactly the reference path);
 2. fewer keys than the method's ``min_seq_len`` -> SDPA;
 3. causal decode (``Nq < Nk`` and ``Nq < dense_query_len``) -> SDPA;
-4. the mask is plain causal / bidirectional plus key padding -> the method, per row on the row's
+4. a call the method cannot act on (``method.dense_reason``: a dense early step; a causal call for the
+   block-diffusion methods; SparseD on a causal model without denoising steps) -> SDPA, with one warning
+   naming the reason for the cases a user may not expect;
+5. the mask is plain causal / bidirectional plus key padding -> the method, per row on the row's
    valid tokens when there is padding; any other mask -> SDPA (one warning; silent for sliding
    windows, which are local by design).
+
+``route_counts`` counts every call under its route: ``sparse`` / ``sparse_padded`` when the method ran,
+else the ``dense_*`` reason (``methods.base.DENSE_REASONS`` and the host's own: vision, layer, unsupported,
+decode, mask).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import dataclasses
 import logging
 
 from ..methods import AttentionMethod, dense_attention, make_method
+from ..methods.base import DENSE_REASONS
 from .config import SparseAttentionConfig
 from .masks import key_validity, row_slices
 
@@ -118,10 +126,15 @@ def sparse_attention_forward(module, query, key, value, attention_mask, *, defau
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     nq, nk = query.shape[2], key.shape[2]
-    if nk < method.config.min_seq_len:
+    reason = method.dense_reason(query, key, causal=bool(is_causal))
+    if reason == "dense_short":
         return _sdpa(module, query, key, value, attention_mask, "dense_short", **sdpa_kwargs)
     if is_causal and nq < nk and nq < binding.dense_query_len:
         return _sdpa(module, query, key, value, attention_mask, "dense_decode", **sdpa_kwargs)
+    if reason is not None:
+        if reason != "dense_step":  # dense early steps are the config's own choice
+            _warn_once(f"sparsediff: {method.name} runs dense SDPA on these calls: {DENSE_REASONS[reason]}")
+        return _sdpa(module, query, key, value, attention_mask, reason, **sdpa_kwargs)
 
     if attention_mask is None and is_causal and 1 < nq < nk:
         # Prefill into an empty static cache: the slots past Nq hold no tokens yet (SDPA crops too).

@@ -33,6 +33,7 @@ keys across the causal boundary inside a block, changing the result.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import torch
@@ -51,6 +52,14 @@ from .selectors import register_selector
 __all__ = ["BAAttConfig", "BAAttMethod", "ba_attention", "ba_scores", "select_blocks", "sort_keys"]
 
 ESTIMATORS = ("sampled", "pooled")
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
 
 
 @dataclasses.dataclass
@@ -370,6 +379,9 @@ class BAAttMethod(BlockSparseMethod):
         """The sort segment (an int, or None for the whole sequence), or False when nothing is sorted."""
         cfg = self.config
         segment = cfg.sort_segment if cfg.sort_segment is not None else frame_size
+        if cfg.norm_sort and causal and segment is not None:
+            _warn_once("BA-Att: norm sorting is off under causal masking (the kernel masks by key position, and "
+                       "sorting would move keys across the causal boundary); keys keep their order")
         if not cfg.norm_sort or causal or segment is None:
             return False
         return None if segment == "sequence" else segment

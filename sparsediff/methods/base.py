@@ -81,6 +81,15 @@ class AttentionMethod:
             return True
         return step_state.current().is_dense_step(cfg.dense_steps, cfg.dense_step_fraction)
 
+    def dense_reason(self, q, k, *, causal=False) -> str | None:
+        """Why this call would run dense attention (a key of :data:`DENSE_REASONS`), or None when the method
+        acts on it. Hosts count and report it; subclasses add the cases they cannot handle."""
+        if k.shape[2] < self.config.min_seq_len:
+            return "dense_short"
+        if step_state.current().is_dense_step(self.config.dense_steps, self.config.dense_step_fraction):
+            return "dense_step"
+        return None
+
     def __call__(self, q, k, v, *, causal=False, scale=None, layer=None, frame_size=None, global_tokens=0,
                  return_lse=False):
         state = step_state.current()
@@ -111,6 +120,16 @@ class DenseMethod(AttentionMethod):
 
 
 _METHODS: dict[str, type[AttentionMethod]] = {"dense": DenseMethod}
+
+# Why a call ran dense attention instead of the method: the keys hosts count routes under.
+DENSE_REASONS = {
+    "dense_short": "fewer keys than the method's min_seq_len",
+    "dense_step": "an early denoising step the config keeps dense",
+    "dense_causal": "a causal call, which this block-diffusion method does not handle",
+    "dense_no_prefix": "no cached prefix (as many keys as queries), which this block-diffusion method needs",
+    "dense_no_steps": "no denoising steps: calls are independent forward passes, so a pattern reused across "
+                      "steps would carry one input's pattern to the next",
+}
 
 
 def register_method(cls: type[AttentionMethod]) -> type[AttentionMethod]:

@@ -188,6 +188,13 @@ class FlashBlockMethod(AttentionMethod):
     def cache_bytes(self) -> int:
         return self._cache.nbytes()
 
+    def dense_reason(self, q, k, *, causal=False) -> str | None:
+        if causal:
+            return "dense_causal"
+        if k.shape[2] <= q.shape[2]:
+            return "dense_no_prefix"
+        return super().dense_reason(q, k, causal=causal)
+
     def sparse_attention(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
         nq, nk = q.shape[2], k.shape[2]
         if causal or nk <= nq:

@@ -411,6 +411,13 @@ class LoSAMethod(AttentionMethod):
         return merge_prefix(parts.out, parts.lse, q.shape[2], inner, cache=(entry.out, entry.lse),
                             active=entry.all_active, out_dtype=q.dtype, pack=parts.pack)
 
+    def dense_reason(self, q, k, *, causal=False) -> str | None:
+        if causal:
+            return "dense_causal"
+        if k.shape[2] <= q.shape[2]:
+            return "dense_no_prefix"
+        return super().dense_reason(q, k, causal=causal)
+
     def sparse_attention(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
         nq, nk = q.shape[2], k.shape[2]
         cfg = self.config

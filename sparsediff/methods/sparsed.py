@@ -106,6 +106,13 @@ class SparseDMethod(AttentionMethod):
         """Device memory held by cached patterns (block indices and counts)."""
         return self._cache.nbytes()
 
+    def dense_reason(self, q, k, *, causal=False) -> str | None:
+        # A causal model's forward passes are independent prompts: without denoising steps a cached pattern
+        # would carry the first prompt's blocks to every later one.
+        if causal and step_state.current().step is None:
+            return "dense_no_steps"
+        return super().dense_reason(q, k, causal=causal)
+
     # -- attention ------------------------------------------------------------------------------
     def sparse_attention(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
         cfg = self.config

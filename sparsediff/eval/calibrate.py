@@ -40,7 +40,7 @@ def layer_curve(method_factory, q, k, v, *, causal, scale, layer, grid, objectiv
         out, lse = method.attend(q, plan, causal=causal, scale=scale, return_lse=True)
         lay = layout(q.shape[2], k.shape[2], plan.block_size, q.device, causal=causal)
         per_head = plan.block_count.expand(q.shape[0], q.shape[1], -1).sum(dim=(0, 2)).double() / (
-            int(lay.n_visible.sum()) * q.shape[0])
+            lay.visible_pairs * q.shape[0])
         if objective == "error":
             err = (out.float() - ref_out.float()).pow(2).sum(dim=(0, 2, 3)).sqrt() / ref_norm
             value = float(err.mean())

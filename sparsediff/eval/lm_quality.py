@@ -119,7 +119,7 @@ def attention_record(method, q, k, v, *, scale, layer_name, reference) -> dict:
     error = diff / ref_out.pow(2).sum(dim=(0, 2, 3)).sqrt().clamp_min(1e-30)
     lay = layout(q.shape[2], k.shape[2], plan.block_size, q.device, causal=True)
     density = plan.block_count.expand(q.shape[0], q.shape[1], -1).sum(dim=(0, 2)).double() / (
-        int(lay.n_visible.sum()) * q.shape[0])
+        lay.visible_pairs * q.shape[0])
     return {"recall": _round(recall), "error": _round(error), "density": _round(density)}
 
 

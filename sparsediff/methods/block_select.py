@@ -48,6 +48,8 @@ class Layout(NamedTuple):
     max_kept: int  # width of block_index
     log_count: torch.Tensor  # (nkb,) float32 log of tokens per key block (ragged tail weighting)
     total: int  # blocks a (batch element) may keep over all heads and rows at the density (global allocation)
+    visible_pairs: int  # visible (query block, key block) pairs of one head, counted on the host
+    forced_pairs: int  # forced pairs of one head, counted on the host
 
 
 def budget_of(config, layer=None) -> tuple[float | tuple | None, float | None]:
@@ -129,7 +131,8 @@ def _layout_cpu(nq, nk, block_size, causal, keep_sinks, keep_diagonal, global_to
         budget = budget if isinstance(density, tuple) else budget[0]
         heads = len(per_head) if isinstance(density, tuple) else 1
         total = int(round(float(per_head.sum()) / heads * int(n_visible.sum()))) * heads
-    return visible, forced, n_visible, n_forced, budget, max_kept, counts.log(), total
+    return (visible, forced, n_visible, n_forced, budget, max_kept, counts.log(), total, int(n_visible.sum()),
+            int(n_forced.sum()))
 
 
 _device_layouts: dict = {}
@@ -234,9 +237,11 @@ def _global_counts(probs, lay, forced, n_forced):
     included) number ``lay.total``: the free (visible, not forced) blocks of all heads and rows compete."""
     bsz, heads = probs.shape[:2]
     free = lay.visible & ~forced
-    n_free = int(free.sum()) * heads
+    # Host-side counts (no device sync) unless a selector added forced blocks of its own.
+    n_forced_pairs = lay.forced_pairs if forced is lay.forced else int(n_forced.sum())
+    n_free = (lay.visible_pairs - n_forced_pairs) * heads
     budget = lay.total * (heads if lay.budget is not None and lay.budget.dim() == 1 else 1)
-    want = budget - int(n_forced.sum()) * heads
+    want = budget - n_forced_pairs * heads
     if want >= n_free:
         return (n_forced + free.sum(-1)).expand(probs.shape[:-1])
     if want <= 0:

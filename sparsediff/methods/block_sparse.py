@@ -214,7 +214,7 @@ class BlockSparseMethod(AttentionMethod):
             self.stats.setdefault("sparse_layers", set()).add(layer)
         prev = self.stats.get("_kept")
         self.stats["_kept"] = kept if prev is None or prev.device != kept.device else prev + kept
-        self.stats["_visible"] = self.stats.get("_visible", 0) + int(lay.n_visible.sum()) * q.shape[0] * q.shape[1]
+        self.stats["_visible"] = self.stats.get("_visible", 0) + lay.visible_pairs * q.shape[0] * q.shape[1]
 
     def realised_density(self) -> float | None:
         """Kept over causally visible (query block, key block) pairs of every sparse call since the last reset

@@ -1,7 +1,9 @@
 """Pure-PyTorch block-sparse attention: gathers the kept key blocks and works in chunks of query
 blocks, so the Nq x Nk score matrix is never materialised. Used on CPU and wherever Triton cannot
-run. On CPU each chunk goes through PyTorch's fused flash attention (float32 accumulation; float64
-for float64 inputs); elsewhere through explicit float32 math. Returns the input dtype.
+run. On CPU the query blocks are sorted by kept count and each chunk is only as wide as its widest row,
+and goes through PyTorch's fused flash attention (float32 accumulation; float64 for float64 inputs);
+elsewhere (no host syncs, so CUDA graphs can capture it) every chunk is ``max_kept`` blocks wide, through
+explicit float32 math. Returns the input dtype.
 """
 
 from __future__ import annotations
@@ -32,7 +34,65 @@ def _attend(q, k, v, valid, scale, acc):
     return torch.matmul(probs, v.to(acc)), lse.float()
 
 
+def _bucketed_cpu(q, k, v, index, count, *, scale, causal, block_size):
+    """CPU: query blocks sorted by their kept count and gathered in chunks as wide as their widest row, so rows
+    that keep few blocks do not pay for the widest one (budgets that differ per row: global allocation)."""
+    bsz, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    nqb, nkb = math.ceil(nq / block_size), math.ceil(nk / block_size)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    def blocks(x, n, nb):
+        x = torch.nn.functional.pad(x, (0, 0, 0, nb * block_size - n))
+        return x.reshape(x.shape[0] * x.shape[1], nb, block_size, d)
+
+    k_blocks, v_blocks, q_blocks = blocks(k, nk, nkb), blocks(v, nk, nkb), blocks(q, nq, nqb)
+    rows = torch.arange(bsz * hq * nqb)
+    flat_index = index.reshape(-1, index.shape[-1])
+    flat_count = count.reshape(-1)
+    kv_of = (rows // (hq * nqb)) * hkv + (rows // nqb) % hq // group  # (batch, kv head) of each row
+    qb_of = rows % nqb
+    q_of = rows // nqb  # (batch, query head)
+    out = torch.zeros(bsz * hq * nqb, block_size, d, dtype=q.dtype)
+    lse = torch.full((bsz * hq * nqb, block_size), float("-inf"))
+    order = torch.argsort(flat_count, descending=True, stable=True)
+    counts = flat_count[order].tolist()
+    in_block = torch.arange(block_size)
+    start = 0
+    while start < len(order) and counts[start] > 0:
+        width = counts[start]
+        per_row = width * block_size * block_size * torch.finfo(acc).bits // 8 * 3
+        stop = min(len(order), start + max(1, _CHUNK_BYTES // per_row))
+        sel = order[start:stop]
+        ids = flat_index[sel, :width].long()  # (n, w)
+        kg = k_blocks[kv_of[sel, None], ids].reshape(len(sel), 1, width * block_size, d)
+        vg = v_blocks[kv_of[sel, None], ids].reshape(len(sel), 1, width * block_size, d)
+        qc = q_blocks[q_of[sel], qb_of[sel]].reshape(len(sel), 1, block_size, d)
+        key_pos = (ids[..., None] * block_size + in_block).reshape(len(sel), 1, width * block_size)
+        slot_ok = (torch.arange(width)[None, :] < flat_count[sel, None]).repeat_interleave(block_size, dim=1)
+        valid = (slot_ok[:, None, :] & (key_pos < nk)).expand(len(sel), block_size, width * block_size)
+        if causal:
+            query_pos = qb_of[sel, None] * block_size + in_block
+            valid = valid & (key_pos <= query_pos[:, :, None] + (nk - nq))
+        valid = valid[:, None]
+        o, chunk_lse = _attend(qc, kg, vg, valid, scale, acc)
+        empty = ~valid.any(dim=-1)
+        out[sel] = o.masked_fill(empty[..., None], 0.0).view(len(sel), block_size, d).to(q.dtype)
+        lse[sel] = chunk_lse.masked_fill(empty, float("-inf")).view(len(sel), block_size)
+        start = stop
+    out = out.view(bsz, hq, nqb * block_size, d)[:, :, :nq].contiguous()
+    lse = lse.view(bsz, hq, nqb * block_size)[:, :, :nq].contiguous()
+    return out, lse
+
+
 def block_sparse_attention_torch(q, k, v, block_index, block_count, *, scale, causal, block_size, return_lse):
+    if q.device.type == "cpu":
+        nqb = math.ceil(q.shape[2] / block_size)
+        index = block_index.expand(q.shape[0], q.shape[1], nqb, block_index.shape[-1])
+        count = block_count.expand(q.shape[0], q.shape[1], nqb)
+        out, lse = _bucketed_cpu(q, k, v, index, count, scale=scale, causal=causal, block_size=block_size)
+        return (out, lse) if return_lse else (out, None)
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     group = hq // hkv

@@ -219,6 +219,8 @@ def select_from_scores(scores, *, nq, nk, block_size, density=None, mass=None, c
     if count is None:
         count = lay.budget.expand(scores.shape[:-1])
     count = torch.minimum(torch.maximum(count, n_forced), lay.n_visible)
+    if not scores.is_cuda:  # the PyTorch kernel gathers max_kept blocks per row: no wider than needed
+        max_kept = min(max_kept, max(int(count.max()), 1))
     priority = logits.masked_fill(forced, float("inf"))
     order = torch.sort(priority, dim=-1, descending=True).indices
     nkb = scores.shape[-1]

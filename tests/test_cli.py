@@ -1,0 +1,35 @@
+"""``sparsediff`` command line: bad arguments stop with one line saying what is allowed, not a traceback."""
+
+import pytest
+
+from sparsediff.cli import main
+
+
+def parse_error(argv, capsys) -> str:
+    """The error argparse prints for ``argv`` (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.2", "0", "0.5,abc"])
+def test_bench_rejects_densities_outside_0_1(value, capsys):
+    err = parse_error(["bench", "--densities", value], capsys)
+    assert err.startswith("sparsediff bench: error: argument --densities:") and "(0, 1]" in err
+
+
+def test_bench_reads_densities(monkeypatch, capsys):
+    from sparsediff import bench
+
+    seen = {}
+
+    def run_grid(sizes, densities, **kwargs):
+        seen["densities"] = densities
+        return []
+
+    monkeypatch.setattr(bench, "run_grid", run_grid)
+    assert main(["bench", "--densities", "1,0.25", "--sizes", "256"]) == 0
+    assert seen["densities"] == [1.0, 0.25]

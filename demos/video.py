@@ -19,7 +19,7 @@ import torch
 
 from sparsediff.attention_processors import CaptureConfig, DenseProcessor, SparseAttnProcessor, transformers_of
 from sparsediff.eval.video_metrics import compare_videos
-from sparsediff.pipelines.generate import generate_video
+from sparsediff.pipelines.generate import check_frames, frames_per_latent, generate_video
 from sparsediff.pipelines.generate_cli import TINY_METHOD_DEFAULTS, _call_kwargs, load_pipeline, write_video
 
 from .common import (
@@ -137,14 +137,14 @@ def block_causal(pipe) -> bool:
 
 def check_geometry(req: VideoRequest, pipe) -> None:
     """Frame count and size rules of the loaded model, and FlashBlock's need for block-causal attention."""
-    temporal = int(getattr(pipe, "vae_scale_factor_temporal", 1) or 1)
+    temporal = frames_per_latent(pipe)
     spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8) or 8)
     patch = getattr(transformers_of(pipe)[0].config, "patch_size", (1, 2, 2))
     patch = patch[-1] if isinstance(patch, (tuple, list)) else int(patch)
-    if temporal > 1 and (req.frames - 1) % temporal:
-        low = (req.frames - 1) // temporal * temporal + 1
-        raise DemoInputError(f"{req.model} needs frames = {temporal}k+1 (e.g. {low} or {low + temporal}), "
-                             f"got {req.frames}")
+    try:
+        check_frames(pipe, req.frames, req.model)
+    except ValueError as err:
+        raise DemoInputError(str(err)) from None
     multiple = spatial * patch
     for name in ("height", "width"):
         if getattr(req, name) % multiple:

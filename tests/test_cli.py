@@ -33,3 +33,10 @@ def test_bench_reads_densities(monkeypatch, capsys):
     monkeypatch.setattr(bench, "run_grid", run_grid)
     assert main(["bench", "--densities", "1,0.25", "--sizes", "256"]) == 0
     assert seen["densities"] == [1.0, 0.25]
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "-3"), ("--steps", "0"), ("--frames", "0"), ("--frames", "-1"),
+                                         ("--height", "0"), ("--steps", "two")])
+def test_generate_rejects_counts_below_one(flag, value, capsys):
+    err = parse_error(["generate", flag, value], capsys)
+    assert f"argument {flag}: expected a positive integer" in err

@@ -43,3 +43,11 @@ def test_generate_other_tiny_families(tmp_path, model):
 def test_generate_rejects_bad_method_settings(tmp_path, capsys):
     assert main(["generate", "--model", "tiny-wan", "--sparsity", "1.5", "--out", str(tmp_path / "x.mp4")]) == 2
     assert "sparsity" in capsys.readouterr().err
+
+
+def test_generate_rejects_frame_counts_the_model_cannot_make(tmp_path, capsys):
+    # Wan-style VAEs decode 4k+1 frames; the pipeline would round 7 down to 5 while the report said 7.
+    out = tmp_path / "x.mp4"
+    assert main(["generate", "--model", "tiny-wan", "--frames", "7", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == "sparsediff generate: tiny-wan needs frames = 4k+1 (e.g. 5 or 9), got 7"
+    assert not out.exists()

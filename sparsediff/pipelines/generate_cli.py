@@ -20,6 +20,8 @@ import sys
 import numpy as np
 import torch
 
+from ..cli import positive_int
+
 logger = logging.getLogger(__name__)
 
 REAL_DEFAULTS = {"frames": 81, "height": 480, "width": 832, "steps": 50}
@@ -41,10 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="any other method config field, e.g. --set beta=0.5 --set selector=xattention")
     parser.add_argument("--prompt", default="a red cat walks on the beach at sunset")
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--frames", type=int, default=None, help="default 81 (tiny models: 9)")
-    parser.add_argument("--height", type=int, default=None, help="default 480 (tiny models: 64)")
-    parser.add_argument("--width", type=int, default=None, help="default 832 (tiny models: 64)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps; default 50 (tiny models: 4)")
+    parser.add_argument("--frames", type=positive_int, default=None, help="default 81 (tiny models: 9)")
+    parser.add_argument("--height", type=positive_int, default=None, help="default 480 (tiny models: 64)")
+    parser.add_argument("--width", type=positive_int, default=None, help="default 832 (tiny models: 64)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="denoising steps; default 50 (tiny models: 4)")
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -148,7 +150,7 @@ def _environment(device) -> dict:
 
 def run(args) -> int:
     from ..attention_processors import CaptureConfig, SparseAttnProcessor, model_family, transformers_of
-    from .generate import generate_video
+    from .generate import check_frames, generate_video
     from .tiny import PIPELINE_NAMES, TINY_CALL_DEFAULTS
 
     tiny = args.model in PIPELINE_NAMES
@@ -170,6 +172,11 @@ def run(args) -> int:
         return 2
 
     pipe = load_pipeline(args.model, dtype, device)
+    try:
+        check_frames(pipe, args.frames, args.model)
+    except ValueError as err:
+        print(f"sparsediff generate: {err}", file=sys.stderr)
+        return 2
     family = model_family(transformers_of(pipe)[0])
     kwargs = _call_kwargs(pipe, args, tiny, device)
     size = f"{args.frames}x{args.height}x{args.width}"

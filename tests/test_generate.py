@@ -6,6 +6,7 @@ import imageio.v2 as imageio
 import pytest
 
 from sparsediff.cli import main
+from sparsediff.pipelines.tiny import PIPELINE_NAMES
 
 
 def test_generate_tiny_wan_with_dense_comparison(tmp_path):
@@ -31,13 +32,34 @@ def test_generate_tiny_wan_with_dense_comparison(tmp_path):
     assert report["speedup"]["step_median"] > 0
 
 
-@pytest.mark.parametrize("model", ["tiny-hunyuan", "tiny-cogvideox", "tiny-ltx", "tiny-skyreels"])
+# Every tiny model the command offers builds offline and runs (tiny-wan above).
+@pytest.mark.parametrize("model", sorted(set(PIPELINE_NAMES) - {"tiny-wan"}))
 def test_generate_other_tiny_families(tmp_path, model):
     out = tmp_path / "video.mp4"
     assert main(["generate", "--model", model, "--steps", "2", "--out", str(out)]) == 0
     report = json.loads((tmp_path / "video.json").read_text())
     assert len(report["sparse"]["step_seconds"]) == 2
     assert len(imageio.mimread(str(out))) == report["call"]["frames"]
+
+
+def test_generate_flashblock_on_the_tiny_diffusion_forcing_model(tmp_path, capsys):
+    out = tmp_path / "df.mp4"
+    assert main(["generate", "--model", "tiny-skyreels-df", "--method", "flashblock", "--steps", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads((tmp_path / "df.json").read_text())
+    assert report["pipeline"] == "SkyReelsV2DiffusionForcingPipeline" and report["call"]["frames"] == 13
+    assert report["sparse"]["processor"]["method"] == "flashblock"
+    assert len(imageio.mimread(str(out))) == 13
+    # two latent frames per causal block: 9 frames (3 latent frames) leave half a block
+    assert main(["generate", "--model", "tiny-skyreels-df", "--frames", "9", "--out", str(out)]) == 2
+    assert "2 latent frames per causal block" in capsys.readouterr().err
+
+
+def test_generate_help_lists_every_tiny_model(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines at hyphens
+    assert all(name in text for name in PIPELINE_NAMES)
 
 
 def test_generate_rejects_bad_method_settings(tmp_path, capsys):

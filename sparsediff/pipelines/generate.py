@@ -83,16 +83,21 @@ def frames_per_latent(pipe) -> int:
     return 1
 
 
-def check_frames(pipe, frames: int, model: str) -> None:
+def check_frames(pipe, frames: int, model: str, causal_block_size: int | None = None) -> None:
     """Raise ``ValueError`` unless ``pipe`` makes exactly ``frames`` frames: ``t*k + 1`` with ``t`` from
-    :func:`frames_per_latent`. The pipelines round other counts silently (Wan: 0 frames gives 1)."""
+    :func:`frames_per_latent`. The pipelines round other counts silently (Wan: 0 frames gives 1).
+    Diffusion forcing with ``causal_block_size`` also needs whole blocks of latent frames."""
     t = frames_per_latent(pipe)
-    if frames >= 1 and (frames - 1) % t == 0:
-        return
-    if t == 1:
-        raise ValueError(f"{model} needs frames >= 1, got {frames}")
-    low = max(1, (frames - 1) // t * t + 1)
-    raise ValueError(f"{model} needs frames = {t}k+1 (e.g. {low} or {low + t}), got {frames}")
+    if frames < 1 or (frames - 1) % t:
+        if t == 1:
+            raise ValueError(f"{model} needs frames >= 1, got {frames}")
+        low = max(1, (frames - 1) // t * t + 1)
+        raise ValueError(f"{model} needs frames = {t}k+1 (e.g. {low} or {low + t}), got {frames}")
+    block = causal_block_size or 1
+    if ((frames - 1) // t + 1) % block:
+        examples = ", ".join(str((m * block - 1) * t + 1) for m in (1, 2, 3))
+        raise ValueError(f"{model} denoises {block} latent frames per causal block: frames must give a multiple of "
+                         f"{block} latent frames (e.g. {examples}), got {frames}")
 
 
 def _accepts(pipe, name):

@@ -30,9 +30,11 @@ TINY_METHOD_DEFAULTS = {"block_size": 16, "min_seq_len": 0}  # tiny latents have
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .tiny import PIPELINE_NAMES
+
     parser.add_argument("--model", default="tiny-wan",
-                        help="hub id, local pipeline folder, or tiny-wan / tiny-hunyuan / tiny-cogvideox / tiny-ltx / "
-                             "tiny-skyreels (random weights, runs on a CPU in seconds)")
+                        help=f"hub id, local pipeline folder, or {' / '.join(PIPELINE_NAMES)} (random weights, runs "
+                             "on a CPU in seconds)")
     parser.add_argument("--method", default="ba_att", help="ba_att, sparsed, flashblock, block_sparse, dense, ...")
     parser.add_argument("--sparsity", type=float, default=None, help="share of key blocks skipped (budgeted methods)")
     parser.add_argument("--block-size", type=int, default=None)
@@ -106,9 +108,14 @@ def _call_kwargs(pipe, args, tiny: bool, device) -> dict:
         kwargs["guidance_scale"] = args.guidance_scale
     if tiny and "max_sequence_length" in params:
         kwargs["max_sequence_length"] = 8 if "CogVideoX" in type(pipe).__name__ else 16
+    if tiny and "causal_block_size" in params:
+        from .tiny import DF_CAUSAL_BLOCK
+
+        kwargs["causal_block_size"] = DF_CAUSAL_BLOCK
     if _needs_own_text_encoding(pipe):
         kwargs.update(_encode_t5(pipe, args, kwargs.pop("prompt"), kwargs.pop("negative_prompt", ""), device,
                                  kwargs.get("max_sequence_length", 512)))
+        kwargs["prompt"] = None  # diffusion forcing requires the argument even with prompt_embeds
     return {k: v for k, v in kwargs.items() if k in params}
 
 
@@ -172,13 +179,13 @@ def run(args) -> int:
         return 2
 
     pipe = load_pipeline(args.model, dtype, device)
+    kwargs = _call_kwargs(pipe, args, tiny, device)
     try:
-        check_frames(pipe, args.frames, args.model)
+        check_frames(pipe, args.frames, args.model, kwargs.get("causal_block_size"))
     except ValueError as err:
         print(f"sparsediff generate: {err}", file=sys.stderr)
         return 2
     family = model_family(transformers_of(pipe)[0])
-    kwargs = _call_kwargs(pipe, args, tiny, device)
     size = f"{args.frames}x{args.height}x{args.width}"
     print(f"{type(pipe).__name__} ({family}) on {device}, {dtype}: {size}, {args.steps} steps; {processor!r}")
 

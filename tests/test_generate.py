@@ -73,3 +73,33 @@ def test_generate_rejects_frame_counts_the_model_cannot_make(tmp_path, capsys):
     assert main(["generate", "--model", "tiny-wan", "--frames", "7", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip() == "sparsediff generate: tiny-wan needs frames = 4k+1 (e.g. 5 or 9), got 7"
     assert not out.exists()
+
+
+def test_generate_unknown_model_name_fails_before_any_hub_lookup(tmp_path, monkeypatch, capsys):
+    import diffusers
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("a name without a slash is no hub id: nothing should be loaded")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", no_lookup)
+    assert main(["generate", "--model", "nosuch-model", "--out", str(tmp_path / "x.mp4")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("sparsediff generate: unknown model 'nosuch-model': use a tiny model (tiny-wan, ")
+    assert all(name in line for name in PIPELINE_NAMES) and "network" in line
+
+
+def test_generate_model_that_cannot_load_gives_one_line(tmp_path, monkeypatch, capsys):
+    import diffusers
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", offline)
+    assert main(["generate", "--model", "some-org/some-model", "--out", str(tmp_path / "x.mp4")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "cannot load 'some-org/some-model' (OSError: We couldn't connect" in line and "tiny-wan" in line
+    monkeypatch.undo()
+    # a folder that holds no pipeline (a real load, no network involved)
+    assert main(["generate", "--model", str(tmp_path), "--out", str(tmp_path / "x.mp4")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"sparsediff generate: cannot load {str(tmp_path)!r}")

@@ -155,12 +155,25 @@ def _environment(device) -> dict:
     return env
 
 
+def _model_choices() -> str:
+    from .tiny import PIPELINE_NAMES
+
+    return (f"use a tiny model ({', '.join(PIPELINE_NAMES)}; offline), a local pipeline folder or a hub id such as "
+            "Wan-AI/Wan2.1-T2V-1.3B-Diffusers (needs network access, or a copy in the Hugging Face cache)")
+
+
 def run(args) -> int:
-    from ..attention_processors import CaptureConfig, SparseAttnProcessor, model_family, transformers_of
-    from .generate import check_frames, generate_video
     from .tiny import PIPELINE_NAMES, TINY_CALL_DEFAULTS
 
     tiny = args.model in PIPELINE_NAMES
+    # A name that is neither a tiny model, a folder nor a hub id (org/name) fails here, not after a hub look-up.
+    if not tiny and "/" not in args.model and not os.path.isdir(args.model):
+        print(f"sparsediff generate: unknown model {args.model!r}: {_model_choices()}", file=sys.stderr)
+        return 2
+
+    from ..attention_processors import CaptureConfig, SparseAttnProcessor, model_family, transformers_of
+    from .generate import check_frames, generate_video
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32"))
     tiny_frames, tiny_height, tiny_width = TINY_CALL_DEFAULTS[PIPELINE_NAMES[args.model]] if tiny else (None,) * 3
@@ -178,7 +191,15 @@ def run(args) -> int:
         print(f"sparsediff generate: {err}", file=sys.stderr)
         return 2
 
-    pipe = load_pipeline(args.model, dtype, device)
+    try:
+        pipe = load_pipeline(args.model, dtype, device)
+    except (OSError, ValueError) as err:  # not on the hub, no network, not a pipeline folder
+        logger.info("loading %s failed", args.model, exc_info=True)  # the whole story with -v
+        reason = (str(err).strip().splitlines() or [""])[0]
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."  # hub errors run on for lines
+        print(f"sparsediff generate: cannot load {args.model!r} ({type(err).__name__}: {reason}); {_model_choices()}",
+              file=sys.stderr)
+        return 2
     kwargs = _call_kwargs(pipe, args, tiny, device)
     try:
         check_frames(pipe, args.frames, args.model, kwargs.get("causal_block_size"))

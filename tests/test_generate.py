@@ -103,3 +103,16 @@ def test_generate_model_that_cannot_load_gives_one_line(tmp_path, monkeypatch, c
     assert main(["generate", "--model", str(tmp_path), "--out", str(tmp_path / "x.mp4")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"sparsediff generate: cannot load {str(tmp_path)!r}")
+
+
+@pytest.mark.parametrize("argv", [["--method", "dense", "--sparsity", "0.5"], ["--method", "dense:0.5"]])
+def test_generate_dense_takes_no_sparsity(tmp_path, capsys, argv):
+    assert main(["generate", *argv, "--out", str(tmp_path / "x.mp4")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("sparsediff generate: --sparsity does not apply to --method dense")
+
+
+def test_generate_dense_run_is_labelled_dense(tmp_path, capsys):
+    assert main(["generate", "--method", "dense", "--steps", "1", "--out", str(tmp_path / "d.mp4")]) == 0
+    out = capsys.readouterr().out
+    assert "\ndense:  " in out and "sparse:" not in out

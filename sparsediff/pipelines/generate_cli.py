@@ -162,6 +162,16 @@ def _model_choices() -> str:
             "Wan-AI/Wan2.1-T2V-1.3B-Diffusers (needs network access, or a copy in the Hugging Face cache)")
 
 
+def _dense_with_sparsity(args) -> bool:
+    from ..methods.base import parse_spec
+
+    try:
+        name, overrides = parse_spec(args.method)
+    except ValueError:
+        return False  # a malformed spec is reported when the method is made
+    return name == "dense" and (args.sparsity is not None or "sparsity" in overrides)
+
+
 def run(args) -> int:
     from .tiny import PIPELINE_NAMES, TINY_CALL_DEFAULTS
 
@@ -169,6 +179,10 @@ def run(args) -> int:
     # A name that is neither a tiny model, a folder nor a hub id (org/name) fails here, not after a hub look-up.
     if not tiny and "/" not in args.model and not os.path.isdir(args.model):
         print(f"sparsediff generate: unknown model {args.model!r}: {_model_choices()}", file=sys.stderr)
+        return 2
+    if _dense_with_sparsity(args):
+        print("sparsediff generate: --sparsity does not apply to --method dense (dense attention keeps every key "
+              "block): drop --sparsity, or choose a sparse method such as ba_att", file=sys.stderr)
         return 2
 
     from ..attention_processors import CaptureConfig, SparseAttnProcessor, model_family, transformers_of
@@ -239,9 +253,10 @@ def run(args) -> int:
 
 
 def _print_summary(report: dict, report_path: str) -> None:
-    s = report["sparse"]
+    s = report["sparse"]  # the run of --method, which may be dense
+    label = "dense: " if s["processor"]["method"] == "dense" else "sparse:"
     print(f"video: {report['video']}\nreport: {report_path}")
-    print(f"sparse: {s['denoising_seconds']:.2f} s denoising, attention {100 * s['attention_share']:.1f}% of it")
+    print(f"{label} {s['denoising_seconds']:.2f} s denoising, attention {100 * s['attention_share']:.1f}% of it")
     if "dense" in report:
         d, f = report["dense"], report["fidelity"]
         print(f"dense:  {d['denoising_seconds']:.2f} s denoising, attention {100 * d['attention_share']:.1f}% of it")

@@ -40,3 +40,23 @@ def test_bench_reads_densities(monkeypatch, capsys):
 def test_generate_rejects_counts_below_one(flag, value, capsys):
     err = parse_error(["generate", flag, value], capsys)
     assert f"argument {flag}: expected a positive integer" in err
+
+
+def test_probe_rejects_unknown_methods_listing_the_available_ones(capsys):
+    from sparsediff.methods.base import available_specs
+
+    err = parse_error(["probe", "--methods", "ba_att,nosuch"], capsys)
+    assert err.startswith("sparsediff probe: error: argument --methods: unknown method 'nosuch'; available: ")
+    assert all(name in err for name in available_specs() if name != "dense")
+    assert "key=value" in parse_error(["probe", "--methods", "ba_att/beta"], capsys)
+    assert "(0, 1]" in parse_error(["probe", "--densities", "1.5"], capsys)
+
+
+def test_probe_checks_method_settings_before_running(tmp_path, capsys):
+    out = tmp_path / "probe"
+    assert main(["probe", "--methods", "ba_att/no_such_field=1", "--out", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("sparsediff probe: in method 'ba_att'") and "no_such_field" in line
+    assert main(["probe", "--block-diffusion", "--methods", "fixed", "--out", str(out)]) == 2
+    assert "'flashblock' or 'losa'" in capsys.readouterr().err
+    assert not out.exists()  # nothing ran

@@ -30,6 +30,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 1..65535, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1..65535, got {value}")
+    return value
+
+
 def densities(text: str) -> list[float]:
     """Comma-separated densities (shares of key blocks kept), each in (0, 1]."""
     try:

@@ -60,3 +60,9 @@ def test_probe_checks_method_settings_before_running(tmp_path, capsys):
     assert main(["probe", "--block-diffusion", "--methods", "fixed", "--out", str(out)]) == 2
     assert "'flashblock' or 'losa'" in capsys.readouterr().err
     assert not out.exists()  # nothing ran
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1", "http"])
+def test_demo_rejects_ports_outside_1_65535(port, capsys):
+    err = parse_error(["demo", "--port", port], capsys)
+    assert err.startswith("sparsediff demo: error: argument --port: expected a port number 1..65535")

@@ -1,5 +1,8 @@
-"""``sparsediff`` command line. Each sub-command lives in its own module exposing
-``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their command runs.
+"""Block-sparse attention for diffusion models: benchmarks, attention fidelity, video generation,
+evaluation and a demo, one command each ("sparsediff COMMAND --help" for its options).
+
+Each sub-command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+modules are imported only when their command runs.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ def densities(text: str) -> list[float]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="sparsediff", description=__doc__.splitlines()[0])
+    # The docstring's first paragraph, whole: its first line alone stops mid-sentence.
+    parser = argparse.ArgumentParser(prog="sparsediff", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():

@@ -66,3 +66,17 @@ def test_probe_checks_method_settings_before_running(tmp_path, capsys):
 def test_demo_rejects_ports_outside_1_65535(port, capsys):
     err = parse_error(["demo", "--port", port], capsys)
     assert err.startswith("sparsediff demo: error: argument --port: expected a port number 1..65535")
+
+
+@pytest.mark.parametrize("argv", [["--help"], []])
+def test_help_describes_the_tool_in_whole_sentences(argv, capsys):
+    import sparsediff.cli
+
+    if argv:
+        with pytest.raises(SystemExit):
+            main(argv)
+    else:
+        assert main(argv) == 2  # no command: the help, and a usage error
+    out = " ".join(capsys.readouterr().out.split())
+    summary = " ".join(sparsediff.cli.__doc__.split("\n\n")[0].split())  # the docstring's first paragraph
+    assert summary.endswith(".") and summary in out

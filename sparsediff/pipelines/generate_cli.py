@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="any other method config field, e.g. --set beta=0.5 --set selector=xattention")
     parser.add_argument("--prompt", default="a red cat walks on the beach at sunset")
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--frames", type=positive_int, default=None, help="default 81 (tiny models: 9)")
+    parser.add_argument("--frames", type=positive_int, default=None,
+                        help="default 81 (tiny models: 9, tiny-skyreels-df: 13); Wan-style VAEs make 4k+1 frames")
     parser.add_argument("--height", type=positive_int, default=None, help="default 480 (tiny models: 64)")
     parser.add_argument("--width", type=positive_int, default=None, help="default 832 (tiny models: 64)")
     parser.add_argument("--steps", type=positive_int, default=None, help="denoising steps; default 50 (tiny models: 4)")

@@ -111,9 +111,11 @@ def gpu_busy_ms(fn):
 def pdl_env(on):
     """SPARSEDIFF_PDL=1 (``on``) or 0 inside (kernels read it at each launch, graphs when captured), as before
     after; ``on=None`` leaves it as it is."""
+    if on is None:  # nothing set, nothing to restore (the variable may well be unset)
+        yield
+        return
     before = os.environ.get("SPARSEDIFF_PDL")
-    if on is not None:
-        os.environ["SPARSEDIFF_PDL"] = "1" if on else "0"
+    os.environ["SPARSEDIFF_PDL"] = "1" if on else "0"
     try:
         yield
     finally:

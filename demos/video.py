@@ -19,8 +19,9 @@ import torch
 
 from sparsediff.attention_processors import CaptureConfig, DenseProcessor, SparseAttnProcessor, transformers_of
 from sparsediff.eval.video_metrics import compare_videos
-from sparsediff.pipelines.generate import generate_video
+from sparsediff.pipelines.generate import check_frames, generate_video
 from sparsediff.pipelines.generate_cli import TINY_METHOD_DEFAULTS, _call_kwargs, load_pipeline, write_video
+from sparsediff.pipelines.tiny import DF_CAUSAL_BLOCK
 
 from .common import (
     DemoInputError,
@@ -37,7 +38,6 @@ from .common import (
 
 TINY_MODELS = ("tiny-wan", "tiny-skyreels-df")
 METHODS = {"Dense": "dense", "BA-Att": "ba_att", "SparseD": "sparsed", "FlashBlock": "flashblock"}
-DF_CAUSAL_BLOCK = 2  # latent frames per causal block of the tiny diffusion-forcing model
 FPS = 8
 
 _PIPELINES: dict = {}
@@ -113,14 +113,8 @@ def get_pipeline(model: str, device: str):
 
 
 def _load(model: str, device: str):
-    if model == "tiny-wan":
-        pipe = load_pipeline("tiny-wan", torch.float32, device)
-    elif model == "tiny-skyreels-df":
-        import diffusers
-
-        # Diffusion forcing on the tiny SkyReels-V2 parts: block-causal attention, where FlashBlock applies.
-        base = load_pipeline("tiny-skyreels", torch.float32, device)
-        pipe = diffusers.SkyReelsV2DiffusionForcingPipeline(**base.components)
+    if is_tiny(model):  # tiny-skyreels-df: diffusion forcing, block-causal attention, where FlashBlock applies
+        pipe = load_pipeline(model, torch.float32, device)
     else:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         try:
@@ -137,22 +131,17 @@ def block_causal(pipe) -> bool:
 
 def check_geometry(req: VideoRequest, pipe) -> None:
     """Frame count and size rules of the loaded model, and FlashBlock's need for block-causal attention."""
-    temporal = int(getattr(pipe, "vae_scale_factor_temporal", 1) or 1)
     spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8) or 8)
     patch = getattr(transformers_of(pipe)[0].config, "patch_size", (1, 2, 2))
     patch = patch[-1] if isinstance(patch, (tuple, list)) else int(patch)
-    if temporal > 1 and (req.frames - 1) % temporal:
-        low = (req.frames - 1) // temporal * temporal + 1
-        raise DemoInputError(f"{req.model} needs frames = {temporal}k+1 (e.g. {low} or {low + temporal}), "
-                             f"got {req.frames}")
+    try:
+        check_frames(pipe, req.frames, req.model, DF_CAUSAL_BLOCK if block_causal(pipe) else None)
+    except ValueError as err:
+        raise DemoInputError(str(err)) from None
     multiple = spatial * patch
     for name in ("height", "width"):
         if getattr(req, name) % multiple:
             raise DemoInputError(f"{name} must be a multiple of {multiple} for {req.model}, got {getattr(req, name)}")
-    latent_frames = (req.frames - 1) // temporal + 1
-    if block_causal(pipe) and latent_frames % DF_CAUSAL_BLOCK:
-        raise DemoInputError(f"{req.model} denoises {DF_CAUSAL_BLOCK} latent frames per causal block: "
-                             f"frames must give an even number of latent frames (e.g. 13, 21, 29), got {req.frames}")
     if req.method_name() == "flashblock" and not block_causal(pipe):
         raise DemoInputError("FlashBlock caches attention to earlier frame blocks, so it needs a block-causal "
                              "model: choose tiny-skyreels-df (or a SkyReels-V2 diffusion-forcing model)")

@@ -17,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .cli import densities
 from .kernels import block_sparse_attention, mask_to_index
 
 
@@ -160,7 +161,8 @@ def environment() -> dict:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--sizes", default=None, help="comma-separated sequence lengths (default by device)")
-    parser.add_argument("--densities", default="1.0,0.5,0.25,0.1")
+    parser.add_argument("--densities", type=densities, default="1.0,0.5,0.25,0.1",
+                        help="comma-separated shares of key blocks kept, each in (0, 1]")
     parser.add_argument("--heads", type=int, default=None)
     parser.add_argument("--dim", type=int, default=None)
     parser.add_argument("--flex", action="store_true", help="also time FlexAttention (GPU; compiles first)")
@@ -175,10 +177,9 @@ def run(args) -> int:
     heads = args.heads or (16 if cuda else 4)
     dim = args.dim or (128 if cuda else 64)
     dtype = torch.bfloat16 if cuda else torch.float32
-    densities = [float(x) for x in args.densities.split(",")]
     env = environment()
     print(f"sparsediff bench on {env['device']} (torch {env['torch']}), H={heads}, D={dim}, {dtype}")
-    rows = run_grid(sizes, densities, heads=heads, dim=dim, dtype=dtype, device=device,
+    rows = run_grid(sizes, args.densities, heads=heads, dim=dim, dtype=dtype, device=device,
                     peers=("flash", "cudnn") if cuda else ("sdpa",), flex=args.flex and cuda)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,5 +1,8 @@
-"""``sparsediff`` command line. Each sub-command lives in its own module exposing
-``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their command runs.
+"""Block-sparse attention for diffusion models: benchmarks, attention fidelity, video generation,
+evaluation and a demo, one command each ("sparsediff COMMAND --help" for its options).
+
+Each sub-command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+modules are imported only when their command runs.
 """
 
 from __future__ import annotations
@@ -19,9 +22,45 @@ COMMANDS = {
 }
 
 
+# argparse types shared by the sub-commands: bad values stop at parse time with one line saying what is allowed.
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 1..65535, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1..65535, got {value}")
+    return value
+
+
+def densities(text: str) -> list[float]:
+    """Comma-separated densities (shares of key blocks kept), each in (0, 1]."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in (0, 1], got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one density in (0, 1]")
+    for x in values:
+        if not 0.0 < x <= 1.0:
+            raise argparse.ArgumentTypeError(f"densities must lie in (0, 1] (share of key blocks kept), got {x:g}")
+    return values
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="sparsediff", description=__doc__.splitlines()[0])
+    # The docstring's first paragraph, whole: its first line alone stops mid-sentence.
+    parser = argparse.ArgumentParser(prog="sparsediff", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():

@@ -15,10 +15,12 @@ import os
 import sys
 from pathlib import Path
 
+from .cli import port_number
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=port_number, default=7860, help="1..65535")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio link")
 
 

@@ -31,3 +31,32 @@ def test_quick_run_reports_ratios_against_the_fastest_dense_peer(tmp_path):
     assert row["losa+pdl_equal_without_pdl"] and row["flashblock+pdl_equal_without_pdl"]
     assert row["losa+pdl_err"] == row["losa_err"]
     assert "x best / x prefix >= / x sdpa" in proc.stdout
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_blockdiff", ROOT / "benchmarks" / "bench_blockdiff.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pdl_env_without_pdl_leaves_the_environment_alone(monkeypatch):
+    # Without --pdl the benchmark runs every method under pdl_env(None); SPARSEDIFF_PDL is usually unset.
+    import os
+
+    pdl_env = _bench_module().pdl_env
+    monkeypatch.delenv("SPARSEDIFF_PDL", raising=False)
+    with pdl_env(None):
+        assert "SPARSEDIFF_PDL" not in os.environ
+    assert "SPARSEDIFF_PDL" not in os.environ
+    with pdl_env(True):
+        assert os.environ["SPARSEDIFF_PDL"] == "1"
+    assert "SPARSEDIFF_PDL" not in os.environ  # unset again, as before
+    monkeypatch.setenv("SPARSEDIFF_PDL", "1")
+    with pdl_env(False):
+        assert os.environ["SPARSEDIFF_PDL"] == "0"
+    with pdl_env(None):
+        assert os.environ["SPARSEDIFF_PDL"] == "1"
+    assert os.environ["SPARSEDIFF_PDL"] == "1"

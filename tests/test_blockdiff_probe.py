@@ -59,7 +59,7 @@ def test_errors_per_step(generator):
     assert all(0.0 < r["union_density"] < 1.0 for r in losa[1:])
 
 
-def test_probe_cli_block_diffusion(tmp_path):
+def test_probe_cli_block_diffusion(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     probe_cli.add_arguments(parser)
     args = parser.parse_args(["--block-diffusion", "--generators", "video,stripes", "--methods",
@@ -73,5 +73,5 @@ def test_probe_cli_block_diffusion(tmp_path):
     assert "| stripes | losa/sparsity=0.5 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "blocksteps_video.png").stat().st_size > 1000
     bad = parser.parse_args(["--block-diffusion", "--methods", "ba_att", "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="'flashblock' or 'losa'"):
-        probe_cli.run(bad)
+    assert probe_cli.run(bad) == 2
+    assert "'flashblock' or 'losa'" in capsys.readouterr().err

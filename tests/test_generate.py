@@ -6,6 +6,7 @@ import imageio.v2 as imageio
 import pytest
 
 from sparsediff.cli import main
+from sparsediff.pipelines.tiny import PIPELINE_NAMES
 
 
 def test_generate_tiny_wan_with_dense_comparison(tmp_path):
@@ -31,7 +32,8 @@ def test_generate_tiny_wan_with_dense_comparison(tmp_path):
     assert report["speedup"]["step_median"] > 0
 
 
-@pytest.mark.parametrize("model", ["tiny-hunyuan", "tiny-cogvideox", "tiny-ltx", "tiny-skyreels"])
+# Every tiny model the command offers builds offline and runs (tiny-wan above).
+@pytest.mark.parametrize("model", sorted(set(PIPELINE_NAMES) - {"tiny-wan"}))
 def test_generate_other_tiny_families(tmp_path, model):
     out = tmp_path / "video.mp4"
     assert main(["generate", "--model", model, "--steps", "2", "--out", str(out)]) == 0
@@ -40,6 +42,77 @@ def test_generate_other_tiny_families(tmp_path, model):
     assert len(imageio.mimread(str(out))) == report["call"]["frames"]
 
 
+def test_generate_flashblock_on_the_tiny_diffusion_forcing_model(tmp_path, capsys):
+    out = tmp_path / "df.mp4"
+    assert main(["generate", "--model", "tiny-skyreels-df", "--method", "flashblock", "--steps", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads((tmp_path / "df.json").read_text())
+    assert report["pipeline"] == "SkyReelsV2DiffusionForcingPipeline" and report["call"]["frames"] == 13
+    assert report["sparse"]["processor"]["method"] == "flashblock"
+    assert len(imageio.mimread(str(out))) == 13
+    # two latent frames per causal block: 9 frames (3 latent frames) leave half a block
+    assert main(["generate", "--model", "tiny-skyreels-df", "--frames", "9", "--out", str(out)]) == 2
+    assert "2 latent frames per causal block" in capsys.readouterr().err
+
+
+def test_generate_help_lists_every_tiny_model(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines at hyphens
+    assert all(name in text for name in PIPELINE_NAMES)
+
+
 def test_generate_rejects_bad_method_settings(tmp_path, capsys):
     assert main(["generate", "--model", "tiny-wan", "--sparsity", "1.5", "--out", str(tmp_path / "x.mp4")]) == 2
     assert "sparsity" in capsys.readouterr().err
+
+
+def test_generate_rejects_frame_counts_the_model_cannot_make(tmp_path, capsys):
+    # Wan-style VAEs decode 4k+1 frames; the pipeline would round 7 down to 5 while the report said 7.
+    out = tmp_path / "x.mp4"
+    assert main(["generate", "--model", "tiny-wan", "--frames", "7", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == "sparsediff generate: tiny-wan needs frames = 4k+1 (e.g. 5 or 9), got 7"
+    assert not out.exists()
+
+
+def test_generate_unknown_model_name_fails_before_any_hub_lookup(tmp_path, monkeypatch, capsys):
+    import diffusers
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("a name without a slash is no hub id: nothing should be loaded")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", no_lookup)
+    assert main(["generate", "--model", "nosuch-model", "--out", str(tmp_path / "x.mp4")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("sparsediff generate: unknown model 'nosuch-model': use a tiny model (tiny-wan, ")
+    assert all(name in line for name in PIPELINE_NAMES) and "network" in line
+
+
+def test_generate_model_that_cannot_load_gives_one_line(tmp_path, monkeypatch, capsys):
+    import diffusers
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", offline)
+    assert main(["generate", "--model", "some-org/some-model", "--out", str(tmp_path / "x.mp4")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "cannot load 'some-org/some-model' (OSError: We couldn't connect" in line and "tiny-wan" in line
+    monkeypatch.undo()
+    # a folder that holds no pipeline (a real load, no network involved)
+    assert main(["generate", "--model", str(tmp_path), "--out", str(tmp_path / "x.mp4")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"sparsediff generate: cannot load {str(tmp_path)!r}")
+
+
+@pytest.mark.parametrize("argv", [["--method", "dense", "--sparsity", "0.5"], ["--method", "dense:0.5"]])
+def test_generate_dense_takes_no_sparsity(tmp_path, capsys, argv):
+    assert main(["generate", *argv, "--out", str(tmp_path / "x.mp4")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("sparsediff generate: --sparsity does not apply to --method dense")
+
+
+def test_generate_dense_run_is_labelled_dense(tmp_path, capsys):
+    assert main(["generate", "--method", "dense", "--steps", "1", "--out", str(tmp_path / "d.mp4")]) == 0
+    out = capsys.readouterr().out
+    assert "\ndense:  " in out and "sparse:" not in out

@@ -504,4 +504,5 @@ def test_split_counts_for_a_gpu(monkeypatch):
     assert [pa.one_wave_splits(CudaQ(), kept, heads=8) for kept in (26, 102, 205)] == [13, 16, 16]
     # otherwise about four waves, at least 8 kept blocks each (16k / 64k / 128k at 128-token blocks)
     assert [pa.choose_splits(CudaQ(), kept, 8, heads=32) for kept in (26, 103, 205)] == [3, 12, 17]
-    assert pa.one_wave_splits(torch.zeros(1, 32, 32, 128), 205, heads=8) == 1  # CPU: no split
+    # CPU: no split (built on the CPU explicitly: SPARSEDIFF_TEST_DEVICE=cuda makes CUDA the default device)
+    assert pa.one_wave_splits(torch.zeros(1, 32, 32, 128, device="cpu"), 205, heads=8) == 1

@@ -15,14 +15,17 @@ active block denoised over ``--steps`` steps, and the error vs dense is reported
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import pathlib
+import sys
 
 import torch
 
-from ..methods.base import parse_spec
+from ..cli import densities
+from ..methods.base import available_specs, parse_spec
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +37,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--generators", default="video,sinks,stripes,clustered,random",
                         help="comma-separated synthetic generators (ignored with --qkv)")
     parser.add_argument("--qkv", default=None, help="a .safetensors capture of q, k, v instead of generators")
-    parser.add_argument("--methods", default=None,
+    parser.add_argument("--methods", type=method_specs, default=None,
                         help="comma-separated methods; overrides after slashes: ba_att/beta=0/norm_sort=false "
                              f"(default: {DEFAULT_METHODS}; with --block-diffusion: {BLOCK_METHODS})")
-    parser.add_argument("--densities", default="0.1,0.25,0.5", help="comma-separated target densities (1 - sparsity)")
+    parser.add_argument("--densities", type=densities, default="0.1,0.25,0.5",
+                        help="comma-separated target densities (1 - sparsity), each in (0, 1]")
     parser.add_argument("--n", type=int, default=4096, help="tokens per sequence (generators)")
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--dim", type=int, default=64, help="head dim")
@@ -56,6 +60,23 @@ def add_arguments(parser) -> None:
                         help="share of the block's tokens that move a lot (relative change 0.3) per step")
 
 
+def method_specs(text: str) -> list[str]:
+    """``--methods``: comma-separated specs whose names the library knows (dense is the reference, not a method
+    to probe); overrides are checked when the methods are built, before the probe runs."""
+    names = [n for n in available_specs() if n != "dense"]
+    specs = [m.strip() for m in text.split(",") if m.strip()]
+    if not specs:
+        raise argparse.ArgumentTypeError(f"give at least one method: {', '.join(names)}")
+    for spec in specs:
+        try:
+            name, _ = parse_spec(spec)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        if name not in names:
+            raise argparse.ArgumentTypeError(f"unknown method {name!r}; available: {', '.join(names)}")
+    return specs
+
+
 def build_method(spec: str, density: float, block_size: int):
     """``"ba_att/beta=0.1"`` at a density -> a method object (``min_seq_len=0``: always sparse); the spec
     grammar is :func:`sparsediff.methods.base.parse_spec`, and its own overrides win."""
@@ -64,14 +85,6 @@ def build_method(spec: str, density: float, block_size: int):
     name, overrides = parse_spec(spec)
     common = dict(sparsity=1.0 - density, block_size=block_size, min_seq_len=0)
     return make_method(name, **(common | overrides))
-
-
-def _floats(text: str) -> list[float]:
-    values = [float(x) for x in text.split(",") if x.strip()]
-    for x in values:
-        if not 0.0 < x <= 1.0:
-            raise ValueError(f"densities must lie in (0, 1], got {x}")
-    return values
 
 
 def add_oracle_share(rows: list[dict]) -> None:
@@ -158,12 +171,23 @@ def run(args) -> int:
 
     from .fidelity import dense_reference, evaluate, load_qkv, make_probe
 
+    densities = args.densities
+    methods = args.methods or (BLOCK_METHODS if args.block_diffusion else DEFAULT_METHODS).split(",")
+    try:  # bad overrides and methods --block-diffusion cannot run stop here, before any work
+        if args.block_diffusion:
+            from .blockdiff_probe import build_block_method
+
+            for spec in methods:
+                build_block_method(spec, args.block_size)
+        else:
+            for spec in methods:
+                build_method(spec, densities[0], args.block_size)
+    except (TypeError, ValueError) as err:
+        print(f"sparsediff probe: {err}", file=sys.stderr)
+        return 2
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype)
-    densities = _floats(args.densities)
-    methods = [m for m in (args.methods or (BLOCK_METHODS if args.block_diffusion else DEFAULT_METHODS)).split(",")
-               if m.strip()]
     if args.qkv:
         probes = load_qkv(args.qkv, device=args.device, dtype=dtype)
     else:

@@ -74,6 +74,32 @@ class StepTimer:
         return callback_kwargs
 
 
+def frames_per_latent(pipe) -> int:
+    """Video frames one latent frame of ``pipe``'s VAE decodes to (4 for every supported family), 1 if none."""
+    for name in ("vae_scale_factor_temporal", "vae_temporal_compression_ratio"):  # LTX-Video: the second
+        value = getattr(pipe, name, None)
+        if value:
+            return int(value)
+    return 1
+
+
+def check_frames(pipe, frames: int, model: str, causal_block_size: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``pipe`` makes exactly ``frames`` frames: ``t*k + 1`` with ``t`` from
+    :func:`frames_per_latent`. The pipelines round other counts silently (Wan: 0 frames gives 1).
+    Diffusion forcing with ``causal_block_size`` also needs whole blocks of latent frames."""
+    t = frames_per_latent(pipe)
+    if frames < 1 or (frames - 1) % t:
+        if t == 1:
+            raise ValueError(f"{model} needs frames >= 1, got {frames}")
+        low = max(1, (frames - 1) // t * t + 1)
+        raise ValueError(f"{model} needs frames = {t}k+1 (e.g. {low} or {low + t}), got {frames}")
+    block = causal_block_size or 1
+    if ((frames - 1) // t + 1) % block:
+        examples = ", ".join(str((m * block - 1) * t + 1) for m in (1, 2, 3))
+        raise ValueError(f"{model} denoises {block} latent frames per causal block: frames must give a multiple of "
+                         f"{block} latent frames (e.g. {examples}), got {frames}")
+
+
 def _accepts(pipe, name):
     return name in inspect.signature(pipe.__call__).parameters
 

@@ -20,6 +20,8 @@ import sys
 import numpy as np
 import torch
 
+from ..cli import positive_int
+
 logger = logging.getLogger(__name__)
 
 REAL_DEFAULTS = {"frames": 81, "height": 480, "width": 832, "steps": 50}
@@ -28,9 +30,11 @@ TINY_METHOD_DEFAULTS = {"block_size": 16, "min_seq_len": 0}  # tiny latents have
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .tiny import PIPELINE_NAMES
+
     parser.add_argument("--model", default="tiny-wan",
-                        help="hub id, local pipeline folder, or tiny-wan / tiny-hunyuan / tiny-cogvideox / tiny-ltx / "
-                             "tiny-skyreels (random weights, runs on a CPU in seconds)")
+                        help=f"hub id, local pipeline folder, or {' / '.join(PIPELINE_NAMES)} (random weights, runs "
+                             "on a CPU in seconds)")
     parser.add_argument("--method", default="ba_att", help="ba_att, sparsed, flashblock, block_sparse, dense, ...")
     parser.add_argument("--sparsity", type=float, default=None, help="share of key blocks skipped (budgeted methods)")
     parser.add_argument("--block-size", type=int, default=None)
@@ -41,10 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="any other method config field, e.g. --set beta=0.5 --set selector=xattention")
     parser.add_argument("--prompt", default="a red cat walks on the beach at sunset")
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--frames", type=int, default=None, help="default 81 (tiny models: 9)")
-    parser.add_argument("--height", type=int, default=None, help="default 480 (tiny models: 64)")
-    parser.add_argument("--width", type=int, default=None, help="default 832 (tiny models: 64)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps; default 50 (tiny models: 4)")
+    parser.add_argument("--frames", type=positive_int, default=None,
+                        help="default 81 (tiny models: 9, tiny-skyreels-df: 13); Wan-style VAEs make 4k+1 frames")
+    parser.add_argument("--height", type=positive_int, default=None, help="default 480 (tiny models: 64)")
+    parser.add_argument("--width", type=positive_int, default=None, help="default 832 (tiny models: 64)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="denoising steps; default 50 (tiny models: 4)")
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -104,9 +109,14 @@ def _call_kwargs(pipe, args, tiny: bool, device) -> dict:
         kwargs["guidance_scale"] = args.guidance_scale
     if tiny and "max_sequence_length" in params:
         kwargs["max_sequence_length"] = 8 if "CogVideoX" in type(pipe).__name__ else 16
+    if tiny and "causal_block_size" in params:
+        from .tiny import DF_CAUSAL_BLOCK
+
+        kwargs["causal_block_size"] = DF_CAUSAL_BLOCK
     if _needs_own_text_encoding(pipe):
         kwargs.update(_encode_t5(pipe, args, kwargs.pop("prompt"), kwargs.pop("negative_prompt", ""), device,
                                  kwargs.get("max_sequence_length", 512)))
+        kwargs["prompt"] = None  # diffusion forcing requires the argument even with prompt_embeds
     return {k: v for k, v in kwargs.items() if k in params}
 
 
@@ -146,12 +156,39 @@ def _environment(device) -> dict:
     return env
 
 
+def _model_choices() -> str:
+    from .tiny import PIPELINE_NAMES
+
+    return (f"use a tiny model ({', '.join(PIPELINE_NAMES)}; offline), a local pipeline folder or a hub id such as "
+            "Wan-AI/Wan2.1-T2V-1.3B-Diffusers (needs network access, or a copy in the Hugging Face cache)")
+
+
+def _dense_with_sparsity(args) -> bool:
+    from ..methods.base import parse_spec
+
+    try:
+        name, overrides = parse_spec(args.method)
+    except ValueError:
+        return False  # a malformed spec is reported when the method is made
+    return name == "dense" and (args.sparsity is not None or "sparsity" in overrides)
+
+
 def run(args) -> int:
-    from ..attention_processors import CaptureConfig, SparseAttnProcessor, model_family, transformers_of
-    from .generate import generate_video
     from .tiny import PIPELINE_NAMES, TINY_CALL_DEFAULTS
 
     tiny = args.model in PIPELINE_NAMES
+    # A name that is neither a tiny model, a folder nor a hub id (org/name) fails here, not after a hub look-up.
+    if not tiny and "/" not in args.model and not os.path.isdir(args.model):
+        print(f"sparsediff generate: unknown model {args.model!r}: {_model_choices()}", file=sys.stderr)
+        return 2
+    if _dense_with_sparsity(args):
+        print("sparsediff generate: --sparsity does not apply to --method dense (dense attention keeps every key "
+              "block): drop --sparsity, or choose a sparse method such as ba_att", file=sys.stderr)
+        return 2
+
+    from ..attention_processors import CaptureConfig, SparseAttnProcessor, model_family, transformers_of
+    from .generate import check_frames, generate_video
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32"))
     tiny_frames, tiny_height, tiny_width = TINY_CALL_DEFAULTS[PIPELINE_NAMES[args.model]] if tiny else (None,) * 3
@@ -169,9 +206,22 @@ def run(args) -> int:
         print(f"sparsediff generate: {err}", file=sys.stderr)
         return 2
 
-    pipe = load_pipeline(args.model, dtype, device)
-    family = model_family(transformers_of(pipe)[0])
+    try:
+        pipe = load_pipeline(args.model, dtype, device)
+    except (OSError, ValueError) as err:  # not on the hub, no network, not a pipeline folder
+        logger.info("loading %s failed", args.model, exc_info=True)  # the whole story with -v
+        reason = (str(err).strip().splitlines() or [""])[0]
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."  # hub errors run on for lines
+        print(f"sparsediff generate: cannot load {args.model!r} ({type(err).__name__}: {reason}); {_model_choices()}",
+              file=sys.stderr)
+        return 2
     kwargs = _call_kwargs(pipe, args, tiny, device)
+    try:
+        check_frames(pipe, args.frames, args.model, kwargs.get("causal_block_size"))
+    except ValueError as err:
+        print(f"sparsediff generate: {err}", file=sys.stderr)
+        return 2
+    family = model_family(transformers_of(pipe)[0])
     size = f"{args.frames}x{args.height}x{args.width}"
     print(f"{type(pipe).__name__} ({family}) on {device}, {dtype}: {size}, {args.steps} steps; {processor!r}")
 
@@ -204,9 +254,10 @@ def run(args) -> int:
 
 
 def _print_summary(report: dict, report_path: str) -> None:
-    s = report["sparse"]
+    s = report["sparse"]  # the run of --method, which may be dense
+    label = "dense: " if s["processor"]["method"] == "dense" else "sparse:"
     print(f"video: {report['video']}\nreport: {report_path}")
-    print(f"sparse: {s['denoising_seconds']:.2f} s denoising, attention {100 * s['attention_share']:.1f}% of it")
+    print(f"{label} {s['denoising_seconds']:.2f} s denoising, attention {100 * s['attention_share']:.1f}% of it")
     if "dense" in report:
         d, f = report["dense"], report["fidelity"]
         print(f"dense:  {d['denoising_seconds']:.2f} s denoising, attention {100 * d['attention_share']:.1f}% of it")

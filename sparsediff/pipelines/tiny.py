@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 FAMILIES = ("wan", "wan_i2v", "skyreels_v2", "hunyuan_video", "cogvideox", "ltx_video")
-PIPELINE_NAMES = {"tiny-wan": "wan", "tiny-skyreels": "skyreels_v2", "tiny-hunyuan": "hunyuan_video",
-                  "tiny-cogvideox": "cogvideox", "tiny-ltx": "ltx_video"}
+PIPELINE_NAMES = {"tiny-wan": "wan", "tiny-skyreels": "skyreels_v2", "tiny-skyreels-df": "skyreels_v2_df",
+                  "tiny-hunyuan": "hunyuan_video", "tiny-cogvideox": "cogvideox", "tiny-ltx": "ltx_video"}
+DF_CAUSAL_BLOCK = 2  # latent frames per causal block of tiny-skyreels-df: a few blocks in a short video
 TEXT_DIM = 16
 
 TRANSFORMER_CONFIGS = {
@@ -127,8 +128,9 @@ def _wan_vae():
 
 
 def tiny_pipeline(name: str, seed: int = 0):
-    """A whole random-weight pipeline: ``"tiny-wan"``, ``"tiny-skyreels"``, ``"tiny-hunyuan"``,
-    ``"tiny-cogvideox"`` or ``"tiny-ltx"``."""
+    """A whole random-weight pipeline: ``"tiny-wan"``, ``"tiny-skyreels"``, ``"tiny-skyreels-df"`` (SkyReels-V2
+    diffusion forcing: block-causal, where FlashBlock applies), ``"tiny-hunyuan"``, ``"tiny-cogvideox"`` or
+    ``"tiny-ltx"``."""
     import diffusers
 
     family = PIPELINE_NAMES.get(name, name)
@@ -145,6 +147,8 @@ def tiny_pipeline(name: str, seed: int = 0):
                                                                                         use_flow_sigmas=True,
                                                                                         prediction_type="flow_prediction"),
                                             transformer=tiny_transformer("skyreels_v2", seed))
+    if family == "skyreels_v2_df":
+        return diffusers.SkyReelsV2DiffusionForcingPipeline(**tiny_pipeline("tiny-skyreels", seed).components)
     if family == "cogvideox":
         vae = diffusers.AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
                                                norm_num_groups=2, temporal_compression_ratio=4).eval()
@@ -191,6 +195,7 @@ def _tiny_hunyuan_pipeline(tokenizer, seed):
                                           text_encoder_2=clip, tokenizer_2=tiny_tokenizer(model_max_length=77))
 
 
-# Small call defaults per tiny pipeline (frames, height, width) that every VAE accepts.
-TINY_CALL_DEFAULTS = {"wan": (9, 64, 64), "skyreels_v2": (9, 64, 64), "cogvideox": (9, 32, 32),
-                      "ltx_video": (9, 64, 64), "hunyuan_video": (9, 64, 64)}
+# Small call defaults per tiny pipeline (frames, height, width) that every VAE accepts; diffusion forcing
+# needs whole causal blocks (13 frames: 4 latent frames, two blocks).
+TINY_CALL_DEFAULTS = {"wan": (9, 64, 64), "skyreels_v2": (9, 64, 64), "skyreels_v2_df": (13, 64, 64),
+                      "cogvideox": (9, 32, 32), "ltx_video": (9, 64, 64), "hunyuan_video": (9, 64, 64)}

@@ -1,6 +1,7 @@
 """``sparsediff generate`` end to end on tiny random-weight pipelines (CPU)."""
 
 import json
+import re
 
 import imageio.v2 as imageio
 import pytest
@@ -15,7 +16,7 @@ def test_generate_tiny_wan_with_dense_comparison(tmp_path):
                "--dense-steps", "1", "--out", str(out), "--compare-dense", "--seed", "1"])
     assert rc == 0
     frames = imageio.mimread(str(out))
-    assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
+    assert len(frames) == 17 and frames[0].shape == (128, 128, 3)
     assert (tmp_path / "wan.dense.mp4").exists()
     report = json.loads((tmp_path / "wan.json").read_text())
     sparse, dense = report["sparse"], report["dense"]
@@ -27,9 +28,30 @@ def test_generate_tiny_wan_with_dense_comparison(tmp_path):
         assert len(run["step_seconds"]) == 3 and len(run["step_attention_seconds"]) == 3
         assert 0.0 < run["attention_share"] < 1.0
     fidelity = report["fidelity"]
-    assert len(fidelity["psnr_per_frame"]) == 9
+    assert len(fidelity["psnr_per_frame"]) == 17
     assert fidelity["psnr"] > 20.0 and 0.5 < fidelity["ssim"] <= 1.0  # sparse stays close to dense
-    assert report["speedup"]["step_median"] > 0
+    assert report["speedup"]["step_median"] > 0 and report["speedup"]["warmup_steps"] == 2
+    # The tiny defaults are long enough for the budget to bite: the sparse steps really ran sparse.
+    routes = sparse["processor"]["routes"]
+    assert routes["sparse"] > 0 and routes["dense_step"] > 0 and routes["dense_cross"] > 0
+    assert 0.4 < sparse["processor"]["realised_density"] < 0.6
+    assert fidelity["psnr"] < 200  # and the output differs from dense
+
+
+def test_report_flags_a_run_where_nothing_ran_sparse(tmp_path, capsys):
+    """FlashBlock on a model without block-causal frames has no cached prefix: every call runs dense, and the
+    report says so instead of printing a speed-up of dense over dense; identical frames give JSON null."""
+    out = tmp_path / "fb.mp4"
+    rc = main(["generate", "--model", "tiny-wan", "--method", "flashblock", "--steps", "2", "--out", str(out),
+               "--compare-dense", "--warmup-steps", "0"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"\b0 of \d+ routed attention calls ran flashblock", printed) and "no cached prefix" in printed
+    assert "warning: no attention call ran flashblock" in printed
+    text = (tmp_path / "fb.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    report = json.loads(text)
+    assert report["fidelity"]["psnr"] is None and "identical" in report["fidelity"]["psnr_note"]
 
 
 # Every tiny model the command offers builds offline and runs (tiny-wan above).

@@ -13,6 +13,7 @@ per module (its name, the processor it replaced) lives in ``_BINDINGS``, keyed w
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -150,13 +151,30 @@ class SparseAttnProcessor:
         if self.method_name is not None and self.method.name != self.method_name:
             raise TypeError(f"{type(self).__name__} runs {self.method_name!r}, got a {self.method.name!r} config")
         self.capture = capture
+        # Attention calls of the current generation by route: "sparse", or why one ran dense.
+        self.routes: collections.Counter = collections.Counter()
+        self._routes_generation = step_state.current().generation
 
     @property
     def config(self):
         return self.method.config
 
+    def _count(self, route: str) -> None:
+        generation = step_state.current().generation
+        if generation != self._routes_generation:
+            self._routes_generation = generation
+            self.routes.clear()
+        self.routes[route] += 1
+
+    def sparse_share(self) -> float | None:
+        """Share of the current generation's routed (self- and joint-) attention calls that ran the method; None
+        before any. Cross-attention calls, dense by design, are counted in ``routes`` but not here."""
+        total = sum(n for route, n in self.routes.items() if route != "dense_cross")
+        return self.routes["sparse"] / total if total else None
+
     def describe(self) -> dict:
-        out = {"processor": type(self).__name__, **self.method.describe()}
+        out = {"processor": type(self).__name__, **self.method.describe(), "routes": dict(self.routes),
+               "sparse_share": self.sparse_share()}
         if self.capture is not None:
             out["capture"] = dataclasses.asdict(self.capture)
         return out
@@ -172,6 +190,7 @@ class SparseAttnProcessor:
         extra = (image_rotary_emb, *args) if image_rotary_emb is not None or args else ()
         plan = families.call_plan(binding.original, hidden_states, encoder_hidden_states)
         if plan is None:  # cross-attention, text-only refiners, unknown processors: untouched
+            self._count("dense_cross")
             return binding.original(attn, hidden_states, encoder_hidden_states, attention_mask, *extra, **kwargs)
 
         def route(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -181,6 +200,7 @@ class SparseAttnProcessor:
         with router:
             out = binding.original(attn, hidden_states, encoder_hidden_states, attention_mask, *extra, **kwargs)
         if router.calls == 0:
+            self._count("dense_backend")
             backend = getattr(binding.original, "_attention_backend", None)
             _warn_once(("bypass", binding.name), f"{binding.name}: attention backend {backend!r} bypasses torch SDPA, "
                        "so this layer ran dense; use the default (native) attention backend for sparse attention")
@@ -189,6 +209,7 @@ class SparseAttnProcessor:
     # -- the attention product ---------------------------------------------------------------------------
     def _route(self, layer, plan, q, k, v, attn_mask, dropout_p, is_causal, scale):
         if dropout_p:
+            self._count("dense_dropout")
             _warn_once(("dropout", layer), f"{layer}: attention dropout is on (training?), running dense")
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                   is_causal=is_causal, scale=scale)
@@ -218,6 +239,7 @@ class SparseAttnProcessor:
         blocks = _block_causal_ends(attn_mask, k.shape[2]) if not text and q.shape[2] == k.shape[2] else None
         if blocks is not None:
             return self._run_block_causal(layer, q, k, v, blocks, scale)
+        self._count("dense_mask")
         _warn_once(("mask", layer), f"{layer}: attention mask of shape {tuple(attn_mask.shape)} is neither key padding "
                    "nor block-causal; this layer runs dense")
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
@@ -227,6 +249,8 @@ class SparseAttnProcessor:
         frame_size = _frame_size(k.shape[2] - text)
         if self.capture is not None:
             self._save(name, q, k, v, frame_size, text)
+        reason = None if self.method.name == "dense" else self.method.dense_reason(q, k, causal=causal)
+        self._count("dense" if self.method.name == "dense" else reason or "sparse")
         out = self.method(q, k, v, causal=causal, scale=scale, layer=name, frame_size=frame_size, global_tokens=text)
         return out.to(q.dtype)
 

@@ -13,6 +13,7 @@ import argparse
 import inspect
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -46,9 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="a red cat walks on the beach at sunset")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--frames", type=positive_int, default=None,
-                        help="default 81 (tiny models: 9, tiny-skyreels-df: 13); Wan-style VAEs make 4k+1 frames")
-    parser.add_argument("--height", type=positive_int, default=None, help="default 480 (tiny models: 64)")
-    parser.add_argument("--width", type=positive_int, default=None, help="default 832 (tiny models: 64)")
+                        help="default 81 (tiny models: 17, tiny-cogvideox and tiny-ltx: 9, tiny-skyreels-df: 13); "
+                             "Wan-style VAEs make 4k+1 frames")
+    parser.add_argument("--height", type=positive_int, default=None,
+                        help="default 480 (tiny models: 128, tiny-cogvideox and tiny-ltx: 64)")
+    parser.add_argument("--width", type=positive_int, default=None,
+                        help="default 832 (tiny models: 128, tiny-cogvideox and tiny-ltx: 64)")
     parser.add_argument("--steps", type=positive_int, default=None, help="denoising steps; default 50 (tiny models: 4)")
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -58,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=int, default=16)
     parser.add_argument("--out", default="out.mp4", help="video path; the report goes next to it (.json)")
     parser.add_argument("--compare-dense", action="store_true", help="also run dense; report speed-up, PSNR, SSIM")
+    parser.add_argument("--warmup-steps", type=int, default=2,
+                        help="with --compare-dense: an untimed generation of this many steps per method first "
+                             "(kernel compilation, caches); 0 skips it")
     parser.add_argument("--capture-dir", default=None, help="save post-RoPE q/k/v for `sparsediff probe`")
     parser.add_argument("--capture-layers", nargs="*", default=None, help="glob patterns, e.g. 'blocks.1?.attn1'")
     parser.add_argument("--capture-steps", nargs="*", type=int, default=None)
@@ -225,6 +232,11 @@ def run(args) -> int:
     size = f"{args.frames}x{args.height}x{args.width}"
     print(f"{type(pipe).__name__} ({family}) on {device}, {dtype}: {size}, {args.steps} steps; {processor!r}")
 
+    if args.compare_dense and args.warmup_steps > 0:  # one-off costs stay out of both timed runs
+        pipe.set_progress_bar_config(desc="warm-up")
+        for proc in (processor, None):
+            warm = dict(_call_kwargs(pipe, args, tiny, device), num_inference_steps=args.warmup_steps)
+            generate_video(pipe, proc, device=device, **warm)
     pipe.set_progress_bar_config(desc=f"{processor.method.name}")
     sparse = generate_video(pipe, processor, device=device, **kwargs)
     write_video(args.out, sparse.frames, args.fps)
@@ -242,28 +254,82 @@ def run(args) -> int:
         metrics = compare_videos(dense.frames, sparse.frames, layout="thwc")
         report["dense"] = {**dense.summary(), "video": os.path.abspath(dense_path)}
         report["fidelity"] = metrics
-        # Medians over steps: the first step also pays one-off costs (kernel compilation, autotuning).
+        # Medians over steps (after the warm-up), with the quartiles of the per-step ratio as the spread.
+        n = min(len(dense.step_seconds), len(sparse.step_seconds))
+        ratios = np.array(dense.step_seconds[:n]) / np.maximum(np.array(sparse.step_seconds[:n]), 1e-12)
         report["speedup"] = {"step_median": dense.median_step_seconds / max(sparse.median_step_seconds, 1e-12),
+                             "step_ratio_quartiles": [float(x) for x in np.percentile(ratios, [25, 75])],
                              "attention_median": dense.median_attention_seconds
-                             / max(sparse.median_attention_seconds, 1e-12)}
+                             / max(sparse.median_attention_seconds, 1e-12),
+                             "warmup_steps": args.warmup_steps, "timed_steps": n}
     report_path = os.path.splitext(args.out)[0] + ".json"
     with open(report_path, "w") as f:
-        json.dump(report, f, indent=2, default=str)
+        json.dump(strict_json(report), f, indent=2, default=str, allow_nan=False)
     _print_summary(report, report_path)
     return 0
 
 
+def strict_json(value):
+    """``value`` with every non-finite float replaced by None and a sibling ``<key>_note`` saying why
+    (JSON has no Infinity or NaN; PSNR is infinite for identical frames)."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if isinstance(item, float) and not math.isfinite(item):
+                out[key] = None
+                out[f"{key}_note"] = ("identical to the reference (no difference)" if item == math.inf
+                                      else f"not finite ({item})")
+            else:
+                out[key] = strict_json(item)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [None if isinstance(x, float) and not math.isfinite(x) else strict_json(x) for x in value]
+    return value
+
+
+def describe_routes(processor: dict) -> str:
+    """One line on what ran: the share of routed attention calls that went sparse, the kept density, and the
+    reason of every dense fallback."""
+    from ..methods.base import DENSE_REASONS
+
+    routes = dict(processor.get("routes") or {})
+    cross = routes.pop("dense_cross", 0)
+    total = sum(routes.values())
+    if processor.get("method") == "dense":
+        return f"dense attention on {total} routed calls" + (f" (+{cross} cross-attention)" if cross else "")
+    sparse = routes.pop("sparse", 0)
+    text = f"{sparse} of {total} routed attention calls ran {processor.get('method')}"
+    density = processor.get("realised_density", processor.get("density"))
+    if density is not None:
+        text += f" (kept density {density:.3f})"
+    if routes:
+        why = {"dense_mask": "an unsupported mask", "dense_dropout": "dropout on",
+               "dense_backend": "an attention backend that bypasses SDPA"}
+        text += "; dense: " + ", ".join(f"{n} ({why.get(r) or DENSE_REASONS.get(r, r)})" for r, n in routes.items())
+    if cross:
+        text += f"; {cross} cross-attention calls dense by design"
+    return text
+
+
 def _print_summary(report: dict, report_path: str) -> None:
     s = report["sparse"]  # the run of --method, which may be dense
-    label = "dense: " if s["processor"]["method"] == "dense" else "sparse:"
+    method = s["processor"]["method"]
+    label = "dense: " if method == "dense" else "sparse:"
     print(f"video: {report['video']}\nreport: {report_path}")
     print(f"{label} {s['denoising_seconds']:.2f} s denoising, attention {100 * s['attention_share']:.1f}% of it")
+    print(f"        {describe_routes(s['processor'])}")
     if "dense" in report:
         d, f = report["dense"], report["fidelity"]
+        speed = report["speedup"]
         print(f"dense:  {d['denoising_seconds']:.2f} s denoising, attention {100 * d['attention_share']:.1f}% of it")
-        print(f"speed-up per step (median) {report['speedup']['step_median']:.2f}x, attention "
-              f"{report['speedup']['attention_median']:.2f}x; "
-              f"PSNR {f['psnr']:.2f} dB, SSIM {f['ssim']:.4f} vs dense")
+        psnr = "identical frames" if f["psnr"] == math.inf else f"PSNR {f['psnr']:.2f} dB, SSIM {f['ssim']:.4f}"
+        lo, hi = speed["step_ratio_quartiles"]
+        print(f"speed-up per step (median of {speed['timed_steps']} steps after {speed['warmup_steps']} warm-up) "
+              f"{speed['step_median']:.2f}x (quartiles {lo:.2f}-{hi:.2f}), attention "
+              f"{speed['attention_median']:.2f}x; {psnr} vs dense")
+        if method != "dense" and not s["processor"].get("routes", {}).get("sparse"):
+            print(f"warning: no attention call ran {method}, so both runs are dense and the speed-up is noise; "
+                  "see the reasons above")
         if str(report["model"]).startswith("tiny-"):
             print("note: tiny models attend over a few hundred tokens, where choosing blocks costs more than it "
                   "saves; the speed-ups come at long sequences (e.g. 32k tokens for 81x480x832 on Wan), "

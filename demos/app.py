@@ -103,7 +103,8 @@ def _video_tab():
                               info="FlashBlock needs a block-causal model (tiny-skyreels-df)")
             with gr.Row():
                 sparsity = gr.Number(0.5, label="Sparsity", info="share of key blocks skipped, in [0, 1)")
-                beta = gr.Number(0.5, label="Beta (BA-Att)", info="variance term weight")
+                beta = gr.Number(0.5, label="Beta (BA-Att)",
+                                 info="variance weight of the paper's pooled estimate (heatmap)")
             with gr.Row():
                 norm_sort = gr.Checkbox(True, label="Norm sorting (BA-Att)")
                 seed = gr.Number(0, precision=0, label="Seed")
@@ -133,17 +134,22 @@ def _video_tab():
 
 def _text_tab():
     models = available_models()
+    try:  # start with a prompt that runs as it is: a needle in a haystack
+        first_prompt, first_answer = needle_prompt(1024, 0)
+    except Exception:  # noqa: BLE001 -- the button still offers it
+        first_prompt, first_answer = "", ""
     with gr.Row():
         with gr.Column(scale=1):
             model = gr.Dropdown(models, value=models[0], allow_custom_value=True, label="Model",
                                 info=f"{DIFFUSION_LM}: block diffusion (all methods); causal LMs: BA-Att, SparseD")
-            context = gr.Textbox(label="Long context (prompt)", lines=8, max_lines=16, elem_id="text-context",
+            context = gr.Textbox(first_prompt, label="Long context (prompt)", lines=8, max_lines=16,
+                                 elem_id="text-context",
                                  placeholder="Paste a long text, or insert a needle-in-a-haystack prompt below")
             with gr.Row():
                 needle_tokens = gr.Number(1024, precision=0, label="Needle prompt length (tokens)")
                 needle_seed = gr.Number(0, precision=0, label="Needle seed")
             needle = gr.Button("Insert needle-in-a-haystack prompt", elem_id="text-needle")
-            expected = gr.Textbox(label="Expected answer (needle)", interactive=False)
+            expected = gr.Textbox(first_answer, label="Expected answer (needle)", interactive=False)
             method = gr.Radio(list(TEXT_METHODS), value="LoSA" if DIFFUSION_LM in models else "BA-Att",
                               label="Sparse method")
             with gr.Row():
@@ -157,7 +163,8 @@ def _text_tab():
                 run = gr.Button("Generate", variant="primary", elem_id="text-generate")
                 stop = gr.Button("Stop", variant="stop", elem_id="text-stop")
         with gr.Column(scale=2):
-            status = gr.Markdown("Insert a needle prompt, then Generate.", elem_id="text-status")
+            status = gr.Markdown("Press Generate (a needle prompt is filled in; paste your own text to replace it).",
+                                 elem_id="text-status")
             with gr.Row():
                 dense_answer = gr.Textbox(label="Dense answer", lines=4, elem_id="dense-answer")
                 sparse_answer = gr.Textbox(label="Sparse answer", lines=4, elem_id="sparse-answer")

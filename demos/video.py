@@ -223,18 +223,25 @@ def _result(req, dense, sparse, metrics, dense_path, sparse_path, heatmap, proce
     speedup = dense_s / max(sparse_s, 1e-12)
     rows = [[i, round(d, 4), round(s, 4), round(d / max(s, 1e-12), 2)]
             for i, (d, s) in enumerate(zip(dense.step_seconds, sparse.step_seconds))]
+    from sparsediff.pipelines.generate_cli import describe_routes, strict_json
+
+    described = processor.describe()
+    step_speedup = dense.median_step_seconds / max(sparse.median_step_seconds, 1e-12)
     timing = (f"**Dense**: {seconds(dense_s)} denoising ({seconds(dense.total_seconds)} total), attention "
               f"{100 * dense.attention_share:.0f}%  \n"
               f"**{req.method}**: {seconds(sparse_s)} denoising ({seconds(sparse.total_seconds)} total), attention "
-              f"{100 * sparse.attention_share:.0f}%  \n"
-              f"**Speed-up**: {speedup:.2f}x denoising, "
-              f"{dense.median_step_seconds / max(sparse.median_step_seconds, 1e-12):.2f}x median step")
+              f"{100 * sparse.attention_share:.0f}%; {describe_routes(described)}  \n"
+              f"**Speed-up per step** (median): {step_speedup:.2f}x; over the whole denoising {speedup:.2f}x "
+              "(it includes the first steps' one-off kernel compilation)")
+    if not described.get("routes", {}).get("sparse"):
+        timing += f"  \n**No attention call ran {req.method}**: both runs are dense, the speed-up is noise."
     psnr = "identical (inf dB)" if np.isinf(metrics["psnr"]) else f"{metrics['psnr']:.2f} dB"
     quality = f"**PSNR** {psnr} · **SSIM** {metrics['ssim']:.4f} (sparse vs dense, same seed)"
     if heatmap is not None:
         quality += f"  \nHeatmap: `{layer}`, head {req.head}, BA-Att selection at sparsity {req.sparsity:g}"
     report = {"request": dataclasses.asdict(req), "dense": dense.summary(), "sparse": sparse.summary(),
-              "speedup": speedup, "fidelity": metrics, "processor": processor.describe()}
+              "speedup": speedup, "speedup_median_step": step_speedup, "fidelity": metrics, "processor": described}
+    report = strict_json(report)  # JSON has no Infinity (PSNR of identical frames)
     return VideoResult(dense_path, sparse_path, heatmap, timing, quality, rows, report)
 
 

@@ -180,3 +180,27 @@ def test_clear_errors(tmp_path, capsys):
     assert "unknown method 'no_such_method'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "nonsense"])
+
+
+def test_summary_says_what_ran_sparse_and_flags_methods_that_never_did(tmp_path):
+    """Routes recorded per batch add up per method; a method whose calls all ran dense gets its speed-up in
+    brackets and a sentence saying why, instead of a plain speed-up."""
+    from sparsediff.eval.records import RecordWriter
+    from sparsediff.eval.runner import results_path, write_summary
+
+    def write(method, routes, latency):
+        with RecordWriter(results_path(tmp_path, method)) as w:
+            for i in range(2):
+                w.write({"id": str(i), "method": method, "prediction": "x", "parsed": "x", "answer": "x",
+                         "score": 1.0, "correct": True, "latency_s": latency, "routes": routes if i == 0 else {},
+                         "meta": {}})
+
+    write("dense", {}, 1.0)
+    write("ba_att:0.5", {"sparse": 30, "dense_decode": 90}, 0.5)
+    write("sparsed:0.5", {"dense_no_steps": 30, "dense_decode": 90}, 0.9)
+    summary = write_summary(tmp_path, "ruler")
+    assert summary["methods"]["ba_att:0.5"]["sparse_share"] == 0.25
+    assert summary["methods"]["sparsed:0.5"]["sparse_share"] == 0.0
+    md = (tmp_path / "summary.md").read_text()
+    assert "| 30/120 (dense: decode 90) |" in md
+    assert "(1.11×)" in md and "No attention call ran sparse for sparsed:0.5" in md

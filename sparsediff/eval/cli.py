@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 QA_BENCHMARKS = ("videomme", "realworldqa", "ruler")
 TINY_MODELS = ("fake", "tiny-qwen2", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
+# Tiny models' prompts are a few hundred to a thousand tokens: small blocks and no length floor, so methods act.
+TINY_METHOD_DEFAULTS = {"block_size": 16, "min_seq_len": 0}
 
 
 def _common(p, default_methods="dense,ba_att:0.5") -> None:
@@ -248,13 +250,17 @@ def build_runner(args):
         from .tiny import tiny_qwen2
 
         model, tok = tiny_qwen2()
-        return models.CausalLMRunner(model=model, tokenizer=tok, batch_size=args.batch_size,
-                                     chat_template=not getattr(args, "no_chat_template", False))
+        runner = models.CausalLMRunner(model=model, tokenizer=tok, batch_size=args.batch_size,
+                                       chat_template=not getattr(args, "no_chat_template", False))
+        runner.method_defaults = dict(TINY_METHOD_DEFAULTS)
+        return runner
     if args.model in ("tiny-qwen2-vl", "tiny-qwen2.5-vl"):
         from .tiny import tiny_qwen2_5_vl
 
         model, processor = tiny_qwen2_5_vl()
-        return models.VLMRunner(model=model, processor=processor, batch_size=args.batch_size)
+        runner = models.VLMRunner(model=model, processor=processor, batch_size=args.batch_size)
+        runner.method_defaults = dict(TINY_METHOD_DEFAULTS)
+        return runner
     if kind == "causal":
         return models.CausalLMRunner(args.model, chat_template=not getattr(args, "no_chat_template", False), **common)
     return models.VLMRunner(args.model, **common)

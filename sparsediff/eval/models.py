@@ -31,6 +31,8 @@ class ModelRunner:
 
     model = None
     max_batch_size = 1  # how many prepared samples one generate call may take
+    # Config fields every method of this runner gets unless its spec sets them (tiny models: short sequences).
+    method_defaults: dict = {}
 
     def __init__(self):
         self._methods: dict[str, object] = {}
@@ -56,8 +58,11 @@ class ModelRunner:
     def _method(self, spec):
         if spec not in self._methods:  # one object per spec: its per-layer caches survive across batches
             from ..methods import make_method
+            from ..methods.base import parse_spec
 
-            self._methods[spec] = make_method(spec)
+            _, own = parse_spec(spec)
+            defaults = {k: v for k, v in self.method_defaults.items() if k not in own}
+            self._methods[spec] = make_method(spec, **defaults)
         return self._methods[spec]
 
     def _enable(self, spec) -> None:

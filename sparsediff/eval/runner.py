@@ -91,13 +91,15 @@ def run_benchmark(benchmark, runner, methods, out_dir, *, limit=None, shard=(0, 
                 if not need:
                     continue
                 runner.set_method(method)
-                for chunk in _answer_chunks(runner, need, batch):
-                    for item, text, latency in chunk:
+                for chunk, routes in _answer_chunks(runner, need, batch):
+                    for position, (item, text, latency) in enumerate(chunk):
                         parsed, score = benchmark.score(item.sample, text)
                         writers[method].write({
                             "id": item.sample.id, "method": method, "prediction": text, "parsed": parsed,
                             "answer": item.sample.answer, "score": float(score), "correct": float(score) >= 1.0,
                             "latency_s": round(latency, 6),
+                            # The batch's attention calls, on its first record only (summed per method).
+                            "routes": routes if position == 0 else {},
                             "meta": {k: item.sample.meta[k] for k in benchmark.group_fields if k in item.sample.meta},
                         })
                     if bar is not None:
@@ -111,13 +113,28 @@ def run_benchmark(benchmark, runner, methods, out_dir, *, limit=None, shard=(0, 
     return write_summary(out_dir, benchmark.name, methods, benchmark.group_fields)
 
 
+def _route_counts():
+    """The transformers hook's route counter, or None where the hooks are not loaded (no transformers model)."""
+    import sys
+
+    hook = sys.modules.get("sparsediff.hooks.attention")
+    return None if hook is None else hook.route_counts
+
+
 def _answer_chunks(runner, items, batch):
+    """``(answers, routes)`` per batch: routes are the attention calls of that batch by route (sparse, or
+    why they ran dense), counted by the transformers hooks; {} when nothing went through them."""
     from .models import time_batch
 
     for start in range(0, len(items), batch):
         part = items[start:start + batch]
+        counts = _route_counts()
+        if counts is not None:
+            counts.clear()
         texts, latency = time_batch(runner, part)
-        yield [(item, text, latency) for item, text in zip(part, texts)]
+        counts = _route_counts()
+        routes = dict(counts) if counts is not None else {}
+        yield [(item, text, latency) for item, text in zip(part, texts)], routes
 
 
 def _write_run_info(out_dir: Path, benchmark, methods, run_info) -> None:
@@ -171,7 +188,14 @@ def summarize(results: dict[str, list[dict]], group_fields=()) -> dict:
         shared = [r for r in records if r["id"] in base]
         base_shared = [base[r["id"]] for r in shared]
         lat, base_lat = _mean(r["latency_s"] for r in shared), _mean(r["latency_s"] for r in base_shared)
+        routes: dict = {}
+        for r in records:
+            for route, n in (r.get("routes") or {}).items():
+                routes[route] = routes.get(route, 0) + n
+        calls = sum(routes.values())
         rows[method] = {
+            "routes": routes, "sparse_share": (routes.get("sparse", 0) + routes.get("sparse_padded", 0)) / calls
+            if calls else None,
             "n": len(records), "accuracy": accuracy(records), "n_shared": len(shared),
             "accuracy_shared": accuracy(shared) if shared else None,
             "delta_vs_dense": accuracy(shared) - accuracy(base_shared) if shared else None,
@@ -196,6 +220,16 @@ def _fmt(value, spec=".2f", suffix=""):
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _ran_sparse(method, row) -> str:
+    routes = dict(row.get("routes") or {})
+    total = sum(routes.values())
+    if method == BASELINE or not total:
+        return "–"
+    sparse = routes.pop("sparse", 0) + routes.pop("sparse_padded", 0)
+    dense = ", ".join(f"{r.removeprefix('dense_')} {n}" for r, n in sorted(routes.items(), key=lambda x: -x[1]))
+    return f"{sparse}/{total}" + (f" (dense: {dense})" if dense else "")
+
+
 _DURATIONS = {"short": 0, "medium": 1, "long": 2}
 
 
@@ -207,13 +241,21 @@ def _group_order(g: str):
 def markdown_table(summary: dict) -> str:
     rows = summary["methods"]
     lines = [f"## {summary['benchmark']}: sparse vs dense", "",
-             "| method | n | accuracy (%) | Δ vs dense (pts) | latency / sample (s) | speedup |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| method | n | accuracy (%) | Δ vs dense (pts) | latency / sample (s) | speedup | calls sparse |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    flagged = []
     for method, r in rows.items():
+        ran, speed = _ran_sparse(method, r), _fmt(r["speedup_vs_dense"], ".2f", "×")
+        if method != BASELINE and r.get("sparse_share") == 0:
+            speed = f"({speed})"
+            flagged.append(method)
         lines.append(f"| {method} | {r['n']} | {_fmt(r['accuracy'])} | {_fmt(r['delta_vs_dense'], '+.2f')} | "
-                     f"{_fmt(r['latency_s'], '.3f')} | {_fmt(r['speedup_vs_dense'], '.2f', '×')} |")
+                     f"{_fmt(r['latency_s'], '.3f')} | {speed} | {ran} |")
     lines.append("")
     lines.append("Δ and speedup are computed on the samples both the method and dense have answered.")
+    if flagged:
+        lines.append(f"No attention call ran sparse for {', '.join(flagged)} (see the dense reasons): their "
+                     "answers and times are dense ones, the speed-up in brackets is noise.")
     group_fields = next(iter(rows.values()), {}).get("groups", {}).keys() if rows else []
     for field in group_fields:
         groups = sorted({g for r in rows.values() for g in r["groups"].get(field, {})}, key=_group_order)

@@ -223,7 +223,8 @@ def _result(req, dense, sparse, metrics, dense_path, sparse_path, heatmap, proce
     speedup = dense_s / max(sparse_s, 1e-12)
     rows = [[i, round(d, 4), round(s, 4), round(d / max(s, 1e-12), 2)]
             for i, (d, s) in enumerate(zip(dense.step_seconds, sparse.step_seconds))]
-    from sparsediff.pipelines.generate_cli import describe_routes, strict_json
+    from sparsediff.eval.records import strict_json
+    from sparsediff.pipelines.generate_cli import describe_routes
 
     described = processor.describe()
     step_speedup = dense.median_step_seconds / max(sparse.median_step_seconds, 1e-12)

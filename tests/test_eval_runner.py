@@ -152,7 +152,8 @@ def test_video_fidelity_with_tiny_wan(tmp_path):
     assert main(args) == 0
     dense, sparse = read_records(out / "dense.jsonl"), read_records(out / "ba_att-0.5.jsonl")
     assert [r["id"] for r in dense] == ["p000-a-red-fox-running", "p001-waves-at-sunset"]
-    assert dense[0]["psnr"] == float("inf") and dense[0]["ssim"] == pytest.approx(1.0)
+    assert dense[0]["psnr"] is None and "identical" in dense[0]["psnr_note"]  # strict JSON: no Infinity
+    assert dense[0]["ssim"] == pytest.approx(1.0)
     assert dense[0]["latent_rel_l2_per_step"] == [0.0, 0.0, 0.0]
     for r in sparse:
         assert len(r["psnr_per_frame"]) == r["frames"] == 5 and len(r["latent_rel_l2_per_step"]) == 3
@@ -204,3 +205,18 @@ def test_summary_says_what_ran_sparse_and_flags_methods_that_never_did(tmp_path)
     md = (tmp_path / "summary.md").read_text()
     assert "| 30/120 (dense: decode 90) |" in md
     assert "(1.11×)" in md and "No attention call ran sparse for sparsed:0.5" in md
+
+
+def test_video_fidelity_tiny_defaults_run_without_sizes(tmp_path):
+    """`eval video-fidelity --model tiny-wan` with no sizes uses the tiny size (it used to crash on 480x832),
+    warms up before timing, and writes strict JSON."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox\n")
+    out = tmp_path / "vf"
+    assert main(["eval", "video-fidelity", "--model", "tiny-wan", "--methods", "ba_att:0.5", "--prompts", str(prompts),
+                 "--steps", "2", "--out", str(out), "--no-progress", "--no-videos"]) == 0
+    sparse = read_records(out / "ba_att-0.5.jsonl")[0]
+    assert sparse["frames"] == 17 and sparse["size"] == [128, 128]
+    assert 0 < sparse["psnr"] < 200  # the tiny size is long enough for the budget to change the video
+    for path in out.glob("*.json*"):
+        assert "Infinity" not in path.read_text()

@@ -87,10 +87,13 @@ def add_arguments(parser) -> None:
     p = sub.add_parser("video-fidelity", help="dense vs sparse videos of a diffusers pipeline: PSNR/SSIM/LPIPS")
     _common(p)
     p.add_argument("--prompts", default="eval/prompts/video_prompts.txt", help="one prompt per line")
-    p.add_argument("--num-frames", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--num-frames", type=_positive_int, default=None,
+                   help="default: the pipeline's (tiny models: the size `sparsediff generate` uses)")
+    p.add_argument("--height", type=_positive_int, default=None)
+    p.add_argument("--width", type=_positive_int, default=None)
+    p.add_argument("--steps", type=_positive_int, default=None, help="default 50 (tiny models: 4)")
+    p.add_argument("--warmup-steps", type=int, default=2,
+                   help="an untimed generation of this many steps per method first (compilation, caches); 0: none")
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload (less GPU memory)")
@@ -288,10 +291,19 @@ def _run_video_fidelity(args) -> int:
     _check_methods(methods, args.model)
     prompts = read_prompts(args.prompts)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    method_defaults = {}
     if args.model.startswith("tiny-"):
-        from ..pipelines.tiny import tiny_pipeline
+        from ..pipelines.generate_cli import TINY_METHOD_DEFAULTS
+        from ..pipelines.tiny import PIPELINE_NAMES, TINY_CALL_DEFAULTS, tiny_pipeline
 
+        if args.model not in PIPELINE_NAMES:
+            raise ValueError(f"unknown tiny video model {args.model!r}; tiny video models: {', '.join(PIPELINE_NAMES)}")
         pipe = tiny_pipeline(args.model)
+        frames, height, width = TINY_CALL_DEFAULTS[PIPELINE_NAMES[args.model]]
+        args.num_frames, args.height, args.width = (args.num_frames or frames, args.height or height,
+                                                    args.width or width)
+        args.steps = args.steps or 4
+        method_defaults = dict(TINY_METHOD_DEFAULTS)
     else:
         import diffusers
 
@@ -303,12 +315,16 @@ def _run_video_fidelity(args) -> int:
         pipe.enable_model_cpu_offload()
     else:
         pipe.to(device)
+    args.steps = args.steps or 50
     runner = PipelineRunner(pipe, num_frames=args.num_frames, height=args.height, width=args.width, steps=args.steps,
-                            guidance_scale=args.guidance_scale, seed=args.seed, device=device)
+                            guidance_scale=args.guidance_scale, seed=args.seed, device=device,
+                            method_defaults=method_defaults)
     summary_dir = Path(args.out)
     run_video_fidelity(runner, prompts, methods, summary_dir, limit=args.limit, shard=parse_shard(args.shard),
                        lpips_device=device, save_videos=not args.no_videos, progress=not args.no_progress,
-                       run_info={"model": args.model, "prompts": args.prompts, "seed": args.seed, "steps": args.steps})
+                       warmup_steps=args.warmup_steps,
+                       run_info={"model": args.model, "prompts": args.prompts, "seed": args.seed, "steps": args.steps,
+                                 "size": [args.num_frames, args.height, args.width]})
     print((summary_dir / "summary.md").read_text())
     return 0
 

@@ -6,10 +6,29 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+
+def strict_json(value):
+    """``value`` with every non-finite float replaced by None and a sibling ``<key>_note`` saying why
+    (JSON has no Infinity or NaN; PSNR is infinite for identical frames)."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if isinstance(item, float) and not math.isfinite(item):
+                out[key] = None
+                out[f"{key}_note"] = ("identical to the reference (no difference)" if item == math.inf
+                                      else f"not finite ({item})")
+            else:
+                out[key] = strict_json(item)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [None if isinstance(x, float) and not math.isfinite(x) else strict_json(x) for x in value]
+    return value
 
 
 def read_records(path) -> list[dict]:
@@ -64,7 +83,7 @@ class RecordWriter:
         key = str(record[self.id_key])
         if key in self.done:  # never write an id twice, even if a caller asks
             return
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.write(json.dumps(strict_json(record), ensure_ascii=False, allow_nan=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
         self.done.add(key)

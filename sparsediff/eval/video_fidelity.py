@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .records import RecordWriter
+from .records import RecordWriter, strict_json
 from .runner import BASELINE, _progress, load_results, method_slug, parse_methods, results_path, select, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ def frame_scores(frames, reference) -> tuple[list[float], list[float]]:
 
 
 def _finite_mean(values):
-    values = [v for v in values if np.isfinite(v)]
+    """Mean of the finite values; inf when there are none (identical frames: strict JSON writes null + a note)."""
+    values = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(values)) if values else float("inf")
 
 
@@ -103,7 +104,7 @@ class PipelineRunner:
     """Runs a diffusers video pipeline with fixed settings, capturing latents at each step's end."""
 
     def __init__(self, pipe, *, num_frames=None, height=None, width=None, steps=50, guidance_scale=None,
-                 seed=0, device=None, extra=None, enable=None, disable=None):
+                 seed=0, device=None, extra=None, enable=None, disable=None, method_defaults=None):
         self.pipe = pipe
         self.kwargs = {k: v for k, v in dict(num_frames=num_frames, height=height, width=width,
                                               num_inference_steps=steps, guidance_scale=guidance_scale).items()
@@ -112,6 +113,7 @@ class PipelineRunner:
         self.seed, self.device = seed, device
         self._enable, self._disable = enable, disable
         self._methods, self.active = {}, None
+        self.method_defaults = dict(method_defaults or {})  # config fields a spec does not set itself
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)  # our own bar counts prompts x methods
 
@@ -125,9 +127,26 @@ class PipelineRunner:
             self.active = None
         if spec != BASELINE:
             if spec not in self._methods:
-                self._methods[spec] = sparsediff.make_method(spec)
+                from ..methods.base import parse_spec
+
+                own = parse_spec(spec)[1]
+                self._methods[spec] = sparsediff.make_method(
+                    spec, **{k: v for k, v in self.method_defaults.items() if k not in own})
             (self._enable or sparsediff.enable)(self.pipe, self._methods[spec])
             self.active = spec
+
+    def warmup(self, prompt: str, steps: int) -> None:
+        """An untimed generation of ``steps`` steps with the active method: kernel compilation and caches stay
+        out of the timed runs."""
+        saved = self.kwargs.get("num_inference_steps")
+        self.kwargs["num_inference_steps"] = steps
+        try:
+            self.generate(prompt)
+        finally:
+            if saved is None:
+                self.kwargs.pop("num_inference_steps")
+            else:
+                self.kwargs["num_inference_steps"] = saved
 
     def generate(self, prompt: str):
         """(frames uint8 (T, H, W, 3), latents per step on CPU, seconds)."""
@@ -178,7 +197,7 @@ def save_video(frames: np.ndarray, path: Path, fps: int = 16) -> None:
 
 
 def run_video_fidelity(runner: PipelineRunner, prompts, methods, out_dir, *, limit=None, shard=(0, 1),
-                       lpips_device="cpu", save_videos=True, progress=True, run_info=None) -> dict:
+                       lpips_device="cpu", save_videos=True, progress=True, run_info=None, warmup_steps=0) -> dict:
     methods = parse_methods(methods)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,6 +209,11 @@ def run_video_fidelity(runner: PipelineRunner, prompts, methods, out_dir, *, lim
     done = sum(pid in writers[m].done for pid, _ in prompts for m in methods)
     bar = _progress(len(prompts) * len(methods), done, "video-fidelity", progress)
     try:
+        todo = [(pid, prompt) for pid, prompt in prompts if not all(pid in w.done for w in writers.values())]
+        if todo and warmup_steps > 0:  # one-off costs (compilation, caches) must not land in one method's time
+            for method in methods:
+                runner.set_method(method)
+                runner.warmup(todo[0][1], warmup_steps)
         for pid, prompt in prompts:
             if all(pid in w.done for w in writers.values()):
                 continue
@@ -259,8 +283,8 @@ def write_fidelity_summary(out_dir, methods) -> dict:
                         "latent_rel_l2_final": _mean_of(recs, "latent_rel_l2_final"), "latency_s": lat,
                         "speedup_vs_dense": (_mean_of(recs, "dense_latency_s") / lat) if lat else None}
     summary = {"benchmark": "video-fidelity", "baseline": BASELINE, "methods": rows}
-    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    f = lambda v, spec: "–" if v is None else ("inf" if v == float("inf") else f"{v:{spec}}")
+    write_atomic(out_dir / "summary.json", json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n")
+    f = lambda v, spec: "–" if v is None else ("inf (identical)" if v == float("inf") else f"{v:{spec}}")
     lines = ["## video fidelity: sparse vs dense (same prompt, same seed)", "",
              "| method | prompts | PSNR (dB) | SSIM | LPIPS | latent rel. L2 (last step) | latency (s) | speedup |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..cli import positive_int
+from ..eval.records import strict_json
 
 logger = logging.getLogger(__name__)
 
@@ -267,24 +268,6 @@ def run(args) -> int:
         json.dump(strict_json(report), f, indent=2, default=str, allow_nan=False)
     _print_summary(report, report_path)
     return 0
-
-
-def strict_json(value):
-    """``value`` with every non-finite float replaced by None and a sibling ``<key>_note`` saying why
-    (JSON has no Infinity or NaN; PSNR is infinite for identical frames)."""
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            if isinstance(item, float) and not math.isfinite(item):
-                out[key] = None
-                out[f"{key}_note"] = ("identical to the reference (no difference)" if item == math.inf
-                                      else f"not finite ({item})")
-            else:
-                out[key] = strict_json(item)
-        return out
-    if isinstance(value, (list, tuple)):
-        return [None if isinstance(x, float) and not math.isfinite(x) else strict_json(x) for x in value]
-    return value
 
 
 def describe_routes(processor: dict) -> str:

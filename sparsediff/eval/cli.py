@@ -19,6 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
+from ..cli import positive_int
+
 logger = logging.getLogger(__name__)
 
 QA_BENCHMARKS = ("videomme", "realworldqa", "ruler")
@@ -87,11 +89,11 @@ def add_arguments(parser) -> None:
     p = sub.add_parser("video-fidelity", help="dense vs sparse videos of a diffusers pipeline: PSNR/SSIM/LPIPS")
     _common(p)
     p.add_argument("--prompts", default="eval/prompts/video_prompts.txt", help="one prompt per line")
-    p.add_argument("--num-frames", type=_positive_int, default=None,
+    p.add_argument("--num-frames", type=positive_int, default=None,
                    help="default: the pipeline's (tiny models: the size `sparsediff generate` uses)")
-    p.add_argument("--height", type=_positive_int, default=None)
-    p.add_argument("--width", type=_positive_int, default=None)
-    p.add_argument("--steps", type=_positive_int, default=None, help="default 50 (tiny models: 4)")
+    p.add_argument("--height", type=positive_int, default=None)
+    p.add_argument("--width", type=positive_int, default=None)
+    p.add_argument("--steps", type=positive_int, default=None, help="default 50 (tiny models: 4)")
     p.add_argument("--warmup-steps", type=int, default=2,
                    help="an untimed generation of this many steps per method first (compilation, caches); 0: none")
     p.add_argument("--guidance-scale", type=float, default=None)
@@ -127,16 +129,6 @@ def _csv(cast, what, lo=None, hi=None):
     return parse
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _lm_quality(p) -> None:
     from .lm_quality import DEFAULT_NEEDLE_SETTINGS, DEFAULT_SETTINGS, PARTS
 
@@ -146,14 +138,14 @@ def _lm_quality(p) -> None:
     p.add_argument("--text", default="licenses",
                    help="'licenses' (/usr/share/common-licenses), 'stdlib' (Python's standard-library sources) "
                         "or a text file")
-    p.add_argument("--tokens", type=_positive_int, default=4096, help="tokens of text for attention and perplexity")
+    p.add_argument("--tokens", type=positive_int, default=4096, help="tokens of text for attention and perplexity")
     p.add_argument("--offset", type=int, default=0, help="first token of the text used")
     p.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
                    help="comma-separated method specs, e.g. ba_att, ba_att_paper, xattention/allocation=global "
                         "(grammar: name[:sparsity][/key=value]...)")
     p.add_argument("--densities", type=_csv(float, "--densities", 1e-9, 1.0), default=(0.5, 0.2),
                    help="target densities (1 - sparsity), each run for every setting without its own sparsity")
-    p.add_argument("--block-size", type=_positive_int, default=None, help="block size of every setting "
+    p.add_argument("--block-size", type=positive_int, default=None, help="block size of every setting "
                    "(default: each method's own)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--layers", type=_csv(int, "--layers", 0), default=None,

@@ -18,6 +18,7 @@ unit of work, so re-running the same command resumes), ``summary.json``, ``summa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -158,24 +159,33 @@ def run_attention(run, captures, writer, bar) -> None:
             bar.update(1)
 
 
+@contextlib.contextmanager
+def running(model, method):
+    """``model`` with ``method`` enabled (fresh state) for the block, the model's own attention after it; None
+    leaves the model as it is."""
+    from ..api import disable, enable
+
+    if method is None:
+        yield
+        return
+    method.reset()
+    enable(model, method)
+    try:
+        yield
+    finally:
+        disable(model)
+
+
 # -- perplexity ------------------------------------------------------------------------------------------------
 def perplexity_record(model, ids, method) -> dict:
     """Mean next-token loss of ``model`` on ``ids`` with ``method`` (None: the model's own attention)."""
-    from ..api import disable, enable
     from ..hooks import attention as hook
     from ..hooks.enable import attention_modules
 
     hook.reset_route_counts()
-    if method is not None:
-        method.reset()
-        enable(model, method)
     start = time.perf_counter()
-    try:
-        with torch.no_grad():
-            loss = float(model(ids.to(model.device), labels=ids.to(model.device)).loss)
-    finally:
-        if method is not None:
-            disable(model)
+    with running(model, method), torch.no_grad():
+        loss = float(model(ids.to(model.device), labels=ids.to(model.device)).loss)
     rec = {"loss": round(loss, 6), "ppl": round(math.exp(loss), 4), "seconds": round(time.perf_counter() - start, 2)}
     if method is not None:
         names = [name for name, _ in attention_modules(model)]
@@ -217,27 +227,19 @@ def needle_prompt(tokenizer, record) -> tuple[torch.Tensor, str]:
 
 
 def needle_record(model, tokenizer, record, method, max_new_tokens=16) -> dict:
-    from ..api import disable, enable
     from .scoring import string_match_all
 
     ids, _ = needle_prompt(tokenizer, record)
     answer = " " + record["outputs"][0]
     answer_ids = tokenizer(answer, add_special_tokens=False, return_tensors="pt").input_ids
-    if method is not None:
-        method.reset()
-        enable(model, method)
     start = time.perf_counter()
-    try:
-        with torch.no_grad():
-            device = model.device
-            full = torch.cat([ids, answer_ids], dim=1).to(device)
-            logits = model(full).logits[0, ids.shape[1] - 1:-1].float()
-            logprob = float(torch.log_softmax(logits, -1).gather(-1, answer_ids.to(device).T).sum())
-            gen = model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
-    finally:
-        if method is not None:
-            disable(model)
+    with running(model, method), torch.no_grad():
+        device = model.device
+        full = torch.cat([ids, answer_ids], dim=1).to(device)
+        logits = model(full).logits[0, ids.shape[1] - 1:-1].float()
+        logprob = float(torch.log_softmax(logits, -1).gather(-1, answer_ids.to(device).T).sum())
+        gen = model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
     text = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
     return {"prediction": text.strip()[:200], "found": string_match_all(text, record["outputs"]) >= 1.0,
             "answer_logprob": round(logprob, 4), "prompt_tokens": int(ids.shape[1]),

@@ -121,6 +121,15 @@ class DenseMethod(AttentionMethod):
 
 _METHODS: dict[str, type[AttentionMethod]] = {"dense": DenseMethod}
 
+def prefix_block_reason(q, k, causal) -> str | None:
+    """Why a block-diffusion method (a bidirectional active block over a cached prefix) cannot act on a call."""
+    if causal:
+        return "dense_causal"
+    if k.shape[2] <= q.shape[2]:
+        return "dense_no_prefix"
+    return None
+
+
 # Why a call ran dense attention instead of the method: the keys hosts count routes under.
 DENSE_REASONS = {
     "dense_short": "fewer keys than the method's min_seq_len",

@@ -49,7 +49,7 @@ import torch
 from ..kernels import merge_attention
 from ..kernels.prefix_merge import merge_prefix
 from . import step_cache, step_state
-from .base import AttentionMethod, MethodConfig, make_method, register_method
+from .base import AttentionMethod, MethodConfig, make_method, prefix_block_reason, register_method
 from .dense import dense_attention
 from .prefix_attention import (
     choose_splits,
@@ -189,11 +189,7 @@ class FlashBlockMethod(AttentionMethod):
         return self._cache.nbytes()
 
     def dense_reason(self, q, k, *, causal=False) -> str | None:
-        if causal:
-            return "dense_causal"
-        if k.shape[2] <= q.shape[2]:
-            return "dense_no_prefix"
-        return super().dense_reason(q, k, causal=causal)
+        return prefix_block_reason(q, k, causal) or super().dense_reason(q, k, causal=causal)
 
     def sparse_attention(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
         nq, nk = q.shape[2], k.shape[2]

@@ -71,7 +71,7 @@ from ..kernels.losa_step import (
 from ..kernels.outlier_keys import outlier_key_features
 from ..kernels.prefix_merge import merge_prefix
 from . import step_cache, step_state
-from .base import AttentionMethod, MethodConfig, register_method
+from .base import AttentionMethod, MethodConfig, prefix_block_reason, register_method
 from .dense import dense_attention
 from .flashblock import selector_config
 from .prefix_attention import (
@@ -412,11 +412,7 @@ class LoSAMethod(AttentionMethod):
                             active=entry.all_active, out_dtype=q.dtype, pack=parts.pack)
 
     def dense_reason(self, q, k, *, causal=False) -> str | None:
-        if causal:
-            return "dense_causal"
-        if k.shape[2] <= q.shape[2]:
-            return "dense_no_prefix"
-        return super().dense_reason(q, k, causal=causal)
+        return prefix_block_reason(q, k, causal) or super().dense_reason(q, k, causal=causal)
 
     def sparse_attention(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
         nq, nk = q.shape[2], k.shape[2]

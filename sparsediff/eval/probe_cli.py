@@ -84,7 +84,10 @@ def build_method(spec: str, density: float, block_size: int):
 
     name, overrides = parse_spec(spec)
     common = dict(sparsity=1.0 - density, block_size=block_size, min_seq_len=0)
-    return make_method(name, **(common | overrides))
+    method = make_method(name, **(common | overrides))
+    if getattr(method.config, "fine_block_size", None) and "fine_block_size" not in overrides:
+        method = make_method(method.config.replace(fine_block_size=None))  # --block-size is the one compared
+    return method
 
 
 def add_oracle_share(rows: list[dict]) -> None:

@@ -1,5 +1,6 @@
 """Fidelity suite: generators, capture format, metrics against explicit references, the probe CLI."""
 
+import dataclasses
 import json
 import math
 
@@ -125,9 +126,13 @@ def test_probe_cli_writes_report(tmp_path):
                               "--block-size", "64", "--out", str(tmp_path)])
     assert probe_cli.run(args) == 0
     data = json.loads((tmp_path / "results.json").read_text())
-    assert len(data["rows"]) == 2 * 3 * 2
+    # The video probe (a 2 x 16 x 16 grid) runs row-major and tiled; the clustered one has no grid.
+    assert len(data["rows"]) == (2 + 1) * 3 * 2
     assert {r["method"] for r in data["rows"]} == {"ba_att", "fixed", "ba_att/beta=0"}
-    assert "| video | ba_att |" in (tmp_path / "results.md").read_text()
+    assert {(r["probe"], r["layout"]) for r in data["rows"]} == {
+        ("video", "rowmajor"), ("video", "tiled"), ("clustered", "rowmajor")}
+    report = (tmp_path / "results.md").read_text()
+    assert "| video | rowmajor | ba_att |" in report and "| video | tiled | ba_att |" in report
     for name in ("curves_video.png", "curves_clustered.png", "sorting_video.png"):
         assert (tmp_path / name).stat().st_size > 1000
     with pytest.raises(ValueError, match="key=value"):
@@ -156,3 +161,38 @@ def test_probe_report_gives_recall_as_a_share_of_the_oracle(tmp_path):
               "rel_l2": 0.1, "cosine": 0.99}]
     probe_cli.add_oracle_share(plain)
     assert plain[0]["recall_of_oracle"] is None and "oracle" not in probe_cli.markdown_table(plain)
+
+
+def test_probe_cli_grid_tile_and_layouts(tmp_path, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    probe_cli.add_arguments(parser)
+    args = parser.parse_args(["--generators", "video", "--grid", "3x8x12", "--tile", "1x4x4", "--layouts", "tiled",
+                              "--methods", "oracle,ba_att", "--densities", "0.5", "--heads", "1", "--dim", "24",
+                              "--block-size", "16", "--out", str(tmp_path), "--no-plots"])
+    assert probe_cli.run(args) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["layout"] for r in rows} == {"tiled"} and all(r["n"] == 3 * 8 * 12 for r in rows)
+    assert all(tuple(r["grid"]) == (3, 8, 12) and tuple(r["tile"]) == (1, 4, 4) for r in rows)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--grid", "3x8"])
+    assert "FxHxW" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--layouts", "zorder"])
+
+
+def test_capture_grid_round_trip_and_tiled_metrics_match_a_permuted_probe(tmp_path):
+    from sparsediff.methods.token_layout import make_layout
+
+    p = make_probe("video", heads=2, dim=24, grid=(2, 8, 16))
+    save_qkv(tmp_path / "g.safetensors", p.q, p.k, p.v, grid="2x8x16")
+    (loaded,) = load_qkv(tmp_path / "g.safetensors")
+    assert loaded.grid == (2, 8, 16)
+    tiles = make_layout(p.grid, 32)
+    method = probe_cli.build_method("oracle", 0.5, 32)
+    via_tiles = evaluate(method, p, tiles=tiles)
+    permuted = dataclasses.replace(p, q=tiles.permute(p.q), k=tiles.permute(p.k), v=tiles.permute(p.v))
+    direct = evaluate(method, permuted)
+    for key in ("recall", "rel_l2", "density"):
+        assert via_tiles[key] == pytest.approx(direct[key], rel=1e-5)

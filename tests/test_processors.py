@@ -29,6 +29,7 @@ ROUTED = {
     "ltx_video": ({"transformer_blocks.0.attn1", "transformer_blocks.1.attn1"}, 0),
 }
 FRAME_SIZE = {"ltx_video": 256}  # LTX tokens are already patches; the others patch 16x16 latents by 2x2
+GRID = {"ltx_video": (3, 16, 16)}  # (latent frames, rows, cols) after patching; the others (3, 8, 8)
 
 
 @dataclasses.dataclass
@@ -44,13 +45,17 @@ class RecordingMethod(AttentionMethod):
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
-        self.calls = []
+        self.calls, self.grids = [], []
+
+    def token_layout(self, q, k, *, causal, grid, global_tokens):
+        self.grids.append(grid)
+        return super().token_layout(q, k, causal=causal, grid=grid, global_tokens=global_tokens)
 
     def sparse_attention(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
         state = step_state.current()
         self.calls.append(dict(layer=layer, q=tuple(q.shape), k=tuple(k.shape), frame_size=frame_size,
                                global_tokens=global_tokens, step=state.step, total=state.total_steps))
-        return dense_attention(q, k, v, causal=causal, scale=scale)
+        return dense_attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
 
 
 @dataclasses.dataclass
@@ -110,7 +115,7 @@ def test_routes_self_and_joint_attention_only(models, family):
     model = models[family]
     kwargs = tiny_inputs(family, model)
     reference = _forward(model, kwargs)
-    method = RecordingMethod(min_seq_len=0)
+    method = RecordingMethod(min_seq_len=0, layout="rowmajor")
     out = _forward_with(model, kwargs, method)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
     layers, text = ROUTED[family]
@@ -120,6 +125,24 @@ def test_routes_self_and_joint_attention_only(models, family):
         assert call["global_tokens"] == text
         assert call["k"][2] == video_tokens + text
         assert call["frame_size"] == FRAME_SIZE.get(family, 64)
+    assert set(method.grids) == {GRID.get(family, (3, 8, 8))}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiled_layout_is_exact_and_reaches_every_family(models, family):
+    """Tiles (with global text tokens kept first) reorder q/k/v and undo it on the output: keep-all equals the
+    model's own attention, and the method sees tile-sized sort segments."""
+    model = models[family]
+    kwargs = tiny_inputs(family, model)
+    reference = _forward(model, kwargs)
+    method = RecordingMethod(min_seq_len=0, layout="tiled", tile=(2, 4, 2), block_size=16)
+    torch.testing.assert_close(_forward_with(model, kwargs, method), reference, atol=1e-5, rtol=1e-5)
+    assert method.calls and all(c["frame_size"] == 16 for c in method.calls)
+    sparsediff.enable(model, "ba_att", layout="tiled", tile=(2, 4, 2), **KEEP_ALL)
+    try:
+        torch.testing.assert_close(_forward(model, kwargs), reference, atol=1e-5, rtol=1e-5)
+    finally:
+        sparsediff.disable(model)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

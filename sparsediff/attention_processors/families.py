@@ -85,8 +85,8 @@ def model_family(model) -> str:
     return FAMILY_OF_MODEL.get(type(model).__name__, type(model).__name__)
 
 
-def frame_geometry(model, args, kwargs) -> tuple[int, int] | None:
-    """(latent frames after patching, tokens per latent frame) of one transformer call."""
+def frame_geometry(model, args, kwargs) -> tuple[int, int, int] | None:
+    """(latent frames, rows, cols) of the video tokens of one transformer call, after patching."""
     hidden = kwargs.get("hidden_states", args[0] if args else None)
     if hidden is None or not hasattr(hidden, "shape"):
         return None
@@ -102,4 +102,4 @@ def frame_geometry(model, args, kwargs) -> tuple[int, int] | None:
         frames, height, width = kwargs["num_frames"], kwargs["height"], kwargs["width"]  # LTX: packed tokens
     else:
         return None
-    return (int(frames) + pt - 1) // pt, (int(height) // ph) * (int(width) // pw)
+    return (int(frames) + pt - 1) // pt, int(height) // ph, int(width) // pw

@@ -34,9 +34,10 @@ from . import families
 
 logger = logging.getLogger(__name__)
 
-# Latent geometry of the transformer call in flight: (latent frames, tokens per frame), set by the
+# Latent grid of the transformer call in flight: (latent frames, rows, cols) after patching, set by the
 # forward pre-hook that ``enable_diffusers`` installs.
-GEOMETRY: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("sparsediff_geometry", default=None)
+GEOMETRY: contextvars.ContextVar[tuple[int, int, int] | None] = contextvars.ContextVar("sparsediff_geometry",
+                                                                                       default=None)
 # Attention timer of ``attention_timer()``: seconds spent inside routed attention calls.
 _TIMER: contextvars.ContextVar[list | None] = contextvars.ContextVar("sparsediff_attn_timer", default=None)
 
@@ -246,12 +247,14 @@ class SparseAttnProcessor:
 
     def _run(self, layer, q, k, v, causal, scale, text, name=None):
         name = name or layer
-        frame_size = _frame_size(k.shape[2] - text)
+        grid = _grid(k.shape[2] - text)
+        frame_size = grid[1] * grid[2] if grid else None
         if self.capture is not None:
-            self._save(name, q, k, v, frame_size, text)
+            self._save(name, q, k, v, frame_size, text, grid)
         reason = None if self.method.name == "dense" else self.method.dense_reason(q, k, causal=causal)
         self._count("dense" if self.method.name == "dense" else reason or "sparse")
-        out = self.method(q, k, v, causal=causal, scale=scale, layer=name, frame_size=frame_size, global_tokens=text)
+        out = self.method(q, k, v, causal=causal, scale=scale, layer=name, frame_size=frame_size, global_tokens=text,
+                          grid=grid)
         return out.to(q.dtype)
 
     def _run_padded(self, layer, q, k, v, keep, causal, scale, text):
@@ -280,7 +283,7 @@ class SparseAttnProcessor:
             start = end
         return torch.cat(outs, dim=2)
 
-    def _save(self, layer, q, k, v, frame_size, text):
+    def _save(self, layer, q, k, v, frame_size, text, grid=None):
         step = step_state.current().step
         if not self.capture.wants(layer, step):
             return
@@ -290,6 +293,7 @@ class SparseAttnProcessor:
         path = os.path.join(self.capture.directory, f"{layer.replace('/', '_')}.step{step}.safetensors")
         tensors = {n: x.detach().contiguous().cpu() for n, x in (("q", q), ("k", k), ("v", v))}
         meta = {"layer": layer, "step": str(step), "frame_size": str(frame_size), "global_tokens": str(text),
+                "grid": "x".join(map(str, grid)) if grid else "",
                 "generation": str(step_state.current().generation)}
         save_file(tensors, path, metadata=meta)
 
@@ -344,12 +348,12 @@ def _block_causal_ends(mask, n):
     return _BLOCK_CACHE[key]
 
 
-def _frame_size(video_tokens: int) -> int | None:
-    geometry = GEOMETRY.get()
-    if geometry is None:
+def _grid(video_tokens: int) -> tuple[int, int, int] | None:
+    """The call's latent grid when its video tokens fill it (self-attention over the whole clip), else None."""
+    grid = GEOMETRY.get()
+    if grid is None or not all(grid) or video_tokens != grid[0] * grid[1] * grid[2]:
         return None
-    frames, per_frame = geometry
-    return per_frame if per_frame and video_tokens == frames * per_frame else None
+    return grid
 
 
 class BAAttProcessor(SparseAttnProcessor):

@@ -17,8 +17,8 @@ Generators (all seeded, shapes ``(B, H, N, D)``, returned as a :class:`Probe`):
 
 Captured Q/K/V (:func:`load_qkv`): a ``.safetensors`` file with tensors ``q``, ``k``, ``v`` (shapes
 ``(B, H, N, D)`` or ``(H, N, D)``), or several captures as ``<name>.q``, ``<name>.k``, ``<name>.v``.
-String metadata, all optional: ``layer``, ``step``, ``frame_size``, ``global_tokens``, ``causal``
-(``"0"``/``"1"``); per capture as ``<name>.frame_size`` etc. when several are stored.
+String metadata, all optional: ``layer``, ``step``, ``frame_size``, ``grid`` (``"FxHxW"``),
+``global_tokens``, ``causal`` (``"0"``/``"1"``); per capture as ``<name>.frame_size`` etc. when several are stored.
 
 Metrics (:func:`evaluate`), per head and averaged:
 - ``recall``: share of the true softmax mass inside the kept blocks. It equals
@@ -51,6 +51,7 @@ class Probe:
     causal: bool = False
     frame_size: int | None = None
     global_tokens: int = 0
+    grid: tuple[int, int, int] | None = None  # (frames, rows, cols) of the video tokens after the global ones
     meta: dict = dataclasses.field(default_factory=dict)
 
 
@@ -82,36 +83,45 @@ def _local_1d(gen, b, h, n, d, sharpness=10.0, noise=0.35):
     return _rotate(q, angles), _rotate(k, angles)
 
 
-def make_probe(name, *, batch=1, heads=4, n=4096, dim=64, seed=0, dtype=torch.float32) -> Probe:
+def make_probe(name, *, batch=1, heads=4, n=4096, dim=64, seed=0, dtype=torch.float32, grid=None) -> Probe:
     """A seeded synthetic probe (see the module docstring for what each generator models). Drawn on the
-    CPU (the same numbers whatever the default device), returned on the default device."""
+    CPU (the same numbers whatever the default device), returned on the default device. ``grid``
+    (frames, rows, cols) sets the video generator's latent grid (default: 16 x 16 frames, ``n`` tokens)."""
     if name not in GENERATORS:
         raise ValueError(f"unknown generator {name!r}; available: {', '.join(GENERATORS)}")
+    if grid is not None:
+        if name != "video":
+            raise ValueError(f"grid applies to the video generator only, not {name!r}")
+        if len(grid) != 3 or min(int(x) for x in grid) < 1:
+            raise ValueError(f"grid must be (frames, rows, cols) of positive ints, got {grid!r}")
+        grid = tuple(int(x) for x in grid)
+        n = math.prod(grid)
     if dim % 2 or dim < 6:
         raise ValueError(f"dim must be even and >= 6 (rotary pairs over 3 axes), got {dim}")
     device = torch.get_default_device()
     with torch.device("cpu"):
-        probe = _draw_probe(name, batch, heads, n, dim, seed, dtype)
+        probe = _draw_probe(name, batch, heads, n, dim, seed, dtype, grid)
     if device.type != "cpu":
         probe = dataclasses.replace(probe, q=probe.q.to(device), k=probe.k.to(device), v=probe.v.to(device))
     return probe
 
 
-def _draw_probe(name, batch, heads, n, dim, seed, dtype) -> Probe:
+def _draw_probe(name, batch, heads, n, dim, seed, dtype, grid=None) -> Probe:
     gen = torch.Generator().manual_seed(seed * 1000 + GENERATORS.index(name))
     b, h, d = batch, heads, dim
     v = torch.randn(b, h, n, d, generator=gen, dtype=torch.float64)
     frame_size = None
     if name == "video":
-        side = 16
-        frame_size = side * side
-        frames = math.ceil(n / frame_size)
+        frames, rows, cols = grid or (math.ceil(n / 256), 16, 16)
+        frame_size = rows * cols
         pos = torch.arange(frames * frame_size)[:n]
-        t, row, col = pos // frame_size, (pos % frame_size) // side, pos % side
+        t, row, col = pos // frame_size, (pos % frame_size) // cols, pos % cols
+        if n == frames * frame_size:
+            grid = (frames, rows, cols)
         q, k = _content(gen, b, h, n, d, sharpness=20.0, noise=0.3)
         per_axis = d // 6
-        angles = torch.cat([_rope_angles(t, per_axis, base=max(frames, 2)), _rope_angles(row, per_axis, base=side),
-                            _rope_angles(col, per_axis, base=side)], dim=-1)
+        angles = torch.cat([_rope_angles(t, per_axis, base=max(frames, 2)), _rope_angles(row, per_axis, base=rows),
+                            _rope_angles(col, per_axis, base=cols)], dim=-1)
         angles = torch.nn.functional.pad(angles, (0, d // 2 - angles.shape[-1]))  # leftover pairs: unrotated
         q, k = _rotate(q, angles), _rotate(k, angles)
     elif name == "random":
@@ -139,7 +149,8 @@ def _draw_probe(name, batch, heads, n, dim, seed, dtype) -> Probe:
         k_labels = torch.randint(clusters, (n,), generator=gen)
         q = centres[:, :, q_labels] + 0.3 * torch.randn(b, h, n, d, generator=gen, dtype=torch.float64)
         k = centres[:, :, k_labels] + 0.3 * torch.randn(b, h, n, d, generator=gen, dtype=torch.float64)
-    return Probe(name, q.to(dtype), k.to(dtype), v.to(dtype), frame_size=frame_size, meta={"seed": seed})
+    return Probe(name, q.to(dtype), k.to(dtype), v.to(dtype), frame_size=frame_size, grid=grid,
+                 meta={"seed": seed})
 
 
 def load_qkv(path, *, device="cpu", dtype=None) -> list[Probe]:
@@ -164,11 +175,12 @@ def load_qkv(path, *, device="cpu", dtype=None) -> list[Probe]:
             def field(key, default=None, prefix=prefix):
                 return meta.get(prefix + key, meta.get(key, default))
 
-            frame = field("frame_size")
+            frame, grid = field("frame_size"), field("grid")
+            grid = tuple(int(x) for x in grid.split("x")) if grid else None
             probes.append(Probe(
                 name=name or str(path), q=q, k=k, v=v, causal=field("causal", "0") in ("1", "true", "True"),
                 frame_size=int(frame) if frame not in (None, "", "None") else None,
-                global_tokens=int(field("global_tokens", 0)),
+                global_tokens=int(field("global_tokens", 0)), grid=grid,
                 meta={key: field(key) for key in ("layer", "step") if field(key) is not None},
             ))
     return probes
@@ -194,11 +206,18 @@ def dense_reference(probe: Probe) -> DenseReference:
     return DenseReference(out, lse)
 
 
-def evaluate(method, probe: Probe, reference: DenseReference | None = None) -> dict:
-    """Fidelity of one block-sparse method (a ``BlockSparseMethod``, e.g. BA-Att) on one probe."""
+def evaluate(method, probe: Probe, reference: DenseReference | None = None, tiles=None) -> dict:
+    """Fidelity of one block-sparse method (a ``BlockSparseMethod``, e.g. BA-Att) on one probe; with a
+    ``tiles`` (a :class:`~sparsediff.methods.token_layout.TokenLayout`) the method sees the tokens in tile order.
+    The metrics are means over query rows, so they do not depend on the order they are computed in."""
     reference = dense_reference(probe) if reference is None else reference
     q, k, v = probe.q, probe.k, probe.v
-    kwargs = dict(causal=probe.causal, frame_size=probe.frame_size, global_tokens=probe.global_tokens)
+    frame_size = probe.frame_size
+    if tiles is not None:
+        q, k, v = tiles.permute(q), tiles.permute(k), tiles.permute(v)
+        reference = DenseReference(tiles.permute(reference.out), tiles.permute(reference.lse))
+        frame_size = tiles.segment
+    kwargs = dict(causal=probe.causal, frame_size=frame_size, global_tokens=probe.global_tokens)
     plan = method.plan(q, k, v, **kwargs)
     out, lse = block_sparse_attention(
         q, plan.k, plan.v, plan.block_index, plan.block_count, causal=probe.causal,

@@ -4,10 +4,13 @@
         --methods ba_att,block_mean,fixed,xattention --densities 0.1,0.25,0.5 --out probe_out/
     sparsediff probe --qkv captured.safetensors --methods ba_att,xattention --out probe_out/
     sparsediff probe --block-diffusion --methods flashblock,losa --out blockprobe/   # error per step
+    sparsediff probe --generators video --grid 8x32x32 --methods oracle,ba_att --out tiles/  # row-major vs tiled
 
 A method is a selector name (``ba_att`` runs the BA-Att method with norm sorting; the others run
 ``BlockSparseMethod(selector=...)``) with optional config overrides after slashes, e.g.
 ``ba_att/beta=0/norm_sort=false``. Writes ``results.json``, ``results.md`` and PNG plots to ``--out``.
+Probes with a latent grid (the video generator, captures with ``grid`` metadata) run under each of
+``--layouts`` (row-major and 3-D tiles, :mod:`sparsediff.methods.token_layout`), side by side.
 ``--block-diffusion`` evaluates FlashBlock / LoSA instead: each probe's last ``--block`` tokens are an
 active block denoised over ``--steps`` steps, and the error vs dense is reported per step
 (:mod:`sparsediff.eval.blockdiff_probe`).
@@ -46,6 +49,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--dim", type=int, default=64, help="head dim")
     parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--grid", type=grid_arg, default=None,
+                        help="FxHxW latent grid of the video generator (default: 16 x 16 frames of --n tokens)")
+    parser.add_argument("--layouts", type=layout_list, default=["rowmajor", "tiled"],
+                        help="token orders compared on probes with a grid (video, captures with a grid): "
+                             "rowmajor (as given) and/or tiled (3-D tiles of --block-size tokens)")
+    parser.add_argument("--tile", type=grid_arg, default=None,
+                        help="FxHxW tile of the tiled layout (default: token_layout.default_tile)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -77,6 +87,24 @@ def method_specs(text: str) -> list[str]:
     return specs
 
 
+def grid_arg(text: str) -> tuple[int, int, int]:
+    try:
+        grid = tuple(int(x) for x in text.lower().split("x"))
+    except ValueError:
+        grid = ()
+    if len(grid) != 3 or min(grid) < 1:
+        raise argparse.ArgumentTypeError(f"expected FxHxW with three positive ints (e.g. 8x32x32), got {text!r}")
+    return grid
+
+
+def layout_list(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in ("rowmajor", "tiled")]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"layouts are rowmajor and/or tiled, got {text!r}")
+    return names
+
+
 def build_method(spec: str, density: float, block_size: int):
     """``"ba_att/beta=0.1"`` at a density -> a method object (``min_seq_len=0``: always sparse); the spec
     grammar is :func:`sparsediff.methods.base.parse_spec`, and its own overrides win."""
@@ -94,19 +122,20 @@ def add_oracle_share(rows: list[dict]) -> None:
     """``recall_of_oracle`` on each row: its recall over the ``oracle`` method's (the true block mass, the
     best any selector can keep at that density) on the same probe and target density, when the oracle ran.
     It separates what a selector misses from what block sparsity itself cannot keep."""
-    best = {(r["probe"], r["target_density"]): r["recall"] for r in rows if r["method"] == "oracle"}
+    best = {(r["probe"], r["target_density"], r.get("layout")): r["recall"] for r in rows if r["method"] == "oracle"}
     for r in rows:
-        oracle = best.get((r["probe"], r["target_density"]))
+        oracle = best.get((r["probe"], r["target_density"], r.get("layout")))
         r["recall_of_oracle"] = r["recall"] / oracle if oracle else None
 
 
 def markdown_table(rows: list[dict]) -> str:
     with_oracle = any(r.get("recall_of_oracle") is not None for r in rows)
-    lines = ["| probe | method | target density | density | recall | rel L2 | cosine |"
+    lines = ["| probe | layout | method | target density | density | recall | rel L2 | cosine |"
              + (" recall / oracle |" if with_oracle else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if with_oracle else "")]
+             "|---|---|---|---|---|---|---|---|" + ("---|" if with_oracle else "")]
     for r in rows:
-        line = (f"| {r['probe']} | {r['method']} | {r['target_density']:.2f} | {r['density']:.3f} | "
+        line = (f"| {r['probe']} | {r.get('layout') or 'rowmajor'} | {r['method']} | {r['target_density']:.2f} | "
+                f"{r['density']:.3f} | "
                 f"{r['recall']:.4f} | {r['rel_l2']:.4f} | {r['cosine']:.4f} |")
         if with_oracle:
             share = r.get("recall_of_oracle")
@@ -124,11 +153,16 @@ def plot_curves(rows, out_dir: pathlib.Path) -> list[pathlib.Path]:
     paths = []
     for probe in sorted({r["probe"] for r in rows}):
         fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(10, 4))
-        for method in sorted({r["method"] for r in rows if r["probe"] == probe}):
+        lines = sorted({(r["method"], r.get("layout") or "rowmajor") for r in rows if r["probe"] == probe})
+        tiled = any(lay == "tiled" for _, lay in lines)
+        for method, lay in lines:
             pts = sorted((r["density"], r["recall"], r["rel_l2"]) for r in rows
-                         if r["probe"] == probe and r["method"] == method)
-            ax_r.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-            ax_e.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=method)
+                         if r["probe"] == probe and r["method"] == method and (r.get("layout") or "rowmajor") == lay)
+            # One colour per method; tiled dashed, so the two orders of a method sit side by side.
+            style = dict(marker="o", color=f"C{sorted({m for m, _ in lines}).index(method) % 10}",
+                         linestyle="--" if lay == "tiled" else "-", label=f"{method} ({lay})" if tiled else method)
+            ax_r.plot([p[0] for p in pts], [p[1] for p in pts], **style)
+            ax_e.plot([p[0] for p in pts], [p[2] for p in pts], **style)
         ax_r.set(xlabel="density", ylabel="attention-mass recall", title=f"{probe}: recall")
         ax_e.set(xlabel="density", ylabel="relative L2 error", title=f"{probe}: output error", yscale="log")
         ax_r.legend(fontsize=8)
@@ -194,24 +228,37 @@ def run(args) -> int:
     if args.qkv:
         probes = load_qkv(args.qkv, device=args.device, dtype=dtype)
     else:
-        probes = [make_probe(g.strip(), heads=args.heads, n=args.n, dim=args.dim, seed=args.seed, dtype=dtype)
+        probes = [make_probe(g.strip(), heads=args.heads, n=args.n, dim=args.dim, seed=args.seed, dtype=dtype,
+                             grid=args.grid if g.strip() == "video" else None)
                   for g in args.generators.split(",") if g.strip()]
         for p in probes:
             p.q, p.k, p.v = (t.to(args.device) for t in (p.q, p.k, p.v))
     if args.block_diffusion:
         return run_block_diffusion(args, probes, methods, out_dir)
+    from ..methods.token_layout import make_layout
+
+    def layouts_of(probe):
+        if probe.grid is None or probe.causal or probe.q.shape[2] != probe.k.shape[2]:
+            return [("rowmajor", None)]
+        tiles = make_layout(probe.grid, args.block_size, args.tile, probe.global_tokens, probe.q.device)
+        return [(name, tiles if name == "tiled" else None) for name in args.layouts]
+
     rows = []
-    with tqdm(total=len(probes) * len(methods) * len(densities), desc="probe", unit="run") as bar:
+    runs = sum(len(layouts_of(p)) for p in probes) * len(methods) * len(densities)
+    with tqdm(total=runs, desc="probe", unit="run") as bar:
         for probe in probes:
             reference = dense_reference(probe)
-            for spec in methods:
-                for density in densities:
-                    result = evaluate(build_method(spec, density, args.block_size), probe, reference)
-                    rows.append({"probe": probe.name, "method": spec, "target_density": density, **result,
-                                 "n": probe.k.shape[2], "meta": probe.meta})
-                    bar.update()
+            for name, tiles in layouts_of(probe):
+                for spec in methods:
+                    for density in densities:
+                        result = evaluate(build_method(spec, density, args.block_size), probe, reference, tiles)
+                        rows.append({"probe": probe.name, "layout": name, "method": spec, "target_density": density,
+                                     **result, "n": probe.k.shape[2], "grid": probe.grid,
+                                     "tile": tiles.tile if tiles else None, "meta": probe.meta})
+                        bar.update()
     add_oracle_share(rows)
-    config = {key: getattr(args, key) for key in ("n", "heads", "dim", "block_size", "seed", "dtype")}
+    config = {key: getattr(args, key) for key in ("n", "heads", "dim", "block_size", "seed", "dtype", "grid", "layouts",
+                                                  "tile")}
     (out_dir / "results.json").write_text(json.dumps({"config": config, "rows": rows}, indent=1))
     table = markdown_table(rows)
     (out_dir / "results.md").write_text(table)

@@ -384,6 +384,8 @@ class BAAttMethod(BlockSparseMethod):
                        "sorting would move keys across the causal boundary); keys keep their order")
         if not cfg.norm_sort or causal or segment is None:
             return False
+        if segment != "sequence" and segment <= cfg.block_size:
+            return False  # segments within one block (a tile of the tiled layout): sorting moves no key across blocks
         return None if segment == "sequence" else segment
 
     def prepare_kv(self, q, k, v, *, causal, frame_size, global_tokens):

@@ -31,6 +31,9 @@ class MethodConfig:
     min_seq_len: int = 1024  # below this many keys: dense attention
     dense_steps: int = 0  # the first denoising steps run dense ...
     dense_step_fraction: float = 0.0  # ... or this share of all steps (whichever reaches further)
+    layout: str = "auto"  # video token order: "tiled" (3-D tiles), "rowmajor" (as given), "auto" (see token_layout)
+    tile: tuple | None = None  # (frames, rows, cols) of one tile; None: token_layout.default_tile
+    residual_every: int = 0  # >= 1: cache dense - sparse every this many steps, reuse it between (residual_reuse)
 
     def __post_init__(self):
         if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -41,6 +44,13 @@ class MethodConfig:
             raise ValueError(f"dense_steps must be an int >= 0, got {self.dense_steps!r}")
         if not 0.0 <= float(self.dense_step_fraction) <= 1.0:
             raise ValueError(f"dense_step_fraction must lie in [0, 1], got {self.dense_step_fraction!r}")
+        r = self.residual_every
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"residual_every must be an int >= 0 (0: off; r: refresh the cached dense - sparse "
+                             f"residual every r denoising steps), got {r!r}")
+        from .token_layout import check_layout_fields
+
+        check_layout_fields(self)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -91,13 +101,42 @@ class AttentionMethod:
         return None
 
     def __call__(self, q, k, v, *, causal=False, scale=None, layer=None, frame_size=None, global_tokens=0,
-                 return_lse=False):
+                 return_lse=False, grid=None):
+        """``grid``: (latent frames, height, width) of the video tokens after the ``global_tokens``, when the
+        host knows it; the config's ``layout`` then may reorder them into 3-D tiles (``token_layout``)."""
         state = step_state.current()
         if state.generation != self._generation:
             self._generation = state.generation
             self.reset()
         if self.use_dense(q, k):
             return dense_attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
+        tiles = self.token_layout(q, k, causal=causal, grid=grid, global_tokens=global_tokens)
+        if tiles is not None:
+            q, k, v = tiles.permute(q), tiles.permute(k), tiles.permute(v)
+            frame_size = tiles.segment
+        out = self._attend_sparse(q, k, v, causal=causal, scale=scale, layer=layer, frame_size=frame_size,
+                                  global_tokens=global_tokens, return_lse=return_lse)
+        if tiles is None:
+            return out
+        if return_lse:
+            return tiles.unpermute(out[0]), tiles.unpermute(out[1])
+        return tiles.unpermute(out)
+
+    def token_layout(self, q, k, *, causal, grid, global_tokens):
+        """The tiling this call runs under (a :class:`~.token_layout.TokenLayout`), or None for the tokens' own
+        order: no grid, a causal or cross call, or ``config.layout`` off."""
+        from .token_layout import layout_for
+
+        return layout_for(self.config, q, k, causal=causal, grid=grid, global_tokens=global_tokens)
+
+    def _attend_sparse(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
+        """The sparse product of one call (in the layout's token order), with the cached dense - sparse residual
+        merged in when ``config.residual_every`` is set (``residual_reuse``)."""
+        if self.config.residual_every:
+            from .residual_reuse import attend_with_residual
+
+            return attend_with_residual(self, q, k, v, causal=causal, scale=scale, layer=layer, frame_size=frame_size,
+                                        global_tokens=global_tokens, return_lse=return_lse)
         return self.sparse_attention(
             q, k, v, causal=causal, scale=scale, layer=layer, frame_size=frame_size,
             global_tokens=global_tokens, return_lse=return_lse,

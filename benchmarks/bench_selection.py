@@ -4,7 +4,8 @@
     python benchmarks/bench_selection.py --quick --out /tmp/sel.json          # CPU smoke run
 
 Stages: the sampled-row block mass (``kernels.sampled_mass``, rows per block 2/4/8), the global mass threshold
-(two-level histogram vs exact ``kthvalue`` vs a full sort, same input), the per-row top-k into the index form,
+(``mass_threshold``: a sort on CUDA, against ``kthvalue``), the kernel's launch shapes, the per-row top-k
+into the index form,
 the whole plan (default BA-Att, its block-64 variant and the paper's pooled setting), and the dropped-block
 pooled terms (``compensate``). bf16, B=1, random normal inputs (never zeros). Medians of
 ``triton.testing.do_bench`` on CUDA; the threshold variants are checked to keep the same number of blocks.
@@ -67,6 +68,13 @@ def bench(n, heads, dim, dtype, device, cuda, sparsity) -> dict:
     for bs, rows in ((128, 2), (128, 4), (128, 8), (64, 4)):
         stage(f"sampled_mass bs{bs} rows{rows}", lambda bs=bs, rows=rows: sampled_block_mass(
             q, k, block_size=bs, rows=rows))
+    if cuda:  # launch shapes of the sampled-mass kernel: rows per program, key tile, warps
+        from sparsediff.kernels import sampled_mass as sm
+
+        for m, bn, w in ((64, 64, 4), (128, 64, 8), (128, 128, 8), (256, 64, 8)):
+            stage(f"sampled_mass rows4 launch m{m} n{bn} w{w}", lambda m=m, bn=bn, w=w: sm._mass_triton(
+                q, k, block_size=128, rows=4, scale=q.shape[-1] ** -0.5, causal=False,
+                launch=dict(rows_per_program=m, block_n=bn, num_warps=w)))
     mass = sampled_block_mass(q, k, block_size=128, rows=4)
     density = 1 - sparsity
     lay = layout(n, n, 128, q.device, density=density, local_window=128)
@@ -74,9 +82,8 @@ def bench(n, heads, dim, dtype, device, cuda, sparsity) -> dict:
     vals = mass.masked_fill(~free, -1.0).reshape(1, -1)
     want = lay.total * heads - int(lay.n_forced.sum()) * heads
     kept = {}
-    for name, fn in (("threshold histogram", lambda: mass_threshold(vals, want, exact=False)),
-                     ("threshold kthvalue", lambda: mass_threshold(vals, want, exact=True)),
-                     ("threshold sort", lambda: vals.sort(dim=-1, descending=True).values[:, want - 1])):
+    for name, fn in (("threshold (mass_threshold)", lambda: mass_threshold(vals, want)),
+                     ("threshold kthvalue", lambda: vals.kthvalue(vals.shape[-1] - want + 1, dim=-1).values)):
         stage(name, fn)
         kept[name] = int((vals >= fn().view(-1, 1)).sum())
     row["threshold_kept"] = kept

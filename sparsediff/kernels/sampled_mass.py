@@ -177,7 +177,13 @@ if triton is not None:
             tl.store(out_base + j, mass, mask=ok2)
 
 
-def _mass_triton(q, k, *, block_size, rows, scale, causal):
+# Sampled rows per program (one tensor-core tile of queries), key columns per tile, warps: every program
+# reads all keys once, so more rows per program means less key traffic (bench_selection.py measures them).
+LAUNCH = dict(rows_per_program=64, block_n=64, num_warps=4)
+
+
+def _mass_triton(q, k, *, block_size, rows, scale, causal, launch=None):
+    launch = LAUNCH | (launch or {})
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     nqb, nkb = math.ceil(nq / block_size), math.ceil(nk / block_size)
@@ -185,8 +191,8 @@ def _mass_triton(q, k, *, block_size, rows, scale, causal):
     rows_p2 = triton.next_power_of_2(rows)
     if rows_p2 != rows:
         raise ValueError(f"the Triton path needs a power-of-two number of sampled rows, got {rows}")
-    groups = max(1, 64 // rows)  # 64 sampled rows per program: one tensor-core tile
-    block_n = min(64 if block_d <= 128 else 32, block_size)
+    groups = max(1, launch["rows_per_program"] // rows)
+    block_n = min(launch["block_n"] if block_d <= 128 else 32, block_size)
     scratch = torch.empty(bsz * hq, nqb * rows, nkb, dtype=torch.float32, device=q.device)
     row_lse = torch.empty(bsz * hq, nqb * rows, dtype=torch.float32, device=q.device)
     out = torch.empty(bsz, hq, nqb, nkb, dtype=torch.float32, device=q.device)
@@ -195,7 +201,7 @@ def _mass_triton(q, k, *, block_size, rows, scale, causal):
         q, k, scratch, row_lse, out, *q.stride(), *k.stride(),
         hq, hq // hkv, nq, nk, nqb, nkb, nk - nq, scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, ROWS=rows, GROUPS=groups, BLOCK_N=block_n,
-        CAUSAL=causal, DOT_F32=not q.is_cuda, num_warps=4, num_stages=2,
+        CAUSAL=causal, DOT_F32=not q.is_cuda, num_warps=launch["num_warps"], num_stages=2,
     )
     return out
 

@@ -77,6 +77,9 @@ class FlashBlockConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.residual_every:
+            raise ValueError("residual_every is for full-sequence methods (ba_att, block_sparse, sparsed); FlashBlock "
+                             "caches its own dense - sparse residual per block: set sparse_selector (residual=True)")
         step_cache.validate_mode(self.cuda_graphs)
         if self.refresh_every is not None and (not isinstance(self.refresh_every, int) or self.refresh_every < 1):
             raise ValueError(f"refresh_every must be None or an int >= 1, got {self.refresh_every!r}")

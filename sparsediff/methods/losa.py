@@ -107,6 +107,9 @@ class LoSAConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.residual_every:
+            raise ValueError("residual_every is for full-sequence methods (ba_att, block_sparse, sparsed); LoSA caches "
+                             "its own prefix attention per token")
         if self.union_splits is not None and (
                 isinstance(self.union_splits, bool) or not isinstance(self.union_splits, int) or self.union_splits < 1):
             raise ValueError(f"union_splits must be None or an int >= 1, got {self.union_splits!r}")

@@ -72,7 +72,12 @@ def test_config_rejects_bad_values(kwargs, match):
 
 def test_config_defaults_and_make_method():
     cfg = BAAttConfig()
-    assert (cfg.sparsity, cfg.mass, cfg.beta, cfg.norm_sort, cfg.block_size) == (0.5, None, 0.5, True, 128)
+    assert (cfg.sparsity, cfg.mass, cfg.beta, cfg.norm_sort, cfg.block_size) == (0.5, None, 0.5, None, 128)
+    # Keys are norm-sorted for the pooled estimator (the paper's), not for the sampled default.
+    assert not cfg.sorts_keys and BAAttConfig.paper().sorts_keys and BAAttConfig(estimator="pooled").sorts_keys
+    assert BAAttConfig(norm_sort=True).sorts_keys and not BAAttConfig(estimator="pooled", norm_sort=False).sorts_keys
+    with pytest.raises(ValueError, match="norm_sort"):
+        BAAttConfig(norm_sort="yes")
     assert BAAttConfig(mass=0.9).sparsity is None
     method = make_method("ba_att:0.8")
     assert isinstance(method, BAAttMethod) and method.config.sparsity == 0.8
@@ -133,7 +138,7 @@ def test_sort_keys_is_a_segmentwise_permutation():
 @pytest.mark.parametrize("causal", [False, True])
 def test_sparse_output_matches_reference_on_plan(causal):
     q, k, v = _structured()
-    method = BAAttMethod(sparsity=0.5, block_size=BS, min_seq_len=0, sort_segment=128)
+    method = BAAttMethod(sparsity=0.5, block_size=BS, min_seq_len=0, sort_segment=128, norm_sort=True)
     plan = method.plan(q, k, v, causal=causal)
     assert (plan.perm is None) == causal  # sorting is off under causal
     out = method(q, k, v, causal=causal)

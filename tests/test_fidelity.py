@@ -92,7 +92,7 @@ def test_norm_sorting_gathers_scattered_clusters():
     p = make_probe("clustered", heads=2, n=1024, dim=32)
     ref = dense_reference(p)
     kw = dict(sparsity=0.5, block_size=BS, min_seq_len=0)
-    sorted_recall = evaluate(BAAttMethod(sort_segment="sequence", **kw), p, ref)["recall"]
+    sorted_recall = evaluate(BAAttMethod(norm_sort=True, sort_segment="sequence", **kw), p, ref)["recall"]
     plain_recall = evaluate(BAAttMethod(norm_sort=False, **kw), p, ref)["recall"]
     fixed_recall = evaluate(BlockSparseMethod(selector="fixed", **kw), p, ref)["recall"]
     assert sorted_recall > plain_recall + 0.2 and sorted_recall > fixed_recall + 0.2

@@ -31,7 +31,7 @@ class MethodConfig:
     min_seq_len: int = 1024  # below this many keys: dense attention
     dense_steps: int = 0  # the first denoising steps run dense ...
     dense_step_fraction: float = 0.0  # ... or this share of all steps (whichever reaches further)
-    layout: str = "auto"  # video token order: "tiled" (3-D tiles), "rowmajor" (as given), "auto" (see token_layout)
+    layout: str = "auto"  # video token order: "tiled" (3-D tiles), "rowmajor" (as given), "auto" (row-major for now)
     tile: tuple | None = None  # (frames, rows, cols) of one tile; None: token_layout.default_tile
     residual_every: int = 0  # >= 1: cache dense - sparse every this many steps, reuse it between (residual_reuse)
 

@@ -59,7 +59,7 @@ def test_refresh_and_unchanged_steps_equal_dense(spec):
 def test_norm_sorted_ba_att_keeps_its_key_order():
     # BA-Att with frame_size sorts keys by norm; the cached plan holds that order (float32: the sort's dtype).
     q, k, v = qkv(dtype=torch.float32)
-    m = method("ba_att:0.8", 4)
+    m = method("ba_att:0.8/norm_sort=true", 4)
     outs = run(m, range(4), (q, k, v), frame_size=128)
     for out in outs:
         torch.testing.assert_close(out, dense_attention(q, k, v), rtol=1e-5, atol=1e-5)
@@ -177,3 +177,28 @@ def test_config_validation_and_spec_round_trip():
         assert m.config.residual_every == 5 and m.describe()["residual_every"] == 5
         assert make_method(type(m.config)(**m.config.to_dict())).config.residual_every == 5
     assert make_method("ba_att:0.8").config.residual_every == 0
+
+
+def test_tiled_layout_caches_in_tile_order():
+    # A host that passes the latent grid gets tokens reordered into 3-D tiles (token_layout) before the method:
+    # the residual lives in that order and the output comes back in the caller's.
+    q, k, v = qkv()
+    m = method("xattention:0.8", 3, layout="tiled")
+    assert m.token_layout(q, k, causal=False, grid=(2, 16, 16), global_tokens=0) is not None
+    outs = run(m, range(3), (q, k, v), grid=(2, 16, 16))
+    for out in outs:
+        torch.testing.assert_close(out, dense_attention(q, k, v), rtol=1e-12, atol=1e-12)
+    assert m.stats["residual_reuses"] == 2
+
+
+def test_two_calls_per_step_keep_their_own_residuals():
+    # Classifier-free guidance as two calls per step (conditional, unconditional) under one layer name.
+    cond, uncond = qkv(), qkv()
+    m = method("xattention:0.8", 5)
+    for step in range(3):
+        with denoising_step(step, 50):
+            for q, k, v in (cond, uncond):
+                torch.testing.assert_close(m(q, k, v, layer="blocks.0"), dense_attention(q, k, v), rtol=1e-12,
+                                           atol=1e-12)
+    assert set(m._residual_cache.layers.entries) == {"blocks.0", "blocks.0#1"}
+    assert m.stats["residual_refreshes"] == 2 and m.stats["residual_reuses"] == 4

@@ -24,6 +24,8 @@ A call that the method itself answers exactly (SparseD's switch step returns its
 the method's ``stats["sparse_calls"]`` counter not moving: nothing is cached and the next sparse step
 refreshes. Methods that do not keep that counter are taken to run sparse on every call.
 
+Entries are per layer and per call of the layer within a step: a host that runs classifier-free guidance as
+two calls per step (the conditional pass, then the unconditional one) gets a residual for each, in that order.
 Without step information (``step_state.current().step is None``) calls run plain sparse attention: there is
 no schedule to refresh on. The cache, kept on the method, is dropped when the method is reset (a new
 generation: ``AttentionMethod.__call__`` resets it, which replaces ``method.stats``) and at a block change.
@@ -70,6 +72,7 @@ class ResidualCache:
         self.layers = LayerCache("residual_every")
         self.generation = step_state.current().generation
         self.stats = None  # the method's stats dict it last saw: a reset replaces it
+        self._mark, self._calls = None, {}  # calls of each layer within the current step
 
     def sync(self, method) -> None:
         """Drop every entry if the method was reset or a new generation started since the last call."""
@@ -78,6 +81,19 @@ class ResidualCache:
             self.layers.clear()
             self.stats, self.generation = method.stats, state.generation
         self.layers.sync(state)  # a block change (block diffusion): the residuals belong to the old block
+
+    def name(self, layer, state) -> str:
+        """The entry of this call: ``layer``, then ``layer#1``, ``layer#2`` ... for further calls of the layer
+        within one step (classifier-free guidance run as two calls: the conditional and unconditional passes
+        keep residuals of their own). Without ``layer``: the call's order within the step."""
+        if layer is None:
+            return self.layers.key(None, state)
+        mark = (state.generation, state.block, state.step)
+        if mark != self._mark:
+            self._mark, self._calls = mark, {}
+        seen = self._calls.get(layer, 0)
+        self._calls[layer] = seen + 1
+        return layer if seen == 0 else f"{layer}#{seen}"
 
     def nbytes(self) -> int:
         return self.layers.nbytes()
@@ -149,7 +165,7 @@ def attend_with_residual(method, q, k, v, *, causal, scale, layer, frame_size, g
         return method.sparse_attention(q, k, v, **kwargs, return_lse=return_lse)
     cache = residual_cache(method)
     cache.sync(method)
-    name = cache.layers.key(layer, state)
+    name = cache.name(layer, state)
     signature = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, bool(causal), scale,
                  int(global_tokens))
     entry = cache.layers.entries.get(name)

@@ -219,13 +219,14 @@ def dropped_block_attention_ref(q, k, v, block_index, block_count, *, scale=None
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     km = torch.stack([k[:, :, j * block_size:(j + 1) * block_size].mean(2) for j in range(nkb)], 2)
     vm = torch.stack([v[:, :, j * block_size:(j + 1) * block_size].mean(2) for j in range(nkb)], 2)
-    n = torch.tensor([min(block_size, nk - j * block_size) for j in range(nkb)], dtype=torch.float64)
+    n = torch.tensor([min(block_size, nk - j * block_size) for j in range(nkb)], dtype=torch.float64,
+                     device=q.device)
     s = q @ km.repeat_interleave(group, 1).transpose(-1, -2) * scale + n.log()
     dropped = ~index_to_mask(block_index, block_count, nkb)
     ok = dropped.expand(q.shape[0], q.shape[1], -1, nkb).repeat_interleave(block_size, 2)[:, :, :nq]
     if causal:
-        last = torch.tensor([min((j + 1) * block_size, nk) - 1 for j in range(nkb)])
-        ok = ok & (last[None, :] <= torch.arange(nq)[:, None] + nk - nq)
+        last = torch.tensor([min((j + 1) * block_size, nk) - 1 for j in range(nkb)], device=q.device)
+        ok = ok & (last[None, :] <= torch.arange(nq, device=last.device)[:, None] + nk - nq)
     s = s.masked_fill(~ok, float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.softmax(s, -1).nan_to_num(0.0)

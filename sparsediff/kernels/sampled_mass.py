@@ -101,6 +101,7 @@ if triton is not None:
         num_heads, group_size, nq, nk, nqb, nkb, causal_offset, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
         GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
+        DOT_IEEE: tl.constexpr,
     ):
         # One program: GROUPS query blocks x ROWS sampled rows of one head, against every key block.
         BLOCK_M: tl.constexpr = GROUPS * ROWS
@@ -141,7 +142,10 @@ if triton is not None:
                              mask=(cols[None, :] < nk) & d_ok[:, None], other=0.0)
                 if DOT_F32:
                     kt = kt.to(tl.float32)
-                s = tl.dot(q, kt) * qk_scale
+                if DOT_IEEE:  # float32 inputs: full float32 products, not TF32
+                    s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+                else:
+                    s = tl.dot(q, kt) * qk_scale
                 valid = cols[None, :] < nk
                 if CAUSAL:
                     valid = valid & (cols[None, :] <= pos[:, None] + causal_offset)
@@ -201,7 +205,8 @@ def _mass_triton(q, k, *, block_size, rows, scale, causal, launch=None):
         q, k, scratch, row_lse, out, *q.stride(), *k.stride(),
         hq, hq // hkv, nq, nk, nqb, nkb, nk - nq, scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, ROWS=rows, GROUPS=groups, BLOCK_N=block_n,
-        CAUSAL=causal, DOT_F32=not q.is_cuda, num_warps=launch["num_warps"], num_stages=2,
+        CAUSAL=causal, DOT_F32=not q.is_cuda, DOT_IEEE=q.is_cuda and q.dtype == torch.float32,
+        num_warps=launch["num_warps"], num_stages=2,
     )
     return out
 

@@ -90,7 +90,7 @@ if triton is not None:
         stride_pb, stride_ph, stride_pq,
         num_heads, group_size, nq, nk, nkb, causal_offset, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr, DOT_IEEE: tl.constexpr,
     ):
         # One program: BLOCK_M rows of one query block and head; online softmax over the pooled keys of the
         # blocks it dropped, merged into (Out, Lse) in place.
@@ -121,7 +121,11 @@ if triton is not None:
                          mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             if not DOT_F32:
                 km = km.to(q.dtype)
-            s = tl.dot(q, km) * qk_scale + tl.load(Log2N + cols, mask=col_ok, other=0.0)[None, :]
+            if DOT_IEEE:  # float32 inputs on the GPU: full float32 products, not TF32
+                s = tl.dot(q, km, input_precision="ieee")
+            else:
+                s = tl.dot(q, km)
+            s = s * qk_scale + tl.load(Log2N + cols, mask=col_ok, other=0.0)[None, :]
             ok = (~kept & col_ok)[None, :] & row_ok[:, None]
             if CAUSAL:
                 last_key = tl.minimum((cols + 1) * BLOCK_SIZE, nk) - 1
@@ -133,7 +137,9 @@ if triton is not None:
             alpha = tl.math.exp2(m_i - m_safe)
             vm = tl.load(VM + m_base + cols[:, None] * stride_mn + offs_d[None, :] * stride_md,
                          mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_F32:
+            if DOT_IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, vm, input_precision="ieee")
+            elif DOT_F32:
                 acc = acc * alpha[:, None] + tl.dot(p, vm)
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), vm.to(q.dtype))
@@ -174,7 +180,8 @@ def _add_triton(q, k, v, block_index, block_count, out, lse, *, scale, causal, b
         q, km, vm, count.log2().contiguous(), kept, out, lse, *q.stride(), *km.stride(), *out.stride(),
         *kept.stride()[:3], hq, hq // hkv, nq, nk, nkb, nk - nq, scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=32, CAUSAL=causal,
-        DOT_F32=q.dtype == torch.float32 or not q.is_cuda, num_warps=4,  # the interpreter has no bf16 dot
+        DOT_F32=q.dtype == torch.float32 or not q.is_cuda,  # the interpreter has no bf16 dot
+        DOT_IEEE=q.is_cuda and q.dtype == torch.float32, num_warps=4,
     )
     return out, lse
 

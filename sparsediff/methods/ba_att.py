@@ -78,7 +78,7 @@ class BAAttConfig(BlockSparseConfig):
     ``norm_sort`` reorders keys by L2 norm inside segments of ``sort_segment`` tokens; None (default): on for
     the pooled estimator, whose block statistics it sharpens, off for the sampled one, which scores keys
     exactly and only loses the keys' spatial locality to it (video probe, 8 x 32 x 32 tokens, 8 heads, density
-    0.2: error 0.634 sorted, 0.095 unsorted; docs/video_layout.md). ``sort_segment`` None (the
+    0.2: error 0.688 sorted, 0.131 unsorted; docs/video_layout.md). ``sort_segment`` None (the
     default) sorts one frame at a time when the caller passes ``frame_size`` and does not sort
     otherwise: sorting a whole LM-like sequence scatters the local window that dominates its attention
     (measured in docs/ba_att.md: sink recall 0.96 -> 0.69 at 50 % sparsity). ``"sequence"`` sorts the

@@ -218,3 +218,12 @@ def test_method_dense_fallback_and_beats_fixed_pattern():
     assert err["ba_att"] < err["fixed"]
     # Same budget, scattered salient keys: the data-driven choice must clearly beat the prior.
     assert err["ba_att"] < 0.75 * err["fixed"]
+
+
+def test_norm_sorted_float64_with_frames_is_exact_at_sparsity_zero():
+    # Norms of float64 keys are taken in float64 (a float32 request would be a narrowing the norm op refuses).
+    q, k, v = (torch.randn(1, 2, 256, 32, dtype=torch.float64) for _ in range(3))
+    method = BAAttMethod(sparsity=0.0, block_size=64, min_seq_len=0, norm_sort=True)
+    out = method(q, k, v, frame_size=128)
+    assert method.plan(q, k, v, frame_size=128).perm is not None  # the keys were sorted
+    torch.testing.assert_close(out, dense_attention(q, k, v), rtol=1e-12, atol=1e-12)

@@ -207,7 +207,9 @@ def row_norms(x, *, backend=None, pad_to=None):
     if total < n:
         raise ValueError(f"pad_to must be >= N = {n}, got {pad_to}")
     if not _use_triton(backend, x) or n == 0:
-        out = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+        # float64 inputs: the norm in float64, then float32 (vector_norm refuses a narrowing dtype)
+        out = torch.linalg.vector_norm(x, dim=-1, dtype=None if x.dtype == torch.float64 else torch.float32)
+        out = out.float()
         return out if total == n else torch.nn.functional.pad(out, (0, total - n), value=-1.0)
     out = torch.empty(b, h, total, dtype=torch.float32, device=x.device)
     block_d = triton.next_power_of_2(d)

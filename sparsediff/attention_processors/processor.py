@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..methods import make_method, step_state
+from ..methods import head_parallel, make_method, step_state
 from ..methods.base import AttentionMethod
 from ..methods.dense import dense_attention
 from . import families
@@ -160,6 +160,12 @@ class SparseAttnProcessor:
     def config(self):
         return self.method.config
 
+    # diffusers' context parallelism (``model.enable_parallelism``) looks for these two attributes on each
+    # module's processor and hands it the parallel config; the replaced processor, which runs the all-to-all
+    # around the attention product, gets it at call time. None: the default (native) attention backend.
+    _attention_backend = None
+    _parallel_config = None
+
     def _count(self, route: str) -> None:
         generation = step_state.current().generation
         if generation != self._routes_generation:
@@ -188,6 +194,7 @@ class SparseAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  *args, **kwargs):
         binding = _binding(attn)
+        group = self._head_group(binding)
         extra = (image_rotary_emb, *args) if image_rotary_emb is not None or args else ()
         plan = families.call_plan(binding.original, hidden_states, encoder_hidden_states)
         if plan is None:  # cross-attention, text-only refiners, unknown processors: untouched
@@ -198,7 +205,7 @@ class SparseAttnProcessor:
             return self._route(binding.name, plan, query, key, value, attn_mask, dropout_p, is_causal, scale)
 
         router = _SDPARouter(route)
-        with router:
+        with router, head_parallel.head_group(group):
             out = binding.original(attn, hidden_states, encoder_hidden_states, attention_mask, *extra, **kwargs)
         if router.calls == 0:
             self._count("dense_backend")
@@ -206,6 +213,22 @@ class SparseAttnProcessor:
             _warn_once(("bypass", binding.name), f"{binding.name}: attention backend {backend!r} bypasses torch SDPA, "
                        "so this layer ran dense; use the default (native) attention backend for sparse attention")
         return out
+
+    def _head_group(self, binding):
+        """Under diffusers' Ulysses context parallelism: hand the replaced processor the parallel config (its
+        all-to-all gives the attention product every token of this rank's heads, so methods run unchanged) and
+        return the Ulysses process group (methods agree on head-spanning budgets through it); else None."""
+        config = self._parallel_config
+        cp = getattr(config, "context_parallel_config", None)
+        if cp is None or not hasattr(binding.original, "_parallel_config"):
+            return None
+        if (cp.ring_degree or 1) > 1:
+            raise NotImplementedError(
+                f"{binding.name}: sparsediff composes with Ulysses context parallelism (ulysses_degree), not ring "
+                f"attention (ring_degree={cp.ring_degree}): use ContextParallelConfig(ulysses_degree=...)")
+        binding.original._parallel_config = config
+        mesh = getattr(cp, "_ulysses_mesh", None)
+        return mesh.get_group() if mesh is not None and (cp.ulysses_degree or 1) > 1 else None
 
     # -- the attention product ---------------------------------------------------------------------------
     def _route(self, layer, plan, q, k, v, attn_mask, dropout_p, is_causal, scale):

@@ -35,6 +35,7 @@ import torch
 from ..kernels.block_sparse import triton_available
 from ..kernels.block_topk import block_topk
 from ..kernels.masks import causal_block_mask
+from . import head_parallel
 
 ALLOCATIONS = ("row", "global")
 
@@ -62,6 +63,10 @@ def budget_of(config, layer=None) -> tuple[float | tuple | None, float | None]:
     table = getattr(config, "budgets", None)
     if table is not None and layer is not None and density is not None:
         density = table.density(layer, default=density, heads=getattr(config, "allocation", "row") == "row")
+        if isinstance(density, tuple) and head_parallel.world_size() > 1:
+            raise NotImplementedError(f"{layer}: per-head densities of a budget table need every head on one rank; "
+                                      "under Ulysses context parallelism drop the table's 'heads' entries or "
+                                      "use allocation='global'")
     if density is None and mass is None:
         density = 0.5
     return density, None if mass is None else float(mass)
@@ -249,13 +254,14 @@ def _global_counts(probs, lay, forced, n_forced):
     if want <= 0:
         return n_forced.expand(probs.shape[:-1])
     vals = probs.masked_fill(~free, -1.0).reshape(bsz, -1)
-    threshold = mass_threshold(vals, want).view(bsz, 1, 1, 1)
+    # Heads split over ranks (Ulysses): the threshold over every rank's heads, as on one GPU.
+    ranks = head_parallel.world_size()
+    threshold = mass_threshold(head_parallel.gather_last_dim(vals), want * ranks).view(bsz, 1, 1, 1)
     # Blocks with no estimated mass at all are never worth their cost, even under the budget.
     kept = free & (probs >= threshold) & (probs > 0)
     return n_forced + kept.sum(-1)
 
 
-# Two-level log2 histogram of the threshold search: 1,280 bins over [2^-40, 1], then 1,280 inside one bin.
 def mass_threshold(vals: torch.Tensor, want: int) -> torch.Tensor:
     """Per row of ``vals (B, M)`` (block masses; negative = not a candidate) the ``want``-th largest value, so
     that ``want`` entries are ``>= t`` (ties aside). ``want`` is a host int, so neither path syncs: a partial

@@ -81,6 +81,7 @@ def _rank(rank, port, path, ring):
             with torch.no_grad():
                 parallel[name] = model(**kwargs, return_dict=False)[0]
             parallel[name + "_routes"] = dict(proc.routes)
+            parallel[name + "_balance"] = proc.rank_balance()
         result["parallel"] = parallel
     if rank == 0:
         torch.save(result, path)
@@ -101,6 +102,11 @@ def test_ulysses_gives_the_single_process_output(tmp_path):
         assert (single[name] - result["dense"]).abs().max() > 1e-4  # sparse for real
         torch.testing.assert_close(parallel[name], single[name], atol=1e-5, rtol=1e-5)
         assert parallel[name + "_routes"].get("sparse", 0) > 0
+        balance = parallel[name + "_balance"]
+        assert len(balance["per_rank"]) == 2 and balance["max_over_mean"] >= 1.0
+    # Per-row budgets give every head the same count; the global one moves blocks between heads (and ranks).
+    assert parallel["xattention_balance"]["max_over_mean"] == pytest.approx(1.0)
+    assert parallel["keep_all_balance"]["per_rank"] == [1.0, 1.0]
 
 
 def test_ring_attention_is_refused_with_a_clear_error(tmp_path):

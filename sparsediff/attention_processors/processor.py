@@ -230,6 +230,23 @@ class SparseAttnProcessor:
         mesh = getattr(cp, "_ulysses_mesh", None)
         return mesh.get_group() if mesh is not None and (cp.ulysses_degree or 1) > 1 else None
 
+    def rank_balance(self) -> dict | None:
+        """Under Ulysses: each rank's realised density (kept / visible blocks of its heads) and the slowest rank's
+        over the mean, the imbalance a per-head kept density brings (work per rank follows its kept blocks).
+        A collective: every rank of the group must call it. None outside context parallelism or before any
+        sparse call."""
+        cp = getattr(self._parallel_config, "context_parallel_config", None)
+        mesh = getattr(cp, "_ulysses_mesh", None)
+        density = getattr(self.method, "realised_density", lambda: None)()
+        if mesh is None or density is None:
+            return None
+        group = mesh.get_group()
+        parts = [torch.zeros(1, dtype=torch.float64) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(parts, torch.tensor([density], dtype=torch.float64), group=group)
+        per_rank = [float(p) for p in parts]
+        mean = sum(per_rank) / len(per_rank)
+        return {"per_rank": per_rank, "max_over_mean": max(per_rank) / mean if mean else None}
+
     # -- the attention product ---------------------------------------------------------------------------
     def _route(self, layer, plan, q, k, v, attn_mask, dropout_p, is_causal, scale):
         if dropout_p:

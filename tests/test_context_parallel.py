@@ -17,7 +17,22 @@ SETTINGS = {
     "keep_all": dict(method="ba_att", sparsity=0.0, min_seq_len=0, block_size=16),
     "ba_att": dict(method="ba_att", sparsity=0.6, min_seq_len=0, block_size=16, fine_block_size=None),
     "xattention": dict(method="block_sparse", selector="xattention", sparsity=0.6, min_seq_len=0, block_size=16),
+    "sparsed": dict(method="sparsed", sparsity=0.6, min_seq_len=0, block_size=16, dense_step_fraction=0.25),
+    "ba_att_residual": dict(method="ba_att", sparsity=0.6, min_seq_len=0, block_size=16, fine_block_size=None,
+                            residual_every=2),
 }
+STEPS = 4  # a short denoising loop: SparseD's dense first step and pattern, the residual's refresh and reuse
+
+
+def _forward(model, kwargs):
+    """The last step's output of a ``STEPS``-step loop on the same latents (what a step-aware method sees)."""
+    from sparsediff.methods import step_state
+
+    step_state.new_generation()
+    for step in range(STEPS):
+        with step_state.denoising_step(step, STEPS), torch.no_grad():
+            out = model(**kwargs, return_dict=False)[0]
+    return out
 
 
 def _free_port() -> int:
@@ -33,8 +48,7 @@ def _outputs(model, kwargs, settings):
     for name, cfg in settings.items():
         cfg = dict(cfg)
         sparsediff.enable(model, cfg.pop("method"), **cfg)
-        with torch.no_grad():
-            outs[name] = model(**kwargs, return_dict=False)[0]
+        outs[name] = _forward(model, kwargs)
         sparsediff.disable(model)
     return outs
 
@@ -78,8 +92,7 @@ def _rank(rank, port, path, ring):
         for name, proc in processors.items():
             proc._parallel_config = config
             model.set_attn_processor(proc) if name != "keep_all" else None
-            with torch.no_grad():
-                parallel[name] = model(**kwargs, return_dict=False)[0]
+            parallel[name] = _forward(model, kwargs)
             parallel[name + "_routes"] = dict(proc.routes)
             parallel[name + "_balance"] = proc.rank_balance()
         result["parallel"] = parallel
@@ -98,12 +111,14 @@ def test_ulysses_gives_the_single_process_output(tmp_path):
     result = _run(tmp_path)
     single, parallel = result["single"], result["parallel"]
     torch.testing.assert_close(parallel["keep_all"], result["dense"], atol=1e-5, rtol=1e-5)
-    for name in ("ba_att", "xattention"):
-        assert (single[name] - result["dense"]).abs().max() > 1e-4  # sparse for real
+    for name in ("ba_att", "xattention", "sparsed", "ba_att_residual"):
+        if name != "ba_att_residual":  # same latents every step: sparse + the cached residual is dense again
+            assert (single[name] - result["dense"]).abs().max() > 1e-4  # sparse for real
         torch.testing.assert_close(parallel[name], single[name], atol=1e-5, rtol=1e-5)
         assert parallel[name + "_routes"].get("sparse", 0) > 0
         balance = parallel[name + "_balance"]
-        assert len(balance["per_rank"]) == 2 and balance["max_over_mean"] >= 1.0
+        if name != "sparsed":  # SparseD keeps no realised density
+            assert len(balance["per_rank"]) == 2 and balance["max_over_mean"] >= 1.0
     # Per-row budgets give every head the same count; the global one moves blocks between heads (and ranks).
     assert parallel["xattention_balance"]["max_over_mean"] == pytest.approx(1.0)
     assert parallel["keep_all_balance"]["per_rank"] == [1.0, 1.0]

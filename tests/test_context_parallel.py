@@ -4,9 +4,6 @@ Each rank holds every token of half the heads after the all-to-all, so a method 
 global allocation gathers the candidate masses of both ranks so the kept blocks are those of one process.
 """
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -35,12 +32,6 @@ def _forward(model, kwargs):
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _outputs(model, kwargs, settings):
     import sparsediff
 
@@ -53,9 +44,9 @@ def _outputs(model, kwargs, settings):
     return outs
 
 
-def _rank(rank, port, path, ring):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+def _rank(rank, rendezvous, path, ring):
+    # A file rendezvous: no port to pick, so runs side by side cannot collide.
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     torch.accelerator.device_count = lambda: 1  # diffusers picks the device as rank % devices; a CPU has none
     from diffusers import ContextParallelConfig
 
@@ -103,7 +94,7 @@ def _rank(rank, port, path, ring):
 
 def _run(tmp_path, ring=False):
     path = str(tmp_path / "result.pt")
-    mp.spawn(_rank, args=(_free_port(), path, ring), nprocs=2)
+    mp.spawn(_rank, args=(str(tmp_path / "rendezvous"), path, ring), nprocs=2)
     return torch.load(path)
 
 

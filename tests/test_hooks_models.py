@@ -384,3 +384,20 @@ def test_diffusion_gemma_step_tracking():
     assert (1, 0) in blocks
     prefixes = {b: p for b, _, p in seen}
     assert prefixes[1] == prefixes[0] + 32
+
+
+@needs("diffusion_gemma")
+@pytest.mark.parametrize("method", ["ba_att", "block_sparse"])
+def test_diffusion_gemma_residual_reuse(method, routes):
+    """Residual reuse through the DLM hooks: generation runs, and the method refreshed and reused its cached
+    dense - sparse residuals across the denoising steps of each canvas."""
+    model = diffusion_gemma()
+    m = make_method(method, min_seq_len=0, block_size=BLOCK, residual_every=2, **SPARSE[method])
+    sparsediff.enable(model, m)
+    with torch.no_grad():
+        out = model.generate(_text(100, 0)[None], max_new_tokens=64, max_denoising_steps=3)
+    sparsediff.disable(model)
+    sequences = out.sequences if hasattr(out, "sequences") else out
+    assert sequences.shape == (1, 100 + 64)
+    assert m.stats.get("residual_refreshes", 0) > 0 and m.stats.get("residual_reuses", 0) > 0, m.stats
+    assert routes["sparse"] > 0

@@ -315,3 +315,23 @@ def test_capture_writes_qkv(models, tmp_path):
 def test_enable_rejects_non_diffusers_objects():
     with pytest.raises(TypeError, match="pipeline"):
         enable_diffusers(object(), "dense")
+
+
+@pytest.mark.parametrize("method", ["flashblock", "ba_att"])
+def test_block_causal_frame_blocks_tile_block_by_block(method):
+    """Diffusion forcing with tiles: each frame block is tiled on its own grid (its tiles never cross into the
+    prefix), queries are the block's own tiles, and keep-all still equals the model's attention."""
+    model = tiny_transformer("skyreels_v2", num_frame_per_block=2)
+    kwargs = tiny_inputs("skyreels_v2", model, frames=4)
+    reference = _forward(model, kwargs)
+    recorder = RecordingMethod(min_seq_len=0, layout="tiled", tile=(2, 4, 4), block_size=16)
+    torch.testing.assert_close(_forward_with(model, kwargs, recorder), reference, atol=1e-5, rtol=1e-5)
+    # Latent 4 frames of 8 x 8 tokens, two frames per causal block: every block call gets the grids so far.
+    assert [g for g in recorder.grids[:2]] == [[(2, 8, 8)], [(2, 8, 8), (2, 8, 8)]]
+    assert all(c["frame_size"] == 32 for c in recorder.calls)  # sort segments: one tile
+    keep_all = dict(KEEP_ALL, refresh_every=1) if method == "flashblock" else KEEP_ALL
+    sparsediff.enable(model, method, layout="tiled", tile=(2, 4, 4), **keep_all)
+    try:
+        torch.testing.assert_close(_forward(model, kwargs), reference, atol=1e-5, rtol=1e-5)
+    finally:
+        sparsediff.disable(model)

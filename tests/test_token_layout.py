@@ -134,3 +134,24 @@ def test_tiles_change_what_selection_sees_at_equal_density():
         tiled = evaluate(method, probe, reference, lay)
         assert tiled["rel_l2"] < rowmajor["rel_l2"], (spec, tiled["rel_l2"], rowmajor["rel_l2"])
         assert abs(tiled["density"] - rowmajor["density"]) < 1e-9
+
+
+def test_segment_layout_keeps_each_block_inside_itself():
+    from sparsediff.methods.token_layout import make_segment_layout
+
+    grids = [(2, 8, 8), (2, 8, 8), (1, 8, 8)]  # two frame blocks of prefix, then the queries' (shorter) block
+    lay = make_segment_layout(grids, 32, tile=(2, 4, 4))
+    n = sum(math.prod(g) for g in grids)
+    assert torch.equal(lay.perm.sort().values, torch.arange(n))
+    starts = [0, 128, 256]
+    for (g, s) in zip(grids, starts):  # every segment's tokens stay in its own range
+        part = lay.perm[s:s + math.prod(g)]
+        assert int(part.min()) == s and int(part.max()) == s + math.prod(g) - 1
+    assert torch.equal(lay.q_perm, lay.perm[256:] - 256)
+    x = torch.randn(1, 2, 64, 4)
+    assert torch.equal(lay.unpermute(lay.permute_q(x)), x)
+    q = torch.zeros(1, 1, 64, 8)
+    k = torch.zeros(1, 1, n, 8)
+    cfg = make_method("ba_att", layout="tiled", tile=(2, 4, 4), block_size=32).config
+    assert layout_for(cfg, q, k, causal=False, grid=grids, global_tokens=0) is not None
+    assert layout_for(cfg, q, k[:, :, :-1], causal=False, grid=grids, global_tokens=0) is None  # mismatch

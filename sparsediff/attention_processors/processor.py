@@ -285,12 +285,14 @@ class SparseAttnProcessor:
                    "nor block-causal; this layer runs dense")
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
 
-    def _run(self, layer, q, k, v, causal, scale, text, name=None):
+    def _run(self, layer, q, k, v, causal, scale, text, name=None, segments=None):
         name = name or layer
         grid = _grid(k.shape[2] - text)
         frame_size = grid[1] * grid[2] if grid else None
+        if segments is not None:  # a frame block over its cached prefix: one grid per block of the keys
+            grid, frame_size = segments, segments[-1][1] * segments[-1][2]
         if self.capture is not None:
-            self._save(name, q, k, v, frame_size, text, grid)
+            self._save(name, q, k, v, frame_size, text, grid if segments is None else None)
         reason = None if self.method.name == "dense" else self.method.dense_reason(q, k, causal=causal)
         self._count("dense" if self.method.name == "dense" else reason or "sparse")
         out = self.method(q, k, v, causal=causal, scale=scale, layer=name, frame_size=frame_size, global_tokens=text,
@@ -316,10 +318,11 @@ class SparseAttnProcessor:
     def _run_block_causal(self, layer, q, k, v, ends, scale):
         # Block-causal video (diffusion forcing): each frame block attends itself and earlier blocks,
         # i.e. a cached prefix plus its own tokens -- the method contract for Nk > Nq.
+        grids = _block_grids(ends)
         outs, start = [], 0
         for i, end in enumerate(ends):
             outs.append(self._run(layer, q[:, :, start:end], k[:, :, :end], v[:, :, :end], False, scale, 0,
-                                  name=f"{layer}/block{i}"))
+                                  name=f"{layer}/block{i}", segments=grids[:i + 1] if grids else None))
             start = end
         return torch.cat(outs, dim=2)
 
@@ -386,6 +389,20 @@ def _block_causal_ends(mask, n):
         ok = ok and bool((ends > torch.arange(n, device=m.device)).all())
         _BLOCK_CACHE[key] = sorted(set(ends.tolist())) if ok else None
     return _BLOCK_CACHE[key]
+
+
+def _block_grids(ends) -> list[tuple[int, int, int]] | None:
+    """The latent grid of each frame block of a block-causal call (blocks of whole frames), else None."""
+    grid = GEOMETRY.get()
+    if grid is None or not all(grid) or ends[-1] != grid[0] * grid[1] * grid[2]:
+        return None
+    per_frame, grids, start = grid[1] * grid[2], [], 0
+    for end in ends:
+        if (end - start) % per_frame:
+            return None
+        grids.append(((end - start) // per_frame, grid[1], grid[2]))
+        start = end
+    return grids
 
 
 def _grid(video_tokens: int) -> tuple[int, int, int] | None:

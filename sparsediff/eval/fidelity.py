@@ -214,8 +214,8 @@ def evaluate(method, probe: Probe, reference: DenseReference | None = None, tile
     q, k, v = probe.q, probe.k, probe.v
     frame_size = probe.frame_size
     if tiles is not None:
-        q, k, v = tiles.permute(q), tiles.permute(k), tiles.permute(v)
-        reference = DenseReference(tiles.permute(reference.out), tiles.permute(reference.lse))
+        q, k, v = tiles.permute_q(q), tiles.permute(k), tiles.permute(v)
+        reference = DenseReference(tiles.permute_q(reference.out), tiles.permute_q(reference.lse))
         frame_size = tiles.segment
     kwargs = dict(causal=probe.causal, frame_size=frame_size, global_tokens=probe.global_tokens)
     plan = method.plan(q, k, v, **kwargs)

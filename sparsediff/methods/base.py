@@ -102,8 +102,9 @@ class AttentionMethod:
 
     def __call__(self, q, k, v, *, causal=False, scale=None, layer=None, frame_size=None, global_tokens=0,
                  return_lse=False, grid=None):
-        """``grid``: (latent frames, height, width) of the video tokens after the ``global_tokens``, when the
-        host knows it; the config's ``layout`` then may reorder them into 3-D tiles (``token_layout``)."""
+        """``grid``: (latent frames, height, width) of the video tokens after the ``global_tokens`` when the host
+        knows it (for a cached-prefix call, one grid per frame block of the keys); the config's ``layout`` then
+        may reorder them into 3-D tiles (``token_layout``)."""
         state = step_state.current()
         if state.generation != self._generation:
             self._generation = state.generation
@@ -112,7 +113,7 @@ class AttentionMethod:
             return dense_attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
         tiles = self.token_layout(q, k, causal=causal, grid=grid, global_tokens=global_tokens)
         if tiles is not None:
-            q, k, v = tiles.permute(q), tiles.permute(k), tiles.permute(v)
+            q, k, v = tiles.permute_q(q), tiles.permute(k), tiles.permute(v)
             frame_size = tiles.segment
         out = self._attend_sparse(q, k, v, causal=causal, scale=scale, layer=layer, frame_size=frame_size,
                                   global_tokens=global_tokens, return_lse=return_lse)

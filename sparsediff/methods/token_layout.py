@@ -155,12 +155,16 @@ def tile_permutation(grid, tile, prefix: int = 0, device=None) -> tuple[torch.Te
 
 @dataclasses.dataclass(frozen=True)
 class TokenLayout:
-    """One call's tiling: ``permute`` q, k, v (token axis 2), ``unpermute`` the output and LSE."""
+    """One call's tiling: ``permute`` k and v (token axis 2), ``permute_q`` the queries, ``unpermute`` the
+    output and LSE. The queries share the keys' order, or, in a cached-prefix call (block-causal video), are
+    the last segment's tokens in that segment's tile order."""
 
-    grid: tuple[int, int, int]
+    grid: tuple  # (frames, rows, cols), or one such grid per segment of the keys
     tile: tuple[int, int, int]
     perm: torch.Tensor
     inverse: torch.Tensor
+    q_perm: torch.Tensor | None = None  # None: the queries are the keys' tokens
+    q_inverse: torch.Tensor | None = None
 
     @property
     def segment(self) -> int:
@@ -170,8 +174,12 @@ class TokenLayout:
     def permute(self, x: torch.Tensor) -> torch.Tensor:
         return x.index_select(2, self.perm)
 
+    def permute_q(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(2, self.perm if self.q_perm is None else self.q_perm)
+
     def unpermute(self, x: torch.Tensor) -> torch.Tensor:
-        return x.index_select(2, self.inverse)
+        """Query-side tensors (output, LSE) back to the caller's order."""
+        return x.index_select(2, self.inverse if self.q_inverse is None else self.q_inverse)
 
 
 def make_layout(grid, block_size: int, tile=None, global_tokens: int = 0, device=None) -> TokenLayout:
@@ -182,14 +190,41 @@ def make_layout(grid, block_size: int, tile=None, global_tokens: int = 0, device
     return TokenLayout(grid, tile, perm, inverse)
 
 
+def make_segment_layout(grids, block_size: int, tile=None, device=None) -> TokenLayout:
+    """Keys made of consecutive segments (frame blocks of block-causal video), each tiled on its own grid, and
+    queries that are the last segment: each block's tiles stay inside the block, so the prefix a cached-prefix
+    method keeps is tiled the same way at every call."""
+    grids = [tuple(int(x) for x in g) for g in grids]
+    tile = tuple(tile) if tile is not None else default_tile(grids[-1], block_size)
+    perms, offset = [], 0
+    for g in grids:
+        # A short block gets the tile shrunk to its frames, as default_tile does for a short clip.
+        t = tile if tile[0] <= g[0] else default_tile(g, math.prod(tile))
+        perms.append(tile_permutation(g, t, 0, device)[0] + offset)
+        offset += math.prod(g)
+    perm = torch.cat(perms)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    q_perm = perms[-1] - (offset - math.prod(grids[-1]))
+    q_inverse = torch.empty_like(q_perm)
+    q_inverse[q_perm] = torch.arange(q_perm.numel(), device=q_perm.device)
+    return TokenLayout(tuple(grids), tile, perm, inverse, q_perm, q_inverse)
+
+
+def _is_grid(grid) -> bool:
+    return isinstance(grid, (tuple, list)) and len(grid) == 3 and all(isinstance(x, int) for x in grid)
+
+
 def layout_for(config, q, k, *, causal: bool, grid, global_tokens: int) -> TokenLayout | None:
     """The tiling a method call runs under, or None (tokens in the caller's order).
 
-    Tiles apply to self-attention over a known grid with ``layout="tiled"``. ``"auto"`` (the default) keeps the
+    ``grid``: the (frames, rows, cols) of the video tokens after the global ones, or for a cached-prefix call a
+    sequence of such grids, one per segment of the keys, the queries being the last segment.
+    Tiles apply with ``layout="tiled"``. ``"auto"`` (the default) keeps the
     row-major order for now: on the probe's video generator tiles won only on many small frames (16 x 16 x 16:
     oracle error 0.039 -> 0.017 at density 0.5) and lost on wide ones (5 x 30 x 52: 0.012 -> 0.017; BA-Att
     0.016 -> 0.039), and no real video model has been measured yet (docs/video_layout.md). Causal calls (LMs)
-    and calls whose queries are not the keys' tokens (cross, cached prefixes) keep their order."""
+    and calls whose queries are not the keys' tokens (cross-attention) keep their order."""
     mode = config.layout
     if mode in ("rowmajor", "auto") or causal:
         return None
@@ -198,6 +233,14 @@ def layout_for(config, q, k, *, causal: bool, grid, global_tokens: int) -> Token
             _warn_once("layout='tiled' but the host passed no latent grid (frames, height, width); tokens keep "
                        "their order")
         return None
+    if not _is_grid(grid):  # segments: a cached prefix of earlier blocks, then the queries' block
+        grids = [tuple(g) for g in grid]
+        if (global_tokens or not grids or not all(_is_grid(g) for g in grids)
+                or k.shape[2] != sum(math.prod(g) for g in grids) or q.shape[2] != math.prod(grids[-1])):
+            _warn_once(f"layout: segment grids {grids} do not match this call's {k.shape[2]} keys and "
+                       f"{q.shape[2]} queries; tokens keep their order")
+            return None
+        return make_segment_layout(grids, config.block_size, config.tile, q.device)
     video = math.prod(grid)
     if q.shape[2] != k.shape[2] or k.shape[2] - global_tokens != video:
         _warn_once(f"layout: grid {tuple(grid)} ({video} tokens) does not match this call's {k.shape[2]} keys "

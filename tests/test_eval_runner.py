@@ -160,6 +160,9 @@ def test_video_fidelity_with_tiny_wan(tmp_path):
         assert r["latent_rel_l2_final"] >= 0.0 and -1.0 <= r["ssim"] <= 1.0
     assert (out / "videos" / "dense" / "p000-a-red-fox-running.mp4").is_file()
     assert "| ba_att:0.5 | 2 |" in (out / "summary.md").read_text()
+    # Routes per record: the tiny clip is short, so which calls ran sparse is recorded, not assumed.
+    assert all(set(r["routes"]) <= {"sparse", "dense_short", "dense_cross", "dense_step"} for r in sparse)
+    assert all(r["sparse_share"] is None or 0.0 <= r["sparse_share"] <= 1.0 for r in sparse)
     assert main(args) == 0  # resumed: nothing redone, nothing duplicated
     assert len(read_records(out / "ba_att-0.5.jsonl")) == 2
 
@@ -217,6 +220,29 @@ def test_video_fidelity_tiny_defaults_run_without_sizes(tmp_path):
                  "--steps", "2", "--out", str(out), "--no-progress", "--no-videos"]) == 0
     sparse = read_records(out / "ba_att-0.5.jsonl")[0]
     assert sparse["frames"] == 17 and sparse["size"] == [128, 128]
+    assert sparse["routes"]["sparse"] > 0 and sparse["sparse_share"] == 1.0  # every self-attention call sparse
+    assert "| 100 % |" in (out / "summary.md").read_text()
     assert 0 < sparse["psnr"] < 200  # the tiny size is long enough for the budget to change the video
     for path in out.glob("*.json*"):
         assert "Infinity" not in path.read_text()
+
+
+def test_video_fidelity_summary_flags_methods_that_never_ran_sparse(tmp_path):
+    from sparsediff.eval.records import RecordWriter
+    from sparsediff.eval.runner import results_path
+    from sparsediff.eval.video_fidelity import write_fidelity_summary
+
+    def write(method, routes, share, latency):
+        with RecordWriter(results_path(tmp_path, method)) as w:
+            w.write({"id": "p0", "method": method, "psnr": 40.0, "ssim": 0.99, "lpips": None,
+                     "latent_rel_l2_final": 0.01, "latency_s": latency, "dense_latency_s": 1.0,
+                     "routes": routes, "sparse_share": share})
+
+    write("dense", {}, None, 1.0)
+    write("ba_att:0.5", {"sparse": 12, "dense_cross": 12}, 1.0, 0.5)
+    write("sparsed:0.5", {"dense_step": 12, "dense_cross": 12}, 0.0, 0.8)
+    summary = write_fidelity_summary(tmp_path, ["dense", "ba_att:0.5", "sparsed:0.5"])
+    assert summary["methods"]["ba_att:0.5"]["sparse_share"] == 1.0
+    md = (tmp_path / "summary.md").read_text()
+    assert "| 2.00× | 100 % |" in md and "| (1.25×) | 0 % |" in md
+    assert "No attention call ran sparse for sparsed:0.5" in md

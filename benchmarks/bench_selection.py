@@ -71,10 +71,11 @@ def bench(n, heads, dim, dtype, device, cuda, sparsity) -> dict:
     if cuda:  # launch shapes of the sampled-mass kernel: rows per program, key tile, warps
         from sparsediff.kernels import sampled_mass as sm
 
-        for m, bn, w in ((64, 64, 4), (128, 64, 8), (128, 128, 8), (256, 64, 8)):
-            stage(f"sampled_mass rows4 launch m{m} n{bn} w{w}", lambda m=m, bn=bn, w=w: sm._mass_triton(
+        for m, bn, w, s in ((64, 64, 4, 1), (128, 64, 8, 1), (128, 128, 8, 1), (256, 64, 8, 1), (64, 64, 4, 2),
+                            (64, 64, 4, 4), (64, 64, 4, 8), (128, 128, 8, 4)):
+            stage(f"sampled_mass rows4 launch m{m} n{bn} w{w} s{s}", lambda m=m, bn=bn, w=w, s=s: sm._mass_triton(
                 q, k, block_size=128, rows=4, scale=q.shape[-1] ** -0.5, causal=False,
-                launch=dict(rows_per_program=m, block_n=bn, num_warps=w)))
+                launch=dict(rows_per_program=m, block_n=bn, num_warps=w, key_splits=s)))
     mass = sampled_block_mass(q, k, block_size=128, rows=4)
     density = 1 - sparsity
     lay = layout(n, n, 128, q.device, density=density, local_window=128)

@@ -98,10 +98,10 @@ if triton is not None:
         Q, K, Scratch, RowLse, Out,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
-        num_heads, group_size, nq, nk, nqb, nkb, causal_offset, qk_scale,
+        num_heads, group_size, nq, nk, nqb, nkb, causal_offset, qk_scale, blocks_per_split,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
         GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
-        DOT_IEEE: tl.constexpr,
+        DOT_IEEE: tl.constexpr, SPLIT: tl.constexpr,
     ):
         # One program: GROUPS query blocks x ROWS sampled rows of one head, against every key block.
         BLOCK_M: tl.constexpr = GROUPS * ROWS
@@ -132,8 +132,12 @@ if triton is not None:
         j_end = nkb
         if CAUSAL:
             j_end = tl.minimum(nkb, tl.maximum(last_row + causal_offset, -1) // BLOCK_SIZE + 1)
+        j_start = 0
+        if SPLIT:  # this program's share of the key blocks; the row LSE and the means come from the reduce kernel
+            j_start = tl.program_id(2) * blocks_per_split
+            j_end = tl.minimum(j_end, j_start + blocks_per_split)
         TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
-        for j in range(0, j_end):
+        for j in range(j_start, j_end):
             m_blk = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             l_blk = tl.zeros([BLOCK_M], dtype=tl.float32)
             for t in range(TILES):
@@ -161,29 +165,58 @@ if triton is not None:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_run = l_run * tl.math.exp2(m_run - m_safe) + tl.math.exp2(ls - m_safe)
             m_run = m_new
-        m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
-        lse = tl.where(l_run > 0, m_safe + tl.math.log2(l_run), float("inf"))  # +inf: the row contributes 0
-        tl.store(RowLse + srow, lse, mask=row_ok)
-        # Pass 2 reads the same rows back as (GROUPS, ROWS) tiles; the barrier makes the writes visible.
-        tl.debug_barrier()
+        if not SPLIT:  # one program saw every key block: the row LSE is complete, write the means
+            m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
+            lse = tl.where(l_run > 0, m_safe + tl.math.log2(l_run), float("inf"))  # +inf: the row contributes 0
+            tl.store(RowLse + srow, lse, mask=row_ok)
+            # Pass 2 reads the same rows back as (GROUPS, ROWS) tiles; the barrier makes the writes visible.
+            tl.debug_barrier()
+            g = tl.arange(0, GROUPS)
+            t2 = tl.arange(0, ROWS)
+            srow2 = pid_bh * nqb * ROWS + pid_m * BLOCK_M + g[:, None] * ROWS + t2[None, :]
+            ok2 = (pid_m * GROUPS + g) < nqb
+            lse2 = tl.load(RowLse + srow2, mask=ok2[:, None], other=float("inf"))
+            out_base = Out + pid_bh * nqb * nkb + (pid_m * GROUPS + g) * nkb
+            for j in range(0, nkb):
+                if j < j_end:
+                    ls2 = tl.load(Scratch + srow2 * nkb + j, mask=ok2[:, None], other=float("-inf"))
+                    mass = tl.sum(tl.math.exp2(ls2 - lse2), 1) / ROWS
+                else:
+                    mass = tl.zeros([GROUPS], dtype=tl.float32)
+                tl.store(out_base + j, mass, mask=ok2)
+
+    @triton.jit
+    def _sampled_mass_reduce(
+        Scratch, Out, nqb, nkb, ROWS: tl.constexpr, GROUPS: tl.constexpr,
+    ):
+        # Split launches: each row's LSE over all key blocks from the scratch, then the per-block means.
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1).to(tl.int64)
         g = tl.arange(0, GROUPS)
         t2 = tl.arange(0, ROWS)
-        srow2 = pid_bh * nqb * ROWS + pid_m * BLOCK_M + g[:, None] * ROWS + t2[None, :]
-        ok2 = (pid_m * GROUPS + g) < nqb
-        lse2 = tl.load(RowLse + srow2, mask=ok2[:, None], other=float("inf"))
+        srow = pid_bh * nqb * ROWS + pid_m * GROUPS * ROWS + g[:, None] * ROWS + t2[None, :]
+        ok = (pid_m * GROUPS + g) < nqb
+        m_run = tl.full([GROUPS, ROWS], float("-inf"), dtype=tl.float32)
+        l_run = tl.zeros([GROUPS, ROWS], dtype=tl.float32)
+        for j in range(0, nkb):
+            ls = tl.load(Scratch + srow * nkb + j, mask=ok[:, None], other=float("-inf"))
+            m_new = tl.maximum(m_run, ls)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_run = l_run * tl.math.exp2(m_run - m_safe) + tl.math.exp2(ls - m_safe)
+            m_run = m_new
+        m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
+        lse = tl.where(l_run > 0, m_safe + tl.math.log2(l_run), float("inf"))
         out_base = Out + pid_bh * nqb * nkb + (pid_m * GROUPS + g) * nkb
         for j in range(0, nkb):
-            if j < j_end:
-                ls2 = tl.load(Scratch + srow2 * nkb + j, mask=ok2[:, None], other=float("-inf"))
-                mass = tl.sum(tl.math.exp2(ls2 - lse2), 1) / ROWS
-            else:
-                mass = tl.zeros([GROUPS], dtype=tl.float32)
-            tl.store(out_base + j, mass, mask=ok2)
+            ls = tl.load(Scratch + srow * nkb + j, mask=ok[:, None], other=float("-inf"))
+            tl.store(out_base + j, tl.sum(tl.math.exp2(ls - lse), 1) / ROWS, mask=ok)
 
 
 # Sampled rows per program (one tensor-core tile of queries), key columns per tile, warps: every program
 # reads all keys once, so more rows per program means less key traffic (bench_selection.py measures them).
-LAUNCH = dict(rows_per_program=64, block_n=64, num_warps=4)
+# ``key_splits`` > 1 spreads each program's key blocks over that many programs (more parallel programs when
+# the query side gives fewer than the GPU has SMs) and adds a small reduce launch; not yet timed on a GPU.
+LAUNCH = dict(rows_per_program=64, block_n=64, num_warps=4, key_splits=1)
 
 
 def _mass_triton(q, k, *, block_size, rows, scale, causal, launch=None):
@@ -197,17 +230,26 @@ def _mass_triton(q, k, *, block_size, rows, scale, causal, launch=None):
         raise ValueError(f"the Triton path needs a power-of-two number of sampled rows, got {rows}")
     groups = max(1, launch["rows_per_program"] // rows)
     block_n = min(launch["block_n"] if block_d <= 128 else 32, block_size)
-    scratch = torch.empty(bsz * hq, nqb * rows, nkb, dtype=torch.float32, device=q.device)
+    splits = max(1, min(int(launch["key_splits"]), nkb))
+    per_split = math.ceil(nkb / splits)
+    splits = math.ceil(nkb / per_split)
+    # Split launches leave causally invisible blocks unwritten: they must read as "no mass".
+    if splits > 1:
+        scratch = torch.full((bsz * hq, nqb * rows, nkb), float("-inf"), dtype=torch.float32, device=q.device)
+    else:
+        scratch = torch.empty(bsz * hq, nqb * rows, nkb, dtype=torch.float32, device=q.device)
     row_lse = torch.empty(bsz * hq, nqb * rows, dtype=torch.float32, device=q.device)
     out = torch.empty(bsz, hq, nqb, nkb, dtype=torch.float32, device=q.device)
-    grid = (math.ceil(nqb / groups), bsz * hq)
+    grid = (math.ceil(nqb / groups), bsz * hq, splits)
     _sampled_mass_fwd[grid](
         q, k, scratch, row_lse, out, *q.stride(), *k.stride(),
-        hq, hq // hkv, nq, nk, nqb, nkb, nk - nq, scale * LOG2E,
+        hq, hq // hkv, nq, nk, nqb, nkb, nk - nq, scale * LOG2E, per_split,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, ROWS=rows, GROUPS=groups, BLOCK_N=block_n,
-        CAUSAL=causal, DOT_F32=not q.is_cuda, DOT_IEEE=q.is_cuda and q.dtype == torch.float32,
+        CAUSAL=causal, DOT_F32=not q.is_cuda, DOT_IEEE=q.is_cuda and q.dtype == torch.float32, SPLIT=splits > 1,
         num_warps=launch["num_warps"], num_stages=2,
     )
+    if splits > 1:
+        _sampled_mass_reduce[(math.ceil(nqb / groups), bsz * hq)](scratch, out, nqb, nkb, ROWS=rows, GROUPS=groups)
     return out
 
 

@@ -99,7 +99,7 @@ def bench(n, heads, dim, dtype, device, cuda, sparsity) -> dict:
     plan = method.plan(q, k, v)
     out, lse = method.attend(q, plan, causal=False, scale=None, return_lse=True, compensate=False)
     stage("compensate (pooled dropped blocks)", lambda: add_dropped_blocks(
-        q, plan.k, plan.v, plan.block_index, plan.block_count, out, lse, block_size=128))
+        q, plan.k, plan.v, plan.block_index, plan.block_count, out, lse, block_size=plan.block_size))
     return row
 
 

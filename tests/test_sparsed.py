@@ -226,3 +226,23 @@ def test_cached_pattern_error_is_small_on_slowly_changing_inputs():
             out = m(q, k0, v, layer="l")
             errs.append((out - dense_attention(q, k0, v)).norm() / dense_attention(q, k0, v).norm())
     assert max(errs[:3]) < 1e-5 and max(errs) < 0.1
+
+
+def test_causal_budget_counts_visible_blocks_only():
+    """Sparsity means the share of causally visible key blocks skipped, as for every method: each query block
+    keeps floor(visible x keep) + 1 of its visible blocks, never a future one, and the reported density is over
+    visible pairs (it used to count every block, future ones included: ~0.77 of the visible ones at 0.5)."""
+    from sparsediff.kernels import causal_block_mask
+
+    m = method(sparsity=0.5)
+    q, k, v = qkv(n=512, nk=512)
+    with denoising_step(5, 10):
+        m(q, k, v, causal=True, layer="c")
+    index, count = m.patterns()["c"]
+    visible = causal_block_mask(32, 32, 512, 512, 16)
+    mask = index_to_mask(index, count, 32)
+    assert not bool((mask & ~visible).any())
+    n_vis = visible.sum(-1)
+    assert torch.equal(mask.sum(-1)[0, 0], torch.minimum(n_vis, (n_vis * 0.5).floor().long() + 1))
+    assert m.stats["density"] == pytest.approx(float(mask.sum()) / (float(visible.sum()) * q.shape[1]))
+    assert 0.5 < m.stats["density"] < 0.56  # the + 1 per row, not 0.77

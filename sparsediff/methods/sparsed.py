@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from ..kernels import block_sparse_attention, mask_to_index
+from ..kernels import block_sparse_attention, causal_block_mask, mask_to_index
 from ..kernels.tile_mass import row_lse, tile_mass
 from . import step_state
 from .base import AttentionMethod, MethodConfig, register_method
@@ -63,16 +63,25 @@ def blocks_to_keep(num_kv_blocks: int, keep_ratio: float) -> int:
     return min(num_kv_blocks, math.floor(num_kv_blocks * keep_ratio) + 1)
 
 
-def select_from_mass(mass, keep_ratio, *, global_tokens=0, block_size=128):
+def select_from_mass(mass, keep_ratio, *, global_tokens=0, block_size=128, visible=None):
     """Top key blocks per (batch, head, query block) by tile mass -> ``(block_index, block_count)``.
 
-    Blocks holding any of the first ``global_tokens`` tokens are always kept as columns, and query
+    ``visible`` ``(nqb, nkb)`` bool (causal calls): each query block's budget counts its visible key blocks
+    only, and only those compete, so a sparsity means the share of visible blocks skipped, as for every
+    method. Blocks holding any of the first ``global_tokens`` tokens are always kept as columns, and query
     blocks holding them keep every key block (global tokens attend everything).
     """
     nqb, nkb = mass.shape[-2:]
-    keep = blocks_to_keep(nkb, keep_ratio)
-    top = torch.topk(mass, keep, dim=-1, sorted=False).indices
-    mask = torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, top, True)
+    if visible is None:
+        keep = blocks_to_keep(nkb, keep_ratio)
+        top = torch.topk(mass, keep, dim=-1, sorted=False).indices
+        mask = torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, top, True)
+    else:
+        n_vis = visible.sum(-1)  # (nqb,)
+        keep = torch.minimum(n_vis, torch.floor(n_vis.double() * keep_ratio).long() + 1)
+        order = mass.masked_fill(~visible, float("-inf")).argsort(dim=-1, descending=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nkb, device=mass.device).expand_as(order))
+        mask = (rank < keep[:, None]) & visible
     if global_tokens > 0:
         g = math.ceil(global_tokens / block_size)
         mask[..., :g] = True
@@ -129,11 +138,16 @@ class SparseDMethod(AttentionMethod):
             # Switch step: pass 1 is exact dense attention, so this step's output stays dense.
             out, lse = row_lse(q, k, v, scale=scale, causal=causal, block_size=cfg.block_size)
             mass = tile_mass(q, k, lse, scale=scale, causal=causal, block_size=cfg.block_size)
+            nqb, nkb = mass.shape[-2:]
+            visible = causal_block_mask(nqb, nkb, q.shape[2], k.shape[2], cfg.block_size, q.device) if causal \
+                else None
             index, count = select_from_mass(mass, cfg.keep_ratio, global_tokens=global_tokens,
-                                            block_size=cfg.block_size)
+                                            block_size=cfg.block_size, visible=visible)
             self._cache.entries[key] = _Pattern(index, count, state.step, signature)
             self.stats["selections"] += 1
-            self.stats["density"] = float(count.float().mean()) / mass.shape[-1]
+            # Kept over visible (query block, key block) pairs, as every method reports it.
+            n_visible = int(visible.sum()) if visible is not None else nqb * nkb
+            self.stats["density"] = float(count.double().mean()) * nqb / n_visible
             return (out, lse) if return_lse else out
         self.stats["sparse_calls"] += 1
         return block_sparse_attention(

@@ -53,6 +53,7 @@ def test_attention_records_against_dense_and_the_oracle(small_run):
     assert half["ba_att"]["oracle"] == "oracle/allocation=global/local_window=none"
     assert 0.9 < half["ba_att"]["error_over_oracle"] < 1.5
     assert (out / "attention_error.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "perplexity_vs_density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| `ba_att` | 0.5 |" in (out / "summary.md").read_text()
 
 

@@ -94,6 +94,8 @@ def write_report(out_dir, *, plots=True) -> dict:
     (out_dir / "summary.md").write_text(markdown(summary, needles))
     if plots and att:
         plot_layer_errors(att, out_dir / "attention_error.png")
+    if plots and dense_ppl and sum(r["ppl"] is not None for r in rows) >= 2:
+        plot_perplexity(rows, dense_ppl, out_dir / "perplexity_vs_density.png")
     return summary
 
 
@@ -158,6 +160,31 @@ def plot_layer_errors(att, path) -> None:
         ax.set_ylabel("relative L2 error vs dense")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_perplexity(rows, dense_ppl, path) -> None:
+    """Perplexity against the realised density, one line per setting (the oracle dashed), dense as a line:
+    the Pareto view of a run with several densities."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        pts = sorted((r["ppl_density"], r["ppl"]) for r in rows
+                     if r["setting"] == setting and r["ppl"] is not None and r["ppl_density"] is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if setting.startswith("oracle") else "-",
+                    marker="o", label=setting)
+    ax.axhline(dense_ppl, color="black", linewidth=0.8, label=f"dense ({dense_ppl:.3f})")
+    ax.set(xlabel="realised density (kept / causally visible blocks)", ylabel="perplexity",
+           title="perplexity vs density")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -85,8 +85,8 @@ def tile_order(tile) -> torch.Tensor:
     recursively), so finer blocks (BA-Att's 64-token blocks inside a 128-token tile) are compact too; (2) the
     last position of each eighth of the tile holds that eighth's most central token, because the sampled-rows
     estimator scores the last row of each of its S runs exactly: in row-major order those rows would all sit on one
-    corner of the tile (measured on the probe: 4 sampled rows per 4 x 4 x 8 tile, error 0.074 at 50 %
-    sparsity against 0.008 with 32 rows)."""
+    corner of the tile (16 x 16 x 16 probe, 4 sampled rows per 4 x 4 x 8 tile, 50 % sparsity: error 0.074 with
+    row-major order inside the tile, 0.033 with this one)."""
     with torch.device("cpu"):
         return _tile_order(tile)
 

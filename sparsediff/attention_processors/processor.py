@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..methods import head_parallel, make_method, step_state
-from ..methods.base import AttentionMethod
+from ..methods.base import AttentionMethod, sparse_share
 from ..methods.dense import dense_attention
 from . import families
 
@@ -176,8 +176,7 @@ class SparseAttnProcessor:
     def sparse_share(self) -> float | None:
         """Share of the current generation's routed (self- and joint-) attention calls that ran the method; None
         before any. Cross-attention calls, dense by design, are counted in ``routes`` but not here."""
-        total = sum(n for route, n in self.routes.items() if route != "dense_cross")
-        return self.routes["sparse"] / total if total else None
+        return sparse_share(self.routes)
 
     def describe(self) -> dict:
         out = {"processor": type(self).__name__, **self.method.describe(), "routes": dict(self.routes),

@@ -10,6 +10,7 @@ import re
 import time
 from pathlib import Path
 
+from ..methods.base import sparse_share
 from .records import RecordWriter, read_records
 from .scoring import accuracy, accuracy_by
 
@@ -192,10 +193,8 @@ def summarize(results: dict[str, list[dict]], group_fields=()) -> dict:
         for r in records:
             for route, n in (r.get("routes") or {}).items():
                 routes[route] = routes.get(route, 0) + n
-        calls = sum(routes.values())
         rows[method] = {
-            "routes": routes, "sparse_share": (routes.get("sparse", 0) + routes.get("sparse_padded", 0)) / calls
-            if calls else None,
+            "routes": routes, "sparse_share": sparse_share(routes),
             "n": len(records), "accuracy": accuracy(records), "n_shared": len(shared),
             "accuracy_shared": accuracy(shared) if shared else None,
             "delta_vs_dense": accuracy(shared) - accuracy(base_shared) if shared else None,

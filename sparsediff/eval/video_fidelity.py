@@ -287,8 +287,9 @@ def _record(pid, prompt, method, seconds, frames, dense_frames, latents, dense_l
 def _route_fields(routes: dict) -> dict:
     """``routes`` and the share of self-/joint-attention calls that ran the method (cross-attention, dense by
     design, left out); ``sparse_share`` is None when nothing was routed."""
-    routed = sum(n for r, n in routes.items() if r != "dense_cross")
-    return {"routes": routes, "sparse_share": routes.get("sparse", 0) / routed if routed else None}
+    from ..methods.base import sparse_share
+
+    return {"routes": routes, "sparse_share": sparse_share(routes)}
 
 
 def _mean_of(records, key):

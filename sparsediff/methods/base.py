@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from . import step_state
+from . import step_state, token_layout
 from .dense import dense_attention
 
 logger = logging.getLogger(__name__)
@@ -48,9 +48,7 @@ class MethodConfig:
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise ValueError(f"residual_every must be an int >= 0 (0: off; r: refresh the cached dense - sparse "
                              f"residual every r denoising steps), got {r!r}")
-        from .token_layout import check_layout_fields
-
-        check_layout_fields(self)
+        token_layout.check_layout_fields(self)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -126,9 +124,7 @@ class AttentionMethod:
     def token_layout(self, q, k, *, causal, grid, global_tokens):
         """The tiling this call runs under (a :class:`~.token_layout.TokenLayout`), or None for the tokens' own
         order: no grid, a causal or cross call, or ``config.layout`` off."""
-        from .token_layout import layout_for
-
-        return layout_for(self.config, q, k, causal=causal, grid=grid, global_tokens=global_tokens)
+        return token_layout.layout_for(self.config, q, k, causal=causal, grid=grid, global_tokens=global_tokens)
 
     def _attend_sparse(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
         """The sparse product of one call (in the layout's token order), with the cached dense - sparse residual
@@ -179,6 +175,13 @@ DENSE_REASONS = {
     "dense_no_steps": "no denoising steps: calls are independent forward passes, so a pattern reused across "
                       "steps would carry one input's pattern to the next",
 }
+
+
+def sparse_share(routes: dict) -> float | None:
+    """Share of routed attention calls that ran the method (routes ``"sparse"`` and ``"sparse_padded"``) in a
+    ``route -> calls`` count; cross-attention (``"dense_cross"``, dense by design) left out. None before any."""
+    total = sum(n for route, n in routes.items() if route != "dense_cross")
+    return (routes.get("sparse", 0) + routes.get("sparse_padded", 0)) / total if total else None
 
 
 def register_method(cls: type[AttentionMethod]) -> type[AttentionMethod]:

@@ -193,9 +193,14 @@ def make_layout(grid, block_size: int, tile=None, global_tokens: int = 0, device
 def make_segment_layout(grids, block_size: int, tile=None, device=None) -> TokenLayout:
     """Keys made of consecutive segments (frame blocks of block-causal video), each tiled on its own grid, and
     queries that are the last segment: each block's tiles stay inside the block, so the prefix a cached-prefix
-    method keeps is tiled the same way at every call."""
-    grids = [tuple(int(x) for x in g) for g in grids]
-    tile = tuple(tile) if tile is not None else default_tile(grids[-1], block_size)
+    method keeps is tiled the same way at every call. Cached: every layer and step of a generation asks again."""
+    return _segment_layout(tuple(tuple(int(x) for x in g) for g in grids), block_size,
+                           None if tile is None else tuple(tile), torch.device(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _segment_layout(grids, block_size, tile, device) -> TokenLayout:
+    tile = tile if tile is not None else default_tile(grids[-1], block_size)
     perms, offset = [], 0
     for g in grids:
         # A short block gets the tile shrunk to its frames, as default_tile does for a short clip.

@@ -170,7 +170,8 @@ def attend_with_residual(method, q, k, v, *, causal, scale, layer, frame_size, g
                  int(global_tokens))
     entry = cache.layers.entries.get(name)
     if entry is not None and entry.signature != signature:  # new shapes: a fresh entry
-        entry = cache.layers.entries.pop(name) and None
+        del cache.layers.entries[name]
+        entry = None
     refresh = entry is None or stale(entry.step, state.step, every)
     planner = _planner(method, k.shape[2])
     stats = method.stats

@@ -8,12 +8,19 @@ text dim 4096); the latent is 16 x 21 x 60 x 104 (81 frames at 480x832 after the
 of 30 x 52 = 1,560 patches = 32,760 tokens, with 512 text tokens for cross-attention. Rows:
 
 * dense: the model's own processors, SDPA with the cuDNN backend first;
-* ba_att@s: ``sparsediff.enable(model, "ba_att", sparsity=s)`` (cross-attention stays dense).
+* ba_att@s: ``sparsediff.enable(model, "ba_att", sparsity=s, layout=L)`` (cross-attention stays dense), for each
+  token layout ``L`` of ``--layout`` (``rowmajor``: the tokens' own order; ``tiled``: 3-D tiles of one block);
+* with ``--residual-every r``: the same at each sparsity with residual reuse (``residual_every=r``) over
+  ``--cycles`` refresh cycles inside ``denoising_step``; refresh and reuse steps are timed apart and the row's
+  step time is their mean over one cycle, ``(refresh + (r - 1) * reuse) / r``.
 
 Step time is the median of ``--repeat`` forward passes after ``--warmup`` passes (kernel compilation
 and autotuning happen there). The attention share comes from a separate pass in which every routed
 attention call is synchronised and timed (``attention_timer``); dense attention is timed the same way
-through ``DenseProcessor``. Targets for context: >= 1.5x step speed-up at 0.5, >= 2.3x at 0.8.
+through ``DenseProcessor``. ``amdahl`` is the step speed-up that the row's attention speed-up alone would
+give at the dense attention share, ``1 / ((1 - a) + a / s)``; the dense row's is the bound ``1 / (1 - a)``.
+``layout_ms`` is the tiled layout's own cost per step (permute q, k, v and unpermute the output, once per
+self-attention layer, timed alone). Targets for context: >= 1.5x step speed-up at 0.5, >= 2.3x at 0.8.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import time
 import torch
 
 import sparsediff
-from sparsediff.attention_processors import DenseProcessor, attention_timer
+from sparsediff.attention_processors import DenseProcessor, attention_timer, enabled_processor
 
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
@@ -88,6 +95,50 @@ def time_step(model, inputs, cuda, warmup, repeat) -> float:
     return statistics.median(times)
 
 
+def time_residual_cycle(model, inputs, cuda, every, cycles) -> tuple[float, float]:
+    """Median seconds of a refresh step and of a reuse step under residual reuse (one generation)."""
+    refresh, reuse = [], []
+    total = every * (cycles + 1)
+    with torch.inference_mode(), sdpa_backends(cuda), sparsediff.generation():
+        for step in range(total):
+            with sparsediff.denoising_step(step, total):
+                sync(cuda)
+                start = time.perf_counter()
+                model(**inputs, return_dict=False)
+                sync(cuda)
+            if step >= every:  # the first cycle compiles and autotunes
+                (refresh if step % every == 0 else reuse).append(time.perf_counter() - start)
+    return statistics.median(refresh), statistics.median(reuse)
+
+
+def layout_seconds(model, inputs, cuda, block_size) -> float:
+    """Seconds per step of the tiled layout alone: permute q, k, v and unpermute the output, once per layer."""
+    from sparsediff.methods.token_layout import make_layout
+
+    b, _, f, h, w = inputs["hidden_states"].shape
+    p = model.config.patch_size
+    grid = (f // p[0], h // p[1], w // p[2])
+    heads, dim = model.config.num_attention_heads, model.config.attention_head_dim
+    q, k, v = (torch.randn(b, heads, grid[0] * grid[1] * grid[2], dim, device=inputs["hidden_states"].device,
+                           dtype=inputs["hidden_states"].dtype) for _ in range(3))
+    tiles = make_layout(grid, block_size, device=q.device)
+
+    def once():
+        qs, _, _ = tiles.permute_q(q), tiles.permute(k), tiles.permute(v)
+        return tiles.unpermute(qs)
+
+    if cuda:
+        import triton.testing
+
+        per_call = float(triton.testing.do_bench(once, warmup=10, rep=50, return_mode="median")) / 1e3
+    else:
+        once()
+        start = time.perf_counter()
+        once()
+        per_call = time.perf_counter() - start
+    return per_call * len(model.blocks)
+
+
 def attention_seconds(model, inputs, cuda) -> float:
     with torch.inference_mode(), sdpa_backends(cuda), attention_timer() as box:
         model(**inputs, return_dict=False)
@@ -99,6 +150,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model on CPU (smoke run)")
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.8])
     parser.add_argument("--method", default="ba_att")
+    parser.add_argument("--layout", nargs="+", default=["rowmajor", "tiled"], choices=["rowmajor", "tiled", "auto"],
+                        help="token layouts to time each sparse row under")
+    parser.add_argument("--residual-every", type=int, default=0, help="also time residual reuse every r steps")
+    parser.add_argument("--cycles", type=int, default=2, help="timed refresh cycles of residual reuse")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", default=None)
@@ -131,26 +186,55 @@ def main(argv=None) -> int:
     sparsediff.disable(model)
     rows.append({"method": "dense (cuDNN SDPA)", "sparsity": 0.0, "step_s": dense_step, "attention_s": dense_attn})
     for sparsity in args.sparsity:
-        sparsediff.enable(model, args.method, sparsity=sparsity, **method_kwargs)
-        step = time_step(model, inputs, cuda, args.warmup, args.repeat)
-        attn = attention_seconds(model, inputs, cuda)
-        sparsediff.disable(model)
-        rows.append({"method": args.method, "sparsity": sparsity, "step_s": step, "attention_s": attn})
+        for layout in args.layout:
+            sparsediff.enable(model, args.method, sparsity=sparsity, layout=layout, **method_kwargs)
+            step = time_step(model, inputs, cuda, args.warmup, args.repeat)
+            attn = attention_seconds(model, inputs, cuda)
+            sparsediff.disable(model)
+            rows.append({"method": args.method, "sparsity": sparsity, "layout": layout, "step_s": step,
+                         "attention_s": attn})
+            print(f"  {args.method} {sparsity} {layout}: step {step:.4f} s, attention {attn:.4f} s", flush=True)
+        if args.residual_every:
+            layout = args.layout[-1]
+            # Steps come from denoising_step here (the timestep input never changes between timed passes).
+            sparsediff.enable(model, args.method, sparsity=sparsity, layout=layout, track_steps=False,
+                              residual_every=args.residual_every, **method_kwargs)
+            refresh, reuse = time_residual_cycle(model, inputs, cuda, args.residual_every, args.cycles)
+            stats = dict(enabled_processor(model).method.stats)
+            sparsediff.disable(model)
+            r = args.residual_every
+            rows.append({"method": f"{args.method}+residual/{r}", "sparsity": sparsity, "layout": layout,
+                         "step_s": (refresh + (r - 1) * reuse) / r, "refresh_step_s": refresh,
+                         "reuse_step_s": reuse, "attention_s": 0.0,
+                         "residual_refreshes": stats.get("residual_refreshes", 0),
+                         "residual_reuses": stats.get("residual_reuses", 0),
+                         "residual_mib": stats.get("residual_bytes", 0) / 2**20})
     for row in rows:
         row["attention_share"] = row["attention_s"] / row["step_s"] if row["step_s"] else 0.0
         row["step_speedup"] = dense_step / row["step_s"]
         row["attention_speedup"] = dense_attn / row["attention_s"] if row["attention_s"] else 0.0
+        share = min(dense_attn / dense_step, 1.0)
+        speed = row["attention_speedup"]
+        row["amdahl"] = (1 / (1 - share) if share < 1 else float("inf")) if row["sparsity"] == 0 else (
+            1 / ((1 - share) + share / speed) if speed else 0.0)
+    block = 16 if args.quick else 128
+    layout_s = layout_seconds(model, inputs, cuda, block)
+    layout_cost = {"layout_ms_per_step": 1e3 * layout_s, "pct_of_dense_step": 100 * layout_s / dense_step}
+    print(f"tiled layout alone: {1e3 * layout_s:.2f} ms per step ({layout_cost['pct_of_dense_step']:.2f}% of a "
+          "dense step)")
 
     result = {"benchmark": "bench_video", "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "environment": env, "tokens": tokens, "quick": args.quick, "warmup": args.warmup,
-              "repeat": args.repeat, "rows": rows}
+              "repeat": args.repeat, "layout_cost": layout_cost, "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"\nJSON: {args.out}\n")
-    print(f"{'method':<20}{'sparsity':>9}{'step (s)':>11}{'attn (s)':>11}{'attn share':>12}{'step x':>9}{'attn x':>9}")
+    print(f"{'method':<22}{'sparsity':>9}{'layout':>10}{'step (s)':>11}{'attn (s)':>11}{'attn share':>12}"
+          f"{'step x':>9}{'attn x':>9}{'amdahl':>9}")
     for r in rows:
-        print(f"{r['method']:<20}{r['sparsity']:>9.2f}{r['step_s']:>11.4f}{r['attention_s']:>11.4f}"
-              f"{100 * r['attention_share']:>11.1f}%{r['step_speedup']:>9.2f}{r['attention_speedup']:>9.2f}")
+        print(f"{r['method']:<22}{r['sparsity']:>9.2f}{r.get('layout', '-'):>10}{r['step_s']:>11.4f}"
+              f"{r['attention_s']:>11.4f}{100 * r['attention_share']:>11.1f}%{r['step_speedup']:>9.2f}"
+              f"{r['attention_speedup']:>9.2f}{r['amdahl']:>9.2f}")
     return 0
 
 

@@ -23,6 +23,7 @@ _EXPORTS = {
     "available_methods": "sparsediff.methods",
     "denoising_step": "sparsediff.methods",
     "new_generation": "sparsediff.methods",
+    "generation": "sparsediff.methods",
     "new_block": "sparsediff.methods",
     # methods
     "BAAttConfig": "sparsediff.methods.ba_att",

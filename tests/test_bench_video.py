@@ -1,0 +1,29 @@
+"""The Wan step benchmark's CPU smoke run: every layout row, the residual-reuse row and the layout's cost."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_run_times_layouts_and_residual_reuse(tmp_path):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "video.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_video.py"), "--quick", "--sparsity", "0.5", "--warmup",
+           "0", "--repeat", "1", "--residual-every", "2", "--cycles", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {(r["method"], r.get("layout")): r for r in result["rows"]}
+    assert {("ba_att", "rowmajor"), ("ba_att", "tiled"), ("ba_att+residual/2", "tiled")} <= set(rows)
+    for row in result["rows"]:
+        assert row["step_s"] > 0 and row["step_speedup"] > 0
+    residual = rows[("ba_att+residual/2", "tiled")]
+    # 4 steps (one untimed cycle + one timed): 2 refresh and 2 reuse steps per self-attention layer.
+    assert residual["residual_refreshes"] > 0 and residual["residual_reuses"] == residual["residual_refreshes"]
+    assert residual["residual_mib"] > 0
+    assert result["layout_cost"]["layout_ms_per_step"] > 0

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsediff.bench import environment, random_block_mask, sdpa_fn, time_ms  # noqa: E402
 from sparsediff.kernels import mask_to_index  # noqa: E402
-from sparsediff.kernels.block_sparse_gluon import block_sparse_attention_gluon  # noqa: E402
-from sparsediff.kernels.block_sparse_triton import block_sparse_attention_triton  # noqa: E402
-from sparsediff.kernels.reference import block_sparse_attention_ref  # noqa: E402
+from sparsediff.kernels.block_sparse.gluon import block_sparse_attention_gluon  # noqa: E402
+from sparsediff.kernels.block_sparse.reference import block_sparse_attention_ref  # noqa: E402
+from sparsediff.kernels.block_sparse.triton import block_sparse_attention_triton  # noqa: E402
 
 VARIANTS = {
     "default": {},  # 3 stages, in-warpgroup overlap, no ping-pong

@@ -24,10 +24,11 @@ import triton
 import triton.language as tl
 import triton.testing as tt
 
-from sparsediff.kernels import ba_features, permute_stats, segment_sort
+from sparsediff.kernels import ba_features, segment_sort
 from sparsediff.kernels.ba_features import query_features, segment_order
-from sparsediff.kernels.block_stats_triton import store_score_features, tile_moments
-from sparsediff.kernels.permute_stats import gather_sorted_segments, row_norms
+from sparsediff.kernels.block_stats import permute as permute_stats
+from sparsediff.kernels.block_stats.permute import gather_sorted_segments, row_norms
+from sparsediff.kernels.block_stats.triton import store_score_features, tile_moments
 from sparsediff.methods import ba_att
 from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _scores_from_features, _select, _sort_keys
 from sparsediff.methods.block_select import select_from_scores

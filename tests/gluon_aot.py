@@ -16,7 +16,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.runtime import driver
 
-from sparsediff.kernels import block_sparse_gluon as G
+from sparsediff.kernels.block_sparse import gluon as G
 
 
 class Sm90Target:

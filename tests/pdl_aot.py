@@ -13,8 +13,9 @@ import torch
 from gluon_aot import Sm90Target
 from triton.runtime import driver
 
-from sparsediff.kernels import losa_first_triton, losa_step, losa_step_triton, pdl, prefix_merge_triton
-from sparsediff.kernels.prefix_merge import merge_prefix
+from sparsediff.kernels import losa_first_triton, losa_step, losa_step_triton, pdl
+from sparsediff.kernels.merge import prefix_triton as prefix_merge_triton
+from sparsediff.kernels.merge.prefix import merge_prefix
 
 KERNELS = {
     "_token_change_kernel": losa_step_triton, "_chunk_stats_kernel": losa_step_triton,

@@ -7,8 +7,12 @@ import pytest
 import torch
 
 from sparsediff.kernels import index_to_mask
+from sparsediff.kernels.block_sparse.reference import (
+    block_sparse_attention_ref,
+    causal_token_mask,
+    masked_attention_ref,
+)
 from sparsediff.kernels.masks import causal_block_mask
-from sparsediff.kernels.reference import block_sparse_attention_ref, causal_token_mask, masked_attention_ref
 from sparsediff.methods import make_method
 from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, ba_attention, ba_scores, select_blocks, sort_keys
 from sparsediff.methods.block_select import diagonal_blocks

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sparsediff.kernels.reference import block_sparse_attention_ref
+from sparsediff.kernels.block_sparse.reference import block_sparse_attention_ref
 from sparsediff.methods import make_method
 from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, ba_attention
 from sparsediff.methods.base import available_specs, parse_spec

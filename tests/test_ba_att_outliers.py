@@ -8,8 +8,8 @@ import torch
 
 from sparsediff.eval.fidelity import dense_reference, evaluate, make_probe
 from sparsediff.kernels import index_to_mask
+from sparsediff.kernels.block_sparse.reference import causal_token_mask, masked_attention_ref
 from sparsediff.kernels.masks import causal_block_mask
-from sparsediff.kernels.reference import causal_token_mask, masked_attention_ref
 from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _select, _sort_keys, ba_attention, ba_scores
 
 PLANTED = (200, 650, 900)  # key blocks 3, 10 and 14 at block size 64

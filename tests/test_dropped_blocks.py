@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from sparsediff.kernels import block_sparse_attention, mask_to_index
+from sparsediff.kernels.block_sparse.reference import block_sparse_attention_ref
 from sparsediff.kernels.dropped_blocks import add_dropped_blocks, dropped_block_attention_ref
 from sparsediff.kernels.masks import causal_block_mask
 from sparsediff.kernels.merge import merge_attention
-from sparsediff.kernels.reference import block_sparse_attention_ref
 
 CASES = [
     # b, hq, hkv, nq, nk, d, block, causal

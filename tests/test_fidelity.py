@@ -58,7 +58,7 @@ def test_metrics_match_explicit_computation(causal):
     assert abs(result["per_head"]["recall"][1] - recall_h1) < 1e-4
     plan = method.plan(p.q, p.k, p.v, causal=causal)
     out = torch.nn.functional.scaled_dot_product_attention(p.q, p.k, p.v, is_causal=causal)
-    from sparsediff.kernels.reference import block_sparse_attention_ref
+    from sparsediff.kernels.block_sparse.reference import block_sparse_attention_ref
 
     sparse, _ = block_sparse_attention_ref(p.q, plan.k, plan.v, plan.block_index, plan.block_count,
                                            causal=causal, block_size=BS)

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from sparsediff.kernels import index_to_mask, mask_to_index, merge_attention
-from sparsediff.kernels.reference import (
+from sparsediff.kernels.block_sparse.reference import (
     block_sparse_attention_ref,
     expand_block_mask,
     masked_attention_ref,
-    merge_attention_ref,
 )
+from sparsediff.kernels.merge.reference import merge_attention_ref
 from sparsediff.methods import denoising_step, dense_attention, make_method, new_block, new_generation
 from sparsediff.methods.flashblock import FlashBlockConfig
 from sparsediff.methods.prefix_attention import prefix_attention, split_index
@@ -248,7 +248,7 @@ def test_packed_gqa_prefix_attention_matches_reference(sparse):
 
 def test_packed_prefix_merge_triton_matches_torch():
     # Packed parts (2 heads per packed head) give what the unpacked layout gives, on both backends.
-    from sparsediff.kernels.prefix_merge import merge_prefix, unpack_heads
+    from sparsediff.kernels.merge.prefix import merge_prefix, unpack_heads
 
     po, pl = torch.randn(2, 3, 4, 32, 16), torch.randn(2, 3, 4, 32)
     inner = (torch.randn(2, 6, 10, 16), torch.randn(2, 6, 10))
@@ -270,7 +270,7 @@ def test_packed_prefix_merge_triton_matches_torch():
 @pytest.mark.parametrize("nq,n_active", [(32, 3), (20, 7), (8, 8), (32, 0)])
 def test_active_first_partials_compute_active_rows_only(nq, n_active):
     # Tokens ordered active-first, heads of a KV group stacked token-major; tiles without an active row skip.
-    from sparsediff.kernels.prefix_merge import merge_prefix
+    from sparsediff.kernels.merge.prefix import merge_prefix
     from sparsediff.methods.prefix_attention import active_first_partials, split_index
 
     q = torch.randn(2, 8, nq, 16)
@@ -297,7 +297,7 @@ def test_active_first_partials_compute_active_rows_only(nq, n_active):
 
 
 def test_token_major_merge_triton_matches_torch():
-    from sparsediff.kernels.prefix_merge import merge_prefix
+    from sparsediff.kernels.merge.prefix import merge_prefix
 
     nq = 12
     po, pl = torch.randn(2, 3, 4, 64, 16), torch.randn(2, 3, 4, 64)
@@ -319,7 +319,7 @@ def test_token_major_merge_triton_matches_torch():
 def test_prefix_merge_over_many_splits_matches_torch():
     # More splits than the kernel loads at once (chunks of 32): rows whose first chunk saw nothing, a row no
     # split saw, stable rows reading the cache; the same as the PyTorch merge.
-    from sparsediff.kernels.prefix_merge import merge_prefix
+    from sparsediff.kernels.merge.prefix import merge_prefix
 
     po, pl = torch.randn(2, 3, 70, 8, 16), 3 * torch.randn(2, 3, 70, 8)
     pl[:, :, :40, 1] = float("-inf")
@@ -382,7 +382,7 @@ def test_steady_state_op_count(monkeypatch, kw, bound):
 
 @pytest.mark.parametrize("residual", [False, True])
 def test_fused_prefix_merge_triton_matches_torch(residual):
-    from sparsediff.kernels.prefix_merge import merge_prefix
+    from sparsediff.kernels.merge.prefix import merge_prefix
 
     po, pl = torch.randn(2, 3, 4, 16, 24), torch.randn(2, 3, 4, 16)
     pl[0, 0, :, 0] = float("-inf")  # a row no split saw
@@ -404,7 +404,7 @@ def test_fused_prefix_merge_triton_matches_torch(residual):
 
 def test_fused_prefix_merge_bf16_cache_matches_torch():
     # The cache's precision: rows read back from a bf16 cache equal the torch path's.
-    from sparsediff.kernels.prefix_merge import merge_prefix
+    from sparsediff.kernels.merge.prefix import merge_prefix
 
     po, pl = torch.randn(1, 4, 3, 32, 32).bfloat16(), torch.randn(1, 4, 3, 32)
     inner = (torch.randn(1, 4, 20, 32).bfloat16(), torch.randn(1, 4, 20))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sparsediff.kernels import block_sparse_attention, mask_to_index
-from sparsediff.kernels.reference import block_sparse_attention_ref
+from sparsediff.kernels.block_sparse.reference import block_sparse_attention_ref
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CTA may use on sm_90
@@ -171,7 +171,8 @@ def test_structured_masks_and_sinks():
 
 @gpu
 def test_default_backend_picks_gluon_and_falls_back(monkeypatch):
-    from sparsediff.kernels import block_sparse_gluon, block_sparse_triton
+    from sparsediff.kernels.block_sparse import gluon as block_sparse_gluon
+    from sparsediff.kernels.block_sparse import triton as block_sparse_triton
 
     calls = []
     real_gluon = block_sparse_gluon.block_sparse_attention_gluon
@@ -197,7 +198,9 @@ def test_default_backend_picks_gluon_and_falls_back(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="drives the Triton interpreter on CPU tensors")
 def test_a_gluon_build_failure_falls_back_to_triton_with_a_warning(monkeypatch, caplog):
     # Stands for a Triton release whose Gluon API differs: the first build fails, Triton takes over for good.
-    from sparsediff.kernels import block_sparse, block_sparse_gluon
+    from sparsediff.kernels import backend as kernel_backend
+    from sparsediff.kernels import block_sparse
+    from sparsediff.kernels.block_sparse import gluon as block_sparse_gluon
 
     calls = []
 
@@ -206,7 +209,7 @@ def test_a_gluon_build_failure_falls_back_to_triton_with_a_warning(monkeypatch, 
         raise AttributeError("module 'gluon' has no attribute 'warp_specialize'")
 
     monkeypatch.setattr(block_sparse, "_gluon_failure", None)
-    monkeypatch.setattr(block_sparse, "_warned", set())
+    monkeypatch.setattr(kernel_backend, "_warned", set())
     monkeypatch.setattr(block_sparse, "resolve_backend", lambda backend, q: "triton")
     monkeypatch.setattr(block_sparse_gluon, "gluon_support_error", lambda *a, **kw: None)
     monkeypatch.setattr(block_sparse_gluon, "block_sparse_attention_gluon", broken)

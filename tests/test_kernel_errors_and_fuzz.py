@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from sparsediff.kernels import block_sparse_attention, block_stats, mask_to_index, merge_attention
-from sparsediff.kernels.reference import block_sparse_attention_ref, block_stats_ref, merge_attention_ref
+from sparsediff.kernels.block_sparse.reference import block_sparse_attention_ref
+from sparsediff.kernels.block_stats.reference import block_stats_ref
+from sparsediff.kernels.merge.reference import merge_attention_ref
 
 
 def qkv(dtype=torch.float16, n=64, d=64):

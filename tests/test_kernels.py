@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsediff.kernels import block_sparse_attention, dense_index, index_to_mask, mask_to_index
-from sparsediff.kernels.reference import block_sparse_attention_ref, masked_attention_ref
+from sparsediff.kernels.block_sparse.reference import block_sparse_attention_ref, masked_attention_ref
 
 BACKENDS = ["torch", "triton"]
 
@@ -161,7 +161,7 @@ def test_mask_index_round_trip():
 
 def test_torch_path_never_materialises_full_scores(monkeypatch):
     """The chunked path must work with a tiny chunk budget (one query block at a time)."""
-    import sparsediff.kernels.block_sparse_torch as bst
+    import sparsediff.kernels.block_sparse.pytorch as bst
 
     monkeypatch.setattr(bst, "_CHUNK_BYTES", 1)
     q, k, v = make_qkv(1, 2, 2, 100, 100, 32, torch.float32)

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from sparsediff.kernels import block_stats
+from sparsediff.kernels.block_sparse.reference import masked_attention_ref
+from sparsediff.kernels.merge.reference import merge_attention_ref
 from sparsediff.kernels.outlier_keys import outlier_key_features
-from sparsediff.kernels.reference import masked_attention_ref, merge_attention_ref
 from sparsediff.methods import denoising_step, make_method, new_block, new_generation
 from sparsediff.methods.losa import LoSAConfig, mean_key_union, token_change
 

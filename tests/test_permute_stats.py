@@ -9,8 +9,8 @@ import torch
 
 from sparsediff.kernels import block_stats
 from sparsediff.kernels.ba_features import features_from_moments, query_features, segment_order
+from sparsediff.kernels.block_stats.permute import gather_rows, gather_rows_with_stats, row_norms
 from sparsediff.kernels.block_topk import block_topk
-from sparsediff.kernels.permute_stats import gather_rows, gather_rows_with_stats, row_norms
 from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _select, _sort_keys, select_blocks, sort_keys
 from sparsediff.methods.block_select import layout, select_from_scores
 
@@ -218,8 +218,8 @@ def test_feature_grids_give_the_same_bits(dtype, n, d, bs, device, monkeypatch):
 
 
 def test_sorted_gather_block_order_does_not_change_results(device, monkeypatch):
-    from sparsediff.kernels import permute_stats
-    from sparsediff.kernels.permute_stats import gather_sorted_segments
+    from sparsediff.kernels.block_stats import permute as permute_stats
+    from sparsediff.kernels.block_stats.permute import gather_sorted_segments
 
     k, v = torch.randn(2, 3, 300, 32, device=device), torch.randn(2, 3, 300, 32, device=device)
     norms = row_norms(k[:, :, 4:], backend="triton", pad_to=300)
@@ -272,8 +272,8 @@ def test_feature_tile_layouts_against_float64(cols, warps, dtype, n, d, bs, devi
 @pytest.mark.parametrize("cols, warps", [(None, None), (16, None), (8, 2)])
 def test_sorted_gather_column_split(cols, warps, device, monkeypatch):
     # Column-split sorted gather: the same K, V, permutation; key features against float64.
-    from sparsediff.kernels import permute_stats
-    from sparsediff.kernels.permute_stats import gather_sorted_segments
+    from sparsediff.kernels.block_stats import permute as permute_stats
+    from sparsediff.kernels.block_stats.permute import gather_sorted_segments
 
     k, v = torch.randn(2, 3, 300, 24, device=device), torch.randn(2, 3, 300, 24, device=device)
     k[:, 1] += 5.0

@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from sparsediff.kernels import ba_features, permute_stats, segment_sort
+from sparsediff.kernels import ba_features, segment_sort
 from sparsediff.kernels.ba_features import query_features
-from sparsediff.kernels.permute_stats import row_norms
+from sparsediff.kernels.block_stats import permute as permute_stats
+from sparsediff.kernels.block_stats.permute import row_norms
 from sparsediff.kernels.segment_sort import norm_segment_order
 from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _select, _sort_keys
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sparsediff.kernels import index_to_mask
+from sparsediff.kernels.block_sparse.reference import block_sparse_attention_ref
 from sparsediff.kernels.masks import causal_block_mask
-from sparsediff.kernels.reference import block_sparse_attention_ref
 from sparsediff.methods import available_selectors, get_selector, register_selector
 from sparsediff.methods.ba_att import select_blocks
 from sparsediff.methods.baselines import xattention_scores

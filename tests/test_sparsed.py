@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparsediff.kernels import index_to_mask
-from sparsediff.kernels.reference import block_sparse_attention_ref
+from sparsediff.kernels.block_sparse.reference import block_sparse_attention_ref
 from sparsediff.kernels.tile_mass import row_lse, tile_mass, tile_mass_ref
 from sparsediff.methods import denoising_step, dense_attention, make_method, new_block, new_generation
 from sparsediff.methods import sparsed as sparsed_module

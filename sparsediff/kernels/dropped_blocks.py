@@ -17,10 +17,10 @@ place; elsewhere a chunked PyTorch path. ``dropped_block_attention_ref`` is the 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from .backend import choose_backend
 from .masks import index_to_mask
 from .merge import merge_attention
 
@@ -200,16 +200,9 @@ def add_dropped_blocks(q, k, v, block_index, block_count, out, lse, *, scale=Non
 
     ``backend``: None (Triton on CUDA for fp16/bf16/fp32), ``"triton"`` (CPU: under ``TRITON_INTERPRET=1``)
     or ``"torch"``. Returns the merged ``(out, lse)`` in ``out``'s dtype and float32."""
-    if backend not in (None, "triton", "torch"):
-        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
+    backend = choose_backend(backend, q, applies=q.dtype != torch.float64, op="add_dropped_blocks")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if backend is None:
-        backend = "triton" if (q.is_cuda and triton is not None and q.dtype != torch.float64) else "torch"
     if backend == "triton":
-        if triton is None:
-            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)")
         return _add_triton(q, k, v, block_index, block_count, out, lse, scale=scale, causal=causal,
                            block_size=block_size)
     out_p, lse_p = dropped_block_attention(q, k, v, block_index, block_count, scale=scale, causal=causal,

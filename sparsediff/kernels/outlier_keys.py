@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .backend import choose_backend
+
 try:
     import triton
     import triton.language as tl
@@ -58,10 +60,7 @@ if triton is not None:
 
 def outlier_key_features(k: torch.Tensor, block_size: int, *, backend: str | None = None) -> torch.Tensor:
     """See the module docstring. ``backend``: None (Triton on CUDA), ``"triton"`` or ``"torch"``."""
-    if backend not in (None, "triton", "torch"):
-        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
-    use_triton = backend == "triton" or (backend is None and k.is_cuda and triton is not None)
-    if not use_triton or k.dtype == torch.float64:
+    if choose_backend(backend, k, op="outlier_key_features") == "torch" or k.dtype == torch.float64:
         return outlier_key_features_torch(k, block_size)
     if block_size & (block_size - 1):
         raise ValueError(f"the Triton outlier-key kernel needs a power-of-two block_size, got {block_size}")

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
+
+from .backend import choose_backend
 
 LOG2E = 1.4426950408889634
 # Bytes of scores one chunk of the PyTorch path may hold.
@@ -261,18 +262,11 @@ def sampled_block_mass(q, k, *, block_size=128, rows=4, scale=None, causal=False
     ``"triton"`` (on CPU only under ``TRITON_INTERPRET=1``) or ``"torch"``.
     """
     _check(q, k, block_size, rows)
-    if backend not in (None, "triton", "torch"):
-        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
+    applies = (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and rows & (rows - 1) == 0
+               and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+    backend = choose_backend(backend, q, applies=applies, op="sampled_block_mass")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if backend is None:
-        fast = (q.is_cuda and triton is not None and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-                and rows & (rows - 1) == 0 and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
-        backend = "triton" if fast else "torch"
     if backend == "triton":
-        if triton is None:
-            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)")
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.shape[-1] % 8 or q.shape[-1] > 256:
             raise TypeError(f"the Triton sampled-mass kernel takes fp16/bf16/fp32 with head dim % 8 == 0 <= 256, "
                             f"got {q.dtype}, head dim {q.shape[-1]}")

@@ -18,10 +18,10 @@ On CUDA a Triton kernel runs pass 2; elsewhere a chunked PyTorch path computes t
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from .backend import choose_backend
 from .block_sparse import block_sparse_attention
 from .masks import dense_index
 
@@ -166,17 +166,9 @@ def tile_mass(q, k, lse, *, scale=None, causal=False, block_size=128, backend=No
         raise ValueError(f"lse must have shape {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
-    if backend not in (None, "triton", "torch"):
-        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
+    backend = choose_backend(backend, q, applies=q.dtype in (torch.float16, torch.bfloat16), op="tile_mass")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if backend is None:
-        fast = q.is_cuda and triton is not None and q.dtype in (torch.float16, torch.bfloat16)
-        backend = "triton" if fast else "torch"
     if backend == "triton":
-        if triton is None:
-            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)")
         if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] % 8 or q.shape[-1] > 256:
             raise TypeError(f"the Triton tile-mass kernel takes fp16/bf16 with head dim % 8 == 0 <= 256, "
                             f"got {q.dtype}, head dim {q.shape[-1]}")

@@ -41,8 +41,8 @@ import torch
 from ..kernels import block_stats, segment_sort
 from ..kernels.ba_features import query_features, segment_order
 from ..kernels.block_sparse import triton_available
+from ..kernels.block_stats.permute import gather_rows_with_stats, gather_sorted_segments, row_norms
 from ..kernels.outlier_keys import outlier_key_features
-from ..kernels.permute_stats import gather_rows_with_stats, gather_sorted_segments, row_norms
 from ..kernels.sampled_mass import sampled_block_mass
 from .base import register_method
 from .block_select import budget_of, policy_of, select_from_scores

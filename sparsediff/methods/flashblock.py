@@ -47,7 +47,7 @@ import math
 import torch
 
 from ..kernels import merge_attention
-from ..kernels.prefix_merge import merge_prefix
+from ..kernels.merge.prefix import merge_prefix
 from . import step_cache, step_state
 from .base import AttentionMethod, MethodConfig, make_method, prefix_block_reason, register_method
 from .dense import dense_attention

@@ -68,8 +68,8 @@ from ..kernels.losa_step import (
     token_change_update,
     window_attention,
 )
+from ..kernels.merge.prefix import merge_prefix
 from ..kernels.outlier_keys import outlier_key_features
-from ..kernels.prefix_merge import merge_prefix
 from . import step_cache, step_state
 from .base import AttentionMethod, MethodConfig, prefix_block_reason, register_method
 from .dense import dense_attention

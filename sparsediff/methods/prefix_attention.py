@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import block_sparse_attention
-from ..kernels.prefix_merge import merge_prefix
+from ..kernels.merge.prefix import merge_prefix
 from .dense import dense_attention
 
 

@@ -140,7 +140,7 @@ def _planned(planner, q, k, v, entry, *, causal, scale, layer, frame_size, globa
     else:
         kp, vp = k, v
         if entry.perm is not None:
-            from ..kernels.permute_stats import gather_rows
+            from ..kernels.block_stats.permute import gather_rows
 
             kp, vp = gather_rows(k, v, entry.perm)
         plan = SparsePlan(kp, vp, entry.block_index, entry.block_count, entry.perm, entry.block_size)

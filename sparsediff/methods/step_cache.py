@@ -361,7 +361,8 @@ class OpCounter:
     def __enter__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
 
-        from ..kernels import block_sparse, losa_step, merge, prefix_merge
+        from ..kernels import block_sparse, losa_step, merge
+        from ..kernels.merge import prefix as prefix_merge
 
         counter = self
 

@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..backend import choose_backend
+
 
 class BlockStats(NamedTuple):
     mean: torch.Tensor  # (B, H, nb, D) float32
@@ -59,11 +61,8 @@ def block_stats(x: torch.Tensor, block_size: int = 128, *, backend: str | None =
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if x.shape[2] == 0:
         raise ValueError("block_stats needs at least one token")
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
-    use_triton = backend == "triton" or (backend is None and x.is_cuda)
-    if use_triton:
-        from .block_stats_triton import block_stats_triton
+    if choose_backend(backend, x, op="block_stats") == "triton":
+        from .triton import block_stats_triton
 
         mean, var, norm = block_stats_triton(x, block_size)
     else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..backend import choose_backend
+
 
 def _merge_torch(out_a, lse_a, out_b, lse_b):
     la, lb = lse_a.float(), lse_b.float()
@@ -35,11 +37,8 @@ def merge_attention(out_a, lse_a, out_b, lse_b, *, backend: str | None = None):
         raise TypeError(f"out_a and out_b must share a dtype, got {out_a.dtype} and {out_b.dtype}")
     if not (out_a.device == out_b.device == lse_a.device == lse_b.device):
         raise ValueError("merge_attention inputs must be on one device")
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
-    use_triton = backend == "triton" or (backend is None and out_a.is_cuda and out_a.dtype != torch.float64)
-    if use_triton:
-        from .merge_triton import merge_attention_triton
+    if choose_backend(backend, out_a, applies=out_a.dtype != torch.float64, op="merge_attention") == "triton":
+        from .triton import merge_attention_triton
 
         return merge_attention_triton(out_a, lse_a, out_b, lse_b)
     return _merge_torch(out_a, lse_a, out_b, lse_b)

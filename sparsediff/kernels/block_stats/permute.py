@@ -15,7 +15,8 @@ import math
 
 import torch
 
-from .block_stats import BlockStats, _block_counts, block_stats
+from ..backend import choose_backend
+from . import BlockStats, _block_counts, block_stats
 
 __all__ = ["gather_rows", "gather_rows_with_stats", "gather_sorted_segments", "row_norms"]
 
@@ -23,7 +24,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .block_stats_triton import store_score_features, tile_moments, tile_stats
+    from .triton import store_score_features, tile_moments, tile_stats
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
@@ -49,16 +50,12 @@ def _check(k, v, perm):
 
 
 def _use_triton(backend, x, block_size=None):
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
-    if backend == "torch" or triton is None:
-        return False
     pow2 = block_size is None or (block_size & (block_size - 1)) == 0
-    if backend == "triton":
-        if not pow2:
-            raise ValueError(f"the Triton path needs a power-of-two block_size, got {block_size}")
-        return True
-    return x.is_cuda and pow2
+    if choose_backend(backend, x, applies=pow2, op="permute_stats") == "torch":
+        return False
+    if not pow2:
+        raise ValueError(f"the Triton path needs a power-of-two block_size, got {block_size}")
+    return True
 
 
 def _gather_torch(x, perm):

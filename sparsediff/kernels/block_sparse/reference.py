@@ -1,4 +1,4 @@
-"""Plain-PyTorch references for every kernel, written for clarity, not speed.
+"""Plain-PyTorch references for (block-sparse, masked) attention, written for clarity, not speed.
 
 They materialise the full Nq x Nk score matrix and accumulate in float32 (or float64 when given
 float64), so tests can compare the fast paths against them on small shapes.
@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .masks import index_to_mask
+from ..masks import index_to_mask
 
 
 def expand_block_mask(block_mask: torch.Tensor, nq: int, nk: int, block_size: int) -> torch.Tensor:
@@ -60,31 +60,3 @@ def block_sparse_attention_ref(
     if causal:
         token_mask = token_mask & causal_token_mask(nq, nk, device=q.device)
     return masked_attention_ref(q, k, v, token_mask, scale=scale, upcast=upcast)
-
-
-def block_stats_ref(x: torch.Tensor, block_size: int):
-    """Per-block mean, per-dimension (population) variance and mean token L2 norm, in float32."""
-    b, h, n, d = x.shape
-    nb = math.ceil(n / block_size)
-    means, variances, norms = [], [], []
-    for j in range(nb):
-        tile = x[:, :, j * block_size : (j + 1) * block_size].double()
-        means.append(tile.mean(dim=2))
-        variances.append(tile.var(dim=2, unbiased=False))
-        norms.append(tile.norm(dim=-1).mean(dim=2))
-    return (
-        torch.stack(means, 2).float(),
-        torch.stack(variances, 2).float(),
-        torch.stack(norms, 2).float(),
-    )
-
-
-def merge_attention_ref(out_a, lse_a, out_b, lse_b):
-    """Exact merge of two attentions over disjoint key sets, in float64."""
-    la, lb = lse_a.double(), lse_b.double()
-    lse = torch.logaddexp(la, lb)
-    safe = lse.masked_fill(torch.isinf(lse), 0.0)
-    wa = torch.exp(la - safe).masked_fill(torch.isinf(lse), 0.0)
-    wb = torch.exp(lb - safe).masked_fill(torch.isinf(lse), 0.0)
-    out = wa[..., None] * out_a.double() + wb[..., None] * out_b.double()
-    return out.to(out_a.dtype), lse.float()

@@ -3,34 +3,17 @@
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
 
 import torch
 
-from .block_sparse_torch import block_sparse_attention_torch
-
-logger = logging.getLogger(__name__)
+from ..backend import choose_backend, triton_available, warn_once
+from .pytorch import block_sparse_attention_torch
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
 TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_TRITON_HEAD_DIM = 256
-_warned: set[str] = set()
-
-
-def warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 _gluon_failure: str | None = None  # why the Gluon kernel could not be built here, once it failed
@@ -56,27 +39,17 @@ def _disable_gluon(err: Exception) -> None:
 
 
 def resolve_backend(backend: str | None, q: torch.Tensor) -> str:
-    """None -> Triton for fp16/bf16 CUDA tensors, the PyTorch path elsewhere (the caller may still pick
-    the Gluon kernel for the Triton case); "gluon" is checked by the caller, which knows the full shape."""
-    if backend not in (None, "triton", "torch", "gluon"):
-        raise ValueError(f"backend must be None, 'triton', 'gluon' or 'torch', got {backend!r}")
+    """The backend rule of ``kernels.backend`` for this op: Triton for fp16/bf16 CUDA tensors with head dim
+    <= 256 (the caller may still pick the Gluon kernel for the Triton case); "gluon" is checked by the caller,
+    which knows the full shape."""
     if backend == "gluon":
         return backend
-    if backend is not None:
-        if backend == "triton":
-            if not triton_available():
-                raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-            if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-                raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)")
-        return backend
-    if q.is_cuda and triton_available():
-        if q.dtype in TRITON_DTYPES and q.shape[-1] <= MAX_TRITON_HEAD_DIM:
-            return "triton"
-        warn_once(
-            f"block_sparse_attention: Triton supports {TRITON_DTYPES} with head dim <= {MAX_TRITON_HEAD_DIM}; "
-            f"got {q.dtype}, head dim {q.shape[-1]}: using the slower PyTorch path"
-        )
-    return "torch"
+    fits = q.dtype in TRITON_DTYPES and q.shape[-1] <= MAX_TRITON_HEAD_DIM
+    chosen = choose_backend(backend, q, applies=fits, op="block_sparse_attention", extra=("gluon",))
+    if backend is None and chosen == "torch" and q.is_cuda and triton_available():
+        warn_once(f"block_sparse_attention: Triton supports {TRITON_DTYPES} with head dim <= {MAX_TRITON_HEAD_DIM}; "
+                  f"got {q.dtype}, head dim {q.shape[-1]}: using the slower PyTorch path")
+    return chosen
 
 
 @functools.lru_cache(maxsize=64)
@@ -212,7 +185,7 @@ def block_sparse_attention(
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         use_gluon = backend == "gluon"
         if use_gluon or (requested is None and gluon_enabled()):
-            from .block_sparse_gluon import gluon_support_error
+            from .gluon import gluon_support_error
 
             problem = gluon_support_error(q, k, v, block_size=block_size)
             if use_gluon and problem:
@@ -220,7 +193,7 @@ def block_sparse_attention(
             use_gluon = problem is None
         if use_gluon:
             try:
-                from .block_sparse_gluon import block_sparse_attention_gluon
+                from .gluon import block_sparse_attention_gluon
 
                 out, lse = block_sparse_attention_gluon(q, k, v, block_index, block_count, scale=scale,
                                                         return_lse=return_lse, causal=causal, repeat_q=repeat_q,
@@ -231,7 +204,7 @@ def block_sparse_attention(
                 _disable_gluon(err)
                 use_gluon = False
         if not use_gluon:
-            from .block_sparse_triton import block_sparse_attention_triton
+            from .triton import block_sparse_attention_triton
 
             out, lse = block_sparse_attention_triton(
                 q, k, v, block_index, block_count, scale=scale, causal=causal, block_size=block_size,

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from ..backend import choose_backend
+
 
 def _lse_merge(out_a, lse_a, out_b, lse_b):
     top = torch.maximum(lse_a, lse_b)
@@ -84,10 +86,8 @@ def merge_prefix(parts_out, parts_lse, nq, inner=None, *, residual=None, cache=N
         raise ValueError("cache and active go together")
     if out_dtype is None:
         out_dtype = inner[0].dtype if inner is not None else parts_out.dtype
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
-    if backend == "triton" or (backend is None and parts_out.is_cuda):
-        from .prefix_merge_triton import merge_prefix_triton
+    if choose_backend(backend, parts_out, op="merge_prefix") == "triton":
+        from .prefix_triton import merge_prefix_triton
 
         return merge_prefix_triton(parts_out, parts_lse, nq, inner, residual, cache, active, out_dtype, pack, rank)
     return _merge_prefix_torch(parts_out, parts_lse, nq, inner, residual, cache, active, out_dtype, pack, rank)

@@ -62,7 +62,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparsediff.bench import environment, time_ms  # noqa: E402
+from sparsediff.commands.bench import environment, time_ms  # noqa: E402
 from sparsediff.eval.blockdiff_probe import evolve  # noqa: E402
 from sparsediff.methods import available_selectors, denoising_step, make_method, new_block  # noqa: E402
 from sparsediff.methods.dense import dense_attention  # noqa: E402

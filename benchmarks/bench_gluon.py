@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparsediff.bench import environment, random_block_mask, sdpa_fn, time_ms  # noqa: E402
+from sparsediff.commands.bench import environment, random_block_mask, sdpa_fn, time_ms  # noqa: E402
 from sparsediff.kernels import mask_to_index  # noqa: E402
 from sparsediff.kernels.block_sparse.gluon import block_sparse_attention_gluon  # noqa: E402
 from sparsediff.kernels.block_sparse.reference import block_sparse_attention_ref  # noqa: E402

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparsediff.bench import environment, format_table, random_block_mask, run_grid, time_ms  # noqa: E402
+from sparsediff.commands.bench import environment, format_table, random_block_mask, run_grid, time_ms  # noqa: E402
 from sparsediff.kernels import mask_to_index  # noqa: E402
 from sparsediff.kernels.block_sparse.reference import block_sparse_attention_ref  # noqa: E402
 from sparsediff.kernels.block_sparse.triton import block_sparse_attention_triton  # noqa: E402

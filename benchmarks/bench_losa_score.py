@@ -21,9 +21,9 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsediff.kernels import block_sparse_attention  # noqa: E402
-from sparsediff.kernels.losa_step import mean_key_score, rank_blocks, split_means  # noqa: E402
-from sparsediff.kernels.losa_step_triton import live_mass_triton  # noqa: E402
-from sparsediff.methods.prefix_attention import choose_splits  # noqa: E402
+from sparsediff.methods.losa.step_kernels import mean_key_score, rank_blocks, split_means  # noqa: E402
+from sparsediff.methods.losa.step_triton import live_mass_triton  # noqa: E402
+from sparsediff.runtime.split_kv import choose_splits  # noqa: E402
 
 
 def main():

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparsediff.bench import environment  # noqa: E402
+from sparsediff.commands.bench import environment  # noqa: E402
 from sparsediff.eval.fidelity import make_probe  # noqa: E402
 from sparsediff.methods import denoising_step, dense_attention, make_method, new_generation  # noqa: E402
 from sparsediff.methods.residual_reuse import residual_bytes  # noqa: E402

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparsediff.bench import environment, sdpa_fn, time_ms  # noqa: E402
+from sparsediff.commands.bench import environment, sdpa_fn, time_ms  # noqa: E402
 from sparsediff.methods import available_methods, denoising_step, make_method, new_generation  # noqa: E402
 from sparsediff.methods.dense import dense_attention  # noqa: E402
 

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparsediff.bench import environment, sdpa_fn, time_ms  # noqa: E402
+from sparsediff.commands.bench import environment, sdpa_fn, time_ms  # noqa: E402
 from sparsediff.kernels.tile_mass import row_lse, tile_mass  # noqa: E402
 
 

@@ -61,7 +61,7 @@ def sdpa_backends(cuda: bool):
 def build(quick: bool, device, dtype):
     from diffusers import WanTransformer3DModel
 
-    from sparsediff.pipelines.tiny import TRANSFORMER_CONFIGS
+    from sparsediff.testing.tiny import TRANSFORMER_CONFIGS
 
     config = TRANSFORMER_CONFIGS["wan"] if quick else WAN_1_3B
     latent = (16, 3, 16, 16) if quick else LATENT

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparsediff  # noqa: E402
-from sparsediff.bench import environment, time_ms  # noqa: E402
+from sparsediff.commands.bench import environment, time_ms  # noqa: E402
 from sparsediff.hooks import SparseAttentionConfig  # noqa: E402
 from sparsediff.hooks.attention import BINDING_ATTR, LayerBinding, sparse_attention_forward  # noqa: E402
 from sparsediff.methods import make_method  # noqa: E402

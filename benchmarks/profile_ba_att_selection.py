@@ -24,13 +24,15 @@ import triton
 import triton.language as tl
 import triton.testing as tt
 
-from sparsediff.kernels import ba_features, segment_sort
-from sparsediff.kernels.ba_features import query_features, segment_order
 from sparsediff.kernels.block_stats import permute as permute_stats
 from sparsediff.kernels.block_stats.permute import gather_sorted_segments, row_norms
 from sparsediff.kernels.block_stats.triton import store_score_features, tile_moments
-from sparsediff.methods import ba_att
-from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _scores_from_features, _select, _sort_keys
+from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, segment_sort
+from sparsediff.methods.ba_att import features as ba_features
+from sparsediff.methods.ba_att import scores as ba_att_scores
+from sparsediff.methods.ba_att.features import query_features, segment_order
+from sparsediff.methods.ba_att.scores import _scores_from_features, _select
+from sparsediff.methods.ba_att.sort import _sort_keys
 from sparsediff.methods.block_select import select_from_scores
 
 
@@ -84,7 +86,7 @@ def v3_query_features(q, block_size, scale=None, c=None):
     return out
 
 
-V3 = {(ba_att, "query_features"): v3_query_features, (permute_stats, "GATHER_REVERSE"): False}
+V3 = {(ba_att_scores, "query_features"): v3_query_features, (permute_stats, "GATHER_REVERSE"): False}
 # Selection v5: whole-row 128 x 128 query and gather tiles (8 warps), no chunk prefetch, merge in all runs.
 V5 = {(ba_features, "TILE_COLS"): None, (ba_features, "TILE_WARPS"): None, (permute_stats, "GATHER_COLS"): None,
       (permute_stats, "GATHER_WARPS"): None, (segment_sort, "FUSED_MAXNREG"): 80,

@@ -45,8 +45,8 @@ def kernel_table(prof, top=8):
 def union_agreement(qs, kbuf, prefix, args, threshold=0.05, sparsity=0.8, block_size=128):
     """Kernel-scored vs float32-scored union over the steps of one block: (equal sets, mean overlap)."""
     from sparsediff.kernels import block_stats
-    from sparsediff.kernels.losa_step import mean_key_score
     from sparsediff.methods.losa import mean_key_rank, rank_blocks, token_change
+    from sparsediff.methods.losa.step_kernels import mean_key_score
     from sparsediff.methods.prefix_attention import active_first_rows
 
     scale = args.dim ** -0.5
@@ -68,7 +68,7 @@ def union_agreement(qs, kbuf, prefix, args, threshold=0.05, sparsity=0.8, block_
     # Last step's scoring alone: the kernel on the stacked rows (means split once) vs the float32 PyTorch path.
     import triton.testing
 
-    from sparsediff.kernels.losa_step import split_means
+    from sparsediff.methods.losa.step_kernels import split_means
 
     split = split_means(means)
     kernel_ms = triton.testing.do_bench(

@@ -18,7 +18,7 @@ import torch
 import sparsediff
 from sparsediff.eval.ruler import generate_one, tokenizer_counter
 from sparsediff.methods import make_method
-from sparsediff.pipelines.tiny_lm import DiffusionGemmaAdapter, has_diffusion_gemma, tiny_diffusion_gemma
+from sparsediff.testing.tiny_lm import DiffusionGemmaAdapter, has_diffusion_gemma, tiny_diffusion_gemma
 
 from .common import (
     Cancelled,
@@ -81,7 +81,7 @@ def get_model(name: str, device: str):
 
 
 def _load(name: str, device: str):
-    from sparsediff.eval.tiny import tiny_qwen2, tiny_tokenizer
+    from sparsediff.testing.tiny_vlm import tiny_qwen2, tiny_tokenizer
 
     if name == DIFFUSION_LM:
         if not has_diffusion_gemma():
@@ -113,7 +113,7 @@ def _load(name: str, device: str):
 def needle_prompt(tokens: int = 1024, seed: int = 0, model: str = DIFFUSION_LM) -> tuple[str, str]:
     """A RULER needle-in-a-haystack prompt of about ``tokens`` tokens and its expected answer."""
     tokens = positive_int(tokens, "context length", minimum=64)
-    from sparsediff.eval.tiny import tiny_tokenizer
+    from sparsediff.testing.tiny_vlm import tiny_tokenizer
 
     count = tokenizer_counter(tiny_tokenizer())
     # Grow the haystack until the prompt reaches the length (noise sentences are a dozen tokens each).

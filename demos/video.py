@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from sparsediff.attention_processors import CaptureConfig, DenseProcessor, SparseAttnProcessor, transformers_of
+from sparsediff.commands.generate import TINY_METHOD_DEFAULTS, _call_kwargs, load_pipeline, write_video
 from sparsediff.eval.video_metrics import compare_videos
 from sparsediff.pipelines.generate import check_frames, generate_video
-from sparsediff.pipelines.generate_cli import TINY_METHOD_DEFAULTS, _call_kwargs, load_pipeline, write_video
-from sparsediff.pipelines.tiny import DF_CAUSAL_BLOCK
+from sparsediff.testing.tiny import DF_CAUSAL_BLOCK
 
 from .common import (
     DemoInputError,
@@ -223,8 +223,8 @@ def _result(req, dense, sparse, metrics, dense_path, sparse_path, heatmap, proce
     speedup = dense_s / max(sparse_s, 1e-12)
     rows = [[i, round(d, 4), round(s, 4), round(d / max(s, 1e-12), 2)]
             for i, (d, s) in enumerate(zip(dense.step_seconds, sparse.step_seconds))]
+    from sparsediff.commands.generate import describe_routes
     from sparsediff.eval.records import strict_json
-    from sparsediff.pipelines.generate_cli import describe_routes
 
     described = processor.describe()
     step_speedup = dense.median_step_seconds / max(sparse.median_step_seconds, 1e-12)

@@ -17,8 +17,17 @@ def _is_transformers_model(obj) -> bool:
     return isinstance(obj, PreTrainedModel)
 
 
+def _is_llada2_pipeline(obj) -> bool:
+    # By class name: diffusers' LLaDA2Pipeline, without importing diffusers or transformers to ask.
+    return any(cls.__name__ == "LLaDA2Pipeline" for cls in type(obj).__mro__)
+
+
 def enable(obj, method="ba_att", **overrides):
     """Make ``obj``'s long attention sparse with ``method``; returns ``obj``."""
+    if _is_llada2_pipeline(obj):  # a diffusers pipeline around a transformers LM: the transformers adapter
+        from .hooks.llada2 import enable_llada2
+
+        return enable_llada2(obj, method, **overrides)
     if _is_transformers_model(obj):
         from .hooks import enable_transformers
 
@@ -30,6 +39,10 @@ def enable(obj, method="ba_att", **overrides):
 
 def disable(obj):
     """Undo :func:`enable`, restoring the original attention exactly; returns ``obj``."""
+    if _is_llada2_pipeline(obj):
+        from .hooks.llada2 import disable_llada2
+
+        return disable_llada2(obj)
     if _is_transformers_model(obj):
         from .hooks import disable_transformers
 

@@ -13,12 +13,12 @@ import logging
 import sys
 
 COMMANDS = {
-    "bench": ("sparsediff.bench", "time block-sparse attention against dense attention"),
-    "probe": ("sparsediff.eval.probe_cli", "attention fidelity of sparse methods on structured or captured Q/K/V"),
-    "generate": ("sparsediff.pipelines.generate_cli", "generate a video with a diffusers pipeline, dense or sparse"),
-    "eval": ("sparsediff.eval.cli", "VideoMME / RealWorldQA / RULER / video fidelity / LM quality, sparse vs dense"),
+    "bench": ("sparsediff.commands.bench", "time block-sparse attention against dense attention"),
+    "probe": ("sparsediff.commands.probe", "attention fidelity of sparse methods on structured or captured Q/K/V"),
+    "generate": ("sparsediff.commands.generate", "generate a video with a diffusers pipeline, dense or sparse"),
+    "eval": ("sparsediff.commands.eval", "VideoMME / RealWorldQA / RULER / video fidelity / LM quality vs dense"),
     "calibrate": ("sparsediff.eval.calibrate", "per-layer density budgets from a few prompts, as a JSON file"),
-    "demo": ("sparsediff.demo_cli", "launch the Gradio demo (dense vs sparse side by side)"),
+    "demo": ("sparsediff.commands.demo", "launch the Gradio demo (dense vs sparse side by side)"),
 }
 
 

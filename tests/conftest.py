@@ -26,7 +26,7 @@ def device():
 def _seed_and_reset_step_state():
     # Fresh random inputs per test, reproducible per test; step state never leaks between tests.
     torch.manual_seed(int.from_bytes(os.urandom(2), "little") if os.environ.get("SPARSEDIFF_RANDOM_SEED") else 0)
-    from sparsediff.methods import step_state
+    from sparsediff.runtime import step_state
 
     step_state.new_generation()
     yield

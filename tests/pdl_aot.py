@@ -13,9 +13,12 @@ import torch
 from gluon_aot import Sm90Target
 from triton.runtime import driver
 
-from sparsediff.kernels import losa_first_triton, losa_step, losa_step_triton, pdl
+from sparsediff.kernels import pdl
 from sparsediff.kernels.merge import prefix_triton as prefix_merge_triton
 from sparsediff.kernels.merge.prefix import merge_prefix
+from sparsediff.methods.losa import first_triton as losa_first_triton
+from sparsediff.methods.losa import step_kernels as losa_step
+from sparsediff.methods.losa import step_triton as losa_step_triton
 
 KERNELS = {
     "_token_change_kernel": losa_step_triton, "_chunk_stats_kernel": losa_step_triton,

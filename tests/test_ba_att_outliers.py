@@ -10,7 +10,9 @@ from sparsediff.eval.fidelity import dense_reference, evaluate, make_probe
 from sparsediff.kernels import index_to_mask
 from sparsediff.kernels.block_sparse.reference import causal_token_mask, masked_attention_ref
 from sparsediff.kernels.masks import causal_block_mask
-from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _select, _sort_keys, ba_attention, ba_scores
+from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, ba_attention, ba_scores
+from sparsediff.methods.ba_att.scores import _select
+from sparsediff.methods.ba_att.sort import _sort_keys
 
 PLANTED = (200, 650, 900)  # key blocks 3, 10 and 14 at block size 64
 
@@ -166,7 +168,7 @@ def test_outlier_key_kernel_matches_torch(n, dtype):
 
 def test_auto_outlier_keys_follow_norm_sorting(monkeypatch):
     # Default None: the term runs on keys in their own order and is skipped on norm-sorted keys.
-    import sparsediff.methods.ba_att as ba
+    import sparsediff.methods.ba_att.scores as ba
 
     seen = []
     original = ba._with_outlier_keys

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from sparsediff.methods import make_method, step_state
+from sparsediff.methods import make_method
 from sparsediff.pipelines.block_diffusion import PrefixCache, generate, transfer_schedule
-from sparsediff.pipelines.tiny_lm import DiffusionGemmaAdapter
+from sparsediff.runtime import step_state
+from sparsediff.testing.tiny_lm import DiffusionGemmaAdapter
 
 VOCAB, MASK = 48, 47
 
@@ -161,7 +162,7 @@ def tiny_diffusion_gemma():
     if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
         pytest.skip("this transformers has no DiffusionGemma (transformers.models.diffusion_gemma)")
     pytest.importorskip("sparsediff.hooks")
-    from sparsediff.pipelines.tiny_lm import tiny_diffusion_gemma as build
+    from sparsediff.testing.tiny_lm import tiny_diffusion_gemma as build
 
     try:
         return build(VOCAB, max_positions=512, sliding_window=32)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from sparsediff.eval import probe_cli
+from sparsediff.commands import probe as probe_cli
 from sparsediff.eval.blockdiff_probe import block_run, build_block_method, evaluate_steps, evolve
 from sparsediff.eval.fidelity import make_probe
 

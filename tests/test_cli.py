@@ -22,7 +22,7 @@ def test_bench_rejects_densities_outside_0_1(value, capsys):
 
 
 def test_bench_reads_densities(monkeypatch, capsys):
-    from sparsediff import bench
+    from sparsediff.commands import bench
 
     seen = {}
 

@@ -23,7 +23,7 @@ STEPS = 4  # a short denoising loop: SparseD's dense first step and pattern, the
 
 def _forward(model, kwargs):
     """The last step's output of a ``STEPS``-step loop on the same latents (what a step-aware method sees)."""
-    from sparsediff.methods import step_state
+    from sparsediff.runtime import step_state
 
     step_state.new_generation()
     for step in range(STEPS):
@@ -51,7 +51,7 @@ def _rank(rank, rendezvous, path, ring):
     from diffusers import ContextParallelConfig
 
     import sparsediff
-    from sparsediff.pipelines.tiny import tiny_inputs, tiny_transformer
+    from sparsediff.testing.tiny import tiny_inputs, tiny_transformer
 
     torch.manual_seed(0)
     model = tiny_transformer("wan")

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from sparsediff.demo_cli import load_app
+from sparsediff.commands.demo import load_app
 
 load_app()
 from demos.common import Cancelled, DemoInputError  # noqa: E402
@@ -22,7 +22,7 @@ def needle():
 
 def test_needle_prompt_holds_the_answer(needle):
     from sparsediff.eval.ruler import tokenizer_counter
-    from sparsediff.eval.tiny import tiny_tokenizer
+    from sparsediff.testing.tiny_vlm import tiny_tokenizer
 
     prompt, answer = needle
     assert answer.isdigit() and answer in prompt

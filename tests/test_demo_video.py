@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from sparsediff.demo_cli import load_app
+from sparsediff.commands.demo import load_app
 
 load_app()  # puts the checkout root on sys.path, as `sparsediff demo` does
 from demos.common import Cancelled, DemoInputError  # noqa: E402
@@ -102,7 +102,7 @@ def test_app_builds_with_a_queue():
 def test_demo_command_arguments():
     import argparse
 
-    from sparsediff import demo_cli
+    from sparsediff.commands import demo as demo_cli
 
     parser = argparse.ArgumentParser()
     demo_cli.add_arguments(parser)

@@ -129,7 +129,7 @@ def test_realworldqa_malformed(tmp_path):
 
 
 def test_ruler_generation_is_seeded_and_fits():
-    from sparsediff.eval.tiny import tiny_tokenizer
+    from sparsediff.testing.tiny_vlm import tiny_tokenizer
 
     count = ruler.tokenizer_counter(tiny_tokenizer())
     recs = ruler.generate_ruler(lengths=(1024, 2048), num_samples=2, seed=3, count=count)

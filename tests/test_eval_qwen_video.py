@@ -13,9 +13,10 @@ pytest.importorskip("transformers")
 from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil  # noqa: E402
 
 from sparsediff.cli import main  # noqa: E402
-from sparsediff.eval import qwen_video, standins, tiny  # noqa: E402
+from sparsediff.eval import qwen_video, standins  # noqa: E402
 from sparsediff.eval.records import read_records  # noqa: E402
 from sparsediff.eval.video_io import Frames  # noqa: E402
+from sparsediff.testing import tiny_vlm as tiny  # noqa: E402
 
 PIXELS = dict(min_pixels=28 * 28, max_pixels=56 * 84)
 

@@ -167,7 +167,7 @@ def test_video_fidelity_with_tiny_wan(tmp_path):
     assert len(read_records(out / "ba_att-0.5.jsonl")) == 2
 
 
-@pytest.mark.skipif(not _has("sparsediff.eval.probe_cli"), reason="attention fidelity not installed")
+@pytest.mark.skipif(not _has("sparsediff.commands.probe"), reason="attention fidelity not installed")
 def test_attention_fidelity_delegates(tmp_path):
     rc = main(["eval", "attention", "--generators", "random", "--methods", "ba_att", "--densities", "0.5",
                "--n", "256", "--heads", "1", "--dim", "16", "--block-size", "64", "--no-plots", "--out", str(tmp_path)])

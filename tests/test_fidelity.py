@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from sparsediff.eval import probe_cli
+from sparsediff.commands import probe as probe_cli
+from sparsediff.eval import probe_report
 from sparsediff.eval.fidelity import (
     GENERATORS,
     block_mass,
@@ -20,6 +21,7 @@ from sparsediff.eval.fidelity import (
 )
 from sparsediff.kernels import index_to_mask
 from sparsediff.methods.ba_att import BAAttMethod
+from sparsediff.methods.base import method_at_density
 from sparsediff.methods.block_sparse import BlockSparseMethod
 
 BS = 64
@@ -136,7 +138,7 @@ def test_probe_cli_writes_report(tmp_path):
     for name in ("curves_video.png", "curves_clustered.png", "sorting_video.png"):
         assert (tmp_path / name).stat().st_size > 1000
     with pytest.raises(ValueError, match="key=value"):
-        probe_cli.build_method("ba_att/beta", 0.5, 64)
+        method_at_density("ba_att/beta", 0.5, 64)
 
 
 def test_probe_report_gives_recall_as_a_share_of_the_oracle(tmp_path):
@@ -159,8 +161,8 @@ def test_probe_report_gives_recall_as_a_share_of_the_oracle(tmp_path):
     # Without the oracle in the run the column is left out.
     plain = [{"probe": "p", "method": "fixed", "target_density": 0.5, "density": 0.5, "recall": 0.9,
               "rel_l2": 0.1, "cosine": 0.99}]
-    probe_cli.add_oracle_share(plain)
-    assert plain[0]["recall_of_oracle"] is None and "oracle" not in probe_cli.markdown_table(plain)
+    probe_report.add_oracle_share(plain)
+    assert plain[0]["recall_of_oracle"] is None and "oracle" not in probe_report.markdown_table(plain)
 
 
 def test_probe_cli_grid_tile_and_layouts(tmp_path, capsys):
@@ -190,7 +192,7 @@ def test_capture_grid_round_trip_and_tiled_metrics_match_a_permuted_probe(tmp_pa
     (loaded,) = load_qkv(tmp_path / "g.safetensors")
     assert loaded.grid == (2, 8, 16)
     tiles = make_layout(p.grid, 32)
-    method = probe_cli.build_method("oracle", 0.5, 32)
+    method = method_at_density("oracle", 0.5, 32)
     via_tiles = evaluate(method, p, tiles=tiles)
     permuted = dataclasses.replace(p, q=tiles.permute(p.q), k=tiles.permute(p.k), v=tiles.permute(p.v))
     direct = evaluate(method, permuted)

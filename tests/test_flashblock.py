@@ -342,7 +342,7 @@ def test_prefix_merge_over_many_splits_matches_torch():
 def force_splits(monkeypatch, n=8):
     """Take the split prefix path (what a GPU runs for short blocks) on CPU."""
     import sparsediff.methods.flashblock as fb
-    import sparsediff.methods.losa as losa
+    import sparsediff.methods.losa.method as losa
     import sparsediff.methods.prefix_attention as pa
 
     def choose(q, num_kv_blocks, min_blocks_per_split=4, heads=None):
@@ -353,13 +353,12 @@ def force_splits(monkeypatch, n=8):
 
     for module in (pa, fb, losa):
         monkeypatch.setattr(module, "choose_splits", choose)
-    for module in (pa, losa):
-        monkeypatch.setattr(module, "one_wave_splits", one_wave)
+    monkeypatch.setattr(losa, "one_wave_splits", one_wave)
 
 
 def steady_state_ops(m, prefix=4096, nq=32, steps=3):
     """Device ops of each call after the block's first step (kernel and merge calls count one each)."""
-    from sparsediff.methods.step_cache import OpCounter
+    from sparsediff.testing.op_counter import OpCounter
 
     q, k, v = block_call(hq=8, hkv=2, prefix=prefix, nq=nq, d=32)
     new_block(0)

@@ -30,7 +30,7 @@ class FakeGraph:
 
 def install_fake_graphs(monkeypatch):
     """Route ``step_cache.run_step``'s capture through FakeGraph (the bookkeeping runs as on a GPU)."""
-    from sparsediff.methods import step_cache
+    from sparsediff.runtime import step_cache
 
     if torch.zeros(1).is_cuda:  # CPU inputs would meet the torch path's default-device allocations
         pytest.skip("CPU stand-in for CUDA graphs; on a GPU the tests with real graphs run")
@@ -215,7 +215,7 @@ def test_explicit_graphs_capture_at_once(fake_graphs):
 @pytest.mark.parametrize("name", ["flashblock", "losa"])
 def test_graphs_step_aside_inside_a_host_capture(fake_graphs, monkeypatch, name):
     # Inside someone else's capture (a host graphing whole steps) the kernels are recorded there, not in our own.
-    from sparsediff.methods import step_cache
+    from sparsediff.runtime import step_cache
 
     monkeypatch.setattr(step_cache, "capturing", lambda q: True)
     runs = buffered_blocks(blocks=2, steps=4)
@@ -341,7 +341,7 @@ def test_plain_first_step_exact_on_a_growing_cache(fake_graphs, monkeypatch, pro
 
 def test_plain_cached_steps_issue_two_ops_on_a_cache(monkeypatch):
     # Eager cached steps on a buffer with spare rows: the in-block kernel and the merge, no copies.
-    from sparsediff.methods.step_cache import OpCounter
+    from sparsediff.testing.op_counter import OpCounter
 
     force_splits(monkeypatch)
     m = method(block_size=32)
@@ -405,8 +405,8 @@ def test_float32_inputs_on_gpu(name, caplog):
 
 @cuda_only
 def test_a_step_that_synchronises_runs_eager_on_gpu(caplog):
-    from sparsediff.methods import step_cache
-    from sparsediff.methods.step_cache import GraphSlot, LayerCache, run_step
+    from sparsediff.runtime import step_cache
+    from sparsediff.runtime.step_cache import GraphSlot, LayerCache, run_step
 
     def step(q, k):  # a host read: cannot be captured
         return (q * float(k.sum()),)
@@ -472,7 +472,7 @@ def test_plain_graphs_share_one_memory_pool_on_gpu():
 @cuda_only
 def test_branch_stream_forks_only_inside_a_capture_on_gpu():
     # LoSA's captured cached step runs its window attention on this stream: a parallel branch of the graph.
-    from sparsediff.methods import step_cache
+    from sparsediff.runtime import step_cache
 
     q = torch.zeros(4, device="cuda")
     assert step_cache.branch_stream(q) is None  # eager: one stream

@@ -7,7 +7,7 @@ import imageio.v2 as imageio
 import pytest
 
 from sparsediff.cli import main
-from sparsediff.pipelines.tiny import PIPELINE_NAMES
+from sparsediff.testing.tiny import PIPELINE_NAMES
 
 
 def test_generate_tiny_wan_with_dense_comparison(tmp_path):

@@ -362,7 +362,7 @@ def test_diffusion_gemma_methods(method, routes):
 
 @needs("diffusion_gemma")
 def test_diffusion_gemma_step_tracking():
-    from sparsediff.methods import step_state
+    from sparsediff.runtime import step_state
 
     model = diffusion_gemma()
     seen = []

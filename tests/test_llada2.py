@@ -18,7 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 from transformers import AttentionInterface  # noqa: E402
 
 import sparsediff  # noqa: E402
-from sparsediff.pipelines.llada2 import ATTN_NAME, enabled_method  # noqa: E402
+from sparsediff.hooks.llada2 import ATTN_NAME, enabled_method  # noqa: E402
 
 VOCAB, MASK, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 40, 39, 64, 4, 2, 16, 8
 
@@ -134,7 +134,7 @@ def test_each_method_runs_and_caches_reset_per_block(spec, kw):
     seen = []
 
     def record(p, step, t, kwargs):
-        seen.append((sparsediff.methods.step_state.current().block, len(method._cache.entries)))
+        seen.append((sparsediff.runtime.step_state.current().block, len(method._cache.entries)))
         return kwargs
 
     out = generate(pipe, prompt_len=24, callback_on_step_end=record)  # block-aligned: no padding

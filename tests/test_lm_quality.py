@@ -7,8 +7,9 @@ import math
 import pytest
 
 from sparsediff.cli import main
-from sparsediff.eval.lm_quality import LMQualityRun, build_method, oracle_of
+from sparsediff.eval.lm_quality import LMQualityRun, oracle_of
 from sparsediff.eval.records import read_records
+from sparsediff.methods.base import method_at_density
 
 
 @pytest.fixture(scope="module")
@@ -83,4 +84,4 @@ def test_oracle_is_matched_by_budget_policy():
     got = oracle_of(settings, None)
     assert got["xattention"] == "oracle" and got["ba_att_paper"] == "oracle"
     assert got["ba_att"] == "oracle/allocation=global/local_window=none"
-    assert build_method("ba_att:0.8", 0.5, 64).config.sparsity == 0.8  # the spec's own sparsity wins
+    assert method_at_density("ba_att:0.8", 0.5, 64).config.sparsity == 0.8  # the spec's own sparsity wins

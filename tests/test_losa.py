@@ -495,7 +495,7 @@ def test_block_means_follow_the_buffer_within_a_generation():
 
 def test_split_counts_for_a_gpu(monkeypatch):
     # The split rules as a 132-SM GPU sees them (a stand-in for a CUDA q: GQA 32/8, stacked 4 heads a tile).
-    import sparsediff.methods.prefix_attention as pa
+    import sparsediff.runtime.split_kv as pa
 
     class CudaQ:
         is_cuda, device, shape = True, "cuda:0", (1, 32, 32, 128)

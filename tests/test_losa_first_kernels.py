@@ -1,4 +1,4 @@
-"""The state a LoSA block's first step writes from the prefix length on the device (``kernels.losa_step``):
+"""The state a LoSA block's first step writes from the prefix length on the device (``methods.losa.step_kernels``):
 ``step_lengths`` and ``prefix_block_means``, each kernel against its PyTorch path and against the values
 spelled out from their definition."""
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sparsediff.kernels.losa_step import prefix_block_means, split_means, step_lengths
+from sparsediff.methods.losa.step_kernels import prefix_block_means, split_means, step_lengths
 
 
 def _dev():

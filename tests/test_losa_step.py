@@ -1,11 +1,11 @@
-"""LoSA's per-step kernels (``kernels.losa_step``), each against its PyTorch reference: block ranking, the
+"""LoSA's per-step kernels (``methods.losa.step_kernels``), each against its PyTorch reference: block ranking, the
 window attention, the active-first order, the union score (split-bfloat16 kernel, float32 logits, the outlier
 term), the change test, and block-sparse attention reading q once per split (``repeat_q``)."""
 
 import pytest
 import torch
 
-from sparsediff.kernels.losa_step import mean_key_score, rank_blocks, window_attention
+from sparsediff.methods.losa.step_kernels import mean_key_score, rank_blocks, window_attention
 from sparsediff.methods.prefix_attention import strided_layout
 
 
@@ -146,7 +146,7 @@ def test_window_attention_rejects_bad_input():
 
 @pytest.mark.parametrize("shape", [(2, 8, 4, 6, 16, 32), (1, 4, 4, 32, 16, 128), (3, 6, 2, 5, 32, 16)])
 def test_active_first_order_kernel_equals_active_first_rows(shape):
-    from sparsediff.kernels.losa_step import active_first_order
+    from sparsediff.methods.losa.step_kernels import active_first_order
     from sparsediff.methods.prefix_attention import active_first_rows
 
     b, hq, hkv, nq, d, bs = shape
@@ -185,7 +185,7 @@ def assert_live_mass(score, rows, means, bias, live, tol):
 @pytest.mark.parametrize("shape,live", [((2, 3, 70, 16, 37, 5), [0, 33]), ((2, 3, 70, 16, 37, 5), [70, 1]),
                                         ((1, 2, 64, 32, 300, 40), [17])])
 def test_mean_key_score_logits_backend_matches_float64(shape, live):
-    from sparsediff.kernels.losa_step import mean_key_score
+    from sparsediff.methods.losa.step_kernels import mean_key_score
 
     b, h, r, d, nkb, masked = shape
     rows, means, bias = score_inputs(b, h, r, d, nkb, masked, dtype=torch.bfloat16, seed=len(live) + live[0],
@@ -202,7 +202,7 @@ def test_mean_key_score_logits_backend_matches_float64(shape, live):
 
 def test_mean_key_score_logits_backend_on_losa_structured_inputs():
     # The ids LoSA ranks from the logits path equal the float32 PyTorch path's on the fidelity generator.
-    from sparsediff.kernels.losa_step import mean_key_score
+    from sparsediff.methods.losa.step_kernels import mean_key_score
     from sparsediff.methods.prefix_attention import active_first_rows
 
     gen = torch.Generator().manual_seed(3)
@@ -262,7 +262,7 @@ def score_inputs(b=2, h=3, r=70, d=16, nkb=37, masked=5, dtype=torch.float32, de
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("live", [[0, 33], [70, 1], [5, 64]])
 def test_mean_key_score_triton_matches_torch(dtype, live):
-    from sparsediff.kernels.losa_step import mean_key_score
+    from sparsediff.methods.losa.step_kernels import mean_key_score
 
     rows, means, bias = score_inputs(dtype=dtype)
     n_live = torch.tensor(live, device=rows.device)
@@ -283,8 +283,8 @@ def test_mean_key_score_triton_matches_torch(dtype, live):
     ((1, 2, 20, 16, 20, 20), [20], 16),  # every block masked: uniform mass, no NaN
 ])
 def test_mean_key_score_chunked_kernel_matches_float64(shape, live, block_n):
-    from sparsediff.kernels.losa_step import split_means
-    from sparsediff.kernels.losa_step_triton import mean_key_score_triton
+    from sparsediff.methods.losa.step_kernels import split_means
+    from sparsediff.methods.losa.step_triton import mean_key_score_triton
 
     b, h, r, d, nkb, masked = shape
     rows, means, bias = score_inputs(b, h, r, d, nkb, masked, dtype=torch.bfloat16, seed=sum(live),
@@ -312,7 +312,7 @@ def test_mean_key_score_chunked_kernel_matches_float64(shape, live, block_n):
 def test_mean_key_score_default_path_on_losa_structured_inputs(dtype):
     # What LoSA calls: the stacked active-first rows of a block, the means split once; the ranked ids equal
     # the float32 PyTorch path's. 128 stacked rows span 4 row tiles; 150 blocks, 3 chunks of up to 64.
-    from sparsediff.kernels.losa_step import split_means
+    from sparsediff.methods.losa.step_kernels import split_means
     from sparsediff.methods.prefix_attention import active_first_rows
 
     gen = torch.Generator().manual_seed(5)
@@ -338,7 +338,7 @@ def test_mean_key_score_kernel_in_a_cuda_graph_follows_n_live():
     # No host read of n_live: one captured launch serves every live count.
     rows, means, bias = score_inputs(b=1, h=8, r=512, d=128, nkb=1040, masked=16, dtype=torch.bfloat16,
                                      device="cuda", spread=0.3 * 128 ** -0.5)
-    from sparsediff.kernels.losa_step import split_means
+    from sparsediff.methods.losa.step_kernels import split_means
 
     split = split_means(means)
     n_live = torch.tensor([1], device="cuda", dtype=torch.int32)
@@ -359,7 +359,7 @@ def test_mean_key_score_kernel_in_a_cuda_graph_follows_n_live():
 
 
 def test_mean_key_score_rejects_bad_input():
-    from sparsediff.kernels.losa_step import mean_key_score
+    from sparsediff.methods.losa.step_kernels import mean_key_score
 
     rows, means, bias = score_inputs()
     with pytest.raises(ValueError, match="n_live"):
@@ -382,7 +382,7 @@ def test_mean_key_score_rejects_bad_input():
 def test_mean_key_score_with_outlier_keys(backend):
     import math
 
-    from sparsediff.kernels.losa_step import mean_key_score
+    from sparsediff.methods.losa.step_kernels import mean_key_score
 
     rows, means, bias = score_inputs()
     noise = torch.randn(means.shape, generator=torch.Generator().manual_seed(1), device="cpu")
@@ -402,7 +402,7 @@ def test_mean_key_score_with_outlier_keys(backend):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the CUDA kernel with the float32 path")
 def test_mean_key_score_on_gpu_keeps_the_float32_union():
     # LoSA's sizes at a 128k prefix (GQA 32/8, 128-token block: 512 stacked rows, a quarter of them live).
-    from sparsediff.kernels.losa_step import mean_key_score
+    from sparsediff.methods.losa.step_kernels import mean_key_score
 
     rows, means, bias = score_inputs(b=1, h=8, r=512, d=128, nkb=1040, masked=16, dtype=torch.bfloat16,
                                      device="cuda")
@@ -419,7 +419,7 @@ def test_mean_key_score_on_gpu_keeps_the_float32_union():
 @pytest.mark.parametrize("only_active", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_token_change_triton_matches_torch(only_active, dtype):
-    from sparsediff.kernels.losa_step import token_change_update
+    from sparsediff.methods.losa.step_kernels import token_change_update
 
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(2, 6, 10, 16, generator=gen, device="cpu").to(dtype)

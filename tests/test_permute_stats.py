@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from sparsediff.kernels import block_stats
-from sparsediff.kernels.ba_features import features_from_moments, query_features, segment_order
 from sparsediff.kernels.block_stats.permute import gather_rows, gather_rows_with_stats, row_norms
 from sparsediff.kernels.block_topk import block_topk
-from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _select, _sort_keys, select_blocks, sort_keys
+from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, select_blocks, sort_keys
+from sparsediff.methods.ba_att.features import features_from_moments, query_features, segment_order
+from sparsediff.methods.ba_att.scores import _select
+from sparsediff.methods.ba_att.sort import _sort_keys
 from sparsediff.methods.block_select import layout, select_from_scores
 
 # These tests pin down the pooled estimator's fused feature path, with the paper's per-row budget.
@@ -203,7 +205,7 @@ def test_row_norms_padded(device):
 def test_feature_grids_give_the_same_bits(dtype, n, d, bs, device, monkeypatch):
     # The persistent pipelined grid (any size, any depth) and the one-tile-per-program grid share one
     # tile layout, so their features are the same bits.
-    from sparsediff.kernels import ba_features
+    from sparsediff.methods.ba_att import features as ba_features
 
     x = torch.randn(2, 3, n, d, device=device).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)  # strided
     x[:, 1] += 3.0
@@ -254,7 +256,7 @@ def _features64(x, bs, scale=None, c=None):
 def test_feature_tile_layouts_against_float64(cols, warps, dtype, n, d, bs, device, monkeypatch):
     # Any column split / warp count: features within float32 rounding of a float64 reference, on inputs
     # with large means (two-pass variance) and a few huge rows; the grids of one layout agree bit for bit.
-    from sparsediff.kernels import ba_features
+    from sparsediff.methods.ba_att import features as ba_features
 
     monkeypatch.setattr(ba_features, "TILE_COLS", cols)
     monkeypatch.setattr(ba_features, "TILE_WARPS", warps)

@@ -14,9 +14,10 @@ from sparsediff.attention_processors import (
     disable_diffusers,
     enable_diffusers,
 )
-from sparsediff.methods import AttentionMethod, MethodConfig, available_methods, denoising_step, step_state
+from sparsediff.methods import AttentionMethod, MethodConfig, available_methods, denoising_step
 from sparsediff.methods.dense import dense_attention
-from sparsediff.pipelines.tiny import FAMILIES, tiny_inputs, tiny_transformer
+from sparsediff.runtime import step_state
+from sparsediff.testing.tiny import FAMILIES, tiny_inputs, tiny_transformer
 
 KEEP_ALL = dict(sparsity=0.0, min_seq_len=0, block_size=16)
 # family -> (self/joint attention layers that must go through the method, text tokens seen as global)

@@ -28,7 +28,7 @@ def test_readme_method_example_runs(capsys):
 
 
 def test_readme_step_reuse_example_runs(capsys):
-    from sparsediff.pipelines.tiny_lm import has_diffusion_gemma
+    from sparsediff.testing.tiny_lm import has_diffusion_gemma
 
     text = (ROOT / "README.md").read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "denoising_step(i" in b]

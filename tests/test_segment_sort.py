@@ -9,12 +9,14 @@ import math
 import pytest
 import torch
 
-from sparsediff.kernels import ba_features, segment_sort
-from sparsediff.kernels.ba_features import query_features
 from sparsediff.kernels.block_stats import permute as permute_stats
 from sparsediff.kernels.block_stats.permute import row_norms
-from sparsediff.kernels.segment_sort import norm_segment_order
-from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _select, _sort_keys
+from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, segment_sort
+from sparsediff.methods.ba_att import features as ba_features
+from sparsediff.methods.ba_att.features import query_features
+from sparsediff.methods.ba_att.scores import _select
+from sparsediff.methods.ba_att.segment_sort import norm_segment_order
+from sparsediff.methods.ba_att.sort import _sort_keys
 
 # These tests pin down the pooled estimator's fused feature path, with the paper's per-row budget.
 POOLED = dict(estimator="pooled", allocation="row", local_window=0, fine_block_size=None)

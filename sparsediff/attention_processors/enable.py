@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from ..methods import step_state
+from ..runtime import step_state
 from . import families
 from .processor import GEOMETRY, SparseAttnProcessor, bind, unbind
 
@@ -96,10 +96,6 @@ def enable_diffusers(obj, method="ba_att", *, track_steps: bool = True, **overri
         for item in obj:
             enable_diffusers(item, method, track_steps=track_steps, **overrides)
         return obj
-    from ..pipelines.llada2 import enable_llada2, is_llada2_pipeline
-
-    if is_llada2_pipeline(obj):  # a transformers LM behind a block-refinement loop: its own adapter
-        return enable_llada2(obj, method, **overrides)
     if isinstance(method, SparseAttnProcessor):
         if overrides:
             raise TypeError("pass config overrides to the processor itself, not to enable()")
@@ -130,10 +126,6 @@ def disable_diffusers(obj):
         for item in obj:
             disable_diffusers(item)
         return obj
-    from ..pipelines.llada2 import disable_llada2, is_llada2_pipeline
-
-    if is_llada2_pipeline(obj):
-        return disable_llada2(obj)
     for model in transformers_of(obj):
         state = getattr(model, _STATE_ATTR, None)
         if state is None:

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..methods import head_parallel, make_method, step_state
+from ..methods import head_parallel, make_method
 from ..methods.base import AttentionMethod, sparse_share
 from ..methods.dense import dense_attention
+from ..runtime import step_state
 from . import families
 
 logger = logging.getLogger(__name__)

@@ -121,7 +121,7 @@ def summary_table(rows: list[dict]) -> str:
 def plot_steps(rows, out_dir) -> list:
     import matplotlib
 
-    from .probe_cli import save_figure
+    from .probe_report import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

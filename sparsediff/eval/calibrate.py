@@ -107,18 +107,18 @@ def calibrate(layers, method_spec: str, target: float, *, grid=DEFAULT_GRID, obj
     """``layers``: iterable of ``(name, q, k, v, causal, scale)``. Returns a :class:`LayerBudgets`."""
     from tqdm.auto import tqdm
 
+    from ..methods.base import method_at_density
     from ..methods.budgets import LayerBudgets
-    from .lm_quality import build_method
 
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if not 0.0 < target <= 1.0:
         raise ValueError(f"the target density must lie in (0, 1], got {target}")
-    build_method(method_spec, 0.5, block_size)  # a bad spec fails before any work
+    method_at_density(method_spec, 0.5, block_size)  # a bad spec fails before any work
     curves = {}
     layers = list(layers)
     for name, q, k, v, causal, scale in tqdm(layers, desc="calibrating layers", disable=not progress):
-        xs, ys, heads = layer_curve(lambda d: build_method(method_spec, d, block_size), q, k, v, causal=causal,
+        xs, ys, heads = layer_curve(lambda d: method_at_density(method_spec, d, block_size), q, k, v, causal=causal,
                                     scale=scale, layer=name, grid=grid, objective=objective)
         curves[name] = {"target": list(grid), "density": xs, "value": ys, "heads": heads}
     choice = allocate(curves, target)

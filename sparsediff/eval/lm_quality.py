@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..methods.base import method_at_density
 from .records import RecordWriter
 
 PARTS = ("attention", "perplexity", "needles")
@@ -70,26 +71,10 @@ class LMQualityRun:
         if self.tokens < 2:
             raise ValueError(f"tokens must be at least 2, got {self.tokens}")
         for spec in (*self.settings, *self.needle_settings):
-            build_method(spec, 0.5, self.block_size)  # a bad spec fails here, before the model loads
+            method_at_density(spec, 0.5, self.block_size)  # a bad spec fails here, before the model loads
         for d in self.needle_depths:
             if not 0.0 <= float(d) <= 1.0:
                 raise ValueError(f"needle depths must lie in [0, 1], got {d}")
-
-
-def build_method(spec: str, density: float, block_size: int | None):
-    """The method a setting runs at ``density`` (its spec's own sparsity and block size win)."""
-    from ..methods import make_method
-    from ..methods.base import parse_spec
-
-    name, overrides = parse_spec(spec)
-    fill = {"sparsity": round(1.0 - float(density), 6), "min_seq_len": 0}
-    if block_size is not None:
-        fill["block_size"] = block_size
-    method = make_method(name, **(fill | overrides))
-    fine = getattr(method.config, "fine_block_size", None)
-    if block_size is not None and fine and "fine_block_size" not in overrides:
-        method = make_method(method.config.replace(fine_block_size=None))  # an explicit block size is the one used
-    return method
 
 
 def _policy(method) -> tuple:
@@ -99,9 +84,9 @@ def _policy(method) -> tuple:
 
 def oracle_of(settings, block_size) -> dict:
     """``setting -> the oracle setting with the same budget policy`` (allocation, window, block size)."""
-    oracles = {_policy(build_method(s, 0.5, block_size)): s for s in settings
-               if build_method(s, 0.5, block_size).config.selector == "oracle"}
-    return {s: oracles.get(_policy(build_method(s, 0.5, block_size))) for s in settings}
+    oracles = {_policy(method_at_density(s, 0.5, block_size)): s for s in settings
+               if method_at_density(s, 0.5, block_size).config.selector == "oracle"}
+    return {s: oracles.get(_policy(method_at_density(s, 0.5, block_size))) for s in settings}
 
 
 # -- attention -------------------------------------------------------------------------------------------------
@@ -151,7 +136,7 @@ def run_attention(run, captures, writer, bar) -> None:
         reference = causal_reference(q, k, v, scale)
         for spec, density in todo:
             start = time.perf_counter()
-            method = build_method(spec, density, run.block_size)
+            method = method_at_density(spec, density, run.block_size)
             rec = attention_record(method, q, k, v, scale=scale, layer_name=f"model.layers.{layer}.self_attn",
                                    reference=reference)
             writer.write({"id": _id(spec, density, f"L{layer}"), "setting": spec, "target_density": density,
@@ -208,7 +193,7 @@ def run_perplexity(run, model, ids, writer, bar) -> None:
             key = _id(spec, density)
             if key in writer.done:
                 continue
-            rec = perplexity_record(model, ids, build_method(spec, density, run.block_size))
+            rec = perplexity_record(model, ids, method_at_density(spec, density, run.block_size))
             writer.write({"id": key, "setting": spec, "target_density": density, **rec})
             bar.update(1)
 
@@ -252,7 +237,7 @@ def run_needles(run, model, tokenizer, records, writer, bar) -> None:
             key = _id(spec, run.needle_density if spec != "dense" else 1.0, record["id"])
             if key in writer.done:
                 continue
-            method = None if spec == "dense" else build_method(spec, run.needle_density, run.block_size)
+            method = None if spec == "dense" else method_at_density(spec, run.needle_density, run.block_size)
             rec = needle_record(model, tokenizer, record, method)
             writer.write({"id": key, "setting": spec, "target_density": 1.0 if spec == "dense" else run.needle_density,
                           "length": record["length"], "depth": record["depth"], "answer": record["outputs"][0], **rec})

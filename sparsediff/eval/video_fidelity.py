@@ -170,7 +170,7 @@ class PipelineRunner:
         """(frames uint8 (T, H, W, 3), latents per step on CPU, seconds)."""
         import torch
 
-        from ..methods import step_state
+        from ..runtime import step_state
 
         latents = []
 

@@ -18,7 +18,7 @@ other decoder call is the next step of the same block.
 
 from __future__ import annotations
 
-from ..methods import step_state
+from ..runtime import step_state
 
 _ENCODER_SUFFIX = "EncoderTextModel"
 _DECODER_SUFFIX = "DecoderModel"

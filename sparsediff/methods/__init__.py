@@ -1,9 +1,9 @@
 """The four methods as tensor functions with their config dataclasses, and the shared method API."""
 
+from ..runtime.step_state import StepState, denoising_step, generation, new_block, new_generation, set_step
 from .base import AttentionMethod, DenseMethod, MethodConfig, available_methods, make_method, register_method
 from .dense import dense_attention
 from .selectors import available_selectors, get_selector, register_selector
-from .step_state import StepState, denoising_step, generation, new_block, new_generation, set_step
 
 __all__ = [
     "AttentionMethod",

@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from . import step_state, token_layout
+from ..runtime import step_state
+from . import token_layout
 from .dense import dense_attention
 
 logger = logging.getLogger(__name__)
@@ -240,6 +241,21 @@ def parse_spec(spec: str) -> tuple[str, dict]:
             raise ValueError(f"in method {spec!r}, {part!r} must look like key=value")
         overrides[key] = _parse_value(value)
     return name, overrides
+
+
+def method_at_density(spec: str, density: float, block_size: int | None = None) -> AttentionMethod:
+    """The method ``spec`` runs at ``density`` (share of key blocks kept), always sparse (``min_seq_len=0``):
+    what the probe, the LM-quality runs and calibration compare. The spec's own overrides win; an explicit
+    ``block_size`` is the one used (a method's finer blocks for short sequences are turned off)."""
+    name, overrides = parse_spec(spec)
+    fill = {"sparsity": round(1.0 - float(density), 6), "min_seq_len": 0}
+    if block_size is not None:
+        fill["block_size"] = block_size
+    method = make_method(name, **(fill | overrides))
+    fine = getattr(method.config, "fine_block_size", None)
+    if block_size is not None and fine and "fine_block_size" not in overrides:
+        method = make_method(method.config.replace(fine_block_size=None))
+    return method
 
 
 def _presets() -> dict:

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..kernels.block_sparse import triton_available
+from ..kernels.backend import choose_backend
 from ..kernels.block_topk import block_topk
 from ..kernels.masks import causal_block_mask
 from . import head_parallel
@@ -179,8 +179,7 @@ def select_from_scores(scores, *, nq, nk, block_size, density=None, mass=None, c
     first ``block_count`` slots, padding is 0. ``backend``: None (the Triton top-k on CUDA), ``"torch"`` or
     ``"triton"``; both give the same blocks (ties in score may resolve differently).
     """
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+    backend = choose_backend(backend, scores, op="select_from_scores")
     if density is None and mass is None:
         raise ValueError("select_from_scores needs a density, a mass or both")
     if allocation not in ALLOCATIONS:
@@ -216,7 +215,7 @@ def select_from_scores(scores, *, nq, nk, block_size, density=None, mass=None, c
         if extra_forced is not None:
             count = torch.minimum(torch.maximum(count, n_forced), lay.n_visible)
             max_kept = lay.visible.shape[-1]  # the budget may grow past the cached width
-    if backend == "triton" or (backend is None and scores.is_cuda and triton_available()):
+    if backend == "triton":
         # One program per row (radix-select top-k + ascending ids) instead of ~15 whole-tensor ops.
         budget = lay.budget if count is None else count.to(torch.int32)
         return block_topk(scores, lay.visible, forced, budget, max_kept,

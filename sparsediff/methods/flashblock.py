@@ -48,20 +48,13 @@ import torch
 
 from ..kernels import merge_attention
 from ..kernels.merge.prefix import merge_prefix
-from . import step_cache, step_state
+from ..runtime import step_cache, step_state
+from ..runtime.split_kv import choose_splits
+from ..runtime.step_cache import GraphSlot, LayerCache, StepGraph, run_step, stale
 from .base import AttentionMethod, MethodConfig, make_method, prefix_block_reason, register_method
 from .dense import dense_attention
-from .prefix_attention import (
-    choose_splits,
-    kv_capacity,
-    pack_factor,
-    prefix_attention,
-    prefix_partials,
-    split_index,
-    strided_layout,
-)
+from .prefix_attention import kv_capacity, pack_factor, prefix_attention, prefix_partials, split_index, strided_layout
 from .selectors import get_selector
-from .step_cache import GraphSlot, LayerCache, StepGraph, run_step, stale
 
 
 @dataclasses.dataclass

@@ -44,9 +44,9 @@ import dataclasses
 
 import torch
 
-from . import step_state
+from ..runtime import step_state
+from ..runtime.step_cache import LayerCache, stale
 from .dense import dense_attention
-from .step_cache import LayerCache, stale
 
 CACHE_ATTR = "_residual_cache"
 

@@ -29,9 +29,9 @@ import torch
 
 from ..kernels import block_sparse_attention, causal_block_mask, mask_to_index
 from ..kernels.tile_mass import row_lse, tile_mass
-from . import step_state
+from ..runtime import step_state
+from ..runtime.step_cache import LayerCache, stale
 from .base import AttentionMethod, MethodConfig, register_method
-from .step_cache import LayerCache, stale
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ..methods import step_state
+from ..runtime import step_state
 
 
 class PrefixCache:

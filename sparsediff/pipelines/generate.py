@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..attention_processors import DenseProcessor, attention_timer, disable_diffusers, enable_diffusers
-from ..methods import step_state
+from ..runtime import step_state
 
 
 @dataclasses.dataclass

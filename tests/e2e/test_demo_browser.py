@@ -32,7 +32,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    from sparsediff.demo_cli import load_app
+    from sparsediff.commands.demo import load_app
 
     os.environ["SPARSEDIFF_DEMO_DIR"] = str(tmp_path_factory.mktemp("demo_out"))
     app = load_app()

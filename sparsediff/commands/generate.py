@@ -32,7 +32,7 @@ TINY_METHOD_DEFAULTS = {"block_size": 16, "min_seq_len": 0}  # tiny latents have
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .tiny import PIPELINE_NAMES
+    from ..testing.tiny import PIPELINE_NAMES
 
     parser.add_argument("--model", default="tiny-wan",
                         help=f"hub id, local pipeline folder, or {' / '.join(PIPELINE_NAMES)} (random weights, runs "
@@ -94,7 +94,7 @@ def method_overrides(args, tiny: bool) -> dict:
 
 
 def load_pipeline(model: str, dtype, device):
-    from .tiny import PIPELINE_NAMES, tiny_pipeline
+    from ..testing.tiny import PIPELINE_NAMES, tiny_pipeline
 
     if model in PIPELINE_NAMES:
         pipe = tiny_pipeline(model)
@@ -118,7 +118,7 @@ def _call_kwargs(pipe, args, tiny: bool, device) -> dict:
     if tiny and "max_sequence_length" in params:
         kwargs["max_sequence_length"] = 8 if "CogVideoX" in type(pipe).__name__ else 16
     if tiny and "causal_block_size" in params:
-        from .tiny import DF_CAUSAL_BLOCK
+        from ..testing.tiny import DF_CAUSAL_BLOCK
 
         kwargs["causal_block_size"] = DF_CAUSAL_BLOCK
     if _needs_own_text_encoding(pipe):
@@ -165,7 +165,7 @@ def _environment(device) -> dict:
 
 
 def _model_choices() -> str:
-    from .tiny import PIPELINE_NAMES
+    from ..testing.tiny import PIPELINE_NAMES
 
     return (f"use a tiny model ({', '.join(PIPELINE_NAMES)}; offline), a local pipeline folder or a hub id such as "
             "Wan-AI/Wan2.1-T2V-1.3B-Diffusers (needs network access, or a copy in the Hugging Face cache)")
@@ -182,7 +182,7 @@ def _dense_with_sparsity(args) -> bool:
 
 
 def run(args) -> int:
-    from .tiny import PIPELINE_NAMES, TINY_CALL_DEFAULTS
+    from ..testing.tiny import PIPELINE_NAMES, TINY_CALL_DEFAULTS
 
     tiny = args.model in PIPELINE_NAMES
     # A name that is neither a tiny model, a folder nor a hub id (org/name) fails here, not after a hub look-up.
@@ -195,7 +195,7 @@ def run(args) -> int:
         return 2
 
     from ..attention_processors import CaptureConfig, SparseAttnProcessor, model_family, transformers_of
-    from .generate import check_frames, generate_video
+    from ..pipelines.generate import check_frames, generate_video
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32"))

@@ -25,7 +25,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .block_stats.triton import store_score_features, tile_moments
+    from ...kernels.block_stats.triton import store_score_features, tile_moments
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 

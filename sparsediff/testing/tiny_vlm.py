@@ -73,7 +73,7 @@ def tiny_qwen2_5_vl(seed: int = 0):
         Qwen2VLVideoProcessor,
     )
 
-    from .qwen_video import image_only_processor_class
+    from ..eval.qwen_video import image_only_processor_class
 
     tok = tiny_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}

@@ -32,7 +32,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .ba_features import _tile_features, feature_tile
+    from .features import _tile_features, feature_tile
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 

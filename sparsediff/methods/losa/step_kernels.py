@@ -37,24 +37,15 @@ rounding.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-
-def _interpreter_or_cuda(x):
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)")
+from ...kernels.backend import check_triton, choose_backend
 
 
 def _use_triton(backend, x) -> bool:
-    """Whether a ``backend`` of None / "triton" / "torch" runs the Triton kernel for ``x`` (None: on CUDA)."""
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
-    if backend == "triton" or (backend is None and x.is_cuda):
-        _interpreter_or_cuda(x)
-        return True
-    return False
+    """Whether a ``backend`` of None / "triton" / "torch" runs the Triton kernel for ``x`` (``kernels.backend``)."""
+    return choose_backend(backend, x, op="LoSA step") == "triton"
 
 
 def _token_sq_norms(x, out=None):
@@ -85,7 +76,7 @@ def token_change_update(q, q_ref, ref_thr, threshold, *, only_active=False, back
         raise ValueError(f"ref_thr must be a contiguous float32 ({b}, {n}) tensor, got {ref_thr.dtype} "
                          f"{tuple(ref_thr.shape)}")
     if _use_triton(backend, q):
-        from .losa_step_triton import token_change_triton
+        from .step_triton import token_change_triton
 
         return token_change_triton(q, q_ref, ref_thr, float(threshold) ** 2, only_active)
     return _token_change_torch(q, q_ref, ref_thr, threshold, only_active)
@@ -153,23 +144,19 @@ def mean_key_score(rows, n_live, means, bias, *, split=None, backend=None, outli
                              f"{tuple(outliers.shape)}")
         if backend == "triton":
             raise ValueError("backend='triton' scores block means only; outliers need 'logits' or 'torch'")
-        if backend == "logits" or (backend is None and rows.is_cuda):
-            from .losa_step_triton import live_mass_triton
+        if choose_backend(backend, rows, op="mean_key_score", extra=("logits",)) != "torch":
+            from .step_triton import live_mass_triton
 
-            _interpreter_or_cuda(rows)
             return live_mass_triton(block_logits(rows, means, outliers, block_size), n_live, bias.float())
         return _mean_key_score_torch(rows, n_live, means, bias, outliers, block_size)
-    if backend not in (None, "torch", "triton", "logits"):
-        raise ValueError(f"backend must be None, 'triton', 'logits' or 'torch', got {backend!r}")
+    backend = choose_backend(backend, rows, op="mean_key_score", extra=("logits",))
     if backend == "logits":
-        from .losa_step_triton import live_mass_triton
+        from .step_triton import live_mass_triton
 
-        _interpreter_or_cuda(rows)
         return live_mass_triton(torch.matmul(rows.float(), means.transpose(-1, -2)), n_live, bias.float())
-    if backend == "triton" or (backend is None and rows.is_cuda):
-        from .losa_step_triton import mean_key_score_triton
+    if backend == "triton":
+        from .step_triton import mean_key_score_triton
 
-        _interpreter_or_cuda(rows)
         if split is None:
             split = split_means(means)
         b, h, nkb, d = means.shape
@@ -209,7 +196,7 @@ def rank_blocks(score, keep, splits=1, *, first=False, repeat=1, backend=None):
         raise ValueError(f"need 1 <= keep <= nkb = {score.shape[2]}, splits >= 1 and repeat >= 1, got keep={keep}, "
                          f"splits={splits}, repeat={repeat}")
     if _use_triton(backend, score):
-        from .losa_step_triton import rank_blocks_triton
+        from .step_triton import rank_blocks_triton
 
         return rank_blocks_triton(score, keep, splits, first, repeat)
     return _rank_blocks_torch(score, keep, splits, first, repeat)
@@ -247,7 +234,7 @@ def step_lengths(n_dev, block_size, nq, count_table, dense_table, bias, count, c
     if win_idx.dtype != torch.int64 or win_bias.dtype != torch.float32 or bias.dtype != torch.float32:
         raise ValueError("win_idx must be int64, win_bias and bias float32")
     if _use_triton(backend, bias):
-        from .losa_first_triton import step_lengths_triton
+        from .first_triton import step_lengths_triton
 
         if not all(t.is_contiguous() for t in (*ints, bias, win_idx, win_bias)):
             raise ValueError("step_lengths' kernel writes contiguous tensors in place")
@@ -301,7 +288,7 @@ def prefix_block_means(k, n_dev, block_size, scale, means_t, split=None, *, last
     if n_dev.numel() != 1 or n_dev.dtype != torch.int64:
         raise ValueError("n_dev must be one int64 (the prefix length)")
     if _use_triton(backend, k):
-        from .losa_first_triton import block_means_triton
+        from .first_triton import block_means_triton
 
         outs = (means_t, split, last_keys)
         if k.stride(3) != 1 or not all(t is None or t.is_contiguous() for t in outs):
@@ -338,7 +325,7 @@ def window_attention(q, k, v, idx, bias, scale, *, backend=None, out=None):
         raise ValueError(f"idx must be int64 (W,) and bias float32 (W,), got {idx.dtype} {tuple(idx.shape)} and "
                          f"{bias.dtype} {tuple(bias.shape)}")
     if _use_triton(backend, q):
-        from .losa_step_triton import window_attention_triton
+        from .step_triton import window_attention_triton
 
         if k.stride(3) != 1 or v.stride(3) != 1 or not idx.is_contiguous() or not bias.is_contiguous():
             raise ValueError("window_attention's kernel needs k, v with unit stride over D and contiguous idx, bias")
@@ -359,7 +346,7 @@ def active_first_order(q, active, num_kv_heads, block_size):
     if q.dim() != 4 or q.shape[1] % num_kv_heads or bad_mask:
         raise ValueError(f"need q (B, Hq, Nq, D) with Hq divisible by {num_kv_heads} and a bool (B, Nq) mask, got "
                          f"{tuple(q.shape)} and {active.dtype} {tuple(active.shape)}")
-    from .losa_step_triton import active_first_triton
+    from .step_triton import active_first_triton
 
-    _interpreter_or_cuda(q)
+    check_triton(q, "active_first_order")
     return active_first_triton(q, active, num_kv_heads, block_size)

@@ -1,243 +1,43 @@
-"""LoSA: locality-aware sparse attention for block diffusion (prefix + active block).
-
-Call convention as FlashBlock: q = the active block's ``Nq`` tokens, k/v = ``[prefix | active block]``,
-not causal. Per layer and step:
-
-  1. Each active-block token's *change* is the relative L2 change of its query vector (all query
-     heads of the token concatenated) since the last step. The paper measures the token's hidden
-     state; a method only sees q, k, v, and q is a linear image of that (normalised) hidden state,
-     so it moves when the hidden state moves.
-  2. Tokens with change ``< threshold`` are *stable*: they reuse their cached prefix attention
-     (output and LSE). The others are *active*.
-  3. Active tokens get sparse prefix attention. Key blocks are chosen for the active tokens only and
-     shared by all of them (one union per batch row and KV head by default, ``union="head"``: per query
-     head), so the KV read stays small; with
-     ``sparsity == 0`` they get dense prefix attention.
-  4. In-block attention (q vs the last ``Nq`` keys) is dense at every step; prefix and in-block parts
-     merge by LSE.
-
-A block's first step (new block, new prefix length, or first call) computes dense prefix attention
-for every token. ``threshold == 0`` makes every token active; with ``sparsity == 0`` that is exact
-dense attention. ``stats["per_step"]`` holds, per (block, step), the share of active tokens and the
-union density (kept prefix key blocks / all prefix key blocks, mean over layers and heads).
-
-Selection: ``selector=None`` (default) scores each prefix key block by the active tokens' summed
-softmax mass against the block's mean key (means cached at the block's first step, since the prefix
-does not change within a block) and keeps the top ``(1 - sparsity)`` share per batch row and (KV) head.
-The union-sparse attention then runs in one call at a fixed shape: no device sync per step. With a
-union per KV head (GQA, the default) the block's tokens are ordered active-first on the device and each
-group's query heads stacked token-major (``prefix_attention.active_first_rows``): the union is scored from
-the leading (active) rows only (``kernels.losa_step.mean_key_score``: two kernels over chunks of key blocks
-on CUDA), one read of each kept K/V block serves the whole group, and query tiles holding no active row skip
-the prefix (``live_rows``: on the Gluon kernel also the half-tiles), so both follow the active share. The
-change test and the next step's references are one kernel on CUDA too (``kernels.losa_step.token_change_update``),
-and so are the active-first order with the step's statistics, the ranking of the scored key blocks (laid out
-for the splits and query tiles) and the window attention (``kernels.losa_step``); inside a CUDA graph capture
-the window runs on a parallel branch of the graph (``step_cache.branch_stream``). A block's first step writes
-its length-dependent state and the block mean keys with one kernel each (``step_lengths``,
-``prefix_block_means``); a block's mean is computed again only when its last key changed (a growing prefix:
-its newly full blocks). With ``union="head"`` every row is scored and computed and only the active ones kept.
-A registered selector name runs that selector on the gathered active tokens instead, and the union of its
-per-query-block choices is used. Prefix attention is split over key chunks for short blocks
-(``prefix_attention``; ``union_splits`` sets their number).
-
-CUDA graphs (``cuda_graphs``: None, the default, uses them on CUDA inputs once two calls in a row found k/v in
-the same buffer; True also warns where they cannot be used; False never; CPU inputs run eager): each layer's
-first and cached steps are captured into CUDA graphs once and replayed (``step_cache.run_step``). The layer's
-state is sized for the capacity of the KV buffer k/v are views of (``kv_capacity``) and rewritten in place at
-each block's first step, so the graph survives blocks: re-captured only when the capacity, q's shape or the
-dtype change. The active set is a mask and the union a ranked, capacity-sized index with kept counts on the
-device, so shapes are fixed; the registered-selector path gathers the active tokens (data-dependent shapes)
-and stays eager.
-"""
+"""The LoSA method: a block's first step, its cached steps, and their CUDA-graph replay."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 
-from ..kernels import index_to_mask, losa_step, mask_to_index
-from ..kernels.losa_step import (
+from ...kernels import index_to_mask, mask_to_index
+from ...kernels.merge.prefix import merge_prefix
+from ...kernels.outlier_keys import outlier_key_features
+from ...runtime import step_cache, step_state
+from ...runtime.split_kv import choose_splits, one_wave_splits
+from ...runtime.step_cache import LayerCache, run_step
+from ..base import AttentionMethod, prefix_block_reason, register_method
+from ..dense import dense_attention
+from ..flashblock import selector_config
+from ..prefix_attention import (
+    ActiveRows,
+    Partials,
+    active_first_partials,
+    active_first_rows,
+    kv_capacity,
+    pack_factor,
+    prefix_attention,
+    prefix_partials,
+    strided_layout,
+)
+from ..selectors import get_selector
+from .config import LoSAConfig
+from .reference import mean_key_rank, rank_blocks
+from .state import _Prefix
+from .step_kernels import (
     active_first_order,
-    block_logits,
     mean_key_score,
     prefix_block_means,
     step_lengths,
     token_change_update,
     window_attention,
 )
-from ..kernels.merge.prefix import merge_prefix
-from ..kernels.outlier_keys import outlier_key_features
-from . import step_cache, step_state
-from .base import AttentionMethod, MethodConfig, prefix_block_reason, register_method
-from .dense import dense_attention
-from .flashblock import selector_config
-from .prefix_attention import (
-    ActiveRows,
-    Partials,
-    active_first_partials,
-    active_first_rows,
-    choose_splits,
-    kv_capacity,
-    one_wave_splits,
-    pack_factor,
-    prefix_attention,
-    prefix_partials,
-    strided_layout,
-)
-from .selectors import get_selector
-from .step_cache import GraphSlot, LayerCache, run_step
-
-
-@dataclasses.dataclass
-class LoSAConfig(MethodConfig):
-    """LoSA settings (our defaults; the change is measured on q, see the module docstring)."""
-
-    threshold: float = 0.05  # relative L2 change of q below which a token is stable
-    sparsity: float = 0.8  # share of prefix key blocks skipped by active tokens
-    selector: str | None = None  # None: built-in mean-key scoring; else a registered selector name
-    compare_to: str = "last_step"  # or "cached": change since the step its prefix attention was computed
-    union: str = "kv_head"  # one union of key blocks per KV head (shared by its query heads) or per "head"
-    keep_sinks: bool = True  # the prefix's first key block is always in the union (attention sinks)
-    outlier_keys: bool = False  # score blocks by their largest-norm key too (finds single hot keys: stripes)
-    cuda_graphs: bool | None = None  # replay each layer's steps as CUDA graphs; None: when they can (CUDA)
-    union_splits: int | None = None  # key chunks of the active tokens' prefix attention; None: chosen for the GPU
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.residual_every:
-            raise ValueError("residual_every is for full-sequence methods (ba_att, block_sparse, sparsed); LoSA caches "
-                             "its own prefix attention per token")
-        if self.union_splits is not None and (
-                isinstance(self.union_splits, bool) or not isinstance(self.union_splits, int) or self.union_splits < 1):
-            raise ValueError(f"union_splits must be None or an int >= 1, got {self.union_splits!r}")
-        if not float(self.threshold) >= 0.0:
-            raise ValueError(f"threshold must be >= 0, got {self.threshold!r}")
-        if not 0.0 <= float(self.sparsity) < 1.0:
-            raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity!r}")
-        step_cache.validate_mode(self.cuda_graphs)
-        if not isinstance(self.outlier_keys, bool):
-            raise ValueError(f"outlier_keys must be a bool, got {self.outlier_keys!r}")
-        if self.compare_to not in ("last_step", "cached"):
-            raise ValueError(f"compare_to must be 'last_step' or 'cached', got {self.compare_to!r}")
-        if self.union not in ("kv_head", "head"):
-            raise ValueError(f"union must be 'kv_head' or 'head', got {self.union!r}")
-        if self.selector is not None:
-            get_selector(self.selector)
-
-
-def token_change(q_now, q_ref):
-    """Relative L2 change per token ``(B, Nq)``, over all query heads of the token."""
-    diff = (q_now.float() - q_ref.float()).square().sum(dim=(1, 3))
-    ref = q_ref.float().square().sum(dim=(1, 3))
-    return torch.sqrt(diff / ref.clamp_min(1e-12))
-
-
-def _active_mass(qf, active, means_t, bias, per_kv_head, outliers_t=None, block_size=1):
-    """The active tokens' summed softmax mass per key block against the block mean keys: ``(B, Hq, 1, nkb)``,
-    or ``(B, Hkv, 1, nkb)`` summed over each KV group's query heads. ``means_t`` ``(B, Hkv, D, nkb)`` are
-    the block means times the softmax scale, transposed; ``bias`` is added to the logits (or None).
-    ``outliers_t``: the blocks' largest-norm keys, laid out as ``means_t`` (``losa_step.block_logits``)."""
-    bsz, hq, nq, d = qf.shape
-    hkv, nkb = means_t.shape[1], means_t.shape[3]
-    group = hq // hkv
-    # Query heads of one KV group share the key means: one matmul per group.
-    logits = block_logits(qf.reshape(bsz, hkv, group * nq, d), means_t.transpose(-1, -2),
-                          None if outliers_t is None else outliers_t.transpose(-1, -2), block_size)
-    probs = torch.softmax(logits if bias is None else logits.add_(bias), dim=-1)
-    weight = active.to(probs.dtype)[:, None, None, :]  # stable tokens carry no weight
-    if per_kv_head:  # one batched product over the group's heads and the block's tokens
-        return torch.matmul(weight.repeat(1, 1, 1, group), probs)
-    return torch.matmul(weight, probs.view(bsz, hq, nq, nkb))
-
-
-def mean_key_union(q, active, key_means, keep, scale, per_kv_head=False, keep_sinks=False, key_outliers=None,
-                   block_size=1):
-    """Built-in LoSA selection: one set of ``keep`` prefix key blocks per batch row and head (or per KV
-    head, shared by its query heads), ranked by the active tokens' softmax mass against the block mean
-    keys. q ``(B, Hq, Nq, D)``, active bool ``(B, Nq)``, key_means ``(B, Hkv, nkb, D)``; returns a bool
-    mask ``(B, Hq or Hkv, nkb)``. Stable tokens carry no weight, so they cannot inflate the union.
-    ``keep_sinks``: the first key block is always one of the ``keep``. ``key_outliers`` ``(B, Hkv, nkb, D)``:
-    each block's largest-norm key, scored with the mean as ``losa_step.block_logits`` says."""
-    # Written out plainly (not through _active_mass): the tests use it as the reference for the fused path.
-    bsz, hq, nq, d = q.shape
-    hkv, nkb = key_means.shape[1], key_means.shape[2]
-    means = key_means.float().repeat_interleave(hq // hkv, dim=1)  # (B, Hq, nkb, D)
-    logits = torch.matmul(q.float(), means.transpose(-1, -2)) * scale  # (B, Hq, Nq, nkb)
-    if key_outliers is not None:
-        peak = torch.matmul(q.float(), key_outliers.float().repeat_interleave(hq // hkv, dim=1).transpose(-1, -2))
-        logits = torch.logaddexp(logits, peak * scale - math.log(block_size))
-    probs = torch.softmax(logits, dim=-1)
-    score = (probs * active[:, None, :, None]).sum(dim=2)  # (B, Hq, nkb)
-    if per_kv_head:
-        score = score.view(bsz, hkv, hq // hkv, nkb).sum(dim=2)
-    if keep_sinks:
-        score[..., 0] = float("inf")
-    top = torch.topk(score, keep, dim=-1).indices
-    return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
-
-
-def mean_key_rank(qf, active, means_t, bias, keep, per_kv_head=False, splits=1, keep_sinks=False, outliers_t=None,
-                  block_size=1):
-    """:func:`mean_key_union` for prefix buffers sized to a capacity: the ``keep`` best key-block ids
-    per batch row and head (or KV head), best first, int32 ``(B, H, 1, keep)``. ``bias`` ``(nkb,)`` is
-    0 on the current prefix's blocks and -1e30 past it: those get no softmax mass and rank last, so the
-    first ``k`` ids are the top ``k`` of the current prefix for every ``k`` (the kernels read a count).
-    ``splits > 1``: laid out for that many query blocks (:func:`rank_blocks`). ``keep_sinks``: block 0 first."""
-    score = _active_mass(qf, active, means_t, bias, per_kv_head, outliers_t, block_size).add_(bias)[:, :, 0]
-    return rank_blocks(score, keep, splits, first=keep_sinks)
-
-
-def rank_blocks(score, keep, splits=1, first=False, repeat=1):
-    """The ``keep`` best key-block ids of ``score`` ``(B, H, nkb)``, best first: int32 ``(B, H, 1, keep)``, or
-    laid out for ``splits`` query blocks (``strided_layout``). Stable descending sort order, one kernel on
-    CUDA (``kernels.losa_step.rank_blocks``); ``first``: block 0 ahead of all; ``repeat``: each split's row
-    repeated for that many query tiles."""
-    return losa_step.rank_blocks(score, keep, splits, first=first, repeat=repeat)
-
-
-@dataclasses.dataclass(eq=False)
-class _Prefix:
-    """A layer's state, sized for the KV buffer's capacity and kept across blocks: a new block
-    rewrites it in place (``_begin_block``, ``_first``), so a captured step stays valid until the capacity, q's shape
-    or the dtype change. Only the full key blocks of the prefix go through the block-sparse kernel;
-    its last partial block (the ``tail``) and the active block are the small ``window``, attended
-    densely at every step."""
-
-    out: torch.Tensor  # (B, Hq, Nq, D) prefix attention per token, updated in place for active rows
-    lse: torch.Tensor  # (B, Hq, Nq) float32
-    q_ref: torch.Tensor  # float32 q the change is measured against
-    ref_thr: torch.Tensor  # (B, Nq) (threshold * |q_ref|)^2: a token is active when |q - q_ref|^2 >= ref_thr
-    means_t: torch.Tensor  # (B, Hkv, D, nkb_cap) float32 block means * scale; zero past the prefix
-    last_keys: torch.Tensor  # (B, Hkv, nkb_cap, D) each block's last key when its mean was computed (NaN: not yet)
-    outliers_t: torch.Tensor | None  # outlier_keys: (B, Hkv, D, nkb_cap) the blocks' largest-norm keys * scale
-    means_split: torch.Tensor | None  # CUDA: means_t as three bfloat16 parts (3, B, Hkv, D, nkb_cap), the kernel's
-    bias: torch.Tensor  # (nkb_cap,) float32: 0 on the prefix's full blocks, -1e30 past them
-    index: torch.Tensor | None  # sparsity 0: every block id, laid out once (per query tile, as count_tiles)
-    count: torch.Tensor  # (1, 1, splits) int32 kept blocks per split
-    count_tiles: torch.Tensor  # (1, 1, splits * tiles) the same per query tile of the active-first rows
-    dense_index: torch.Tensor  # every block id of the capacity, laid out for the first step's splits
-    dense_count: torch.Tensor  # (1, 1, dense_splits) int32: the prefix's full blocks per split
-    all_active: torch.Tensor  # (B, Nq) True: the first step writes every row of the row cache
-    win_idx: torch.Tensor  # (block_size + Nq,) int64 KV rows of the window: tail | active block, then padding
-    win_bias: torch.Tensor  # (block_size + Nq,) 0 on the window's valid rows, -inf on its padding
-    inner_out: torch.Tensor | None  # CUDA: the window attention's float32 output (B, Hq, Nq, D) when captured
-    inner_lse: torch.Tensor | None  # and its LSE (B, Hq, Nq)
-    n_dev: torch.Tensor  # () int64 the prefix length: the first step derives the values above from it
-    count_table: torch.Tensor  # (nkb_cap + 1, splits) int32 kept blocks per split for each prefix block count
-    dense_table: torch.Tensor  # (nkb_cap + 1, dense_splits) int32 likewise with every block kept
-    splits: int
-    tiles: int  # query tiles of the active-first stacked rows (ceil(Nq * group / block_size))
-    dense_splits: int
-    keep_cap: int  # ranks computed per step: the keep of the full capacity
-    signature: tuple
-    epoch: int = -1  # the cache epoch (block) this state was refreshed for
-    n_prefix: int = -1
-    ratio: float = 0.0  # kept / prefix blocks, for the step report
-    graph: object = None  # the steady-state step's CUDA graph (step_cache.run_step); kept across blocks
-    first: GraphSlot = dataclasses.field(default_factory=GraphSlot)  # the first step's graph, likewise
 
 
 @register_method

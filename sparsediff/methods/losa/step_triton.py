@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_kwargs, pdl_start
+from ...kernels.pdl import pdl_kwargs, pdl_start
 
 
 @triton.jit

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .pdl import pdl_kwargs, pdl_start
+from ...kernels.pdl import pdl_kwargs, pdl_start
 
 
 @triton.jit

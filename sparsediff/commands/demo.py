@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from .cli import port_number
+from ..cli import port_number
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def checkout_root() -> Path | None:
     """The repository root holding ``demos/app.py``, or None."""
-    candidates = [os.environ.get("SPARSEDIFF_DEMOS"), Path(__file__).resolve().parents[1]]
+    candidates = [os.environ.get("SPARSEDIFF_DEMOS"), Path(__file__).resolve().parents[2]]
     for path in candidates:
         if path and (Path(path) / "demos" / "app.py").is_file():
             return Path(path).resolve()

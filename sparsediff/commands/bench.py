@@ -17,8 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .cli import densities
-from .kernels import block_sparse_attention, mask_to_index
+from ..cli import densities
+from ..kernels import block_sparse_attention, mask_to_index
 
 
 def random_block_mask(b, h, nqb, nkb, density, device, generator=None):
@@ -149,8 +149,8 @@ def environment() -> dict:
     except ImportError:
         pass
     if torch.cuda.is_available():
-        from .kernels.block_sparse import gluon_enabled
-        from .kernels.pdl import pdl_enabled
+        from ..kernels.block_sparse import gluon_enabled
+        from ..kernels.pdl import pdl_enabled
 
         # Which block-sparse kernel the default backend picks for block 128, D 64/128 on this GPU.
         sm90 = torch.cuda.get_device_capability() == (9, 0)

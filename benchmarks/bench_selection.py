@@ -65,7 +65,7 @@ def bench(n, heads, dim, dtype, device, cuda, sparsity) -> dict:
         row["stages"][name] = {"ms": ms, "pct_of_dense": 100 * ms / base}
         print(f"  N={n:6d} {name:34s} {ms:8.3f} ms  {100 * ms / base:6.2f}% of cuDNN dense")
 
-    for bs, rows in ((128, 2), (128, 4), (128, 8), (64, 4)):
+    for bs, rows in ((128, 2), (128, 4), (128, 8), (64, 4), (64, 8)):
         stage(f"sampled_mass bs{bs} rows{rows}", lambda bs=bs, rows=rows: sampled_block_mass(
             q, k, block_size=bs, rows=rows))
     if cuda:  # launch shapes of the sampled-mass kernel: rows per program, key tile, warps
@@ -92,7 +92,8 @@ def bench(n, heads, dim, dtype, device, cuda, sparsity) -> dict:
     stage("select (global, window, top-k)", lambda: select_from_scores(
         scores, nq=n, nk=n, block_size=128, density=density, allocation="global", local_window=128,
         weight_by_count=False))
-    for spec in ("ba_att", "ba_att/sample_rows=2", "ba_att/block_size=64", "ba_att_paper"):
+    for spec in ("ba_att", "ba_att/sample_rows=2", "ba_att/sample_rows=8", "ba_att/block_size=64",
+                 "ba_att/block_size=64/sample_rows=8", "ba_att_paper"):
         method = make_method(spec, sparsity=sparsity, min_seq_len=0)
         stage(f"plan {spec}", lambda method=method: method.plan(q, k, v))
     method = make_method("ba_att", sparsity=sparsity, min_seq_len=0)

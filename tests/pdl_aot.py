@@ -13,6 +13,7 @@ import torch
 from gluon_aot import Sm90Target
 from triton.runtime import driver
 
+from sparsediff.kernels import backend as kernel_backend
 from sparsediff.kernels import pdl
 from sparsediff.kernels.merge import prefix_triton as prefix_merge_triton
 from sparsediff.kernels.merge.prefix import merge_prefix
@@ -80,7 +81,7 @@ def wait_comes_first(ptx):
 def main():
     driver.set_active(Sm90Target())
     pdl.pdl_enabled = lambda x: True  # as on an H100 with SPARSEDIFF_PDL=1
-    losa_step._interpreter_or_cuda = lambda x: None  # CPU tensors stand in for CUDA ones: nothing runs
+    kernel_backend.interpreted = lambda: True  # CPU tensors stand in for CUDA ones: nothing runs
     compiled = {}
     compile_only(compiled)
     launch_all()

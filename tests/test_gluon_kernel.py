@@ -198,7 +198,7 @@ def test_default_backend_picks_gluon_and_falls_back(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="drives the Triton interpreter on CPU tensors")
 def test_a_gluon_build_failure_falls_back_to_triton_with_a_warning(monkeypatch, caplog):
     # Stands for a Triton release whose Gluon API differs: the first build fails, Triton takes over for good.
-    from sparsediff.kernels import backend as kernel_backend
+    from sparsediff import _logging
     from sparsediff.kernels import block_sparse
     from sparsediff.kernels.block_sparse import gluon as block_sparse_gluon
 
@@ -209,7 +209,7 @@ def test_a_gluon_build_failure_falls_back_to_triton_with_a_warning(monkeypatch, 
         raise AttributeError("module 'gluon' has no attribute 'warp_specialize'")
 
     monkeypatch.setattr(block_sparse, "_gluon_failure", None)
-    monkeypatch.setattr(kernel_backend, "_warned", set())
+    monkeypatch.setattr(_logging, "_warned", set())
     monkeypatch.setattr(block_sparse, "resolve_backend", lambda backend, q: "triton")
     monkeypatch.setattr(block_sparse_gluon, "gluon_support_error", lambda *a, **kw: None)
     monkeypatch.setattr(block_sparse_gluon, "block_sparse_attention_gluon", broken)

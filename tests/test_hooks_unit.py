@@ -12,8 +12,8 @@ import sparsediff
 from sparsediff import hooks
 from sparsediff.hooks.attention import BINDING_ATTR, LayerBinding, sparse_attention_forward
 from sparsediff.hooks.config import SparseAttentionConfig, as_config
-from sparsediff.hooks.masks import key_validity, row_slices, to_bool_mask
 from sparsediff.methods import available_methods, make_method
+from sparsediff.methods.masks import key_validity, row_slices, to_bool_mask
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from sparsediff.cli import main
-from sparsediff.eval.lm_quality import LMQualityRun, oracle_of
+from sparsediff.eval.lm_quality import LMQualityRun
+from sparsediff.eval.lm_quality_report import oracle_of
 from sparsediff.eval.records import read_records
 from sparsediff.methods.base import method_at_density
 

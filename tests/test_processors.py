@@ -268,7 +268,8 @@ def test_step_tracker_counts_steps_and_generations():
 
 
 def test_pipeline_dense_early_steps_and_step_state():
-    from sparsediff.pipelines import generate_video, tiny_pipeline
+    from sparsediff.pipelines import generate_video
+    from sparsediff.testing.tiny import tiny_pipeline
 
     pipe = tiny_pipeline("tiny-wan")
     method = RecordingMethod(min_seq_len=0, dense_step_fraction=0.5)

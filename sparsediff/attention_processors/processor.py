@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .._logging import warn_once
 from ..methods import head_parallel, make_method
 from ..methods.base import AttentionMethod, sparse_share
-from ..methods.dense import dense_attention
+from ..methods.masks import key_padding, run_per_row
 from ..runtime import step_state
 from . import families
 
@@ -52,7 +53,6 @@ class Binding:
 
 
 _BINDINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_WARNED: set = set()
 
 
 def bind(module, name: str, original) -> None:
@@ -71,12 +71,6 @@ def _binding(attn) -> Binding:
         found = Binding(f"{type(attn).__name__}@{id(attn):x}", families.default_processor(attn))
         _BINDINGS[attn] = found
     return found
-
-
-def _warn_once(key, message: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        logger.warning(message)
 
 
 @contextlib.contextmanager
@@ -210,8 +204,9 @@ class SparseAttnProcessor:
         if router.calls == 0:
             self._count("dense_backend")
             backend = getattr(binding.original, "_attention_backend", None)
-            _warn_once(("bypass", binding.name), f"{binding.name}: attention backend {backend!r} bypasses torch SDPA, "
-                       "so this layer ran dense; use the default (native) attention backend for sparse attention")
+            warn_once(logger, f"{binding.name}: attention backend {backend!r} bypasses torch SDPA, so this layer ran "
+                      "dense; use the default (native) attention backend for sparse attention",
+                      key=("bypass", binding.name))
         return out
 
     def _head_group(self, binding):
@@ -251,7 +246,7 @@ class SparseAttnProcessor:
     def _route(self, layer, plan, q, k, v, attn_mask, dropout_p, is_causal, scale):
         if dropout_p:
             self._count("dense_dropout")
-            _warn_once(("dropout", layer), f"{layer}: attention dropout is on (training?), running dense")
+            warn_once(logger, f"{layer}: attention dropout is on (training?), running dense", key=("dropout", layer))
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                   is_causal=is_causal, scale=scale)
         text, text_last = plan.text_tokens, plan.text_last
@@ -274,15 +269,15 @@ class SparseAttnProcessor:
     def _attend(self, layer, q, k, v, attn_mask, is_causal, scale, text):
         if attn_mask is None:
             return self._run(layer, q, k, v, is_causal, scale, text)
-        keep = _key_padding(attn_mask, q.shape[0], k.shape[2])
+        keep = key_padding(attn_mask, q.shape[0], k.shape[2])
         if keep is not None and bool(keep[:, text:].all()):
             return self._run_padded(layer, q, k, v, keep, is_causal, scale, text)
         blocks = _block_causal_ends(attn_mask, k.shape[2]) if not text and q.shape[2] == k.shape[2] else None
         if blocks is not None:
             return self._run_block_causal(layer, q, k, v, blocks, scale)
         self._count("dense_mask")
-        _warn_once(("mask", layer), f"{layer}: attention mask of shape {tuple(attn_mask.shape)} is neither key padding "
-                   "nor block-causal; this layer runs dense")
+        warn_once(logger, f"{layer}: attention mask of shape {tuple(attn_mask.shape)} is neither key padding "
+                   "nor block-causal; this layer runs dense", key=("mask", layer))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
 
     def _run(self, layer, q, k, v, causal, scale, text, name=None, segments=None):
@@ -301,19 +296,8 @@ class SparseAttnProcessor:
 
     def _run_padded(self, layer, q, k, v, keep, causal, scale, text):
         # Padded (text) keys are dropped; padded query rows still attend the valid keys, as under SDPA.
-        outs = []
-        for b in range(q.shape[0]):
-            qb, kb, vb, kp = q[b:b + 1], k[b:b + 1], v[b:b + 1], keep[b]
-            if bool(kp.all()):
-                outs.append(self._run(layer, qb, kb, vb, causal, scale, text))
-                continue
-            idx, pad = kp.nonzero().squeeze(1), (~kp).nonzero().squeeze(1)
-            kept = self._run(layer, qb[:, :, idx], kb[:, :, idx], vb[:, :, idx], causal, scale, int(kp[:text].sum()))
-            out = torch.empty_like(qb)
-            out[:, :, idx] = kept
-            out[:, :, pad] = dense_attention(qb[:, :, pad], kb[:, :, idx], vb[:, :, idx], scale=scale).to(q.dtype)
-            outs.append(out)
-        return torch.cat(outs, dim=0)
+        return run_per_row(lambda b, qb, kb, vb, text_b: self._run(layer, qb, kb, vb, causal, scale, text_b),
+                           q, k, v, keep, causal=causal, scale=scale, global_tokens=text)
 
     def _run_block_causal(self, layer, q, k, v, ends, scale):
         # Block-causal video (diffusion forcing): each frame block attends itself and earlier blocks,
@@ -356,19 +340,6 @@ def _text_first_mask(mask, text):
     if mask.shape[-2] > 1:
         mask = torch.cat([mask[..., -text:, :], mask[..., :-text, :]], dim=-2)
     return mask
-
-
-def _key_padding(mask, batch, nk):
-    """``(B, Nk)`` bool of valid keys when ``mask`` only masks keys, else None."""
-    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[-1] != nk:
-        return None
-    if mask.dtype == torch.bool:
-        keep = mask[:, 0, 0]
-    elif bool(((mask == 0) | (mask == float("-inf"))).all()):
-        keep = mask[:, 0, 0] == 0
-    else:
-        return None
-    return keep.expand(batch, nk)
 
 
 _BLOCK_CACHE: dict = {}

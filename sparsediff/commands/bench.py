@@ -17,8 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..cli import densities
 from ..kernels import block_sparse_attention, mask_to_index
+from .args import densities
 
 
 def random_block_mask(b, h, nqb, nkb, density, device, generator=None):

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import port_number
+from .args import port_number
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..cli import positive_int
+from .args import positive_int
 
 logger = logging.getLogger(__name__)
 

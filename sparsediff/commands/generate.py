@@ -21,8 +21,8 @@ import sys
 import numpy as np
 import torch
 
-from ..cli import positive_int
 from ..eval.records import strict_json
+from .args import positive_int
 
 logger = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ import sys
 
 import torch
 
-from ..cli import densities
 from ..eval.probe_report import add_oracle_share, markdown_table, plot_curves, plot_sorting
 from ..methods.base import available_specs, method_at_density, parse_spec
+from .args import densities
 
 logger = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..methods.base import method_at_density
+from .lm_quality_report import write_report
 from .records import RecordWriter
 
 PARTS = ("attention", "perplexity", "needles")
@@ -75,18 +76,6 @@ class LMQualityRun:
         for d in self.needle_depths:
             if not 0.0 <= float(d) <= 1.0:
                 raise ValueError(f"needle depths must lie in [0, 1], got {d}")
-
-
-def _policy(method) -> tuple:
-    cfg = method.config
-    return getattr(cfg, "allocation", "row"), cfg.window if hasattr(cfg, "window") else 0, cfg.block_size
-
-
-def oracle_of(settings, block_size) -> dict:
-    """``setting -> the oracle setting with the same budget policy`` (allocation, window, block size)."""
-    oracles = {_policy(method_at_density(s, 0.5, block_size)): s for s in settings
-               if method_at_density(s, 0.5, block_size).config.selector == "oracle"}
-    return {s: oracles.get(_policy(method_at_density(s, 0.5, block_size))) for s in settings}
 
 
 # -- attention -------------------------------------------------------------------------------------------------
@@ -259,7 +248,6 @@ def run_lm_quality(run: LMQualityRun) -> dict:
     """Run the parts of ``run`` that earlier runs into the same folder did not finish; write the summary."""
     from . import ruler
     from .causal_lm import capture_qkv, load_causal_lm, text_tokens
-    from .lm_quality_report import write_report
 
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)

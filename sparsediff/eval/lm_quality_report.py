@@ -11,6 +11,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from ..methods.base import method_at_density
 from .records import read_records
 
 
@@ -38,9 +39,19 @@ def attention_summary(records, settings) -> dict:
     return out
 
 
-def _oracles(settings) -> dict:
-    from .lm_quality import oracle_of
+def _policy(method) -> tuple:
+    cfg = method.config
+    return getattr(cfg, "allocation", "row"), cfg.window if hasattr(cfg, "window") else 0, cfg.block_size
 
+
+def oracle_of(settings, block_size) -> dict:
+    """``setting -> the oracle setting with the same budget policy`` (allocation, window, block size)."""
+    oracles = {_policy(method_at_density(s, 0.5, block_size)): s for s in settings
+               if method_at_density(s, 0.5, block_size).config.selector == "oracle"}
+    return {s: oracles.get(_policy(method_at_density(s, 0.5, block_size))) for s in settings}
+
+
+def _oracles(settings) -> dict:
     try:
         return oracle_of(list(settings), None)
     except (ValueError, TypeError):  # a folder written by another version: no oracle column

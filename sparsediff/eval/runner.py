@@ -24,6 +24,15 @@ def parse_methods(text) -> list[str]:
     return [BASELINE] + [m for i, m in enumerate(items) if m != BASELINE and m not in items[:i]]
 
 
+def close_run(bar, writers, runner) -> None:
+    """End of a run, also on an error: close the progress bar and the result files, and leave the model dense."""
+    if bar is not None:
+        bar.close()
+    for w in writers.values():
+        w.close()
+    runner.set_method(BASELINE)
+
+
 def parse_shard(text) -> tuple[int, int]:
     """"i/n" -> (i, n), 0 <= i < n."""
     if text is None:
@@ -106,11 +115,7 @@ def run_benchmark(benchmark, runner, methods, out_dir, *, limit=None, shard=(0, 
                     if bar is not None:
                         bar.update(len(chunk))
     finally:
-        if bar is not None:
-            bar.close()
-        for w in writers.values():
-            w.close()
-        runner.set_method(BASELINE)
+        close_run(bar, writers, runner)
     return write_summary(out_dir, benchmark.name, methods, benchmark.group_fields)
 
 

@@ -19,7 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from .records import RecordWriter, strict_json
-from .runner import BASELINE, _progress, load_results, method_slug, parse_methods, results_path, select, write_atomic
+from .runner import (
+    BASELINE,
+    _progress,
+    close_run,
+    load_results,
+    method_slug,
+    parse_methods,
+    results_path,
+    select,
+    write_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,21 +128,22 @@ class PipelineRunner:
             pipe.set_progress_bar_config(disable=True)  # our own bar counts prompts x methods
 
     def set_method(self, spec: str) -> None:
-        import sparsediff
+        from ..api import disable, enable
+        from ..methods import make_method
 
         if spec == self.active or (spec == BASELINE and self.active is None):
             return
         if self.active is not None:
-            (self._disable or sparsediff.disable)(self.pipe)
+            (self._disable or disable)(self.pipe)
             self.active = None
         if spec != BASELINE:
             if spec not in self._methods:
                 from ..methods.base import parse_spec
 
                 own = parse_spec(spec)[1]
-                self._methods[spec] = sparsediff.make_method(
+                self._methods[spec] = make_method(
                     spec, **{k: v for k, v in self.method_defaults.items() if k not in own})
-            (self._enable or sparsediff.enable)(self.pipe, self._methods[spec])
+            (self._enable or enable)(self.pipe, self._methods[spec])
             self.active = spec
 
     def warmup(self, prompt: str, steps: int) -> None:
@@ -255,11 +266,7 @@ def run_video_fidelity(runner: PipelineRunner, prompts, methods, out_dir, *, lim
                 writers[method].write(record | _route_fields(runner.routes()))
                 _tick(bar)
     finally:
-        if bar is not None:
-            bar.close()
-        for w in writers.values():
-            w.close()
-        runner.set_method(BASELINE)
+        close_run(bar, writers, runner)
     return write_fidelity_summary(out_dir, methods)
 
 

@@ -27,10 +27,11 @@ import collections
 import dataclasses
 import logging
 
-from ..methods import AttentionMethod, dense_attention, make_method
+from .._logging import warn_once
+from ..methods import AttentionMethod, make_method
 from ..methods.base import DENSE_REASONS
+from ..methods.masks import key_validity, run_per_row
 from .config import SparseAttentionConfig
-from .masks import key_validity, row_slices
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +40,11 @@ _VISION_HINTS = ("vision", "siglip", "clip", "vit", "audio")
 
 # How calls were routed since the last reset: cheap counters for reports and tests.
 route_counts: collections.Counter = collections.Counter()
-_warned: set[str] = set()
 _default_methods: dict[str, AttentionMethod] = {}
 
 
 def reset_route_counts() -> None:
     route_counts.clear()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
 
 
 @dataclasses.dataclass
@@ -119,7 +113,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, *, defau
         return _sdpa(module, query, key, value, attention_mask, "dense_layer", **sdpa_kwargs)
     feature = _unsupported_feature(module, dropout, kwargs)
     if feature is not None:
-        _warn_once(f"sparsediff: {feature} is not supported by sparse attention; using dense SDPA")
+        warn_once(logger, f"sparsediff: {feature} is not supported by sparse attention; using dense SDPA")
         return _sdpa(module, query, key, value, attention_mask, "dense_unsupported", **sdpa_kwargs)
 
     is_causal = kwargs.get("is_causal")
@@ -133,7 +127,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, *, defau
         return _sdpa(module, query, key, value, attention_mask, "dense_decode", **sdpa_kwargs)
     if reason is not None:
         if reason != "dense_step":  # dense early steps are the config's own choice
-            _warn_once(f"sparsediff: {method.name} runs dense SDPA on these calls: {DENSE_REASONS[reason]}")
+            warn_once(logger, f"sparsediff: {method.name} runs dense SDPA on these calls: {DENSE_REASONS[reason]}")
         return _sdpa(module, query, key, value, attention_mask, reason, **sdpa_kwargs)
 
     if attention_mask is None and is_causal and 1 < nq < nk:
@@ -142,7 +136,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, *, defau
     valid = key_validity(attention_mask, nq, nk, is_causal)
     if valid is False:
         if kwargs.get("sliding_window") is None:
-            _warn_once(
+            warn_once(logger,
                 f"sparsediff: {type(module).__name__} received a mask that is not causal/bidirectional plus "
                 "padding (e.g. image-bidirectional blocks or packed sequences); using dense SDPA for such calls"
             )
@@ -156,33 +150,9 @@ def sparse_attention_forward(module, query, key, value, attention_mask, *, defau
         out = method(query, key, value, **call)
     else:
         route_counts["sparse_padded"] += 1
-        out = _per_row(method, query, key, value, valid, call)
+        out = run_per_row(lambda b, qb, kb, vb, _: method(qb, kb, vb, **dict(call, layer=f"{call['layer']}[row {b}]")),
+                          query, key, value, valid, causal=call["causal"], scale=call["scale"])
     return out.transpose(1, 2).contiguous(), None
-
-
-def _per_row(method, query, key, value, valid, call):
-    """Each row on its own valid tokens. Causal: the valid query positions are the tail of the
-    row's valid keys, so end-aligned causality still holds after compaction; query rows on padding
-    see no key and get zeros. Bidirectional: every query sees the row's valid keys."""
-    bsz, _, nq, _ = query.shape
-    nk = key.shape[2]
-    out = query.new_zeros(*query.shape[:3], value.shape[-1])
-    for b in range(bsz):
-        keys = row_slices(valid[b])
-        q_rows = row_slices(valid[b, nk - nq:]) if call["causal"] else slice(None)
-        qb = query[b:b + 1, :, q_rows]
-        kb, vb = key[b:b + 1, :, keys], value[b:b + 1, :, keys]
-        if qb.shape[2] == 0 or kb.shape[2] == 0:
-            continue
-        if not call["causal"] and kb.shape[2] < qb.shape[2]:
-            # Padding inside the queries' own tokens: the prefix/own-tokens split methods rely on
-            # no longer holds, so this row runs dense.
-            ob = dense_attention(qb, kb, vb, causal=False, scale=call["scale"])
-        else:
-            # Per-row layer names: caching methods must not mix rows of different lengths.
-            ob = method(qb, kb, vb, **dict(call, layer=f"{call['layer']}[row {b}]"))
-        out[b:b + 1, :, q_rows] = ob
-    return out
 
 
 def make_attention_function(name: str):

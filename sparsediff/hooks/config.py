@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..methods import AttentionMethod, MethodConfig, make_method
+from ..methods.base import parse_spec
 
 
 @dataclasses.dataclass
@@ -68,7 +69,7 @@ def method_name(spec) -> str | None:
     if spec is None:
         return None
     if isinstance(spec, str):
-        return spec.partition(":")[0]
+        return parse_spec(spec)[0]
     if isinstance(spec, AttentionMethod):
         return spec.name
     if isinstance(spec, MethodConfig):

@@ -94,11 +94,8 @@ def enable_transformers(model, method="ba_att", **overrides):
     return model
 
 
-def disable_transformers(model):
-    """Undo :func:`enable_transformers`; a no-op on a model that was never enabled. Returns ``model``."""
-    state = getattr(model, STATE_ATTR, None)
-    if state is None:
-        return model
+def unbind(state) -> None:
+    """Remove an enabled state's hooks and layer bindings and put back the attention implementations."""
     for handle in state.handles:
         handle.remove()
     for module in state.modules:
@@ -106,6 +103,14 @@ def disable_transformers(model):
             delattr(module, BINDING_ATTR)
     for config, value in reversed(state.previous):
         _set_implementation(config, value)
+
+
+def disable_transformers(model):
+    """Undo :func:`enable_transformers`; a no-op on a model that was never enabled. Returns ``model``."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        return model
+    unbind(state)
     delattr(model, STATE_ATTR)
     return model
 

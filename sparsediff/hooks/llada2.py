@@ -36,10 +36,10 @@ import logging
 import torch
 
 from ..methods import make_method
+from ..methods.masks import to_bool_mask
 from ..runtime import step_state
 from .attention import BINDING_ATTR
-from .enable import _set_implementation
-from .masks import to_bool_mask
+from .enable import _set_implementation, unbind
 
 logger = logging.getLogger(__name__)
 
@@ -186,14 +186,8 @@ def disable_llada2(pipe):
     state = getattr(pipe, STATE_ATTR, None)
     if state is None:
         return pipe
-    for handle in state.handles:
-        handle.remove()
     pipe.scheduler.__dict__.pop("set_timesteps", None)
-    for module in state.modules:
-        if hasattr(module, BINDING_ATTR):
-            delattr(module, BINDING_ATTR)
-    for config, value in reversed(state.previous):
-        _set_implementation(config, value)
+    unbind(state)
     state.method.reset()
     setattr(pipe, STATE_ATTR, None)
     return pipe

@@ -15,14 +15,13 @@ import os
 
 import torch
 
+from .._logging import warn_once as _warn_once
+
 logger = logging.getLogger("sparsediff.kernels")
-_warned: set[str] = set()
 
 
 def warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
+    _warn_once(logger, message)
 
 
 @functools.cache

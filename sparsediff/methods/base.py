@@ -90,6 +90,11 @@ class AttentionMethod:
             return True
         return step_state.current().is_dense_step(cfg.dense_steps, cfg.dense_step_fraction)
 
+    def residual_planner(self, nk: int):
+        """The block-sparse method whose plan residual reuse keeps across steps for ``nk`` keys, or None: the
+        method runs its own ``sparse_attention`` on every step (``residual_reuse``)."""
+        return None
+
     def dense_reason(self, q, k, *, causal=False) -> str | None:
         """Why this call would run dense attention (a key of :data:`DENSE_REASONS`), or None when the method
         acts on it. Hosts count and report it; subclasses add the cases they cannot handle."""
@@ -258,11 +263,18 @@ def method_at_density(spec: str, density: float, block_size: int | None = None) 
     return method
 
 
-def _presets() -> dict:
-    """Named settings of a method: ``name -> (method name, config factory)``."""
-    from .ba_att import BAAttConfig
+_PRESETS: dict = {}
 
-    return {"ba_att_paper": ("ba_att", BAAttConfig.paper)}
+
+def register_preset(name: str, method_name: str, factory) -> None:
+    """A named setting of a method (``"ba_att_paper"``): ``factory(**overrides)`` gives its config."""
+    _PRESETS[name] = (method_name, factory)
+
+
+def _presets() -> dict:
+    """Named settings of the methods: ``name -> (method name, config factory)``."""
+    _load_builtin()
+    return _PRESETS
 
 
 def available_specs() -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import NamedTuple
 
 import torch
 
@@ -18,6 +17,7 @@ from .base import AttentionMethod, MethodConfig, register_method
 from .block_select import ALLOCATIONS, layout
 from .budgets import LayerBudgets
 from .selectors import available_selectors, get_selector
+from .sparse_plan import SparsePlan
 
 
 @dataclasses.dataclass
@@ -92,18 +92,6 @@ class BlockSparseConfig(MethodConfig):
         return out
 
 
-class SparsePlan(NamedTuple):
-    """What a block-sparse method will compute: keys/values as the kernel sees them (possibly
-    permuted), the kept blocks (ids refer to those keys) and the key permutation (None = identity)."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    block_index: torch.Tensor
-    block_count: torch.Tensor
-    perm: torch.Tensor | None
-    block_size: int | None = None  # of block_index (None: the method's configured block_size)
-
-
 @functools.lru_cache(maxsize=64)
 def _accepted_kwargs(fn) -> frozenset:
     params = inspect.signature(fn).parameters.values()
@@ -143,6 +131,13 @@ class BlockSparseMethod(AttentionMethod):
         """Hook for methods that reorder keys before selection: ``(k, v, perm or None)``, optionally with a
         fourth item, block statistics of the returned ``k`` that :meth:`select` may reuse."""
         return k, v, None
+
+    def residual_planner(self, nk: int):
+        """Residual reuse keeps this method's plan across steps when it computes its sparse product as plan +
+        kernel (a subclass that overrides ``sparse_attention`` does not)."""
+        if type(self).sparse_attention is BlockSparseMethod.sparse_attention:
+            return self.for_keys(nk)
+        return None
 
     def for_keys(self, nk: int) -> BlockSparseMethod:
         """The method that runs a call with ``nk`` keys: this one, or below ``fine_below`` keys its twin with

@@ -47,6 +47,7 @@ import torch
 from ..runtime import step_state
 from ..runtime.step_cache import LayerCache, stale
 from .dense import dense_attention
+from .sparse_plan import SparsePlan
 
 CACHE_ATTR = "_residual_cache"
 
@@ -121,19 +122,13 @@ def add_residual(out, lse, res_out, res_lse):
 
 def _planner(method, nk):
     """The block-sparse method that runs a call with ``nk`` keys when ``method`` computes its sparse product
-    as plan + kernel (``BlockSparseMethod`` and BA-Att, which do not override ``sparse_attention``), else None."""
-    from .block_sparse import BlockSparseMethod
-
-    if isinstance(method, BlockSparseMethod) and type(method).sparse_attention is BlockSparseMethod.sparse_attention:
-        return method.for_keys(nk)
-    return None
+    as plan + kernel (``BlockSparseMethod`` and BA-Att), else None."""
+    return method.residual_planner(nk)
 
 
 def _planned(planner, q, k, v, entry, *, causal, scale, layer, frame_size, global_tokens):
     """``((out, lse), plan)`` of the plan's kernel: a fresh plan when ``entry`` is None, else the entry's on the
     current keys and values."""
-    from .block_sparse import SparsePlan
-
     if entry is None:
         plan = planner.plan(q, k, v, causal=causal, scale=scale, frame_size=frame_size, global_tokens=global_tokens,
                             layer=layer)

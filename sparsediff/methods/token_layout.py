@@ -23,18 +23,13 @@ import math
 
 import torch
 
+from .._logging import warn_once
+
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("auto", "tiled", "rowmajor")
 # Tile shape per block size, (frames, rows, cols): chosen on the probe's video generator (docs/video_layout.md).
 DEFAULT_TILES = {16: (1, 4, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (2, 8, 8), 256: (4, 8, 8)}
-_warned: set = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
 
 
 def check_layout_fields(config) -> None:
@@ -235,20 +230,20 @@ def layout_for(config, q, k, *, causal: bool, grid, global_tokens: int) -> Token
         return None
     if grid is None:
         if mode == "tiled":
-            _warn_once("layout='tiled' but the host passed no latent grid (frames, height, width); tokens keep "
+            warn_once(logger, "layout='tiled' but the host passed no latent grid (frames, height, width); tokens keep "
                        "their order")
         return None
     if not _is_grid(grid):  # segments: a cached prefix of earlier blocks, then the queries' block
         grids = [tuple(g) for g in grid]
         if (global_tokens or not grids or not all(_is_grid(g) for g in grids)
                 or k.shape[2] != sum(math.prod(g) for g in grids) or q.shape[2] != math.prod(grids[-1])):
-            _warn_once(f"layout: segment grids {grids} do not match this call's {k.shape[2]} keys and "
+            warn_once(logger, f"layout: segment grids {grids} do not match this call's {k.shape[2]} keys and "
                        f"{q.shape[2]} queries; tokens keep their order")
             return None
         return make_segment_layout(grids, config.block_size, config.tile, q.device)
     video = math.prod(grid)
     if q.shape[2] != k.shape[2] or k.shape[2] - global_tokens != video:
-        _warn_once(f"layout: grid {tuple(grid)} ({video} tokens) does not match this call's {k.shape[2]} keys "
+        warn_once(logger, f"layout: grid {tuple(grid)} ({video} tokens) does not match this call's {k.shape[2]} keys "
                    f"({global_tokens} global) with {q.shape[2]} queries; tokens keep their order")
         return None
     return make_layout(grid, config.block_size, config.tile, global_tokens, q.device)

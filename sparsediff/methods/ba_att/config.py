@@ -6,17 +6,11 @@ import dataclasses
 import logging
 import math
 
+from ..base import register_preset
 from ..block_sparse import BlockSparseConfig
 
 ESTIMATORS = ("sampled", "pooled")
 logger = logging.getLogger(__name__)
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
 
 
 @dataclasses.dataclass
@@ -100,3 +94,4 @@ class BAAttConfig(BlockSparseConfig):
             )
 
 
+register_preset("ba_att_paper", "ba_att", BAAttConfig.paper)

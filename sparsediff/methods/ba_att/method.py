@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from ..._logging import warn_once
 from ..base import register_method
 from ..block_sparse import BlockSparseMethod, SparsePlan
 from . import segment_sort
-from .config import BAAttConfig, _warn_once
+from .config import BAAttConfig, logger
 from .scores import _query_coefficients, _select
 from .sort import _sort_keys
 
@@ -22,7 +23,7 @@ class BAAttMethod(BlockSparseMethod):
         cfg = self.config
         segment = cfg.sort_segment if cfg.sort_segment is not None else frame_size
         if cfg.sorts_keys and causal and segment is not None:
-            _warn_once("BA-Att: norm sorting is off under causal masking (the kernel masks by key position, and "
+            warn_once(logger, "BA-Att: norm sorting is off under causal masking (the kernel masks by key position, and "
                        "sorting would move keys across the causal boundary); keys keep their order")
         if not cfg.sorts_keys or causal or segment is None:
             return False

@@ -1,0 +1,39 @@
+"""argparse types shared by the sub-commands: bad values stop at parse time with one line saying what is allowed."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 1..65535, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1..65535, got {value}")
+    return value
+
+
+def densities(text: str) -> list[float]:
+    """Comma-separated densities (shares of key blocks kept), each in (0, 1]."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in (0, 1], got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one density in (0, 1]")
+    for x in values:
+        if not 0.0 < x <= 1.0:
+            raise argparse.ArgumentTypeError(f"densities must lie in (0, 1] (share of key blocks kept), got {x:g}")
+    return values

@@ -92,8 +92,8 @@ def bench(n, heads, dim, dtype, device, cuda, sparsity) -> dict:
     stage("select (global, window, top-k)", lambda: select_from_scores(
         scores, nq=n, nk=n, block_size=128, density=density, allocation="global", local_window=128,
         weight_by_count=False))
-    for spec in ("ba_att", "ba_att/sample_rows=2", "ba_att/sample_rows=8", "ba_att/block_size=64",
-                 "ba_att/block_size=64/sample_rows=8", "ba_att_paper"):
+    for spec in ("ba_att", "ba_att/fine_sample_rows=none", "ba_att/sample_rows=2", "ba_att/sample_rows=8",
+                 "ba_att/block_size=64", "ba_att/block_size=64/sample_rows=8", "ba_att_paper"):
         method = make_method(spec, sparsity=sparsity, min_seq_len=0)
         stage(f"plan {spec}", lambda method=method: method.plan(q, k, v))
     method = make_method("ba_att", sparsity=sparsity, min_seq_len=0)

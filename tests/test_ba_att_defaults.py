@@ -46,6 +46,20 @@ def test_defaults_are_the_measured_ones():
     assert (cfg.estimator, cfg.sample_rows, cfg.allocation, cfg.local_window, cfg.sparsity) == (
         "sampled", 4, "global", None, 0.5)
     assert BAAttConfig.paper(beta=1.0).beta == 1.0
+    assert (cfg.fine_block_size, cfg.fine_sample_rows) == (64, 8)
+
+
+def test_fine_blocks_sample_their_own_row_count():
+    # Below fine_below keys the 64-token twin scores 8 rows per block (fine_sample_rows); None keeps sample_rows.
+    method = make_method("ba_att")
+    assert method.for_keys(4096).config.sample_rows == 8 and method.for_keys(4096).config.block_size == 64
+    assert method.for_keys(16384) is method and method.config.sample_rows == 4
+    assert make_method("ba_att/fine_sample_rows=none").for_keys(4096).config.sample_rows == 4
+    assert make_method("ba_att/fine_sample_rows=2/sample_rows=16").for_keys(4096).config.sample_rows == 2
+    with pytest.raises(ValueError, match="fine_sample_rows must be None"):
+        BAAttConfig(fine_sample_rows=65)
+    with pytest.raises(ValueError, match="fine_sample_rows must be None"):
+        BAAttConfig(fine_sample_rows=True)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -51,6 +51,10 @@ class BlockSparseConfig(MethodConfig):
     fine_block_size: int | None = None
     fine_below: int = 8192
 
+    def fine_overrides(self) -> dict:
+        """Config fields the fine-block twin changes besides its block size (a method's own rule)."""
+        return {}
+
     def __post_init__(self):
         super().__post_init__()
         fine = self.fine_block_size
@@ -148,7 +152,7 @@ class BlockSparseMethod(AttentionMethod):
             return self
         twin = getattr(self, "_fine_twin", None)
         if twin is None:
-            twin = type(self)(dataclasses.replace(cfg, block_size=fine, fine_block_size=None))
+            twin = type(self)(dataclasses.replace(cfg, block_size=fine, fine_block_size=None, **cfg.fine_overrides()))
             self._fine_twin = twin
         twin.stats = self.stats
         return twin

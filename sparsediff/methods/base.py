@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from ..kernels.block_sparse import PRECISIONS
 from ..runtime import step_state
 from . import token_layout
 from .dense import dense_attention
@@ -35,6 +36,7 @@ class MethodConfig:
     layout: str = "auto"  # video token order: "tiled" (3-D tiles), "rowmajor" (as given), "auto" (row-major for now)
     tile: tuple | None = None  # (frames, rows, cols) of one tile; None: token_layout.default_tile
     residual_every: int = 0  # >= 1: cache dense - sparse every this many steps, reuse it between (residual_reuse)
+    precision: str = "bf16"  # the block-sparse kernel's: "bf16", or 8-bit "int8" / "int8_fp8" (block-sparse methods)
 
     def __post_init__(self):
         if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -50,6 +52,9 @@ class MethodConfig:
             raise ValueError(f"residual_every must be an int >= 0 (0: off; r: refresh the cached dense - sparse "
                              f"residual every r denoising steps), got {r!r}")
         token_layout.check_layout_fields(self)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS} (the block-sparse kernel's), "
+                             f"got {self.precision!r}")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -63,6 +68,7 @@ class AttentionMethod:
 
     name = "dense"
     config_class = MethodConfig
+    eight_bit = False  # runs the 8-bit block-sparse kernel when config.precision asks (block-sparse methods)
 
     def __init__(self, config=None, **overrides):
         if config is None:
@@ -71,6 +77,9 @@ class AttentionMethod:
             config = dataclasses.replace(config, **overrides)
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
+        if config.precision != "bf16" and not self.eight_bit:
+            raise ValueError(f"precision={config.precision!r} is supported by the block-sparse methods (ba_att, "
+                             f"block_sparse and its selectors); {self.name} runs 16-bit kernels only")
         self.config = config
         self._generation = step_state.current().generation
         self.stats: dict = {}

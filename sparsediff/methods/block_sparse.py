@@ -129,6 +129,7 @@ class BlockSparseMethod(AttentionMethod):
     """Select blocks with ``config.selector``, then run the block-sparse kernel."""
 
     name = "block_sparse"
+    eight_bit = True
     config_class = BlockSparseConfig
 
     def prepare_kv(self, q, k, v, *, causal, frame_size, global_tokens):
@@ -192,7 +193,7 @@ class BlockSparseMethod(AttentionMethod):
         block_size = plan.block_size or cfg.block_size
         out = block_sparse_attention(
             q, plan.k, plan.v, plan.block_index, plan.block_count, scale=scale, causal=causal,
-            block_size=block_size, return_lse=return_lse or compensate, check_ids=False,
+            block_size=block_size, return_lse=return_lse or compensate, check_ids=False, precision=cfg.precision,
         )
         if not compensate:
             return out

@@ -14,6 +14,8 @@ from .pytorch import block_sparse_attention_torch
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
 TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_TRITON_HEAD_DIM = 256
+# "bf16": the 16-bit kernels on the inputs' dtype; "int8" / "int8_fp8": kernels/block_sparse/eight_bit.py
+PRECISIONS = ("bf16", "int8", "int8_fp8")
 
 
 _gluon_failure: str | None = None  # why the Gluon kernel could not be built here, once it failed
@@ -138,6 +140,7 @@ def block_sparse_attention(
     check_ids: bool = True,
     repeat_q: int = 1,
     live_rows: torch.Tensor | None = None,
+    precision: str = "bf16",
 ):
     """Attention of each query block to the key blocks it keeps.
 
@@ -162,12 +165,22 @@ def block_sparse_attention(
             ``-inf``, no loads) on every backend; the Gluon kernel also skips the GEMMs of a 64-row half
             with none, the Triton kernel of a row tile (zeros and ``-inf`` too). Rows below it are the same
             with or without it.
+        precision: "bf16" (default): the kernels above on the inputs' own dtype; "int8": Q·Kᵀ in INT8 with
+            per-token scales and key smoothing, P·V in 16-bit; "int8_fp8": P·V in FP8 e4m3 too
+            (``kernels/block_sparse/eight_bit.py``). The 8-bit paths are Triton only (on CPU under
+            ``TRITON_INTERPRET=1``), without ``repeat_q`` / ``live_rows``.
 
     Returns:
         ``out`` in the input dtype, and with ``return_lse`` the natural-log LSE ``(B, Hq, Nq)`` in
         float32. A query row that keeps no key (or sees none under the causal mask) gets zeros and
         ``lse = -inf``.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "bf16":
+        return _eight_bit(precision, q, k, v, block_index, block_count, scale=scale, causal=causal,
+                          block_size=block_size, return_lse=return_lse, backend=backend, check_ids=check_ids,
+                          repeat_q=repeat_q, live_rows=live_rows)
     requested = backend
     backend = resolve_backend(backend, q) if isinstance(q, torch.Tensor) else backend
     check_inputs(q, k, v, block_index, block_count, block_size, backend, check_ids=check_ids, repeat_q=repeat_q)
@@ -220,4 +233,30 @@ def block_sparse_attention(
             q, k, v, block_index, block_count, scale=scale, causal=causal, block_size=block_size,
             return_lse=return_lse,
         )
+    return (out, lse) if return_lse else out
+
+
+def _eight_bit(precision, q, k, v, block_index, block_count, *, scale, causal, block_size, return_lse, backend,
+               check_ids, repeat_q, live_rows):
+    if backend not in (None, "triton"):
+        raise ValueError(f"precision={precision!r} runs the Triton 8-bit kernel only (backend None or 'triton'), "
+                         f"got {backend!r}")
+    choose_backend("triton", q, op=f"block_sparse_attention(precision={precision!r})")
+    if repeat_q != 1 or live_rows is not None:
+        raise ValueError(f"precision={precision!r} does not support repeat_q or live_rows; use precision='bf16'")
+    # Any float dtype goes in (it is quantized); the tile rules are the Triton kernel's.
+    check_inputs(q, k, v, block_index, block_count, block_size, "torch", check_ids=check_ids)
+    d = q.shape[-1]
+    if d > MAX_TRITON_HEAD_DIM or d % 16:
+        raise ValueError(f"precision={precision!r} supports head dims that are multiples of 16 up to 256, got {d}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"precision={precision!r} needs a power-of-two block_size >= 16, got {block_size}")
+    if not hasattr(torch, "float8_e4m3fn"):
+        raise RuntimeError(f"precision={precision!r} needs torch.float8_e4m3fn (torch >= 2.1)")
+    from .eight_bit import block_sparse_attention_8bit
+
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, lse = block_sparse_attention_8bit(q, k, v, block_index.to(torch.int32), block_count.to(torch.int32),
+                                           scale=scale, causal=causal, block_size=block_size, return_lse=return_lse,
+                                           pv_8bit=precision == "int8_fp8")
     return (out, lse) if return_lse else out

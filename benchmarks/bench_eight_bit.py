@@ -1,0 +1,109 @@
+"""The 8-bit block-sparse kernel against the 16-bit one and dense cuDNN, same inputs, same block index.
+
+    python benchmarks/bench_eight_bit.py --out bench_eight_bit.json      # GPU: N 16k/32k/64k, density 1/0.5/0.2
+    python benchmarks/bench_eight_bit.py --quick --out /tmp/e8.json     # CPU smoke run (interpreter, tiny)
+
+B=1, H=16, D=128, bf16 random normal inputs (keys with a shared offset, as real keys have), random block masks
+at each density (diagonal kept). Rows: cuDNN dense SDPA, the 16-bit kernel (``precision="bf16"``, Gluon on
+Hopper), ``"int8"`` and ``"int8_fp8"`` whole calls (quantization included) and the INT8 quantization of q
+and k alone, with the output's relative L2 error against float32 attention on the same blocks (up to 16k).
+Medians of ``triton.testing.do_bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+if "--quick" in sys.argv:  # the CPU smoke run takes the Triton interpreter, set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+from sparsediff.kernels import block_sparse_attention, mask_to_index  # noqa: E402
+
+
+def timer(fn, cuda: bool) -> float:
+    if cuda:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", default="16384,32768,65536")
+    parser.add_argument("--densities", default="1.0,0.5,0.2")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="bench_eight_bit.json")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.quick
+    device = "cuda" if cuda else "cpu"
+    heads, dim, bs = (16, 128, 128) if cuda else (2, 32, 32)
+    sizes = [int(x) for x in args.n.split(",")] if cuda else [256]
+    rows = []
+    for n in sizes:
+        torch.manual_seed(0)
+        q = torch.randn(1, heads, n, dim, device=device, dtype=torch.bfloat16)
+        k = torch.randn(1, heads, n, dim, device=device, dtype=torch.bfloat16) + 1.0
+        v = torch.randn(1, heads, n, dim, device=device, dtype=torch.bfloat16)
+        if cuda:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            def dense():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            dense_ms = timer(dense, cuda)
+        else:
+            dense_ms = float("nan")
+        nb = math.ceil(n / bs)
+        for density in (float(x) for x in args.densities.split(",")):
+            g = torch.Generator().manual_seed(1)
+            mask = (torch.rand(1, heads, nb, nb, generator=g) < density) | torch.eye(nb, dtype=torch.bool)
+            index, count = (t.to(device) for t in mask_to_index(mask))
+            ref = block_sparse_attention(q.float(), k.float(), v.float(), index, count, block_size=bs,
+                                         backend="torch") if n <= 16384 or not cuda else None
+            row = {"n": n, "density": density, "cudnn_ms": dense_ms, "kernels": {}}
+            for precision in ("bf16", "int8", "int8_fp8"):
+                fn = lambda p=precision: block_sparse_attention(q, k, v, index, count, block_size=bs, precision=p,
+                                                                check_ids=False)
+                ms = timer(fn, cuda)
+                err = None
+                if ref is not None:
+                    err = float((fn().float() - ref).norm() / ref.norm())
+                row["kernels"][precision] = {"ms": ms, "x_cudnn": dense_ms / ms if cuda else None, "rel_l2": err}
+            from sparsediff.kernels.block_sparse.eight_bit import quantize_tiles
+
+            def quantize():  # what the int8 call adds before its kernel: smoothing and per-token INT8 of q, k
+                quantize_tiles(q, 1, torch.int8)
+                return quantize_tiles(k.float() - k.float().mean(dim=2, keepdim=True), 1, torch.int8)
+            row["kernels"]["int8 quantization alone"] = {"ms": timer(quantize, cuda)}
+            rows.append(row)
+            print(f"N={n:6d} density {density:.2f}  cuDNN {dense_ms:8.3f} ms  " + "  ".join(
+                f"{p} {r['ms']:.3f} ms" + (f" ({dense_ms / r['ms']:.2f}x)" if cuda else "")
+                for p, r in row["kernels"].items()), flush=True)
+    env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+           "torch": torch.__version__}
+    with open(args.out, "w") as f:
+        json.dump({"benchmark": "bench_eight_bit", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                   "environment": env, "rows": rows}, f, indent=2)
+    print(f"JSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

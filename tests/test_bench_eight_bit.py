@@ -1,0 +1,22 @@
+"""The 8-bit benchmark's CPU smoke run: every precision timed, errors within the 8-bit formats' bounds."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_run_times_every_precision(tmp_path):
+    out = tmp_path / "e8.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_eight_bit.py"), "--quick", "--densities", "0.5",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    kernels = row["kernels"]
+    assert all(kernels[p]["ms"] > 0 for p in ("bf16", "int8", "int8_fp8", "int8 quantization alone"))
+    # The 16-bit path is float32 on CPU (near exact); the 8-bit ones within their formats' steps (test_eight_bit).
+    assert kernels["bf16"]["rel_l2"] < 1e-5
+    assert kernels["int8"]["rel_l2"] < 0.03 and kernels["int8_fp8"]["rel_l2"] < 0.08

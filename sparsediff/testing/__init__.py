@@ -1,0 +1,1 @@
+"""Helpers shared by the tests, the CLI's tiny defaults and the demo."""

@@ -1,0 +1,78 @@
+"""Test tolerances derived from the dtype, following FlashAttention's testing habit.
+
+* Where PyTorch can do the same computation in the tested dtype (the *baseline*), a result may be at most
+  ``factor`` times as far from a float32/float64 reference as that baseline is:
+  :func:`assert_within_baseline`.
+* Otherwise :func:`tolerance` gives ``atol``/``rtol`` for :func:`torch.testing.assert_close` as a
+  documented multiple of the dtype's machine epsilon, ``atol`` scaled to the compared values' magnitude.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Multiples of torch.finfo(dtype).eps, by how differently the two sides were computed.
+ROUNDING = 16
+"""A few roundings apart: elementwise work reordered, two or three partial results merged or summed. Each
+rounding costs at most eps/2 of the magnitude; 16 leaves room for a dozen of them."""
+REDUCTION = 128
+"""Long reductions in another order (a blocked or online softmax against one full softmax, a matmul tiled
+differently, a whole model's layers): the error grows about as sqrt(n) * eps, and 128 covers n ~ 10^4."""
+LOW_PRECISION = 2
+"""float16/bfloat16 results accumulated in float32 and rounded once: that rounding (eps/2 of the magnitude)
+plus the rounding of low-precision operands fed to the second matmul (P before P @ V)."""
+
+_DEFAULT_ULPS = {torch.float16: LOW_PRECISION, torch.bfloat16: LOW_PRECISION}
+
+
+def eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of a floating dtype: the gap between 1 and the next representable number."""
+    return torch.finfo(dtype).eps
+
+
+def tolerance(dtype: torch.dtype, *, ulps: float | None = None, magnitude: float = 1.0) -> dict[str, float]:
+    """``{"atol", "rtol"}`` for results of ``dtype``: ``ulps`` epsilons relative, and as much absolute at
+    ``magnitude`` (the size of the compared values). ``ulps`` defaults to :data:`LOW_PRECISION` for
+    float16/bfloat16 and :data:`REDUCTION` otherwise."""
+    e = (_DEFAULT_ULPS.get(dtype, REDUCTION) if ulps is None else ulps) * eps(dtype)
+    return {"atol": e * magnitude, "rtol": e}
+
+
+def max_error(result: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest ``|result - reference|`` in float64 over the finite entries of ``reference``; the non-finite
+    entries (``-inf`` LSE of an empty row, say) must match exactly."""
+    r, ref = result.detach().double().cpu(), reference.detach().double().cpu()
+    finite = torch.isfinite(ref)
+    if not torch.equal(torch.isfinite(r), finite) or not torch.equal(r[~finite], ref[~finite]):
+        raise AssertionError("non-finite entries differ between result and reference")
+    return (r[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
+
+
+def assert_within_baseline(
+    result: torch.Tensor,
+    reference: torch.Tensor,
+    baseline: torch.Tensor,
+    *,
+    factor: float = 2.0,
+    floor: float | None = None,
+    what: str = "result",
+) -> float:
+    """FlashAttention's rule: ``max|result - reference| <= factor * max|baseline - reference| + floor``.
+
+    ``reference`` is computed in float32/float64; ``baseline`` is the same computation by plain PyTorch in
+    ``result``'s dtype, so its error is what that dtype costs on these very inputs. ``floor`` defaults to
+    one epsilon of ``result``'s dtype at the reference's largest value (twice the error of rounding the
+    reference itself), so that a baseline that happens to be exact does not demand exactness.
+    Returns the measured error.
+    """
+    err, base = max_error(result, reference), max_error(baseline, reference)
+    if floor is None:
+        finite = reference[torch.isfinite(reference)]
+        floor = eps(result.dtype) * (finite.abs().max().item() if finite.numel() else 1.0)
+    budget = factor * base + floor
+    if not err <= budget:
+        raise AssertionError(
+            f"{what}: max error {err:.3g} > {factor:g} x baseline error {base:.3g} + floor {floor:.3g}"
+            f" = {budget:.3g} ({result.dtype}; baseline {baseline.dtype}, reference {reference.dtype})"
+        )
+    return err

@@ -3,11 +3,14 @@
 * Where PyTorch can do the same computation in the tested dtype (the *baseline*), a result may be at most
   ``factor`` times as far from a float32/float64 reference as that baseline is:
   :func:`assert_within_baseline`.
+  :func:`assert_close_as_pytorch` runs a plain-PyTorch computation both ways and applies it.
 * Otherwise :func:`tolerance` gives ``atol``/``rtol`` for :func:`torch.testing.assert_close` as a
   documented multiple of the dtype's machine epsilon, ``atol`` scaled to the compared values' magnitude.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,6 +26,10 @@ LOW_PRECISION = 2
 plus the rounding of low-precision operands fed to the second matmul (P before P @ V)."""
 
 _DEFAULT_ULPS = {torch.float16: LOW_PRECISION, torch.bfloat16: LOW_PRECISION}
+# Factors of the baseline's error. float16/bfloat16: FlashAttention's 2, as the roundings to the dtype
+# dominate both errors. float32: both are accumulation noise of one size, whose maxima swing about 2x
+# between two implementations on the same inputs, so 3.
+_DEFAULT_FACTOR = {torch.float16: 2.0, torch.bfloat16: 2.0}
 
 
 def eps(dtype: torch.dtype) -> float:
@@ -53,7 +60,7 @@ def assert_within_baseline(
     reference: torch.Tensor,
     baseline: torch.Tensor,
     *,
-    factor: float = 2.0,
+    factor: float | None = None,
     floor: float | None = None,
     what: str = "result",
 ) -> float:
@@ -63,9 +70,10 @@ def assert_within_baseline(
     ``result``'s dtype, so its error is what that dtype costs on these very inputs. ``floor`` defaults to
     one epsilon of ``result``'s dtype at the reference's largest value (twice the error of rounding the
     reference itself), so that a baseline that happens to be exact does not demand exactness.
-    Returns the measured error.
+    ``factor`` defaults to 2 for float16/bfloat16 results and 3 otherwise. Returns the measured error.
     """
     err, base = max_error(result, reference), max_error(baseline, reference)
+    factor = _DEFAULT_FACTOR.get(result.dtype, 3.0) if factor is None else factor
     if floor is None:
         finite = reference[torch.isfinite(reference)]
         floor = eps(result.dtype) * (finite.abs().max().item() if finite.numel() else 1.0)
@@ -76,3 +84,21 @@ def assert_within_baseline(
             f" = {budget:.3g} ({result.dtype}; baseline {baseline.dtype}, reference {reference.dtype})"
         )
     return err
+
+
+def assert_close_as_pytorch(
+    result: torch.Tensor | Sequence[torch.Tensor],
+    fn: Callable[..., torch.Tensor | Sequence[torch.Tensor]],
+    *inputs: object,
+    factor: float | None = None,
+    what: str = "result",
+) -> None:
+    """:func:`assert_within_baseline` with ``fn``, a plain-PyTorch computation of what ``result`` should be,
+    run on ``inputs`` as given (the baseline) and with every floating tensor in float64 (the reference).
+    ``fn`` may return a tuple (output, LSE, ...); ``result`` is then a tuple as long."""
+    wide = [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
+    refs, bases = fn(*wide), fn(*inputs)
+    if isinstance(result, torch.Tensor):
+        result, refs, bases = (result,), (refs,), (bases,)
+    for i, (r, ref, base) in enumerate(zip(result, refs, bases, strict=True)):
+        assert_within_baseline(r, ref, base, factor=factor, what=what if len(result) == 1 else f"{what}[{i}]")

@@ -20,7 +20,7 @@ ROUNDING = 16
 rounding costs at most eps/2 of the magnitude; 16 leaves room for a dozen of them."""
 REDUCTION = 128
 """Long reductions in another order (a blocked or online softmax against one full softmax, a matmul tiled
-differently, a whole model's layers): the error grows about as sqrt(n) * eps, and 128 covers n ~ 10^4."""
+differently): the error grows about as sqrt(n) * eps, and 128 covers n ~ 10^4 with margin."""
 LOW_PRECISION = 2
 """float16/bfloat16 results accumulated in float32 and rounded once: that rounding (eps/2 of the magnitude)
 plus the rounding of low-precision operands fed to the second matmul (P before P @ V)."""

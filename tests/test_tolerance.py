@@ -81,5 +81,11 @@ def test_within_baseline_floor_spares_an_exact_baseline():
     ref = torch.linspace(-2, 2, 101, dtype=torch.float64)
     exact = ref.float()  # rounding the reference is the whole error of both
     assert_within_baseline(exact, ref, exact)
+    ulp = eps(torch.float32) * 2  # one epsilon at the largest value: float32 results get 4 of them
+    assert_within_baseline((ref + 3 * ulp).float(), ref, exact)
     with pytest.raises(AssertionError, match="floor"):
-        assert_within_baseline(exact + 1e-5, ref, exact)
+        assert_within_baseline((ref + 5.5 * ulp).float(), ref, exact)
+    half = ref.half()  # float16 results get one
+    assert_within_baseline((ref + 0.4 * eps(torch.float16) * 2).half(), ref, half)
+    with pytest.raises(AssertionError, match="floor"):
+        assert_within_baseline((ref + 2 * eps(torch.float16) * 2).half(), ref, half)

@@ -5,13 +5,14 @@ import math
 
 import pytest
 import torch
+from test_flashblock import assert_attention
 
 from sparsediff.eval.fidelity import dense_reference, evaluate, make_probe
 from sparsediff.kernels import index_to_mask
 from sparsediff.kernels.masks import causal_block_mask
-from sparsediff.kernels.reference import causal_token_mask, masked_attention_ref
+from sparsediff.kernels.reference import causal_token_mask
 from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, _select, _sort_keys, ba_attention, ba_scores
-from sparsediff.testing.tolerance import assert_close_as_pytorch, tolerance
+from sparsediff.testing.tolerance import tolerance
 
 PLANTED = (200, 650, 900)  # key blocks 3, 10 and 14 at block size 64
 
@@ -126,7 +127,7 @@ def test_sparsity_zero_is_dense(causal):
     cfg = BAAttConfig(**POOLED, sparsity=0.0, block_size=32, outlier_keys=3, sort_segment=100)
     out, lse = ba_attention(q, k, v, cfg, return_lse=True, causal=causal)
     mask = causal_token_mask(200, 330) if causal else torch.ones(200, 330, dtype=torch.bool)
-    assert_close_as_pytorch((out, lse), lambda q, k, v: masked_attention_ref(q, k, v, mask, upcast=False), q, k, v)
+    assert_attention((out, lse), q, k, v, mask)
 
 
 @pytest.mark.parametrize("beta, causal, sort", [(0.5, False, False), (0.0, False, False), (0.5, True, False),

@@ -3,6 +3,7 @@ block / prefix / generation, and the combined sparse + residual mode."""
 
 import pytest
 import torch
+from test_kernels import low_precision_lse_tolerance
 
 from sparsediff.kernels import index_to_mask, mask_to_index, merge_attention
 from sparsediff.kernels.reference import (
@@ -36,6 +37,21 @@ def attention(q, k, v, mask=ALL):
     return masked_attention_ref(q, k, v, mask, upcast=False)
 
 
+def assert_attention(result, q, k, v, mask=ALL):
+    """``result`` (out, or (out, lse)) against PyTorch's float64 attention: the output by PyTorch's own error in
+    q's dtype; the LSE, float32 whatever q's dtype, by PyTorch's float32 error, or from float16/bfloat16 inputs
+    within :func:`test_kernels.low_precision_lse_tolerance`."""
+    out, lse = result if isinstance(result, tuple) else (result, None)
+    assert_close_as_pytorch(out, lambda q, k, v: attention(q, k, v, mask)[0], q, k, v, what="out")
+    if lse is None:
+        return
+    if q.dtype in (torch.float16, torch.bfloat16):
+        ref = masked_attention_ref(q.double(), k.double(), v.double(), mask)[1]
+        torch.testing.assert_close(lse.double(), ref, **low_precision_lse_tolerance(ref))
+    else:
+        assert_close_as_pytorch(lse, lambda q, k, v: attention(q, k, v, mask)[1], q, k, v, what="lse")
+
+
 def dense_out(q, k, v):
     return attention(q, k, v)[0]
 
@@ -60,7 +76,7 @@ def test_refresh_every_step_is_dense(dtype):
         with denoising_step(step, 4):
             q = (q0.float() + 0.5 * step * torch.randn_like(q0.float())).to(dtype)
             out, lse = m(q, k, v, layer="l", return_lse=True)
-        assert_close_as_pytorch((out, lse), attention, q, k, v)
+        assert_attention((out, lse), q, k, v)
     assert m.stats["refreshes"] == 4 and m.stats["cached_calls"] == 0
 
 
@@ -218,12 +234,11 @@ def test_split_prefix_attention_matches_reference(nq, splits, sparse):
         nqb = -(-nq // 32)
         token_mask = expand_block_mask(index_to_mask(index, count, 10).expand(-1, -1, nqb, -1), nq, 300, 32)
     out, lse = prefix_attention(q, k, v, index, count, block_size=32, splits=splits)
-    kept = lambda q, k, v: attention(q, k, v, token_mask)
-    assert_close_as_pytorch((out, lse), kept, q, k, v)
+    assert_attention((out, lse), q, k, v, token_mask)
     if nq <= 32 and splits > 1:  # a layout computed once and reused (FlashBlock's cached selection)
         layout = split_index(index, count, 10, splits, q.device)
         again, again_lse = prefix_attention(q, k, v, block_size=32, split=layout)
-        assert_close_as_pytorch((again, again_lse), kept, q, k, v)
+        assert_attention((again, again_lse), q, k, v, token_mask)
 
 
 def test_pack_factor_stacks_kv_groups_into_a_query_block():
@@ -254,7 +269,7 @@ def test_packed_gqa_prefix_attention_matches_reference(sparse):
         token_mask = expand_block_mask(per_head, 8, 300, 32)
     assert prefix_partials(q, k, v, index, count, block_size=32, splits=3).pack == 4
     out, lse = prefix_attention(q, k, v, index, count, block_size=32, splits=3)
-    assert_close_as_pytorch((out, lse), lambda q, k, v: attention(q, k, v, token_mask), q, k, v)
+    assert_attention((out, lse), q, k, v, token_mask)
 
 
 def test_packed_prefix_merge_triton_matches_torch():

@@ -4,11 +4,10 @@ real graphs must equal eager bit for bit."""
 
 import pytest
 import torch
-from test_flashblock import attention, block_call, force_splits, method
+from test_flashblock import assert_attention, block_call, force_splits, method
 
 from sparsediff.methods import denoising_step, make_method, new_block, new_generation
 from sparsediff.methods.flashblock import FlashBlockConfig
-from sparsediff.testing.tolerance import assert_close_as_pytorch
 
 # -- CUDA graphs of the cached step ---------------------------------------------------------------------
 
@@ -335,7 +334,7 @@ def test_plain_first_step_exact_on_a_growing_cache(fake_graphs, monkeypatch, pro
                 for sign in (1, -1):
                     out, lse = next(outs)
                     if kw or step == 0:
-                        assert_close_as_pytorch((out, lse), attention, sign * q, kk, vv)
+                        assert_attention((out, lse), sign * q, kk, vv)
 
 
 def test_plain_cached_steps_issue_two_ops_on_a_cache(monkeypatch):
@@ -441,7 +440,7 @@ def test_plain_graphs_on_a_growing_cache_on_gpu(d, nq, prompt):
         q, kb, vb = per_step[0]
         out, lse = got[blk * 2 * len(per_step)]
         kk, vv = torch.cat([k[:, :, :n], kb], 2), torch.cat([v[:, :, :n], vb], 2)
-        assert_close_as_pytorch((out, lse), attention, q, kk, vv)
+        assert_attention((out, lse), q, kk, vv)
 
 
 @cuda_only

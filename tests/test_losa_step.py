@@ -413,7 +413,7 @@ def test_mean_key_score_on_gpu_keeps_the_float32_union():
     n_live = torch.tensor([128], device="cuda")
     want = mean_key_score(rows, n_live, means, bias, backend="torch")
     got = mean_key_score(rows, n_live, means, bias)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)  # GPU-only (bfloat16 tensor-core split), kept as set
     keep = 205
     same = [set(a.tolist()) == set(b.tolist()) for a, b in zip(got.topk(keep).indices[0], want.topk(keep).indices[0])]
     assert sum(same) >= 7, same  # near-ties at the cut may swap one block in rare heads

@@ -35,8 +35,11 @@ def test_max_error_skips_matching_non_finite_entries():
     ref = torch.tensor([1.0, float("-inf"), 3.0])
     assert max_error(torch.tensor([1.5, float("-inf"), 3.0]), ref) == 0.5
     assert max_error(torch.full((2,), float("-inf")), torch.full((2,), float("-inf"))) == 0.0
+    assert max_error(torch.tensor([float("nan"), 2.0]), torch.tensor([float("nan"), 2.5])) == 0.5
     with pytest.raises(AssertionError, match="non-finite"):
         max_error(torch.tensor([1.0, 0.0, 3.0]), ref)
+    with pytest.raises(AssertionError, match="non-finite"):
+        max_error(torch.tensor([1.0, float("inf"), 3.0]), ref)
 
 
 def _softmax_case():

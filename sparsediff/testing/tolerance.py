@@ -1,9 +1,8 @@
 """Test tolerances derived from the dtype, following FlashAttention's testing habit.
 
 * Where PyTorch can do the same computation in the tested dtype (the *baseline*), a result may be at most
-  ``factor`` times as far from a float32/float64 reference as that baseline is:
-  :func:`assert_within_baseline`.
-  :func:`assert_close_as_pytorch` runs a plain-PyTorch computation both ways and applies it.
+  ``factor`` times as far from a float32/float64 reference as that baseline is (:func:`assert_within_baseline`;
+  :func:`assert_close_as_pytorch` runs one plain-PyTorch computation both ways and applies it).
 * Otherwise :func:`tolerance` gives ``atol``/``rtol`` for :func:`torch.testing.assert_close` as a
   documented multiple of the dtype's machine epsilon, ``atol`` scaled to the compared values' magnitude.
 """
@@ -50,11 +49,12 @@ def tolerance(dtype: torch.dtype, *, ulps: float | None = None, magnitude: float
 
 def max_error(result: torch.Tensor, reference: torch.Tensor) -> float:
     """Largest ``|result - reference|`` in float64 over the finite entries of ``reference``; the non-finite
-    entries (``-inf`` LSE of an empty row, say) must match exactly."""
+    entries (``-inf`` LSE of an empty row, say) must match exactly, NaN for NaN."""
     r, ref = result.detach().double().cpu(), reference.detach().double().cpu()
     finite = torch.isfinite(ref)
-    if not torch.equal(torch.isfinite(r), finite) or not torch.equal(r[~finite], ref[~finite]):
-        raise AssertionError("non-finite entries differ between result and reference")
+    odd, want = r[~finite], ref[~finite]
+    if not torch.equal(torch.isfinite(r), finite) or not bool(((odd == want) | (odd.isnan() & want.isnan())).all()):
+        raise AssertionError(f"non-finite entries differ between result and reference ({int((~finite).sum())} in it)")
     return (r[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
 
 

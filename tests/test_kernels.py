@@ -148,7 +148,7 @@ def test_structured_masks(backend):
     local_only, _ = mask_to_index(local.expand(1, 3, nb, nb).contiguous())
     out_local = block_sparse_attention(q, k, v, local_only, _, block_size=block, backend=backend)
     assert torch.equal(out[0, 0], out_local[0, 0])
-    # 1e-2: five float16 ulps at |out| ~ 1, so the difference is not rounding.
+    # 1e-2: ten float16 epsilons at |out| ~ 1, so the difference is not rounding.
     assert not torch.allclose(out[0, 2].float(), out_local[0, 2].float(), atol=1e-2)
 
 

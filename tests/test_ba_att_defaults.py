@@ -13,6 +13,7 @@ from sparsediff.methods.ba_att import BAAttConfig, BAAttMethod, ba_attention
 from sparsediff.methods.base import available_specs, parse_spec
 from sparsediff.methods.block_sparse import BlockSparseMethod
 from sparsediff.methods.dense import dense_attention
+from sparsediff.testing.tolerance import ROUNDING, assert_close_as_pytorch, tolerance
 
 
 def test_spec_grammar():
@@ -66,7 +67,7 @@ def test_fine_blocks_sample_their_own_row_count():
 def test_sparsity_zero_is_dense(causal, device):
     q, k, v = (torch.randn(1, h, 300, 32, device=device) for h in (4, 2, 2))
     out = ba_attention(q, k, v, BAAttConfig(sparsity=0.0, block_size=32), causal=causal)
-    assert torch.allclose(out, dense_attention(q, k, v, causal=causal), atol=2e-5)
+    assert_close_as_pytorch(out, lambda q, k, v: dense_attention(q, k, v, causal=causal), q, k, v)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -74,10 +75,10 @@ def test_output_is_the_kernel_on_the_selected_blocks(causal, device):
     q, k, v = (torch.randn(1, h, 256, 32, device=device) for h in (4, 2, 2))
     method = BAAttMethod(sparsity=0.6, block_size=32, min_seq_len=0)
     plan = method.plan(q, k, v, causal=causal)
-    ref, _ = block_sparse_attention_ref(q.double(), plan.k.double(), plan.v.double(), plan.block_index,
-                                        plan.block_count, causal=causal, block_size=32)
     out = method(q, k, v, causal=causal)
-    assert (out.double() - ref).abs().max() < 1e-5
+    on_plan = lambda q, k, v: block_sparse_attention_ref(q, k, v, plan.block_index, plan.block_count, causal=causal,
+                                                         block_size=32, upcast=False)[0]
+    assert_close_as_pytorch(out, on_plan, q, plan.k, plan.v)
 
 
 def test_realised_density_is_reported(device):
@@ -99,9 +100,12 @@ def test_compensate_adds_pooled_terms_and_keeps_dense_at_sparsity_zero(device):
     comp = BAAttMethod(sparsity=0.75, block_size=32, min_seq_len=0, compensate=True)
     o1, l1 = plain(q, k, v, causal=True, return_lse=True)
     o2, l2 = comp(q, k, v, causal=True, return_lse=True)
-    assert bool((l2 >= l1 - 1e-6).all()) and bool((l2 > l1 + 1e-4).any()) and not torch.equal(o1, o2)
+    # LSEs only grow (up to an epsilon each for the merge's exp and log, at their size), and some by far more
+    # than rounding (1e-4).
+    slack = tolerance(torch.float32, ulps=2, magnitude=l1[torch.isfinite(l1)].abs().max().item())["atol"]
+    assert bool((l2 >= l1 - slack).all()) and bool((l2 > l1 + 1e-4).any()) and not torch.equal(o1, o2)
     full = BAAttMethod(sparsity=0.0, block_size=32, min_seq_len=0, compensate=True)(q, k, v, causal=True)
-    assert torch.allclose(full, dense_attention(q, k, v, causal=True), atol=2e-5)
+    assert_close_as_pytorch(full, lambda q, k, v: dense_attention(q, k, v, causal=True), q, k, v)
 
 
 def _error(out, ref):
@@ -126,7 +130,7 @@ def test_real_layer_sampled_selection_stays_near_the_oracle(real_captures):
 def test_real_layer_sparsity_zero_is_dense(real_captures):
     q, k, v = real_captures[0]
     out = make_method("ba_att", sparsity=0.0, block_size=64, min_seq_len=0)(q, k, v, causal=True)
-    assert _error(out, dense_attention(q, k, v, causal=True)) < 1e-5
+    assert _error(out, dense_attention(q, k, v, causal=True)) < tolerance(torch.float32, ulps=ROUNDING)["rtol"]  # RMS
 
 
 def test_short_sequences_run_with_fine_blocks():

@@ -10,6 +10,7 @@ from sparsediff.methods import make_method
 from sparsediff.pipelines.block_diffusion import PrefixCache, generate, transfer_schedule
 from sparsediff.runtime import step_state
 from sparsediff.testing.tiny_lm import DiffusionGemmaAdapter
+from sparsediff.testing.tolerance import ROUNDING, tolerance
 
 VOCAB, MASK = 48, 47
 
@@ -87,7 +88,9 @@ def test_prefix_cache_equals_block_causal_recompute():
     block = torch.randint(0, VOCAB, (2, 16))
     cache.committing = False
     got = model(block, cache=cache)
-    torch.testing.assert_close(got, blockwise_reference(model, PROMPT, block), rtol=0, atol=1e-5)
+    # A tiny float32 model, its prefix attention from the cache: logits a few roundings apart.
+    want = blockwise_reference(model, PROMPT, block)
+    torch.testing.assert_close(got, want, **tolerance(torch.float32, ulps=ROUNDING))
     assert cache.nbytes() == 2 * 2 * (2 * 2 * 72 * 8 * 4)  # 2 layers x (k, v) x (B, Hkv, capacity, D) fp32
 
 

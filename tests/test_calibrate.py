@@ -11,6 +11,7 @@ from sparsediff.eval.calibrate import allocate, calibrate, lower_hull
 from sparsediff.eval.fidelity import make_probe, save_qkv
 from sparsediff.methods import make_method
 from sparsediff.methods.budgets import LayerBudgets
+from sparsediff.testing.tolerance import ROUNDING, tolerance
 
 
 def test_lower_hull_drops_points_above_the_hull():
@@ -40,7 +41,8 @@ def test_calibrate_on_captured_qkv_files(tmp_path):
     table = LayerBudgets.load(out)
     assert set(table.layers) == {"blocks.0.attn1", "blocks.1.attn1"}
     assert abs(table.meta["realised_density"] - 0.5) < 0.1
-    assert table.meta["mean_value"] <= table.meta["uniform_mean_value"] + 1e-9
+    uniform = table.meta["uniform_mean_value"]  # the same float64 values, summed over another choice
+    assert table.meta["mean_value"] <= uniform + tolerance(torch.float64, ulps=ROUNDING, magnitude=abs(uniform))["atol"]
     assert len(table.density("blocks.0.attn1", default=1.0, heads=True)) == 2
 
 

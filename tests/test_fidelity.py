@@ -23,8 +23,12 @@ from sparsediff.kernels import index_to_mask
 from sparsediff.methods.ba_att import BAAttMethod
 from sparsediff.methods.base import method_at_density
 from sparsediff.methods.block_sparse import BlockSparseMethod
+from sparsediff.testing.tolerance import ROUNDING, tolerance
 
 BS = 64
+FP32 = tolerance(torch.float32)
+REPORTED = 0.5e-6  # per-head metrics are reported to 6 decimals: half a unit on top of float32's own error
+EXACT = tolerance(torch.float32, ulps=ROUNDING)["rtol"]  # lossless metrics: a few float32 roundings
 
 
 def test_generators_are_seeded_and_shaped():
@@ -57,7 +61,7 @@ def test_metrics_match_explicit_computation(causal):
     kept, mass, perm = kept_mask(method, p, head=1)
     # Recall from the explicit per-block mass of head 1 (mass is a mean over each block's queries).
     recall_h1 = (mass.double() * kept).sum(-1).mean().item()
-    assert abs(result["per_head"]["recall"][1] - recall_h1) < 1e-4
+    assert abs(result["per_head"]["recall"][1] - recall_h1) <= FP32["atol"] + REPORTED
     plan = method.plan(p.q, p.k, p.v, causal=causal)
     out = torch.nn.functional.scaled_dot_product_attention(p.q, p.k, p.v, is_causal=causal)
     from sparsediff.kernels.block_sparse.reference import block_sparse_attention_ref
@@ -66,7 +70,7 @@ def test_metrics_match_explicit_computation(causal):
                                            causal=causal, block_size=BS)
     rel = ((sparse - out).flatten(2).norm(dim=-1) / out.flatten(2).norm(dim=-1))[0]
     per_head = torch.tensor(result["per_head"]["rel_l2"], dtype=torch.float64)
-    torch.testing.assert_close(per_head, rel.double(), rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(per_head, rel.double(), rtol=FP32["rtol"], atol=FP32["atol"] + REPORTED)
     from sparsediff.kernels.masks import causal_block_mask
 
     visible = causal_block_mask(8, 8, 512, 512, BS) if causal else torch.ones(8, 8, dtype=torch.bool)
@@ -80,13 +84,13 @@ def test_full_density_is_lossless():
     for method in (BAAttMethod(sparsity=0.0, block_size=BS, min_seq_len=0),
                    BlockSparseMethod(selector="xattention", sparsity=0.0, block_size=BS, min_seq_len=0)):
         r = evaluate(method, p)
-        assert r["recall"] > 1 - 1e-5 and r["rel_l2"] < 1e-5 and r["cosine"] > 1 - 1e-6 and r["density"] == 1.0
+        assert r["recall"] > 1 - EXACT and r["rel_l2"] < EXACT and r["cosine"] > 1 - EXACT and r["density"] == 1.0
 
 
 def test_block_mass_rows_sum_to_one():
     p = make_probe("sinks", heads=1, n=300, dim=16)
     mass = block_mass(p.q, p.k, block_size=BS)
-    torch.testing.assert_close(mass.sum(-1), torch.ones(5), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mass.sum(-1), torch.ones(5), **tolerance(torch.float32, ulps=ROUNDING))
 
 
 def test_norm_sorting_gathers_scattered_clusters():
@@ -156,7 +160,7 @@ def test_probe_report_gives_recall_as_a_share_of_the_oracle(tmp_path):
         assert rows[name]["recall_of_oracle"] == pytest.approx(rows[name]["recall"] / rows["oracle"]["recall"])
     # At the same number of kept blocks per query block the oracle keeps the most mass.
     assert rows["ba_att"]["density"] == pytest.approx(rows["oracle"]["density"])
-    assert rows["ba_att"]["recall_of_oracle"] <= 1.0 + 1e-6
+    assert rows["ba_att"]["recall_of_oracle"] <= 1.0 + EXACT  # float32 recalls
     assert "recall / oracle" in (tmp_path / "results.md").read_text()
     # Without the oracle in the run the column is left out.
     plain = [{"probe": "p", "method": "fixed", "target_density": 0.5, "density": 0.5, "recall": 0.9,
@@ -197,4 +201,4 @@ def test_capture_grid_round_trip_and_tiled_metrics_match_a_permuted_probe(tmp_pa
     permuted = dataclasses.replace(p, q=tiles.permute(p.q), k=tiles.permute(p.k), v=tiles.permute(p.v))
     direct = evaluate(method, permuted)
     for key in ("recall", "rel_l2", "density"):
-        assert via_tiles[key] == pytest.approx(direct[key], rel=1e-5)
+        assert via_tiles[key] == pytest.approx(direct[key], rel=EXACT)  # the same sums in another order

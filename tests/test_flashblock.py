@@ -3,6 +3,7 @@ block / prefix / generation, and the combined sparse + residual mode."""
 
 import pytest
 import torch
+from test_kernels import low_precision_lse_tolerance
 
 from sparsediff.kernels import index_to_mask, mask_to_index, merge_attention
 from sparsediff.kernels.block_sparse.reference import (
@@ -14,8 +15,11 @@ from sparsediff.kernels.merge.reference import merge_attention_ref
 from sparsediff.methods import denoising_step, dense_attention, make_method, new_block, new_generation
 from sparsediff.methods.flashblock import FlashBlockConfig
 from sparsediff.methods.prefix_attention import prefix_attention, split_index
+from sparsediff.testing.tolerance import ROUNDING, assert_close_as_pytorch, tolerance
 
-TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ALL = torch.ones(1, dtype=torch.bool)
+# Two float32 paths (PyTorch and Triton) of one LSE merge: a few roundings apart.
+MERGE_TOL = tolerance(torch.float32, ulps=ROUNDING)
 
 
 def block_call(b=1, hq=4, hkv=2, prefix=160, nq=32, d=16, dtype=torch.float32):
@@ -25,7 +29,31 @@ def block_call(b=1, hq=4, hkv=2, prefix=160, nq=32, d=16, dtype=torch.float32):
 
 
 def ref_full(q, k, v):
-    return masked_attention_ref(q.float(), k.float(), v.float(), torch.ones(1, dtype=torch.bool))
+    return masked_attention_ref(q.float(), k.float(), v.float(), ALL)
+
+
+def attention(q, k, v, mask=ALL):
+    """PyTorch's attention in the inputs' own dtype: float64 gives the reference, q's dtype the baseline."""
+    return masked_attention_ref(q, k, v, mask, upcast=False)
+
+
+def assert_attention(result, q, k, v, mask=ALL):
+    """``result`` (out, or (out, lse)) against PyTorch's float64 attention: the output by PyTorch's own error in
+    q's dtype; the LSE, float32 whatever q's dtype, by PyTorch's float32 error, or from float16/bfloat16 inputs
+    within :func:`test_kernels.low_precision_lse_tolerance`."""
+    out, lse = result if isinstance(result, tuple) else (result, None)
+    assert_close_as_pytorch(out, lambda q, k, v: attention(q, k, v, mask)[0], q, k, v, what="out")
+    if lse is None:
+        return
+    if q.dtype in (torch.float16, torch.bfloat16):
+        ref = masked_attention_ref(q.double(), k.double(), v.double(), mask)[1]
+        torch.testing.assert_close(lse.double(), ref, **low_precision_lse_tolerance(ref))
+    else:
+        assert_close_as_pytorch(lse, lambda q, k, v: attention(q, k, v, mask)[1], q, k, v, what="lse")
+
+
+def dense_out(q, k, v):
+    return attention(q, k, v)[0]
 
 
 def method(**kw):
@@ -48,9 +76,7 @@ def test_refresh_every_step_is_dense(dtype):
         with denoising_step(step, 4):
             q = (q0.float() + 0.5 * step * torch.randn_like(q0.float())).to(dtype)
             out, lse = m(q, k, v, layer="l", return_lse=True)
-        want, want_lse = ref_full(q, k, v)
-        torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=TOL[dtype])
-        torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-4)
+        assert_attention((out, lse), q, k, v)
     assert m.stats["refreshes"] == 4 and m.stats["cached_calls"] == 0
 
 
@@ -61,16 +87,18 @@ def test_cached_external_merged_with_fresh_internal(frames):
     m = method()
     q0, k, v = block_call(**shape)
     npre = k.shape[2] - q0.shape[2]
-    ext_ref = masked_attention_ref(q0, k[:, :, :npre], v[:, :, :npre], torch.ones(1, dtype=torch.bool))
+
+    def cached(q0, q, k, v):  # the external attention at the refresh's q0, the block's own at q
+        ext = attention(q0, k[:, :, :npre], v[:, :, :npre])
+        return merge_attention_ref(*ext, *attention(q, k[:, :, npre:], v[:, :, npre:]))[0]
+
     for step in range(4):
         q = q0 + 0.3 * step * torch.randn_like(q0)
         with denoising_step(step, 4):
             out = m(q, k, v, layer="l")
-        inner = masked_attention_ref(q, k[:, :, npre:], v[:, :, npre:], torch.ones(1, dtype=torch.bool))
-        want, _ = merge_attention_ref(*ext_ref, *inner)
-        torch.testing.assert_close(out, want, rtol=0, atol=TOL[q.dtype])
+        assert_close_as_pytorch(out, cached, q0, q, k, v)
         if step == 0:
-            torch.testing.assert_close(out, ref_full(q, k, v)[0], rtol=0, atol=TOL[q.dtype])
+            assert_close_as_pytorch(out, dense_out, q, k, v)
         else:  # the cache is an approximation: it must differ from dense once q moved
             assert (out - ref_full(q, k, v)[0]).abs().max() > 1e-3
     assert m.stats == {"refreshes": 1, "cached_calls": 3, "dense_calls": 0}
@@ -97,7 +125,7 @@ def test_cache_invalidated_at_new_block_prefix_and_generation():
     q1, k1, v1 = block_call()  # same shapes, new block: the old external attention is invalid
     with denoising_step(1, 3):
         out = m(q1, k1, v1, layer="l")
-    torch.testing.assert_close(out, ref_full(q1, k1, v1)[0], rtol=0, atol=1e-5)
+    assert_close_as_pytorch(out, dense_out, q1, k1, v1)
     assert m.stats["refreshes"] == 2
     q2, k2, v2 = block_call(prefix=176)  # prefix grew without a block event
     with denoising_step(2, 3):
@@ -125,7 +153,8 @@ def test_causal_or_prefix_free_calls_run_dense():
     with denoising_step(1, 4):
         torch.testing.assert_close(m(q, k, v), dense_attention(q, k, v), rtol=0, atol=0)
         q2, k2, v2 = block_call()
-        torch.testing.assert_close(m(q2, k2, v2, causal=True), dense_attention(q2, k2, v2, causal=True))
+        torch.testing.assert_close(m(q2, k2, v2, causal=True), dense_attention(q2, k2, v2, causal=True), rtol=0,
+                                   atol=0)
     assert m.stats["dense_calls"] == 2 and m.cache_bytes() == 0
 
 
@@ -135,9 +164,8 @@ def test_merge_matches_reference_with_empty_side():
     lse_b[0, 0, 0] = float("-inf")
     got, got_lse = merge_attention(out_a, lse_a, out_b, lse_b)
     want, want_lse = merge_attention_ref(out_a, lse_a, out_b, lse_b)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    torch.testing.assert_close(got_lse, want_lse, rtol=0, atol=1e-6)
-    torch.testing.assert_close(got[0, 0, 0], out_a[0, 0, 0])
+    torch.testing.assert_close((got, got_lse), (want, want_lse), **MERGE_TOL)
+    torch.testing.assert_close(got[0, 0, 0], out_a[0, 0, 0], **MERGE_TOL)  # the empty side adds nothing
 
 
 def structured_prefix(prefix=256, nq=32, d=16):
@@ -158,9 +186,8 @@ def test_combined_mode_residual_exact_at_refresh(selector):
         first = m(q, k, v, layer="l")
     with denoising_step(1, 4):
         same_q = m(q, k, v, layer="l")  # sparse(q) + (dense - sparse)(q) == dense
-    dense = ref_full(q, k, v)[0]
-    torch.testing.assert_close(first, dense, rtol=0, atol=2e-5)
-    torch.testing.assert_close(same_q, dense, rtol=0, atol=2e-5)
+    assert_close_as_pytorch(first, dense_out, q, k, v)
+    assert_close_as_pytorch(same_q, dense_out, q, k, v)
     entry = m._cache.entries["l"]
     assert entry.block_count.float().mean() < 0.5 * 16  # really sparse: < half of the 16 prefix blocks
 
@@ -179,11 +206,15 @@ def test_combined_mode_matches_its_definition_and_residual_helps():
         with denoising_step(1, 2):
             out = m(q, k, v, layer="l")
         e = m._cache.entries["l"]
-        sp, sp_lse = block_sparse_attention_ref(q, kp, vp, e.block_index, e.block_count, block_size=16)
-        if residual:
-            sp, sp_lse = sp + e.out, sp_lse + e.lse
-        inner = masked_attention_ref(q, k[:, :, npre:], v[:, :, npre:], torch.ones(1, dtype=torch.bool))
-        torch.testing.assert_close(out, merge_attention_ref(sp, sp_lse, *inner)[0], rtol=0, atol=2e-5)
+
+        def definition(q, kp, vp, k, v, res_out, res_lse, e=e, residual=residual):
+            sp, sp_lse = block_sparse_attention_ref(q, kp, vp, e.block_index, e.block_count, block_size=16,
+                                                    upcast=False)
+            if residual:
+                sp, sp_lse = sp + res_out, sp_lse + res_lse
+            return merge_attention_ref(sp, sp_lse, *attention(q, k[:, :, npre:], v[:, :, npre:]))[0]
+
+        assert_close_as_pytorch(out, definition, q, kp, vp, k, v, e.out, e.lse)
         errs[residual] = (out - ref_full(q, k, v)[0]).norm()
     assert errs[True] < 0.5 * errs[False]
 
@@ -203,14 +234,11 @@ def test_split_prefix_attention_matches_reference(nq, splits, sparse):
         nqb = -(-nq // 32)
         token_mask = expand_block_mask(index_to_mask(index, count, 10).expand(-1, -1, nqb, -1), nq, 300, 32)
     out, lse = prefix_attention(q, k, v, index, count, block_size=32, splits=splits)
-    want, want_lse = masked_attention_ref(q, k, v, token_mask)
-    torch.testing.assert_close(out, want, rtol=0, atol=2e-5)
-    torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-5)
+    assert_attention((out, lse), q, k, v, token_mask)
     if nq <= 32 and splits > 1:  # a layout computed once and reused (FlashBlock's cached selection)
         layout = split_index(index, count, 10, splits, q.device)
         again, again_lse = prefix_attention(q, k, v, block_size=32, split=layout)
-        torch.testing.assert_close(again, want, rtol=0, atol=2e-5)
-        torch.testing.assert_close(again_lse, want_lse, rtol=0, atol=2e-5)
+        assert_attention((again, again_lse), q, k, v, token_mask)
 
 
 def test_pack_factor_stacks_kv_groups_into_a_query_block():
@@ -241,9 +269,7 @@ def test_packed_gqa_prefix_attention_matches_reference(sparse):
         token_mask = expand_block_mask(per_head, 8, 300, 32)
     assert prefix_partials(q, k, v, index, count, block_size=32, splits=3).pack == 4
     out, lse = prefix_attention(q, k, v, index, count, block_size=32, splits=3)
-    want, want_lse = masked_attention_ref(q, k, v, token_mask)
-    torch.testing.assert_close(out, want, rtol=0, atol=2e-5)
-    torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-5)
+    assert_attention((out, lse), q, k, v, token_mask)
 
 
 def test_packed_prefix_merge_triton_matches_torch():
@@ -261,8 +287,8 @@ def test_packed_prefix_merge_triton_matches_torch():
     assert want[0].shape == (2, 6, 10, 16)
     for cache, backend in zip(caches[1:], ("torch", "triton")):
         got = merge_prefix(po, pl, 10, inner, cache=cache, active=active, backend=backend, pack=2)
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-        torch.testing.assert_close(cache, caches[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got, want, **MERGE_TOL)
+        torch.testing.assert_close(cache, caches[0], **MERGE_TOL)
     with pytest.raises(ValueError, match="pack"):
         merge_prefix(po, pl, 20, backend="torch", pack=2)  # 2 x 20 rows do not fit in R = 32
 
@@ -289,10 +315,9 @@ def test_active_first_partials_compute_active_rows_only(nq, n_active):
     cache = (torch.zeros(2, 8, nq, 16), torch.zeros(2, 8, nq))
     out, lse = merge_prefix(parts.out, parts.lse, nq, cache=cache, active=active, pack=parts.pack, rank=parts.rank)
     token_mask = expand_block_mask(index_to_mask(index, count, 10).repeat_interleave(4, dim=1), nq, 300, 32)
-    want, want_lse = masked_attention_ref(q, k, v, token_mask)
     rows = active[:, None, :].expand(-1, 8, -1)
-    torch.testing.assert_close(out[rows], want[rows], rtol=0, atol=2e-5)
-    torch.testing.assert_close(lse[rows], want_lse[rows], rtol=0, atol=2e-5)
+    assert_close_as_pytorch((out[rows], lse[rows]), lambda q, k, v: [t[rows] for t in attention(q, k, v, token_mask)],
+                            q, k, v)
     assert bool((out[~rows] == 0).all())  # inactive rows read the (zero) cache
 
 
@@ -304,14 +329,14 @@ def test_token_major_merge_triton_matches_torch():
     rank = torch.stack([torch.randperm(nq) for _ in range(2)])
     inner = (torch.randn(2, 12, nq, 16), torch.randn(2, 12, nq))
     got = [merge_prefix(po, pl, nq, inner, pack=4, rank=rank, backend=b) for b in ("torch", "triton")]
-    torch.testing.assert_close(got[0], got[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[0], got[1], **MERGE_TOL)
     # Row rank[b, t] * 4 + j of packed head p is token t of head 4 p + j.
     one = merge_prefix(po, pl, nq, pack=4, rank=rank, backend="torch")
     b, p, j, t = 1, 2, 3, 5
     row = int(rank[b, t]) * 4 + j
     plain = merge_prefix(po[b:b + 1, p:p + 1, :, row:row + 1], pl[b:b + 1, p:p + 1, :, row:row + 1], 1,
                          backend="torch")
-    torch.testing.assert_close(one[0][b, 4 * p + j, t], plain[0][0, 0, 0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(one[0][b, 4 * p + j, t], plain[0][0, 0, 0], **MERGE_TOL)
     with pytest.raises(ValueError, match="rank must be"):
         merge_prefix(po, pl, nq, pack=4, rank=rank[:, :5], backend="torch")
 
@@ -332,10 +357,10 @@ def test_prefix_merge_over_many_splits_matches_torch():
     caches[1] = (caches[0][0].clone(), caches[0][1].clone())
     got = [merge_prefix(po, pl, 8, inner, cache=c, active=active, backend=b)
            for c, b in zip(caches, ("torch", "triton"))]
-    torch.testing.assert_close(got[0], got[1], rtol=0, atol=1e-5)
-    torch.testing.assert_close(caches[0], caches[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[0], got[1], **MERGE_TOL)
+    torch.testing.assert_close(caches[0], caches[1], **MERGE_TOL)
     plain = [merge_prefix(po, pl, 8, backend=b) for b in ("torch", "triton")]
-    torch.testing.assert_close(plain[0], plain[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(plain[0], plain[1], **MERGE_TOL)
     assert bool(torch.isneginf(plain[1][1][0, 1, 2])) and bool((plain[1][0][0, 1, 2] == 0).all())
 
 
@@ -392,13 +417,13 @@ def test_fused_prefix_merge_triton_matches_torch(residual):
     caches[1] = (caches[0][0].clone(), caches[0][1].clone())
     got = [merge_prefix(po, pl, 10, inner, residual=res, cache=c, active=active, backend=b)
            for c, b in zip(caches, ("torch", "triton"))]
-    torch.testing.assert_close(got[0], got[1], rtol=0, atol=1e-5)
-    torch.testing.assert_close(caches[0], caches[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[0], got[1], **MERGE_TOL)
+    torch.testing.assert_close(caches[0], caches[1], **MERGE_TOL)
     # Stable rows kept their cache; the merge of splits equals one LSE merge of all parts.
     plain = merge_prefix(po, pl, 10, backend="torch")
     want = plain[0] + res[0] if residual else plain[0]
     torch.testing.assert_close(caches[0][0][active[:, None].expand(-1, 3, -1)],
-                               want[active[:, None].expand(-1, 3, -1)], rtol=0, atol=1e-5)
+                               want[active[:, None].expand(-1, 3, -1)], **MERGE_TOL)
 
 
 def test_fused_prefix_merge_bf16_cache_matches_torch():
@@ -412,8 +437,8 @@ def test_fused_prefix_merge_bf16_cache_matches_torch():
     c1 = (c0[0].clone(), c0[1].clone())
     a = merge_prefix(po, pl, 20, inner, cache=c0, active=active, backend="torch")
     b = merge_prefix(po, pl, 20, inner, cache=c1, active=active, backend="triton")
-    # Equal up to one bf16 rounding step (the two paths sum the splits in different orders).
-    torch.testing.assert_close(a[0].float(), b[0].float(), rtol=8e-3, atol=1e-2)
-    torch.testing.assert_close(c0[0].float(), c1[0].float(), rtol=8e-3, atol=1e-2)
+    # Equal up to a bf16 rounding or two (the paths sum the splits in different orders, then round).
+    torch.testing.assert_close(a[0], b[0], **tolerance(torch.bfloat16))
+    torch.testing.assert_close(c0[0], c1[0], **tolerance(torch.bfloat16))
     stable = ~active[:, None].expand(-1, 4, -1)
     torch.testing.assert_close(c1[0][stable], c0[0][stable], rtol=0, atol=0)  # stable rows untouched

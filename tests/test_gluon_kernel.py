@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_kernels import low_precision_lse_tolerance
 
 from sparsediff.kernels import block_sparse_attention, mask_to_index
 from sparsediff.kernels.block_sparse.reference import block_sparse_attention_ref
+from sparsediff.testing.tolerance import assert_within_baseline
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CTA may use on sm_90
@@ -68,12 +70,10 @@ def _check(q, k, v, index, count, causal=False, **kw):
     ref, ref_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), index, count, block_size=128,
                                               causal=causal)
     lowp, _ = block_sparse_attention_ref(q, k, v, index, count, block_size=128, upcast=False, causal=causal)
-    budget = 3 * (lowp.double() - ref).abs().max().item() + 1e-3
-    err = (out.double() - ref).abs().max().item()
-    assert err <= budget, f"max error {err:.3g} > budget {budget:.3g}"
+    assert_within_baseline(out, ref, lowp)
     empty = torch.isneginf(ref_lse)
     assert torch.equal(torch.isneginf(lse), empty)
-    assert torch.allclose(lse[~empty].double(), ref_lse[~empty], atol=2e-3)
+    torch.testing.assert_close(lse.double(), ref_lse, **low_precision_lse_tolerance(ref_lse))
     assert (out[empty] == 0).all()
     return out, lse
 
@@ -99,6 +99,7 @@ def test_matches_reference(b, hq, hkv, nq, nk, d, dtype, density, causal):
     index, count = mask_to_index(mask)
     out, _ = _check(q, k, v, index, count, causal=causal, backend="gluon")
     tri = block_sparse_attention(q, k, v, index, count, block_size=128, causal=causal, backend="triton")
+    # Two low-precision kernels agree within 2e-2 (about 2.5 bfloat16 epsilons at |out| ~ 1); GPU-only, kept as set.
     assert (out.float() - tri.float()).abs().max().item() < 2e-2
 
 

@@ -14,6 +14,7 @@ from sparsediff.hooks.attention import BINDING_ATTR, LayerBinding, sparse_attent
 from sparsediff.hooks.config import SparseAttentionConfig, as_config
 from sparsediff.methods import available_methods, make_method
 from sparsediff.methods.masks import key_validity, row_slices, to_bool_mask
+from sparsediff.testing.tolerance import ROUNDING, assert_close_as_pytorch, tolerance
 
 transformers = pytest.importorskip("transformers")
 
@@ -92,13 +93,16 @@ def test_padded_batch_equals_masked_sdpa_and_rows_alone():
     out, weights = sparse_attention_forward(module, q, k, v, mask, default_name="ba_att")
     assert weights is None and out.shape == (2, 96, 4, 16)
     assert hooks.route_counts["sparse_padded"] == 1
-    ref = reference(q, k, v, mask, causal=True)
-    torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out[1, 29:], ref[1, 29:], atol=1e-5, rtol=1e-5)
+
+    def valid_rows(q, k, v):  # row 0, and row 1 past its padding
+        ref = reference(q, k, v, mask, causal=True)
+        return ref[0], ref[1, 29:]
+
+    assert_close_as_pytorch((out[0], out[1, 29:]), valid_rows, q, k, v)
     assert torch.all(out[1, :29] == 0)  # query rows on padding see no key
     alone, _ = sparse_attention_forward(module, q[1:, :, 29:], k[1:, :, 29:], v[1:, :, 29:], None,
                                         default_name="ba_att")
-    torch.testing.assert_close(out[1, 29:], alone[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out[1, 29:], alone[0], **tolerance(torch.float32, ulps=ROUNDING))
 
 
 def test_decode_short_and_unsupported_masks_use_sdpa(caplog):
@@ -118,7 +122,7 @@ def test_decode_short_and_unsupported_masks_use_sdpa(caplog):
         sparse_attention_forward(module, q, k, v, window, default_name="ba_att")
     assert hooks.route_counts["dense_mask"] == 2
     assert sum("not causal/bidirectional" in r.message for r in caplog.records) == 1  # warned once
-    torch.testing.assert_close(out, reference(q, k, v, window, causal=True), atol=1e-5, rtol=1e-5)
+    assert_close_as_pytorch(out, lambda q, k, v: reference(q, k, v, window, causal=True), q, k, v)
 
 
 def test_vision_modules_and_dense_layers_stay_dense():
@@ -194,7 +198,7 @@ def test_methods_that_cannot_act_route_dense_with_their_reason(spec, causal, rou
         sparse_attention_forward(module, q, k, v, None, default_name=spec, is_causal=causal)
     assert dict(hooks.route_counts) == {route: 2}  # never counted as sparse
     assert sum("runs dense SDPA" in r.message for r in caplog.records) <= 1
-    torch.testing.assert_close(out, reference(q, k, v, None, causal=causal), atol=1e-5, rtol=1e-5)
+    assert_close_as_pytorch(out, lambda q, k, v: reference(q, k, v, None, causal=causal), q, k, v)
 
 
 def test_dense_steps_are_counted_as_such():

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 from sparsediff.methods.losa.step_kernels import prefix_block_means, split_means, step_lengths
+from sparsediff.testing.tolerance import assert_within_baseline, tolerance
+
+# Three bfloat16 parts hold float32's 24 significant bits: their sum is the float32 mean up to one rounding.
+PARTS_TOL = tolerance(torch.float32, ulps=1, magnitude=0.0)
 
 
 def _dev():
@@ -83,19 +87,14 @@ def test_prefix_block_means_kernel_matches_the_definition(dtype, bs, n_prefix):
     scale = 1 / math.sqrt(d)
     n_dev = torch.tensor(n_prefix, device=_dev())
     nkb = n_prefix // bs
-    want = torch.zeros(b, h, d, nkb_cap, dtype=torch.float64, device="cpu")
-    if nkb:
-        full = k[:, :, : nkb * bs].double().cpu().unflatten(2, (nkb, bs)).mean(dim=3) * scale
-        want[..., :nkb] = full.transpose(-1, -2)
     for backend in ("torch", "triton"):
         means_t = torch.full((b, h, d, nkb_cap), 5.0, device=_dev())
         split = torch.full((3, b, h, d, nkb_cap), 5.0, dtype=torch.bfloat16, device=_dev())
         prefix_block_means(k, n_dev, bs, scale, means_t, split, backend=backend)
-        got = means_t.cpu().double()
+        got = means_t.cpu()
         assert torch.isfinite(got).all(), backend
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=backend)
-        parts = split.cpu().double()
-        torch.testing.assert_close(parts.sum(dim=0), got, rtol=2e-7, atol=1e-12, msg=backend)  # three parts, 24 bits
+        assert_means(got, k, n_prefix, bs, nkb_cap, scale, what=backend)
+        torch.testing.assert_close(split.cpu().double().sum(dim=0), got.double(), **PARTS_TOL, msg=backend)
         if backend == "torch" or split.is_cuda:  # the interpreter rounds to bfloat16 its own way
             assert torch.equal(split.cpu(), split_means(means_t.transpose(-1, -2)).cpu()), backend
         if nkb < nkb_cap:
@@ -109,7 +108,7 @@ def test_prefix_block_means_without_split_and_bad_input():
     n_dev = torch.tensor(200, device=_dev())
     prefix_block_means(k, n_dev, 64, 0.5, want, backend="torch")
     prefix_block_means(k, n_dev, 64, 0.5, means_t, backend="triton")
-    torch.testing.assert_close(means_t, want, rtol=1e-6, atol=1e-7)
+    assert_within_baseline(means_t.cpu(), _definition(k, 200, 64, 4, 0.5), want.cpu())  # baseline: the torch path
     with pytest.raises(ValueError, match="means_t"):
         prefix_block_means(k, n_dev, 128, 0.5, means_t)  # 4 blocks of 128 do not fit 256 rows
     with pytest.raises(ValueError, match="split"):
@@ -121,13 +120,23 @@ def test_prefix_block_means_without_split_and_bad_input():
                            backend="triton")
 
 
-def _definition(k, n_prefix, bs, nkb_cap, scale):
+def _definition(k, n_prefix, bs, nkb_cap, scale, dtype=torch.float64):
+    """The block means spelled out in ``dtype``: float64 gives the reference, float32 PyTorch's own baseline."""
     b, h, _, d = k.shape
-    want = torch.zeros(b, h, d, nkb_cap, dtype=torch.float64, device="cpu")
+    want = torch.zeros(b, h, d, nkb_cap, dtype=dtype, device="cpu")
     nkb = n_prefix // bs
     if nkb:
-        want[..., :nkb] = (k[:, :, : nkb * bs].double().cpu().unflatten(2, (nkb, bs)).mean(dim=3) * scale).mT
+        want[..., :nkb] = (k[:, :, : nkb * bs].cpu().to(dtype).unflatten(2, (nkb, bs)).mean(dim=3) * scale).mT
     return want
+
+
+def assert_means(got, k, n_prefix, bs, nkb_cap, scale, but=(), what="means"):
+    """float32 block means ``got`` against the float64 definition, by PyTorch's float32 error (columns ``but``
+    are taken from ``got``)."""
+    ref, base = (_definition(k, n_prefix, bs, nkb_cap, scale, dtype) for dtype in (torch.float64, torch.float32))
+    for j in but:
+        ref[..., j], base[..., j] = got[..., j], got[..., j]
+    assert_within_baseline(got, ref, base, what=what)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -148,15 +157,12 @@ def test_prefix_block_means_compute_only_blocks_whose_last_key_changed(dtype, ba
         rows = k[:, :, bs - 1 : nkb * bs : bs].cpu()
         torch.testing.assert_close(last[:, :, :nkb].cpu(), rows, rtol=0, atol=0, equal_nan=True)
         assert last[:, :, nkb:].isnan().all()
-        torch.testing.assert_close(split.cpu().double().sum(dim=0), means_t.cpu().double(), rtol=2e-7, atol=1e-12,
+        torch.testing.assert_close(split.cpu().double().sum(dim=0), means_t.cpu().double(), **PARTS_TOL,
                                    equal_nan=True)
-        return means_t.cpu().double()
+        return means_t.cpu()
 
     def assert_definition(got, n_prefix, but=()):
-        want = _definition(k, n_prefix, bs, nkb_cap, scale)
-        for j in but:
-            want[..., j] = got[..., j]
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        assert_means(got, k, n_prefix, bs, nkb_cap, scale, but)
 
     assert_definition(run(700), 700)  # 10 full blocks, all computed (nothing stored yet)
     means_t[..., 3] = 123.0  # a marker: block 3 keeps it (mean and parts) as long as its last key stays

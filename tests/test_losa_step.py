@@ -7,6 +7,11 @@ import torch
 
 from sparsediff.methods.losa.step_kernels import mean_key_score, rank_blocks, window_attention
 from sparsediff.methods.prefix_attention import strided_layout
+from sparsediff.testing.tolerance import ROUNDING, assert_close_as_pytorch, assert_within_baseline, tolerance
+
+# The Triton union score against the float32 PyTorch path, by the rows' dtype: bfloat16 rows are exact in the
+# kernel's split, a float32 row meets it as two bfloat16 parts (16 significant bits) summed in another order.
+SCORE_TOL = {torch.bfloat16: tolerance(torch.float32, ulps=ROUNDING), torch.float32: tolerance(torch.float32)}
 
 
 def _dev():
@@ -122,16 +127,14 @@ def test_window_attention_kernel_matches_torch(dtype, shape):
                                     backend="triton")  # any q strides
     assert got_o.dtype == torch.float32 and got_o.shape == q.shape and got_l.shape == q.shape[:3]
     assert torch.isfinite(got_o).all() and torch.isfinite(got_l).all()
-    torch.testing.assert_close(got_o, want_o, rtol=1e-5, atol=2e-5)
-    torch.testing.assert_close(got_l, want_l, rtol=1e-5, atol=2e-5)
-    # Definition, in float64: softmax over the valid window rows only.
+    # Definition, in float64: softmax over the valid window rows only; the float32 PyTorch path is the baseline.
     valid = int((bias == 0).sum())
     g = q.shape[1] // k.shape[1]
     kk = k[:, :, idx[:valid]].double().repeat_interleave(g, 1)
     logits = (q.double() @ kk.transpose(-1, -2)) * scale
     ref_o = torch.softmax(logits, -1) @ v[:, :, idx[:valid]].double().repeat_interleave(g, 1)
-    torch.testing.assert_close(got_o.double(), ref_o, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(got_l.double(), torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-4)
+    assert_within_baseline(got_o, ref_o, want_o, what="out")
+    assert_within_baseline(got_l, torch.logsumexp(logits, -1), want_l, what="lse")
 
 
 def test_window_attention_rejects_bad_input():
@@ -176,10 +179,11 @@ def live_mass_ref(logits, bias, live):
     return [probs[b, :, :n].sum(dim=1) + bias.double() for b, n in enumerate(live)]
 
 
-def assert_live_mass(score, rows, means, bias, live, tol):
-    """``score`` equals :func:`live_mass_ref` of the float64 logits of ``rows`` against ``means``, per batch row."""
+def assert_live_mass(score, rows, means, bias, live, ulps):
+    """``score`` is within ``ulps`` float32 epsilons of :func:`live_mass_ref` of the float64 logits of ``rows``
+    against ``means``, per batch row."""
     for i, ref in enumerate(live_mass_ref(rows.double() @ means.double().transpose(-1, -2), bias, live)):
-        torch.testing.assert_close(score[i].double(), ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(score[i].double(), ref, **tolerance(torch.float32, ulps=ulps))
 
 
 @pytest.mark.parametrize("shape,live", [((2, 3, 70, 16, 37, 5), [0, 33]), ((2, 3, 70, 16, 37, 5), [70, 1]),
@@ -193,8 +197,8 @@ def test_mean_key_score_logits_backend_matches_float64(shape, live):
     n_live = torch.tensor(live, device=rows.device)
     got = mean_key_score(rows, n_live, means, bias, backend="logits")
     want = mean_key_score(rows, n_live, means, bias, backend="torch")
-    assert_live_mass(got, rows, means, bias, live, 2e-6)
-    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    assert_live_mass(got, rows, means, bias, live, ROUNDING)
+    torch.testing.assert_close(got, want, **tolerance(torch.float32, ulps=ROUNDING))
     assert bool((got[..., -shape[5]:] <= -1e29).all())  # blocks past the prefix rank last
     keep = 8
     assert torch.equal(rank_blocks(got, keep), rank_blocks(want, keep))  # the same ranked ids
@@ -268,8 +272,8 @@ def test_mean_key_score_triton_matches_torch(dtype, live):
     n_live = torch.tensor(live, device=rows.device)
     want = mean_key_score(rows, n_live, means, bias, backend="torch")
     got = mean_key_score(rows, n_live, means, bias, backend="triton")
-    assert_live_mass(want, rows, means, bias, live, 1e-5)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_live_mass(want, rows, means, bias, live, ROUNDING)
+    torch.testing.assert_close(got, want, **SCORE_TOL[dtype])
     assert bool((got[:, :, -5:] <= -1e29).all())  # masked blocks rank last
     keep = 8
     assert torch.equal(got.topk(keep).indices.sort().values, want.topk(keep).indices.sort().values)
@@ -294,8 +298,8 @@ def test_mean_key_score_chunked_kernel_matches_float64(shape, live, block_n):
     got = mean_key_score_triton(strided, n_live, split_means(means), bias, block_n=block_n)
     want = mean_key_score(rows, n_live, means, bias, backend="torch")
     assert got.shape == (b, h, nkb) and got.dtype == torch.float32
-    assert_live_mass(got, rows, means, bias, live, 2e-6)
-    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    assert_live_mass(got, rows, means, bias, live, ROUNDING)
+    torch.testing.assert_close(got, want, **tolerance(torch.float32, ulps=ROUNDING))
     for i, n in enumerate(live):
         if n == 0:  # no mass, only the bias
             assert torch.equal(got[i], bias.expand(h, nkb))
@@ -328,8 +332,7 @@ def test_mean_key_score_default_path_on_losa_structured_inputs(dtype):
     bias[-3:] = -1e30
     got = mean_key_score(rows.stacked, rows.n_rows, means, bias, split=split_means(means), backend="triton")
     want = mean_key_score(rows.stacked, rows.n_rows, means, bias, backend="torch")
-    rtol = 5e-5 if dtype == torch.float32 else 2e-6  # a float32 q is split in two bfloat16 parts (16 bits)
-    torch.testing.assert_close(got, want, rtol=rtol, atol=2e-6)
+    torch.testing.assert_close(got, want, **SCORE_TOL[dtype])
     assert torch.equal(rank_blocks(got, 10, 3), rank_blocks(want, 10, 3))
 
 
@@ -355,7 +358,7 @@ def test_mean_key_score_kernel_in_a_cuda_graph_follows_n_live():
         torch.cuda.synchronize()
         assert torch.equal(out, mean_key_score(rows, n_live, means, bias, split=split))
         ref = live_mass_ref(rows.double() @ means.double().transpose(-1, -2), bias, [live])[0]
-        torch.testing.assert_close(out[0].double(), ref, rtol=2e-6, atol=2e-6)
+        torch.testing.assert_close(out[0].double(), ref, **tolerance(torch.float32, ulps=ROUNDING))
 
 
 def test_mean_key_score_rejects_bad_input():
@@ -394,7 +397,7 @@ def test_mean_key_score_with_outlier_keys(backend):
     logits = torch.logaddexp(r64 @ means.double().transpose(-1, -2),
                              r64 @ outliers.double().transpose(-1, -2) - math.log(16))
     for i, ref in enumerate(live_mass_ref(logits, bias, [4, 70])):
-        torch.testing.assert_close(got[i].double(), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[i].double(), ref, **tolerance(torch.float32, ulps=ROUNDING))
     plain = mean_key_score(rows, n_live, means, bias, backend="torch")
     assert bool((got[0, :, 7] > plain[0, :, 7]).all())  # the hot key lifts its block for the rows it serves
 
@@ -410,7 +413,7 @@ def test_mean_key_score_on_gpu_keeps_the_float32_union():
     n_live = torch.tensor([128], device="cuda")
     want = mean_key_score(rows, n_live, means, bias, backend="torch")
     got = mean_key_score(rows, n_live, means, bias)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)  # GPU-only (bfloat16 tensor-core split), kept as set
     keep = 205
     same = [set(a.tolist()) == set(b.tolist()) for a, b in zip(got.topk(keep).indices[0], want.topk(keep).indices[0])]
     assert sum(same) >= 7, same  # near-ties at the cut may swap one block in rare heads
@@ -434,10 +437,10 @@ def test_token_change_triton_matches_torch(only_active, dtype):
     (a, r, t), (a2, r2, t2) = outs
     assert torch.equal(a, a2) and a[:, :5].logical_not().all() and a[:, 5:].all()
     assert torch.equal(r, r2)
-    torch.testing.assert_close(t, t2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(t, t2, **tolerance(torch.float32, ulps=ROUNDING))
     moved = torch.ones(10, dtype=torch.bool, device=a.device) if not only_active else a[0]
     torch.testing.assert_close(r[0][:, moved], q[0][:, moved].float(), rtol=0, atol=0)
-    torch.testing.assert_close(t[0][moved], 0.01 * q[0][:, moved].float().square().sum(dim=(0, 2)), rtol=1e-5, atol=0)
+    assert_close_as_pytorch(t[0][moved], lambda q: 0.01 * q.square().sum(dim=(0, 2)), q[0][:, moved].float())
     if only_active:  # stable tokens keep their references
         assert torch.equal(r[:, :, :5], ref[:, :, :5]) and torch.equal(t[:, :5], thr[:, :5])
     with pytest.raises(ValueError, match="q_ref"):

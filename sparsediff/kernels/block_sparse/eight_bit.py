@@ -13,10 +13,11 @@ The SageAttention recipe on our block-sparse walk:
 
 Measured on SmolLM2's real q/k/v (4 layers, causal, 1,024 tokens): INT8 Q·Kᵀ per token with 16-bit P·V keeps
 the output cosine similarity at 0.9996-1.0000 (relative L2 0.6-2.9 %); with FP8 P·V at 0.9990-0.9999
-(2-4.5 %); FP8 e4m3 Q·Kᵀ (``qk_dtype``) loses more on the layers with outlier channels (down to 0.9957), so
-it is not offered as a precision. The quantization runs as PyTorch ops before the kernel (one pass over q, k,
-v). The Triton interpreter computes INT8 and FP8 dots, so the CPU tests run this kernel itself. Not
-supported: ``repeat_q``, ``live_rows``.
+(2-4.5 %); FP8 e4m3 for Q·Kᵀ (measured while building this kernel) lost more on the layers with outlier
+channels (down to 0.9957), and per-tile instead of per-token INT8 scales lost more too, so neither is
+offered. The quantization runs as PyTorch ops before the kernel (one pass over q, k, v). The Triton
+interpreter computes INT8 and FP8 dots, so the CPU tests run this kernel itself. Not supported: ``repeat_q``,
+``live_rows``.
 """
 
 from __future__ import annotations
@@ -55,10 +56,10 @@ def _block_sparse_fwd_8bit(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq,
-    qk_scale, num_heads, num_kv_heads, group_size, nq, nk, causal_offset, q_tiles, k_tiles, v_tiles,
+    qk_scale, num_heads, num_kv_heads, group_size, nq, nk, causal_offset, v_tiles,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr,
-    PV_8BIT: tl.constexpr, PER_TOKEN: tl.constexpr,
+    PV_8BIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -74,16 +75,14 @@ def _block_sparse_fwd_8bit(
     d_mask = offs_d < HEAD_DIM
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=(offs_m[:, None] < nq) & d_mask[None, :], other=0.0)
-    if PER_TOKEN:  # one scale per query row / key
-        q_scale = tl.load(QScale + pid_bh * q_tiles + offs_m, mask=offs_m < nq, other=0.0)[:, None] * qk_scale
-    else:
-        q_scale = tl.load(QScale + pid_bh * q_tiles + pid_m) * qk_scale
+    # One scale per query row and per key (per-token INT8).
+    q_scale = tl.load(QScale + pid_bh * nq + offs_m, mask=offs_m < nq, other=0.0)[:, None] * qk_scale
 
     count = tl.load(BlockCount + b * stride_cb + h * stride_ch + q_block * stride_cq)
     index_base = BlockIndex + b * stride_ib + h * stride_ih + q_block * stride_iq
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
-    kv_scales = (b * num_kv_heads + h_kv) * k_tiles
+    k_scales = KScale + (b * num_kv_heads + h_kv) * nk
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -95,11 +94,7 @@ def _block_sparse_fwd_8bit(
         cols = start_n + offs_n
         k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                     mask=(cols[None, :] < nk) & d_mask[:, None], other=0.0)
-        tile = start_n // BLOCK_N
-        if PER_TOKEN:
-            k_scale = tl.load(KScale + kv_scales + cols, mask=cols < nk, other=0.0)[None, :]
-        else:
-            k_scale = tl.load(KScale + kv_scales + tile)
+        k_scale = tl.load(k_scales + cols, mask=cols < nk, other=0.0)[None, :]
         qk = tl.dot(q, k).to(tl.float32) * (q_scale * k_scale)
         needs_mask = start_n + BLOCK_N > nk
         if CAUSAL:
@@ -121,7 +116,7 @@ def _block_sparse_fwd_8bit(
                     mask=(cols[:, None] < nk) & d_mask[None, :], other=0.0)
         if PV_8BIT:
             pv = tl.dot((p * 448.0).to(v.dtype), v, out_dtype=tl.float32)
-            v_scale = tl.load(VScale + (b * num_kv_heads + h_kv) * v_tiles + tile)
+            v_scale = tl.load(VScale + (b * num_kv_heads + h_kv) * v_tiles + start_n // BLOCK_N)
             acc = acc * alpha[:, None] + pv * (v_scale / 448.0)
         else:
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -137,7 +132,7 @@ def _block_sparse_fwd_8bit(
 
 
 def block_sparse_attention_8bit(q, k, v, block_index, block_count, *, scale, causal, block_size, return_lse,
-                               config=None, qk_dtype=torch.int8, pv_8bit=False, per_token=True):
+                               config=None, pv_8bit=False):
     """The 8-bit kernel on bf16/fp16/fp32 q, k, v (see the module docstring); returns ``(out, lse or None)`` with
     ``out`` in q's dtype and the LSE of the unsmoothed scores. ``pv_8bit``: P·V in FP8."""
     bsz, hq, nq, d = q.shape
@@ -147,14 +142,13 @@ def block_sparse_attention_8bit(q, k, v, block_index, block_count, *, scale, cau
     if block_size % bm or block_size % bn:
         raise ValueError(f"block_size {block_size} must be a multiple of the tile sizes ({bm}, {bn})")
     key_mean = k.float().mean(dim=2, keepdim=True)
-    q8, q_scale = quantize_tiles(q, 1 if per_token else bm, qk_dtype)
-    k8, k_scale = quantize_tiles(k.float() - key_mean, 1 if per_token else bn, qk_dtype)
+    q8, q_scale = quantize_tiles(q, 1, torch.int8)
+    k8, k_scale = quantize_tiles(k.float() - key_mean, 1, torch.int8)
     if pv_8bit:
         v8, v_scale = quantize_tiles(v, bn)
-    else:
-        # 16-bit P·V; the interpreter computes bf16 dots on raw bits, so float32 there.
+    else:  # 16-bit P·V, no V scales; the interpreter computes bf16 dots on raw bits, so float32 there
         v8 = v.float() if not v.is_cuda else (v if v.dtype in (torch.float16, torch.bfloat16) else v.bfloat16())
-        v_scale = q_scale  # unread
+        v_scale = k_scale.new_ones(1, 1, 1)
     out = torch.empty_like(q)
     lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device)
     si = [0 if block_index.shape[i] == 1 else block_index.stride(i) for i in range(2)]
@@ -165,9 +159,9 @@ def block_sparse_attention_8bit(q, k, v, block_index, block_count, *, scale, cau
         *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(),
         si[0], si[1], block_index.stride(2), block_index.stride(3),
         sc[0], sc[1], block_count.stride(2),
-        scale * LOG2E, hq, hkv, hq // hkv, nq, nk, nk - nq, q_scale.shape[-1], k_scale.shape[-1], v_scale.shape[-1],
+        scale * LOG2E, hq, hkv, hq // hkv, nq, nk, nk - nq, v_scale.shape[-1],
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_M=bm, BLOCK_N=bn,
-        CAUSAL=causal, WRITE_LSE=True, PV_8BIT=pv_8bit, PER_TOKEN=per_token, num_warps=warps, num_stages=stages,
+        CAUSAL=causal, WRITE_LSE=True, PV_8BIT=pv_8bit, num_warps=warps, num_stages=stages,
     )
     if not return_lse:
         return out, None

@@ -37,6 +37,7 @@ import torch
 
 import sparsediff
 from sparsediff.attention_processors import DenseProcessor, attention_timer, enabled_processor
+from sparsediff.methods.base import sparse_share
 
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
@@ -139,6 +140,15 @@ def layout_seconds(model, inputs, cuda, block_size) -> float:
     return per_call * len(model.blocks)
 
 
+def what_ran(model) -> dict:
+    """The last pass's routed calls by route (sparse, or dense and why), the share that ran sparse, and the
+    kept density: a speed-up is only read next to these."""
+    processor = enabled_processor(model)
+    routes = dict(processor.routes)
+    density = getattr(processor.method, "realised_density", lambda: None)()
+    return {"routes": routes, "sparse_share": sparse_share(routes), "kept_density": density}
+
+
 def attention_seconds(model, inputs, cuda) -> float:
     with torch.inference_mode(), sdpa_backends(cuda), attention_timer() as box:
         model(**inputs, return_dict=False)
@@ -190,9 +200,10 @@ def main(argv=None) -> int:
             sparsediff.enable(model, args.method, sparsity=sparsity, layout=layout, **method_kwargs)
             step = time_step(model, inputs, cuda, args.warmup, args.repeat)
             attn = attention_seconds(model, inputs, cuda)
+            ran = what_ran(model)
             sparsediff.disable(model)
             rows.append({"method": args.method, "sparsity": sparsity, "layout": layout, "step_s": step,
-                         "attention_s": attn})
+                         "attention_s": attn, **ran})
             print(f"  {args.method} {sparsity} {layout}: step {step:.4f} s, attention {attn:.4f} s", flush=True)
         if args.residual_every:
             layout = args.layout[-1]
@@ -201,6 +212,7 @@ def main(argv=None) -> int:
                               residual_every=args.residual_every, **method_kwargs)
             refresh, reuse = time_residual_cycle(model, inputs, cuda, args.residual_every, args.cycles)
             stats = dict(enabled_processor(model).method.stats)
+            ran = what_ran(model)
             sparsediff.disable(model)
             r = args.residual_every
             rows.append({"method": f"{args.method}+residual/{r}", "sparsity": sparsity, "layout": layout,
@@ -208,15 +220,18 @@ def main(argv=None) -> int:
                          "reuse_step_s": reuse, "attention_s": 0.0,
                          "residual_refreshes": stats.get("residual_refreshes", 0),
                          "residual_reuses": stats.get("residual_reuses", 0),
-                         "residual_mib": stats.get("residual_bytes", 0) / 2**20})
+                         "residual_mib": stats.get("residual_bytes", 0) / 2**20, **ran})
     for row in rows:
         row["attention_share"] = row["attention_s"] / row["step_s"] if row["step_s"] else 0.0
         row["step_speedup"] = dense_step / row["step_s"]
         row["attention_speedup"] = dense_attn / row["attention_s"] if row["attention_s"] else 0.0
         share = min(dense_attn / dense_step, 1.0)
         speed = row["attention_speedup"]
-        row["amdahl"] = (1 / (1 - share) if share < 1 else float("inf")) if row["sparsity"] == 0 else (
-            1 / ((1 - share) + share / speed) if speed else 0.0)
+        # None where it does not apply (strict JSON): attention is the whole step, or not timed (residual rows).
+        if row["sparsity"] == 0:
+            row["amdahl"] = 1 / (1 - share) if share < 1 else None
+        else:
+            row["amdahl"] = 1 / ((1 - share) + share / speed) if speed else None
     block = 16 if args.quick else 128
     layout_s = layout_seconds(model, inputs, cuda, block)
     layout_cost = {"layout_ms_per_step": 1e3 * layout_s, "pct_of_dense_step": 100 * layout_s / dense_step}
@@ -227,14 +242,18 @@ def main(argv=None) -> int:
               "environment": env, "tokens": tokens, "quick": args.quick, "warmup": args.warmup,
               "repeat": args.repeat, "layout_cost": layout_cost, "rows": rows}
     with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+        json.dump(result, f, indent=2, allow_nan=False)
     print(f"\nJSON: {args.out}\n")
     print(f"{'method':<22}{'sparsity':>9}{'layout':>10}{'step (s)':>11}{'attn (s)':>11}{'attn share':>12}"
-          f"{'step x':>9}{'attn x':>9}{'amdahl':>9}")
+          f"{'step x':>9}{'attn x':>9}{'amdahl':>9}{'sparse':>8}")
     for r in rows:
         print(f"{r['method']:<22}{r['sparsity']:>9.2f}{r.get('layout', '-'):>10}{r['step_s']:>11.4f}"
               f"{r['attention_s']:>11.4f}{100 * r['attention_share']:>11.1f}%{r['step_speedup']:>9.2f}"
-              f"{r['attention_speedup']:>9.2f}{r['amdahl']:>9.2f}")
+              f"{r['attention_speedup']:>9.2f}{'-' if r['amdahl'] is None else format(r['amdahl'], '.2f'):>9}"
+              f"{'-' if r.get('sparse_share') is None else format(r['sparse_share'], '.0%'):>8}")
+    dense_rows = [r for r in rows if r.get("sparse_share") is not None and r["sparse_share"] < 1]
+    for r in dense_rows:  # say so when a sparse row did not run sparse everywhere
+        print(f"note: {r['method']} {r['sparsity']} {r.get('layout')}: routes {r['routes']}")
     return 0
 
 

@@ -22,6 +22,9 @@ def test_quick_run_times_layouts_and_residual_reuse(tmp_path):
     assert {("ba_att", "rowmajor"), ("ba_att", "tiled"), ("ba_att+residual/2", "tiled")} <= set(rows)
     for row in result["rows"]:
         assert row["step_s"] > 0 and row["step_speedup"] > 0
+    for row in result["rows"][1:]:  # every sparse row says what ran: all routed self-attention calls sparse here
+        assert row["sparse_share"] == 1.0 and row["routes"].get("sparse", 0) > 0
+        assert row["kept_density"] is not None and 0 < row["kept_density"] <= 1
     residual = rows[("ba_att+residual/2", "tiled")]
     # 4 steps (one untimed cycle + one timed): 2 refresh and 2 reuse steps per self-attention layer.
     assert residual["residual_refreshes"] > 0 and residual["residual_reuses"] == residual["residual_refreshes"]

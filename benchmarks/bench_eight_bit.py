@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                     return torch.nn.functional.scaled_dot_product_attention(q, k, v)
             dense_ms = timer(dense, cuda)
         else:
-            dense_ms = float("nan")
+            dense_ms = None  # no cuDNN on CPU
         nb = math.ceil(n / bs)
         for density in (float(x) for x in args.densities.split(",")):
             g = torch.Generator().manual_seed(1)
@@ -93,14 +93,14 @@ def main(argv=None) -> int:
                 return quantize_tiles(k.float() - k.float().mean(dim=2, keepdim=True), 1, torch.int8)
             row["kernels"]["int8 quantization alone"] = {"ms": timer(quantize, cuda)}
             rows.append(row)
-            print(f"N={n:6d} density {density:.2f}  cuDNN {dense_ms:8.3f} ms  " + "  ".join(
+            print(f"N={n:6d} density {density:.2f}  cuDNN {dense_ms or 0:8.3f} ms  " + "  ".join(
                 f"{p} {r['ms']:.3f} ms" + (f" ({dense_ms / r['ms']:.2f}x)" if cuda else "")
                 for p, r in row["kernels"].items()), flush=True)
     env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
            "torch": torch.__version__}
     with open(args.out, "w") as f:
         json.dump({"benchmark": "bench_eight_bit", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                   "environment": env, "rows": rows}, f, indent=2)
+                   "environment": env, "rows": rows}, f, indent=2, allow_nan=False)
     print(f"JSON: {args.out}")
     return 0
 

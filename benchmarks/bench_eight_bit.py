@@ -7,6 +7,8 @@ B=1, H=16, D=128, bf16 random normal inputs (keys with a shared offset, as real 
 at each density (diagonal kept). Rows: cuDNN dense SDPA, the 16-bit kernel (``precision="bf16"``, Gluon on
 Hopper), ``"int8"`` and ``"int8_fp8"`` whole calls (quantization included) and the INT8 quantization of q
 and k alone, with the output's relative L2 error against float32 attention on the same blocks (up to 16k).
+Dense SageAttention (the 8-bit peer, its key smoothing and quantization included) when ``sageattention``
+is installed: ``x_sage`` is its time over ours.
 Medians of ``triton.testing.do_bench``.
 """
 
@@ -68,8 +70,14 @@ def main(argv=None) -> int:
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                     return torch.nn.functional.scaled_dot_product_attention(q, k, v)
             dense_ms = timer(dense, cuda)
+            try:
+                from sparsediff.commands.bench import sage_fn
+
+                sage_ms = timer(sage_fn(q, k, v), cuda)
+            except ImportError:
+                sage_ms = None
         else:
-            dense_ms = None  # no cuDNN on CPU
+            dense_ms = sage_ms = None  # no cuDNN or SageAttention on CPU
         nb = math.ceil(n / bs)
         for density in (float(x) for x in args.densities.split(",")):
             g = torch.Generator().manual_seed(1)
@@ -77,7 +85,7 @@ def main(argv=None) -> int:
             index, count = (t.to(device) for t in mask_to_index(mask))
             ref = block_sparse_attention(q.float(), k.float(), v.float(), index, count, block_size=bs,
                                          backend="torch") if n <= 16384 or not cuda else None
-            row = {"n": n, "density": density, "cudnn_ms": dense_ms, "kernels": {}}
+            row = {"n": n, "density": density, "cudnn_ms": dense_ms, "sage_ms": sage_ms, "kernels": {}}
             for precision in ("bf16", "int8", "int8_fp8"):
                 fn = lambda p=precision: block_sparse_attention(q, k, v, index, count, block_size=bs, precision=p,
                                                                 check_ids=False)
@@ -85,7 +93,8 @@ def main(argv=None) -> int:
                 err = None
                 if ref is not None:
                     err = float((fn().float() - ref).norm() / ref.norm())
-                row["kernels"][precision] = {"ms": ms, "x_cudnn": dense_ms / ms if cuda else None, "rel_l2": err}
+                row["kernels"][precision] = {"ms": ms, "x_cudnn": dense_ms / ms if cuda else None,
+                                             "x_sage": sage_ms / ms if sage_ms else None, "rel_l2": err}
             from sparsediff.kernels.block_sparse.eight_bit import quantize_tiles
 
             def quantize():  # what the int8 call adds before its kernel: smoothing and per-token INT8 of q, k
@@ -93,7 +102,8 @@ def main(argv=None) -> int:
                 return quantize_tiles(k.float() - k.float().mean(dim=2, keepdim=True), 1, torch.int8)
             row["kernels"]["int8 quantization alone"] = {"ms": timer(quantize, cuda)}
             rows.append(row)
-            print(f"N={n:6d} density {density:.2f}  cuDNN {dense_ms or 0:8.3f} ms  " + "  ".join(
+            head = f"N={n:6d} density {density:.2f}  cuDNN {dense_ms or 0:8.3f} ms  Sage {sage_ms or 0:8.3f} ms  "
+            print(head + "  ".join(
                 f"{p} {r['ms']:.3f} ms" + (f" ({dense_ms / r['ms']:.2f}x)" if cuda else "")
                 for p, r in row["kernels"].items()), flush=True)
     env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",

@@ -3,8 +3,10 @@
     python benchmarks/bench_kernels.py --out bench_kernels.json          # everything (H100: ~6 min)
     python benchmarks/bench_kernels.py --skip-grid                        # correctness + sweep only
 
-Peers in the same run: SDPA flash backend, SDPA cuDNN backend, and FlexAttention (torch.compile'd)
-on the same block mask (all kept blocks marked full, its fastest case). N in {8k, 16k, 32k, 64k},
+Peers in the same run: SDPA flash backend, SDPA cuDNN backend, dense SageAttention (when the
+``sageattention`` wheel is installed: INT8 Q·Kᵀ, fp16 P·V) and FlexAttention (torch.compile'd) on the same
+block mask (all kept blocks marked full, its fastest case). Our kernel runs at every ``--precisions`` entry
+(default bf16, int8, int8_fp8) on the same blocks. N in {8k, 16k, 32k, 64k},
 B=1, H=16, D=128 (and D=64 at 32k), bf16, random per-head masks at density {1.0, 0.5, 0.2, 0.1}.
 TFLOP/s counts 4*N^2*D*H*density. Times are `triton.testing.do_bench` medians on random inputs.
 """
@@ -22,7 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparsediff.commands.bench import environment, format_table, random_block_mask, run_grid, time_ms  # noqa: E402
+from sparsediff.commands.args import precisions  # noqa: E402
+from sparsediff.commands.bench import (  # noqa: E402
+    environment,
+    format_table,
+    installed_peers,
+    random_block_mask,
+    run_grid,
+    time_ms,
+)
 from sparsediff.kernels import mask_to_index  # noqa: E402
 from sparsediff.kernels.block_sparse.reference import block_sparse_attention_ref  # noqa: E402
 from sparsediff.kernels.block_sparse.triton import block_sparse_attention_triton  # noqa: E402
@@ -106,6 +116,7 @@ def main() -> int:
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--sizes", default="8192,16384,32768,65536")
+    parser.add_argument("--precisions", type=precisions, default="bf16,int8,int8_fp8")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA GPU; on CPU use `sparsediff bench`.")
@@ -121,7 +132,8 @@ def main() -> int:
     if not args.skip_grid:
         result["rows"] = run_grid([int(s) for s in args.sizes.split(",")], [1.0, 0.5, 0.2, 0.1], heads=16, dim=128,
                                   dtype=torch.bfloat16, device="cuda", flex=not args.no_flex,
-                                  extra_dims=[(32768, 64)])
+                                  extra_dims=[(32768, 64)], peers=installed_peers(True),
+                                  precisions=args.precisions)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\n{env['device']}, torch {env['torch']}, triton {env.get('triton')}, {time.time() - start:.0f} s")

@@ -37,3 +37,14 @@ def densities(text: str) -> list[float]:
         if not 0.0 < x <= 1.0:
             raise argparse.ArgumentTypeError(f"densities must lie in (0, 1] (share of key blocks kept), got {x:g}")
     return values
+
+
+def precisions(text: str) -> list[str]:
+    """Comma-separated kernel precisions, each one of the block-sparse kernel's (bf16, int8, int8_fp8)."""
+    from ..kernels.block_sparse import PRECISIONS
+
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in values if x not in PRECISIONS]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"precisions must be among {', '.join(PRECISIONS)}, got {text!r}")
+    return values

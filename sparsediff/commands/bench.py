@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import block_sparse_attention, mask_to_index
-from .args import densities
+from .args import densities, precisions
 
 
 def random_block_mask(b, h, nqb, nkb, density, device, generator=None):
@@ -60,6 +60,27 @@ def sdpa_fn(q, k, v, backend_name: str | None):
     return run
 
 
+def sage_fn(q, k, v):
+    """Dense SageAttention (``sageattention`` 1.x: INT8 Q·Kᵀ, fp16 P·V), the 8-bit peer; ImportError if absent.
+
+    It smooths the keys in place (``k -= k.mean``), so it gets its own copy of ``k``.
+    """
+    from sageattention import sageattn
+
+    k_own = k.clone()
+    return lambda: sageattn(q, k_own, v, tensor_layout="HND", is_causal=False)
+
+
+def dense_fn(q, k, v, peer: str | None):
+    """One dense peer by name: an SDPA backend ("flash", "cudnn"; None = PyTorch's choice) or "sage"."""
+    return sage_fn(q, k, v) if peer == "sage" else sdpa_fn(q, k, v, peer)
+
+
+def peer_key(peer: str) -> str:
+    """The row key of a dense peer's time: sdpa_flash_ms, sdpa_cudnn_ms, sage_ms."""
+    return "sage_ms" if peer == "sage" else f"sdpa_{peer}_ms"
+
+
 def flex_fn(q, k, v, index, count, block_size):
     """FlexAttention on the same kept blocks, all marked full (no mask_mod): its best case."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -87,8 +108,12 @@ def _compiled_flex(flex_attention):
 
 
 def run_grid(sizes, densities, *, heads, dim, dtype, device, block_size=128, peers=("flash", "cudnn"),
-             flex=False, extra_dims=(), log=print):
-    """Time every (N, density) pair; returns a list of row dicts."""
+             flex=False, extra_dims=(), precisions=("bf16",), log=print):
+    """Time every (N, density) pair; returns a list of row dicts.
+
+    ``peers`` are dense baselines timed once per N (SDPA backends, "sage"); ``precisions`` beyond "bf16" add
+    the 8-bit kernel on the same blocks (``ours_int8_ms``, ``int8_x_bf16``, ``int8_speedup_vs_<peer>``).
+    """
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     for n, d in [(n, dim) for n in sizes] + list(extra_dims):
@@ -97,9 +122,10 @@ def run_grid(sizes, densities, *, heads, dim, dtype, device, block_size=128, pee
         dense_times = {}
         for peer in peers:
             try:
-                dense_times[peer] = time_ms(sdpa_fn(q, k, v, peer if device == "cuda" else None), device)
-            except RuntimeError as err:  # a backend the build lacks
-                log(f"  skipping SDPA {peer} at N={n}: {err}")
+                fn = dense_fn(q, k, v, peer if device == "cuda" or peer == "sage" else None)
+                dense_times[peer] = time_ms(fn, device)
+            except (RuntimeError, ImportError, AssertionError) as err:  # a backend the build or machine lacks
+                log(f"  skipping dense {peer} at N={n}: {type(err).__name__}: {err}")
         for density in densities:
             mask = random_block_mask(1, heads, nb, nb, density, device, generator=gen)
             index, count = mask_to_index(mask)
@@ -113,9 +139,15 @@ def run_grid(sizes, densities, *, heads, dim, dtype, device, block_size=128, pee
             row = {"N": n, "D": d, "H": heads, "density": round(real_density, 4), "ours_ms": ours,
                    "ours_tflops": flops / ours / 1e9}
             for peer, t in dense_times.items():
-                row[f"sdpa_{peer}_ms"] = t
+                row[peer_key(peer)] = t
                 row[f"speedup_vs_{peer}"] = t / ours
                 row[f"time_over_density_x_{peer}"] = ours / (real_density * t)
+            for precision in [p for p in precisions if p != "bf16"]:
+                t = time_ms(lambda q=q, k=k, v=v, index=index, count=count, p=precision: block_sparse_attention(
+                    q, k, v, index, count, block_size=block_size, precision=p, check_ids=False), device)
+                row[f"ours_{precision}_ms"], row[f"{precision}_x_bf16"] = t, ours / t
+                for peer, dense_t in dense_times.items():
+                    row[f"{precision}_speedup_vs_{peer}"] = dense_t / t
             if flex:
                 t = time_ms(flex_fn(q, k, v, index, count, block_size), device)
                 row["flex_ms"], row["flex_tflops"], row["speedup_vs_flex"] = t, flops / t / 1e9, t / ours
@@ -127,13 +159,26 @@ def run_grid(sizes, densities, *, heads, dim, dtype, device, block_size=128, pee
 
 def format_table(rows) -> str:
     peers = [c[len("speedup_vs_"):] for c in rows[0] if c.startswith("speedup_vs_")] if rows else []
+    precisions = [c[:-len("_x_bf16")] for c in rows[0] if c.endswith("_x_bf16")] if rows else []
     head = ["N", "D", "density", "ours ms", "ours TF/s"] + [f"x vs {p}" for p in peers]
+    head += [f"{p} x bf16" for p in precisions] + [f"{p} x vs {q}" for p in precisions for q in peers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["N"]), str(r["D"]), f"{r['density']:.2f}", f"{r['ours_ms']:.3f}", f"{r['ours_tflops']:.3g}"]
         cells += [f"{r['speedup_vs_' + p]:.2f}" for p in peers]
+        cells += [f"{r[p + '_x_bf16']:.2f}" for p in precisions]
+        cells += [f"{r[f'{p}_speedup_vs_{q}']:.2f}" for p in precisions for q in peers]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def installed_peers(cuda: bool) -> tuple[str, ...]:
+    """The dense peers this machine can run: SDPA flash and cuDNN on a GPU, plus SageAttention if installed."""
+    import importlib.util
+
+    if not cuda:
+        return ("sdpa",)
+    return ("flash", "cudnn") + (("sage",) if importlib.util.find_spec("sageattention") else ())
 
 
 def environment() -> dict:
@@ -166,6 +211,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--heads", type=int, default=None)
     parser.add_argument("--dim", type=int, default=None)
     parser.add_argument("--flex", action="store_true", help="also time FlexAttention (GPU; compiles first)")
+    parser.add_argument("--precisions", type=precisions, default="bf16",
+                        help="comma-separated kernel precisions to time: bf16, int8, int8_fp8 (8-bit: Triton only)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
 
 
@@ -180,7 +227,7 @@ def run(args) -> int:
     env = environment()
     print(f"sparsediff bench on {env['device']} (torch {env['torch']}), H={heads}, D={dim}, {dtype}")
     rows = run_grid(sizes, args.densities, heads=heads, dim=dim, dtype=dtype, device=device,
-                    peers=("flash", "cudnn") if cuda else ("sdpa",), flex=args.flex and cuda)
+                    peers=installed_peers(cuda), flex=args.flex and cuda, precisions=args.precisions)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"environment": env, "rows": rows}, f, indent=1)

@@ -1,0 +1,62 @@
+"""The kernel peer table: dense peers by name (SageAttention included) and the 8-bit precisions on the same blocks."""
+
+import sys
+import types
+
+import pytest
+import torch
+
+from sparsediff.commands import bench
+from sparsediff.commands.args import precisions
+
+
+@pytest.fixture
+def fake_sage(monkeypatch):
+    """A stand-in ``sageattention`` with the real one's in-place key smoothing, so the copy rule is tested."""
+    calls = []
+
+    def sageattn(q, k, v, tensor_layout="HND", is_causal=False):
+        assert tensor_layout == "HND" and not is_causal
+        k -= k.mean(dim=2, keepdim=True)
+        calls.append(k)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    monkeypatch.setitem(sys.modules, "sageattention", types.SimpleNamespace(sageattn=sageattn))
+    return calls
+
+
+def test_sage_gets_its_own_keys(fake_sage):
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    k += 1.0
+    before = k.clone()
+    out = bench.dense_fn(q, k, v, "sage")()
+    assert torch.equal(k, before), "the peer must not smooth the shared keys in place"
+    assert fake_sage and fake_sage[0] is not k
+    # Smoothing keys leaves softmax(q k^T) unchanged: the peer still computes attention on these inputs.
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_grid_records_sage_and_eight_bit_columns(fake_sage):
+    rows = bench.run_grid([128], [0.5], heads=2, dim=32, dtype=torch.float32, device="cpu", block_size=32,
+                          peers=("sdpa", "sage"), precisions=("bf16", "int8"), log=lambda *_: None)
+    (row,) = rows
+    assert row["sage_ms"] > 0 and row["sdpa_sdpa_ms"] > 0 and row["ours_int8_ms"] > 0
+    assert row["int8_x_bf16"] == pytest.approx(row["ours_ms"] / row["ours_int8_ms"])
+    assert row["int8_speedup_vs_sage"] == pytest.approx(row["sage_ms"] / row["ours_int8_ms"])
+    table = bench.format_table(rows)
+    assert "x vs sage" in table and "int8 x bf16" in table and "int8 x vs sage" in table
+
+
+def test_grid_skips_a_peer_the_machine_lacks(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sageattention", None)  # import fails as if not installed
+    lines = []
+    (row,) = bench.run_grid([64], [1.0], heads=1, dim=16, dtype=torch.float32, device="cpu", block_size=32,
+                            peers=("sdpa", "sage"), log=lines.append)
+    assert "sage_ms" not in row and "speedup_vs_sdpa" in row
+    assert any(line.startswith("  skipping dense sage at N=64: ModuleNotFoundError") for line in lines)
+
+
+def test_precisions_argument_names_what_is_supported():
+    assert precisions("bf16,int8_fp8") == ["bf16", "int8_fp8"]
+    with pytest.raises(Exception, match="bf16, int8, int8_fp8"):
+        precisions("fp4")

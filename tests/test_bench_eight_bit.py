@@ -16,7 +16,8 @@ def test_quick_run_times_every_precision(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
     kernels = row["kernels"]
-    assert all(kernels[p]["ms"] > 0 for p in ("bf16", "int8", "int8_fp8", "int8 quantization alone"))
+    assert all(kernels[p]["ms"] > 0 for p in ("bf16", "int8", "int8_fp8", "int8 quantization alone",
+                                           "int8 quantization in PyTorch ops"))
     # The 16-bit path: its bf16 output's rounding (2^-8); the 8-bit ones within their formats' steps.
     assert kernels["bf16"]["rel_l2"] < 2 * 2.0 ** -8
-    assert kernels["int8"]["rel_l2"] < 0.03 and kernels["int8_fp8"]["rel_l2"] < 0.08
+    assert kernels["int8"]["rel_l2"] < 0.03 and kernels["int8_fp8"]["rel_l2"] < 0.05

@@ -15,7 +15,7 @@ Measured on SmolLM2's real q/k/v (4 layers, causal, 1,024 tokens): INT8 Q·Kᵀ 
 the output cosine similarity at 0.9996-1.0000 (relative L2 0.6-2.9 %); with FP8 P·V at 0.9990-0.9999
 (2-4.5 %); FP8 e4m3 for Q·Kᵀ (measured while building this kernel) lost more on the layers with outlier
 channels (down to 0.9957), and per-tile instead of per-token INT8 scales lost more too, so neither is
-offered. The quantization runs as PyTorch ops before the kernel (one pass over q, k, v). The Triton
+offered. The quantization is one Triton pass over each of q, k, v before the kernel (``quantize.py``). The Triton
 interpreter computes INT8 and FP8 dots, so the CPU tests run this kernel itself. Not supported: ``repeat_q``,
 ``live_rows``.
 """
@@ -28,23 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import interpreted
+from .quantize import FP8, quantize, round_to_e4m3
 from .triton import LOG2E, _launch_config
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-
-
-def quantize_tiles(x: torch.Tensor, rows: int, dtype=FP8) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x8, scale)``: ``x`` ``(B, H, N, D)`` in e4m3 (or int8) with one float32 scale per tile of ``rows``
-    tokens, ``scale`` ``(B, H, ceil(N / rows))``; ``x ≈ x8 · scale`` tile by tile."""
-    b, h, n, d = x.shape
-    tiles = math.ceil(n / rows)
-    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, tiles * rows - n)).view(b, h, tiles, rows, d)
-    top = FP8_MAX if dtype == FP8 else 127.0
-    scale = (padded.abs().amax(dim=(3, 4)) / top).clamp_min(torch.finfo(torch.float32).tiny)
-    scaled = padded / scale[..., None, None]
-    x8 = (scaled.to(FP8) if dtype == FP8 else scaled.round().clamp(-127, 127).to(torch.int8))
-    return x8.view(b, h, tiles * rows, d)[:, :, :n], scale.contiguous()
 
 
 @triton.jit
@@ -59,7 +45,7 @@ def _block_sparse_fwd_8bit(
     qk_scale, num_heads, num_kv_heads, group_size, nq, nk, causal_offset, v_tiles,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr,
-    PV_8BIT: tl.constexpr,
+    PV_8BIT: tl.constexpr, ROUND_FP8: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -115,7 +101,10 @@ def _block_sparse_fwd_8bit(
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=(cols[:, None] < nk) & d_mask[None, :], other=0.0)
         if PV_8BIT:
-            pv = tl.dot((p * 448.0).to(v.dtype), v, out_dtype=tl.float32)
+            p8 = p * 448.0
+            if ROUND_FP8:  # under the interpreter only: its own e4m3 cast rounds wrongly (quantize.py)
+                p8 = round_to_e4m3(p8)
+            pv = tl.dot(p8.to(v.dtype), v, out_dtype=tl.float32)
             v_scale = tl.load(VScale + (b * num_kv_heads + h_kv) * v_tiles + start_n // BLOCK_N)
             acc = acc * alpha[:, None] + pv * (v_scale / 448.0)
         else:
@@ -141,11 +130,11 @@ def block_sparse_attention_8bit(q, k, v, block_index, block_count, *, scale, cau
     bm, bn, warps, stages = config or _launch_config(d, block_size, causal)
     if block_size % bm or block_size % bn:
         raise ValueError(f"block_size {block_size} must be a multiple of the tile sizes ({bm}, {bn})")
-    key_mean = k.float().mean(dim=2, keepdim=True)
-    q8, q_scale = quantize_tiles(q, 1, torch.int8)
-    k8, k_scale = quantize_tiles(k.float() - key_mean, 1, torch.int8)
+    key_mean = k.mean(dim=2, dtype=torch.float32)  # (B, Hkv, D)
+    q8, q_scale, shift = quantize(q, 1, torch.int8, dot_with=key_mean if return_lse else None)
+    k8, k_scale, _ = quantize(k, 1, torch.int8, subtract=key_mean)
     if pv_8bit:
-        v8, v_scale = quantize_tiles(v, bn)
+        v8, v_scale, _ = quantize(v, bn, FP8)
     else:  # 16-bit P·V, no V scales; the interpreter computes bf16 dots on raw bits, so float32 there
         v8 = v.float() if not v.is_cuda else (v if v.dtype in (torch.float16, torch.bfloat16) else v.bfloat16())
         v_scale = k_scale.new_ones(1, 1, 1)
@@ -161,10 +150,9 @@ def block_sparse_attention_8bit(q, k, v, block_index, block_count, *, scale, cau
         sc[0], sc[1], block_count.stride(2),
         scale * LOG2E, hq, hkv, hq // hkv, nq, nk, nk - nq, v_scale.shape[-1],
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_M=bm, BLOCK_N=bn,
-        CAUSAL=causal, WRITE_LSE=True, PV_8BIT=pv_8bit, num_warps=warps, num_stages=stages,
+        CAUSAL=causal, WRITE_LSE=True, PV_8BIT=pv_8bit, ROUND_FP8=interpreted(), num_warps=warps, num_stages=stages,
     )
     if not return_lse:
         return out, None
     # Undo the smoothing in the LSE: every score of a row was lowered by scale * q·mean(k).
-    shift = torch.einsum("bhnd,bhd->bhn", q.float(), key_mean[:, :, 0].repeat_interleave(hq // hkv, dim=1))
     return out, lse + scale * shift

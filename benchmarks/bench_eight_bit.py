@@ -5,8 +5,10 @@
 
 B=1, H=16, D=128, bf16 random normal inputs (keys with a shared offset, as real keys have), random block masks
 at each density (diagonal kept). Rows: cuDNN dense SDPA, the 16-bit kernel (``precision="bf16"``, Gluon on
-Hopper), ``"int8"`` and ``"int8_fp8"`` whole calls (quantization included) and the INT8 quantization of q
-and k alone, with the output's relative L2 error against float32 attention on the same blocks (up to 16k).
+Hopper), ``"int8"`` (the Gluon INT8 kernel on Hopper, and the portable Triton one) and ``"int8_fp8"`` whole
+calls (quantization included), and the INT8 quantization of q and k alone (one Triton pass each, and the
+same in PyTorch ops), with the output's relative L2 error against float32 attention on the same blocks (up to
+16k).
 Dense SageAttention (the 8-bit peer, its key smoothing and quantization included) when ``sageattention``
 is installed: ``x_sage`` is its time over ours.
 Medians of ``triton.testing.do_bench``.
@@ -86,14 +88,17 @@ def main(argv=None) -> int:
             ref = block_sparse_attention(q.float(), k.float(), v.float(), index, count, block_size=bs,
                                          backend="torch") if n <= 16384 or not cuda else None
             row = {"n": n, "density": density, "cudnn_ms": dense_ms, "sage_ms": sage_ms, "kernels": {}}
-            for precision in ("bf16", "int8", "int8_fp8"):
-                fn = lambda p=precision: block_sparse_attention(q, k, v, index, count, block_size=bs, precision=p,
-                                                                check_ids=False)
+            # "int8" takes the Gluon INT8 kernel on Hopper; "int8 (Triton kernel)" forces the portable one.
+            for label, precision, backend in (("bf16", "bf16", None), ("int8", "int8", None),
+                                              ("int8 (Triton kernel)", "int8", "triton"),
+                                              ("int8_fp8", "int8_fp8", None)):
+                fn = lambda p=precision, b=backend: block_sparse_attention(q, k, v, index, count, block_size=bs,
+                                                                         precision=p, backend=b, check_ids=False)
                 ms = timer(fn, cuda)
                 err = None
                 if ref is not None:
                     err = float((fn().float() - ref).norm() / ref.norm())
-                row["kernels"][precision] = {"ms": ms, "x_cudnn": dense_ms / ms if cuda else None,
+                row["kernels"][label] = {"ms": ms, "x_cudnn": dense_ms / ms if cuda else None,
                                              "x_sage": sage_ms / ms if sage_ms else None, "rel_l2": err}
             from sparsediff.kernels.block_sparse.quantize import quantize, quantize_tiles
 

@@ -1,6 +1,7 @@
 """Compile the Gluon kernel for sm_90a without a GPU and print what the tests check, as one JSON line.
 
-    python tests/gluon_aot.py WORKDIR '[[128, "bfloat16", true, true, false, false], ...]'
+    python tests/gluon_aot.py WORKDIR '[[128, "bfloat16", true, true, false, false, false], ...]'
+    (head dim, dtype, even N, write LSE, causal, live rows, INT8 Q·Kᵀ)
 
 Run without TRITON_INTERPRET (Gluon has no interpreter). The Triton wheel ships ptxas and cuobjdump.
 """
@@ -32,25 +33,25 @@ class Sm90Target:
         return 0
 
 
-def compile_variant(d, dtype_name, even_n, write_lse, causal, has_live=False):
+def compile_variant(d, dtype_name, even_n, write_lse, causal, has_live=False, int8_qk=False):
     dtype = getattr(torch, dtype_name)
-    gdtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
     x = torch.empty(1, 2, 512, d, dtype=dtype)
+    x8 = torch.empty(1, 2, 512, d, dtype=torch.int8) if int8_qk else x  # q and k in INT8, v in 16 bits
     out, lse = torch.empty_like(x), torch.empty(1, 2, 512)
     q_block, kv_block = [1, 1, G.ROWS_PER_WARPGROUP, d], [1, 1, G.BLOCK_SIZE, d]
-    q_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), q_block,
-                              gl.NVMMASharedLayout.get_default_for(q_block, gdtype))
-    kv_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), kv_block,
-                               gl.NVMMASharedLayout.get_default_for(kv_block, gdtype))
+
+    def desc(t, block):
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), block,
+                                gl.NVMMASharedLayout.get_default_for(block, G._GL_DTYPES[t.dtype]))
     index = torch.zeros(1, 1, 4, 4, dtype=torch.int32)
     count = torch.zeros(1, 1, 4, dtype=torch.int32)
     cfg = G.DEFAULT_SCHEDULE
     return G._block_sparse_fwd_gluon.warmup(
-        q_desc, kv_desc, kv_desc, out, lse, index, count, 0, 0, 16, 1, 0, 0, 4, *out.stride()[:3],
-        2, 1, 512, 512, 0.1, 0, 4, count, HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"],
-        OVERLAP=cfg["overlap"], WRITE_LSE=write_lse, CONSUMER_REGS=cfg["consumer_regs"],
-        LOADER_REGS=cfg["loader_regs"], EVEN_N=even_n, CAUSAL=causal, HAS_LIVE=has_live, num_warps=4,
-        maxnreg=G.kernel_maxnreg(cfg),
+        desc(x8, q_block), desc(x8, kv_block), desc(x, kv_block), out, lse, index, count, 0, 0, 16, 1, 0, 0, 4,
+        *out.stride()[:3], 2, 1, 512, 512, 0.1, 0, 4, count, lse, lse, HEAD_DIM=d, STAGES=cfg["stages"],
+        PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=write_lse, CONSUMER_REGS=cfg["consumer_regs"],
+        LOADER_REGS=cfg["loader_regs"], EVEN_N=even_n, CAUSAL=causal, HAS_LIVE=has_live, INT8_QK=int8_qk,
+        num_warps=4, maxnreg=G.kernel_maxnreg(cfg),
         grid=(1,))
 
 

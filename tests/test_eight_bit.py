@@ -103,7 +103,7 @@ def test_bad_arguments_raise(device):
     index, count = (t.to(device) for t in mask_to_index(torch.ones(1, 1, 2, 2, dtype=torch.bool, device="cpu")))
     with pytest.raises(ValueError, match="precision must be one of"):
         block_sparse_attention(q, k, v, index, count, block_size=64, precision="fp4")
-    with pytest.raises(ValueError, match="Triton 8-bit kernel only"):
+    with pytest.raises(ValueError, match="8-bit Triton or Gluon kernel"):
         block_sparse_attention(q, k, v, index, count, block_size=64, precision="int8", backend="torch")
     with pytest.raises(ValueError, match="repeat_q or live_rows"):
         block_sparse_attention(q, k, v, index, count, block_size=64, precision="int8", repeat_q=2)
@@ -155,3 +155,37 @@ def test_quantization_rejects_what_it_does_not_take(device):
         quantize(x, 3)
     with pytest.raises(ValueError, match=r"float32 \(B, H', D\)"):
         quantize(x, 1, subtract=torch.zeros(1, 3, 16, device=device))
+
+
+@pytest.mark.parametrize("d, causal, nk", [(128, False, 1024), (64, True, 1000), (128, True, 777)])
+def test_gluon_int8_on_hopper(d, causal, nk):
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon INT8 kernel runs on sm_90 (H100/H200)")
+    # GQA 8/2, keys with a shared offset, a ragged tail when nk is not a multiple of 128.
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 8, nk, d, device="cuda", generator=gen).bfloat16()
+    k = (torch.randn(1, 2, nk, d, device="cuda", generator=gen) + 2.0).bfloat16()
+    v = torch.randn(1, 2, nk, d, device="cuda", generator=gen).bfloat16()
+    index, count = (t.cuda() for t in _index(nk, nk, 128, causal))
+    ref, ref_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), index, count, block_size=128,
+                                              causal=causal)
+    out, lse = block_sparse_attention(q, k, v, index, count, causal=causal, return_lse=True, precision="int8",
+                                      backend="gluon")
+    tri, tri_lse = block_sparse_attention(q, k, v, index, count, causal=causal, return_lse=True, precision="int8",
+                                          backend="triton")
+    rel, cos = _errors(out, ref)
+    rel_tri, _ = _errors(tri, ref)
+    assert rel < REL_L2["int8"] and cos > MIN_COSINE, (rel, cos)
+    assert rel < 1.5 * rel_tri + 2.0 ** -8, (rel, rel_tri)  # the same INT8 scores; the rest is bf16 rounding
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite.cpu(), torch.isfinite(lse).cpu())
+    assert (lse.double() - ref_lse)[finite].abs().max() < 0.05
+
+
+def test_gluon_takes_int8_only(device):
+    q = torch.randn(1, 2, 256, 64, device=device).bfloat16()
+    index, count = (t.to(device) for t in mask_to_index(torch.ones(1, 1, 2, 2, dtype=torch.bool, device="cpu")))
+    with pytest.raises(ValueError, match="backend='gluon' with precision='int8_fp8'"):
+        block_sparse_attention(q, q, q, index, count, precision="int8_fp8", backend="gluon")
+    with pytest.raises(ValueError, match="8-bit Triton or Gluon kernel"):
+        block_sparse_attention(q, q, q, index, count, precision="int8", backend="torch")

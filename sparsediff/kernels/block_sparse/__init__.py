@@ -33,6 +33,16 @@ def gluon_enabled() -> bool:
     return True
 
 
+_gluon_int8_failure = None
+
+
+def _disable_gluon_int8(err: Exception) -> None:
+    global _gluon_int8_failure
+    _gluon_int8_failure = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+    warn_once(f"block_sparse_attention(precision='int8'): the Gluon INT8 kernel could not be built "
+              f"({_gluon_int8_failure}); using the Triton 8-bit kernel from now on (the 16-bit Gluon kernel stays)")
+
+
 def _disable_gluon(err: Exception) -> None:
     global _gluon_failure
     _gluon_failure = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
@@ -238,9 +248,9 @@ def block_sparse_attention(
 
 def _eight_bit(precision, q, k, v, block_index, block_count, *, scale, causal, block_size, return_lse, backend,
                check_ids, repeat_q, live_rows):
-    if backend not in (None, "triton"):
-        raise ValueError(f"precision={precision!r} runs the Triton 8-bit kernel only (backend None or 'triton'), "
-                         f"got {backend!r}")
+    if backend not in (None, "triton", "gluon"):
+        raise ValueError(f"precision={precision!r} runs the 8-bit Triton or Gluon kernel (backend None, 'triton' or "
+                         f"'gluon'), got {backend!r}")
     choose_backend("triton", q, op=f"block_sparse_attention(precision={precision!r})")
     if repeat_q != 1 or live_rows is not None:
         raise ValueError(f"precision={precision!r} does not support repeat_q or live_rows; use precision='bf16'")
@@ -253,10 +263,31 @@ def _eight_bit(precision, q, k, v, block_index, block_count, *, scale, causal, b
         raise ValueError(f"precision={precision!r} needs a power-of-two block_size >= 16, got {block_size}")
     if not hasattr(torch, "float8_e4m3fn"):
         raise RuntimeError(f"precision={precision!r} needs torch.float8_e4m3fn (torch >= 2.1)")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    block_index, block_count = block_index.to(torch.int32), block_count.to(torch.int32)
+    use_gluon = backend == "gluon"
+    if use_gluon or (backend is None and precision == "int8" and gluon_enabled() and not _gluon_int8_failure):
+        from .gluon import gluon_support_error
+
+        problem = gluon_support_error(q, k, v, block_size=block_size)
+        if use_gluon and (problem or precision != "int8"):
+            raise ValueError(f"backend='gluon' with precision={precision!r}: "
+                             f"{problem or 'the Gluon kernel takes precision int8 (FP8 P·V is Triton only)'}")
+        use_gluon = problem is None
+    if use_gluon:
+        try:
+            from .gluon import block_sparse_attention_gluon_int8
+
+            out, lse = block_sparse_attention_gluon_int8(q, k, v, block_index, block_count, scale=scale,
+                                                         return_lse=return_lse, causal=causal)
+            return (out, lse) if return_lse else out
+        except Exception as err:  # a build failure: the Triton 8-bit kernel from now on (16-bit Gluon unaffected)
+            if backend == "gluon" or "CUDA error" in str(err):
+                raise
+            _disable_gluon_int8(err)
     from .eight_bit import block_sparse_attention_8bit
 
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = block_sparse_attention_8bit(q, k, v, block_index.to(torch.int32), block_count.to(torch.int32),
-                                           scale=scale, causal=causal, block_size=block_size, return_lse=return_lse,
+    out, lse = block_sparse_attention_8bit(q, k, v, block_index, block_count, scale=scale, causal=causal,
+                                           block_size=block_size, return_lse=return_lse,
                                            pv_8bit=precision == "int8_fp8")
     return (out, lse) if return_lse else out

@@ -107,16 +107,30 @@ def _softmax_step(s, m_i, l_i, index_ptr, nk, qk_scale, row0, causal_offset, s_l
 
 
 @gluon.jit
+def _dequantize(s, row_scale, k_scales, index_ptr, nk, s_layout: gl.constexpr, BLOCK_N: gl.constexpr):
+    # INT8 Q·Kᵀ: int32 tile -> float32 scores in log2 units (row_scale holds q's scale times qk_scale).
+    cols = gl.load(index_ptr) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    k_scale = gl.load(k_scales + cols, mask=cols < nk, other=0.0)
+    return s.to(gl.float32) * row_scale[:, None] * k_scale[None, :]
+
+
+@gluon.jit
 def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
               BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
               stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale, causal_offset, QLive,
-              q_tiles, WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-              OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
-              HAS_LIVE: gl.constexpr):
+              q_tiles, QScale, KScale, WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr,
+              CAUSAL: gl.constexpr, HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr):
     BLOCK_N: gl.constexpr = 128
     ROWS: gl.constexpr = 64
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
+    if INT8_QK:  # 8-bit wgmma: K = 32 per instruction, int32 accumulator
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 32])
+        S_DTYPE: gl.constexpr = gl.int32
+    else:
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        S_DTYPE: gl.constexpr = gl.float32
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -131,6 +145,13 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
     q = q_smem.index(WG).reshape([ROWS, HEAD_DIM])
     row0 = q_block * 128 + WG * ROWS
+    if INT8_QK:  # per-token scales: q's rows once, k's columns per tile; the softmax then takes scores as they are
+        qrows = row0 + gl.arange(0, ROWS, layout=row_layout)
+        row_scale = gl.load(QScale + pid_bh * nq + qrows, mask=qrows < nq, other=0.0) * qk_scale
+        k_scales = KScale + (b * (num_heads // group_size) + h_kv) * nk
+        soft_scale = 1.0
+    else:
+        soft_scale = qk_scale
     turn = 0
     if PINGPONG:
         if WG == 1:
@@ -152,14 +173,16 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
         if PINGPONG:
             mbarrier.wait(turn_bars.index(WG), turn)
         s_tok = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                              gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+                              gl.zeros([ROWS, BLOCK_N], S_DTYPE, s_layout), use_acc=False, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn_bars.index(1 - WG))
         turn ^= 1
         s = warpgroup_mma_wait(0, deps=[s_tok])
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base, nk, qk_scale, row0, causal_offset, s_layout,
+        if INT8_QK:
+            s = _dequantize(s, row_scale, k_scales, index_base, nk, s_layout, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base, nk, soft_scale, row0, causal_offset, s_layout,
                                            BLOCK_N, ROWS, EVEN_N, CAUSAL)
-        p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+        p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
         for j in range(1, count):
             st = j % STAGES
             prev = (j - 1) % STAGES
@@ -168,7 +191,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
             if PINGPONG:
                 mbarrier.wait(turn_bars.index(WG), turn)
             s_tok = warpgroup_mma(q, k_smem.index(st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                                  gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+                                  gl.zeros([ROWS, BLOCK_N], S_DTYPE, s_layout), use_acc=False, is_async=True)
             if not OVERLAP:
                 s = warpgroup_mma_wait(0, deps=[s_tok])
             acc_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
@@ -177,12 +200,14 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
             turn ^= 1
             if OVERLAP:
                 s = warpgroup_mma_wait(1, deps=[s_tok])  # QK^T(j) done; PV(j-1) may still run
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base + j * stride_ik, nk, qk_scale, row0,
+            if INT8_QK:
+                s = _dequantize(s, row_scale, k_scales, index_base + j * stride_ik, nk, s_layout, BLOCK_N)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base + j * stride_ik, nk, soft_scale, row0,
                                                causal_offset, s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL)
             acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
             mbarrier.arrive(empty_bars.index(prev))
             acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
-            p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+            p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
         last = (count - 1) % STAGES
         mbarrier.wait(v_bars.index(last), ((count - 1) // STAGES) & 1)
         if PINGPONG:
@@ -210,15 +235,15 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
 def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockCount,
                             stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                             stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
-                            causal_offset, q_tiles, QLive, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                            PINGPONG: gl.constexpr,
+                            causal_offset, q_tiles, QLive, QScale, KScale, HEAD_DIM: gl.constexpr,
+                            STAGES: gl.constexpr, PINGPONG: gl.constexpr,
                             OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                             LOADER_REGS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
-                            HAS_LIVE: gl.constexpr):
-    dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+                            HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr):
+    # q and k in the inputs' 16-bit dtype, or INT8 (INT8_QK, per-token scales in QScale / KScale); v 16-bit.
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -237,13 +262,13 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
         (_consumer, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse, BlockCount,
                      BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                      stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
-                     causal_offset, QLive, q_tiles, 0, HEAD_DIM, STAGES, PINGPONG, OVERLAP, WRITE_LSE, EVEN_N,
-                     CAUSAL, HAS_LIVE)),
+                     causal_offset, QLive, q_tiles, QScale, KScale, 0, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
+                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK)),
         (_consumer, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse, BlockCount,
                      BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                      stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
-                     causal_offset, QLive, q_tiles, 1, HEAD_DIM, STAGES, PINGPONG, OVERLAP, WRITE_LSE, EVEN_N,
-                     CAUSAL, HAS_LIVE)),
+                     causal_offset, QLive, q_tiles, QScale, KScale, 1, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
+                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK)),
         (_loader, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, BlockCount,
                    BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                    num_heads, group_size, q_tiles, QLive, STAGES, HAS_LIVE)),
@@ -263,10 +288,12 @@ def gluon_support_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
     return None
 
 
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.int8: gl.int8}
+
+
 @cache
 def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype):
-    gdtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
-    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], gdtype)
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], _GL_DTYPES[dtype])
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
@@ -287,6 +314,27 @@ def block_sparse_attention_gluon(q, k, v, block_index, block_count, *, scale, re
     ``DEFAULT_SCHEDULE`` keys (stages, pingpong, overlap, consumer_regs, loader_regs) for ablations. ``live_rows``:
     int32 ``(B,)``, rows of q from ``live_rows[b]`` on (before ``repeat_q``) are skipped by 64-row warpgroup and
     get zeros and ``-inf``."""
+    return _launch(q, k, v, block_index, block_count, scale=scale, return_lse=return_lse, causal=causal,
+                   repeat_q=repeat_q, live_rows=live_rows, **schedule)
+
+
+def block_sparse_attention_gluon_int8(q, k, v, block_index, block_count, *, scale, return_lse, causal=False,
+                                      **schedule):
+    """``precision="int8"`` on Hopper: Q·Kᵀ in INT8 (per-token scales, keys smoothed by their mean, as
+    ``eight_bit.py``), P·V in v's 16-bit dtype, on this kernel's schedule. Returns ``(out, lse or None)``, the LSE
+    of the unsmoothed scores."""
+    from .quantize import quantize
+
+    key_mean = k.mean(dim=2, dtype=torch.float32)
+    q8, q_scale, shift = quantize(q, 1, torch.int8, dot_with=key_mean if return_lse else None)
+    k8, k_scale, _ = quantize(k, 1, torch.int8, subtract=key_mean)
+    out, lse = _launch(q8, k8, v, block_index, block_count, scale=scale, return_lse=return_lse, causal=causal,
+                       scales=(q_scale, k_scale), out_dtype=v.dtype, **schedule)
+    return out, (lse + scale * shift if return_lse else None)
+
+
+def _launch(q, k, v, block_index, block_count, *, scale, return_lse, causal=False, repeat_q=1, live_rows=None,
+            scales=None, out_dtype=None, **schedule):
     unknown = set(schedule) - set(DEFAULT_SCHEDULE)
     if unknown:
         raise ValueError(f"unknown schedule options {sorted(unknown)}; known: {sorted(DEFAULT_SCHEDULE)}")
@@ -297,21 +345,22 @@ def block_sparse_attention_gluon(q, k, v, block_index, block_count, *, scale, re
     hkv, nk = k.shape[1], k.shape[2]
     q_block, kv_block = [1, 1, ROWS_PER_WARPGROUP, d], [1, 1, BLOCK_SIZE, d]
     q_desc = TensorDescriptor(q, list(q.shape), list(q.stride()), q_block, _smem_layout(ROWS_PER_WARPGROUP, d, q.dtype))
-    kv_layout = _smem_layout(BLOCK_SIZE, d, q.dtype)
-    k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), kv_block, kv_layout)
-    v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), kv_block, kv_layout)
-    out = torch.empty_like(q) if repeat_q == 1 else q.new_empty(bsz, hq, nq, d)
+    k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), kv_block, _smem_layout(BLOCK_SIZE, d, k.dtype))
+    v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), kv_block, _smem_layout(BLOCK_SIZE, d, v.dtype))
+    out = q.new_empty(bsz, hq, nq, d, dtype=out_dtype or q.dtype)
     lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device) if return_lse else out
     si = [0 if block_index.shape[i] == 1 else block_index.stride(i) for i in range(2)]
     sc = [0 if block_count.shape[i] == 1 else block_count.stride(i) for i in range(2)]
+    q_scale, k_scale = scales if scales is not None else (lse, lse)  # unused without INT8_QK
     grid = (triton.cdiv(nq, BLOCK_SIZE), bsz * hq)
     _block_sparse_fwd_gluon[grid](
         q_desc, k_desc, v_desc, out, lse, block_index, block_count,
         si[0], si[1], block_index.stride(2), block_index.stride(3), sc[0], sc[1], block_count.stride(2),
         out.stride(0), out.stride(1), out.stride(2), hq, hq // hkv, nq, nk, scale * LOG2E, nk - nq,
-        triton.cdiv(q_rows, BLOCK_SIZE), block_count if live_rows is None else live_rows, HEAD_DIM=d,
-        STAGES=cfg["stages"], PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=return_lse,
+        triton.cdiv(q_rows, BLOCK_SIZE), block_count if live_rows is None else live_rows, q_scale, k_scale,
+        HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=return_lse,
         CONSUMER_REGS=cfg["consumer_regs"], LOADER_REGS=cfg["loader_regs"], EVEN_N=nk % BLOCK_SIZE == 0,
-        CAUSAL=causal, HAS_LIVE=live_rows is not None, num_warps=4, maxnreg=kernel_maxnreg(cfg),
+        CAUSAL=causal, HAS_LIVE=live_rows is not None, INT8_QK=scales is not None, num_warps=4,
+        maxnreg=kernel_maxnreg(cfg),
     )
     return out, (lse if return_lse else None)

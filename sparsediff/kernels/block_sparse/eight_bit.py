@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ..backend import interpreted
 from .quantize import FP8, quantize, round_to_e4m3
-from .triton import LOG2E, _launch_config
+from .triton import LOG2E, _launch_config, online_softmax_step, program_coords, store_output
 
 
 @triton.jit
@@ -47,14 +47,8 @@ def _block_sparse_fwd_8bit(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr,
     PV_8BIT: tl.constexpr, ROUND_FP8: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    b, h, h_kv, q_start, q_block = program_coords(num_heads, group_size, BLOCK_M, BLOCK_SIZE)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    h_kv = h // group_size
-    q_start = pid_m * BLOCK_M
-    q_block = q_start // BLOCK_SIZE
-
     offs_m = q_start + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -81,23 +75,9 @@ def _block_sparse_fwd_8bit(
         k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                     mask=(cols[None, :] < nk) & d_mask[:, None], other=0.0)
         k_scale = tl.load(k_scales + cols, mask=cols < nk, other=0.0)[None, :]
-        qk = tl.dot(q, k).to(tl.float32) * (q_scale * k_scale)
-        needs_mask = start_n + BLOCK_N > nk
-        if CAUSAL:
-            needs_mask = needs_mask | (start_n + BLOCK_N - 1 > q_start + causal_offset)
-        if needs_mask:
-            valid = cols[None, :] < nk
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= offs_m[:, None] + causal_offset)
-            qk = tl.where(valid, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        qk = tl.dot(q, k).to(tl.float32) * (q_scale * k_scale)  # already in log2 units: softmax scale 1
+        p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i, cols, offs_m, start_n, q_start, nk, causal_offset,
+                                                   1.0, BLOCK_N, CAUSAL)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=(cols[:, None] < nk) & d_mask[None, :], other=0.0)
         if PV_8BIT:
@@ -111,13 +91,8 @@ def _block_sparse_fwd_8bit(
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < nq) & d_mask[None, :])
-    if WRITE_LSE:
-        lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
-        tl.store(Lse + pid_bh * nq + offs_m, lse, mask=offs_m < nq)
+    store_output(acc, m_i, l_i, Out + b * stride_ob + h * stride_oh, Lse + pid_bh * nq, offs_m, offs_d, d_mask, nq,
+                 stride_on, stride_od, WRITE_LSE)
 
 
 def block_sparse_attention_8bit(q, k, v, block_index, block_count, *, scale, causal, block_size, return_lse,

@@ -22,6 +22,53 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def program_coords(num_heads, group_size, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Batch, query head, key/value head, first query row and query block of this program."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    q_start = tl.program_id(0) * BLOCK_M
+    return b, h, h // group_size, q_start, q_start // BLOCK_SIZE
+
+
+@triton.jit
+def online_softmax_step(qk, m_i, l_i, cols, offs_m, start_n, q_start, nk, causal_offset, qk_scale,
+                        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """One key tile of the online softmax on raw scores ``qk`` (times ``qk_scale`` = log2 units): returns
+    ``(p, alpha, m_new, l_new)``. Only tiles on the ragged tail or the causal diagonal pay for masking (and for
+    the guard against rows that have seen only masked keys, where m stays -inf and inf - inf is NaN)."""
+    needs_mask = start_n + BLOCK_N > nk
+    if CAUSAL:
+        needs_mask = needs_mask | (start_n + BLOCK_N - 1 > q_start + causal_offset)
+    if needs_mask:
+        valid = cols[None, :] < nk
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= offs_m[:, None] + causal_offset)
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = m_new
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def store_output(acc, m_i, l_i, out_base, lse_base, offs_m, offs_d, d_mask, nq, stride_on, stride_od,
+                 WRITE_LSE: tl.constexpr):
+    """Normalise and store a program's rows; rows that kept no key (l = 0) get zeros and lse = -inf."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = out_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(out_base.dtype.element_ty), mask=(offs_m[:, None] < nq) & d_mask[None, :])
+    if WRITE_LSE:
+        lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
+        tl.store(lse_base + offs_m, lse, mask=offs_m < nq)
+
+
+@triton.jit
 def _block_sparse_fwd(
     Q, K, V, Out, Lse, BlockIndex, BlockCount, k_desc, v_desc,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -35,14 +82,8 @@ def _block_sparse_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr,
     DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, HAS_LIVE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    b, h, h_kv, q_start, q_block = program_coords(num_heads, group_size, BLOCK_M, BLOCK_SIZE)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    h_kv = h // group_size
-    q_start = pid_m * BLOCK_M
-    q_block = q_start // BLOCK_SIZE
-
     offs_m = q_start + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -77,25 +118,8 @@ def _block_sparse_fwd(
                         mask=(cols[None, :] < nk) & d_mask[:, None], other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
-        qk = tl.dot(q, k)
-        # Only tiles on the ragged tail or the causal diagonal pay for masking (and for the guard
-        # against rows that have seen only masked keys, where m stays -inf and inf - inf is NaN).
-        needs_mask = start_n + BLOCK_N > nk
-        if CAUSAL:
-            needs_mask = needs_mask | (start_n + BLOCK_N - 1 > q_start + causal_offset)
-        if needs_mask:
-            valid = cols[None, :] < nk
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= offs_m[:, None] + causal_offset)
-            qk = tl.where(valid, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_use = m_new
-        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = online_softmax_step(tl.dot(q, k), m_i, l_i, cols, offs_m, start_n, q_start, nk,
+                                                   causal_offset, qk_scale, BLOCK_N, CAUSAL)
         if USE_TMA:
             v = v_desc.load([kv_row0 + start_n, 0])
         else:
@@ -108,14 +132,8 @@ def _block_sparse_fwd(
             acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
 
-    # Rows that kept no key (l = 0) get zeros and lse = -inf.
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < nq) & d_mask[None, :])
-    if WRITE_LSE:
-        lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
-        tl.store(Lse + pid_bh * nq + offs_m, lse, mask=offs_m < nq)
+    store_output(acc, m_i, l_i, Out + b * stride_ob + h * stride_oh, Lse + pid_bh * nq, offs_m, offs_d, d_mask, nq,
+                 stride_on, stride_od, WRITE_LSE)
 
 
 def _interpreter_bf16(q: torch.Tensor) -> bool:

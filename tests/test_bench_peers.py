@@ -60,3 +60,11 @@ def test_precisions_argument_names_what_is_supported():
     assert precisions("bf16,int8_fp8") == ["bf16", "int8_fp8"]
     with pytest.raises(Exception, match="bf16, int8, int8_fp8"):
         precisions("fp4")
+
+
+def test_cli_names_what_eight_bit_timing_needs_on_cpu(monkeypatch, capsys):
+    from sparsediff.cli import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["bench", "--sizes", "256", "--precisions", "bf16,int8"]) == 2
+    assert "needs a CUDA GPU, or TRITON_INTERPRET=1 on CPU" in capsys.readouterr().err

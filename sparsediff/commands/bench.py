@@ -12,6 +12,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -224,6 +225,14 @@ def run(args) -> int:
     heads = args.heads or (16 if cuda else 4)
     dim = args.dim or (128 if cuda else 64)
     dtype = torch.bfloat16 if cuda else torch.float32
+    eight_bit = [p for p in args.precisions if p != "bf16"]
+    if eight_bit and not cuda:
+        from ..kernels.backend import interpreted
+
+        if not interpreted():
+            print(f"sparsediff bench: --precisions {','.join(eight_bit)} runs the Triton 8-bit kernel: it needs a CUDA "
+                  "GPU, or TRITON_INTERPRET=1 on CPU (slow; small --sizes)", file=sys.stderr)
+            return 2
     env = environment()
     print(f"sparsediff bench on {env['device']} (torch {env['torch']}), H={heads}, D={dim}, {dtype}")
     rows = run_grid(sizes, args.densities, heads=heads, dim=dim, dtype=dtype, device=device,

@@ -189,3 +189,18 @@ def test_gluon_takes_int8_only(device):
         block_sparse_attention(q, q, q, index, count, precision="int8_fp8", backend="gluon")
     with pytest.raises(ValueError, match="8-bit Triton or Gluon kernel"):
         block_sparse_attention(q, q, q, index, count, precision="int8", backend="torch")
+
+
+def test_per_channel_quantization(device):
+    from sparsediff.kernels.block_sparse.quantize import quantize
+
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(1, 2, 70, 48, generator=gen) * torch.linspace(0.1, 10, 48)).to(device).bfloat16()
+    x8, scale, _ = quantize(x, 32, torch.float8_e4m3fn, per_channel=True)
+    want_scale = x.float().abs().amax(dim=2) / 448
+    assert scale.shape == (1, 2, 48)
+    torch.testing.assert_close(scale, want_scale, **tolerance(torch.float32, ulps=ROUNDING))
+    # Every entry within half an e4m3 step (3 mantissa bits) of its channel-scaled value, or of the subnormal step.
+    err = (x8.float() * scale[:, :, None, :] - x.float()).abs()
+    bound = torch.maximum(x.float().abs() / 16, scale[:, :, None, :] * 2.0 ** -10)
+    assert (err <= bound * 1.001).all()

@@ -52,9 +52,10 @@ def _quantize_fwd(
     stride_xb, stride_xh, stride_xn, stride_xd,
     num_heads, vec_group, n,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, PER_TILE: tl.constexpr,
-    INT8: tl.constexpr, SUBTRACT: tl.constexpr, DOT: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, INT8: tl.constexpr, SUBTRACT: tl.constexpr, DOT: tl.constexpr,
 ):
-    # One program: ROWS tokens of one head. PER_TILE: one scale for the ROWS tokens, else one per token.
+    # One program: ROWS tokens of one head. PER_TILE: one scale for the ROWS tokens; PER_CHANNEL: the given
+    # (B, H, D) scales in Scale, one per channel over all tokens; else one per token.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // num_heads
@@ -72,7 +73,10 @@ def _quantize_fwd(
         mu = tl.load(Sub + vec_row + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
         x = tl.where(ok, x - mu[None, :], 0.0)
     top = 127.0 if INT8 else 448.0
-    if PER_TILE:
+    if PER_CHANNEL:
+        scale = tl.load(Scale + pid_bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=1.0)
+        y = x / scale[None, :]
+    elif PER_TILE:
         scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0) / top, 1.1754943508222875e-38)
         y = x / scale
         tl.store(Scale + pid_bh * tl.cdiv(n, ROWS) + pid_n, scale)
@@ -90,12 +94,14 @@ def _quantize_fwd(
 
 
 def quantize(x: torch.Tensor, rows: int, dtype=torch.int8, *, subtract: torch.Tensor | None = None,
-             dot_with: torch.Tensor | None = None):
+             dot_with: torch.Tensor | None = None, per_channel: bool = False):
     """``(x8, scale, dot)``: ``x`` ``(B, H, N, D)`` 16/32-bit -> contiguous int8 or e4m3 ``x8`` with float32
     scales, one per token (``rows=1``, shape ``(B, H, N)``) or per tile of ``rows`` tokens (``(B, H, ceil(N /
     rows))``, ``rows`` a power of two). ``subtract`` / ``dot_with``: ``(B, H', D)`` float32 vectors, ``H % H' ==
     0`` (head ``h`` uses vector ``h // (H / H')``); ``dot`` is ``x · dot_with`` per token ``(B, H, N)`` float32
-    (before ``subtract``), or None. Same numbers as :func:`quantize_tiles` up to rounding ties."""
+    (before ``subtract``), or None. Same numbers as :func:`quantize_tiles` up to rounding ties.
+    ``per_channel``: instead one scale per channel over all tokens, ``(B, H, D)`` (``rows`` then only sets the
+    launch's tile): it factors out of a sum over tokens, e.g. P·V, so a kernel applies it once at the end."""
     b, h, n, d = x.shape
     if dtype not in (torch.int8, FP8):
         raise TypeError(f"quantize: dtype must be torch.int8 or torch.float8_e4m3fn, got {dtype}")
@@ -109,7 +115,11 @@ def quantize(x: torch.Tensor, rows: int, dtype=torch.int8, *, subtract: torch.Te
                              f"{tuple(t.shape)} {t.dtype} for x {tuple(x.shape)}")
     x8 = torch.empty(b, h, n, d, dtype=dtype, device=x.device)
     block_rows = rows if rows > 1 else max(1, min(64, 8192 // triton.next_power_of_2(d)))
-    scale = torch.empty(b, h, math.ceil(n / rows), dtype=torch.float32, device=x.device)
+    if per_channel:  # one reduction pass for the channels' range, then the quantizing pass
+        top = INT8_MAX if dtype == torch.int8 else FP8_MAX
+        scale = (x.abs().amax(dim=2).float() / top).clamp_min(torch.finfo(torch.float32).tiny).contiguous()
+    else:
+        scale = torch.empty(b, h, math.ceil(n / rows), dtype=torch.float32, device=x.device)
     dot = torch.empty(b, h, n, dtype=torch.float32, device=x.device) if dot_with is not None else None
     dummy = scale
     grid = (math.ceil(n / block_rows), b * h)
@@ -117,7 +127,8 @@ def quantize(x: torch.Tensor, rows: int, dtype=torch.int8, *, subtract: torch.Te
         x, subtract.contiguous() if subtract is not None else dummy,
         dot_with.contiguous() if dot_with is not None else dummy, x8, scale, dot if dot is not None else dummy,
         *x.stride(), h, h // heads_vec, n,
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), ROWS=block_rows, PER_TILE=rows > 1,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), ROWS=block_rows, PER_TILE=rows > 1 and not per_channel,
+        PER_CHANNEL=per_channel,
         INT8=dtype == torch.int8, SUBTRACT=subtract is not None, DOT=dot_with is not None,
         num_warps=4,
     )

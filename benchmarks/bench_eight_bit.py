@@ -5,10 +5,10 @@
 
 B=1, H=16, D=128, bf16 random normal inputs (keys with a shared offset, as real keys have), random block masks
 at each density (diagonal kept). Rows: cuDNN dense SDPA, the 16-bit kernel (``precision="bf16"``, Gluon on
-Hopper), ``"int8"`` (the Gluon INT8 kernel on Hopper, and the portable Triton one) and ``"int8_fp8"`` whole
-calls (quantization included), and the INT8 quantization of q and k alone (one Triton pass each, and the
-same in PyTorch ops), with the output's relative L2 error against float32 attention on the same blocks (up to
-16k).
+Hopper), ``"int8"`` (the default dispatch, the portable Triton kernel, and on Hopper the Gluon INT8 one) and
+``"int8_fp8"`` whole calls (quantization included), and the INT8 quantization of q and k alone (one Triton pass
+each, and the same in PyTorch ops), with the output's relative L2 error against float32 attention on the same
+blocks (up to 16k).
 Dense SageAttention (the 8-bit peer, its key smoothing and quantization included) when ``sageattention``
 is installed: ``x_sage`` is its time over ours.
 Medians of ``triton.testing.do_bench``.
@@ -88,10 +88,12 @@ def main(argv=None) -> int:
             ref = block_sparse_attention(q.float(), k.float(), v.float(), index, count, block_size=bs,
                                          backend="torch") if n <= 16384 or not cuda else None
             row = {"n": n, "density": density, "cudnn_ms": dense_ms, "sage_ms": sage_ms, "kernels": {}}
-            # "int8" takes the Gluon INT8 kernel on Hopper; "int8 (Triton kernel)" forces the portable one.
-            for label, precision, backend in (("bf16", "bf16", None), ("int8", "int8", None),
-                                              ("int8 (Triton kernel)", "int8", "triton"),
-                                              ("int8_fp8", "int8_fp8", None)):
+            # "int8 (Gluon kernel)" only on Hopper; "int8" is the default dispatch.
+            hopper = cuda and torch.cuda.get_device_capability() == (9, 0)
+            gluon = [("int8 (Gluon kernel)", "int8", "gluon")] if hopper else []
+            for label, precision, backend in [("bf16", "bf16", None), ("int8", "int8", None),
+                                              ("int8 (Triton kernel)", "int8", "triton"), *gluon,
+                                              ("int8_fp8", "int8_fp8", None)]:
                 fn = lambda p=precision, b=backend: block_sparse_attention(q, k, v, index, count, block_size=bs,
                                                                          precision=p, backend=b, check_ids=False)
                 ms = timer(fn, cuda)

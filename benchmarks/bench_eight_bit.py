@@ -5,9 +5,9 @@
 
 B=1, H=16, D=128, bf16 random normal inputs (keys with a shared offset, as real keys have), random block masks
 at each density (diagonal kept). Rows: cuDNN dense SDPA, the 16-bit kernel (``precision="bf16"``, Gluon on
-Hopper), ``"int8"`` (the default dispatch, the portable Triton kernel, and on Hopper the Gluon INT8 one) and
-``"int8_fp8"`` whole calls (quantization included), and the INT8 quantization of q and k alone (one Triton pass
-each, and the same in PyTorch ops), with the output's relative L2 error against float32 attention on the same
+Hopper), ``"int8"`` and ``"int8_fp8"`` (the default dispatch, the portable Triton kernel, and on Hopper the
+Gluon one), whole calls with quantization, and the INT8 quantization of q and k alone (one Triton pass each,
+and the same in PyTorch ops), with the output's relative L2 error against float32 attention on the same
 blocks (up to 16k).
 Dense SageAttention (the 8-bit peer, its key smoothing and quantization included) when ``sageattention``
 is installed: ``x_sage`` is its time over ours.
@@ -90,7 +90,8 @@ def main(argv=None) -> int:
             row = {"n": n, "density": density, "cudnn_ms": dense_ms, "sage_ms": sage_ms, "kernels": {}}
             # "int8 (Gluon kernel)" only on Hopper; "int8" is the default dispatch.
             hopper = cuda and torch.cuda.get_device_capability() == (9, 0)
-            gluon = [("int8 (Gluon kernel)", "int8", "gluon")] if hopper else []
+            gluon = [("int8 (Gluon kernel)", "int8", "gluon"), ("int8_fp8 (Gluon kernel)", "int8_fp8", "gluon")] \
+                if hopper else []
             for label, precision, backend in [("bf16", "bf16", None), ("int8", "int8", None),
                                               ("int8 (Triton kernel)", "int8", "triton"), *gluon,
                                               ("int8_fp8", "int8_fp8", None)]:

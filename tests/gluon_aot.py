@@ -1,7 +1,7 @@
 """Compile the Gluon kernel for sm_90a without a GPU and print what the tests check, as one JSON line.
 
     python tests/gluon_aot.py WORKDIR '[[128, "bfloat16", true, true, false, false, false], ...]'
-    (head dim, dtype, even N, write LSE, causal, live rows, INT8 Q·Kᵀ)
+    (head dim, dtype, even N, write LSE, causal, live rows, INT8 Q·Kᵀ, FP8 P·V)
 
 Run without TRITON_INTERPRET (Gluon has no interpreter). The Triton wheel ships ptxas and cuobjdump.
 """
@@ -33,10 +33,11 @@ class Sm90Target:
         return 0
 
 
-def compile_variant(d, dtype_name, even_n, write_lse, causal, has_live=False, int8_qk=False):
+def compile_variant(d, dtype_name, even_n, write_lse, causal, has_live=False, int8_qk=False, fp8_pv=False):
     dtype = getattr(torch, dtype_name)
     x = torch.empty(1, 2, 512, d, dtype=dtype)
-    x8 = torch.empty(1, 2, 512, d, dtype=torch.int8) if int8_qk else x  # q and k in INT8, v in 16 bits
+    x8 = torch.empty(1, 2, 512, d, dtype=torch.int8) if int8_qk else x  # q and k in INT8
+    v = torch.empty(1, 2, d, 512, dtype=torch.float8_e4m3fn) if fp8_pv else x  # v in e4m3, (B, H, D, N)
     out, lse = torch.empty_like(x), torch.empty(1, 2, 512)
     q_block, kv_block = [1, 1, G.ROWS_PER_WARPGROUP, d], [1, 1, G.BLOCK_SIZE, d]
 
@@ -47,10 +48,12 @@ def compile_variant(d, dtype_name, even_n, write_lse, causal, has_live=False, in
     count = torch.zeros(1, 1, 4, dtype=torch.int32)
     cfg = G.DEFAULT_SCHEDULE
     return G._block_sparse_fwd_gluon.warmup(
-        desc(x8, q_block), desc(x8, kv_block), desc(x, kv_block), out, lse, index, count, 0, 0, 16, 1, 0, 0, 4,
-        *out.stride()[:3], 2, 1, 512, 512, 0.1, 0, 4, count, lse, lse, HEAD_DIM=d, STAGES=cfg["stages"],
+        desc(x8, q_block), desc(x8, kv_block), desc(v, [1, 1, d, G.BLOCK_SIZE] if fp8_pv else kv_block), out, lse,
+        index, count, 0, 0, 16, 1, 0, 0, 4,
+        *out.stride()[:3], 2, 1, 512, 512, 0.1, 0, 4, count, lse, lse, lse, HEAD_DIM=d, STAGES=cfg["stages"],
         PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=write_lse, CONSUMER_REGS=cfg["consumer_regs"],
         LOADER_REGS=cfg["loader_regs"], EVEN_N=even_n, CAUSAL=causal, HAS_LIVE=has_live, INT8_QK=int8_qk,
+        FP8_PV=fp8_pv,
         num_warps=4, maxnreg=G.kernel_maxnreg(cfg),
         grid=(1,))
 

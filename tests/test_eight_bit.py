@@ -157,8 +157,9 @@ def test_quantization_rejects_what_it_does_not_take(device):
         quantize(x, 1, subtract=torch.zeros(1, 3, 16, device=device))
 
 
+@pytest.mark.parametrize("precision", ["int8", "int8_fp8"])
 @pytest.mark.parametrize("d, causal, nk", [(128, False, 1024), (64, True, 1000), (128, True, 777)])
-def test_gluon_int8_on_hopper(d, causal, nk):
+def test_gluon_8bit_on_hopper(d, causal, nk, precision):
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon INT8 kernel runs on sm_90 (H100/H200)")
     # GQA 8/2, keys with a shared offset, a ragged tail when nk is not a multiple of 128.
@@ -169,23 +170,25 @@ def test_gluon_int8_on_hopper(d, causal, nk):
     index, count = (t.cuda() for t in _index(nk, nk, 128, causal))
     ref, ref_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), index, count, block_size=128,
                                               causal=causal)
-    out, lse = block_sparse_attention(q, k, v, index, count, causal=causal, return_lse=True, precision="int8",
+    out, lse = block_sparse_attention(q, k, v, index, count, causal=causal, return_lse=True, precision=precision,
                                       backend="gluon")
-    tri, tri_lse = block_sparse_attention(q, k, v, index, count, causal=causal, return_lse=True, precision="int8",
-                                          backend="triton")
+    tri, tri_lse = block_sparse_attention(q, k, v, index, count, causal=causal, return_lse=True,
+                                          precision=precision, backend="triton")
     rel, cos = _errors(out, ref)
     rel_tri, _ = _errors(tri, ref)
-    assert rel < REL_L2["int8"] and cos > MIN_COSINE, (rel, cos)
-    assert rel < 1.5 * rel_tri + 2.0 ** -8, (rel, rel_tri)  # the same INT8 scores; the rest is bf16 rounding
+    assert rel < REL_L2[precision] and cos > MIN_COSINE, (rel, cos)
+    assert rel < 1.5 * rel_tri + 2.0 ** -8, (rel, rel_tri)  # the same 8-bit formats; the rest is rounding
     finite = torch.isfinite(ref_lse)
     assert torch.equal(finite.cpu(), torch.isfinite(lse).cpu())
     assert (lse.double() - ref_lse)[finite].abs().max() < 0.05
 
 
-def test_gluon_takes_int8_only(device):
+def test_gluon_8bit_says_where_it_runs(device):
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+        pytest.skip("on sm_90 the Gluon 8-bit kernel applies")
     q = torch.randn(1, 2, 256, 64, device=device).bfloat16()
     index, count = (t.to(device) for t in mask_to_index(torch.ones(1, 1, 2, 2, dtype=torch.bool, device="cpu")))
-    with pytest.raises(ValueError, match="backend='gluon' with precision='int8_fp8'"):
+    with pytest.raises(ValueError, match="backend='gluon' with precision='int8_fp8': needs an sm_90 GPU"):
         block_sparse_attention(q, q, q, index, count, precision="int8_fp8", backend="gluon")
     with pytest.raises(ValueError, match="8-bit Triton or Gluon kernel"):
         block_sparse_attention(q, q, q, index, count, precision="int8", backend="torch")
@@ -204,3 +207,13 @@ def test_per_channel_quantization(device):
     err = (x8.float() * scale[:, :, None, :] - x.float()).abs()
     bound = torch.maximum(x.float().abs() / 16, scale[:, :, None, :] * 2.0 ** -10)
     assert (err <= bound * 1.001).all()
+
+
+def test_transposed_quantization_is_the_transpose(device):
+    from sparsediff.kernels.block_sparse.quantize import quantize
+
+    x = torch.randn(1, 2, 70, 32, device=device).bfloat16()  # 70 tokens: rows padded to 80 for TMA
+    flat, flat_scale, _ = quantize(x, 32, torch.float8_e4m3fn, per_channel=True)
+    xt, scale, _ = quantize(x, 32, torch.float8_e4m3fn, per_channel=True, transpose=True)
+    assert xt.shape == (1, 2, 32, 70) and xt.stride(-1) == 1 and xt.stride(-2) == 80
+    assert torch.equal(xt.float(), flat.float().transpose(-1, -2)) and torch.equal(scale, flat_scale)

@@ -39,7 +39,7 @@ _gluon_int8_failure = None
 def _disable_gluon_int8(err: Exception) -> None:
     global _gluon_int8_failure
     _gluon_int8_failure = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
-    warn_once(f"block_sparse_attention(precision='int8'): the Gluon INT8 kernel could not be built "
+    warn_once(f"block_sparse_attention(8-bit precision): the Gluon 8-bit kernel could not be built "
               f"({_gluon_int8_failure}); using the Triton 8-bit kernel from now on (the 16-bit Gluon kernel stays)")
 
 
@@ -269,21 +269,20 @@ def _eight_bit(precision, q, k, v, block_index, block_count, *, scale, causal, b
     # Opt-in until the Gluon INT8 kernel's numbers have been checked on a GPU (the Triton 8-bit kernel's are
     # checked under the interpreter); backend="gluon" asks for it directly.
     opted_in = os.environ.get("SPARSEDIFF_GLUON_INT8", "0") == "1"
-    if use_gluon or (backend is None and precision == "int8" and opted_in and gluon_enabled()
-                     and not _gluon_int8_failure):
+    if use_gluon or (backend is None and opted_in and gluon_enabled() and not _gluon_int8_failure):
         from .gluon import gluon_support_error
 
         problem = gluon_support_error(q, k, v, block_size=block_size)
-        if use_gluon and (problem or precision != "int8"):
-            raise ValueError(f"backend='gluon' with precision={precision!r}: "
-                             f"{problem or 'the Gluon kernel takes precision int8 (FP8 P·V is Triton only)'}")
+        if use_gluon and problem:
+            raise ValueError(f"backend='gluon' with precision={precision!r}: {problem}")
         use_gluon = problem is None
     if use_gluon:
         try:
             from .gluon import block_sparse_attention_gluon_int8
 
             out, lse = block_sparse_attention_gluon_int8(q, k, v, block_index, block_count, scale=scale,
-                                                         return_lse=return_lse, causal=causal)
+                                                         return_lse=return_lse, causal=causal,
+                                                         pv_fp8=precision == "int8_fp8")
             return (out, lse) if return_lse else out
         except Exception as err:  # a build failure: the Triton 8-bit kernel from now on (16-bit Gluon unaffected)
             if backend == "gluon" or "CUDA error" in str(err):

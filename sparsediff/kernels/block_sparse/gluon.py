@@ -28,7 +28,13 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 LOG2E = 1.4426950408889634
@@ -58,7 +64,8 @@ def _tile_coords(BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride
 @gluon.jit
 def _loader(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars,
             BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
-            num_heads, group_size, q_tiles, QLive, STAGES: gl.constexpr, HAS_LIVE: gl.constexpr):
+            num_heads, group_size, q_tiles, QLive, STAGES: gl.constexpr, HAS_LIVE: gl.constexpr,
+            V_TRANSPOSED: gl.constexpr):
     count, index_base, b, h, h_kv, pid_bh, q_block = _tile_coords(
         BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
         num_heads, group_size, QLive, q_tiles, HAS_LIVE)
@@ -77,7 +84,10 @@ def _loader(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_ba
         mbarrier.expect(k_bars.index(s), k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [b, h_kv, row, 0], k_bars.index(s), k_smem.index(s))
         mbarrier.expect(v_bars.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [b, h_kv, row, 0], v_bars.index(s), v_smem.index(s))
+        if V_TRANSPOSED:  # FP8 V is stored (B, H, D, N): the tile is D x 128 keys
+            tma.async_copy_global_to_shared(v_desc, [b, h_kv, 0, row], v_bars.index(s), v_smem.index(s))
+        else:
+            tma.async_copy_global_to_shared(v_desc, [b, h_kv, row, 0], v_bars.index(s), v_smem.index(s))
 
 
 @gluon.jit
@@ -115,12 +125,47 @@ def _dequantize(s, row_scale, k_scales, index_ptr, nk, s_layout: gl.constexpr, B
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
+def _p_operand(p, v_smem, p_slot, p_layout: gl.constexpr, FP8_PV: gl.constexpr):
+    # P as the A operand of the P·V wgmma: in registers (16-bit), or in e4m3 scaled by 448 (P lies in [0, 1])
+    # through this warpgroup's shared slot (the wgmma wait cannot keep 8-bit registers alive).
+    if FP8_PV:
+        p_slot.store((p * 448.0).to(v_smem.dtype))
+        fence_async_shared()
+        gl.thread_barrier()  # the warpgroup's four warps have written their rows
+        op = p_slot
+    else:
+        op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
+    return op
+
+
+@gluon.jit
+def _wait_pv(acc_tok, p_op, FP8_PV: gl.constexpr):
+    # Wait for P·V; a register P stays alive until then (deps), a shared one needs nothing.
+    if FP8_PV:
+        acc = warpgroup_mma_wait(0, deps=[acc_tok])
+    else:
+        acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
+    return acc
+
+
+@gluon.jit
+def _v_tile(v_slot, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, FP8_PV: gl.constexpr):
+    # The (BLOCK_N, HEAD_DIM) B operand: a transposed view of a keys-contiguous FP8 tile (8-bit wgmma needs
+    # K-major B), or the 16-bit tile as stored.
+    if FP8_PV:
+        tile = v_slot.reshape([HEAD_DIM, BLOCK_N]).permute((1, 0))
+    else:
+        tile = v_slot.reshape([BLOCK_N, HEAD_DIM])
+    return tile
+
+
+@gluon.jit
+def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
               BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
               stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale, causal_offset, QLive,
-              q_tiles, QScale, KScale, WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              q_tiles, QScale, KScale, VScale, WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr,
-              CAUSAL: gl.constexpr, HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr):
+              CAUSAL: gl.constexpr, HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr):
     BLOCK_N: gl.constexpr = 128
     ROWS: gl.constexpr = 64
     if INT8_QK:  # 8-bit wgmma: K = 32 per instruction, int32 accumulator
@@ -131,9 +176,14 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         S_DTYPE: gl.constexpr = gl.float32
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    if FP8_PV:  # 8-bit P·V wgmma: K = 32 per instruction, four 8-bit values per register
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 32])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    else:
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
 
@@ -182,7 +232,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
             s = _dequantize(s, row_scale, k_scales, index_base, nk, s_layout, BLOCK_N)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base, nk, soft_scale, row0, causal_offset, s_layout,
                                            BLOCK_N, ROWS, EVEN_N, CAUSAL)
-        p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
+        p_op = _p_operand(p, v_smem, p_smem.index(WG), p_layout, FP8_PV)
         for j in range(1, count):
             st = j % STAGES
             prev = (j - 1) % STAGES
@@ -194,7 +244,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
                                   gl.zeros([ROWS, BLOCK_N], S_DTYPE, s_layout), use_acc=False, is_async=True)
             if not OVERLAP:
                 s = warpgroup_mma_wait(0, deps=[s_tok])
-            acc_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            acc_tok = warpgroup_mma(p_op, _v_tile(v_smem.index(prev), HEAD_DIM, BLOCK_N, FP8_PV), acc, is_async=True)
             if PINGPONG:
                 mbarrier.arrive(turn_bars.index(1 - WG))
             turn ^= 1
@@ -204,18 +254,18 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
                 s = _dequantize(s, row_scale, k_scales, index_base + j * stride_ik, nk, s_layout, BLOCK_N)
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base + j * stride_ik, nk, soft_scale, row0,
                                                causal_offset, s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL)
-            acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
+            acc = _wait_pv(acc_tok, p_op, FP8_PV)
             mbarrier.arrive(empty_bars.index(prev))
             acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
-            p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
+            p_op = _p_operand(p, v_smem, p_smem.index(WG), p_layout, FP8_PV)
         last = (count - 1) % STAGES
         mbarrier.wait(v_bars.index(last), ((count - 1) // STAGES) & 1)
         if PINGPONG:
             mbarrier.wait(turn_bars.index(WG), turn)
-        acc_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        acc_tok = warpgroup_mma(p_op, _v_tile(v_smem.index(last), HEAD_DIM, BLOCK_N, FP8_PV), acc, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn_bars.index(1 - WG))
-        acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
+        acc = _wait_pv(acc_tok, p_op, FP8_PV)
         mbarrier.arrive(empty_bars.index(last))
 
     # Rows that kept no key (l = 0) get zeros and lse = -inf.
@@ -223,6 +273,9 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
     out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
     rows = q_block * 128 + WG * ROWS + gl.arange(0, ROWS, layout=orow_layout)
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    if FP8_PV:  # V's per-channel scales factor out of the sum over keys; P carried a factor 448
+        v_scale = gl.load(VScale + (b * (num_heads // group_size) + h_kv) * HEAD_DIM + cols)
+        out = out * (v_scale * (1.0 / 448.0))[None, :]
     o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + cols[None, :]
     gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows < nq)[:, None])
     if WRITE_LSE:
@@ -235,15 +288,21 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_b
 def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockCount,
                             stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                             stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
-                            causal_offset, q_tiles, QLive, QScale, KScale, HEAD_DIM: gl.constexpr,
+                            causal_offset, q_tiles, QLive, QScale, KScale, VScale, HEAD_DIM: gl.constexpr,
                             STAGES: gl.constexpr, PINGPONG: gl.constexpr,
                             OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                             LOADER_REGS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
-                            HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr):
-    # q and k in the inputs' 16-bit dtype, or INT8 (INT8_QK, per-token scales in QScale / KScale); v 16-bit.
+                            HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr):
+    # q and k in the inputs' 16-bit dtype, or INT8 (INT8_QK, per-token scales in QScale / KScale); v 16-bit, or
+    # e4m3 stored (B, H, D, N) (FP8_PV, per-channel scales in VScale).
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    if FP8_PV:  # one e4m3 P tile per consumer warpgroup
+        p_smem = gl.allocate_shared_memory(v_desc.dtype, [2, 64, 128],
+                                           gl.NVMMASharedLayout.get_default_for([64, 128], v_desc.dtype))
+    else:
+        p_smem = q_smem  # unused
     q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -259,19 +318,19 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
 
     # Argument tuples are spelled out: constexprs inside concatenated tuples lose their constexpr-ness.
     gl.warp_specialize([
-        (_consumer, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse, BlockCount,
-                     BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
-                     stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
-                     causal_offset, QLive, q_tiles, QScale, KScale, 0, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
-                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK)),
-        (_consumer, (q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse, BlockCount,
-                     BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
-                     stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
-                     causal_offset, QLive, q_tiles, QScale, KScale, 1, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
-                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK)),
+        (_consumer, (q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
+                     BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
+                     stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
+                     causal_offset, QLive, q_tiles, QScale, KScale, VScale, 0, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
+                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV)),
+        (_consumer, (q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
+                     BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
+                     stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
+                     causal_offset, QLive, q_tiles, QScale, KScale, VScale, 1, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
+                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV)),
         (_loader, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, BlockCount,
                    BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
-                   num_heads, group_size, q_tiles, QLive, STAGES, HAS_LIVE)),
+                   num_heads, group_size, q_tiles, QLive, STAGES, HAS_LIVE, FP8_PV)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -288,7 +347,8 @@ def gluon_support_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
     return None
 
 
-_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.int8: gl.int8}
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.int8: gl.int8,
+              torch.float8_e4m3fn: gl.float8e4nv}
 
 
 @cache
@@ -319,17 +379,20 @@ def block_sparse_attention_gluon(q, k, v, block_index, block_count, *, scale, re
 
 
 def block_sparse_attention_gluon_int8(q, k, v, block_index, block_count, *, scale, return_lse, causal=False,
-                                      **schedule):
+                                      pv_fp8=False, **schedule):
     """``precision="int8"`` on Hopper: Q·Kᵀ in INT8 (per-token scales, keys smoothed by their mean, as
-    ``eight_bit.py``), P·V in v's 16-bit dtype, on this kernel's schedule. Returns ``(out, lse or None)``, the LSE
-    of the unsmoothed scores."""
-    from .quantize import quantize
+    ``eight_bit.py``), P·V in v's 16-bit dtype, or with ``pv_fp8`` (``"int8_fp8"``) in e4m3 with per-channel
+    V scales, on this kernel's schedule. Returns ``(out, lse or None)``, the LSE of the unsmoothed scores."""
+    from .quantize import FP8, quantize
 
     key_mean = k.mean(dim=2, dtype=torch.float32)
     q8, q_scale, shift = quantize(q, 1, torch.int8, dot_with=key_mean if return_lse else None)
     k8, k_scale, _ = quantize(k, 1, torch.int8, subtract=key_mean)
+    v_scale = None
+    if pv_fp8:
+        v, v_scale, _ = quantize(v, BLOCK_SIZE, FP8, per_channel=True, transpose=True)
     out, lse = _launch(q8, k8, v, block_index, block_count, scale=scale, return_lse=return_lse, causal=causal,
-                       scales=(q_scale, k_scale), out_dtype=v.dtype, **schedule)
+                       scales=(q_scale, k_scale, v_scale), out_dtype=q.dtype, **schedule)
     return out, (lse + scale * shift if return_lse else None)
 
 
@@ -344,23 +407,26 @@ def _launch(q, k, v, block_index, block_count, *, scale, return_lse, causal=Fals
     nq = q_rows * repeat_q
     hkv, nk = k.shape[1], k.shape[2]
     q_block, kv_block = [1, 1, ROWS_PER_WARPGROUP, d], [1, 1, BLOCK_SIZE, d]
+    fp8_pv = scales is not None and scales[2] is not None  # v is then e4m3, (B, H, D, N)
     q_desc = TensorDescriptor(q, list(q.shape), list(q.stride()), q_block, _smem_layout(ROWS_PER_WARPGROUP, d, q.dtype))
     k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), kv_block, _smem_layout(BLOCK_SIZE, d, k.dtype))
-    v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), kv_block, _smem_layout(BLOCK_SIZE, d, v.dtype))
+    v_block = [1, 1, d, BLOCK_SIZE] if fp8_pv else kv_block
+    v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), v_block, _smem_layout(*v_block[2:], v.dtype))
     out = q.new_empty(bsz, hq, nq, d, dtype=out_dtype or q.dtype)
     lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device) if return_lse else out
     si = [0 if block_index.shape[i] == 1 else block_index.stride(i) for i in range(2)]
     sc = [0 if block_count.shape[i] == 1 else block_count.stride(i) for i in range(2)]
-    q_scale, k_scale = scales if scales is not None else (lse, lse)  # unused without INT8_QK
+    q_scale, k_scale, v_scale = scales if scales is not None else (lse, lse, None)  # unused without INT8_QK
+    v_scale = lse if v_scale is None else v_scale
     grid = (triton.cdiv(nq, BLOCK_SIZE), bsz * hq)
     _block_sparse_fwd_gluon[grid](
         q_desc, k_desc, v_desc, out, lse, block_index, block_count,
         si[0], si[1], block_index.stride(2), block_index.stride(3), sc[0], sc[1], block_count.stride(2),
         out.stride(0), out.stride(1), out.stride(2), hq, hq // hkv, nq, nk, scale * LOG2E, nk - nq,
-        triton.cdiv(q_rows, BLOCK_SIZE), block_count if live_rows is None else live_rows, q_scale, k_scale,
+        triton.cdiv(q_rows, BLOCK_SIZE), block_count if live_rows is None else live_rows, q_scale, k_scale, v_scale,
         HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=return_lse,
         CONSUMER_REGS=cfg["consumer_regs"], LOADER_REGS=cfg["loader_regs"], EVEN_N=nk % BLOCK_SIZE == 0,
-        CAUSAL=causal, HAS_LIVE=live_rows is not None, INT8_QK=scales is not None, num_warps=4,
+        CAUSAL=causal, HAS_LIVE=live_rows is not None, INT8_QK=scales is not None, FP8_PV=fp8_pv, num_warps=4,
         maxnreg=kernel_maxnreg(cfg),
     )
     return out, (lse if return_lse else None)

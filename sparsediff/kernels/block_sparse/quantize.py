@@ -50,9 +50,10 @@ def round_to_e4m3(y):
 def _quantize_fwd(
     X, Sub, DotVec, X8, Scale, DotOut,
     stride_xb, stride_xh, stride_xn, stride_xd,
-    num_heads, vec_group, n,
+    num_heads, vec_group, n, n_pad,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, PER_TILE: tl.constexpr,
     PER_CHANNEL: tl.constexpr, INT8: tl.constexpr, SUBTRACT: tl.constexpr, DOT: tl.constexpr,
+    TRANSPOSE: tl.constexpr,
 ):
     # One program: ROWS tokens of one head. PER_TILE: one scale for the ROWS tokens; PER_CHANNEL: the given
     # (B, H, D) scales in Scale, one per channel over all tokens; else one per token.
@@ -89,19 +90,23 @@ def _quantize_fwd(
         y = tl.minimum(tl.maximum(y, -127.0), 127.0)
     else:
         y = round_to_e4m3(y)
-    out_ptrs = X8 + pid_bh * n * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    if TRANSPOSE:  # (B, H, D, n_pad): tokens contiguous, as an 8-bit wgmma wants V
+        out_ptrs = X8 + pid_bh * HEAD_DIM * n_pad + offs_d[None, :] * n_pad + offs_n[:, None]
+    else:
+        out_ptrs = X8 + pid_bh * n * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(out_ptrs, y.to(X8.dtype.element_ty), mask=ok)
 
 
 def quantize(x: torch.Tensor, rows: int, dtype=torch.int8, *, subtract: torch.Tensor | None = None,
-             dot_with: torch.Tensor | None = None, per_channel: bool = False):
+             dot_with: torch.Tensor | None = None, per_channel: bool = False, transpose: bool = False):
     """``(x8, scale, dot)``: ``x`` ``(B, H, N, D)`` 16/32-bit -> contiguous int8 or e4m3 ``x8`` with float32
     scales, one per token (``rows=1``, shape ``(B, H, N)``) or per tile of ``rows`` tokens (``(B, H, ceil(N /
     rows))``, ``rows`` a power of two). ``subtract`` / ``dot_with``: ``(B, H', D)`` float32 vectors, ``H % H' ==
     0`` (head ``h`` uses vector ``h // (H / H')``); ``dot`` is ``x · dot_with`` per token ``(B, H, N)`` float32
     (before ``subtract``), or None. Same numbers as :func:`quantize_tiles` up to rounding ties.
     ``per_channel``: instead one scale per channel over all tokens, ``(B, H, D)`` (``rows`` then only sets the
-    launch's tile): it factors out of a sum over tokens, e.g. P·V, so a kernel applies it once at the end."""
+    launch's tile): it factors out of a sum over tokens, e.g. P·V, so a kernel applies it once at the end.
+    ``transpose``: ``x8`` as a ``(B, H, D, N)`` view with tokens contiguous (rows padded to 16 bytes for TMA)."""
     b, h, n, d = x.shape
     if dtype not in (torch.int8, FP8):
         raise TypeError(f"quantize: dtype must be torch.int8 or torch.float8_e4m3fn, got {dtype}")
@@ -113,7 +118,9 @@ def quantize(x: torch.Tensor, rows: int, dtype=torch.int8, *, subtract: torch.Te
         if t.shape != (b, heads_vec, d) or t.dtype != torch.float32 or h % heads_vec:
             raise ValueError(f"quantize: subtract / dot_with must be float32 (B, H', D) with H % H' == 0, got "
                              f"{tuple(t.shape)} {t.dtype} for x {tuple(x.shape)}")
-    x8 = torch.empty(b, h, n, d, dtype=dtype, device=x.device)
+    n_pad = -(-n // 16) * 16
+    x8 = torch.empty(b, h, d, n_pad, dtype=dtype, device=x.device) if transpose else \
+        torch.empty(b, h, n, d, dtype=dtype, device=x.device)
     block_rows = rows if rows > 1 else max(1, min(64, 8192 // triton.next_power_of_2(d)))
     if per_channel:  # one reduction pass for the channels' range, then the quantizing pass
         top = INT8_MAX if dtype == torch.int8 else FP8_MAX
@@ -126,10 +133,10 @@ def quantize(x: torch.Tensor, rows: int, dtype=torch.int8, *, subtract: torch.Te
     _quantize_fwd[grid](
         x, subtract.contiguous() if subtract is not None else dummy,
         dot_with.contiguous() if dot_with is not None else dummy, x8, scale, dot if dot is not None else dummy,
-        *x.stride(), h, h // heads_vec, n,
+        *x.stride(), h, h // heads_vec, n, n_pad,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), ROWS=block_rows, PER_TILE=rows > 1 and not per_channel,
-        PER_CHANNEL=per_channel,
+        PER_CHANNEL=per_channel, TRANSPOSE=transpose,
         INT8=dtype == torch.int8, SUBTRACT=subtract is not None, DOT=dot_with is not None,
         num_warps=4,
     )
-    return x8, scale, dot
+    return (x8[..., :n] if transpose else x8), scale, dot

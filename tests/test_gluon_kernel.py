@@ -213,7 +213,7 @@ def test_a_gluon_build_failure_falls_back_to_triton_with_a_warning(monkeypatch, 
         calls.append(1)
         raise AttributeError("module 'gluon' has no attribute 'warp_specialize'")
 
-    monkeypatch.setattr(block_sparse, "_gluon_failure", None)
+    monkeypatch.setitem(block_sparse._gluon_failures, "16-bit", None)
     monkeypatch.setattr(_logging, "_warned", set())
     monkeypatch.setattr(block_sparse, "resolve_backend", lambda backend, q: "triton")
     monkeypatch.setattr(block_sparse_gluon, "gluon_support_error", lambda *a, **kw: None)
@@ -227,3 +227,32 @@ def test_a_gluon_build_failure_falls_back_to_triton_with_a_warning(monkeypatch, 
     assert "could not be built" in caplog.text and "warp_specialize" in caplog.text
     want = block_sparse_attention(q.half(), k.half(), v.half(), index, count, block_size=32, backend="triton")
     assert torch.equal(out, want) and torch.equal(again, want)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="drives the Triton interpreter on CPU tensors")
+def test_an_8bit_gluon_build_failure_falls_back_on_its_own(monkeypatch, caplog):
+    # The 8-bit variant failing leaves the 16-bit Gluon kernel enabled; the Triton 8-bit kernel takes over.
+    from sparsediff import _logging
+    from sparsediff.kernels import block_sparse
+    from sparsediff.kernels.block_sparse import gluon as block_sparse_gluon
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise AttributeError("no 8-bit wgmma here")
+
+    monkeypatch.setenv("SPARSEDIFF_GLUON_INT8", "1")
+    monkeypatch.setattr(block_sparse, "_gluon_failures", {"16-bit": None, "8-bit": None})
+    monkeypatch.setattr(_logging, "_warned", set())
+    monkeypatch.setattr(block_sparse_gluon, "gluon_support_error", lambda *a, **kw: None)
+    monkeypatch.setattr(block_sparse_gluon, "block_sparse_attention_gluon_int8", broken)
+    q, k, v = (torch.randn(1, 2, 64, 32, device="cpu").bfloat16() for _ in range(3))
+    index, count = mask_to_index(torch.rand(1, 1, 2, 2, device="cpu") < 0.7)
+    with caplog.at_level("WARNING"):
+        out = block_sparse_attention(q, k, v, index, count, block_size=32, precision="int8")
+        block_sparse_attention(q, k, v, index, count, block_size=32, precision="int8")
+    assert calls == [1] and "8-bit Gluon kernel could not be built" in caplog.text
+    assert block_sparse.gluon_enabled("16-bit") and not block_sparse.gluon_enabled("8-bit")
+    want = block_sparse_attention(q, k, v, index, count, block_size=32, precision="int8", backend="triton")
+    assert torch.equal(out, want)

@@ -18,13 +18,17 @@ MAX_TRITON_HEAD_DIM = 256
 PRECISIONS = ("bf16", "int8", "int8_fp8")
 
 
-_gluon_failure: str | None = None  # why the Gluon kernel could not be built here, once it failed
+# Why a Gluon variant could not be built here, once it failed: "16-bit" or "8-bit" (each falls back on its own).
+_gluon_failures: dict[str, str | None] = {"16-bit": None, "8-bit": None}
 
 
-def gluon_enabled() -> bool:
-    """The Hopper Gluon kernel is used where it applies unless ``SPARSEDIFF_GLUON=0`` or it failed to build
-    (e.g. a Triton release whose Gluon API differs from the tested 3.6)."""
-    if os.environ.get("SPARSEDIFF_GLUON", "1") == "0" or not triton_available() or _gluon_failure:
+def gluon_enabled(variant: str = "16-bit") -> bool:
+    """The Hopper Gluon kernel is used where it applies unless ``SPARSEDIFF_GLUON=0`` or this variant failed to
+    build (e.g. a Triton release whose Gluon API differs from the tested 3.6). The 8-bit variant is opt-in
+    (``SPARSEDIFF_GLUON_INT8=1``) until its numbers have been checked on a GPU."""
+    if os.environ.get("SPARSEDIFF_GLUON", "1") == "0" or not triton_available() or _gluon_failures[variant]:
+        return False
+    if variant == "8-bit" and os.environ.get("SPARSEDIFF_GLUON_INT8", "0") != "1":
         return False
     try:
         from triton.experimental import gluon  # noqa: F401
@@ -33,21 +37,25 @@ def gluon_enabled() -> bool:
     return True
 
 
-_gluon_int8_failure = None
+def _use_gluon(forced: bool, wanted: bool, q, k, v, block_size: int, what: str) -> bool:
+    """Whether the Gluon kernel runs this call: ``forced`` (backend="gluon") raises where it does not apply."""
+    if not (forced or wanted):
+        return False
+    from .gluon import gluon_support_error
+
+    problem = gluon_support_error(q, k, v, block_size=block_size)
+    if forced and problem:
+        raise ValueError(f"backend='gluon'{what}: {problem}")
+    return problem is None
 
 
-def _disable_gluon_int8(err: Exception) -> None:
-    global _gluon_int8_failure
-    _gluon_int8_failure = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
-    warn_once(f"block_sparse_attention(8-bit precision): the Gluon 8-bit kernel could not be built "
-              f"({_gluon_int8_failure}); using the Triton 8-bit kernel from now on (the 16-bit Gluon kernel stays)")
-
-
-def _disable_gluon(err: Exception) -> None:
-    global _gluon_failure
-    _gluon_failure = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
-    warn_once(f"block_sparse_attention: the Gluon kernel could not be built ({_gluon_failure}); "
-              "using the Triton kernel from now on")
+def _gluon_failed(err: Exception, forced: bool, variant: str) -> None:
+    """A Gluon build failure: re-raise if asked for Gluon or the GPU failed, else the Triton kernel from now on."""
+    if forced or "CUDA error" in str(err):
+        raise err
+    _gluon_failures[variant] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+    warn_once(f"block_sparse_attention: the {variant} Gluon kernel could not be built ({_gluon_failures[variant]}); "
+              f"using the {variant} Triton kernel from now on")
 
 
 def resolve_backend(backend: str | None, q: torch.Tensor) -> str:
@@ -206,14 +214,7 @@ def block_sparse_attention(
     if backend in ("triton", "gluon"):
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        use_gluon = backend == "gluon"
-        if use_gluon or (requested is None and gluon_enabled()):
-            from .gluon import gluon_support_error
-
-            problem = gluon_support_error(q, k, v, block_size=block_size)
-            if use_gluon and problem:
-                raise ValueError(f"backend='gluon': {problem}")
-            use_gluon = problem is None
+        use_gluon = _use_gluon(backend == "gluon", requested is None and gluon_enabled(), q, k, v, block_size, "")
         if use_gluon:
             try:
                 from .gluon import block_sparse_attention_gluon
@@ -222,9 +223,7 @@ def block_sparse_attention(
                                                         return_lse=return_lse, causal=causal, repeat_q=repeat_q,
                                                         live_rows=live_rows)
             except Exception as err:  # a build failure: fall back, unless asked for Gluon or the GPU failed
-                if requested == "gluon" or "CUDA error" in str(err):
-                    raise
-                _disable_gluon(err)
+                _gluon_failed(err, requested == "gluon", "16-bit")
                 use_gluon = False
         if not use_gluon:
             from .triton import block_sparse_attention_triton
@@ -265,18 +264,8 @@ def _eight_bit(precision, q, k, v, block_index, block_count, *, scale, causal, b
         raise RuntimeError(f"precision={precision!r} needs torch.float8_e4m3fn (torch >= 2.1)")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     block_index, block_count = block_index.to(torch.int32), block_count.to(torch.int32)
-    use_gluon = backend == "gluon"
-    # Opt-in until the Gluon INT8 kernel's numbers have been checked on a GPU (the Triton 8-bit kernel's are
-    # checked under the interpreter); backend="gluon" asks for it directly.
-    opted_in = os.environ.get("SPARSEDIFF_GLUON_INT8", "0") == "1"
-    if use_gluon or (backend is None and opted_in and gluon_enabled() and not _gluon_int8_failure):
-        from .gluon import gluon_support_error
-
-        problem = gluon_support_error(q, k, v, block_size=block_size)
-        if use_gluon and problem:
-            raise ValueError(f"backend='gluon' with precision={precision!r}: {problem}")
-        use_gluon = problem is None
-    if use_gluon:
+    if _use_gluon(backend == "gluon", backend is None and gluon_enabled("8-bit"), q, k, v, block_size,
+                  f" with precision={precision!r}"):
         try:
             from .gluon import block_sparse_attention_gluon_int8
 
@@ -285,9 +274,7 @@ def _eight_bit(precision, q, k, v, block_index, block_count, *, scale, causal, b
                                                          pv_fp8=precision == "int8_fp8")
             return (out, lse) if return_lse else out
         except Exception as err:  # a build failure: the Triton 8-bit kernel from now on (16-bit Gluon unaffected)
-            if backend == "gluon" or "CUDA error" in str(err):
-                raise
-            _disable_gluon_int8(err)
+            _gluon_failed(err, backend == "gluon", "8-bit")
     from .eight_bit import block_sparse_attention_8bit
 
     out, lse = block_sparse_attention_8bit(q, k, v, block_index, block_count, scale=scale, causal=causal,

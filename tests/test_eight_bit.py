@@ -217,3 +217,11 @@ def test_transposed_quantization_is_the_transpose(device):
     xt, scale, _ = quantize(x, 32, torch.float8_e4m3fn, per_channel=True, transpose=True)
     assert xt.shape == (1, 2, 32, 70) and xt.stride(-1) == 1 and xt.stride(-2) == 80
     assert torch.equal(xt.float(), flat.float().transpose(-1, -2)) and torch.equal(scale, flat_scale)
+
+
+def test_per_channel_scales_refuse_a_subtracted_mean(device):
+    from sparsediff.kernels.block_sparse.quantize import quantize
+
+    x = torch.randn(1, 2, 8, 16, device=device)
+    with pytest.raises(ValueError, match="per_channel scales are taken before subtract"):
+        quantize(x, 1, torch.float8_e4m3fn, per_channel=True, subtract=torch.zeros(1, 2, 16, device=device))

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreted
-from .quantize import FP8, quantize, round_to_e4m3
+from .quantize import FP8, quantize, quantize_qk, round_to_e4m3
 from .triton import LOG2E, _launch_config, online_softmax_step, program_coords, store_output
 
 
@@ -107,9 +107,7 @@ def block_sparse_attention_8bit(q, k, v, block_index, block_count, *, scale, cau
     bm, bn, warps, stages = config or _launch_config(d, block_size, causal)
     if block_size % bm or block_size % bn:
         raise ValueError(f"block_size {block_size} must be a multiple of the tile sizes ({bm}, {bn})")
-    key_mean = k.mean(dim=2, dtype=torch.float32)  # (B, Hkv, D)
-    q8, q_scale, shift = quantize(q, 1, torch.int8, dot_with=key_mean if return_lse else None)
-    k8, k_scale, _ = quantize(k, 1, torch.int8, subtract=key_mean)
+    q8, q_scale, k8, k_scale, shift = quantize_qk(q, k, return_lse)
     if pv_8bit:
         v8, v_scale, _ = quantize(v, bn, FP8, per_channel=True)
     else:  # 16-bit P·V, no V scales; the interpreter computes bf16 dots on raw bits, so float32 there
@@ -127,7 +125,8 @@ def block_sparse_attention_8bit(q, k, v, block_index, block_count, *, scale, cau
         sc[0], sc[1], block_count.stride(2),
         scale * LOG2E, hq, hkv, hq // hkv, nq, nk, nk - nq,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_M=bm, BLOCK_N=bn,
-        CAUSAL=causal, WRITE_LSE=True, PV_8BIT=pv_8bit, ROUND_FP8=interpreted(), num_warps=warps, num_stages=stages,
+        CAUSAL=causal, WRITE_LSE=return_lse, PV_8BIT=pv_8bit, ROUND_FP8=interpreted(), num_warps=warps,
+        num_stages=stages,
     )
     if not return_lse:
         return out, None

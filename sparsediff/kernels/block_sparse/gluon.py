@@ -383,11 +383,9 @@ def block_sparse_attention_gluon_int8(q, k, v, block_index, block_count, *, scal
     """``precision="int8"`` on Hopper: Q·Kᵀ in INT8 (per-token scales, keys smoothed by their mean, as
     ``eight_bit.py``), P·V in v's 16-bit dtype, or with ``pv_fp8`` (``"int8_fp8"``) in e4m3 with per-channel
     V scales, on this kernel's schedule. Returns ``(out, lse or None)``, the LSE of the unsmoothed scores."""
-    from .quantize import FP8, quantize
+    from .quantize import FP8, quantize, quantize_qk
 
-    key_mean = k.mean(dim=2, dtype=torch.float32)
-    q8, q_scale, shift = quantize(q, 1, torch.int8, dot_with=key_mean if return_lse else None)
-    k8, k_scale, _ = quantize(k, 1, torch.int8, subtract=key_mean)
+    q8, q_scale, k8, k_scale, shift = quantize_qk(q, k, return_lse)
     v_scale = None
     if pv_fp8:
         v, v_scale, _ = quantize(v, BLOCK_SIZE, FP8, per_channel=True, transpose=True)

@@ -112,6 +112,8 @@ def quantize(x: torch.Tensor, rows: int, dtype=torch.int8, *, subtract: torch.Te
         raise TypeError(f"quantize: dtype must be torch.int8 or torch.float8_e4m3fn, got {dtype}")
     if rows < 1 or rows & (rows - 1):
         raise ValueError(f"quantize: rows must be a power of two, got {rows}")
+    if per_channel and subtract is not None:
+        raise ValueError("quantize: per_channel scales are taken before subtract; use one or the other")
     vecs = [t for t in (subtract, dot_with) if t is not None]
     heads_vec = vecs[0].shape[1] if vecs else h
     for t in vecs:
@@ -140,3 +142,13 @@ def quantize(x: torch.Tensor, rows: int, dtype=torch.int8, *, subtract: torch.Te
         num_warps=4,
     )
     return (x8[..., :n] if transpose else x8), scale, dot
+
+
+def quantize_qk(q: torch.Tensor, k: torch.Tensor, with_shift: bool):
+    """Q·Kᵀ in INT8 as both 8-bit kernels take it: ``(q8, q_scale, k8, k_scale, shift)`` with per-token scales,
+    keys smoothed by their per-head mean, and ``shift = q·mean(k)`` per query (``(B, Hq, N)``; None without
+    ``with_shift``), by which the kernel's LSE is corrected (times the softmax scale)."""
+    key_mean = k.mean(dim=2, dtype=torch.float32)  # (B, Hkv, D)
+    q8, q_scale, shift = quantize(q, 1, torch.int8, dot_with=key_mean if with_shift else None)
+    k8, k_scale, _ = quantize(k, 1, torch.int8, subtract=key_mean)
+    return q8, q_scale, k8, k_scale, shift

@@ -22,30 +22,21 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 
 if "--quick" in sys.argv:  # the CPU smoke run takes the Triton interpreter, set before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
+from sparsediff.commands.bench import sage_fn, time_ms  # noqa: E402
 from sparsediff.kernels import block_sparse_attention, mask_to_index  # noqa: E402
+from sparsediff.kernels.block_sparse.quantize import quantize_qk, quantize_tiles  # noqa: E402
 
 
 def timer(fn, cuda: bool) -> float:
-    if cuda:
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(2):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    # One warm-up and two timed calls on CPU: the interpreter takes seconds per 8-bit call.
+    return time_ms(fn, "cuda" if cuda else "cpu", warmup=1, rep=2)
 
 
 def main(argv=None) -> int:
@@ -73,8 +64,6 @@ def main(argv=None) -> int:
                     return torch.nn.functional.scaled_dot_product_attention(q, k, v)
             dense_ms = timer(dense, cuda)
             try:
-                from sparsediff.commands.bench import sage_fn
-
                 sage_ms = timer(sage_fn(q, k, v), cuda)
             except ImportError:
                 sage_ms = None
@@ -88,7 +77,7 @@ def main(argv=None) -> int:
             ref = block_sparse_attention(q.float(), k.float(), v.float(), index, count, block_size=bs,
                                          backend="torch") if n <= 16384 or not cuda else None
             row = {"n": n, "density": density, "cudnn_ms": dense_ms, "sage_ms": sage_ms, "kernels": {}}
-            # "int8 (Gluon kernel)" only on Hopper; "int8" is the default dispatch.
+            # "int8" / "int8_fp8": the default dispatch; the Triton and (on Hopper) Gluon kernels by name.
             hopper = cuda and torch.cuda.get_device_capability() == (9, 0)
             gluon = [("int8 (Gluon kernel)", "int8", "gluon"), ("int8_fp8 (Gluon kernel)", "int8_fp8", "gluon")] \
                 if hopper else []
@@ -103,12 +92,8 @@ def main(argv=None) -> int:
                     err = float((fn().float() - ref).norm() / ref.norm())
                 row["kernels"][label] = {"ms": ms, "x_cudnn": dense_ms / ms if cuda else None,
                                              "x_sage": sage_ms / ms if sage_ms else None, "rel_l2": err}
-            from sparsediff.kernels.block_sparse.quantize import quantize, quantize_tiles
-
             def quantize_fused():  # what the int8 call adds before its kernel: one pass over q and one over k
-                mean = k.mean(dim=2, dtype=torch.float32)
-                quantize(q, 1, torch.int8, dot_with=mean)
-                return quantize(k, 1, torch.int8, subtract=mean)
+                return quantize_qk(q, k, True)
 
             def quantize_torch():  # the same in PyTorch ops (float32 copies)
                 quantize_tiles(q, 1, torch.int8)

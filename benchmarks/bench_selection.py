@@ -65,13 +65,16 @@ def bench(n, heads, dim, dtype, device, cuda, sparsity) -> dict:
         row["stages"][name] = {"ms": ms, "pct_of_dense": 100 * ms / base}
         print(f"  N={n:6d} {name:34s} {ms:8.3f} ms  {100 * ms / base:6.2f}% of cuDNN dense")
 
+    # The default launch (LAUNCH: automatic key splits on CUDA) for each block size and row count.
     for bs, rows in ((128, 2), (128, 4), (128, 8), (64, 4), (64, 8)):
         stage(f"sampled_mass bs{bs} rows{rows}", lambda bs=bs, rows=rows: sampled_block_mass(
             q, k, block_size=bs, rows=rows))
     if cuda:  # launch shapes of the sampled-mass kernel: rows per program, key tile, warps
         from sparsediff.kernels import sampled_mass as sm
 
-        for m, bn, w, s in ((64, 64, 4, 1), (128, 64, 8, 1), (128, 128, 8, 1), (256, 64, 8, 1), (64, 64, 4, 2),
+        nqb = -(-n // 128)
+        row["auto_key_splits_rows4"] = sm.auto_key_splits(-(-nqb // 16) * heads, nqb, sm.sm_count(q.device))
+        for m, bn, w, s in ((64, 64, 4, 1), (64, 64, 4, 3), (128, 64, 8, 1), (128, 128, 8, 1), (256, 64, 8, 1), (64, 64, 4, 2),
                             (64, 64, 4, 4), (64, 64, 4, 8), (128, 128, 8, 4)):
             stage(f"sampled_mass rows4 launch m{m} n{bn} w{w} s{s}", lambda m=m, bn=bn, w=w, s=s: sm._mass_triton(
                 q, k, block_size=128, rows=4, scale=q.shape[-1] ** -0.5, causal=False,

@@ -124,3 +124,29 @@ def test_key_split_launch_matches_the_one_pass_kernel(case, splits, device):
     split = sm._mass_triton(q, k, **kw, launch=dict(key_splits=splits))
     torch.testing.assert_close(split, one, **tolerance(torch.float32, ulps=ROUNDING))  # partial sums merged
     assert_close_as_pytorch(split, lambda q, k: pytorch_mass(q, k, block_size=bs, rows=rows, causal=causal), q, k)
+
+
+def test_automatic_key_splits():
+    """About four programs per SM from the key side when the query side gives fewer, never below 16 key blocks
+    a split; none on CPU."""
+    from sparsediff.kernels.sampled_mass import auto_key_splits
+
+    # H100 (132 SMs), 16 heads, 4 rows per 128-token block: 16k / 32k / 64k tokens
+    assert [auto_key_splits(p, nkb, 132) for p, nkb in ((128, 128), (256, 256), (512, 512))] == [5, 3, 2]
+    assert auto_key_splits(8, 64, 132) == 4  # short sequences: capped by 16 key blocks per split
+    assert auto_key_splits(4096, 512, 132) == 1  # enough programs already
+    assert auto_key_splits(8, 512, 0) == 1  # CPU
+
+
+def test_automatic_split_launch_matches(monkeypatch, device):
+    """The automatic split, as a 132-SM GPU would choose it, gives the one-program result (causal included)."""
+    from sparsediff.kernels import sampled_mass as sm
+
+    monkeypatch.setattr(sm, "_sms", lambda x: 132)
+    q = torch.randn(1, 2, 1100, 32, device=device)
+    k = torch.randn(1, 2, 1100, 32, device=device)
+    for causal in (False, True):
+        kw = dict(block_size=32, rows=4, scale=32 ** -0.5, causal=causal)
+        one = sm._mass_triton(q, k, **kw, launch=dict(key_splits=1))
+        auto = sm._mass_triton(q, k, **kw)
+        torch.testing.assert_close(auto, one, **tolerance(torch.float32, ulps=ROUNDING))

@@ -33,6 +33,12 @@ def triton_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=8)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (sizes persistent grids and key splits)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 

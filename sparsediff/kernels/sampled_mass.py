@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from .backend import choose_backend
+from .backend import choose_backend, sm_count
 
 LOG2E = 1.4426950408889634
 # Bytes of scores one chunk of the PyTorch path may hold.
@@ -136,6 +136,9 @@ if triton is not None:
         j_start = 0
         if SPLIT:  # this program's share of the key blocks; the row LSE and the means come from the reduce kernel
             j_start = tl.program_id(2) * blocks_per_split
+            # Its causally invisible blocks read as "no mass" in the reduce.
+            for j in range(tl.maximum(j_end, j_start), tl.minimum(nkb, j_start + blocks_per_split)):
+                tl.store(Scratch + srow * nkb + j, tl.full([BLOCK_M], float("-inf"), dtype=tl.float32), mask=row_ok)
             j_end = tl.minimum(j_end, j_start + blocks_per_split)
         TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
         for j in range(j_start, j_end):
@@ -215,9 +218,25 @@ if triton is not None:
 
 # Sampled rows per program (one tensor-core tile of queries), key columns per tile, warps: every program
 # reads all keys once, so more rows per program means less key traffic (bench_selection.py measures them).
-# ``key_splits`` > 1 spreads each program's key blocks over that many programs (more parallel programs when
-# the query side gives fewer than the GPU has SMs) and adds a small reduce launch; not yet timed on a GPU.
-LAUNCH = dict(rows_per_program=64, block_n=64, num_warps=4, key_splits=1)
+# ``key_splits`` > 1 spreads each program's key blocks over that many programs and adds a small reduce launch;
+# None picks it from the GPU: the query side alone gives few programs (32k tokens, 16 heads, 4 rows: 256 on a
+# 132-SM H100, one key loop of 256 blocks each), so the loop's latency, not the tensor cores, bounds the time.
+LAUNCH = dict(rows_per_program=64, block_n=64, num_warps=4, key_splits=None)
+# Automatic split: about this many programs per SM, and at least this many key blocks per split.
+SPLIT_PROGRAMS_PER_SM = 4
+SPLIT_MIN_BLOCKS = 16
+
+
+def auto_key_splits(programs: int, nkb: int, sms: int) -> int:
+    """Key splits for ``programs`` query-side programs over ``nkb`` key blocks on ``sms`` SMs: enough for
+    :data:`SPLIT_PROGRAMS_PER_SM` programs per SM, each split holding at least :data:`SPLIT_MIN_BLOCKS`."""
+    want = math.ceil(SPLIT_PROGRAMS_PER_SM * sms / max(1, programs))
+    return max(1, min(want, nkb // SPLIT_MIN_BLOCKS))
+
+
+def _sms(x) -> int:
+    """SMs of x's GPU; 0 elsewhere (no split under the interpreter unless a test says otherwise)."""
+    return sm_count(x.device) if x.is_cuda else 0
 
 
 def _mass_triton(q, k, *, block_size, rows, scale, causal, launch=None):
@@ -231,14 +250,14 @@ def _mass_triton(q, k, *, block_size, rows, scale, causal, launch=None):
         raise ValueError(f"the Triton path needs a power-of-two number of sampled rows, got {rows}")
     groups = max(1, launch["rows_per_program"] // rows)
     block_n = min(launch["block_n"] if block_d <= 128 else 32, block_size)
-    splits = max(1, min(int(launch["key_splits"]), nkb))
+    programs = math.ceil(nqb / groups) * bsz * hq
+    splits = launch["key_splits"]
+    if splits is None:
+        splits = auto_key_splits(programs, nkb, _sms(q))
+    splits = max(1, min(int(splits), nkb))
     per_split = math.ceil(nkb / splits)
     splits = math.ceil(nkb / per_split)
-    # Split launches leave causally invisible blocks unwritten: they must read as "no mass".
-    if splits > 1:
-        scratch = torch.full((bsz * hq, nqb * rows, nkb), float("-inf"), dtype=torch.float32, device=q.device)
-    else:
-        scratch = torch.empty(bsz * hq, nqb * rows, nkb, dtype=torch.float32, device=q.device)
+    scratch = torch.empty(bsz * hq, nqb * rows, nkb, dtype=torch.float32, device=q.device)
     row_lse = torch.empty(bsz * hq, nqb * rows, dtype=torch.float32, device=q.device)
     out = torch.empty(bsz, hq, nqb, nkb, dtype=torch.float32, device=q.device)
     grid = (math.ceil(nqb / groups), bsz * hq, splits)

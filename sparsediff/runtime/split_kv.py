@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
+
+from ..kernels.backend import sm_count as _sm_count
 
 
 def choose_splits(q, num_kv_blocks: int, min_blocks_per_split: int = 4, heads: int | None = None) -> int:
@@ -24,8 +25,3 @@ def one_wave_splits(q, num_kv_blocks: int, heads: int, min_blocks_per_split: int
     if not q.is_cuda:
         return 1
     return max(1, min(_sm_count(q.device) // (q.shape[0] * heads), num_kv_blocks // min_blocks_per_split))
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count

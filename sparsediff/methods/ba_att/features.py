@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from ...kernels.backend import sm_count
+
 try:
     import triton
     import triton.language as tl
@@ -124,9 +126,7 @@ if triton is not None:
 
 
 def _num_sms(device):
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return sm_count(device) if device.type == "cuda" else 4
 
 
 def feature_tile(block_size, d):

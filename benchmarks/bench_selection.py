@@ -74,8 +74,8 @@ def bench(n, heads, dim, dtype, device, cuda, sparsity) -> dict:
 
         nqb = -(-n // 128)
         row["auto_key_splits_rows4"] = sm.auto_key_splits(-(-nqb // 16) * heads, nqb, sm.sm_count(q.device))
-        for m, bn, w, s in ((64, 64, 4, 1), (64, 64, 4, 3), (128, 64, 8, 1), (128, 128, 8, 1), (256, 64, 8, 1), (64, 64, 4, 2),
-                            (64, 64, 4, 4), (64, 64, 4, 8), (128, 128, 8, 4)):
+        for m, bn, w, s in ((64, 64, 4, 1), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 8),
+                            (128, 64, 8, 1), (128, 128, 8, 1), (256, 64, 8, 1), (128, 128, 8, 4)):
             stage(f"sampled_mass rows4 launch m{m} n{bn} w{w} s{s}", lambda m=m, bn=bn, w=w, s=s: sm._mass_triton(
                 q, k, block_size=128, rows=4, scale=q.shape[-1] ** -0.5, causal=False,
                 launch=dict(rows_per_program=m, block_n=bn, num_warps=w, key_splits=s)))

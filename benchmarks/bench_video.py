@@ -10,6 +10,7 @@ of 30 x 52 = 1,560 patches = 32,760 tokens, with 512 text tokens for cross-atten
 * dense: the model's own processors, SDPA with the cuDNN backend first;
 * ba_att@s: ``sparsediff.enable(model, "ba_att", sparsity=s, layout=L)`` (cross-attention stays dense), for each
   token layout ``L`` of ``--layout`` (``rowmajor``: the tokens' own order; ``tiled``: 3-D tiles of one block);
+* with ``--precision bf16 int8_fp8``: each sparse row also with the 8-bit block-sparse kernel (``precision=``);
 * with ``--residual-every r``: the same at each sparsity with residual reuse (``residual_every=r``) over
   ``--cycles`` refresh cycles inside ``denoising_step``; refresh and reuse steps are timed apart and the row's
   step time is their mean over one cycle, ``(refresh + (r - 1) * reuse) / r``.
@@ -37,6 +38,7 @@ import torch
 
 import sparsediff
 from sparsediff.attention_processors import DenseProcessor, attention_timer, enabled_processor
+from sparsediff.kernels.block_sparse import PRECISIONS
 from sparsediff.methods.base import sparse_share
 
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
@@ -162,6 +164,8 @@ def main(argv=None) -> int:
     parser.add_argument("--method", default="ba_att")
     parser.add_argument("--layout", nargs="+", default=["rowmajor", "tiled"], choices=["rowmajor", "tiled", "auto"],
                         help="token layouts to time each sparse row under")
+    parser.add_argument("--precision", nargs="+", default=["bf16"], choices=list(PRECISIONS),
+                        help="block-sparse kernel precisions to time each sparse row with")
     parser.add_argument("--residual-every", type=int, default=0, help="also time residual reuse every r steps")
     parser.add_argument("--cycles", type=int, default=2, help="timed refresh cycles of residual reuse")
     parser.add_argument("--warmup", type=int, default=2)
@@ -197,14 +201,17 @@ def main(argv=None) -> int:
     rows.append({"method": "dense (cuDNN SDPA)", "sparsity": 0.0, "step_s": dense_step, "attention_s": dense_attn})
     for sparsity in args.sparsity:
         for layout in args.layout:
-            sparsediff.enable(model, args.method, sparsity=sparsity, layout=layout, **method_kwargs)
-            step = time_step(model, inputs, cuda, args.warmup, args.repeat)
-            attn = attention_seconds(model, inputs, cuda)
-            ran = what_ran(model)
-            sparsediff.disable(model)
-            rows.append({"method": args.method, "sparsity": sparsity, "layout": layout, "step_s": step,
-                         "attention_s": attn, **ran})
-            print(f"  {args.method} {sparsity} {layout}: step {step:.4f} s, attention {attn:.4f} s", flush=True)
+            for precision in args.precision:
+                extra = {} if precision == "bf16" else {"precision": precision}
+                sparsediff.enable(model, args.method, sparsity=sparsity, layout=layout, **extra, **method_kwargs)
+                step = time_step(model, inputs, cuda, args.warmup, args.repeat)
+                attn = attention_seconds(model, inputs, cuda)
+                ran = what_ran(model)
+                sparsediff.disable(model)
+                label = args.method if precision == "bf16" else f"{args.method} {precision}"
+                rows.append({"method": label, "precision": precision, "sparsity": sparsity, "layout": layout,
+                             "step_s": step, "attention_s": attn, **ran})
+                print(f"  {label} {sparsity} {layout}: step {step:.4f} s, attention {attn:.4f} s", flush=True)
         if args.residual_every:
             layout = args.layout[-1]
             # Steps come from denoising_step here (the timestep input never changes between timed passes).

@@ -121,6 +121,34 @@ def test_methods_take_the_precision_or_say_who_does(device):
         make_method("ba_att/precision=fp8")
 
 
+def test_methods_fall_back_to_16_bit_where_8_bit_cannot_run(device, caplog):
+    """A head dim the 8-bit kernels do not take (Wan-like tiny models: 12): the method warns, counts it and runs
+    the 16-bit kernel, the same output as precision bf16; the kernel itself raises."""
+    q, k, v = (torch.randn(1, 2, 256, 24, device=device) for _ in range(3))
+    exact = make_method("ba_att", min_seq_len=0)(q, k, v)
+    method = make_method("ba_att/precision=int8_fp8", min_seq_len=0)
+    with caplog.at_level("WARNING"):
+        out = method(q, k, v)
+    torch.testing.assert_close(out, exact, rtol=0, atol=0)
+    assert method.stats["precision_fallbacks"] == 1
+    assert "falls back to the 16-bit kernel" in caplog.text and "multiple of 16" in caplog.text
+    index, count = (t.to(device) for t in mask_to_index(torch.ones(1, 1, 4, 4, dtype=torch.bool, device="cpu")))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        block_sparse_attention(q, k, v, index, count, block_size=64, precision="int8")
+
+
+def test_eight_bit_unsupported_names_the_reason(monkeypatch):
+    from sparsediff.kernels.block_sparse import eight_bit_unsupported
+
+    q = torch.randn(1, 1, 64, 32)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert eight_bit_unsupported(q, 64) is None
+    assert "power-of-two block_size" in eight_bit_unsupported(q, 48)
+    assert "multiple of 16" in eight_bit_unsupported(torch.randn(1, 1, 64, 40), 64)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "CUDA" in eight_bit_unsupported(q, 64)
+
+
 @pytest.mark.parametrize("rows, dtype", [(1, torch.int8), (1, torch.float8_e4m3fn), (16, torch.float8_e4m3fn),
                                          (16, torch.int8)])
 def test_one_pass_quantization_matches_the_pytorch_definition(device, rows, dtype):

@@ -9,15 +9,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
 
 import torch
 
+from .._logging import warn_once
 from ..kernels import block_sparse_attention, index_to_mask, mask_to_index
+from ..kernels.block_sparse import eight_bit_unsupported
 from .base import AttentionMethod, MethodConfig, register_method
 from .block_select import ALLOCATIONS, layout
 from .budgets import LayerBudgets
 from .selectors import available_selectors, get_selector
 from .sparse_plan import SparsePlan
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -193,7 +198,8 @@ class BlockSparseMethod(AttentionMethod):
         block_size = plan.block_size or cfg.block_size
         out = block_sparse_attention(
             q, plan.k, plan.v, plan.block_index, plan.block_count, scale=scale, causal=causal,
-            block_size=block_size, return_lse=return_lse or compensate, check_ids=False, precision=cfg.precision,
+            block_size=block_size, return_lse=return_lse or compensate, check_ids=False,
+            precision=self._precision(q, block_size),
         )
         if not compensate:
             return out
@@ -202,6 +208,19 @@ class BlockSparseMethod(AttentionMethod):
         out, lse = add_dropped_blocks(q, plan.k, plan.v, plan.block_index, plan.block_count, *out, scale=scale,
                                       causal=causal, block_size=block_size)
         return (out, lse) if return_lse else out
+
+    def _precision(self, q, block_size) -> str:
+        """The config's precision, or "bf16" (warned once, counted in ``stats``) where the 8-bit kernels cannot
+        run on these inputs."""
+        precision = self.config.precision
+        if precision == "bf16":
+            return precision
+        why = eight_bit_unsupported(q, block_size)
+        if why is None:
+            return precision
+        warn_once(logger, f"{self.name}: precision={precision!r} falls back to the 16-bit kernel here: {why}")
+        self.stats["precision_fallbacks"] = self.stats.get("precision_fallbacks", 0) + 1
+        return "bf16"
 
     # -- what ran: kept density, for reports -------------------------------------------------------------
     def _count_kept(self, count, q, k, causal, layer=None) -> None:

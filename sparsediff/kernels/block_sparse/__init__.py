@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from ..backend import choose_backend, triton_available, warn_once
+from ..backend import choose_backend, interpreted, triton_available, warn_once
 from .pytorch import block_sparse_attention_torch
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
@@ -243,6 +243,23 @@ def block_sparse_attention(
             return_lse=return_lse,
         )
     return (out, lse) if return_lse else out
+
+
+def eight_bit_unsupported(q: torch.Tensor, block_size: int) -> str | None:
+    """Why the 8-bit kernels cannot run on ``q`` with ``block_size`` (None when they can): callers that may fall
+    back to the 16-bit kernel ask first; :func:`block_sparse_attention` itself raises."""
+    d = q.shape[-1]
+    if not triton_available():
+        return "the triton package is not installed"
+    if not q.is_cuda and not interpreted():
+        return "they run on CUDA (or on CPU under TRITON_INTERPRET=1)"
+    if d > MAX_TRITON_HEAD_DIM or d % 16:
+        return f"they need a head dim that is a multiple of 16 up to {MAX_TRITON_HEAD_DIM}, got {d}"
+    if block_size < 16 or block_size & (block_size - 1):
+        return f"they need a power-of-two block_size >= 16, got {block_size}"
+    if not hasattr(torch, "float8_e4m3fn"):
+        return "they need torch.float8_e4m3fn (torch >= 2.1)"
+    return None
 
 
 def _eight_bit(precision, q, k, v, block_index, block_count, *, scale, causal, block_size, return_lse, backend,

@@ -68,3 +68,17 @@ def test_cli_names_what_eight_bit_timing_needs_on_cpu(monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert main(["bench", "--sizes", "256", "--precisions", "bf16,int8"]) == 2
     assert "needs a CUDA GPU, or TRITON_INTERPRET=1 on CPU" in capsys.readouterr().err
+
+
+def test_table_of_a_gpu_row_with_flex_and_eight_bit_columns():
+    """A row as the GPU grid writes it (dense peers, Flex, 8-bit): every ratio has a column; a ratio an older
+    JSON lacks prints as '-' instead of failing after the whole grid ran."""
+    from sparsediff.commands.bench import format_table
+
+    row = {"N": 16384, "D": 128, "H": 16, "density": 0.5, "ours_ms": 1.67, "ours_tflops": 657.0,
+           "speedup_vs_cudnn": 2.18, "speedup_vs_flex": 1.52, "ours_int8_ms": 2.65, "int8_x_bf16": 0.63,
+           "int8_speedup_vs_cudnn": 1.38, "int8_speedup_vs_flex": 0.96}
+    table = format_table([row])
+    assert "int8 x vs flex" in table and "| 0.96 |" in table
+    del row["int8_speedup_vs_flex"]
+    assert format_table([row]).rstrip().endswith("| - |")

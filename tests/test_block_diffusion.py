@@ -51,7 +51,9 @@ def model_with(spec, **kw):
     return TinyDLM(method).eval(), method
 
 
-PROMPT = torch.randint(0, MASK, (2, 40), generator=torch.Generator("cpu").manual_seed(3), device="cpu")
+# Drawn on the CPU (the same ids whatever the default device), then put where TinyDLM is: the default device.
+PROMPT = torch.randint(0, MASK, (2, 40), generator=torch.Generator("cpu").manual_seed(3), device="cpu").to(
+    torch.get_default_device())
 
 
 def test_transfer_schedule_sums_to_masked():
@@ -207,7 +209,8 @@ def test_docs_block_diffusion_example_runs(capsys):
     text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "block_methods.md").read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "tiny_diffusion_gemma(" in b]
     assert blocks, "docs/block_methods.md lost its runnable block-diffusion example"
-    exec(compile(blocks[0], "block_methods.md", "exec"), {})
+    with torch.device("cpu"):  # the example is a CPU run (CPU generator, CPU model) whatever the default device
+        exec(compile(blocks[0], "block_methods.md", "exec"), {})
     out = capsys.readouterr().out.splitlines()
     assert float(out[0].rsplit(" ", 1)[-1]) > 0.5  # random weights: most tokens as dense at sparsity 0.5
     rows = [ast.literal_eval(line) for line in out[1:]]

@@ -28,7 +28,7 @@ def _index(nq, nk, bs, causal, density=0.6):
     mask = torch.rand(1, 1, math.ceil(nq / bs), math.ceil(nk / bs), device="cpu") < density
     mask[..., 0] = True
     if causal:
-        mask |= torch.eye(mask.shape[-2], mask.shape[-1], dtype=torch.bool)
+        mask |= torch.eye(mask.shape[-2], mask.shape[-1], dtype=torch.bool, device=mask.device)
     return mask_to_index(mask)
 
 
@@ -140,11 +140,11 @@ def test_methods_fall_back_to_16_bit_where_8_bit_cannot_run(device, caplog):
 def test_eight_bit_unsupported_names_the_reason(monkeypatch):
     from sparsediff.kernels.block_sparse import eight_bit_unsupported
 
-    q = torch.randn(1, 1, 64, 32)
+    q = torch.randn(1, 1, 64, 32, device="cpu")  # CPU tensors: runnable only under the interpreter
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert eight_bit_unsupported(q, 64) is None
     assert "power-of-two block_size" in eight_bit_unsupported(q, 48)
-    assert "multiple of 16" in eight_bit_unsupported(torch.randn(1, 1, 64, 40), 64)
+    assert "multiple of 16" in eight_bit_unsupported(torch.randn(1, 1, 64, 40, device="cpu"), 64)
     monkeypatch.delenv("TRITON_INTERPRET")
     assert "CUDA" in eight_bit_unsupported(q, 64)
 
@@ -155,8 +155,10 @@ def test_one_pass_quantization_matches_the_pytorch_definition(device, rows, dtyp
     from sparsediff.kernels.block_sparse.quantize import quantize
 
     gen = torch.Generator().manual_seed(3)
-    # 70 tokens (not a multiple of the tile), D 40 (padded to 64 in the kernel), norms over two decades.
-    x = (torch.randn(2, 4, 70, 40, generator=gen) * torch.linspace(0.1, 10, 70)[:, None] + 0.5).to(device)
+    # 70 tokens (not a multiple of the tile), D 40 (padded to 64 in the kernel), norms over two decades; drawn on
+    # the CPU (the CPU generator) whatever the default device, then moved.
+    x = (torch.randn(2, 4, 70, 40, generator=gen, device="cpu") * torch.linspace(0.1, 10, 70, device="cpu")[:, None]
+         + 0.5).to(device)
     x = x.bfloat16().transpose(1, 2).contiguous().transpose(1, 2)  # strided like a (B, N, H, D) projection
     mean = x.mean(dim=2, dtype=torch.float32)[:, ::2]  # 2 vectors for 4 heads: the GQA mapping h // 2
     want8, want_scale = quantize_tiles(x.float() - mean.repeat_interleave(2, dim=1)[:, :, None], rows, dtype)
@@ -225,8 +227,9 @@ def test_gluon_8bit_says_where_it_runs(device):
 def test_per_channel_quantization(device):
     from sparsediff.kernels.block_sparse.quantize import quantize
 
-    gen = torch.Generator().manual_seed(4)
-    x = (torch.randn(1, 2, 70, 48, generator=gen) * torch.linspace(0.1, 10, 48)).to(device).bfloat16()
+    gen = torch.Generator().manual_seed(4)  # drawn on the CPU whatever the default device, then moved
+    x = (torch.randn(1, 2, 70, 48, generator=gen, device="cpu") * torch.linspace(0.1, 10, 48, device="cpu")).to(
+        device).bfloat16()
     x8, scale, _ = quantize(x, 32, torch.float8_e4m3fn, per_channel=True)
     want_scale = x.float().abs().amax(dim=2) / 448
     assert scale.shape == (1, 2, 48)

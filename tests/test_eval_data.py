@@ -14,8 +14,14 @@ from sparsediff.eval.realworldqa import RealWorldQA
 from sparsediff.eval.videomme import VideoMME, build_prompt, parse_srt, subtitles_at
 
 
+def needs_video_writer():
+    # The stand-in videos are .mp4 files written by imageio's FFMPEG plugin, which imageio-ffmpeg provides.
+    pytest.importorskip("imageio_ffmpeg", reason="writing the stand-in .mp4 videos needs imageio-ffmpeg")
+
+
 @pytest.fixture(scope="module")
 def videomme_zipped(tmp_path_factory):
+    needs_video_writer()
     return standins.write_videomme(tmp_path_factory.mktemp("vmme"), zipped=True)
 
 
@@ -45,6 +51,7 @@ def test_videomme_videos_from_zip_chunks(videomme_zipped, tmp_path):
 
 
 def test_videomme_subtitles_and_loose_layout(tmp_path):
+    needs_video_writer()
     root = standins.write_videomme(tmp_path, zipped=True, loose=True)
     bench = VideoMME(str(root / "videomme" / "test-00000-of-00001.parquet"), num_frames=6, max_frames=None,
                      subtitles=True)
@@ -87,6 +94,7 @@ def test_videomme_malformed_files(tmp_path):
         VideoMME(str(tmp_path)).samples()
     with pytest.raises(ValueError, match="no Video-MME parquet"):
         VideoMME(str(_empty(tmp_path)))
+    needs_video_writer()
     root = standins.write_videomme(tmp_path / "ok", zipped=False)
     bench = VideoMME(str(root))
     with pytest.raises(FileNotFoundError, match="vidA0000001.mp4"):

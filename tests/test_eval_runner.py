@@ -28,6 +28,7 @@ def _has(module):
 
 @pytest.fixture(scope="module")
 def videomme_root(tmp_path_factory):
+    pytest.importorskip("imageio_ffmpeg", reason="writing the stand-in .mp4 videos needs imageio-ffmpeg")
     return standins.write_videomme(tmp_path_factory.mktemp("vmme"), zipped=True)
 
 

@@ -152,10 +152,16 @@ def run_grid(sizes, densities, *, heads, dim, dtype, device, block_size=128, pee
             if flex:
                 t = time_ms(flex_fn(q, k, v, index, count, block_size), device)
                 row["flex_ms"], row["flex_tflops"], row["speedup_vs_flex"] = t, flops / t / 1e9, t / ours
+                for precision in [p for p in precisions if p != "bf16"]:  # the sparse peer, same mask
+                    row[f"{precision}_speedup_vs_flex"] = t / row[f"ours_{precision}_ms"]
             rows.append(row)
             log("  " + ", ".join(f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}"
                                  for key, val in row.items()))
     return rows
+
+
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def format_table(rows) -> str:
@@ -168,7 +174,8 @@ def format_table(rows) -> str:
         cells = [str(r["N"]), str(r["D"]), f"{r['density']:.2f}", f"{r['ours_ms']:.3f}", f"{r['ours_tflops']:.3g}"]
         cells += [f"{r['speedup_vs_' + p]:.2f}" for p in peers]
         cells += [f"{r[p + '_x_bf16']:.2f}" for p in precisions]
-        cells += [f"{r[f'{p}_speedup_vs_{q}']:.2f}" for p in precisions for q in peers]
+        # "-" where a row lacks a ratio (older JSON: 8-bit rows had no ratio against Flex).
+        cells += [_ratio(r.get(f"{p}_speedup_vs_{q}")) for p in precisions for q in peers]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

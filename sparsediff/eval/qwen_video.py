@@ -109,7 +109,8 @@ def preprocess_video(frames, settings: VideoSettings):
     (grid_t, grid_h, grid_w))."""
     import torch
 
-    video = torch.as_tensor(np.asarray(frames))
+    # Host-side like the processor it mirrors: CPU tensors (and its uint8 resize) whatever the default device.
+    video = torch.as_tensor(np.asarray(frames), device="cpu")
     if video.ndim != 4 or video.shape[-1] not in (1, 3):
         raise ValueError(f"expected frames shaped (T, H, W, C), got {tuple(video.shape)}")
     video = video.permute(0, 3, 1, 2)  # (T, C, H, W)
@@ -125,8 +126,8 @@ def preprocess_video(frames, settings: VideoSettings):
     if settings.do_rescale:
         x = x * settings.rescale_factor
     if settings.do_normalize:
-        mean = torch.tensor(settings.image_mean).view(1, -1, 1, 1)
-        std = torch.tensor(settings.image_std).view(1, -1, 1, 1)
+        mean = torch.tensor(settings.image_mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(settings.image_std, device=x.device).view(1, -1, 1, 1)
         x = (x - mean) / std
     if pad := -x.shape[0] % tps:
         x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])  # repeat the last frame, as the processor does

@@ -27,7 +27,9 @@ def _tiny_video(path: Path, frames: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     # 64x48: decord needs a width of 64 or more; each frame a flat colour plus noise so frames differ.
     video = np.clip(rng.integers(0, 255, (frames, 1, 1, 3)) + rng.integers(-8, 8, (frames, 48, 64, 3)), 0, 255)
-    imageio.mimwrite(str(path), video.astype(np.uint8), fps=4, codec="libx264", macro_block_size=16)
+    # The FFMPEG plugin by name: without imageio-ffmpeg, imageio would hand .mp4 to another plugin (TIFF) that
+    # fails on fps; named, it raises an ImportError that says what to install.
+    imageio.mimwrite(str(path), video.astype(np.uint8), format="FFMPEG", fps=4, codec="libx264", macro_block_size=16)
 
 
 def write_videomme(root, *, zipped: bool = True, loose: bool = False, frames: int = 12) -> Path:

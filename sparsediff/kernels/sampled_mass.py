@@ -217,11 +217,13 @@ if triton is not None:
 
 
 # Sampled rows per program (one tensor-core tile of queries), key columns per tile, warps: every program
-# reads all keys once, so more rows per program means less key traffic (bench_selection.py measures them).
-# ``key_splits`` > 1 spreads each program's key blocks over that many programs and adds a small reduce launch;
-# None picks it from the GPU: the query side alone gives few programs (32k tokens, 16 heads, 4 rows: 256 on a
-# 132-SM H100, one key loop of 256 blocks each), so the loop's latency, not the tensor cores, bounds the time.
-LAUNCH = dict(rows_per_program=64, block_n=64, num_warps=4, key_splits=None)
+# reads all keys once, so more rows per program means less key traffic. ``key_splits`` > 1 spreads each
+# program's key blocks over that many programs and adds a small reduce launch; None picks it from the GPU: the
+# query side alone gives few programs (32k tokens, 16 heads, 4 rows: 128 on a 132-SM H100, one key loop of 256
+# blocks each), so the loop's latency bounds the time. H100, 4 rows per 128-token block (bench_selection.py,
+# 2026-12-07): 32k 0.765 ms (64 rows, 4 warps, no split) -> 0.606 (automatic split) -> 0.484 (128 rows,
+# 128 keys a tile, 8 warps, 4 splits); 64k 2.029 -> 1.759 ms.
+LAUNCH = dict(rows_per_program=128, block_n=128, num_warps=8, key_splits=None)
 # Automatic split: about this many programs per SM, and at least this many key blocks per split.
 SPLIT_PROGRAMS_PER_SM = 4
 SPLIT_MIN_BLOCKS = 16

@@ -58,7 +58,8 @@ def tiny_inputs(family: str, model, *, frames=3, height=16, width=16, text_token
     """Forward kwargs for ``model`` with a latent of ``frames x height x width`` (before patching)."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
-    rand = lambda *shape: torch.randn(*shape, generator=g)
+    # Drawn on CPU (the same numbers on every device), then on the default device with the model.
+    rand = lambda *shape: torch.randn(*shape, generator=g, device="cpu").to(torch.get_default_device())
     t = torch.full((batch,), float(timestep))
     if family in ("wan", "wan_i2v", "skyreels_v2"):
         kwargs = dict(hidden_states=rand(batch, cfg.in_channels, frames, height, width), timestep=t,

@@ -58,17 +58,21 @@ def _gluon_failed(err: Exception, forced: bool, variant: str) -> None:
               f"using the {variant} Triton kernel from now on")
 
 
-def resolve_backend(backend: str | None, q: torch.Tensor) -> str:
-    """The backend rule of ``kernels.backend`` for this op: Triton for fp16/bf16 CUDA tensors with head dim
-    <= 256 (the caller may still pick the Gluon kernel for the Triton case); "gluon" is checked by the caller,
-    which knows the full shape."""
+def resolve_backend(backend: str | None, q: torch.Tensor, block_size: int | None = None) -> str:
+    """The backend rule of ``kernels.backend`` for this op: Triton for fp16/bf16 CUDA tensors with a head dim
+    that is a multiple of 8 up to 256 and a power-of-two ``block_size`` >= 16 (the caller may still pick the
+    Gluon kernel for the Triton case); "gluon" is checked by the caller, which knows the full shape."""
     if backend == "gluon":
         return backend
-    fits = q.dtype in TRITON_DTYPES and q.shape[-1] <= MAX_TRITON_HEAD_DIM
+    d = q.shape[-1]
+    pow2 = block_size is None or (isinstance(block_size, int) and block_size >= 16
+                                  and not block_size & (block_size - 1))
+    fits = q.dtype in TRITON_DTYPES and d <= MAX_TRITON_HEAD_DIM and d % 8 == 0 and pow2
     chosen = choose_backend(backend, q, applies=fits, op="block_sparse_attention", extra=("gluon",))
     if backend is None and chosen == "torch" and q.is_cuda and triton_available():
-        warn_once(f"block_sparse_attention: Triton supports {TRITON_DTYPES} with head dim <= {MAX_TRITON_HEAD_DIM}; "
-                  f"got {q.dtype}, head dim {q.shape[-1]}: using the slower PyTorch path")
+        warn_once(f"block_sparse_attention: Triton supports {TRITON_DTYPES} with head dims that are multiples of 8 "
+                  f"up to {MAX_TRITON_HEAD_DIM} and power-of-two blocks >= 16; got {q.dtype}, head dim {d}, block "
+                  f"{block_size}: using the slower PyTorch path")
     return chosen
 
 
@@ -200,7 +204,7 @@ def block_sparse_attention(
                           block_size=block_size, return_lse=return_lse, backend=backend, check_ids=check_ids,
                           repeat_q=repeat_q, live_rows=live_rows)
     requested = backend
-    backend = resolve_backend(backend, q) if isinstance(q, torch.Tensor) else backend
+    backend = resolve_backend(backend, q, block_size) if isinstance(q, torch.Tensor) else backend
     check_inputs(q, k, v, block_index, block_count, block_size, backend, check_ids=check_ids, repeat_q=repeat_q)
     if repeat_q > 1 and causal:
         raise ValueError("repeat_q > 1 is for non-causal attention only")

@@ -48,17 +48,18 @@ def _bucketed_cpu(q, k, v, index, count, *, scale, causal, block_size):
         return x.reshape(x.shape[0] * x.shape[1], nb, block_size, d)
 
     k_blocks, v_blocks, q_blocks = blocks(k, nk, nkb), blocks(v, nk, nkb), blocks(q, nq, nqb)
-    rows = torch.arange(bsz * hq * nqb)
+    dev = q.device  # the inputs' CPU, not the default device (which may be CUDA)
+    rows = torch.arange(bsz * hq * nqb, device=dev)
     flat_index = index.reshape(-1, index.shape[-1])
     flat_count = count.reshape(-1)
     kv_of = (rows // (hq * nqb)) * hkv + (rows // nqb) % hq // group  # (batch, kv head) of each row
     qb_of = rows % nqb
     q_of = rows // nqb  # (batch, query head)
-    out = torch.zeros(bsz * hq * nqb, block_size, d, dtype=q.dtype)
-    lse = torch.full((bsz * hq * nqb, block_size), float("-inf"))
+    out = torch.zeros(bsz * hq * nqb, block_size, d, dtype=q.dtype, device=dev)
+    lse = torch.full((bsz * hq * nqb, block_size), float("-inf"), device=dev)
     order = torch.argsort(flat_count, descending=True, stable=True)
     counts = flat_count[order].tolist()
-    in_block = torch.arange(block_size)
+    in_block = torch.arange(block_size, device=dev)
     start = 0
     while start < len(order) and counts[start] > 0:
         width = counts[start]
@@ -70,7 +71,8 @@ def _bucketed_cpu(q, k, v, index, count, *, scale, causal, block_size):
         vg = v_blocks[kv_of[sel, None], ids].reshape(len(sel), 1, width * block_size, d)
         qc = q_blocks[q_of[sel], qb_of[sel]].reshape(len(sel), 1, block_size, d)
         key_pos = (ids[..., None] * block_size + in_block).reshape(len(sel), 1, width * block_size)
-        slot_ok = (torch.arange(width)[None, :] < flat_count[sel, None]).repeat_interleave(block_size, dim=1)
+        slot_ok = torch.arange(width, device=dev)[None, :] < flat_count[sel, None]
+        slot_ok = slot_ok.repeat_interleave(block_size, dim=1)
         valid = (slot_ok[:, None, :] & (key_pos < nk)).expand(len(sel), block_size, width * block_size)
         if causal:
             query_pos = qb_of[sel, None] * block_size + in_block

@@ -71,8 +71,9 @@ def main(argv=None) -> int:
             dense_ms = sage_ms = None  # no cuDNN or SageAttention on CPU
         nb = math.ceil(n / bs)
         for density in (float(x) for x in args.densities.split(",")):
-            g = torch.Generator().manual_seed(1)
-            mask = (torch.rand(1, heads, nb, nb, generator=g) < density) | torch.eye(nb, dtype=torch.bool)
+            g = torch.Generator().manual_seed(1)  # the mask drawn on the CPU (the same on every device), then moved
+            mask = (torch.rand(1, heads, nb, nb, generator=g, device="cpu") < density) | \
+                torch.eye(nb, dtype=torch.bool, device="cpu")
             index, count = (t.to(device) for t in mask_to_index(mask))
             ref = block_sparse_attention(q.float(), k.float(), v.float(), index, count, block_size=bs,
                                          backend="torch") if n <= 16384 or not cuda else None

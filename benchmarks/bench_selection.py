@@ -96,7 +96,8 @@ def bench(n, heads, dim, dtype, device, cuda, sparsity) -> dict:
         scores, nq=n, nk=n, block_size=128, density=density, allocation="global", local_window=128,
         weight_by_count=False))
     for spec in ("ba_att", "ba_att/fine_sample_rows=none", "ba_att/sample_rows=2", "ba_att/sample_rows=8",
-                 "ba_att/block_size=64", "ba_att/block_size=64/sample_rows=8", "ba_att_paper"):
+                 "ba_att/block_size=64", "ba_att/block_size=64/sample_rows=8", "ba_att_paper",
+                 "xattention/allocation=global/local_window=none", "fixed"):  # the peers' rules
         method = make_method(spec, sparsity=sparsity, min_seq_len=0)
         stage(f"plan {spec}", lambda method=method: method.plan(q, k, v))
     method = make_method("ba_att", sparsity=sparsity, min_seq_len=0)

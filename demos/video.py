@@ -206,8 +206,8 @@ def run_video(req: VideoRequest, *, progress=no_progress, cancel=None, device: s
     progress(0.92, desc="metrics and heatmap")
     base = os.path.join(output_dir(), f"video-{run_id}")
     dense_path, sparse_path = f"{base}.dense.mp4", f"{base}.{req.method_name()}.mp4"
-    write_video(dense_path, dense.frames, FPS)
-    write_video(sparse_path, sparse.frames, FPS)
+    dense_path = write_video(dense_path, dense.frames, FPS)  # a .gif without imageio-ffmpeg
+    sparse_path = write_video(sparse_path, sparse.frames, FPS)
     metrics = compare_videos(dense.frames, sparse.frames, layout="thwc")
     heatmap = None
     try:

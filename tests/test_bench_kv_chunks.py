@@ -17,7 +17,9 @@ spec.loader.exec_module(bench_kv_chunks)
 
 
 def test_split_index_partitions_the_kept_blocks():
-    mask = torch.rand(1, 2, 9, 9, generator=torch.Generator().manual_seed(0)) < 0.4
+    # Drawn on the CPU (the same mask on every device), then on the default device as the other tensors.
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(1, 2, 9, 9, generator=g, device="cpu") < 0.4).to(torch.get_default_device())
     index, count = mask_to_index(mask)
     parts = bench_kv_chunks.split_index(index, count, 9, 4)
     masks = [index_to_mask(i, c, 9) for i, c in parts]

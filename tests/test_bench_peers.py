@@ -36,8 +36,10 @@ def test_sage_gets_its_own_keys(fake_sage):
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
-def test_grid_records_sage_and_eight_bit_columns(fake_sage):
-    rows = bench.run_grid([128], [0.5], heads=2, dim=32, dtype=torch.float32, device="cpu", block_size=32,
+def test_grid_records_sage_and_eight_bit_columns(fake_sage, device):
+    # The test device: the 8-bit kernel runs on CPU only under the interpreter, which a GPU machine's
+    # test process does not use (Triton picks it at import).
+    rows = bench.run_grid([128], [0.5], heads=2, dim=32, dtype=torch.float32, device=device, block_size=32,
                           peers=("sdpa", "sage"), precisions=("bf16", "int8"), log=lambda *_: None)
     (row,) = rows
     assert row["sage_ms"] > 0 and row["sdpa_sdpa_ms"] > 0 and row["ours_int8_ms"] > 0
@@ -66,6 +68,8 @@ def test_cli_names_what_eight_bit_timing_needs_on_cpu(monkeypatch, capsys):
     from sparsediff.cli import main
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # A machine without CUDA: on a GPU machine the command would time the 8-bit kernel on the GPU instead.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench", "--sizes", "256", "--precisions", "bf16,int8"]) == 2
     assert "needs a CUDA GPU, or TRITON_INTERPRET=1 on CPU" in capsys.readouterr().err
 

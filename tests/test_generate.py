@@ -2,12 +2,18 @@
 
 import json
 import re
+import sys
 
 import imageio.v2 as imageio
+import numpy as np
 import pytest
 
 from sparsediff.cli import main
+from sparsediff.eval import video_io
 from sparsediff.testing.tiny import PIPELINE_NAMES
+
+# Asked for .mp4, the command writes .mp4 with imageio-ffmpeg and a .gif of the same name without it.
+VIDEO = ".mp4" if video_io.ffmpeg_available() else ".gif"
 
 
 def test_generate_tiny_wan_with_dense_comparison(tmp_path):
@@ -15,10 +21,12 @@ def test_generate_tiny_wan_with_dense_comparison(tmp_path):
     rc = main(["generate", "--model", "tiny-wan", "--method", "ba_att", "--sparsity", "0.5", "--steps", "3",
                "--dense-steps", "1", "--out", str(out), "--compare-dense", "--seed", "1"])
     assert rc == 0
-    frames = imageio.mimread(str(out))
-    assert len(frames) == 17 and frames[0].shape == (128, 128, 3)
-    assert (tmp_path / "wan.dense.mp4").exists()
     report = json.loads((tmp_path / "wan.json").read_text())
+    assert report["video"] == str(tmp_path / f"wan{VIDEO}")
+    frames = imageio.mimread(report["video"])
+    assert len(frames) == 17 and frames[0].shape == (128, 128, 3)
+    assert report["dense"]["video"] == str(tmp_path / f"wan.dense{VIDEO}")
+    assert (tmp_path / f"wan.dense{VIDEO}").exists()
     sparse, dense = report["sparse"], report["dense"]
     assert report["family"] == "wan" and report["pipeline"] == "WanPipeline"
     assert sparse["processor"]["method"] == "ba_att" and sparse["processor"]["sparsity"] == 0.5
@@ -61,7 +69,8 @@ def test_generate_other_tiny_families(tmp_path, model):
     assert main(["generate", "--model", model, "--steps", "2", "--out", str(out)]) == 0
     report = json.loads((tmp_path / "video.json").read_text())
     assert len(report["sparse"]["step_seconds"]) == 2
-    assert len(imageio.mimread(str(out))) == report["call"]["frames"]
+    assert report["video"] == str(tmp_path / f"video{VIDEO}")
+    assert len(imageio.mimread(report["video"])) == report["call"]["frames"]
 
 
 def test_generate_flashblock_on_the_tiny_diffusion_forcing_model(tmp_path, capsys):
@@ -71,7 +80,8 @@ def test_generate_flashblock_on_the_tiny_diffusion_forcing_model(tmp_path, capsy
     report = json.loads((tmp_path / "df.json").read_text())
     assert report["pipeline"] == "SkyReelsV2DiffusionForcingPipeline" and report["call"]["frames"] == 13
     assert report["sparse"]["processor"]["method"] == "flashblock"
-    assert len(imageio.mimread(str(out))) == 13
+    assert report["video"] == str(tmp_path / f"df{VIDEO}")
+    assert len(imageio.mimread(report["video"])) == 13
     # two latent frames per causal block: 9 frames (3 latent frames) leave half a block
     assert main(["generate", "--model", "tiny-skyreels-df", "--frames", "9", "--out", str(out)]) == 2
     assert "2 latent frames per causal block" in capsys.readouterr().err
@@ -138,3 +148,26 @@ def test_generate_dense_run_is_labelled_dense(tmp_path, capsys):
     assert main(["generate", "--method", "dense", "--steps", "1", "--out", str(tmp_path / "d.mp4")]) == 0
     out = capsys.readouterr().out
     assert "\ndense:  " in out and "sparse:" not in out
+
+
+def test_videos_fall_back_to_gif_without_the_ffmpeg_plugin(tmp_path, monkeypatch, caplog):
+    """Without imageio-ffmpeg imageio hands .mp4 to its TIFF plugin (which fails on fps): the writer asks for the
+    FFMPEG plugin by name and, when it is missing, writes a .gif of the same name and says how to get .mp4."""
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import imageio_ffmpeg now raises ImportError
+    monkeypatch.setattr(video_io, "_warned_no_ffmpeg", False)
+    assert not video_io.ffmpeg_available()
+    frames = np.stack([np.full((16, 24, 3), 20 * i, dtype=np.uint8) for i in range(5)])
+    with caplog.at_level("WARNING", logger="sparsediff.eval.video_io"):
+        written = video_io.write_video(tmp_path / "v.mp4", frames, fps=8)
+    assert written == tmp_path / "v.gif" and not (tmp_path / "v.mp4").exists()
+    assert "pip install imageio[ffmpeg]" in caplog.text
+    back = imageio.mimread(str(written))
+    assert len(back) == 5 and back[0].shape == (16, 24, 3)
+    assert [int(f[0, 0, 0]) for f in back] == [20 * i for i in range(5)]
+    with pytest.raises(ValueError, match="suffix '.tif'"):
+        video_io.write_video(tmp_path / "v.tif", frames)
+
+
+def test_generate_rejects_an_output_it_cannot_write(tmp_path, capsys):
+    assert main(["generate", "--out", str(tmp_path / "x.tif")]) == 2
+    assert "write .mp4" in capsys.readouterr().err and not (tmp_path / "x.tif").exists()

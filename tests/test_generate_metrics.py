@@ -20,18 +20,22 @@ def test_psnr_known_values():
 
 
 def test_ssim_identity_and_ordering():
+    # Drawn on CPU (the same numbers on every device), then on the default device.
     g = torch.Generator().manual_seed(0)
-    a = torch.rand(3, 3, 32, 32, generator=g)
+    dev = torch.get_default_device()
+    a = torch.rand(3, 3, 32, 32, generator=g, device="cpu")
+    slightly = (a + 0.02 * torch.randn(a.shape, generator=g, device="cpu")).clamp(0, 1)
+    heavily = (a + 0.3 * torch.randn(a.shape, generator=g, device="cpu")).clamp(0, 1)
+    a, slightly, heavily = a.to(dev), slightly.to(dev), heavily.to(dev)
     assert ssim(a, a) == pytest.approx(1.0)
-    slightly = (a + 0.02 * torch.randn(a.shape, generator=g)).clamp(0, 1)
-    heavily = (a + 0.3 * torch.randn(a.shape, generator=g)).clamp(0, 1)
     assert 1.0 > ssim(a, slightly) > ssim(a, heavily) > 0.0
     assert ssim_per_frame(a, slightly).shape == (3,)
 
 
 def test_layouts_agree_and_shapes_checked():
     g = torch.Generator().manual_seed(1)
-    a, b = torch.rand(2, 3, 16, 16, generator=g), torch.rand(2, 3, 16, 16, generator=g)
+    # On CPU: the same numbers on every device, and .numpy() below needs CPU tensors.
+    a, b = torch.rand(2, 3, 16, 16, generator=g, device="cpu"), torch.rand(2, 3, 16, 16, generator=g, device="cpu")
     tchw = compare_videos(a, b)
     thwc = compare_videos(a.permute(0, 2, 3, 1).numpy(), np.asarray(b.permute(0, 2, 3, 1)), layout="thwc")
     assert tchw["psnr"] == pytest.approx(thwc["psnr"]) and tchw["ssim"] == pytest.approx(thwc["ssim"])

@@ -215,7 +215,7 @@ def test_a_gluon_build_failure_falls_back_to_triton_with_a_warning(monkeypatch, 
 
     monkeypatch.setitem(block_sparse._gluon_failures, "16-bit", None)
     monkeypatch.setattr(_logging, "_warned", set())
-    monkeypatch.setattr(block_sparse, "resolve_backend", lambda backend, q: "triton")
+    monkeypatch.setattr(block_sparse, "resolve_backend", lambda backend, q, block_size=None: "triton")
     monkeypatch.setattr(block_sparse_gluon, "gluon_support_error", lambda *a, **kw: None)
     monkeypatch.setattr(block_sparse_gluon, "block_sparse_attention_gluon", broken)
     q, k, v = (torch.randn(1, 2, 64, 32, device="cpu") for _ in range(3))

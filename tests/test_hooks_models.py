@@ -125,17 +125,19 @@ def _patchify_video(frames, patch, temporal=2, merge=2):
 
 
 def _text(n, seed):
-    return torch.randint(0, 200, (n,), generator=torch.Generator().manual_seed(seed))
+    # Drawn on CPU (the same ids on every device), then put where the models are built.
+    ids = torch.randint(0, 200, (n,), generator=torch.Generator().manual_seed(seed), device="cpu")
+    return ids.to(torch.get_default_device())
 
 
-def qwen_vl_inputs(patch, per_frame_video, text_len=120):
+def qwen_vl_inputs(model, patch, per_frame_video, text_len=120):
     """Text, one image, text, one 4-frame video, text (Qwen2.5-VL: patch 14; Qwen3-VL: patch 16,
     one vision_start/end pair per temporal frame)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     px = patch * 2
     proc = Qwen2VLImageProcessorPil(patch_size=patch, min_pixels=px * px * 4, max_pixels=px * px * 16)
-    image = proc(images=[_image(3 * px, 4 * px, 0)], return_tensors="pt")
+    image = proc(images=[_image(3 * px, 4 * px, 0)], return_tensors="pt").to(model.device)  # CPU from PIL
     video, video_grid = _patchify_video(np.stack([_image(2 * px, 2 * px, s) for s in range(4)]), patch)
     n_img = int(image["image_grid_thw"].prod()) // 4
     gt, gh, gw = video_grid[0].tolist()
@@ -160,10 +162,10 @@ def llava_inputs(model, text_len=120):
 
     proc = LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, crop_size={"height": 28, "width": 28},
                                            image_grid_pinpoints=[[28, 28], [28, 56]])
-    image = proc(images=[_image(30, 60, 0)], return_tensors="pt")
+    image = proc(images=[_image(30, 60, 0)], return_tensors="pt").to(model.device)  # CPU from PIL
     # Frames go through the same processor (one 28x28 view each), as the video processor would.
     frames = torch.stack([proc(images=[_image(28, 28, s)], return_tensors="pt")["pixel_values"][0, 0]
-                          for s in range(4)])[None]
+                          for s in range(4)])[None].to(model.device)
     with torch.no_grad():  # the token counts follow from the features (anyres packing, pooling)
         # Positional: the pixel argument's name differs between transformers releases.
         n_img = model.get_image_features(image["pixel_values"], image["image_sizes"],
@@ -196,8 +198,8 @@ def qwen_lm(kind):
 
 
 VLMS = {
-    "qwen2_5_vl": (qwen2_5_vl, lambda m: qwen_vl_inputs(14, per_frame_video=False)),
-    "qwen3_vl": (qwen3_vl, lambda m: qwen_vl_inputs(16, per_frame_video=True)),
+    "qwen2_5_vl": (qwen2_5_vl, lambda m: qwen_vl_inputs(m, 14, per_frame_video=False)),
+    "qwen3_vl": (qwen3_vl, lambda m: qwen_vl_inputs(m, 16, per_frame_video=True)),
     "llava_onevision": (llava_onevision, llava_inputs),
 }
 
@@ -337,7 +339,8 @@ def _dg_batch():
     ids[1] = _text(200, 1)
     mask = torch.ones_like(ids)
     mask[1, :40] = 0  # left padding in row 1
-    canvas = torch.randint(3, 200, (2, 32), generator=torch.Generator().manual_seed(2))
+    canvas = torch.randint(3, 200, (2, 32), generator=torch.Generator().manual_seed(2), device="cpu")
+    canvas = canvas.to(ids.device)  # drawn on CPU: the same canvas on every device
     return dict(input_ids=ids, attention_mask=mask, decoder_input_ids=canvas,
                 decoder_attention_mask=torch.nn.functional.pad(mask, (0, 32), value=1))
 

@@ -83,7 +83,9 @@ def make_pipe(block_causal=True):
 
 
 def generate(pipe, prompt_len=20, **kw):
-    ids = torch.randint(0, MASK, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    # Drawn on CPU (the same prompt on every device), then moved to the model.
+    ids = torch.randint(0, MASK, (1, prompt_len), generator=torch.Generator().manual_seed(1), device="cpu")
+    ids = ids.to(pipe.model.device)
     args = dict(input_ids=ids, use_chat_template=False, gen_length=24, block_length=BLOCK, num_inference_steps=4,
                 temperature=0.0, threshold=2.0, minimal_topk=1, editing_threshold=None, eos_early_stop=False,
                 mask_token_id=MASK, output_type="seq")
@@ -94,7 +96,8 @@ def attention_outputs(pipe):
     """Per-layer attention outputs of one forward call over a 40-token window (3 blocks of context)."""
     outs = []
     hooks = [m.register_forward_hook(lambda m, a, o: outs.append(o)) for m in pipe.model.attn]
-    ids = torch.randint(0, MASK, (1, 40), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, MASK, (1, 40), generator=torch.Generator().manual_seed(2), device="cpu")
+    ids = ids.to(pipe.model.device)  # drawn on CPU: the same window on every device
     pipe.model(ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(40)[None])
     for h in hooks:
         h.remove()

@@ -75,8 +75,8 @@ class GlobalDiagMethod(AttentionMethod):
     config_class = GlobalDiagConfig
 
     def sparse_attention(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
-        i = torch.arange(q.shape[2])[:, None]
-        j = torch.arange(k.shape[2])[None, :]
+        i = torch.arange(q.shape[2], device=q.device)[:, None]
+        j = torch.arange(k.shape[2], device=k.device)[None, :]
         mask = (i < global_tokens) | (j < global_tokens) | (i // 16 == j // 16)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 

@@ -48,7 +48,7 @@ def time_ms(fn, device: str, *, warmup: int = 2, rep: int = 5) -> float:
 
 
 def sdpa_fn(q, k, v, backend_name: str | None):
-    if backend_name is None:
+    if backend_name in (None, "sdpa"):  # "sdpa" (the CPU peer's name): PyTorch's own choice on any device
         return lambda: F.scaled_dot_product_attention(q, k, v)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -73,7 +73,7 @@ def sage_fn(q, k, v):
 
 
 def dense_fn(q, k, v, peer: str | None):
-    """One dense peer by name: an SDPA backend ("flash", "cudnn"; None = PyTorch's choice) or "sage"."""
+    """One dense peer by name: an SDPA backend ("flash", "cudnn"; None or "sdpa" = PyTorch's choice) or "sage"."""
     return sage_fn(q, k, v) if peer == "sage" else sdpa_fn(q, k, v, peer)
 
 

@@ -61,7 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--device", default=None, help="default cuda when available")
     parser.add_argument("--fps", type=int, default=16)
-    parser.add_argument("--out", default="out.mp4", help="video path; the report goes next to it (.json)")
+    parser.add_argument("--out", default="out.mp4",
+                        help="video path (.mp4 or .gif; .mp4 needs imageio-ffmpeg, without it a .gif is written); "
+                             "the report goes next to it (.json)")
     parser.add_argument("--compare-dense", action="store_true", help="also run dense; report speed-up, PSNR, SSIM")
     parser.add_argument("--warmup-steps", type=int, default=2,
                         help="with --compare-dense: an untimed generation of this many steps per method first "
@@ -146,12 +148,12 @@ def _encode_t5(pipe, args, prompt, negative, device, max_len) -> dict:
     return {"prompt_embeds": encode(prompt), "negative_prompt_embeds": encode(negative or "")}
 
 
-def write_video(path: str, frames: np.ndarray, fps: int) -> None:
-    import imageio.v2 as imageio
+def write_video(path: str, frames: np.ndarray, fps: int) -> str:
+    """Float frames in [0, 1] to ``path``; returns the path written (a .gif without imageio-ffmpeg)."""
+    from ..eval.video_io import write_video as write
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     data = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
-    imageio.mimwrite(path, list(data), fps=fps)
+    return str(write(path, data, fps))
 
 
 def _environment(device) -> dict:
@@ -192,6 +194,12 @@ def run(args) -> int:
     if _dense_with_sparsity(args):
         print("sparsediff generate: --sparsity does not apply to --method dense (dense attention keeps every key "
               "block): drop --sparsity, or choose a sparse method such as ba_att", file=sys.stderr)
+        return 2
+    from ..eval.video_io import FFMPEG_SUFFIXES
+
+    if os.path.splitext(args.out)[1].lower() not in (*FFMPEG_SUFFIXES, ".gif"):  # fail before generating
+        print(f"sparsediff generate: --out {args.out!r}: write .mp4 ({', '.join(FFMPEG_SUFFIXES[1:])}) or .gif",
+              file=sys.stderr)
         return 2
 
     from ..attention_processors import CaptureConfig, SparseAttnProcessor, model_family, transformers_of
@@ -240,10 +248,10 @@ def run(args) -> int:
             generate_video(pipe, proc, device=device, **warm)
     pipe.set_progress_bar_config(desc=f"{processor.method.name}")
     sparse = generate_video(pipe, processor, device=device, **kwargs)
-    write_video(args.out, sparse.frames, args.fps)
+    video = write_video(args.out, sparse.frames, args.fps)
     report = {"model": args.model, "family": family, "pipeline": type(pipe).__name__,
               "call": {k: args.__dict__[k] for k in ("prompt", "frames", "height", "width", "steps", "seed")},
-              "dtype": str(dtype), "environment": _environment(device), "video": os.path.abspath(args.out),
+              "dtype": str(dtype), "environment": _environment(device), "video": os.path.abspath(video),
               "sparse": sparse.summary()}
     if args.compare_dense:
         from ..eval.video_metrics import compare_videos
@@ -251,7 +259,7 @@ def run(args) -> int:
         pipe.set_progress_bar_config(desc="dense")
         dense = generate_video(pipe, None, device=device, **_call_kwargs(pipe, args, tiny, device))
         dense_path = os.path.splitext(args.out)[0] + ".dense" + os.path.splitext(args.out)[1]
-        write_video(dense_path, dense.frames, args.fps)
+        dense_path = write_video(dense_path, dense.frames, args.fps)
         metrics = compare_videos(dense.frames, sparse.frames, layout="thwc")
         report["dense"] = {**dense.summary(), "video": os.path.abspath(dense_path)}
         report["fidelity"] = metrics

@@ -218,11 +218,11 @@ def read_prompts(path) -> list[tuple[str, str]]:
     return prompts
 
 
-def save_video(frames: np.ndarray, path: Path, fps: int = 16) -> None:
-    import imageio
+def save_video(frames: np.ndarray, path: Path, fps: int = 16) -> Path:
+    """Returns the path written: a .gif instead of .mp4 without imageio-ffmpeg (see ``video_io.write_video``)."""
+    from .video_io import write_video
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    imageio.mimwrite(str(path), frames, fps=fps, macro_block_size=1)
+    return write_video(path, frames, fps, macro_block_size=1)
 
 
 def run_video_fidelity(runner: PipelineRunner, prompts, methods, out_dir, *, limit=None, shard=(0, 1),

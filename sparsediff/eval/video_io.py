@@ -1,5 +1,6 @@
 """Uniform frame sampling and decoding for video benchmarks: decord (the ``decord2`` package) when it
-can read the file, imageio's ffmpeg reader otherwise (with a warning), optional max-pixels resize."""
+can read the file, imageio's ffmpeg reader otherwise (with a warning), optional max-pixels resize; and
+:func:`write_video` for the videos the library writes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 import logging
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -122,3 +124,50 @@ def read_video(path, *, num_frames: int | None = None, fps: float | None = None,
             raise ValueError(f"{path}: could not read the video: {err}") from err
     frames.array = resize_to_max_pixels(frames.array, max_pixels)
     return frames
+
+
+# Containers that only imageio's FFMPEG plugin (the imageio-ffmpeg package) writes.
+FFMPEG_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm")
+_warned_no_ffmpeg = False
+
+
+def ffmpeg_available() -> bool:
+    """Whether imageio's FFMPEG plugin can write: imageio-ffmpeg installed and its ffmpeg binary found."""
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+def write_video(path, frames, fps: int = 16, **ffmpeg_options) -> Path:
+    """Write ``(T, H, W, 3)`` uint8 frames to ``path`` (``.mp4`` and other containers in ``FFMPEG_SUFFIXES``, or
+    ``.gif``) and return the path written. Containers go through the FFMPEG plugin by name: left to choose,
+    imageio hands ``.mp4`` to another plugin (TIFF) that fails on ``fps``. Without imageio-ffmpeg the frames go
+    to a ``.gif`` of the same name instead, with a warning (once per process)."""
+    global _warned_no_ffmpeg
+    import imageio
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (*FFMPEG_SUFFIXES, ".gif"):
+        raise ValueError(f"{path}: cannot write a video with suffix {path.suffix!r}; use .mp4 "
+                         f"({', '.join(FFMPEG_SUFFIXES[1:])}) or .gif")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = np.asarray(frames)
+    if suffix in FFMPEG_SUFFIXES:
+        if ffmpeg_available():
+            imageio.mimwrite(str(path), frames, format="FFMPEG", fps=fps, **ffmpeg_options)
+            return path
+        if not _warned_no_ffmpeg:
+            logger.warning("imageio's FFMPEG plugin is not installed (pip install imageio[ffmpeg]): videos are "
+                           "written as .gif instead of %s, e.g. %s", suffix, path.with_suffix(".gif"))
+            _warned_no_ffmpeg = True
+        path = path.with_suffix(".gif")
+    import imageio.v3 as iio
+
+    # Pillow's GIF: duration per frame in milliseconds, loop forever.
+    iio.imwrite(path, frames, plugin="pillow", extension=".gif", duration=1000 / fps, loop=0)
+    return path

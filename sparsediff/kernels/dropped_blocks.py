@@ -119,12 +119,15 @@ if triton is not None:
             kept = tl.load(kept_row + cols, mask=col_ok, other=1) != 0
             km = tl.load(KM + m_base + cols[None, :] * stride_mn + offs_d[:, None] * stride_md,
                          mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            if not DOT_F32:
-                km = km.to(q.dtype)
             if DOT_IEEE:  # float32 inputs on the GPU: full float32 products, not TF32
                 s = tl.dot(q, km, input_precision="ieee")
-            else:
+            elif DOT_F32:
                 s = tl.dot(q, km)
+            else:
+                # 16-bit q: the float32 means as a 16-bit head and remainder, two dots. One rounded mean
+                # would move each pooled logit by 2^-9 of it (bfloat16), far above the float32 LSE's error.
+                km_hi = km.to(q.dtype)
+                s = tl.dot(q, km_hi) + tl.dot(q, (km - km_hi.to(tl.float32)).to(q.dtype))
             s = s * qk_scale + tl.load(Log2N + cols, mask=col_ok, other=0.0)[None, :]
             ok = (~kept & col_ok)[None, :] & row_ok[:, None]
             if CAUSAL:

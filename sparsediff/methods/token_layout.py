@@ -188,9 +188,11 @@ def make_layout(grid, block_size: int, tile=None, global_tokens: int = 0, device
 def make_segment_layout(grids, block_size: int, tile=None, device=None) -> TokenLayout:
     """Keys made of consecutive segments (frame blocks of block-causal video), each tiled on its own grid, and
     queries that are the last segment: each block's tiles stay inside the block, so the prefix a cached-prefix
-    method keeps is tiled the same way at every call. Cached: every layer and step of a generation asks again."""
+    method keeps is tiled the same way at every call. Cached: every layer and step of a generation asks again.
+    ``device`` defaults to the default device, as :func:`make_layout`'s."""
     return _segment_layout(tuple(tuple(int(x) for x in g) for g in grids), block_size,
-                           None if tile is None else tuple(tile), torch.device(device or "cpu"))
+                           None if tile is None else tuple(tile),
+                           torch.device(device) if device else torch.get_default_device())
 
 
 @functools.lru_cache(maxsize=64)

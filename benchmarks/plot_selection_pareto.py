@@ -85,6 +85,7 @@ def main(argv=None) -> int:
             ax.annotate(setting.replace("/allocation=global/local_window=none", ""), (pct, delta), fontsize=8,
                         xytext=(4, 4), textcoords="offset points")
         ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xscale("log")  # selection costs span two decades
         ax.set_xlabel(f"selection (plan) time, % of cuDNN dense at {args.n // 1024}k tokens (H100)")
         ax.set_ylabel("perplexity vs dense, %")
         ax.set_title(f"density {density}")

@@ -7,6 +7,8 @@ import pytest
 
 from sparsediff.commands.demo import load_app
 
+pytest.importorskip("gradio", reason="the demo needs gradio (the 'demo' extra)")
+
 load_app()
 from demos.common import Cancelled, DemoInputError  # noqa: E402
 from demos.text import CAUSAL_LM, DIFFUSION_LM, TextRequest, available_models, needle_prompt, run_text  # noqa: E402

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from sparsediff.commands.demo import load_app
+
+pytest.importorskip("gradio", reason="the demo needs gradio (the 'demo' extra)")
 from sparsediff.testing.tolerance import ROUNDING, tolerance
 
 load_app()  # puts the checkout root on sys.path, as `sparsediff demo` does

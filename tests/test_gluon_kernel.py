@@ -256,3 +256,15 @@ def test_an_8bit_gluon_build_failure_falls_back_on_its_own(monkeypatch, caplog):
     assert block_sparse.gluon_enabled("16-bit") and not block_sparse.gluon_enabled("8-bit")
     want = block_sparse_attention(q, k, v, index, count, block_size=32, precision="int8", backend="triton")
     assert torch.equal(out, want)
+
+
+def test_the_8bit_gluon_variant_is_on_unless_switched_off(monkeypatch):
+    from sparsediff.kernels import block_sparse
+
+    monkeypatch.setattr(block_sparse, "_gluon_failures", {"16-bit": None, "8-bit": None})
+    monkeypatch.delenv("SPARSEDIFF_GLUON_INT8", raising=False)
+    monkeypatch.delenv("SPARSEDIFF_GLUON", raising=False)
+    assert block_sparse.gluon_enabled("8-bit") == block_sparse.triton_available()
+    monkeypatch.setenv("SPARSEDIFF_GLUON_INT8", "0")
+    assert not block_sparse.gluon_enabled("8-bit")
+    assert block_sparse.gluon_enabled("16-bit") == block_sparse.triton_available()

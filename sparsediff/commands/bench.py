@@ -221,7 +221,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--flex", action="store_true", help="also time FlexAttention (GPU; compiles first)")
     parser.add_argument("--precisions", type=precisions, default="bf16",
                         help="comma-separated kernel precisions to time: bf16, int8, int8_fp8 (8-bit: a CUDA GPU or "
-                             "the Triton interpreter; the Gluon 8-bit kernel with SPARSEDIFF_GLUON_INT8=1)")
+                             "the Triton interpreter; on Hopper the Gluon 8-bit kernel unless SPARSEDIFF_GLUON_INT8=0)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
 
 

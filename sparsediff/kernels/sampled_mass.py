@@ -221,8 +221,8 @@ if triton is not None:
 # program's key blocks over that many programs and adds a small reduce launch; None picks it from the GPU: the
 # query side alone gives few programs (32k tokens, 16 heads, 4 rows: 128 on a 132-SM H100, one key loop of 256
 # blocks each), so the loop's latency bounds the time. H100, 4 rows per 128-token block (bench_selection.py,
-# 2026-12-07): 32k 0.765 ms (64 rows, 4 warps, no split) -> 0.606 (automatic split) -> 0.484 (128 rows,
-# 128 keys a tile, 8 warps, 4 splits); 64k 2.029 -> 1.759 ms.
+# 2026-12-07): 32k 0.765 ms (64 rows, 4 warps, no split) -> 0.536 (2 splits) -> 0.484 (128 rows, 128 keys a
+# tile, 8 warps, 4 splits); 64k 2.029 -> 1.759 ms.
 LAUNCH = dict(rows_per_program=128, block_n=128, num_warps=8, key_splits=None)
 # Automatic split: about this many programs per SM, and at least this many key blocks per split.
 SPLIT_PROGRAMS_PER_SM = 4
@@ -230,10 +230,13 @@ SPLIT_MIN_BLOCKS = 16
 
 
 def auto_key_splits(programs: int, nkb: int, sms: int) -> int:
-    """Key splits for ``programs`` query-side programs over ``nkb`` key blocks on ``sms`` SMs: enough for
-    :data:`SPLIT_PROGRAMS_PER_SM` programs per SM, each split holding at least :data:`SPLIT_MIN_BLOCKS`."""
-    want = math.ceil(SPLIT_PROGRAMS_PER_SM * sms / max(1, programs))
-    return max(1, min(want, nkb // SPLIT_MIN_BLOCKS))
+    """Key splits for ``programs`` query-side programs over ``nkb`` key blocks on ``sms`` SMs: about
+    :data:`SPLIT_PROGRAMS_PER_SM` programs per SM, each split holding at least :data:`SPLIT_MIN_BLOCKS`, a
+    power of two."""
+    want = max(1, min(math.ceil(SPLIT_PROGRAMS_PER_SM * sms / max(1, programs)), nkb // SPLIT_MIN_BLOCKS))
+    # Rounded down to a power of two: on an H100 at 32k, 3 splits ran 0.598 ms against 0.536 for 2 (64-row
+    # programs) and 5 splits 0.541 against 0.484 for 4 (128-row programs).
+    return 1 << (want.bit_length() - 1)
 
 
 def _sms(x) -> int:

@@ -222,7 +222,8 @@ if triton is not None:
 # query side alone gives few programs (32k tokens, 16 heads, 4 rows: 128 on a 132-SM H100, one key loop of 256
 # blocks each), so the loop's latency bounds the time. H100, 4 rows per 128-token block (bench_selection.py,
 # 2026-12-07): 32k 0.765 ms (64 rows, 4 warps, no split) -> 0.536 (2 splits) -> 0.484 (128 rows, 128 keys a
-# tile, 8 warps, 4 splits); 64k 2.029 -> 1.759 ms.
+# tile, 8 warps, 4 splits: what the rule below picks); 64k 2.029 -> 1.905 (128 rows, no split) -> 1.759 (4
+# splits; the rule picks 2 there, not measured).
 LAUNCH = dict(rows_per_program=128, block_n=128, num_warps=8, key_splits=None)
 # Automatic split: about this many programs per SM, and at least this many key blocks per split.
 SPLIT_PROGRAMS_PER_SM = 4

@@ -276,13 +276,9 @@ def _eight_bit(precision, q, k, v, block_index, block_count, *, scale, causal, b
         raise ValueError(f"precision={precision!r} does not support repeat_q or live_rows; use precision='bf16'")
     # Any float dtype goes in (it is quantized); the tile rules are the Triton kernel's.
     check_inputs(q, k, v, block_index, block_count, block_size, "torch", check_ids=check_ids)
-    d = q.shape[-1]
-    if d > MAX_TRITON_HEAD_DIM or d % 16:
-        raise ValueError(f"precision={precision!r} supports head dims that are multiples of 16 up to 256, got {d}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"precision={precision!r} needs a power-of-two block_size >= 16, got {block_size}")
-    if not hasattr(torch, "float8_e4m3fn"):
-        raise RuntimeError(f"precision={precision!r} needs torch.float8_e4m3fn (torch >= 2.1)")
+    why = eight_bit_unsupported(q, block_size)  # the shape rules, shared with the methods' fallback
+    if why is not None:
+        raise ValueError(f"precision={precision!r} cannot run here: {why}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     block_index, block_count = block_index.to(torch.int32), block_count.to(torch.int32)
     if _use_gluon(backend == "gluon", backend is None and gluon_enabled("8-bit"), q, k, v, block_size,

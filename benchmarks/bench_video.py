@@ -20,8 +20,12 @@ and autotuning happen there). The attention share comes from a separate pass in 
 attention call is synchronised and timed (``attention_timer``); dense attention is timed the same way
 through ``DenseProcessor``. ``amdahl`` is the step speed-up that the row's attention speed-up alone would
 give at the dense attention share, ``1 / ((1 - a) + a / s)``; the dense row's is the bound ``1 / (1 - a)``.
-``layout_ms`` is the tiled layout's own cost per step (permute q, k, v and unpermute the output, once per
-self-attention layer, timed alone). Targets for context: >= 1.5x step speed-up at 0.5, >= 2.3x at 0.8.
+``layout_ms`` is the tiled layout's own cost per step, timed alone: for Wan the blocks hold the tile order, so
+it is the hidden states permuted in and out once per forward plus the rotary tables
+(``attention_processors.token_order``); ``per_call_ms`` is what permuting q, k, v and the output in every
+self-attention layer would cost (``SPARSEDIFF_HOST_TILES=0``). ``--method`` takes several method specs
+(``ba_att ba_att/sample_rows=2 ba_att_paper``). Targets for context: >= 1.5x step speed-up at 0.5, >= 2.3x at
+0.8.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import json
 import platform
 import statistics
@@ -37,7 +42,7 @@ import time
 import torch
 
 import sparsediff
-from sparsediff.attention_processors import DenseProcessor, attention_timer, enabled_processor
+from sparsediff.attention_processors import DenseProcessor, attention_timer, enabled_processor, token_order
 from sparsediff.kernels.block_sparse import PRECISIONS
 from sparsediff.methods.base import sparse_share
 
@@ -114,32 +119,45 @@ def time_residual_cycle(model, inputs, cuda, every, cycles) -> tuple[float, floa
     return statistics.median(refresh), statistics.median(reuse)
 
 
-def layout_seconds(model, inputs, cuda, block_size) -> float:
-    """Seconds per step of the tiled layout alone: permute q, k, v and unpermute the output, once per layer."""
+def layout_seconds(model, inputs, cuda, block_size) -> dict:
+    """Seconds per step of the tiled layout alone, both ways it runs: ``per_call`` permutes q, k, v and
+    un-permutes the output in every self-attention layer; ``held`` (families whose blocks hold the tile order,
+    ``attention_processors.token_order``) permutes the hidden states in and out once per forward, and the
+    rotary tables once."""
     from sparsediff.methods.token_layout import make_layout
 
     b, _, f, h, w = inputs["hidden_states"].shape
     p = model.config.patch_size
     grid = (f // p[0], h // p[1], w // p[2])
     heads, dim = model.config.num_attention_heads, model.config.attention_head_dim
-    q, k, v = (torch.randn(b, heads, grid[0] * grid[1] * grid[2], dim, device=inputs["hidden_states"].device,
-                           dtype=inputs["hidden_states"].dtype) for _ in range(3))
+    n, device, dtype = grid[0] * grid[1] * grid[2], inputs["hidden_states"].device, inputs["hidden_states"].dtype
+    g = torch.Generator(device="cpu").manual_seed(1)
+    q, k, v = (torch.randn(b, heads, n, dim, generator=g).to(device, dtype) for _ in range(3))
+    hidden = torch.randn(b, n, heads * dim, generator=g).to(device, dtype)
+    rope = [torch.randn(1, n, 1, dim, generator=g).to(device) for _ in range(2)]  # float32 cos / sin tables
     tiles = make_layout(grid, block_size, device=q.device)
 
-    def once():
+    def per_call():
         qs, _, _ = tiles.permute_q(q), tiles.permute(k), tiles.permute(v)
         return tiles.unpermute(qs)
 
-    if cuda:
-        import triton.testing
+    def held():
+        tiled = hidden.index_select(1, tiles.perm)
+        for table in rope:
+            table.index_select(1, tiles.perm)
+        return tiled.index_select(1, tiles.inverse)
 
-        per_call = float(triton.testing.do_bench(once, warmup=10, rep=50, return_mode="median")) / 1e3
-    else:
-        once()
+    def seconds(fn):
+        if cuda:
+            import triton.testing
+
+            return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")) / 1e3
+        fn()
         start = time.perf_counter()
-        once()
-        per_call = time.perf_counter() - start
-    return per_call * len(model.blocks)
+        fn()
+        return time.perf_counter() - start
+
+    return {"per_call": seconds(per_call) * len(model.blocks), "held": seconds(held)}
 
 
 def what_ran(model) -> dict:
@@ -161,7 +179,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model on CPU (smoke run)")
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.8])
-    parser.add_argument("--method", default="ba_att")
+    parser.add_argument("--method", nargs="+", default=["ba_att"],
+                        help="method specs to time (e.g. ba_att ba_att/sample_rows=2 ba_att_paper)")
     parser.add_argument("--layout", nargs="+", default=["rowmajor", "tiled"], choices=["rowmajor", "tiled", "auto"],
                         help="token layouts to time each sparse row under")
     parser.add_argument("--precision", nargs="+", default=["bf16"], choices=list(PRECISIONS),
@@ -200,29 +219,28 @@ def main(argv=None) -> int:
     sparsediff.disable(model)
     rows.append({"method": "dense (cuDNN SDPA)", "sparsity": 0.0, "step_s": dense_step, "attention_s": dense_attn})
     for sparsity in args.sparsity:
-        for layout in args.layout:
-            for precision in args.precision:
-                extra = {} if precision == "bf16" else {"precision": precision}
-                sparsediff.enable(model, args.method, sparsity=sparsity, layout=layout, **extra, **method_kwargs)
-                step = time_step(model, inputs, cuda, args.warmup, args.repeat)
-                attn = attention_seconds(model, inputs, cuda)
-                ran = what_ran(model)
-                sparsediff.disable(model)
-                label = args.method if precision == "bf16" else f"{args.method} {precision}"
-                rows.append({"method": label, "precision": precision, "sparsity": sparsity, "layout": layout,
-                             "step_s": step, "attention_s": attn, **ran})
-                print(f"  {label} {sparsity} {layout}: step {step:.4f} s, attention {attn:.4f} s", flush=True)
+        for method, layout, precision in itertools.product(args.method, args.layout, args.precision):
+            extra = {} if precision == "bf16" else {"precision": precision}
+            sparsediff.enable(model, method, sparsity=sparsity, layout=layout, **extra, **method_kwargs)
+            step = time_step(model, inputs, cuda, args.warmup, args.repeat)
+            attn = attention_seconds(model, inputs, cuda)
+            ran = what_ran(model)
+            sparsediff.disable(model)
+            label = method if precision == "bf16" else f"{method} {precision}"
+            rows.append({"method": label, "precision": precision, "sparsity": sparsity, "layout": layout,
+                         "step_s": step, "attention_s": attn, **ran})
+            print(f"  {label} {sparsity} {layout}: step {step:.4f} s, attention {attn:.4f} s", flush=True)
         if args.residual_every:
-            layout = args.layout[-1]
+            layout, method = args.layout[-1], args.method[0]
             # Steps come from denoising_step here (the timestep input never changes between timed passes).
-            sparsediff.enable(model, args.method, sparsity=sparsity, layout=layout, track_steps=False,
+            sparsediff.enable(model, method, sparsity=sparsity, layout=layout, track_steps=False,
                               residual_every=args.residual_every, **method_kwargs)
             refresh, reuse = time_residual_cycle(model, inputs, cuda, args.residual_every, args.cycles)
             stats = dict(enabled_processor(model).method.stats)
             ran = what_ran(model)
             sparsediff.disable(model)
             r = args.residual_every
-            rows.append({"method": f"{args.method}+residual/{r}", "sparsity": sparsity, "layout": layout,
+            rows.append({"method": f"{method}+residual/{r}", "sparsity": sparsity, "layout": layout,
                          "step_s": (refresh + (r - 1) * reuse) / r, "refresh_step_s": refresh,
                          "reuse_step_s": reuse, "attention_s": 0.0,
                          "residual_refreshes": stats.get("residual_refreshes", 0),
@@ -241,9 +259,14 @@ def main(argv=None) -> int:
             row["amdahl"] = 1 / ((1 - share) + share / speed) if speed else None
     block = 16 if args.quick else 128
     layout_s = layout_seconds(model, inputs, cuda, block)
-    layout_cost = {"layout_ms_per_step": 1e3 * layout_s, "pct_of_dense_step": 100 * layout_s / dense_step}
-    print(f"tiled layout alone: {1e3 * layout_s:.2f} ms per step ({layout_cost['pct_of_dense_step']:.2f}% of a "
-          "dense step)")
+    held = token_order.enabled() and type(model).__name__ in token_order.TOKEN_ORDER_FAMILIES
+    used = layout_s["held" if held else "per_call"]
+    layout_cost = {"layout_ms_per_step": 1e3 * used, "pct_of_dense_step": 100 * used / dense_step,
+                   "mode": "held across the blocks" if held else "per attention call",
+                   "per_call_ms_per_step": 1e3 * layout_s["per_call"], "held_ms_per_step": 1e3 * layout_s["held"]}
+    print(f"tiled layout alone ({layout_cost['mode']}): {1e3 * used:.2f} ms per step "
+          f"({layout_cost['pct_of_dense_step']:.2f}% of a dense step; per attention call it would be "
+          f"{1e3 * layout_s['per_call']:.2f} ms)")
 
     result = {"benchmark": "bench_video", "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "environment": env, "tokens": tokens, "quick": args.quick, "warmup": args.warmup,
@@ -251,10 +274,10 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2, allow_nan=False)
     print(f"\nJSON: {args.out}\n")
-    print(f"{'method':<22}{'sparsity':>9}{'layout':>10}{'step (s)':>11}{'attn (s)':>11}{'attn share':>12}"
+    print(f"{'method':<28}{'sparsity':>9}{'layout':>10}{'step (s)':>11}{'attn (s)':>11}{'attn share':>12}"
           f"{'step x':>9}{'attn x':>9}{'amdahl':>9}{'sparse':>8}")
     for r in rows:
-        print(f"{r['method']:<22}{r['sparsity']:>9.2f}{r.get('layout', '-'):>10}{r['step_s']:>11.4f}"
+        print(f"{r['method']:<28}{r['sparsity']:>9.2f}{r.get('layout', '-'):>10}{r['step_s']:>11.4f}"
               f"{r['attention_s']:>11.4f}{100 * r['attention_share']:>11.1f}%{r['step_speedup']:>9.2f}"
               f"{r['attention_speedup']:>9.2f}{'-' if r['amdahl'] is None else format(r['amdahl'], '.2f'):>9}"
               f"{'-' if r.get('sparse_share') is None else format(r['sparse_share'], '.0%'):>8}")

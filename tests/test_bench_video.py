@@ -30,3 +30,17 @@ def test_quick_run_times_layouts_and_residual_reuse(tmp_path):
     assert residual["residual_refreshes"] > 0 and residual["residual_reuses"] == residual["residual_refreshes"]
     assert residual["residual_mib"] > 0
     assert result["layout_cost"]["layout_ms_per_step"] > 0
+
+
+def test_profile_quick_run_reports_every_layout(tmp_path):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "profile.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_video_step.py"), "--quick", "--repeat", "1", "--top", "3",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["method"], r["layout"]) for r in runs] == [("dense", "-"), ("ba_att", "rowmajor"), ("ba_att", "tiled")]
+    for run in runs:
+        assert run["step_s"] > 0 and run["enqueue_s"] > 0 and run["kernel_s"] > 0
+        assert 0 < len(run["top"]) <= 3 and all(row["ms"] > 0 and row["calls"] > 0 for row in run["top"])

@@ -1,10 +1,10 @@
 """``enable_diffusers`` / ``disable_diffusers``: swap a pipeline's or model's attention processors for a
 sparsediff processor, and put back exactly the processor objects that were there.
 
-Besides the processors, enabling installs two forward hooks per transformer: one publishes the latent
-geometry (tokens per frame, for per-frame sorting segments), one advances ``step_state`` from the
-``timestep`` the pipeline passes (for dense early steps and step-keyed caches). Both are removed on
-disable.
+Besides the processors, enabling installs forward hooks per transformer: one publishes the latent
+geometry (tokens per frame, for per-frame sorting segments) and, under ``layout="tiled"``, holds the video
+tokens in tile order across the blocks (``token_order``); one advances ``step_state`` from the ``timestep``
+the pipeline passes (for dense early steps and step-keyed caches). All are removed on disable.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import logging
 
 import torch
 
+from .._logging import warn_once
 from ..runtime import step_state
-from . import families
+from . import families, token_order
 from .processor import GEOMETRY, SparseAttnProcessor, bind, unbind
 
 logger = logging.getLogger(__name__)
@@ -59,18 +60,30 @@ class StepTracker:
         step_state.set_step(self.step, len(timesteps) if timesteps is not None else None)
 
 
-def _geometry_hooks(model):
+def _geometry_hooks(model, config):
     tokens = []
 
     def pre(module, args, kwargs):
-        tokens.append(GEOMETRY.set(families.frame_geometry(module, args, kwargs)))
+        grid = families.frame_geometry(module, args, kwargs)
+        if grid is not None and token_order.checkpointing(module):
+            # A checkpointed block recomputes in the backward pass, outside this call: no grid-dependent choice
+            # (tiles, per-frame sort segments) may differ between the two passes.
+            warn_once(logger, f"{type(module).__name__}: gradient checkpointing is on; the latent grid is not "
+                      "passed to the method (no tiles, no per-frame segments)", key=("checkpointing", id(module)))
+            grid = None
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        device = hidden.device if torch.is_tensor(hidden) else None
+        tokens.append((GEOMETRY.set(grid), token_order.begin(module, config, grid, device)))
 
     def post(module, args, kwargs, output):
         if tokens:
-            GEOMETRY.reset(tokens.pop())
+            grid_token, order_token = tokens.pop()
+            token_order.HOST_ORDER.reset(order_token)
+            GEOMETRY.reset(grid_token)
 
     return [model.register_forward_pre_hook(pre, with_kwargs=True),
-            model.register_forward_hook(post, with_kwargs=True, always_call=True)]
+            model.register_forward_hook(post, with_kwargs=True, always_call=True),
+            *token_order.install(model, config)]
 
 
 def transformers_of(obj) -> list:
@@ -112,7 +125,7 @@ def enable_diffusers(obj, method="ba_att", *, track_steps: bool = True, **overri
         for key, original in originals.items():
             bind(names[key], key[: -len(".processor")], original)
         model.set_attn_processor(processor)
-        hooks = _geometry_hooks(model)
+        hooks = _geometry_hooks(model, processor.method.config)
         if tracker is not None:
             hooks.append(model.register_forward_pre_hook(tracker, with_kwargs=True))
         setattr(model, _STATE_ATTR, _EnabledState(processor, originals, hooks))

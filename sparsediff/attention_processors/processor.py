@@ -32,7 +32,7 @@ from ..methods import head_parallel, make_method
 from ..methods.base import AttentionMethod, sparse_share
 from ..methods.masks import key_padding, run_per_row
 from ..runtime import step_state
-from . import families
+from . import families, token_order
 
 logger = logging.getLogger(__name__)
 
@@ -286,12 +286,14 @@ class SparseAttnProcessor:
         frame_size = grid[1] * grid[2] if grid else None
         if segments is not None:  # a frame block over its cached prefix: one grid per block of the keys
             grid, frame_size = segments, segments[-1][1] * segments[-1][2]
+        applied = token_order.applied_layout(q, k, grid, text) if segments is None and not causal else None
         if self.capture is not None:
-            self._save(name, q, k, v, frame_size, text, grid if segments is None else None)
+            saved = (q, k, v) if applied is None else (applied.unpermute(x) for x in (q, k, v))
+            self._save(name, *saved, frame_size, text, grid if segments is None else None)
         reason = None if self.method.name == "dense" else self.method.dense_reason(q, k, causal=causal)
         self._count("dense" if self.method.name == "dense" else reason or "sparse")
         out = self.method(q, k, v, causal=causal, scale=scale, layer=name, frame_size=frame_size, global_tokens=text,
-                          grid=grid)
+                          grid=grid, applied_layout=applied)
         return out.to(q.dtype)
 
     def _run_padded(self, layer, q, k, v, keep, causal, scale, text):

@@ -114,16 +114,21 @@ class AttentionMethod:
         return None
 
     def __call__(self, q, k, v, *, causal=False, scale=None, layer=None, frame_size=None, global_tokens=0,
-                 return_lse=False, grid=None):
+                 return_lse=False, grid=None, applied_layout=None):
         """``grid``: (latent frames, height, width) of the video tokens after the ``global_tokens`` when the host
         knows it (for a cached-prefix call, one grid per frame block of the keys); the config's ``layout`` then
-        may reorder them into 3-D tiles (``token_layout``)."""
+        may reorder them into 3-D tiles (``token_layout``). ``applied_layout``: a :class:`~.token_layout.TokenLayout`
+        the host already applied (tokens arrive, and the output leaves, in its order): no permutation here."""
         state = step_state.current()
         if state.generation != self._generation:
             self._generation = state.generation
             self.reset()
         if self.use_dense(q, k):
             return dense_attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
+        if applied_layout is not None:
+            return self._attend_sparse(q, k, v, causal=causal, scale=scale, layer=layer,
+                                       frame_size=applied_layout.segment, global_tokens=global_tokens,
+                                       return_lse=return_lse)
         tiles = self.token_layout(q, k, causal=causal, grid=grid, global_tokens=global_tokens)
         if tiles is not None:
             q, k, v = tiles.permute_q(q), tiles.permute(k), tiles.permute(v)

@@ -130,8 +130,8 @@ def main(argv=None) -> int:
                    "runs": runs}, f, indent=2)
     print(f"\nJSON: {args.out}")
     for run in runs:
-        print(f"\n{run['method']} {run['layout']}: step {run['step_s'] * 1e3:.1f} ms, issue {run['enqueue_s'] * 1e3:.1f}"
-              f" ms, kernels {run['kernel_s'] * 1e3:.1f} ms")
+        print(f"\n{run['method']} {run['layout']}: step {run['step_s'] * 1e3:.1f} ms, issue "
+              f"{run['enqueue_s'] * 1e3:.1f} ms, kernels {run['kernel_s'] * 1e3:.1f} ms")
         for where, n in run["syncs"].items():
             print(f"  sync x{n}: {where}")
         for row in run["top"]:

@@ -79,18 +79,19 @@ def rel_l2(out, ref) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
-def run_method(spec, seq, frame_size, every=0):
-    """Per step: the output and whether the step was a residual refresh."""
-    method = make_method(f"{spec}/residual_every={every}", min_seq_len=0)
+def run_method(spec, seq, frame_size, every=0, reuse="residual"):
+    """Per step: the output and whether the step was a refresh (``reuse``: "residual" for residual_every,
+    "plan" for plan_every)."""
+    method = make_method(f"{spec}/{reuse}_every={every}", min_seq_len=0)
     new_generation()
     rows = []
     for t, (q, k, v) in enumerate(seq):
-        before = method.stats.get("residual_refreshes", 0)
+        before = method.stats.get(f"{reuse}_refreshes", 0)
         with denoising_step(t, len(seq)):
             out = method(q, k, v, layer="probe", frame_size=frame_size)
-        kind = "plain" if not every else ("refresh" if method.stats.get("residual_refreshes", 0) > before else "reuse")
+        kind = "plain" if not every else ("refresh" if method.stats.get(f"{reuse}_refreshes", 0) > before else "reuse")
         rows.append({"out": out, "kind": kind})
-    return rows, residual_bytes(method)
+    return rows, residual_bytes(method) if reuse == "residual" else method.stats.get("plan_bytes", 0)
 
 
 def reselect_errors(plain, refs, every):
@@ -139,7 +140,7 @@ def step_times(spec, seq, frame_size, reps):
     return best
 
 
-def one_drift(probe, args, eps, specs, sparsities, everys, log):
+def one_drift(probe, args, eps, specs, sparsities, everys, log, plan_everys=()):
     seq = drifting_steps(probe, args.steps, eps, args.seed)
     refs = [dense_attention(q, k, v) for q, k, v in seq]
     consecutive = [rel_l2(refs[t], refs[t - 1]) for t in range(1, len(refs))]
@@ -164,12 +165,20 @@ def one_drift(probe, args, eps, specs, sparsities, everys, log):
                                 "residual_bytes": nbytes})
                 r = results[-1]
                 log(f"  {name:18s} r={every:<3d}      mean {r['mean']:.4f} (reselect {r['reselect_mean']:.4f})")
+            for every in plan_everys:  # the plan kept, no residual: only the selection is saved
+                rows, nbytes = run_method(name, seq, probe.frame_size, every, reuse="plan")
+                errors = [rel_l2(r["out"], ref) for r, ref in zip(rows, refs)]
+                results.append({"method": spec, "sparsity": sparsity, "every": every, "reuse": "plan",
+                                "errors": errors, **summarise(errors),
+                                "refresh_steps": [t for t, r in enumerate(rows) if r["kind"] == "refresh"],
+                                "plan_bytes": nbytes})
+                log(f"  {name:18s} plan r={every:<3d} mean {results[-1]['mean']:.4f}")
     return {"eps": eps, "consecutive_dense_change": statistics.fmean(consecutive), "rows": results}
 
 
 def target(rows, spec):
     """The issue's target: r = 5 at sparsity 0.8 no worse than plain sparsity 0.5 (mean error over steps)."""
-    pick = {(r["sparsity"], r["every"]): r["mean"] for r in rows if r["method"] == spec}
+    pick = {(r["sparsity"], r["every"]): r["mean"] for r in rows if r["method"] == spec and r.get("reuse") != "plan"}
     if (0.8, 5) not in pick or (0.5, 0) not in pick:
         return None
     return {"r5_s0.8": pick[(0.8, 5)], "plain_s0.5": pick[(0.5, 0)], "met": pick[(0.8, 5)] <= pick[(0.5, 0)]}
@@ -179,8 +188,8 @@ def table(run) -> str:
     lines = ["| method | sparsity | r | mean rel L2 | max | last step | reselect (ablation) |",
              "|---|---|---|---|---|---|---|"]
     for r in run["rows"]:
-        every = "plain" if not r["every"] else str(r["every"])
-        resel = f"{r['reselect_mean']:.4f}" if r["every"] else "–"
+        every = "plain" if not r["every"] else ("plan kept " if r.get("reuse") == "plan" else "") + str(r["every"])
+        resel = f"{r['reselect_mean']:.4f}" if "reselect_mean" in r else "–"
         lines.append(f"| {r['method']} | {r['sparsity']} | {every} | {r['mean']:.4f} | {r['max']:.4f} | "
                      f"{r['last']:.4f} | {resel} |")
     return "\n".join(lines)
@@ -215,7 +224,7 @@ def plot(run, path, steps):
         for j, sparsity in enumerate(sparsities):
             ax = axes[i][j]
             for r in (r for r in run["rows"] if r["method"] == spec and r["sparsity"] == sparsity):
-                label = "plain sparse" if not r["every"] else f"residual_every={r['every']}"
+                label = "plain sparse" if not r["every"] else f"{r.get('reuse', 'residual')}_every={r['every']}"
                 ax.plot(range(steps), [max(e, 1e-6) for e in r["errors"]], marker="o", ms=3, label=label)
             if reference is not None and sparsity != 0.5:
                 ax.axhline(reference["mean"], color="grey", ls="--", lw=1, label="plain sparse 0.5 (mean)")
@@ -235,7 +244,8 @@ def main(argv=None):
     p.add_argument("--methods", default="ba_att,ba_att/norm_sort=true,xattention",
                    help="comma-separated specs without sparsity (selectors run block_sparse)")
     p.add_argument("--sparsities", default="0.5,0.8")
-    p.add_argument("--every", default="2,5,10", help="residual_every values")
+    p.add_argument("--every", default="2,5,10", help="residual_every values ('' for none)")
+    p.add_argument("--plan-every", default="", help="plan_every values: the plan kept r steps, no residual")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--eps", type=float, default=0.01, help="drift per step, relative to each token's norm")
     p.add_argument("--eps-sweep", default="0.005,0.02", help="other drifts: plain and r=5 at sparsity 0.8 ('' off)")
@@ -245,29 +255,31 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--time-reps", type=int, default=5, help="timing rounds (each kind's fastest is reported)")
-    p.add_argument("--quick", action="store_true", help="n=1024, 6 steps, r=2 only, no sweep")
+    p.add_argument("--quick", action="store_true", help="n=1024, 6 steps, r=2 only (unless --every), no sweep")
     args = p.parse_args(argv)
     if args.quick:
-        args.n, args.steps, args.every, args.eps_sweep = 1024, 6, "2", ""
+        args.n, args.steps, args.eps_sweep = 1024, 6, ""
+        args.every = "2" if args.every == "2,5,10" else args.every
     torch.set_num_threads(args.threads)
     specs = [s for s in args.methods.split(",") if s]
     sparsities = [float(s) for s in args.sparsities.split(",") if s]
     everys = [int(s) for s in args.every.split(",") if s]
+    plan_everys = [int(s) for s in args.plan_every.split(",") if s]
     probe = make_probe("video", n=args.n, heads=args.heads, dim=args.dim)
     measured = git_state()  # before the run: the code it loaded
 
     def log(msg):
         print(msg, flush=True)
 
-    main_run = one_drift(probe, args, args.eps, specs, sparsities, everys, log)
+    main_run = one_drift(probe, args, args.eps, specs, sparsities, everys, log, plan_everys)
     sweeps = [one_drift(probe, args, float(e), specs, [0.5, 0.8] if 0.8 in sparsities else sparsities,
-                        [5] if 5 in everys else everys[:1], log)
+                        [5] if 5 in everys else everys[:1], log, [5] if 5 in plan_everys else plan_everys[:1])
               for e in args.eps_sweep.split(",") if e]
     for run in sweeps:  # the sweep reports plain 0.5, plain 0.8 and r = 5 at 0.8 only
         run["rows"] = [r for r in run["rows"] if not r["every"] or r["sparsity"] == 0.8]
     seq = drifting_steps(probe, 2, args.eps, args.seed)
     timings = {with_sparsity(spec, sp): step_times(with_sparsity(spec, sp), seq, probe.frame_size, args.time_reps)
-               for spec in specs for sp in sparsities}
+               for spec in specs for sp in sparsities} if everys else {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     png = plot(main_run, out.with_suffix(".png"), args.steps)

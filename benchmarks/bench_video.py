@@ -13,7 +13,8 @@ of 30 x 52 = 1,560 patches = 32,760 tokens, with 512 text tokens for cross-atten
 * with ``--precision bf16 int8_fp8``: each sparse row also with the 8-bit block-sparse kernel (``precision=``);
 * with ``--residual-every r``: the same at each sparsity with residual reuse (``residual_every=r``) over
   ``--cycles`` refresh cycles inside ``denoising_step``; refresh and reuse steps are timed apart and the row's
-  step time is their mean over one cycle, ``(refresh + (r - 1) * reuse) / r``.
+  step time is their mean over one cycle, ``(refresh + (r - 1) * reuse) / r``;
+* with ``--plan-every r``: likewise with the selection kept r steps (``plan_every=r``, no residual).
 
 Step time is the median of ``--repeat`` forward passes after ``--warmup`` passes (kernel compilation
 and autotuning happen there). The attention share comes from a separate pass in which every routed
@@ -175,6 +176,27 @@ def attention_seconds(model, inputs, cuda) -> float:
     return box[0]
 
 
+def reuse_row(model, inputs, cuda, args, kind, every, sparsity, method_kwargs) -> dict:
+    """The first method, last layout, with ``{kind}_every=every`` (residual reuse or a kept plan), timed over
+    refresh cycles: the row's step time is ``(refresh + (r - 1) * reuse) / r``."""
+    layout, method = args.layout[-1], args.method[0]
+    # Steps come from denoising_step here (the timestep input never changes between timed passes).
+    sparsediff.enable(model, method, sparsity=sparsity, layout=layout, track_steps=False,
+                      **{f"{kind}_every": every}, **method_kwargs)
+    refresh, reuse = time_residual_cycle(model, inputs, cuda, every, args.cycles)
+    stats = dict(enabled_processor(model).method.stats)
+    ran = what_ran(model)
+    sparsediff.disable(model)
+    row = {"method": f"{method}+{kind}/{every}", "sparsity": sparsity, "layout": layout,
+           "step_s": (refresh + (every - 1) * reuse) / every, "refresh_step_s": refresh, "reuse_step_s": reuse,
+           "attention_s": 0.0, f"{kind}_refreshes": stats.get(f"{kind}_refreshes", 0),
+           f"{kind}_reuses": stats.get(f"{kind}_reuses", 0), **ran}
+    nbytes = stats.get("residual_bytes" if kind == "residual" else "plan_bytes", 0)
+    row[f"{kind}_mib"] = nbytes / 2**20
+    print(f"  {row['method']} {sparsity} {layout}: refresh {refresh:.4f} s, reuse {reuse:.4f} s", flush=True)
+    return row
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model on CPU (smoke run)")
@@ -186,7 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", nargs="+", default=["bf16"], choices=list(PRECISIONS),
                         help="block-sparse kernel precisions to time each sparse row with")
     parser.add_argument("--residual-every", type=int, default=0, help="also time residual reuse every r steps")
-    parser.add_argument("--cycles", type=int, default=2, help="timed refresh cycles of residual reuse")
+    parser.add_argument("--plan-every", type=int, default=0, help="also time plans kept r steps (plan_every=r)")
+    parser.add_argument("--cycles", type=int, default=2, help="timed refresh cycles of residual reuse / kept plans")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", default=None)
@@ -230,22 +253,9 @@ def main(argv=None) -> int:
             rows.append({"method": label, "precision": precision, "sparsity": sparsity, "layout": layout,
                          "step_s": step, "attention_s": attn, **ran})
             print(f"  {label} {sparsity} {layout}: step {step:.4f} s, attention {attn:.4f} s", flush=True)
-        if args.residual_every:
-            layout, method = args.layout[-1], args.method[0]
-            # Steps come from denoising_step here (the timestep input never changes between timed passes).
-            sparsediff.enable(model, method, sparsity=sparsity, layout=layout, track_steps=False,
-                              residual_every=args.residual_every, **method_kwargs)
-            refresh, reuse = time_residual_cycle(model, inputs, cuda, args.residual_every, args.cycles)
-            stats = dict(enabled_processor(model).method.stats)
-            ran = what_ran(model)
-            sparsediff.disable(model)
-            r = args.residual_every
-            rows.append({"method": f"{method}+residual/{r}", "sparsity": sparsity, "layout": layout,
-                         "step_s": (refresh + (r - 1) * reuse) / r, "refresh_step_s": refresh,
-                         "reuse_step_s": reuse, "attention_s": 0.0,
-                         "residual_refreshes": stats.get("residual_refreshes", 0),
-                         "residual_reuses": stats.get("residual_reuses", 0),
-                         "residual_mib": stats.get("residual_bytes", 0) / 2**20, **ran})
+        for kind, every in (("residual", args.residual_every), ("plan", args.plan_every)):
+            if every:
+                rows.append(reuse_row(model, inputs, cuda, args, kind, every, sparsity, method_kwargs))
     for row in rows:
         row["attention_share"] = row["attention_s"] / row["step_s"] if row["step_s"] else 0.0
         row["step_speedup"] = dense_step / row["step_s"]

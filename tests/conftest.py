@@ -24,9 +24,13 @@ def device():
 
 @pytest.fixture(autouse=True)
 def _seed_and_reset_step_state():
-    # Fresh random inputs per test, reproducible per test; step state never leaks between tests.
+    # Fresh random inputs per test, reproducible per test; step state and once-only warnings never leak between
+    # tests (a warning another test logged first would otherwise be missing from this one's log).
     torch.manual_seed(int.from_bytes(os.urandom(2), "little") if os.environ.get("SPARSEDIFF_RANDOM_SEED") else 0)
+    from sparsediff import _logging
     from sparsediff.runtime import step_state
+
+    _logging._warned.clear()
 
     step_state.new_generation()
     yield

@@ -14,12 +14,13 @@ def test_quick_run_times_layouts_and_residual_reuse(tmp_path):
     pytest.importorskip("diffusers")
     out = tmp_path / "video.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_video.py"), "--quick", "--sparsity", "0.5", "--warmup",
-           "0", "--repeat", "1", "--residual-every", "2", "--cycles", "1", "--out", str(out)]
+           "0", "--repeat", "1", "--residual-every", "2", "--plan-every", "2", "--cycles", "1", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = {(r["method"], r.get("layout")): r for r in result["rows"]}
-    assert {("ba_att", "rowmajor"), ("ba_att", "tiled"), ("ba_att+residual/2", "tiled")} <= set(rows)
+    assert {("ba_att", "rowmajor"), ("ba_att", "tiled"), ("ba_att+residual/2", "tiled"),
+            ("ba_att+plan/2", "tiled")} <= set(rows)
     for row in result["rows"]:
         assert row["step_s"] > 0 and row["step_speedup"] > 0
     for row in result["rows"][1:]:  # every sparse row says what ran: all routed self-attention calls sparse here
@@ -29,6 +30,8 @@ def test_quick_run_times_layouts_and_residual_reuse(tmp_path):
     # 4 steps (one untimed cycle + one timed): 2 refresh and 2 reuse steps per self-attention layer.
     assert residual["residual_refreshes"] > 0 and residual["residual_reuses"] == residual["residual_refreshes"]
     assert residual["residual_mib"] > 0
+    kept = rows[("ba_att+plan/2", "tiled")]
+    assert kept["plan_refreshes"] > 0 and kept["plan_reuses"] == kept["plan_refreshes"] and kept["plan_mib"] > 0
     assert result["layout_cost"]["layout_ms_per_step"] > 0
 
 

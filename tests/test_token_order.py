@@ -29,14 +29,14 @@ def _run(model, kwargs, method, **overrides):
 
 
 class _Counting:
-    """Counts gathers of the token axis (``index_select``) during a forward."""
+    """Counts gathers of whole token axes (``index_select`` by an index of ``tokens`` entries) during a forward."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, tokens):
         self.calls = 0
         original = torch.Tensor.index_select
 
         def counted(x, dim, index):
-            self.calls += 1
+            self.calls += int(index.numel() == tokens and x.shape[dim] == tokens)
             return original(x, dim, index)
 
         monkeypatch.setattr(torch.Tensor, "index_select", counted)
@@ -92,7 +92,7 @@ def test_permutes_twice_a_forward_not_four_times_a_layer(models, monkeypatch):
     model = models["wan"]
     kwargs = tiny_inputs("wan", model)
     method = _Seen(**TILED)
-    counter = _Counting(monkeypatch)
+    counter = _Counting(monkeypatch, tokens=3 * 8 * 8)
     _run(model, kwargs, method)
     hosted = counter.calls
     assert all(a is not None for a in method.applied) and len(method.applied) == 2

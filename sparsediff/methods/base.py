@@ -36,6 +36,7 @@ class MethodConfig:
     layout: str = "auto"  # video token order: "tiled" (3-D tiles), "rowmajor" (as given), "auto" (row-major for now)
     tile: tuple | None = None  # (frames, rows, cols) of one tile; None: token_layout.default_tile
     residual_every: int = 0  # >= 1: cache dense - sparse every this many steps, reuse it between (residual_reuse)
+    plan_every: int = 0  # >= 1: select blocks every this many steps, keep the plan between (block-sparse methods)
     precision: str = "bf16"  # the block-sparse kernel's: "bf16", or 8-bit "int8" / "int8_fp8" (block-sparse methods)
 
     def __post_init__(self):
@@ -51,6 +52,13 @@ class MethodConfig:
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise ValueError(f"residual_every must be an int >= 0 (0: off; r: refresh the cached dense - sparse "
                              f"residual every r denoising steps), got {r!r}")
+        p = self.plan_every
+        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+            raise ValueError(f"plan_every must be an int >= 0 (0: select every step; r: select blocks every r "
+                             f"denoising steps and keep the plan between), got {p!r}")
+        if p and r:
+            raise ValueError("set residual_every or plan_every, not both: residual reuse already keeps the plan of "
+                             "its refresh step until the next refresh")
         token_layout.check_layout_fields(self)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS} (the block-sparse kernel's), "
@@ -148,12 +156,14 @@ class AttentionMethod:
 
     def _attend_sparse(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
         """The sparse product of one call (in the layout's token order), with the cached dense - sparse residual
-        merged in when ``config.residual_every`` is set (``residual_reuse``)."""
-        if self.config.residual_every:
-            from .residual_reuse import attend_with_residual
+        merged in when ``config.residual_every`` is set, or on a plan kept across steps when ``config.plan_every``
+        is (``residual_reuse``)."""
+        if self.config.residual_every or self.config.plan_every:
+            from .residual_reuse import attend_with_kept_plan, attend_with_residual
 
-            return attend_with_residual(self, q, k, v, causal=causal, scale=scale, layer=layer, frame_size=frame_size,
-                                        global_tokens=global_tokens, return_lse=return_lse)
+            reuse = attend_with_residual if self.config.residual_every else attend_with_kept_plan
+            return reuse(self, q, k, v, causal=causal, scale=scale, layer=layer, frame_size=frame_size,
+                         global_tokens=global_tokens, return_lse=return_lse)
         return self.sparse_attention(
             q, k, v, causal=causal, scale=scale, layer=layer, frame_size=frame_size,
             global_tokens=global_tokens, return_lse=return_lse,

@@ -70,6 +70,9 @@ class FlashBlockConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.plan_every:
+            raise ValueError("plan_every is for the full-sequence block-sparse methods (ba_att, block_sparse); "
+                             "FlashBlock refreshes its cache every refresh_every steps")
         if self.residual_every:
             raise ValueError("residual_every is for full-sequence methods (ba_att, block_sparse, sparsed); FlashBlock "
                              "caches its own dense - sparse residual per block: set sparse_selector (residual=True)")

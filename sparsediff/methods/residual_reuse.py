@@ -33,6 +33,11 @@ generation: ``AttentionMethod.__call__`` resets it, which replaces ``method.stat
 held: per layer ``B * Hq * Nq * (D * itemsize + 4)`` bytes for the residual output, in the output's dtype,
 and its float32 LSE, plus the kept plan: block ids and, for BA-Att, an int64 key order ``B * Hkv * Nk * 8``).
 
+``config.plan_every = r`` keeps only the plan: the refresh step selects and runs sparse (no dense pass, no
+residual), the steps between run the kernel on the kept plan. It saves the selection's cost on those steps at
+the price of blocks chosen on slightly older inputs (``plan_refreshes`` / ``plan_reuses`` in ``method.stats``);
+methods without a plan (SparseD, FlashBlock, LoSA keep their own patterns) reject the field.
+
 The reuse path is the kernel on the cached plan (or the method's sparse call) plus two additions: no host
 synchronisation; at a refresh of a layer whose shapes did not change, the residual and plan are written into
 the tensors already cached (in place) where their shapes match, so CUDA graphs that read them stay valid.
@@ -50,14 +55,15 @@ from .dense import dense_attention
 from .sparse_plan import SparsePlan
 
 CACHE_ATTR = "_residual_cache"
+PLAN_CACHE_ATTR = "_plan_cache"
 
 
 @dataclasses.dataclass(eq=False)
 class ResidualEntry:
     """One layer's cached residual, and the block-sparse plan it was made against (None: the method selects)."""
 
-    out: torch.Tensor  # (B, Hq, Nq, D) dense - sparse output, in the output's dtype
-    lse: torch.Tensor  # (B, Hq, Nq) float32 dense - sparse LSE
+    out: torch.Tensor | None  # (B, Hq, Nq, D) dense - sparse output, in the output's dtype (None: plan only)
+    lse: torch.Tensor | None  # (B, Hq, Nq) float32 dense - sparse LSE
     step: int  # the refresh step
     signature: tuple  # shapes and flags the residual belongs to
     block_index: torch.Tensor | None = None
@@ -100,11 +106,11 @@ class ResidualCache:
         return self.layers.nbytes()
 
 
-def residual_cache(method) -> ResidualCache:
-    cache = getattr(method, CACHE_ATTR, None)
+def residual_cache(method, attr: str = CACHE_ATTR) -> ResidualCache:
+    cache = getattr(method, attr, None)
     if cache is None:
         cache = ResidualCache()
-        setattr(method, CACHE_ATTR, cache)
+        setattr(method, attr, cache)
     return cache
 
 
@@ -150,6 +156,55 @@ def _keep(held, new):
     return held.copy_(new)
 
 
+def _signature(q, k, v, causal, scale, global_tokens) -> tuple:
+    return (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, bool(causal), scale,
+            int(global_tokens))
+
+
+def _entry(cache, name, signature):
+    """The layer's cached entry, or None (none yet, or made for other shapes: dropped)."""
+    entry = cache.layers.entries.get(name)
+    if entry is not None and entry.signature != signature:
+        del cache.layers.entries[name]
+        entry = None
+    return entry
+
+
+def _store(cache, name, new, fields) -> None:
+    """Cache ``new``, written into the layer's previous entry's tensors where their layouts match."""
+    held = cache.layers.entries.get(name)
+    if held is not None:
+        for field in fields:
+            setattr(new, field, _keep(getattr(held, field), getattr(new, field)))
+    cache.layers.entries[name] = new
+
+
+def attend_with_kept_plan(method, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
+    """One call of ``method`` selecting blocks only every ``method.config.plan_every`` steps (module docstring)."""
+    kwargs = dict(causal=causal, scale=scale, layer=layer, frame_size=frame_size, global_tokens=global_tokens)
+    state = step_state.current()
+    planner = _planner(method, k.shape[2])
+    if planner is None or state.step is None:  # no plan to keep, or no steps to keep it across
+        return method.sparse_attention(q, k, v, **kwargs, return_lse=return_lse)
+    cache = residual_cache(method, PLAN_CACHE_ATTR)
+    cache.sync(method)
+    name = cache.name(layer, state)
+    signature = _signature(q, k, v, causal, scale, global_tokens)
+    entry = _entry(cache, name, signature)
+    refresh = entry is None or stale(entry.step, state.step, method.config.plan_every)
+    (out, lse), plan = _planned(planner, q, k, v, None if refresh else entry, **kwargs)
+    stats = method.stats
+    if refresh:
+        new = ResidualEntry(None, None, state.step, signature, plan.block_index, plan.block_count, plan.perm,
+                            plan.block_size)
+        _store(cache, name, new, ("block_index", "block_count", "perm"))
+        stats["plan_refreshes"] = stats.get("plan_refreshes", 0) + 1
+        stats["plan_bytes"] = cache.nbytes()
+    else:
+        stats["plan_reuses"] = stats.get("plan_reuses", 0) + 1
+    return (out, lse) if return_lse else out
+
+
 def attend_with_residual(method, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
     """One call of ``method`` with residual reuse every ``method.config.residual_every`` steps (module
     docstring); returns what ``method.sparse_attention`` returns for ``return_lse``."""
@@ -161,12 +216,8 @@ def attend_with_residual(method, q, k, v, *, causal, scale, layer, frame_size, g
     cache = residual_cache(method)
     cache.sync(method)
     name = cache.name(layer, state)
-    signature = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, bool(causal), scale,
-                 int(global_tokens))
-    entry = cache.layers.entries.get(name)
-    if entry is not None and entry.signature != signature:  # new shapes: a fresh entry
-        del cache.layers.entries[name]
-        entry = None
+    signature = _signature(q, k, v, causal, scale, global_tokens)
+    entry = _entry(cache, name, signature)
     refresh = entry is None or stale(entry.step, state.step, every)
     planner = _planner(method, k.shape[2])
     stats = method.stats
@@ -193,15 +244,11 @@ def attend_with_residual(method, q, k, v, *, causal, scale, layer, frame_size, g
     acc = torch.promote_types(out.dtype, torch.float32)
     res_out = (dense_out.to(acc) - out.to(acc)).to(out.dtype)
     res_lse = torch.nan_to_num(dense_lse.float() - lse.float(), nan=0.0, posinf=0.0, neginf=0.0)
-    held = cache.layers.entries.get(name)
     new = ResidualEntry(res_out, res_lse, state.step, signature)
     if plan is not None:
         new.block_index, new.block_count, new.perm, new.block_size = (plan.block_index, plan.block_count, plan.perm,
                                                                       plan.block_size)
-    if held is not None:  # same signature: refresh in place where the layouts match
-        for field in ("out", "lse", "block_index", "block_count", "perm"):
-            setattr(new, field, _keep(getattr(held, field), getattr(new, field)))
-    cache.layers.entries[name] = new
+    _store(cache, name, new, ("out", "lse", "block_index", "block_count", "perm"))
     stats["residual_refreshes"] = stats.get("residual_refreshes", 0) + 1
     stats["residual_bytes"] = cache.nbytes()
     return (dense_out, dense_lse) if return_lse else dense_out

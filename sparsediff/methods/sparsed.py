@@ -47,6 +47,9 @@ class SparseDConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.plan_every:
+            raise ValueError("plan_every is for the block-sparse methods (ba_att, block_sparse); SparseD keeps the "
+                             "pattern of its switch step (refresh_every re-selects it)")
         if self.sparsity is not None:
             if not 0.0 <= float(self.sparsity) < 1.0:
                 raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity!r}")

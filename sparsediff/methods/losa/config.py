@@ -25,6 +25,9 @@ class LoSAConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.plan_every:
+            raise ValueError("plan_every is for the full-sequence block-sparse methods (ba_att, block_sparse); "
+                             "LoSA selects its blocks per token from its own cache")
         if self.residual_every:
             raise ValueError("residual_every is for full-sequence methods (ba_att, block_sparse, sparsed); LoSA caches "
                              "its own prefix attention per token")

@@ -299,8 +299,9 @@ def main(argv=None):
     for run in sweeps:
         print(f"\neps={run['eps']} (consecutive dense change {run['consecutive_dense_change']:.4f}):")
         print(table(run))
-    print(f"\nCPU ms per call ({torch.get_num_threads()} threads, fastest of {args.time_reps} rounds):")
-    print(time_table(timings, everys))
+    if timings:
+        print(f"\nCPU ms per call ({torch.get_num_threads()} threads, fastest of {args.time_reps} rounds):")
+        print(time_table(timings, everys))
     print("\ntarget (r=5 at 0.8 no worse than plain 0.5):", json.dumps(report["target"]))
     print("wrote", out, png or "(no matplotlib: no plot)")
 

@@ -13,8 +13,9 @@ SPECS = ["ba_att:0.8", "xattention:0.8", "ba_att_paper:0.8"]
 
 
 def qkv(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(1, 2, N, D, dtype=torch.float64, generator=g) for _ in range(3))
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU, then on the default device
+    return tuple(torch.randn(1, 2, N, D, dtype=torch.float64, generator=g, device="cpu").to(torch.get_default_device())
+                 for _ in range(3))
 
 
 def kept(spec, every, **overrides):

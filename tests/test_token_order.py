@@ -1,5 +1,8 @@
 """Video tokens held in tile order across a transformer's blocks (``attention_processors.token_order``)."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -29,14 +32,18 @@ def _run(model, kwargs, method, **overrides):
 
 
 class _Counting:
-    """Counts gathers of whole token axes (``index_select`` by an index of ``tokens`` entries) during a forward."""
+    """Counts the library's gathers of whole token axes (``index_select`` by an index of ``tokens`` entries, called
+    from the layout code) during a forward; ``where`` keeps each one's caller."""
 
     def __init__(self, monkeypatch, tokens):
-        self.calls = 0
+        self.calls, self.where = 0, []
         original = torch.Tensor.index_select
 
         def counted(x, dim, index):
-            self.calls += int(index.numel() == tokens and x.shape[dim] == tokens)
+            caller = sys._getframe(1)
+            if index.numel() == tokens and x.shape[dim] == tokens and "sparsediff" in caller.f_code.co_filename:
+                self.calls += 1
+                self.where.append(f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno}")
             return original(x, dim, index)
 
         monkeypatch.setattr(torch.Tensor, "index_select", counted)
@@ -98,13 +105,13 @@ def test_permutes_twice_a_forward_not_four_times_a_layer(models, monkeypatch):
     assert all(a is not None for a in method.applied) and len(method.applied) == 2
     assert method.frame_sizes == [16, 16]  # one tile per sort segment
     # hidden states in and out, the two rotary tables: 4 gathers for the whole forward
-    assert hosted == 4
+    assert hosted == 4, counter.where
     monkeypatch.setenv("SPARSEDIFF_HOST_TILES", "0")
     method.applied.clear()
-    counter.calls = 0
+    counter.calls, counter.where = 0, []
     _run(model, kwargs, method)
     assert all(a is None for a in method.applied) and method.frame_sizes == [16] * 4
-    assert counter.calls == 4 * 2  # q, k, v in and the output back, in each of the 2 layers
+    assert counter.calls == 4 * 2, counter.where  # q, k, v in and the output back, in each of the 2 layers
 
 
 def test_families_not_listed_and_rowmajor_keep_per_call_permutation(models):

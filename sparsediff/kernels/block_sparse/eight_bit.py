@@ -35,15 +35,6 @@ from .triton import LOG2E, _launch_config, online_softmax_step, program_coords, 
 
 
 @triton.jit
-def int_scores_to_float(x):
-    """INT8 Q·Kᵀ scores (int32) to float32 by an integer add and a bitcast: 0x4B400000 is 1.5 * 2^23 as a float,
-    and adding an int |x| < 2^22 to its bits gives exactly 1.5 * 2^23 + x. The I2F instruction has the throughput
-    of the softmax's exp2 (16 per clock per SM on sm_80 / sm_90, an eighth of FP32 FMA). D <= 256 products of
-    int8 values in [-127, 127] stay below 256 * 127^2 < 2^22."""
-    return (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-
-
-@triton.jit
 def _block_sparse_fwd_8bit(
     Q, K, V, QScale, KScale, VScale, Out, Lse, BlockIndex, BlockCount,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -85,7 +76,7 @@ def _block_sparse_fwd_8bit(
         k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                     mask=(cols[None, :] < nk) & d_mask[:, None], other=0.0)
         k_scale = tl.load(k_scales + cols, mask=cols < nk, other=0.0)[None, :]
-        qk = int_scores_to_float(tl.dot(q, k)) * (q_scale * k_scale)  # already in log2 units: softmax scale 1
+        qk = tl.dot(q, k).to(tl.float32) * (q_scale * k_scale)  # already in log2 units: softmax scale 1
         p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i, cols, offs_m, start_n, q_start, nk, causal_offset,
                                                    1.0, BLOCK_N, CAUSAL)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,

@@ -43,8 +43,7 @@ ROWS_PER_WARPGROUP = 64
 # Measured on H100 over 4 runs (docs/benchmarks.md): 3 K/V stages, in-warpgroup overlap on, 240 registers
 # per consumer warpgroup (the loader keeps 24). Ping-pong gained ~2 % at density 1 but lost ~3 % at 0.5,
 # where sparse attention runs, so it is off by default.
-# fast_i2f: INT8 scores converted to float32 by an add and a bitcast instead of I2F (``_dequantize``).
-DEFAULT_SCHEDULE = dict(stages=3, pingpong=False, overlap=True, consumer_regs=240, loader_regs=24, fast_i2f=True)
+DEFAULT_SCHEDULE = dict(stages=3, pingpong=False, overlap=True, consumer_regs=240, loader_regs=24)
 
 
 @gluon.jit
@@ -118,25 +117,11 @@ def _softmax_step(s, m_i, l_i, index_ptr, nk, qk_scale, row0, causal_offset, s_l
 
 
 @gluon.jit
-def _tile_k_scales(k_scales, index_ptr, nk, s_layout: gl.constexpr, BLOCK_N: gl.constexpr):
-    # The tile's per-key INT8 scales; loaded while its Q·Kᵀ runs, off the softmax's path.
-    cols = gl.load(index_ptr) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    return gl.load(k_scales + cols, mask=cols < nk, other=0.0)
-
-
-@gluon.jit
-def _dequantize(s, row_scale, k_scale, FAST_I2F: gl.constexpr):
+def _dequantize(s, row_scale, k_scales, index_ptr, nk, s_layout: gl.constexpr, BLOCK_N: gl.constexpr):
     # INT8 Q·Kᵀ: int32 tile -> float32 scores in log2 units (row_scale holds q's scale times qk_scale).
-    # I2F has the exp2's throughput on sm_90 (16 per clock per SM), so FAST_I2F converts with
-    # an integer add and a bitcast instead: 0x4B400000 is 1.5 * 2^23 as a float, and adding an int |x| < 2^22 to
-    # its bits gives exactly 1.5 * 2^23 + x. Scores of D <= 128 int8 products stay within 128 * 127^2 < 2^21.
-    if FAST_I2F:
-        f = (s + 0x4B400000).to(gl.float32, bitcast=True)
-        k = k_scale[None, :]
-        t = f * k - 12582912.0 * k
-    else:
-        t = s.to(gl.float32) * k_scale[None, :]
-    return t * row_scale[:, None]
+    cols = gl.load(index_ptr) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    k_scale = gl.load(k_scales + cols, mask=cols < nk, other=0.0)
+    return s.to(gl.float32) * row_scale[:, None] * k_scale[None, :]
 
 
 @gluon.jit
@@ -180,8 +165,7 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
               stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale, causal_offset, QLive,
               q_tiles, QScale, KScale, VScale, WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr,
-              CAUSAL: gl.constexpr, HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr,
-              FAST_I2F: gl.constexpr):
+              CAUSAL: gl.constexpr, HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr):
     BLOCK_N: gl.constexpr = 128
     ROWS: gl.constexpr = 64
     if INT8_QK:  # 8-bit wgmma: K = 32 per instruction, int32 accumulator
@@ -243,11 +227,9 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
         if PINGPONG:
             mbarrier.arrive(turn_bars.index(1 - WG))
         turn ^= 1
-        if INT8_QK:
-            k_scale = _tile_k_scales(k_scales, index_base, nk, s_layout, BLOCK_N)
         s = warpgroup_mma_wait(0, deps=[s_tok])
         if INT8_QK:
-            s = _dequantize(s, row_scale, k_scale, FAST_I2F)
+            s = _dequantize(s, row_scale, k_scales, index_base, nk, s_layout, BLOCK_N)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base, nk, soft_scale, row0, causal_offset, s_layout,
                                            BLOCK_N, ROWS, EVEN_N, CAUSAL)
         p_op = _p_operand(p, v_smem, p_smem.index(WG), p_layout, FP8_PV)
@@ -266,12 +248,10 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
             if PINGPONG:
                 mbarrier.arrive(turn_bars.index(1 - WG))
             turn ^= 1
-            if INT8_QK:
-                k_scale = _tile_k_scales(k_scales, index_base + j * stride_ik, nk, s_layout, BLOCK_N)
             if OVERLAP:
                 s = warpgroup_mma_wait(1, deps=[s_tok])  # QK^T(j) done; PV(j-1) may still run
             if INT8_QK:
-                s = _dequantize(s, row_scale, k_scale, FAST_I2F)
+                s = _dequantize(s, row_scale, k_scales, index_base + j * stride_ik, nk, s_layout, BLOCK_N)
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base + j * stride_ik, nk, soft_scale, row0,
                                                causal_offset, s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL)
             acc = _wait_pv(acc_tok, p_op, FP8_PV)
@@ -312,8 +292,7 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
                             STAGES: gl.constexpr, PINGPONG: gl.constexpr,
                             OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                             LOADER_REGS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
-                            HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr,
-                            FAST_I2F: gl.constexpr):
+                            HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr):
     # q and k in the inputs' 16-bit dtype, or INT8 (INT8_QK, per-token scales in QScale / KScale); v 16-bit, or
     # e4m3 stored (B, H, D, N) (FP8_PV, per-channel scales in VScale).
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
@@ -343,12 +322,12 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
                      BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
                      stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
                      causal_offset, QLive, q_tiles, QScale, KScale, VScale, 0, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
-                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, FAST_I2F)),
+                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV)),
         (_consumer, (q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
                      BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
                      stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
                      causal_offset, QLive, q_tiles, QScale, KScale, VScale, 1, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
-                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, FAST_I2F)),
+                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV)),
         (_loader, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, BlockCount,
                    BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                    num_heads, group_size, q_tiles, QLive, STAGES, HAS_LIVE, FP8_PV)),
@@ -445,8 +424,7 @@ def _launch(q, k, v, block_index, block_count, *, scale, return_lse, causal=Fals
         triton.cdiv(q_rows, BLOCK_SIZE), block_count if live_rows is None else live_rows, q_scale, k_scale, v_scale,
         HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=return_lse,
         CONSUMER_REGS=cfg["consumer_regs"], LOADER_REGS=cfg["loader_regs"], EVEN_N=nk % BLOCK_SIZE == 0,
-        CAUSAL=causal, HAS_LIVE=live_rows is not None, INT8_QK=scales is not None, FP8_PV=fp8_pv,
-        FAST_I2F=cfg["fast_i2f"], num_warps=4,
+        CAUSAL=causal, HAS_LIVE=live_rows is not None, INT8_QK=scales is not None, FP8_PV=fp8_pv, num_warps=4,
         maxnreg=kernel_maxnreg(cfg),
     )
     return out, (lse if return_lse else None)

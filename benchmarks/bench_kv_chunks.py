@@ -13,6 +13,11 @@ in two halves); at 32k they take 16 MiB. Two measurements, same FLOPs, same run:
   Concurrent programs then share one chunk of K/V. Index splitting is outside the timed region (a plan
   would do it once); the merges are inside.
 Relative L2 error of the chunked output against the single call is reported (bf16 partials).
+
+``--variance``: the spread of the single call at density 0.5 over what a benchmark is free to choose, same run:
+the random mask's seed, the mask's kind (``exact``: the same kept count in every query block, as the peer table
+draws it; ``bernoulli``: each block kept with probability 0.5, plus the diagonal), and the data (keys with a shared
+offset of 1, as real keys have, against centred ones). The 64k figure moved by 15 % between scripts.
 """
 
 from __future__ import annotations
@@ -69,11 +74,42 @@ def near_mask(nb, density, heads, device, gen):
     return mask
 
 
+def bernoulli_mask(nb, density, heads, device, gen):
+    """Each (query block, key block) kept with probability ``density``, plus the diagonal (bench_eight_bit's)."""
+    mask = torch.rand(1, heads, nb, nb, device=device, generator=gen) < density
+    return mask | torch.eye(nb, dtype=torch.bool, device=device)
+
+
+def variance_rows(n, heads, dim, bs, device, dtype) -> list[dict]:
+    """The single call at density 0.5 over mask seeds, mask kinds and key offsets (module docstring)."""
+    nb = math.ceil(n / bs)
+    rows = []
+    for data_seed, key_offset in ((0, 0.0), (0, 1.0), (1, 0.0)):
+        gen = torch.Generator(device=device).manual_seed(data_seed)
+        q, k, v = (torch.randn(1, heads, n, dim, device=device, dtype=dtype, generator=gen) for _ in range(3))
+        k = k + key_offset
+        kinds = (("exact", 0), ("exact", 1), ("exact", 2), ("bernoulli", 0), ("bernoulli", 1)) if data_seed == 0 \
+            and key_offset == 0 else (("exact", 0), ("bernoulli", 0))
+        for kind, seed in kinds:
+            mgen = torch.Generator(device=device).manual_seed(100 + seed)
+            mask = random_block_mask(1, heads, nb, nb, 0.5, device, generator=mgen) if kind == "exact" \
+                else bernoulli_mask(nb, 0.5, heads, device, mgen)
+            index, count = mask_to_index(mask)
+            ms = time_ms(lambda: block_sparse_attention(q, k, v, index, count, block_size=bs, check_ids=False),
+                         device)
+            rows.append({"n": n, "mask": kind, "mask_seed": seed, "data_seed": data_seed, "key_offset": key_offset,
+                         "kept": float(count.float().mean() / nb), "ms": ms})
+            print(f"variance n {n} mask {kind} seed {seed} data {data_seed} key offset {key_offset}: "
+                  f"kept {rows[-1]['kept']:.3f}, {ms:.3f} ms", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", default="32768,65536")
     parser.add_argument("--densities", default="1.0,0.5")
     parser.add_argument("--chunks", default="2,4")
+    parser.add_argument("--variance", action="store_true", help="only the spread over masks and data (density 0.5)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="bench_kv_chunks.json")
     args = parser.parse_args(argv)
@@ -83,6 +119,9 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     sizes = [int(x) for x in args.n.split(",")] if cuda else [256]
     rows = []
+    if args.variance:
+        rows = [row for n in sizes for row in variance_rows(n, heads, dim, bs, device, dtype)]
+        sizes = []
     for n in sizes:
         gen = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(1, heads, n, dim, device=device, dtype=dtype, generator=gen) for _ in range(3))

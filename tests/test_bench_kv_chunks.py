@@ -38,3 +38,17 @@ def test_quick_run_chunked_equals_single(tmp_path):
     assert {r["density"] for r in rows} == {1.0, 0.5} and "near_ms" in rows[1]
     for r in rows:  # float32 on CPU: the merge through the LSE is exact up to rounding
         assert r["chunks2_rel_l2"] < 1e-5 and r["chunks4_rel_l2"] < 1e-5 and r["chunks4_ms"] > 0
+
+
+def test_quick_variance_run_covers_masks_and_data(tmp_path):
+    out = tmp_path / "kvv.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_kv_chunks.py"), "--quick", "--variance",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["mask"], r["mask_seed"]) for r in rows} == {("exact", 0), ("exact", 1), ("exact", 2), ("bernoulli", 0),
+                                                           ("bernoulli", 1)}
+    assert {(r["data_seed"], r["key_offset"]) for r in rows} == {(0, 0.0), (0, 1.0), (1, 0.0)}
+    exact = [r for r in rows if r["mask"] == "exact"]
+    assert all(r["kept"] == 0.5 and r["ms"] > 0 for r in exact)  # the same kept count in every query block
+    assert all(r["kept"] >= 0.5 - 0.1 for r in rows if r["mask"] == "bernoulli")

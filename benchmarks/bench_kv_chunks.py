@@ -17,7 +17,8 @@ Relative L2 error of the chunked output against the single call is reported (bf1
 ``--variance``: the spread of the single call at density 0.5 over what a benchmark is free to choose, same run:
 the random mask's seed, the mask's kind (``exact``: the same kept count in every query block, as the peer table
 draws it; ``bernoulli``: each block kept with probability 0.5, plus the diagonal), and the data (keys with a shared
-offset of 1, as real keys have, against centred ones). The 64k figure moved by 15 % between scripts.
+offset of 1, as real keys have, against centred ones), with cuDNN dense and FlexAttention (same blocks) timed
+right beside each call. The 64k figure moved by 15 % between scripts.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import sys
 
 if "--quick" in sys.argv:
@@ -34,7 +36,7 @@ if "--quick" in sys.argv:
 
 import torch  # noqa: E402
 
-from sparsediff.commands.bench import environment, random_block_mask, time_ms  # noqa: E402
+from sparsediff.commands.bench import dense_fn, environment, flex_fn, random_block_mask, time_ms  # noqa: E402
 from sparsediff.kernels import block_sparse_attention, mask_to_index, merge_attention  # noqa: E402
 
 
@@ -97,10 +99,21 @@ def variance_rows(n, heads, dim, bs, device, dtype) -> list[dict]:
             index, count = mask_to_index(mask)
             ms = time_ms(lambda: block_sparse_attention(q, k, v, index, count, block_size=bs, check_ids=False),
                          device)
-            rows.append({"n": n, "mask": kind, "mask_seed": seed, "data_seed": data_seed, "key_offset": key_offset,
-                         "kept": float(count.float().mean() / nb), "ms": ms})
+            row = {"n": n, "mask": kind, "mask_seed": seed, "data_seed": data_seed, "key_offset": key_offset,
+                   "kept": float(count.float().mean() / nb), "ms": ms}
+            if device == "cuda":  # the peers right beside it: each ratio under the same clocks
+                row["cudnn_ms"] = time_ms(dense_fn(q, k, v, "cudnn"), device)
+                row["flex_ms"] = time_ms(flex_fn(q, k, v, index, count, bs), device)
+                row["x_cudnn"], row["x_flex"] = row["cudnn_ms"] / ms, row["flex_ms"] / ms
+            rows.append(row)
+            ratios = f", {row['x_cudnn']:.2f}x cuDNN, {row['x_flex']:.2f}x Flex" if "x_cudnn" in row else ""
             print(f"variance n {n} mask {kind} seed {seed} data {data_seed} key offset {key_offset}: "
-                  f"kept {rows[-1]['kept']:.3f}, {ms:.3f} ms", flush=True)
+                  f"kept {row['kept']:.3f}, {ms:.3f} ms{ratios}", flush=True)
+    if rows and "x_cudnn" in rows[0]:
+        print(f"variance n {n}: median {statistics.median(r['x_cudnn'] for r in rows):.2f}x cuDNN "
+              f"(range {min(r['x_cudnn'] for r in rows):.2f}-{max(r['x_cudnn'] for r in rows):.2f}), median "
+              f"{statistics.median(r['x_flex'] for r in rows):.2f}x Flex "
+              f"(range {min(r['x_flex'] for r in rows):.2f}-{max(r['x_flex'] for r in rows):.2f})", flush=True)
     return rows
 
 

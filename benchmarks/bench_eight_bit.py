@@ -6,9 +6,9 @@
 B=1, H=16, D=128, bf16 random normal inputs (keys with a shared offset, as real keys have), random block masks
 at each density (diagonal kept). Rows: cuDNN dense SDPA, the 16-bit kernel (``precision="bf16"``, Gluon on
 Hopper), ``"int8"`` and ``"int8_fp8"`` (the default dispatch, the portable Triton kernel, and on Hopper the
-Gluon one), whole calls with quantization, and the INT8 quantization of q and k alone (one Triton pass each,
-and the same in PyTorch ops), with the output's relative L2 error against float32 attention on the same
-blocks (up to 16k).
+Gluon one, also with per-token key scales as before), whole calls with quantization, and the INT8
+quantization of q and k alone (one Triton pass each, and the same in PyTorch ops), with the output's relative
+L2 error against float32 attention on the same blocks (up to 16k).
 Dense SageAttention (the 8-bit peer, its key smoothing and quantization included) when ``sageattention``
 is installed: ``x_sage`` is its time over ours.
 Medians of ``triton.testing.do_bench``.
@@ -17,6 +17,7 @@ Medians of ``triton.testing.do_bench``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -37,6 +38,23 @@ from sparsediff.kernels.block_sparse.quantize import quantize_qk, quantize_tiles
 def timer(fn, cuda: bool) -> float:
     # One warm-up and two timed calls on CPU: the interpreter takes seconds per 8-bit call.
     return time_ms(fn, "cuda" if cuda else "cpu", warmup=1, rep=2)
+
+
+@contextlib.contextmanager
+def gluon_schedule(**options):
+    """The Gluon kernel's default schedule with ``options`` changed for the duration (A/B rows of one run)."""
+    if not options:
+        yield
+        return
+    from sparsediff.kernels.block_sparse import gluon
+
+    saved = dict(gluon.DEFAULT_SCHEDULE)
+    gluon.DEFAULT_SCHEDULE.update(options)
+    try:
+        yield
+    finally:
+        gluon.DEFAULT_SCHEDULE.clear()
+        gluon.DEFAULT_SCHEDULE.update(saved)
 
 
 def main(argv=None) -> int:
@@ -80,13 +98,19 @@ def main(argv=None) -> int:
             row = {"n": n, "density": density, "cudnn_ms": dense_ms, "sage_ms": sage_ms, "kernels": {}}
             # "int8" / "int8_fp8": the default dispatch; the Triton and (on Hopper) Gluon kernels by name.
             hopper = cuda and torch.cuda.get_device_capability() == (9, 0)
-            gluon = [("int8 (Gluon kernel)", "int8", "gluon"), ("int8_fp8 (Gluon kernel)", "int8_fp8", "gluon")] \
+            # The Gluon kernel also with per-token key scales (int8_tile_k=False), as it ran before 2026-12-07.
+            gluon = [("int8 (Gluon kernel)", "int8", "gluon", {}),
+                     ("int8 (Gluon kernel, per-token k)", "int8", "gluon", {"int8_tile_k": False}),
+                     ("int8_fp8 (Gluon kernel)", "int8_fp8", "gluon", {}),
+                     ("int8_fp8 (Gluon kernel, per-token k)", "int8_fp8", "gluon", {"int8_tile_k": False})] \
                 if hopper else []
-            for label, precision, backend in [("bf16", "bf16", None), ("int8", "int8", None),
-                                              ("int8 (Triton kernel)", "int8", "triton"), *gluon,
-                                              ("int8_fp8", "int8_fp8", None)]:
-                fn = lambda p=precision, b=backend: block_sparse_attention(q, k, v, index, count, block_size=bs,
-                                                                         precision=p, backend=b, check_ids=False)
+            for label, precision, backend, schedule in [("bf16", "bf16", None, {}), ("int8", "int8", None, {}),
+                                                        ("int8 (Triton kernel)", "int8", "triton", {}), *gluon,
+                                                        ("int8_fp8", "int8_fp8", None, {})]:
+                def fn(p=precision, b=backend, schedule=schedule):
+                    with gluon_schedule(**schedule):
+                        return block_sparse_attention(q, k, v, index, count, block_size=bs, precision=p, backend=b,
+                                                      check_ids=False)
                 ms = timer(fn, cuda)
                 err = None
                 if ref is not None:

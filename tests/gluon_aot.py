@@ -33,7 +33,8 @@ class Sm90Target:
         return 0
 
 
-def compile_variant(d, dtype_name, even_n, write_lse, causal, has_live=False, int8_qk=False, fp8_pv=False):
+def compile_variant(d, dtype_name, even_n, write_lse, causal, has_live=False, int8_qk=False, fp8_pv=False,
+                    tile_k=True):
     dtype = getattr(torch, dtype_name)
     x = torch.empty(1, 2, 512, d, dtype=dtype)
     x8 = torch.empty(1, 2, 512, d, dtype=torch.int8) if int8_qk else x  # q and k in INT8
@@ -53,7 +54,7 @@ def compile_variant(d, dtype_name, even_n, write_lse, causal, has_live=False, in
         *out.stride()[:3], 2, 1, 512, 512, 0.1, 0, 4, count, lse, lse, lse, HEAD_DIM=d, STAGES=cfg["stages"],
         PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=write_lse, CONSUMER_REGS=cfg["consumer_regs"],
         LOADER_REGS=cfg["loader_regs"], EVEN_N=even_n, CAUSAL=causal, HAS_LIVE=has_live, INT8_QK=int8_qk,
-        FP8_PV=fp8_pv,
+        FP8_PV=fp8_pv, TILE_K=tile_k,
         num_warps=4, maxnreg=G.kernel_maxnreg(cfg),
         grid=(1,))
 

@@ -187,11 +187,16 @@ def test_quantization_rejects_what_it_does_not_take(device):
         quantize(x, 1, subtract=torch.zeros(1, 3, 16, device=device))
 
 
+@pytest.mark.parametrize("tile_k", [True, False])
 @pytest.mark.parametrize("precision", ["int8", "int8_fp8"])
 @pytest.mark.parametrize("d, causal, nk", [(128, False, 1024), (64, True, 1000), (128, True, 777)])
-def test_gluon_8bit_on_hopper(d, causal, nk, precision):
+def test_gluon_8bit_on_hopper(d, causal, nk, precision, tile_k, monkeypatch):
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon INT8 kernel runs on sm_90 (H100/H200)")
+    from sparsediff.kernels.block_sparse import gluon
+
+    # per-block key scales with the softmax on int32 scores (default), or per-token scales
+    monkeypatch.setitem(gluon.DEFAULT_SCHEDULE, "int8_tile_k", tile_k)
     # GQA 8/2, keys with a shared offset, a ragged tail when nk is not a multiple of 128.
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, 8, nk, d, device="cuda", generator=gen).bfloat16()
@@ -207,7 +212,8 @@ def test_gluon_8bit_on_hopper(d, causal, nk, precision):
     rel, cos = _errors(out, ref)
     rel_tri, _ = _errors(tri, ref)
     assert rel < REL_L2[precision] and cos > MIN_COSINE, (rel, cos)
-    assert rel < 1.5 * rel_tri + 2.0 ** -8, (rel, rel_tri)  # the same 8-bit formats; the rest is rounding
+    # The same 8-bit formats (per-block key scales: up to 1.33x the per-token error on SmolLM2's q/k/v, CPU)
+    assert rel < 1.5 * rel_tri + 2.0 ** -8, (rel, rel_tri)
     finite = torch.isfinite(ref_lse)
     assert torch.equal(finite.cpu(), torch.isfinite(lse).cpu())
     assert (lse.double() - ref_lse)[finite].abs().max() < 0.05

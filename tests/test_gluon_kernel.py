@@ -26,7 +26,7 @@ SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CTA may use on sm_90
 
 
 AOT_VARIANTS = [
-    # head dim, dtype, even N (no tail masking), write LSE, causal, live rows, INT8 Q·Kᵀ, FP8 P·V
+    # head dim, dtype, even N (no tail masking), write LSE, causal, live rows, INT8 Q·Kᵀ, FP8 P·V, per-block key scales
     (128, "bfloat16", True, True, False, False, False, False),
     (128, "float16", False, False, False, False, False, False),
     (64, "bfloat16", False, True, False, False, False, False),
@@ -36,6 +36,8 @@ AOT_VARIANTS = [
     (64, "float16", False, True, True, False, True, False),
     (128, "bfloat16", True, True, False, False, True, True),
     (64, "float16", False, True, True, False, True, True),
+    (128, "bfloat16", True, True, False, False, True, False, False),
+    (128, "bfloat16", True, True, True, False, True, True, False),
 ]
 
 

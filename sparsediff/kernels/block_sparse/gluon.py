@@ -43,7 +43,9 @@ ROWS_PER_WARPGROUP = 64
 # Measured on H100 over 4 runs (docs/benchmarks.md): 3 K/V stages, in-warpgroup overlap on, 240 registers
 # per consumer warpgroup (the loader keeps 24). Ping-pong gained ~2 % at density 1 but lost ~3 % at 0.5,
 # where sparse attention runs, so it is off by default.
-DEFAULT_SCHEDULE = dict(stages=3, pingpong=False, overlap=True, consumer_regs=240, loader_regs=24)
+# int8_tile_k: INT8 keys with one scale per 128-key block, and the softmax on the int32 scores
+# (``_softmax_step_int8``); False: per-token key scales, scores converted and scaled per element.
+DEFAULT_SCHEDULE = dict(stages=3, pingpong=False, overlap=True, consumer_regs=240, loader_regs=24, int8_tile_k=True)
 
 
 @gluon.jit
@@ -118,10 +120,42 @@ def _softmax_step(s, m_i, l_i, index_ptr, nk, qk_scale, row0, causal_offset, s_l
 
 @gluon.jit
 def _dequantize(s, row_scale, k_scales, index_ptr, nk, s_layout: gl.constexpr, BLOCK_N: gl.constexpr):
-    # INT8 Q·Kᵀ: int32 tile -> float32 scores in log2 units (row_scale holds q's scale times qk_scale).
+    # INT8 Q·Kᵀ with per-token key scales: int32 tile -> float32 scores in log2 units (row_scale holds q's
+    # scale times qk_scale).
     cols = gl.load(index_ptr) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     k_scale = gl.load(k_scales + cols, mask=cols < nk, other=0.0)
     return s.to(gl.float32) * row_scale[:, None] * k_scale[None, :]
+
+
+@gluon.jit
+def _softmax_step_int8(s, m_i, l_i, mult, index_ptr, nk, row0, causal_offset, s_layout: gl.constexpr,
+                       BLOCK_N: gl.constexpr, ROWS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr):
+    # INT8 Q·Kᵀ with one scale per key block: a score is s * mult (mult: q's scale x the block's key scale x
+    # qk_scale, per row), so the online softmax runs on the int32 tile itself. The row max is an integer max;
+    # s reaches float32 by an integer add and a bitcast (0x4B400000 is 1.5 * 2^23: adding |s| < 2^22 to its bits
+    # gives 1.5 * 2^23 + s exactly; D <= 128 int8 products stay below 2^21), whose offset folds into the
+    # exponent's bias, so each score costs one FMA and one exp2, as in the 16-bit kernel. The offset's rounding
+    # in the bias is below one unit of s, far under the INT8 rounding. Tiles that need masking take the plain
+    # path.
+    masked = False
+    if CAUSAL or not EVEN_N:
+        start_n = gl.load(index_ptr) * BLOCK_N
+        masked = (start_n + BLOCK_N > nk) or (CAUSAL and start_n + BLOCK_N - 1 > row0 + causal_offset)
+    if masked:
+        p, alpha, m_new, l_i = _softmax_step(s.to(gl.float32) * mult[:, None], m_i, l_i, index_ptr, nk, 1.0, row0,
+                                             causal_offset, s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL)
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, 1).to(gl.float32) * mult)
+        if CAUSAL:
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        f = (s + 0x4B400000).to(gl.float32, bitcast=True)
+        bias = mult * 12582912.0 + m_use
+        p = gl.exp2(f * mult[:, None] - bias[:, None])
+        alpha = gl.exp2(m_i - m_use)
+        l_i = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_i
 
 
 @gluon.jit
@@ -165,7 +199,8 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
               stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale, causal_offset, QLive,
               q_tiles, QScale, KScale, VScale, WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr,
-              CAUSAL: gl.constexpr, HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr):
+              CAUSAL: gl.constexpr, HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr,
+              TILE_K: gl.constexpr):
     BLOCK_N: gl.constexpr = 128
     ROWS: gl.constexpr = 64
     if INT8_QK:  # 8-bit wgmma: K = 32 per instruction, int32 accumulator
@@ -195,10 +230,13 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
     q = q_smem.index(WG).reshape([ROWS, HEAD_DIM])
     row0 = q_block * 128 + WG * ROWS
-    if INT8_QK:  # per-token scales: q's rows once, k's columns per tile; the softmax then takes scores as they are
+    if INT8_QK:  # q's per-token scales once; k's per token (a vector per tile) or per key block (a scalar)
         qrows = row0 + gl.arange(0, ROWS, layout=row_layout)
         row_scale = gl.load(QScale + pid_bh * nq + qrows, mask=qrows < nq, other=0.0) * qk_scale
-        k_scales = KScale + (b * (num_heads // group_size) + h_kv) * nk
+        if TILE_K:
+            k_scales = KScale + (b * (num_heads // group_size) + h_kv) * gl.cdiv(nk, BLOCK_N)
+        else:
+            k_scales = KScale + (b * (num_heads // group_size) + h_kv) * nk
         soft_scale = 1.0
     else:
         soft_scale = qk_scale
@@ -228,10 +266,15 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
             mbarrier.arrive(turn_bars.index(1 - WG))
         turn ^= 1
         s = warpgroup_mma_wait(0, deps=[s_tok])
-        if INT8_QK:
-            s = _dequantize(s, row_scale, k_scales, index_base, nk, s_layout, BLOCK_N)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base, nk, soft_scale, row0, causal_offset, s_layout,
-                                           BLOCK_N, ROWS, EVEN_N, CAUSAL)
+        if INT8_QK and TILE_K:
+            mult = row_scale * gl.load(k_scales + gl.load(index_base))
+            p, alpha, m_i, l_i = _softmax_step_int8(s, m_i, l_i, mult, index_base, nk, row0, causal_offset, s_layout,
+                                                    BLOCK_N, ROWS, EVEN_N, CAUSAL)
+        else:
+            if INT8_QK:
+                s = _dequantize(s, row_scale, k_scales, index_base, nk, s_layout, BLOCK_N)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base, nk, soft_scale, row0, causal_offset,
+                                               s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL)
         p_op = _p_operand(p, v_smem, p_smem.index(WG), p_layout, FP8_PV)
         for j in range(1, count):
             st = j % STAGES
@@ -248,12 +291,18 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
             if PINGPONG:
                 mbarrier.arrive(turn_bars.index(1 - WG))
             turn ^= 1
+            if INT8_QK and TILE_K:  # the block's key scale, loaded while Q·Kᵀ runs
+                mult = row_scale * gl.load(k_scales + gl.load(index_base + j * stride_ik))
             if OVERLAP:
                 s = warpgroup_mma_wait(1, deps=[s_tok])  # QK^T(j) done; PV(j-1) may still run
-            if INT8_QK:
-                s = _dequantize(s, row_scale, k_scales, index_base + j * stride_ik, nk, s_layout, BLOCK_N)
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base + j * stride_ik, nk, soft_scale, row0,
-                                               causal_offset, s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL)
+            if INT8_QK and TILE_K:
+                p, alpha, m_i, l_i = _softmax_step_int8(s, m_i, l_i, mult, index_base + j * stride_ik, nk, row0,
+                                                        causal_offset, s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL)
+            else:
+                if INT8_QK:
+                    s = _dequantize(s, row_scale, k_scales, index_base + j * stride_ik, nk, s_layout, BLOCK_N)
+                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base + j * stride_ik, nk, soft_scale, row0,
+                                                   causal_offset, s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL)
             acc = _wait_pv(acc_tok, p_op, FP8_PV)
             mbarrier.arrive(empty_bars.index(prev))
             acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
@@ -292,8 +341,10 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
                             STAGES: gl.constexpr, PINGPONG: gl.constexpr,
                             OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                             LOADER_REGS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
-                            HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr):
-    # q and k in the inputs' 16-bit dtype, or INT8 (INT8_QK, per-token scales in QScale / KScale); v 16-bit, or
+                            HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr,
+                            TILE_K: gl.constexpr):
+    # q and k in the inputs' 16-bit dtype, or INT8 (INT8_QK, per-token scales in QScale, KScale per token or, with
+    # TILE_K, per 128-key block); v 16-bit, or
     # e4m3 stored (B, H, D, N) (FP8_PV, per-channel scales in VScale).
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -322,12 +373,12 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
                      BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
                      stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
                      causal_offset, QLive, q_tiles, QScale, KScale, VScale, 0, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
-                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV)),
+                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K)),
         (_consumer, (q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
                      BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
                      stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
                      causal_offset, QLive, q_tiles, QScale, KScale, VScale, 1, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
-                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV)),
+                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K)),
         (_loader, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, BlockCount,
                    BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                    num_heads, group_size, q_tiles, QLive, STAGES, HAS_LIVE, FP8_PV)),
@@ -385,7 +436,8 @@ def block_sparse_attention_gluon_int8(q, k, v, block_index, block_count, *, scal
     V scales, on this kernel's schedule. Returns ``(out, lse or None)``, the LSE of the unsmoothed scores."""
     from .quantize import FP8, quantize, quantize_qk
 
-    q8, q_scale, k8, k_scale, shift = quantize_qk(q, k, return_lse)
+    tile_k = {**DEFAULT_SCHEDULE, **schedule}["int8_tile_k"]
+    q8, q_scale, k8, k_scale, shift = quantize_qk(q, k, return_lse, k_rows=BLOCK_SIZE if tile_k else 1)
     v_scale = None
     if pv_fp8:
         v, v_scale, _ = quantize(v, BLOCK_SIZE, FP8, per_channel=True, transpose=True)
@@ -424,7 +476,8 @@ def _launch(q, k, v, block_index, block_count, *, scale, return_lse, causal=Fals
         triton.cdiv(q_rows, BLOCK_SIZE), block_count if live_rows is None else live_rows, q_scale, k_scale, v_scale,
         HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=return_lse,
         CONSUMER_REGS=cfg["consumer_regs"], LOADER_REGS=cfg["loader_regs"], EVEN_N=nk % BLOCK_SIZE == 0,
-        CAUSAL=causal, HAS_LIVE=live_rows is not None, INT8_QK=scales is not None, FP8_PV=fp8_pv, num_warps=4,
+        CAUSAL=causal, HAS_LIVE=live_rows is not None, INT8_QK=scales is not None, FP8_PV=fp8_pv,
+        TILE_K=cfg["int8_tile_k"], num_warps=4,
         maxnreg=kernel_maxnreg(cfg),
     )
     return out, (lse if return_lse else None)

@@ -144,11 +144,12 @@ def quantize(x: torch.Tensor, rows: int, dtype=torch.int8, *, subtract: torch.Te
     return (x8[..., :n] if transpose else x8), scale, dot
 
 
-def quantize_qk(q: torch.Tensor, k: torch.Tensor, with_shift: bool):
-    """Q·Kᵀ in INT8 as both 8-bit kernels take it: ``(q8, q_scale, k8, k_scale, shift)`` with per-token scales,
-    keys smoothed by their per-head mean, and ``shift = q·mean(k)`` per query (``(B, Hq, N)``; None without
-    ``with_shift``), by which the kernel's LSE is corrected (times the softmax scale)."""
+def quantize_qk(q: torch.Tensor, k: torch.Tensor, with_shift: bool, k_rows: int = 1):
+    """Q·Kᵀ in INT8 as both 8-bit kernels take it: ``(q8, q_scale, k8, k_scale, shift)`` with per-token scales
+    (keys: one per tile of ``k_rows`` tokens), keys smoothed by their per-head mean, and ``shift = q·mean(k)`` per
+    query (``(B, Hq, N)``; None without ``with_shift``), by which the kernel's LSE is corrected (times the softmax
+    scale)."""
     key_mean = k.mean(dim=2, dtype=torch.float32)  # (B, Hkv, D)
     q8, q_scale, shift = quantize(q, 1, torch.int8, dot_with=key_mean if with_shift else None)
-    k8, k_scale, _ = quantize(k, 1, torch.int8, subtract=key_mean)
+    k8, k_scale, _ = quantize(k, k_rows, torch.int8, subtract=key_mean)
     return q8, q_scale, k8, k_scale, shift

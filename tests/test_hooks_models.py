@@ -393,17 +393,18 @@ def test_diffusion_gemma_step_tracking():
 
 
 @needs("diffusion_gemma")
+@pytest.mark.parametrize("reuse", ["residual", "plan"])
 @pytest.mark.parametrize("method", ["ba_att", "block_sparse"])
-def test_diffusion_gemma_residual_reuse(method, routes):
-    """Residual reuse through the DLM hooks: generation runs, and the method refreshed and reused its cached
-    dense - sparse residuals across the denoising steps of each canvas."""
+def test_diffusion_gemma_residual_reuse(method, reuse, routes):
+    """Residual reuse and kept plans through the DLM hooks: generation runs, and the method refreshed and reused
+    its cached dense - sparse residuals (or its plans) across the denoising steps of each canvas."""
     model = diffusion_gemma()
-    m = make_method(method, min_seq_len=0, block_size=BLOCK, residual_every=2, **SPARSE[method])
+    m = make_method(method, min_seq_len=0, block_size=BLOCK, **{f"{reuse}_every": 2}, **SPARSE[method])
     sparsediff.enable(model, m)
     with torch.no_grad():
         out = model.generate(_text(100, 0)[None], max_new_tokens=64, max_denoising_steps=3)
     sparsediff.disable(model)
     sequences = out.sequences if hasattr(out, "sequences") else out
     assert sequences.shape == (1, 100 + 64)
-    assert m.stats.get("residual_refreshes", 0) > 0 and m.stats.get("residual_reuses", 0) > 0, m.stats
+    assert m.stats.get(f"{reuse}_refreshes", 0) > 0 and m.stats.get(f"{reuse}_reuses", 0) > 0, m.stats
     assert routes["sparse"] > 0

@@ -144,15 +144,21 @@ def test_per_token_timestep_and_rope_follow_the_tokens():
     assert sky.permute((hidden, None, temb, rope, mask), {}, perm, {}, first=True) is None  # block-causal: per call
 
 
-def test_diffusion_forcing_blocks_tile_per_call():
-    """SkyReels-V2 diffusion forcing passes a block-causal mask: the blocks keep the row-major order and each
-    frame block is tiled inside the processor, exactly as without the hook (keep-all equals dense)."""
-    model = tiny_transformer("skyreels_v2", num_frame_per_block=1)
+@pytest.mark.parametrize("frames_per_block", [1, 2])
+def test_diffusion_forcing(frames_per_block):
+    """SkyReels-V2 diffusion forcing: per-frame timesteps give a per-token modulation (permuted with the tokens);
+    with frame blocks of 2 the transformer also passes a block-causal mask, and then the blocks keep the row-major
+    order and each frame block is tiled inside the processor. Keep-all equals dense either way."""
+    model = tiny_transformer("skyreels_v2", num_frame_per_block=frames_per_block)
     kwargs = tiny_inputs("skyreels_v2", model, frames=4)
     kwargs["timestep"] = torch.tensor([[900.0, 900.0, 500.0, 500.0]])
     kwargs["enable_diffusion_forcing"] = True
     reference = _forward(model, kwargs)
     torch.testing.assert_close(_run(model, kwargs, "ba_att", sparsity=0.0, **TILED), reference, **MODEL_TOL)
+    seen = _Seen(**TILED)
+    _run(model, kwargs, seen)
+    held = [a is not None for a in seen.applied]
+    assert seen.applied and all(held) == (frames_per_block == 1) and any(held) == (frames_per_block == 1)
 
 
 def test_gradient_checkpointing_runs_without_grid_choices(caplog):

@@ -60,6 +60,13 @@ class BlockInputs:
     temb_token_dim: int  # token axis of a per-token timestep modulation (4-d temb), e.g. Wan 2.2 TI2V
     mask_index: int | None = None  # an attention-mask argument: tiles only when it is None
 
+    def masked(self, args, kwargs) -> bool:
+        """Whether the block gets an attention mask (block-causal video: tiled per frame block, per call)."""
+        if self.mask_index is None:
+            return False
+        mask = args[self.mask_index] if len(args) > self.mask_index else kwargs.get("attention_mask")
+        return mask is not None
+
     def permute(self, args, kwargs, perm, cache: dict, first: bool) -> tuple[tuple, dict] | None:
         """One block's arguments with the video tokens in tile order, or None when they cannot be. The model
         hands every block the same rotary tables and modulation, so those are permuted once per forward
@@ -83,10 +90,8 @@ class BlockInputs:
             return cache[key][1]
 
         hidden, n = get(0, "hidden_states"), perm.numel()
-        if not torch.is_tensor(hidden) or hidden.dim() != 3 or hidden.shape[1] != n:
+        if not torch.is_tensor(hidden) or hidden.dim() != 3 or hidden.shape[1] != n or self.masked(args, kwargs):
             return None
-        if self.mask_index is not None and get(self.mask_index, "attention_mask") is not None:
-            return None  # block-causal video tiles per frame block, inside the processor
         temb = get(2, "temb")
         if torch.is_tensor(temb) and temb.dim() == 4:
             if temb.shape[self.temb_token_dim] != n:
@@ -130,9 +135,10 @@ def install(model, config) -> list:
             if module is not first:
                 raise RuntimeError(f"{type(model).__name__}: a block's inputs changed shape mid-forward while its "
                                    "tokens were held in tile order; set SPARSEDIFF_HOST_TILES=0")
-            warn_once(logger, f"{type(model).__name__}: tokens kept in their order across the blocks (block inputs "
-                      "did not match the latent grid, or a block-causal mask); each attention call tiles on its own",
-                      key=("host_order", type(model).__name__))
+            if not spec.masked(args, kwargs):  # a block-causal mask is the expected case of diffusion forcing
+                warn_once(logger, f"{type(model).__name__}: the block inputs do not match the latent grid, so the "
+                          "tokens keep their order across the blocks and each attention call tiles on its own",
+                          key=("host_order", type(model).__name__))
             return None
         order.active = True
         return moved

@@ -44,6 +44,7 @@ import torch
 
 import sparsediff
 from sparsediff.attention_processors import DenseProcessor, attention_timer, enabled_processor, token_order
+from sparsediff.commands.bench import time_ms
 from sparsediff.kernels.block_sparse import PRECISIONS
 from sparsediff.methods.base import sparse_share
 
@@ -148,17 +149,8 @@ def layout_seconds(model, inputs, cuda, block_size) -> dict:
             table.index_select(1, tiles.perm)
         return tiled.index_select(1, tiles.inverse)
 
-    def seconds(fn):
-        if cuda:
-            import triton.testing
-
-            return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")) / 1e3
-        fn()
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    return {"per_call": seconds(per_call) * len(model.blocks), "held": seconds(held)}
+    device = "cuda" if cuda else "cpu"
+    return {"per_call": time_ms(per_call, device) / 1e3 * len(model.blocks), "held": time_ms(held, device) / 1e3}
 
 
 def what_ran(model) -> dict:

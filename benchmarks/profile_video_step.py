@@ -25,7 +25,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_video import build, sdpa_backends, sync  # noqa: E402
+from bench_video import build, sdpa_backends, sync, what_ran  # noqa: E402
 
 import sparsediff  # noqa: E402
 
@@ -119,9 +119,11 @@ def main(argv=None) -> int:
             issue, wall = enqueue_seconds(model, inputs, cuda, args.repeat)
             kernel_s, top = kernel_profile(model, inputs, cuda, args.top)
             syncs = find_syncs(model, inputs) if cuda else {}
+            ran = what_ran(model) if method != "dense" else {}  # routes: what ran sparse, what fell back and why
             sparsediff.disable(model)
             runs.append({"method": method, "layout": layout, "sparsity": 0.0 if method == "dense" else args.sparsity,
-                         "step_s": wall, "enqueue_s": issue, "kernel_s": kernel_s, "syncs": syncs, "top": top})
+                         "step_s": wall, "enqueue_s": issue, "kernel_s": kernel_s, "syncs": syncs, "top": top,
+                         **ran})
             print(f"{method} {layout}: step {wall * 1e3:.1f} ms, host issues it in {issue * 1e3:.1f} ms, kernels "
                   f"{kernel_s * 1e3:.1f} ms, {sum(syncs.values())} syncs", flush=True)
     with open(args.out, "w") as f:
@@ -132,6 +134,8 @@ def main(argv=None) -> int:
     for run in runs:
         print(f"\n{run['method']} {run['layout']}: step {run['step_s'] * 1e3:.1f} ms, issue "
               f"{run['enqueue_s'] * 1e3:.1f} ms, kernels {run['kernel_s'] * 1e3:.1f} ms")
+        if "routes" in run:
+            print(f"  attention calls by route: {run['routes']} (sparse share {run['sparse_share']:.0%})")
         for where, n in run["syncs"].items():
             print(f"  sync x{n}: {where}")
         for row in run["top"]:

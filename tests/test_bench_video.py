@@ -47,3 +47,5 @@ def test_profile_quick_run_reports_every_layout(tmp_path):
     for run in runs:
         assert run["step_s"] > 0 and run["enqueue_s"] > 0 and run["kernel_s"] > 0
         assert 0 < len(run["top"]) <= 3 and all(row["ms"] > 0 and row["calls"] > 0 for row in run["top"])
+    for run in runs[1:]:  # the sparse rows say what ran sparse
+        assert run["sparse_share"] == 1.0 and run["routes"]["sparse"] > 0

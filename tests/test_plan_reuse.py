@@ -73,11 +73,12 @@ def test_reuse_steps_skip_the_selection(monkeypatch):
     assert len(calls) == 2  # steps 0 and 4
 
 
-def test_without_steps_every_call_selects_and_a_new_generation_drops_plans():
+def test_without_steps_every_call_selects_and_a_new_generation_drops_plans(caplog):
     m = kept("ba_att:0.8", 5)
     q, k, v = qkv()
     torch.testing.assert_close(m(q, k, v, layer="blocks.0"), plain("ba_att:0.8")(q, k, v), **EXACT)
     assert "plan_refreshes" not in m.stats
+    assert "plan_every=5 has no effect: calls carry no denoising step" in caplog.text  # said, not silent
     at(m, 0, q, k, v)
     at(m, 1, q, k, v)
     assert m.stats["plan_reuses"] == 1
@@ -135,3 +136,19 @@ def test_video_processor_keeps_plans_per_layer_with_tiles():
     # The same inputs every step: a kept plan is the plan a fresh selection makes, so every step agrees.
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0])
+
+
+def test_a_method_without_a_plan_says_plan_every_does_nothing(caplog):
+    from sparsediff.methods import AttentionMethod
+    from sparsediff.methods.dense import dense_attention
+
+    class NoPlan(AttentionMethod):
+        name = "no_plan_test"
+
+        def sparse_attention(self, q, k, v, *, causal, scale, layer, frame_size, global_tokens, return_lse):
+            return dense_attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
+
+    m = NoPlan(plan_every=3, min_seq_len=0)
+    q, k, v = qkv()
+    torch.testing.assert_close(at(m, 0, q, k, v), dense_attention(q, k, v), **EXACT)
+    assert "no_plan_test computes no block-sparse plan" in caplog.text

@@ -46,13 +46,17 @@ the tensors already cached (in place) where their shapes match, so CUDA graphs t
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
+from .._logging import warn_once
 from ..runtime import step_state
 from ..runtime.step_cache import LayerCache, stale
 from .dense import dense_attention
 from .sparse_plan import SparsePlan
+
+logger = logging.getLogger(__name__)
 
 CACHE_ATTR = "_residual_cache"
 PLAN_CACHE_ATTR = "_plan_cache"
@@ -185,6 +189,10 @@ def attend_with_kept_plan(method, q, k, v, *, causal, scale, layer, frame_size, 
     state = step_state.current()
     planner = _planner(method, k.shape[2])
     if planner is None or state.step is None:  # no plan to keep, or no steps to keep it across
+        why = (f"{method.name} computes no block-sparse plan" if planner is None else
+               "calls carry no denoising step (use sparsediff.denoising_step or a step-tracking host)")
+        warn_once(logger, f"plan_every={method.config.plan_every} has no effect: {why}; every call selects",
+                  key=("plan_every", method.name, planner is None))
         return method.sparse_attention(q, k, v, **kwargs, return_lse=return_lse)
     cache = residual_cache(method, PLAN_CACHE_ATTR)
     cache.sync(method)

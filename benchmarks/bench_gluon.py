@@ -3,6 +3,7 @@ Triton kernel and SDPA cuDNN in the same run, with its schedule options as an ab
 
     python benchmarks/bench_gluon.py --out bench_gluon.json
     python benchmarks/bench_gluon.py --precision int8 --out bench_gluon_int8.json   # the 8-bit schedule ablation
+    python benchmarks/bench_gluon.py --precision int8 --variants default,"4 stages" --rounds 3   # interleaved
 
 B=1, H=16, D=128, bf16, random per-head masks; TFLOP/s counts 4*N^2*D*H*density. With ``--precision int8`` or
 ``int8_fp8`` the variants run the Gluon 8-bit kernel (quantization included), whose smaller K (and V) tiles
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -34,6 +36,8 @@ VARIANTS = {
     "neither": dict(pingpong=False, overlap=False),
     "2 stages": dict(stages=2),
     "default, no LSE": dict(return_lse=False),
+    "exp2 1/4 on FMA": dict(exp2_poly=1),
+    "exp2 2/4 on FMA": dict(exp2_poly=2),
 }
 
 
@@ -95,13 +99,18 @@ EIGHT_BIT_VARIANTS = {
     "4 stages": dict(stages=4),
     "5 stages": dict(stages=5),
     "per-token keys": dict(int8_tile_k=False),
+    "ids loaded in place": dict(prefetch_ids=False),
+    "exp2 1/4 on FMA": dict(exp2_poly=1),
+    "exp2 2/4 on FMA": dict(exp2_poly=2),
 }
 
 
-def bench_eight_bit(sizes, densities, precision, log):
-    """The Gluon 8-bit kernel's schedule variants against the 16-bit kernel, same inputs and blocks."""
+def bench_eight_bit(sizes, densities, precision, log, variants=None, rounds=1):
+    """The Gluon 8-bit kernel's schedule variants against the 16-bit kernel, same inputs and blocks; with
+    ``rounds`` > 1 every kernel of a cell runs that many times in turn and keeps its median."""
     from sparsediff.kernels.block_sparse.gluon import block_sparse_attention_gluon_int8
 
+    names = variants or list(EIGHT_BIT_VARIANTS)
     rows, ok = [], True
     h, d = 16, 128
     for i, n in enumerate(sizes):
@@ -113,27 +122,36 @@ def bench_eight_bit(sizes, densities, precision, log):
             index, count = mask_to_index(random_block_mask(1, h, nb, nb, density, "cuda", generator=g))
             ref = block_sparse_attention_ref(q.float(), k.float(), v.float(), index, count, block_size=128)[0] \
                 if i == 0 else None
-            row = {"n": n, "density": density, "precision": precision}
-            bf16 = time_ms(lambda: block_sparse_attention_gluon(q, k, v, index, count, scale=d ** -0.5,
-                                                                return_lse=True), "cuda")
-            row["bf16"] = {"ms": bf16}
-            for name, opts in EIGHT_BIT_VARIANTS.items():
+            row = {"n": n, "density": density, "precision": precision, "rounds": rounds}
+            fns = {"bf16": lambda: block_sparse_attention_gluon(q, k, v, index, count, scale=d ** -0.5,
+                                                                return_lse=True)}
+            for name in names:
                 fn = (lambda o: lambda: block_sparse_attention_gluon_int8(
-                    q, k, v, index, count, scale=d ** -0.5, return_lse=True, pv_fp8=precision == "int8_fp8", **o))(opts)
+                    q, k, v, index, count, scale=d ** -0.5, return_lse=True, pv_fp8=precision == "int8_fp8",
+                    **o))(EIGHT_BIT_VARIANTS[name])
                 try:
-                    ms = time_ms(fn, "cuda")
+                    fn()
                 except Exception as err:  # a schedule that does not fit (shared memory): recorded, not fatal
                     row[name] = {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:120]}"}
                     continue
-                row[name] = {"ms": ms, "x_bf16": bf16 / ms}
+                fns[name] = fn
+            times = {name: [] for name in fns}
+            for _ in range(rounds):
+                for name, fn in fns.items():
+                    times[name].append(time_ms(fn, "cuda"))
+            bf16 = statistics.median(times["bf16"])
+            row["bf16"] = {"ms": bf16, "rounds_ms": times["bf16"]}
+            for name in [x for x in fns if x != "bf16"]:
+                ms = statistics.median(times[name])
+                row[name] = {"ms": ms, "x_bf16": bf16 / ms, "rounds_ms": times[name]}
                 if ref is not None:
-                    err = float((fn()[0].float() - ref).norm() / ref.norm())
+                    err = float((fns[name]()[0].float() - ref).norm() / ref.norm())
                     row[name]["rel_l2"] = err
                     ok &= err < (0.03 if precision == "int8" else 0.05)
             rows.append(row)
             log(f"N={n} density={density:.2f} {precision}: bf16 {bf16:.2f} ms | " + " | ".join(
                 f"{name} {row[name]['ms']:.2f} ms {row[name]['x_bf16']:.2f}x" if "ms" in row[name] else
-                f"{name} -" for name in EIGHT_BIT_VARIANTS))
+                f"{name} -" for name in names))
     return rows, ok
 
 
@@ -170,6 +188,11 @@ def main() -> int:
     parser.add_argument("--sizes", default="16384,32768,65536")
     parser.add_argument("--densities", default="1.0,0.5,0.1")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "int8", "int8_fp8"])
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated 8-bit schedule variants to run (default all: " + ", ".join(
+                            EIGHT_BIT_VARIANTS) + ")")
+    parser.add_argument("--rounds", type=int, default=1, help="8-bit ablation: each kernel timed this many times "
+                        "in turn per cell, medians kept")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     lines = []
@@ -181,7 +204,11 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     densities = [float(x) for x in args.densities.split(",")]
     if args.precision != "bf16":
-        rows, ok = bench_eight_bit(sizes, densities, args.precision, log)
+        variants = args.variants.split(",") if args.variants else None
+        unknown = set(variants or []) - set(EIGHT_BIT_VARIANTS)
+        if unknown:
+            parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(EIGHT_BIT_VARIANTS)}")
+        rows, ok = bench_eight_bit(sizes, densities, args.precision, log, variants, args.rounds)
     else:
         ok = check(log)
         rows = bench(sizes, densities, log) if ok else []

@@ -8,8 +8,9 @@ Peers in the same run: SDPA flash backend, SDPA cuDNN backend, dense SageAttenti
 block mask (all kept blocks marked full, its fastest case). Our kernel runs at every ``--precisions`` entry
 (default bf16, int8, int8_fp8) on the same blocks. N in {8k, 16k, 32k, 64k},
 B=1, H=16, D=128 (and D=64 at 32k), bf16, random per-head masks at density {1.0, 0.5, 0.2, 0.1}.
-TFLOP/s counts 4*N^2*D*H*density. Times are `triton.testing.do_bench` medians on random inputs; the dense peers
-are timed again right before our kernel at every density, so each ratio is taken under the same GPU state.
+TFLOP/s counts 4*N^2*D*H*density. Times are `triton.testing.do_bench` medians on random inputs; at every cell
+the dense peers, our kernels and Flex run in turn ``--rounds`` times (default 3) and each keeps its median, so
+each ratio is taken under the same GPU state.
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ def main() -> int:
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--sizes", default="8192,16384,32768,65536")
     parser.add_argument("--precisions", type=precisions, default="bf16,int8,int8_fp8")
+    parser.add_argument("--densities", default="1.0,0.5,0.2,0.1")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="each cell's kernels timed this many times in turn, medians kept")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA GPU; on CPU use `sparsediff bench`.")
@@ -131,10 +135,11 @@ def main() -> int:
         for n, density in [(32768, 0.5), (32768, 0.2), (32768, 0.1), (65536, 0.5)]:
             result[f"sweep_{n}_{density}"] = sweep(n, density, print, variants=variants)
     if not args.skip_grid:
-        result["rows"] = run_grid([int(s) for s in args.sizes.split(",")], [1.0, 0.5, 0.2, 0.1], heads=16, dim=128,
+        result["rows"] = run_grid([int(s) for s in args.sizes.split(",")],
+                                  [float(x) for x in args.densities.split(",")], heads=16, dim=128,
                                   dtype=torch.bfloat16, device="cuda", flex=not args.no_flex,
                                   extra_dims=[(32768, 64)], peers=installed_peers(True),
-                                  precisions=args.precisions)
+                                  precisions=args.precisions, rounds=args.rounds)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\n{env['device']}, torch {env['torch']}, triton {env.get('triton')}, {time.time() - start:.0f} s")

@@ -1,7 +1,7 @@
 """Compile the Gluon kernel for sm_90a without a GPU and print what the tests check, as one JSON line.
 
     python tests/gluon_aot.py WORKDIR '[[128, "bfloat16", true, true, false, false, false], ...]'
-    (head dim, dtype, even N, write LSE, causal, live rows, INT8 Q·Kᵀ, FP8 P·V)
+    (head dim, dtype, even N, write LSE, causal, live rows, INT8 Q·Kᵀ, FP8 P·V[, tile k][, {schedule options}])
 
 Run without TRITON_INTERPRET (Gluon has no interpreter). The Triton wheel ships ptxas and cuobjdump.
 """
@@ -34,7 +34,7 @@ class Sm90Target:
 
 
 def compile_variant(d, dtype_name, even_n, write_lse, causal, has_live=False, int8_qk=False, fp8_pv=False,
-                    tile_k=True):
+                    tile_k=True, **schedule):
     dtype = getattr(torch, dtype_name)
     x = torch.empty(1, 2, 512, d, dtype=dtype)
     x8 = torch.empty(1, 2, 512, d, dtype=torch.int8) if int8_qk else x  # q and k in INT8
@@ -47,14 +47,14 @@ def compile_variant(d, dtype_name, even_n, write_lse, causal, has_live=False, in
                                 gl.NVMMASharedLayout.get_default_for(block, G._GL_DTYPES[t.dtype]))
     index = torch.zeros(1, 1, 4, 4, dtype=torch.int32)
     count = torch.zeros(1, 1, 4, dtype=torch.int32)
-    cfg = G.DEFAULT_SCHEDULE
+    cfg = {**G.DEFAULT_SCHEDULE, **schedule}
     return G._block_sparse_fwd_gluon.warmup(
         desc(x8, q_block), desc(x8, kv_block), desc(v, [1, 1, d, G.BLOCK_SIZE] if fp8_pv else kv_block), out, lse,
         index, count, 0, 0, 16, 1, 0, 0, 4,
         *out.stride()[:3], 2, 1, 512, 512, 0.1, 0, 4, count, lse, lse, lse, HEAD_DIM=d, STAGES=cfg["stages"],
         PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=write_lse, CONSUMER_REGS=cfg["consumer_regs"],
         LOADER_REGS=cfg["loader_regs"], EVEN_N=even_n, CAUSAL=causal, HAS_LIVE=has_live, INT8_QK=int8_qk,
-        FP8_PV=fp8_pv, TILE_K=tile_k,
+        FP8_PV=fp8_pv, TILE_K=tile_k, PREFETCH=cfg["prefetch_ids"], POLY=cfg["exp2_poly"],
         num_warps=4, maxnreg=G.kernel_maxnreg(cfg),
         grid=(1,))
 
@@ -65,7 +65,8 @@ def main():
     driver.set_active(Sm90Target())
     results = []
     for i, variant in enumerate(variants):
-        kernel = compile_variant(*variant)
+        *args, schedule = variant if isinstance(variant[-1], dict) else (*variant, {})
+        kernel = compile_variant(*args, **schedule)
         ptx = kernel.asm["ptx"]
         cubin = workdir / f"kernel{i}.cubin"
         cubin.write_bytes(kernel.asm["cubin"])

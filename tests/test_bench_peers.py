@@ -58,6 +58,23 @@ def test_grid_skips_a_peer_the_machine_lacks(monkeypatch):
     assert any(line.startswith("  skipping dense sage at N=64: ModuleNotFoundError") for line in lines)
 
 
+def test_grid_rounds_keep_each_kernels_median(monkeypatch):
+    # Every kernel of a cell is timed once per round, in turn; the row keeps the medians.
+    calls = []
+    fake = iter([1.0, 4.0, 2.0, 8.0, 3.0, 2.0])  # sdpa, ours; three rounds
+
+    def time_ms(fn, device):
+        calls.append(fn)
+        return next(fake)
+
+    monkeypatch.setattr(bench, "time_ms", time_ms)
+    (row,) = bench.run_grid([64], [1.0], heads=1, dim=16, dtype=torch.float32, device="cpu", block_size=32,
+                            peers=("sdpa",), rounds=3, log=lambda *_: None)
+    assert len(calls) == 6 and calls[0] is calls[2] is calls[4] and calls[1] is calls[3] is calls[5]
+    assert row["rounds"] == 3 and row["sdpa_sdpa_ms"] == 2.0 and row["ours_ms"] == 4.0
+    assert row["speedup_vs_sdpa"] == pytest.approx(0.5)
+
+
 def test_precisions_argument_names_what_is_supported():
     assert precisions("bf16,int8_fp8") == ["bf16", "int8_fp8"]
     with pytest.raises(Exception, match="bf16, int8, int8_fp8"):

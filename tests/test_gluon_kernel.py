@@ -38,6 +38,10 @@ AOT_VARIANTS = [
     (64, "float16", False, True, True, False, True, True),
     (128, "bfloat16", True, True, False, False, True, False, False),
     (128, "bfloat16", True, True, True, False, True, True, False),
+    # schedule ablations: exponentials partly on the FMA units, block ids loaded in place
+    (128, "bfloat16", False, True, True, False, False, False, True, {"exp2_poly": 1}),
+    (128, "bfloat16", True, True, False, False, True, True, True, {"exp2_poly": 2}),
+    (128, "bfloat16", False, True, True, False, True, False, True, {"prefetch_ids": False}),
 ]
 
 
@@ -107,6 +111,30 @@ def test_matches_reference(b, hq, hkv, nq, nk, d, dtype, density, causal):
     tri = block_sparse_attention(q, k, v, index, count, block_size=128, causal=causal, backend="triton")
     # Two low-precision kernels agree within 2e-2 (about 2.5 bfloat16 epsilons at |out| ~ 1); GPU-only, kept as set.
     assert (out.float() - tri.float()).abs().max().item() < 2e-2
+
+
+@gpu
+@pytest.mark.parametrize("schedule", [dict(exp2_poly=1), dict(exp2_poly=2), dict(prefetch_ids=False)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_schedule_ablations_match_reference(schedule, causal, monkeypatch):
+    # Causal and ragged: masked tiles must still give exact zeros (the polynomial clamps, so they use the MUFU).
+    from sparsediff.kernels.block_sparse import gluon
+
+    for key, value in schedule.items():
+        monkeypatch.setitem(gluon.DEFAULT_SCHEDULE, key, value)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    q, k, v = (torch.randn(2, 4, 1000, 128, dtype=torch.bfloat16, device="cuda", generator=g) for _ in range(3))
+    mask = torch.rand(2, 4, 8, 8, device="cuda", generator=g) < 0.6
+    mask[0, 0, 0] = False
+    index, count = mask_to_index(mask)
+    _check(q, k, v, index, count, causal=causal, backend="gluon")
+    for precision in ("int8", "int8_fp8"):
+        out = block_sparse_attention(q, k, v, index, count, block_size=128, causal=causal, precision=precision,
+                                     backend="gluon")
+        ref, _ = block_sparse_attention_ref(q.double(), k.double(), v.double(), index, count, block_size=128,
+                                            causal=causal)
+        rel = ((out.double() - ref).norm() / ref.norm()).item()
+        assert rel < (0.02 if precision == "int8" else 0.05), (precision, rel)
 
 
 @gpu

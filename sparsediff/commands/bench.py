@@ -109,13 +109,15 @@ def _compiled_flex(flex_attention):
 
 
 def run_grid(sizes, densities, *, heads, dim, dtype, device, block_size=128, peers=("flash", "cudnn"),
-             flex=False, extra_dims=(), precisions=("bf16",), log=print):
+             flex=False, extra_dims=(), precisions=("bf16",), rounds=1, log=print):
     """Time every (N, density) pair; returns a list of row dicts.
 
     ``peers`` are dense baselines (SDPA backends, "sage"), timed again right before our kernel at every density
     so that each ratio is taken under the same clocks (one timing per N let a 64k ratio drift by 15 % with the
     GPU's state); ``precisions`` beyond "bf16" add the 8-bit kernel on the same blocks (``ours_int8_ms``,
-    ``int8_x_bf16``, ``int8_speedup_vs_<peer>``).
+    ``int8_x_bf16``, ``int8_speedup_vs_<peer>``). ``rounds`` > 1 times every kernel of a cell that many times in
+    turn and keeps each one's median (single cells scattered +-7 % between identical runs); the per-round
+    ratios against cuDNN are kept as ``speedup_vs_cudnn_rounds``.
     """
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
@@ -124,43 +126,55 @@ def run_grid(sizes, densities, *, heads, dim, dtype, device, block_size=128, pee
         nb = math.ceil(n / block_size)
         available = list(peers)
         for density in densities:
-            dense_times = {}
+            fns = {}
             for peer in list(available):
                 try:
                     fn = dense_fn(q, k, v, peer if device == "cuda" or peer == "sage" else None)
-                    dense_times[peer] = time_ms(fn, device)
+                    fn()  # a backend the build or machine lacks raises here
+                    fns[peer] = fn
                 except (RuntimeError, ImportError, AssertionError) as err:  # a backend the build or machine lacks
                     log(f"  skipping dense {peer} at N={n}: {type(err).__name__}: {err}")
                     available.remove(peer)
             mask = random_block_mask(1, heads, nb, nb, density, device, generator=gen)
             index, count = mask_to_index(mask)
             real_density = count.sum().item() / (heads * nb * nb)
-            ours = time_ms(
-                lambda q=q, k=k, v=v, index=index, count=count: block_sparse_attention(
-                    q, k, v, index, count, block_size=block_size, check_ids=False),
-                device,
-            )
+            for precision in ("bf16", *[p for p in precisions if p != "bf16"]):
+                fns[f"ours_{precision}"] = (
+                    lambda p=precision, q=q, k=k, v=v, index=index, count=count: block_sparse_attention(
+                        q, k, v, index, count, block_size=block_size, precision=p, check_ids=False))
+            if flex:
+                fns["flex"] = flex_fn(q, k, v, index, count, block_size)
+            times = {name: [] for name in fns}
+            for _ in range(rounds):
+                for name, fn in fns.items():
+                    times[name].append(time_ms(fn, device))
+            med = {name: statistics.median(ts) for name, ts in times.items()}
+            ours = med["ours_bf16"]
             flops = 4 * n * n * d * heads * real_density
             row = {"N": n, "D": d, "H": heads, "density": round(real_density, 4), "ours_ms": ours,
                    "ours_tflops": flops / ours / 1e9}
-            for peer, t in dense_times.items():
+            if rounds > 1:
+                row["rounds"] = rounds
+            for peer in [p for p in peers if p in fns]:
+                t = med[peer]
                 row[peer_key(peer)] = t
                 row[f"speedup_vs_{peer}"] = t / ours
                 row[f"time_over_density_x_{peer}"] = ours / (real_density * t)
+            if rounds > 1 and "cudnn" in fns:
+                row["speedup_vs_cudnn_rounds"] = [c / o for c, o in zip(times["cudnn"], times["ours_bf16"])]
             for precision in [p for p in precisions if p != "bf16"]:
-                t = time_ms(lambda q=q, k=k, v=v, index=index, count=count, p=precision: block_sparse_attention(
-                    q, k, v, index, count, block_size=block_size, precision=p, check_ids=False), device)
+                t = med[f"ours_{precision}"]
                 row[f"ours_{precision}_ms"], row[f"{precision}_x_bf16"] = t, ours / t
-                for peer, dense_t in dense_times.items():
-                    row[f"{precision}_speedup_vs_{peer}"] = dense_t / t
+                for peer in [p for p in peers if p in fns]:
+                    row[f"{precision}_speedup_vs_{peer}"] = med[peer] / t
             if flex:
-                t = time_ms(flex_fn(q, k, v, index, count, block_size), device)
+                t = med["flex"]
                 row["flex_ms"], row["flex_tflops"], row["speedup_vs_flex"] = t, flops / t / 1e9, t / ours
                 for precision in [p for p in precisions if p != "bf16"]:  # the sparse peer, same mask
                     row[f"{precision}_speedup_vs_flex"] = t / row[f"ours_{precision}_ms"]
             rows.append(row)
             log("  " + ", ".join(f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}"
-                                 for key, val in row.items()))
+                                 for key, val in row.items() if not isinstance(val, list)))
     return rows
 
 
@@ -226,6 +240,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--precisions", type=precisions, default="bf16",
                         help="comma-separated kernel precisions to time: bf16, int8, int8_fp8 (8-bit: a CUDA GPU or "
                              "the Triton interpreter; on Hopper the Gluon 8-bit kernel unless SPARSEDIFF_GLUON_INT8=0)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time each cell's kernels this many times in turn and keep the medians")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
 
 
@@ -248,7 +264,8 @@ def run(args) -> int:
     env = environment()
     print(f"sparsediff bench on {env['device']} (torch {env['torch']}), H={heads}, D={dim}, {dtype}")
     rows = run_grid(sizes, args.densities, heads=heads, dim=dim, dtype=dtype, device=device,
-                    peers=installed_peers(cuda), flex=args.flex and cuda, precisions=args.precisions)
+                    peers=installed_peers(cuda), flex=args.flex and cuda, precisions=args.precisions,
+                    rounds=args.rounds)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"environment": env, "rows": rows}, f, indent=1)

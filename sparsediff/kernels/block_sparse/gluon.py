@@ -38,6 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 LOG2E = 1.4426950408889634
+LOG2_448 = gl.constexpr(8.807354922057604)  # log2 of e4m3's largest value
 BLOCK_SIZE = 128  # key block = tile width; a CTA covers one query block of the same size
 ROWS_PER_WARPGROUP = 64
 # Measured on H100 over 4 runs (docs/benchmarks.md): 3 K/V stages, in-warpgroup overlap on, 240 registers
@@ -45,7 +46,12 @@ ROWS_PER_WARPGROUP = 64
 # where sparse attention runs, so it is off by default.
 # int8_tile_k: INT8 keys with one scale per 128-key block, and the softmax on the int32 scores
 # (``_softmax_step_int8``); False: per-token key scales, scores converted and scaled per element.
-DEFAULT_SCHEDULE = dict(stages=3, pingpong=False, overlap=True, consumer_regs=240, loader_regs=24, int8_tile_k=True)
+# prefetch_ids: the consumers load the kept block ids (and INT8 key scales) an iteration or two ahead instead
+# of on the softmax's critical path (False: the old dependent loads, for A/B).
+# exp2_poly: of every 4 exponentials of P, this many run as a cubic polynomial on the FMA units instead of the
+# MUFU (FlashAttention-4's trick), 0-2.
+DEFAULT_SCHEDULE = dict(stages=3, pingpong=False, overlap=True, consumer_regs=240, loader_regs=24, int8_tile_k=True,
+                        prefetch_ids=True, exp2_poly=0)
 
 
 @gluon.jit
@@ -92,15 +98,57 @@ def _loader(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_ba
             tma.async_copy_global_to_shared(v_desc, [b, h_kv, row, 0], v_bars.index(s), v_smem.index(s))
 
 
+def _exp2_asm(poly: int) -> str:
+    """PTX for 4 exponentials (pack=4): the first 4 - poly on the MUFU, the last ``poly`` as 2^round(x) times a
+    cubic in the remainder on the FMA units (relative error 8e-5, far below P's 16- or 8-bit rounding). Inputs
+    below -126 clamp there (2^-126 ~ 1e-38 instead of 0: under any P rounding, and never a NaN for -inf)."""
+    lines = ["{", ".reg .f32 t, j, f, p;", ".reg .b32 e, r;"]
+    for i in range(4 - poly):
+        lines.append(f"ex2.approx.ftz.f32 ${i}, ${i + 4};")
+    for i in range(4 - poly, 4):
+        lines += [f"max.ftz.f32 t, ${i + 4}, 0fC2FC0000;",  # -126
+                  "add.rn.ftz.f32 j, t, 0f4B400000;",  # 1.5 * 2^23 + round(t): the integer in j's low bits
+                  "sub.rn.ftz.f32 f, j, 0f4B400000;",
+                  "sub.rn.ftz.f32 f, t, f;",  # t - round(t), in [-0.5, 0.5]
+                  "fma.rn.ftz.f32 p, f, 0f3D61A4C4, 0f3E786D33;",
+                  "fma.rn.ftz.f32 p, p, f, 0f3F317A8D;",
+                  "fma.rn.ftz.f32 p, p, f, 0f3F7FFB58;",
+                  "shl.b32 e, j, 23;",  # round(t) into the exponent field
+                  "mov.b32 r, p;", "add.s32 r, r, e;", f"mov.b32 ${i}, r;"]
+    return "\n".join(lines + ["}"])
+
+
+EXP2_POLY_ASM = [gl.constexpr(_exp2_asm(n)) for n in range(3)]
+_EXP2_POLY_1 = EXP2_POLY_ASM[1]
+_EXP2_POLY_2 = EXP2_POLY_ASM[2]
+
+
 @gluon.jit
-def _softmax_step(s, m_i, l_i, index_ptr, nk, qk_scale, row0, causal_offset, s_layout: gl.constexpr,
-                  BLOCK_N: gl.constexpr, ROWS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr):
-    # Only tiles on the ragged tail or the causal diagonal pay for masking. Without causal masking a kept
-    # block always holds a valid key, so m is finite from the first tile on; with it, a row may have seen
-    # only masked keys (m = -inf), and exp2 must not see -inf - -inf.
+def _exp2(x, POLY: gl.constexpr):
+    if POLY == 0:
+        y = gl.exp2(x)
+    elif POLY == 1:
+        y = gl.inline_asm_elementwise(_EXP2_POLY_1, "=f,=f,=f,=f,f,f,f,f", [x], dtype=gl.float32, is_pure=True,
+                                      pack=4)
+    else:
+        y = gl.inline_asm_elementwise(_EXP2_POLY_2, "=f,=f,=f,=f,f,f,f,f", [x], dtype=gl.float32, is_pure=True,
+                                      pack=4)
+    return y
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, kblock, nk, qk_scale, p_shift, row0, causal_offset, s_layout: gl.constexpr,
+                  BLOCK_N: gl.constexpr, ROWS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
+                  POLY: gl.constexpr):
+    # Only tiles on the ragged tail or the causal diagonal pay for masking (kblock: the tile's key-block id,
+    # loaded ahead by the caller). Without causal masking a kept block always holds a valid key, so m is finite
+    # from the first tile on; with it, a row may have seen only masked keys (m = -inf), and exp2 must not see
+    # -inf - -inf. p_shift (log2 units) scales P and l alike, which the output's division cancels.
+    masked = False
     if CAUSAL or not EVEN_N:
-        start_n = gl.load(index_ptr) * BLOCK_N
-        if (start_n + BLOCK_N > nk) or (CAUSAL and start_n + BLOCK_N - 1 > row0 + causal_offset):
+        start_n = kblock * BLOCK_N
+        masked = (start_n + BLOCK_N > nk) or (CAUSAL and start_n + BLOCK_N - 1 > row0 + causal_offset)
+        if masked:
             cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             valid = (cols < nk)[None, :]
             if CAUSAL:
@@ -112,24 +160,32 @@ def _softmax_step(s, m_i, l_i, index_ptr, nk, qk_scale, row0, causal_offset, s_l
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
-    p = gl.exp2(s * qk_scale - m_use[:, None])
+    x = s * qk_scale - (m_use - p_shift)[:, None]
+    if POLY > 0 and (CAUSAL or not EVEN_N):
+        if masked:  # masked scores must give exact zeros, which the clamped polynomial does not
+            p = gl.exp2(x)
+        else:
+            p = _exp2(x, POLY)
+    else:
+        p = _exp2(x, POLY)
     alpha = gl.exp2(m_i - m_use)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
 
 
 @gluon.jit
-def _dequantize(s, row_scale, k_scales, index_ptr, nk, s_layout: gl.constexpr, BLOCK_N: gl.constexpr):
+def _dequantize(s, row_scale, k_scales, kblock, nk, s_layout: gl.constexpr, BLOCK_N: gl.constexpr):
     # INT8 Q·Kᵀ with per-token key scales: int32 tile -> float32 scores in log2 units (row_scale holds q's
     # scale times qk_scale).
-    cols = gl.load(index_ptr) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    cols = kblock * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     k_scale = gl.load(k_scales + cols, mask=cols < nk, other=0.0)
     return s.to(gl.float32) * row_scale[:, None] * k_scale[None, :]
 
 
 @gluon.jit
-def _softmax_step_int8(s, m_i, l_i, mult, index_ptr, nk, row0, causal_offset, s_layout: gl.constexpr,
-                       BLOCK_N: gl.constexpr, ROWS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr):
+def _softmax_step_int8(s, m_i, l_i, mult, kblock, nk, p_shift, row0, causal_offset, s_layout: gl.constexpr,
+                       BLOCK_N: gl.constexpr, ROWS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
+                       POLY: gl.constexpr):
     # INT8 Q·Kᵀ with one scale per key block: a score is s * mult (mult: q's scale x the block's key scale x
     # qk_scale, per row), so the online softmax runs on the int32 tile itself. The row max is an integer max;
     # s reaches float32 by an integer add and a bitcast (0x4B400000 is 1.5 * 2^23: adding |s| < 2^22 to its bits
@@ -139,11 +195,11 @@ def _softmax_step_int8(s, m_i, l_i, mult, index_ptr, nk, row0, causal_offset, s_
     # path.
     masked = False
     if CAUSAL or not EVEN_N:
-        start_n = gl.load(index_ptr) * BLOCK_N
+        start_n = kblock * BLOCK_N
         masked = (start_n + BLOCK_N > nk) or (CAUSAL and start_n + BLOCK_N - 1 > row0 + causal_offset)
     if masked:
-        p, alpha, m_new, l_i = _softmax_step(s.to(gl.float32) * mult[:, None], m_i, l_i, index_ptr, nk, 1.0, row0,
-                                             causal_offset, s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL)
+        p, alpha, m_new, l_i = _softmax_step(s.to(gl.float32) * mult[:, None], m_i, l_i, kblock, nk, 1.0, p_shift,
+                                             row0, causal_offset, s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY)
     else:
         m_new = gl.maximum(m_i, gl.max(s, 1).to(gl.float32) * mult)
         if CAUSAL:
@@ -151,8 +207,8 @@ def _softmax_step_int8(s, m_i, l_i, mult, index_ptr, nk, row0, causal_offset, s_
         else:
             m_use = m_new
         f = (s + 0x4B400000).to(gl.float32, bitcast=True)
-        bias = mult * 12582912.0 + m_use
-        p = gl.exp2(f * mult[:, None] - bias[:, None])
+        bias = mult * 12582912.0 + (m_use - p_shift)
+        p = _exp2(f * mult[:, None] - bias[:, None], POLY)
         alpha = gl.exp2(m_i - m_use)
         l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
@@ -160,10 +216,11 @@ def _softmax_step_int8(s, m_i, l_i, mult, index_ptr, nk, row0, causal_offset, s_
 
 @gluon.jit
 def _p_operand(p, v_smem, p_slot, p_layout: gl.constexpr, FP8_PV: gl.constexpr):
-    # P as the A operand of the P·V wgmma: in registers (16-bit), or in e4m3 scaled by 448 (P lies in [0, 1])
-    # through this warpgroup's shared slot (the wgmma wait cannot keep 8-bit registers alive).
+    # P as the A operand of the P·V wgmma: in registers (16-bit), or in e4m3 (P already scaled to [0, 448] by
+    # the exponent's shift) through this warpgroup's shared slot (the wgmma wait cannot keep 8-bit registers
+    # alive).
     if FP8_PV:
-        p_slot.store((p * 448.0).to(v_smem.dtype))
+        p_slot.store(p.to(v_smem.dtype))
         fence_async_shared()
         gl.thread_barrier()  # the warpgroup's four warps have written their rows
         op = p_slot
@@ -200,9 +257,10 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
               q_tiles, QScale, KScale, VScale, WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr,
               CAUSAL: gl.constexpr, HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr,
-              TILE_K: gl.constexpr):
+              TILE_K: gl.constexpr, PREFETCH: gl.constexpr, POLY: gl.constexpr):
     BLOCK_N: gl.constexpr = 128
     ROWS: gl.constexpr = 64
+    NEED_IDS: gl.constexpr = CAUSAL or (not EVEN_N) or INT8_QK  # the softmax reads the tile's key-block id
     if INT8_QK:  # 8-bit wgmma: K = 32 per instruction, int32 accumulator
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 32])
@@ -240,6 +298,10 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
         soft_scale = 1.0
     else:
         soft_scale = qk_scale
+    # FP8 P·V: P scaled to [0, 448] (e4m3's range) through the exponent; l carries the same factor.
+    p_shift = 0.0
+    if FP8_PV:
+        p_shift = LOG2_448
     turn = 0
     if PINGPONG:
         if WG == 1:
@@ -255,6 +317,17 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
             mbarrier.wait(v_bars.index(t % STAGES), (t // STAGES) & 1)
             mbarrier.arrive(empty_bars.index(t % STAGES))
     if count > 0 and live_wg:
+        # The block ids (masking, INT8 key scales) are loaded ahead: ids two iterations, key scales one, so no
+        # global load's latency sits between a tile's Q·Kᵀ and its softmax (PREFETCH=False: loaded in place).
+        kb = gl.load(index_base)
+        kb_next = kb
+        kb_after = kb
+        ks_next = 0.0
+        if PREFETCH and NEED_IDS:
+            kb_next = gl.load(index_base + stride_ik, mask=count > 1, other=0)
+            kb_after = gl.load(index_base + 2 * stride_ik, mask=count > 2, other=0)
+            if INT8_QK and TILE_K:
+                ks_next = gl.load(k_scales + kb_next)
         mbarrier.wait(q_bars.index(WG), 0)
         # Tile 0: QK^T alone.
         mbarrier.wait(k_bars.index(0), 0)
@@ -267,14 +340,14 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
         turn ^= 1
         s = warpgroup_mma_wait(0, deps=[s_tok])
         if INT8_QK and TILE_K:
-            mult = row_scale * gl.load(k_scales + gl.load(index_base))
-            p, alpha, m_i, l_i = _softmax_step_int8(s, m_i, l_i, mult, index_base, nk, row0, causal_offset, s_layout,
-                                                    BLOCK_N, ROWS, EVEN_N, CAUSAL)
+            mult = row_scale * gl.load(k_scales + kb)
+            p, alpha, m_i, l_i = _softmax_step_int8(s, m_i, l_i, mult, kb, nk, p_shift, row0, causal_offset,
+                                                    s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY)
         else:
             if INT8_QK:
-                s = _dequantize(s, row_scale, k_scales, index_base, nk, s_layout, BLOCK_N)
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base, nk, soft_scale, row0, causal_offset,
-                                               s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL)
+                s = _dequantize(s, row_scale, k_scales, kb, nk, s_layout, BLOCK_N)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, kb, nk, soft_scale, p_shift, row0, causal_offset,
+                                               s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY)
         p_op = _p_operand(p, v_smem, p_smem.index(WG), p_layout, FP8_PV)
         for j in range(1, count):
             st = j % STAGES
@@ -291,18 +364,30 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
             if PINGPONG:
                 mbarrier.arrive(turn_bars.index(1 - WG))
             turn ^= 1
-            if INT8_QK and TILE_K:  # the block's key scale, loaded while Q·Kᵀ runs
-                mult = row_scale * gl.load(k_scales + gl.load(index_base + j * stride_ik))
+            if PREFETCH and NEED_IDS:  # this tile's id and key scale came an iteration ago; fetch the next ones now
+                kb = kb_next
+                ks = ks_next
+                if INT8_QK and TILE_K:
+                    ks_next = gl.load(k_scales + kb_after)
+                kb_next = kb_after
+                kb_after = gl.load(index_base + (j + 2) * stride_ik, mask=j + 2 < count, other=0)
+            else:
+                kb = gl.load(index_base + j * stride_ik)
+                ks = 0.0
+                if INT8_QK and TILE_K:
+                    ks = gl.load(k_scales + kb)
+            if INT8_QK and TILE_K:
+                mult = row_scale * ks
             if OVERLAP:
                 s = warpgroup_mma_wait(1, deps=[s_tok])  # QK^T(j) done; PV(j-1) may still run
             if INT8_QK and TILE_K:
-                p, alpha, m_i, l_i = _softmax_step_int8(s, m_i, l_i, mult, index_base + j * stride_ik, nk, row0,
-                                                        causal_offset, s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL)
+                p, alpha, m_i, l_i = _softmax_step_int8(s, m_i, l_i, mult, kb, nk, p_shift, row0, causal_offset,
+                                                        s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY)
             else:
                 if INT8_QK:
-                    s = _dequantize(s, row_scale, k_scales, index_base + j * stride_ik, nk, s_layout, BLOCK_N)
-                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, index_base + j * stride_ik, nk, soft_scale, row0,
-                                                   causal_offset, s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL)
+                    s = _dequantize(s, row_scale, k_scales, kb, nk, s_layout, BLOCK_N)
+                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, kb, nk, soft_scale, p_shift, row0, causal_offset,
+                                                   s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY)
             acc = _wait_pv(acc_tok, p_op, FP8_PV)
             mbarrier.arrive(empty_bars.index(prev))
             acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
@@ -322,13 +407,13 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
     out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
     rows = q_block * 128 + WG * ROWS + gl.arange(0, ROWS, layout=orow_layout)
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    if FP8_PV:  # V's per-channel scales factor out of the sum over keys; P carried a factor 448
+    if FP8_PV:  # V's per-channel scales factor out of the sum over keys (P's 448 cancels against l's)
         v_scale = gl.load(VScale + (b * (num_heads // group_size) + h_kv) * HEAD_DIM + cols)
-        out = out * (v_scale * (1.0 / 448.0))[None, :]
+        out = out * v_scale[None, :]
     o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + cols[None, :]
     gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows < nq)[:, None])
     if WRITE_LSE:
-        lse = (m_i + gl.log2(l_i)) / 1.4426950408889634
+        lse = (m_i + gl.log2(l_i) - p_shift) / 1.4426950408889634
         lrows = q_block * 128 + WG * ROWS + gl.arange(0, ROWS, layout=row_layout)
         gl.store(Lse + pid_bh * nq + lrows, lse, mask=lrows < nq)
 
@@ -342,7 +427,7 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
                             OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                             LOADER_REGS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
                             HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr,
-                            TILE_K: gl.constexpr):
+                            TILE_K: gl.constexpr, PREFETCH: gl.constexpr, POLY: gl.constexpr):
     # q and k in the inputs' 16-bit dtype, or INT8 (INT8_QK, per-token scales in QScale, KScale per token or, with
     # TILE_K, per 128-key block); v 16-bit, or
     # e4m3 stored (B, H, D, N) (FP8_PV, per-channel scales in VScale).
@@ -373,12 +458,12 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
                      BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
                      stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
                      causal_offset, QLive, q_tiles, QScale, KScale, VScale, 0, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
-                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K)),
+                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, PREFETCH, POLY)),
         (_consumer, (q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
                      BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
                      stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
                      causal_offset, QLive, q_tiles, QScale, KScale, VScale, 1, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
-                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K)),
+                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, PREFETCH, POLY)),
         (_loader, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, BlockCount,
                    BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                    num_heads, group_size, q_tiles, QLive, STAGES, HAS_LIVE, FP8_PV)),
@@ -477,7 +562,7 @@ def _launch(q, k, v, block_index, block_count, *, scale, return_lse, causal=Fals
         HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=return_lse,
         CONSUMER_REGS=cfg["consumer_regs"], LOADER_REGS=cfg["loader_regs"], EVEN_N=nk % BLOCK_SIZE == 0,
         CAUSAL=causal, HAS_LIVE=live_rows is not None, INT8_QK=scales is not None, FP8_PV=fp8_pv,
-        TILE_K=cfg["int8_tile_k"], num_warps=4,
+        TILE_K=cfg["int8_tile_k"], PREFETCH=cfg["prefetch_ids"], POLY=cfg["exp2_poly"], num_warps=4,
         maxnreg=kernel_maxnreg(cfg),
     )
     return out, (lse if return_lse else None)

@@ -48,10 +48,11 @@ ROWS_PER_WARPGROUP = 64
 # (``_softmax_step_int8``); False: per-token key scales, scores converted and scaled per element.
 # prefetch_ids: the consumers load the kept block ids (and INT8 key scales) an iteration or two ahead instead
 # of on the softmax's critical path (False: the old dependent loads, for A/B).
+# fp8_p_shared: FP8 P·V takes P through shared memory (the first design) instead of registers.
 # exp2_poly: of every 4 exponentials of P, this many run as a cubic polynomial on the FMA units instead of the
 # MUFU (FlashAttention-4's trick), 0-2.
 DEFAULT_SCHEDULE = dict(stages=3, pingpong=False, overlap=True, consumer_regs=240, loader_regs=24, int8_tile_k=True,
-                        prefetch_ids=True, exp2_poly=0)
+                        prefetch_ids=True, exp2_poly=0, fp8_p_shared=False)
 
 
 @gluon.jit
@@ -215,11 +216,10 @@ def _softmax_step_int8(s, m_i, l_i, mult, kblock, nk, p_shift, row0, causal_offs
 
 
 @gluon.jit
-def _p_operand(p, v_smem, p_slot, p_layout: gl.constexpr, FP8_PV: gl.constexpr):
-    # P as the A operand of the P·V wgmma: in registers (16-bit), or in e4m3 (P already scaled to [0, 448] by
-    # the exponent's shift) through this warpgroup's shared slot (the wgmma wait cannot keep 8-bit registers
-    # alive).
-    if FP8_PV:
+def _p_operand(p, v_smem, p_slot, p_layout: gl.constexpr, FP8_PV: gl.constexpr, P_SHARED: gl.constexpr):
+    # P as the A operand of the P·V wgmma: in registers (16-bit, or e4m3 after byte permutes), or in e4m3
+    # through this warpgroup's shared slot (P_SHARED). FP8 P is already scaled to [0, 448] by the exponent.
+    if FP8_PV and P_SHARED:
         p_slot.store(p.to(v_smem.dtype))
         fence_async_shared()
         gl.thread_barrier()  # the warpgroup's four warps have written their rows
@@ -230,10 +230,13 @@ def _p_operand(p, v_smem, p_slot, p_layout: gl.constexpr, FP8_PV: gl.constexpr):
 
 
 @gluon.jit
-def _wait_pv(acc_tok, p_op, FP8_PV: gl.constexpr):
-    # Wait for P·V; a register P stays alive until then (deps), a shared one needs nothing.
+def _wait_pv(acc_tok, p_op, FP8_PV: gl.constexpr, P_SHARED: gl.constexpr):
+    # Wait for P·V; a register P stays alive until then (deps). The wait takes no 8-bit deps, so an FP8 P in
+    # registers gets a use after it instead; a shared one needs nothing.
     if FP8_PV:
         acc = warpgroup_mma_wait(0, deps=[acc_tok])
+        if not P_SHARED:
+            gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [p_op], dtype=gl.int8, is_pure=False, pack=4)
     else:
         acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
     return acc
@@ -257,7 +260,7 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
               q_tiles, QScale, KScale, VScale, WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr,
               CAUSAL: gl.constexpr, HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr,
-              TILE_K: gl.constexpr, PREFETCH: gl.constexpr, POLY: gl.constexpr):
+              TILE_K: gl.constexpr, PREFETCH: gl.constexpr, POLY: gl.constexpr, P_SHARED: gl.constexpr):
     BLOCK_N: gl.constexpr = 128
     ROWS: gl.constexpr = 64
     NEED_IDS: gl.constexpr = CAUSAL or (not EVEN_N) or INT8_QK  # the softmax reads the tile's key-block id
@@ -348,7 +351,7 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
                 s = _dequantize(s, row_scale, k_scales, kb, nk, s_layout, BLOCK_N)
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, kb, nk, soft_scale, p_shift, row0, causal_offset,
                                                s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY)
-        p_op = _p_operand(p, v_smem, p_smem.index(WG), p_layout, FP8_PV)
+        p_op = _p_operand(p, v_smem, p_smem.index(WG), p_layout, FP8_PV, P_SHARED)
         for j in range(1, count):
             st = j % STAGES
             prev = (j - 1) % STAGES
@@ -388,10 +391,10 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
                     s = _dequantize(s, row_scale, k_scales, kb, nk, s_layout, BLOCK_N)
                 p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, kb, nk, soft_scale, p_shift, row0, causal_offset,
                                                    s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY)
-            acc = _wait_pv(acc_tok, p_op, FP8_PV)
+            acc = _wait_pv(acc_tok, p_op, FP8_PV, P_SHARED)
             mbarrier.arrive(empty_bars.index(prev))
             acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
-            p_op = _p_operand(p, v_smem, p_smem.index(WG), p_layout, FP8_PV)
+            p_op = _p_operand(p, v_smem, p_smem.index(WG), p_layout, FP8_PV, P_SHARED)
         last = (count - 1) % STAGES
         mbarrier.wait(v_bars.index(last), ((count - 1) // STAGES) & 1)
         if PINGPONG:
@@ -399,7 +402,7 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
         acc_tok = warpgroup_mma(p_op, _v_tile(v_smem.index(last), HEAD_DIM, BLOCK_N, FP8_PV), acc, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn_bars.index(1 - WG))
-        acc = _wait_pv(acc_tok, p_op, FP8_PV)
+        acc = _wait_pv(acc_tok, p_op, FP8_PV, P_SHARED)
         mbarrier.arrive(empty_bars.index(last))
 
     # Rows that kept no key (l = 0) get zeros and lse = -inf.
@@ -427,14 +430,15 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
                             OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                             LOADER_REGS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
                             HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr,
-                            TILE_K: gl.constexpr, PREFETCH: gl.constexpr, POLY: gl.constexpr):
+                            TILE_K: gl.constexpr, PREFETCH: gl.constexpr, POLY: gl.constexpr,
+                            P_SHARED: gl.constexpr):
     # q and k in the inputs' 16-bit dtype, or INT8 (INT8_QK, per-token scales in QScale, KScale per token or, with
     # TILE_K, per 128-key block); v 16-bit, or
     # e4m3 stored (B, H, D, N) (FP8_PV, per-channel scales in VScale).
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-    if FP8_PV:  # one e4m3 P tile per consumer warpgroup
+    if FP8_PV and P_SHARED:  # one e4m3 P tile per consumer warpgroup
         p_smem = gl.allocate_shared_memory(v_desc.dtype, [2, 64, 128],
                                            gl.NVMMASharedLayout.get_default_for([64, 128], v_desc.dtype))
     else:
@@ -458,12 +462,12 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
                      BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
                      stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
                      causal_offset, QLive, q_tiles, QScale, KScale, VScale, 0, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
-                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, PREFETCH, POLY)),
+                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, PREFETCH, POLY, P_SHARED)),
         (_consumer, (q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
                      BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
                      stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
                      causal_offset, QLive, q_tiles, QScale, KScale, VScale, 1, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
-                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, PREFETCH, POLY)),
+                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, PREFETCH, POLY, P_SHARED)),
         (_loader, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, BlockCount,
                    BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                    num_heads, group_size, q_tiles, QLive, STAGES, HAS_LIVE, FP8_PV)),
@@ -562,7 +566,8 @@ def _launch(q, k, v, block_index, block_count, *, scale, return_lse, causal=Fals
         HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=return_lse,
         CONSUMER_REGS=cfg["consumer_regs"], LOADER_REGS=cfg["loader_regs"], EVEN_N=nk % BLOCK_SIZE == 0,
         CAUSAL=causal, HAS_LIVE=live_rows is not None, INT8_QK=scales is not None, FP8_PV=fp8_pv,
-        TILE_K=cfg["int8_tile_k"], PREFETCH=cfg["prefetch_ids"], POLY=cfg["exp2_poly"], num_warps=4,
+        TILE_K=cfg["int8_tile_k"], PREFETCH=cfg["prefetch_ids"], POLY=cfg["exp2_poly"],
+        P_SHARED=cfg["fp8_p_shared"], num_warps=4,
         maxnreg=kernel_maxnreg(cfg),
     )
     return out, (lse if return_lse else None)

@@ -78,8 +78,11 @@ def _block_sparse_fwd_8bit(
         cols = start_n + offs_n
         k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                     mask=(cols[None, :] < nk) & d_mask[:, None], other=0.0)
-        k_scale = tl.load(k_scales + cols // K_ROWS, mask=cols < nk, other=0.0)[None, :]
-        qk = tl.dot(q, k).to(tl.float32) * (q_scale * k_scale)  # already in log2 units: softmax scale 1
+        if K_ROWS % BLOCK_N == 0:  # one key scale for the whole tile: a per-row multiplier, no outer product
+            qk = tl.dot(q, k).to(tl.float32) * (q_scale * tl.load(k_scales + start_n // K_ROWS))
+        else:
+            k_scale = tl.load(k_scales + cols // K_ROWS, mask=cols < nk, other=0.0)[None, :]
+            qk = tl.dot(q, k).to(tl.float32) * (q_scale * k_scale)  # already in log2 units: softmax scale 1
         p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i, cols, offs_m, start_n, q_start, nk, causal_offset,
                                                    1.0, BLOCK_N, CAUSAL)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,

@@ -33,7 +33,7 @@ from sparsediff.kernels.block_sparse.triton import block_sparse_attention_triton
 VARIANTS = {
     "default": {},  # 3 stages, in-warpgroup overlap, no ping-pong
     "ping-pong + overlap": dict(pingpong=True),
-    "neither": dict(pingpong=False, overlap=False),
+    "neither": dict(pingpong=False, overlap=False),  # ptxas then overlaps P·V(j-1) with the softmax itself
     "2 stages": dict(stages=2),
     "default, no LSE": dict(return_lse=False),
     "exp2 1/4 on FMA": dict(exp2_poly=1),
@@ -103,6 +103,7 @@ EIGHT_BIT_VARIANTS = {
     "exp2 1/4 on FMA": dict(exp2_poly=1),
     "exp2 2/4 on FMA": dict(exp2_poly=2),
     "P through shared memory": dict(fp8_p_shared=True),  # int8_fp8 only: the first design
+    "no in-warpgroup overlap": dict(overlap=False),
 }
 
 
@@ -156,31 +157,39 @@ def bench_eight_bit(sizes, densities, precision, log, variants=None, rounds=1):
     return rows, ok
 
 
-def bench(sizes, densities, log):
+def bench(sizes, densities, log, variants=None, rounds=1):
+    """The 16-bit kernel's schedule variants against the Triton kernel and cuDNN dense; with ``rounds`` > 1 all
+    of a cell's kernels run that many times in turn and keep their medians."""
     rows = []
     h, d = 16, 128
+    names = variants or list(VARIANTS)
     for n in sizes:
         g = torch.Generator(device="cuda").manual_seed(n)
         q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-        cudnn = time_ms(sdpa_fn(q, k, v, "cudnn"), "cuda")
         for density in densities:
             nb = n // 128
             index, count = mask_to_index(random_block_mask(1, h, nb, nb, density, "cuda", generator=g))
             dens = count.float().mean().item() / nb
             flops = 4 * n * n * d * h * dens
-            row = {"n": n, "density": round(dens, 3), "cudnn_dense_ms": cudnn}
-            fns = {"triton": lambda: block_sparse_attention_triton(q, k, v, index, count, scale=d ** -0.5, causal=False,
-                                                                   block_size=128, return_lse=True)}
-            for name, opts in VARIANTS.items():
+            fns = {"cudnn dense": sdpa_fn(q, k, v, "cudnn"),
+                   "triton": lambda: block_sparse_attention_triton(q, k, v, index, count, scale=d ** -0.5,
+                                                                   causal=False, block_size=128, return_lse=True)}
+            for name in names:
                 fns[name] = (lambda o: lambda: block_sparse_attention_gluon(
-                    q, k, v, index, count, scale=d ** -0.5, **{"return_lse": True, **o}))(opts)
-            for name, fn in fns.items():
-                ms = time_ms(fn, "cuda")
-                row[name] = {"ms": ms, "tflops": flops / ms / 1e9, "x_cudnn": cudnn / ms}
+                    q, k, v, index, count, scale=d ** -0.5, **{"return_lse": True, **o}))(VARIANTS[name])
+            times = {name: [] for name in fns}
+            for _ in range(rounds):
+                for name, fn in fns.items():
+                    times[name].append(time_ms(fn, "cuda"))
+            cudnn = statistics.median(times["cudnn dense"])
+            row = {"n": n, "density": round(dens, 3), "cudnn_dense_ms": cudnn, "rounds": rounds}
+            for name in [x for x in fns if x != "cudnn dense"]:
+                ms = statistics.median(times[name])
+                row[name] = {"ms": ms, "tflops": flops / ms / 1e9, "x_cudnn": cudnn / ms, "rounds_ms": times[name]}
             rows.append(row)
             log(f"N={n} density={dens:.2f} cudnn dense {cudnn:.2f} ms | " + " | ".join(
                 f"{name} {row[name]['ms']:.2f} ms {row[name]['tflops']:.0f} TF/s {row[name]['x_cudnn']:.2f}x"
-                for name in fns))
+                for name in fns if name != "cudnn dense"))
     return rows
 
 
@@ -190,10 +199,10 @@ def main() -> int:
     parser.add_argument("--densities", default="1.0,0.5,0.1")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "int8", "int8_fp8"])
     parser.add_argument("--variants", default=None,
-                        help="comma-separated 8-bit schedule variants to run (default all: " + ", ".join(
-                            EIGHT_BIT_VARIANTS) + ")")
-    parser.add_argument("--rounds", type=int, default=1, help="8-bit ablation: each kernel timed this many times "
-                        "in turn per cell, medians kept")
+                        help="comma-separated schedule variants to run (default all; 16-bit: " + ", ".join(VARIANTS)
+                        + "; 8-bit: " + ", ".join(EIGHT_BIT_VARIANTS) + ")")
+    parser.add_argument("--rounds", type=int, default=1, help="each kernel timed this many times in turn per "
+                        "cell, medians kept")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     lines = []
@@ -204,15 +213,18 @@ def main() -> int:
 
     sizes = [int(s) for s in args.sizes.split(",")]
     densities = [float(x) for x in args.densities.split(",")]
+    variants = args.variants.split(",") if args.variants else None
     if args.precision != "bf16":
-        variants = args.variants.split(",") if args.variants else None
         unknown = set(variants or []) - set(EIGHT_BIT_VARIANTS)
         if unknown:
             parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(EIGHT_BIT_VARIANTS)}")
         rows, ok = bench_eight_bit(sizes, densities, args.precision, log, variants, args.rounds)
     else:
+        unknown = set(variants or []) - set(VARIANTS)
+        if unknown:
+            parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
         ok = check(log)
-        rows = bench(sizes, densities, log) if ok else []
+        rows = bench(sizes, densities, log, variants, args.rounds) if ok else []
     if args.out:
         Path(args.out).write_text(json.dumps({"env": environment(), "correct": ok, "rows": rows}, indent=1))
     return 0 if ok else 1

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparsediff.commands.bench import environment, random_block_mask, sdpa_fn, time_ms  # noqa: E402
+from sparsediff.commands.bench import environment, random_block_mask, sdpa_fn, time_rounds  # noqa: E402
 from sparsediff.kernels import mask_to_index  # noqa: E402
 from sparsediff.kernels.block_sparse.gluon import block_sparse_attention_gluon  # noqa: E402
 from sparsediff.kernels.block_sparse.reference import block_sparse_attention_ref  # noqa: E402
@@ -137,10 +137,7 @@ def bench_eight_bit(sizes, densities, precision, log, variants=None, rounds=1):
                     row[name] = {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:120]}"}
                     continue
                 fns[name] = fn
-            times = {name: [] for name in fns}
-            for _ in range(rounds):
-                for name, fn in fns.items():
-                    times[name].append(time_ms(fn, "cuda"))
+            times = time_rounds(fns, "cuda", rounds)
             bf16 = statistics.median(times["bf16"])
             row["bf16"] = {"ms": bf16, "rounds_ms": times["bf16"]}
             for name in [x for x in fns if x != "bf16"]:
@@ -177,10 +174,7 @@ def bench(sizes, densities, log, variants=None, rounds=1):
             for name in names:
                 fns[name] = (lambda o: lambda: block_sparse_attention_gluon(
                     q, k, v, index, count, scale=d ** -0.5, **{"return_lse": True, **o}))(VARIANTS[name])
-            times = {name: [] for name in fns}
-            for _ in range(rounds):
-                for name, fn in fns.items():
-                    times[name].append(time_ms(fn, "cuda"))
+            times = time_rounds(fns, "cuda", rounds)
             cudnn = statistics.median(times["cudnn dense"])
             row = {"n": n, "density": round(dens, 3), "cudnn_dense_ms": cudnn, "rounds": rounds}
             for name in [x for x in fns if x != "cudnn dense"]:

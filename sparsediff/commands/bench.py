@@ -108,6 +108,15 @@ def _compiled_flex(flex_attention):
     return _FLEX
 
 
+def time_rounds(fns: dict, device: str, rounds: int = 1) -> dict[str, list[float]]:
+    """Each named callable timed ``rounds`` times, in turn (so drifting clocks hit all of them alike)."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(time_ms(fn, device))
+    return times
+
+
 def run_grid(sizes, densities, *, heads, dim, dtype, device, block_size=128, peers=("flash", "cudnn"),
              flex=False, extra_dims=(), precisions=("bf16",), rounds=1, log=print):
     """Time every (N, density) pair; returns a list of row dicts.
@@ -144,10 +153,7 @@ def run_grid(sizes, densities, *, heads, dim, dtype, device, block_size=128, pee
                         q, k, v, index, count, block_size=block_size, precision=p, check_ids=False))
             if flex:
                 fns["flex"] = flex_fn(q, k, v, index, count, block_size)
-            times = {name: [] for name in fns}
-            for _ in range(rounds):
-                for name, fn in fns.items():
-                    times[name].append(time_ms(fn, device))
+            times = time_rounds(fns, device, rounds)
             med = {name: statistics.median(ts) for name, ts in times.items()}
             ours = med["ours_bf16"]
             flops = 4 * n * n * d * heads * real_density

@@ -52,7 +52,7 @@ ROWS_PER_WARPGROUP = 64
 # exp2_poly: of every 4 exponentials of P, this many run as a cubic polynomial on the FMA units instead of the
 # MUFU (FlashAttention-4's trick), 0-2.
 DEFAULT_SCHEDULE = dict(stages=3, pingpong=False, overlap=True, consumer_regs=240, loader_regs=24, int8_tile_k=True,
-                        prefetch_ids=True, exp2_poly=0, fp8_p_shared=False)
+                        prefetch_ids=True, exp2_poly=0, fp8_p_shared=True)
 
 
 @gluon.jit

@@ -48,9 +48,10 @@ ROWS_PER_WARPGROUP = 64
 # (``_softmax_step_int8``); False: per-token key scales, scores converted and scaled per element.
 # prefetch_ids: the consumers load the kept block ids (and INT8 key scales) an iteration or two ahead instead
 # of on the softmax's critical path (False: the old dependent loads, for A/B).
-# fp8_p_shared: FP8 P·V takes P through shared memory (the first design) instead of registers.
+# fp8_p_shared: FP8 P·V takes P through a shared-memory tile; False: in registers after byte permutes (0.89x the
+# shared path's speed on an H100, 2026-12-07).
 # exp2_poly: of every 4 exponentials of P, this many run as a cubic polynomial on the FMA units instead of the
-# MUFU (FlashAttention-4's trick), 0-2.
+# MUFU (FlashAttention-4's trick), 0-2; no gain on an H100, where the MUFU is not the limit.
 DEFAULT_SCHEDULE = dict(stages=3, pingpong=False, overlap=True, consumer_regs=240, loader_regs=24, int8_tile_k=True,
                         prefetch_ids=True, exp2_poly=0, fp8_p_shared=True)
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run a set of GPU benchmarks in one go, each under its own time limit, logs and JSON to $OUT (or ./out).
 #   bash benchmarks/run_gpu.sh kernels ba_att video        # names: kernels ba_att video vlm sparsed blockdiff
+#                                                          #        gluon_int8 ncu
 # diffusers is needed by `video`: if .whl/ holds its wheel it is installed into /tmp/site first.
 set -u
 cd "$(dirname "$0")/.."
@@ -19,8 +20,11 @@ declare -A cmd=(
     [vlm]="benchmarks/bench_vlm.py --out $out/bench_vlm.json"
     [sparsed]="benchmarks/bench_sparsed.py --out $out/bench_sparsed.json"
     [blockdiff]="benchmarks/bench_blockdiff.py --out $out/bench_blockdiff.json"
+    [gluon_int8]="benchmarks/bench_gluon.py --precision int8 --sizes 16384,65536 --densities 1.0,0.5 --rounds 3 --out $out/bench_gluon_int8.json"
+    [ncu]="benchmarks/profile_gluon_ncu.py --out $out/profile_gluon_ncu.json"
 )
-declare -A limit=([kernels]=170 [ba_att]=130 [video]=200 [vlm]=150 [sparsed]=170 [blockdiff]=170)
+# kernels: three interleaved rounds per cell (bench_kernels.py --rounds 3)
+declare -A limit=([kernels]=480 [ba_att]=130 [video]=200 [vlm]=150 [sparsed]=170 [blockdiff]=170 [gluon_int8]=150 [ncu]=120)
 for name in "$@"; do
     echo "=== $name"
     timeout "${limit[$name]}" python3 ${cmd[$name]} > "$out/$name.log" 2>&1

@@ -66,6 +66,30 @@ def test_compiles_for_sm90_without_spills(tmp_path):
         assert re.search(r"STACK:0\b", res["usage"]), res
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the ahead-of-time check is for machines without a GPU")
+def test_eight_bit_loop_overlaps_its_softmax_with_pv(tmp_path):
+    # In the 8-bit kernels' loop the wait for P·V(j-1) must come after the exponentials of tile j (ptxas moves
+    # it above them in the 16-bit loop, where it measured harmless; docs/eight_bit.md).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    out = tmp_path / "sass.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "sass_gluon.py"), "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kernels = json.loads(out.read_text())["kernels"]
+    for name in ("int8", "int8_fp8"):
+        order = kernels[name]["order"]
+        # the loop: Q·Kᵀ (IGMMA) and P·V issued together, then wait(1), exponentials, wait(0)
+        starts = [i for i in range(len(order) - 1) if order[i].startswith("IGMMA") and
+                  order[i + 1].startswith(("HGMMA", "QGMMA"))]
+        assert starts, order
+        tail = order[starts[0] + 2:starts[0] + 5]
+        assert tail[0].startswith("WARPGROUP.DEPBAR") and tail[1].startswith("MUFU.EX2x"), (name, tail)
+        assert int(tail[1].split("x")[-1]) >= 32 and tail[2].startswith("WARPGROUP.DEPBAR"), (name, tail)
+        assert kernels[name]["counts"]["MUFU"] > 0
+
+
 def test_forcing_gluon_where_it_does_not_apply_names_what_it_supports():
     q = torch.randn(1, 2, 256, 128, dtype=torch.bfloat16, device="cpu")
     index, count = mask_to_index(torch.ones(1, 1, 2, 2, dtype=torch.bool, device="cpu"))

@@ -1,13 +1,14 @@
 """What the Gluon kernel compiles to: SASS opcode counts and the order of wgmma, waits and exponentials.
 
     python benchmarks/sass_gluon.py                       # CPU: compiles for sm_90a, needs no GPU
-    python benchmarks/sass_gluon.py --schedule '{"fp8_p_shared": true}' --out sass.json
+    python benchmarks/sass_gluon.py --schedule '{"tree_max": true}' --out sass.json
 
 For the 16-bit, ``int8`` and ``int8_fp8`` kernels (D=128, no masking): the count of each SASS opcode in the
-whole kernel (two consumer warpgroups, each a first tile, the loop and the tail), and the loop's sequence of
-wgmma issues (HGMMA / IGMMA / QGMMA), wgmma waits (``WARPGROUP.DEPBAR``), named barriers and exponentials
-(``MUFU.EX2``), run-length coded. The in-warpgroup overlap needs the wait for P·V(j-1) to come after the
-exponentials of tile j; where ptxas hoisted it above them, the softmax does not overlap P·V.
+whole kernel (two consumer warpgroups, each a first tile, the loop and the tail), the longest chain of
+dependent max ops (the row max's latency), and the loop's sequence of wgmma issues (HGMMA / IGMMA / QGMMA),
+wgmma waits (``WARPGROUP.DEPBAR``), named barriers and exponentials (``MUFU.EX2``), run-length coded. The
+in-warpgroup overlap needs the wait for P·V(j-1) to come after the exponentials of tile j; where ptxas hoisted
+it above them, the softmax does not overlap P·V.
 """
 
 from __future__ import annotations
@@ -38,6 +39,22 @@ def opcodes(sass: str) -> list[str]:
         if m:
             ops.append(m.group(1))
     return ops
+
+
+def max_chain(sass: str) -> int:
+    """The longest chain of dependent max ops (FMNMX / VIMNMX): the row max's latency on the softmax's path."""
+    depth, best = {}, 0
+    for line in sass.splitlines():
+        m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s+([^;]*);", line)
+        regs = re.findall(r"\bR\d+\b", m.group(2)) if m else []
+        if not regs:
+            continue
+        if m.group(1).startswith(("FMNMX", "VIMNMX")):
+            depth[regs[0]] = 1 + max([depth.get(r, 0) for r in regs[1:]] + [0])
+            best = max(best, depth[regs[0]])
+        else:
+            depth[regs[0]] = 0
+    return best
 
 
 def run_length(ops: list[str]) -> list[str]:
@@ -75,7 +92,7 @@ def main() -> int:
                                   check=True).stdout
             ops = opcodes(sass)
             counts = collections.Counter(op.split(".")[0] for op in ops)
-            result["kernels"][name] = {"counts": dict(counts.most_common()),
+            result["kernels"][name] = {"counts": dict(counts.most_common()), "max_chain": max_chain(sass),
                                        "order": run_length([op for op in ops if ORDER.match(op)])}
     names = list(KERNELS)
     top = sorted({op for k in result["kernels"].values() for op in list(k["counts"])[:24]},
@@ -83,6 +100,7 @@ def main() -> int:
     print(f"schedule {schedule}\n{'opcode':<12}" + "".join(f"{n:>12}" for n in names))
     for op in top:
         print(f"{op:<12}" + "".join(f"{result['kernels'][n]['counts'].get(op, 0):>12}" for n in names))
+    print(f"{'max chain':<12}" + "".join(f"{result['kernels'][n]['max_chain']:>12}" for n in names))
     for n in names:
         print(f"\n{n}: " + " ".join(result["kernels"][n]["order"]))
     if args.out:

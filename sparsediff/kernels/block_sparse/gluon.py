@@ -50,10 +50,12 @@ ROWS_PER_WARPGROUP = 64
 # of on the softmax's critical path (False: the old dependent loads, for A/B).
 # fp8_p_shared: FP8 P·V takes P through a shared-memory tile; False: in registers after byte permutes (0.89x the
 # shared path's speed on an H100, 2026-12-07).
+# tree_max: the row max as a shallow tree instead of one 33-deep chain of max ops (``_row_max``; not yet
+# timed on a GPU, so off).
 # exp2_poly: of every 4 exponentials of P, this many run as a cubic polynomial on the FMA units instead of the
 # MUFU (FlashAttention-4's trick), 0-2; no gain on an H100, where the MUFU is not the limit.
 DEFAULT_SCHEDULE = dict(stages=3, pingpong=False, overlap=True, consumer_regs=240, loader_regs=24, int8_tile_k=True,
-                        prefetch_ids=True, exp2_poly=0, fp8_p_shared=True)
+                        prefetch_ids=True, exp2_poly=0, fp8_p_shared=True, tree_max=False)
 
 
 @gluon.jit
@@ -139,9 +141,22 @@ def _exp2(x, POLY: gl.constexpr):
 
 
 @gluon.jit
+def _row_max(s, s_layout: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, TREE: gl.constexpr):
+    # A thread holds 2 x 16 scores of a row (column 8i + 2 * (lane % 4) + {0, 1}); gl.max folds its 32 into
+    # one dependent chain (33 max ops deep in SASS). TREE reduces over the 16 groups as 4 x 4 first: the same
+    # value through chains of 3 + 3 (the reshape only relabels registers).
+    if TREE:
+        m = gl.max(gl.max(gl.max(gl.reshape(s, [ROWS, 4, BLOCK_N // 32, 8]), 2), 1), 1)
+        m = gl.convert_layout(m, gl.SliceLayout(1, s_layout))
+    else:
+        m = gl.max(s, 1)
+    return m
+
+
+@gluon.jit
 def _softmax_step(s, m_i, l_i, kblock, nk, qk_scale, p_shift, row0, causal_offset, s_layout: gl.constexpr,
                   BLOCK_N: gl.constexpr, ROWS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
-                  POLY: gl.constexpr):
+                  POLY: gl.constexpr, TREE: gl.constexpr):
     # Only tiles on the ragged tail or the causal diagonal pay for masking (kblock: the tile's key-block id,
     # loaded ahead by the caller). Without causal masking a kept block always holds a valid key, so m is finite
     # from the first tile on; with it, a row may have seen only masked keys (m = -inf), and exp2 must not see
@@ -157,7 +172,7 @@ def _softmax_step(s, m_i, l_i, kblock, nk, qk_scale, p_shift, row0, causal_offse
                 rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
                 valid = valid & (cols[None, :] <= rows[:, None] + causal_offset)
             s = gl.where(valid, s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    m_new = gl.maximum(m_i, _row_max(s, s_layout, ROWS, BLOCK_N, TREE) * qk_scale)
     if CAUSAL:
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
     else:
@@ -187,7 +202,7 @@ def _dequantize(s, row_scale, k_scales, kblock, nk, s_layout: gl.constexpr, BLOC
 @gluon.jit
 def _softmax_step_int8(s, m_i, l_i, mult, kblock, nk, p_shift, row0, causal_offset, s_layout: gl.constexpr,
                        BLOCK_N: gl.constexpr, ROWS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
-                       POLY: gl.constexpr):
+                       POLY: gl.constexpr, TREE: gl.constexpr):
     # INT8 Q·Kᵀ with one scale per key block: a score is s * mult (mult: q's scale x the block's key scale x
     # qk_scale, per row), so the online softmax runs on the int32 tile itself. The row max is an integer max;
     # s reaches float32 by an integer add and a bitcast (0x4B400000 is 1.5 * 2^23: adding |s| < 2^22 to its bits
@@ -201,9 +216,10 @@ def _softmax_step_int8(s, m_i, l_i, mult, kblock, nk, p_shift, row0, causal_offs
         masked = (start_n + BLOCK_N > nk) or (CAUSAL and start_n + BLOCK_N - 1 > row0 + causal_offset)
     if masked:
         p, alpha, m_new, l_i = _softmax_step(s.to(gl.float32) * mult[:, None], m_i, l_i, kblock, nk, 1.0, p_shift,
-                                             row0, causal_offset, s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY)
+                                             row0, causal_offset, s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY,
+                                             TREE)
     else:
-        m_new = gl.maximum(m_i, gl.max(s, 1).to(gl.float32) * mult)
+        m_new = gl.maximum(m_i, _row_max(s, s_layout, ROWS, BLOCK_N, TREE).to(gl.float32) * mult)
         if CAUSAL:
             m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         else:
@@ -261,7 +277,8 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
               q_tiles, QScale, KScale, VScale, WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr,
               CAUSAL: gl.constexpr, HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr,
-              TILE_K: gl.constexpr, PREFETCH: gl.constexpr, POLY: gl.constexpr, P_SHARED: gl.constexpr):
+              TILE_K: gl.constexpr, PREFETCH: gl.constexpr, POLY: gl.constexpr, P_SHARED: gl.constexpr,
+              TREE: gl.constexpr):
     BLOCK_N: gl.constexpr = 128
     ROWS: gl.constexpr = 64
     NEED_IDS: gl.constexpr = CAUSAL or (not EVEN_N) or INT8_QK  # the softmax reads the tile's key-block id
@@ -346,12 +363,12 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
         if INT8_QK and TILE_K:
             mult = row_scale * gl.load(k_scales + kb)
             p, alpha, m_i, l_i = _softmax_step_int8(s, m_i, l_i, mult, kb, nk, p_shift, row0, causal_offset,
-                                                    s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY)
+                                                    s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY, TREE)
         else:
             if INT8_QK:
                 s = _dequantize(s, row_scale, k_scales, kb, nk, s_layout, BLOCK_N)
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, kb, nk, soft_scale, p_shift, row0, causal_offset,
-                                               s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY)
+                                               s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY, TREE)
         p_op = _p_operand(p, v_smem, p_smem.index(WG), p_layout, FP8_PV, P_SHARED)
         for j in range(1, count):
             st = j % STAGES
@@ -386,12 +403,12 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
                 s = warpgroup_mma_wait(1, deps=[s_tok])  # QK^T(j) done; PV(j-1) may still run
             if INT8_QK and TILE_K:
                 p, alpha, m_i, l_i = _softmax_step_int8(s, m_i, l_i, mult, kb, nk, p_shift, row0, causal_offset,
-                                                        s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY)
+                                                        s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY, TREE)
             else:
                 if INT8_QK:
                     s = _dequantize(s, row_scale, k_scales, kb, nk, s_layout, BLOCK_N)
                 p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, kb, nk, soft_scale, p_shift, row0, causal_offset,
-                                                   s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY)
+                                                   s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY, TREE)
             acc = _wait_pv(acc_tok, p_op, FP8_PV, P_SHARED)
             mbarrier.arrive(empty_bars.index(prev))
             acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
@@ -432,7 +449,7 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
                             LOADER_REGS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
                             HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr,
                             TILE_K: gl.constexpr, PREFETCH: gl.constexpr, POLY: gl.constexpr,
-                            P_SHARED: gl.constexpr):
+                            P_SHARED: gl.constexpr, TREE: gl.constexpr):
     # q and k in the inputs' 16-bit dtype, or INT8 (INT8_QK, per-token scales in QScale, KScale per token or, with
     # TILE_K, per 128-key block); v 16-bit, or
     # e4m3 stored (B, H, D, N) (FP8_PV, per-channel scales in VScale).
@@ -463,12 +480,14 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
                      BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
                      stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
                      causal_offset, QLive, q_tiles, QScale, KScale, VScale, 0, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
-                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, PREFETCH, POLY, P_SHARED)),
+                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, PREFETCH, POLY, P_SHARED,
+                     TREE)),
         (_consumer, (q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
                      BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
                      stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
                      causal_offset, QLive, q_tiles, QScale, KScale, VScale, 1, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
-                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, PREFETCH, POLY, P_SHARED)),
+                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, PREFETCH, POLY, P_SHARED,
+                     TREE)),
         (_loader, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, BlockCount,
                    BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                    num_heads, group_size, q_tiles, QLive, STAGES, HAS_LIVE, FP8_PV)),
@@ -568,7 +587,7 @@ def _launch(q, k, v, block_index, block_count, *, scale, return_lse, causal=Fals
         CONSUMER_REGS=cfg["consumer_regs"], LOADER_REGS=cfg["loader_regs"], EVEN_N=nk % BLOCK_SIZE == 0,
         CAUSAL=causal, HAS_LIVE=live_rows is not None, INT8_QK=scales is not None, FP8_PV=fp8_pv,
         TILE_K=cfg["int8_tile_k"], PREFETCH=cfg["prefetch_ids"], POLY=cfg["exp2_poly"],
-        P_SHARED=cfg["fp8_p_shared"], num_warps=4,
+        P_SHARED=cfg["fp8_p_shared"], TREE=cfg["tree_max"], num_warps=4,
         maxnreg=kernel_maxnreg(cfg),
     )
     return out, (lse if return_lse else None)

@@ -38,6 +38,7 @@ VARIANTS = {
     "default, no LSE": dict(return_lse=False),
     "exp2 1/4 on FMA": dict(exp2_poly=1),
     "exp2 2/4 on FMA": dict(exp2_poly=2),
+    "tree_reduce": dict(tree_reduce=True),  # row max and sum as shallow trees
 }
 
 
@@ -104,7 +105,7 @@ EIGHT_BIT_VARIANTS = {
     "exp2 2/4 on FMA": dict(exp2_poly=2),
     "P in registers": dict(fp8_p_shared=False),  # int8_fp8 only: byte permutes instead of shared memory
     "no in-warpgroup overlap": dict(overlap=False),
-    "tree_max": dict(tree_max=True),
+    "tree_reduce": dict(tree_reduce=True),
 }
 
 

@@ -20,7 +20,7 @@ declare -A cmd=(
     [vlm]="benchmarks/bench_vlm.py --out $out/bench_vlm.json"
     [sparsed]="benchmarks/bench_sparsed.py --out $out/bench_sparsed.json"
     [blockdiff]="benchmarks/bench_blockdiff.py --out $out/bench_blockdiff.json"
-    [gluon_int8]="benchmarks/bench_gluon.py --precision int8 --sizes 16384,65536 --densities 1.0,0.5 --variants default,tree_max --rounds 3 --out $out/bench_gluon_int8.json"
+    [gluon_int8]="benchmarks/bench_gluon.py --precision int8 --sizes 16384,65536 --densities 1.0,0.5 --variants default,tree_reduce --rounds 3 --out $out/bench_gluon_int8.json"
     [ncu]="benchmarks/profile_gluon_ncu.py --out $out/profile_gluon_ncu.json"
 )
 # kernels: three interleaved rounds per cell (bench_kernels.py --rounds 3)

@@ -1,7 +1,7 @@
 """What the Gluon kernel compiles to: SASS opcode counts and the order of wgmma, waits and exponentials.
 
     python benchmarks/sass_gluon.py                       # CPU: compiles for sm_90a, needs no GPU
-    python benchmarks/sass_gluon.py --schedule '{"tree_max": true}' --out sass.json
+    python benchmarks/sass_gluon.py --schedule '{"tree_reduce": true}' --out sass.json
 
 For the 16-bit, ``int8`` and ``int8_fp8`` kernels (D=128, no masking): the count of each SASS opcode in the
 whole kernel (two consumer warpgroups, each a first tile, the loop and the tail), the longest chain of

@@ -55,7 +55,7 @@ def compile_variant(d, dtype_name, even_n, write_lse, causal, has_live=False, in
         PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=write_lse, CONSUMER_REGS=cfg["consumer_regs"],
         LOADER_REGS=cfg["loader_regs"], EVEN_N=even_n, CAUSAL=causal, HAS_LIVE=has_live, INT8_QK=int8_qk,
         FP8_PV=fp8_pv, TILE_K=tile_k, PREFETCH=cfg["prefetch_ids"], POLY=cfg["exp2_poly"],
-        P_SHARED=cfg["fp8_p_shared"], TREE=cfg["tree_max"],
+        P_SHARED=cfg["fp8_p_shared"], TREE=cfg["tree_reduce"],
         num_warps=4, maxnreg=G.kernel_maxnreg(cfg),
         grid=(1,))
 

@@ -43,8 +43,8 @@ AOT_VARIANTS = [
     (128, "bfloat16", True, True, False, False, True, True, True, {"exp2_poly": 2}),
     (128, "bfloat16", False, True, True, False, True, False, True, {"prefetch_ids": False}),
     (128, "bfloat16", True, True, True, False, True, True, True, {"fp8_p_shared": False}),
-    (128, "bfloat16", False, True, True, False, True, False, True, {"tree_max": True}),
-    (64, "float16", True, True, False, False, False, False, True, {"tree_max": True}),
+    (128, "bfloat16", False, True, True, False, True, False, True, {"tree_reduce": True}),
+    (64, "float16", True, True, False, False, False, False, True, {"tree_reduce": True}),
 ]
 
 
@@ -142,7 +142,7 @@ def test_matches_reference(b, hq, hkv, nq, nk, d, dtype, density, causal):
 
 @gpu
 @pytest.mark.parametrize("schedule", [dict(exp2_poly=1), dict(exp2_poly=2), dict(prefetch_ids=False),
-                                      dict(fp8_p_shared=False), dict(tree_max=True)])
+                                      dict(fp8_p_shared=False), dict(tree_reduce=True)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_schedule_ablations_match_reference(schedule, causal, monkeypatch):
     # Causal and ragged: masked tiles must still give exact zeros (the polynomial clamps, so they use the MUFU).

@@ -50,12 +50,12 @@ ROWS_PER_WARPGROUP = 64
 # of on the softmax's critical path (False: the old dependent loads, for A/B).
 # fp8_p_shared: FP8 P·V takes P through a shared-memory tile; False: in registers after byte permutes (0.89x the
 # shared path's speed on an H100, 2026-12-07).
-# tree_max: the row max as a shallow tree instead of one 33-deep chain of max ops (``_row_max``; not yet
-# timed on a GPU, so off).
+# tree_reduce: the row max and row sum as shallow trees instead of 33-deep chains of dependent ops
+# (``_row_max``, ``_row_sum``; not yet timed on a GPU, so off).
 # exp2_poly: of every 4 exponentials of P, this many run as a cubic polynomial on the FMA units instead of the
 # MUFU (FlashAttention-4's trick), 0-2; no gain on an H100, where the MUFU is not the limit.
 DEFAULT_SCHEDULE = dict(stages=3, pingpong=False, overlap=True, consumer_regs=240, loader_regs=24, int8_tile_k=True,
-                        prefetch_ids=True, exp2_poly=0, fp8_p_shared=True, tree_max=False)
+                        prefetch_ids=True, exp2_poly=0, fp8_p_shared=True, tree_reduce=False)
 
 
 @gluon.jit
@@ -154,6 +154,17 @@ def _row_max(s, s_layout: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexp
 
 
 @gluon.jit
+def _row_sum(p, s_layout: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, TREE: gl.constexpr):
+    # The same for the row sum of P (33 dependent adds deep otherwise; float32, so only the rounding order moves).
+    if TREE:
+        total = gl.sum(gl.sum(gl.sum(gl.reshape(p, [ROWS, 4, BLOCK_N // 32, 8]), 2), 1), 1)
+        total = gl.convert_layout(total, gl.SliceLayout(1, s_layout))
+    else:
+        total = gl.sum(p, 1)
+    return total
+
+
+@gluon.jit
 def _softmax_step(s, m_i, l_i, kblock, nk, qk_scale, p_shift, row0, causal_offset, s_layout: gl.constexpr,
                   BLOCK_N: gl.constexpr, ROWS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
                   POLY: gl.constexpr, TREE: gl.constexpr):
@@ -186,7 +197,7 @@ def _softmax_step(s, m_i, l_i, kblock, nk, qk_scale, p_shift, row0, causal_offse
     else:
         p = _exp2(x, POLY)
     alpha = gl.exp2(m_i - m_use)
-    l_i = l_i * alpha + gl.sum(p, 1)
+    l_i = l_i * alpha + _row_sum(p, s_layout, ROWS, BLOCK_N, TREE)
     return p, alpha, m_new, l_i
 
 
@@ -228,7 +239,7 @@ def _softmax_step_int8(s, m_i, l_i, mult, kblock, nk, p_shift, row0, causal_offs
         bias = mult * 12582912.0 + (m_use - p_shift)
         p = _exp2(f * mult[:, None] - bias[:, None], POLY)
         alpha = gl.exp2(m_i - m_use)
-        l_i = l_i * alpha + gl.sum(p, 1)
+        l_i = l_i * alpha + _row_sum(p, s_layout, ROWS, BLOCK_N, TREE)
     return p, alpha, m_new, l_i
 
 
@@ -587,7 +598,7 @@ def _launch(q, k, v, block_index, block_count, *, scale, return_lse, causal=Fals
         CONSUMER_REGS=cfg["consumer_regs"], LOADER_REGS=cfg["loader_regs"], EVEN_N=nk % BLOCK_SIZE == 0,
         CAUSAL=causal, HAS_LIVE=live_rows is not None, INT8_QK=scales is not None, FP8_PV=fp8_pv,
         TILE_K=cfg["int8_tile_k"], PREFETCH=cfg["prefetch_ids"], POLY=cfg["exp2_poly"],
-        P_SHARED=cfg["fp8_p_shared"], TREE=cfg["tree_max"], num_warps=4,
+        P_SHARED=cfg["fp8_p_shared"], TREE=cfg["tree_reduce"], num_warps=4,
         maxnreg=kernel_maxnreg(cfg),
     )
     return out, (lse if return_lse else None)

@@ -1,0 +1,150 @@
+"""The online softmax of the Hopper Gluon kernel (``gluon.py``): one key tile's row max, exponentials and row
+sum, in 16 bits or on INT8 Q·Kᵀ scores, with the schedule's ablations (exponentials partly on the FMA units,
+tree-shaped row reductions). Device functions only; the kernel and its schedule live in ``gluon.py``.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+
+def _exp2_asm(poly: int) -> str:
+    """PTX for 4 exponentials (pack=4): the first 4 - poly on the MUFU, the last ``poly`` as 2^round(x) times a
+    cubic in the remainder on the FMA units (relative error 8e-5, far below P's 16- or 8-bit rounding). Inputs
+    below -126 clamp there (2^-126 ~ 1e-38 instead of 0: under any P rounding, and never a NaN for -inf)."""
+    lines = ["{", ".reg .f32 t, j, f, p;", ".reg .b32 e, r;"]
+    for i in range(4 - poly):
+        lines.append(f"ex2.approx.ftz.f32 ${i}, ${i + 4};")
+    for i in range(4 - poly, 4):
+        lines += [f"max.ftz.f32 t, ${i + 4}, 0fC2FC0000;",  # -126
+                  "add.rn.ftz.f32 j, t, 0f4B400000;",  # 1.5 * 2^23 + round(t): the integer in j's low bits
+                  "sub.rn.ftz.f32 f, j, 0f4B400000;",
+                  "sub.rn.ftz.f32 f, t, f;",  # t - round(t), in [-0.5, 0.5]
+                  "fma.rn.ftz.f32 p, f, 0f3D61A4C4, 0f3E786D33;",
+                  "fma.rn.ftz.f32 p, p, f, 0f3F317A8D;",
+                  "fma.rn.ftz.f32 p, p, f, 0f3F7FFB58;",
+                  "shl.b32 e, j, 23;",  # round(t) into the exponent field
+                  "mov.b32 r, p;", "add.s32 r, r, e;", f"mov.b32 ${i}, r;"]
+    return "\n".join(lines + ["}"])
+
+
+EXP2_POLY_ASM = [gl.constexpr(_exp2_asm(n)) for n in range(3)]
+_EXP2_POLY_1 = EXP2_POLY_ASM[1]
+_EXP2_POLY_2 = EXP2_POLY_ASM[2]
+
+
+@gluon.jit
+def _exp2(x, POLY: gl.constexpr):
+    if POLY == 0:
+        y = gl.exp2(x)
+    elif POLY == 1:
+        y = gl.inline_asm_elementwise(_EXP2_POLY_1, "=f,=f,=f,=f,f,f,f,f", [x], dtype=gl.float32, is_pure=True,
+                                      pack=4)
+    else:
+        y = gl.inline_asm_elementwise(_EXP2_POLY_2, "=f,=f,=f,=f,f,f,f,f", [x], dtype=gl.float32, is_pure=True,
+                                      pack=4)
+    return y
+
+
+@gluon.jit
+def _row_max(s, s_layout: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, TREE: gl.constexpr):
+    # A thread holds 2 x 16 scores of a row (column 8i + 2 * (lane % 4) + {0, 1}); gl.max folds its 32 into
+    # one dependent chain (33 max ops deep in SASS). TREE reduces over the 16 groups as 4 x 4 first: the same
+    # value through chains of 3 + 3 (the reshape only relabels registers).
+    if TREE:
+        m = gl.max(gl.max(gl.max(gl.reshape(s, [ROWS, 4, BLOCK_N // 32, 8]), 2), 1), 1)
+        m = gl.convert_layout(m, gl.SliceLayout(1, s_layout))
+    else:
+        m = gl.max(s, 1)
+    return m
+
+
+@gluon.jit
+def _row_sum(p, s_layout: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, TREE: gl.constexpr):
+    # The same for the row sum of P (33 dependent adds deep otherwise; float32, so only the rounding order moves).
+    if TREE:
+        total = gl.sum(gl.sum(gl.sum(gl.reshape(p, [ROWS, 4, BLOCK_N // 32, 8]), 2), 1), 1)
+        total = gl.convert_layout(total, gl.SliceLayout(1, s_layout))
+    else:
+        total = gl.sum(p, 1)
+    return total
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, kblock, nk, qk_scale, p_shift, row0, causal_offset, s_layout: gl.constexpr,
+                  BLOCK_N: gl.constexpr, ROWS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
+                  POLY: gl.constexpr, TREE: gl.constexpr):
+    # Only tiles on the ragged tail or the causal diagonal pay for masking (kblock: the tile's key-block id,
+    # loaded ahead by the caller). Without causal masking a kept block always holds a valid key, so m is finite
+    # from the first tile on; with it, a row may have seen only masked keys (m = -inf), and exp2 must not see
+    # -inf - -inf. p_shift (log2 units) scales P and l alike, which the output's division cancels.
+    masked = False
+    if CAUSAL or not EVEN_N:
+        start_n = kblock * BLOCK_N
+        masked = (start_n + BLOCK_N > nk) or (CAUSAL and start_n + BLOCK_N - 1 > row0 + causal_offset)
+        if masked:
+            cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            valid = (cols < nk)[None, :]
+            if CAUSAL:
+                rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+                valid = valid & (cols[None, :] <= rows[:, None] + causal_offset)
+            s = gl.where(valid, s, float("-inf"))
+    m_new = gl.maximum(m_i, _row_max(s, s_layout, ROWS, BLOCK_N, TREE) * qk_scale)
+    if CAUSAL:
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    x = s * qk_scale - (m_use - p_shift)[:, None]
+    if POLY > 0 and (CAUSAL or not EVEN_N):
+        if masked:  # masked scores must give exact zeros, which the clamped polynomial does not
+            p = gl.exp2(x)
+        else:
+            p = _exp2(x, POLY)
+    else:
+        p = _exp2(x, POLY)
+    alpha = gl.exp2(m_i - m_use)
+    l_i = l_i * alpha + _row_sum(p, s_layout, ROWS, BLOCK_N, TREE)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _dequantize(s, row_scale, k_scales, kblock, nk, s_layout: gl.constexpr, BLOCK_N: gl.constexpr):
+    # INT8 Q·Kᵀ with per-token key scales: int32 tile -> float32 scores in log2 units (row_scale holds q's
+    # scale times qk_scale).
+    cols = kblock * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    k_scale = gl.load(k_scales + cols, mask=cols < nk, other=0.0)
+    return s.to(gl.float32) * row_scale[:, None] * k_scale[None, :]
+
+
+@gluon.jit
+def _softmax_step_int8(s, m_i, l_i, mult, kblock, nk, p_shift, row0, causal_offset, s_layout: gl.constexpr,
+                       BLOCK_N: gl.constexpr, ROWS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
+                       POLY: gl.constexpr, TREE: gl.constexpr):
+    # INT8 Q·Kᵀ with one scale per key block: a score is s * mult (mult: q's scale x the block's key scale x
+    # qk_scale, per row), so the online softmax runs on the int32 tile itself. The row max is an integer max;
+    # s reaches float32 by an integer add and a bitcast (0x4B400000 is 1.5 * 2^23: adding |s| < 2^22 to its bits
+    # gives 1.5 * 2^23 + s exactly; D <= 128 int8 products stay below 2^21), whose offset folds into the
+    # exponent's bias, so each score costs one FMA and one exp2, as in the 16-bit kernel. The offset's rounding
+    # in the bias is below one unit of s, far under the INT8 rounding. Tiles that need masking take the plain
+    # path.
+    masked = False
+    if CAUSAL or not EVEN_N:
+        start_n = kblock * BLOCK_N
+        masked = (start_n + BLOCK_N > nk) or (CAUSAL and start_n + BLOCK_N - 1 > row0 + causal_offset)
+    if masked:
+        p, alpha, m_new, l_i = _softmax_step(s.to(gl.float32) * mult[:, None], m_i, l_i, kblock, nk, 1.0, p_shift,
+                                             row0, causal_offset, s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY,
+                                             TREE)
+    else:
+        m_new = gl.maximum(m_i, _row_max(s, s_layout, ROWS, BLOCK_N, TREE).to(gl.float32) * mult)
+        if CAUSAL:
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        f = (s + 0x4B400000).to(gl.float32, bitcast=True)
+        bias = mult * 12582912.0 + (m_use - p_shift)
+        p = _exp2(f * mult[:, None] - bias[:, None], POLY)
+        alpha = gl.exp2(m_i - m_use)
+        l_i = l_i * alpha + _row_sum(p, s_layout, ROWS, BLOCK_N, TREE)
+    return p, alpha, m_new, l_i

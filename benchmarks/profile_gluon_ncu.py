@@ -57,11 +57,12 @@ def launch(n: int, density: float, schedule: dict) -> None:
 
 
 def interesting(metric: str) -> bool:
-    return (metric == "gpu__time_duration.sum" or ("pipe_" in metric and "pct_of_peak_sustained_active" in metric)
-            or metric.startswith("smsp__average_warps_issue_stalled_") and metric.endswith("_per_issue_active.ratio")
-            or metric in ("sm__inst_issued.avg.pct_of_peak_sustained_active", "smsp__issue_active.avg.pct_of_peak_"
-                          "sustained_active", "sm__throughput.avg.pct_of_peak_sustained_elapsed",
-                          "smsp__inst_executed.sum"))
+    pipe = "pipe_" in metric and "pct_of_peak_sustained_active" in metric
+    stall = metric.startswith("smsp__average_warps_issue_stalled_") and metric.endswith("_per_issue_active.ratio")
+    return pipe or stall or metric in (
+        "gpu__time_duration.sum", "sm__inst_issued.avg.pct_of_peak_sustained_active",
+        "smsp__issue_active.avg.pct_of_peak_sustained_active", "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+        "smsp__inst_executed.sum")
 
 
 def main() -> int:

@@ -53,7 +53,7 @@ ROWS_PER_WARPGROUP = 64
 # fp8_p_shared: FP8 P·V takes P through a shared-memory tile; False: in registers after byte permutes (0.89x the
 # shared path's speed on an H100, 2026-12-07).
 # tree_reduce: the row max and row sum as shallow trees instead of 33-deep chains of dependent ops
-# (``_row_max``, ``_row_sum``; not yet timed on a GPU, so off).
+# (``gluon_softmax._row_reduce``; not yet timed on a GPU, so off).
 # exp2_poly: of every 4 exponentials of P, this many run as a cubic polynomial on the FMA units instead of the
 # MUFU (FlashAttention-4's trick), 0-2; no gain on an H100, where the MUFU is not the limit.
 DEFAULT_SCHEDULE = dict(stages=3, pingpong=False, overlap=True, consumer_regs=240, loader_regs=24, int8_tile_k=True,

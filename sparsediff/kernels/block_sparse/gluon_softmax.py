@@ -48,27 +48,24 @@ def _exp2(x, POLY: gl.constexpr):
 
 
 @gluon.jit
-def _row_max(s, s_layout: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, TREE: gl.constexpr):
-    # A thread holds 2 x 16 scores of a row (column 8i + 2 * (lane % 4) + {0, 1}); gl.max folds its 32 into
-    # one dependent chain (33 max ops deep in SASS). TREE reduces over the 16 groups as 4 x 4 first: the same
-    # value through chains of 3 + 3 (the reshape only relabels registers).
+def _row_reduce(x, s_layout: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, SUM: gl.constexpr,
+                TREE: gl.constexpr):
+    # Row max (or, with SUM, row sum) of a score tile. A thread holds 2 x 16 values of a row (column
+    # 8i + 2 * (lane % 4) + {0, 1}); gl.max / gl.sum fold its 32 into one dependent chain (33 ops deep in SASS).
+    # TREE reduces over the 16 groups as 4 x 4 first: chains of 3 + 3 (the reshape only relabels registers);
+    # the max is the same value, the float32 sum only changes its rounding order.
     if TREE:
-        m = gl.max(gl.max(gl.max(gl.reshape(s, [ROWS, 4, BLOCK_N // 32, 8]), 2), 1), 1)
-        m = gl.convert_layout(m, gl.SliceLayout(1, s_layout))
+        x4 = gl.reshape(x, [ROWS, 4, BLOCK_N // 32, 8])
+        if SUM:
+            r = gl.sum(gl.sum(gl.sum(x4, 2), 1), 1)
+        else:
+            r = gl.max(gl.max(gl.max(x4, 2), 1), 1)
+        r = gl.convert_layout(r, gl.SliceLayout(1, s_layout))
+    elif SUM:
+        r = gl.sum(x, 1)
     else:
-        m = gl.max(s, 1)
-    return m
-
-
-@gluon.jit
-def _row_sum(p, s_layout: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, TREE: gl.constexpr):
-    # The same for the row sum of P (33 dependent adds deep otherwise; float32, so only the rounding order moves).
-    if TREE:
-        total = gl.sum(gl.sum(gl.sum(gl.reshape(p, [ROWS, 4, BLOCK_N // 32, 8]), 2), 1), 1)
-        total = gl.convert_layout(total, gl.SliceLayout(1, s_layout))
-    else:
-        total = gl.sum(p, 1)
-    return total
+        r = gl.max(x, 1)
+    return r
 
 
 @gluon.jit
@@ -90,7 +87,7 @@ def _softmax_step(s, m_i, l_i, kblock, nk, qk_scale, p_shift, row0, causal_offse
                 rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
                 valid = valid & (cols[None, :] <= rows[:, None] + causal_offset)
             s = gl.where(valid, s, float("-inf"))
-    m_new = gl.maximum(m_i, _row_max(s, s_layout, ROWS, BLOCK_N, TREE) * qk_scale)
+    m_new = gl.maximum(m_i, _row_reduce(s, s_layout, ROWS, BLOCK_N, False, TREE) * qk_scale)
     if CAUSAL:
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
     else:
@@ -104,7 +101,7 @@ def _softmax_step(s, m_i, l_i, kblock, nk, qk_scale, p_shift, row0, causal_offse
     else:
         p = _exp2(x, POLY)
     alpha = gl.exp2(m_i - m_use)
-    l_i = l_i * alpha + _row_sum(p, s_layout, ROWS, BLOCK_N, TREE)
+    l_i = l_i * alpha + _row_reduce(p, s_layout, ROWS, BLOCK_N, True, TREE)
     return p, alpha, m_new, l_i
 
 
@@ -137,7 +134,7 @@ def _softmax_step_int8(s, m_i, l_i, mult, kblock, nk, p_shift, row0, causal_offs
                                              row0, causal_offset, s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY,
                                              TREE)
     else:
-        m_new = gl.maximum(m_i, _row_max(s, s_layout, ROWS, BLOCK_N, TREE).to(gl.float32) * mult)
+        m_new = gl.maximum(m_i, _row_reduce(s, s_layout, ROWS, BLOCK_N, False, TREE).to(gl.float32) * mult)
         if CAUSAL:
             m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         else:
@@ -146,5 +143,5 @@ def _softmax_step_int8(s, m_i, l_i, mult, kblock, nk, p_shift, row0, causal_offs
         bias = mult * 12582912.0 + (m_use - p_shift)
         p = _exp2(f * mult[:, None] - bias[:, None], POLY)
         alpha = gl.exp2(m_i - m_use)
-        l_i = l_i * alpha + _row_sum(p, s_layout, ROWS, BLOCK_N, TREE)
+        l_i = l_i * alpha + _row_reduce(p, s_layout, ROWS, BLOCK_N, True, TREE)
     return p, alpha, m_new, l_i

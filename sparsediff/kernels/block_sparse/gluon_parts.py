@@ -1,0 +1,62 @@
+"""Device helpers the Hopper Gluon kernel's two consumer schedules share (``gluon.py``: one key block per
+softmax step; ``gluon_pairs.py``: two): the CTA's coordinates and the P·V operands.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma_wait
+
+
+@gluon.jit
+def _tile_coords(BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
+                 num_heads, group_size, QLive, q_tiles, HAS_LIVE: gl.constexpr):
+    q_block = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    count = gl.load(BlockCount + b * stride_cb + h * stride_ch + q_block * stride_cq)
+    if HAS_LIVE:  # a query block past the live rows keeps nothing: no loads, zeros and -inf
+        if (q_block % q_tiles) * 128 >= gl.load(QLive + b):
+            count = 0
+    index_base = BlockIndex + b * stride_ib + h * stride_ih + q_block * stride_iq
+    return count, index_base, b, h, h // group_size, pid_bh, q_block
+
+
+@gluon.jit
+def _p_operand(p, v_smem, p_slot, p_layout: gl.constexpr, FP8_PV: gl.constexpr, P_SHARED: gl.constexpr):
+    # P as the A operand of the P·V wgmma: in registers (16-bit, or e4m3 after byte permutes), or in e4m3
+    # through this warpgroup's shared slot (P_SHARED). FP8 P is already scaled to [0, 448] by the exponent.
+    if FP8_PV and P_SHARED:
+        p_slot.store(p.to(v_smem.dtype))
+        fence_async_shared()
+        gl.thread_barrier()  # the warpgroup's four warps have written their rows
+        op = p_slot
+    else:
+        op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
+    return op
+
+
+@gluon.jit
+def _wait_pv(acc_tok, p_op, FP8_PV: gl.constexpr, P_SHARED: gl.constexpr):
+    # Wait for P·V; a register P stays alive until then (deps). The wait takes no 8-bit deps, so an FP8 P in
+    # registers gets a use after it instead; a shared one needs nothing.
+    if FP8_PV:
+        acc = warpgroup_mma_wait(0, deps=[acc_tok])
+        if not P_SHARED:
+            gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [p_op], dtype=gl.int8, is_pure=False, pack=4)
+    else:
+        acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
+    return acc
+
+
+@gluon.jit
+def _v_tile(v_slot, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, FP8_PV: gl.constexpr):
+    # The (BLOCK_N, HEAD_DIM) B operand: a transposed view of a keys-contiguous FP8 tile (8-bit wgmma needs
+    # K-major B), or the 16-bit tile as stored.
+    if FP8_PV:
+        tile = v_slot.reshape([HEAD_DIM, BLOCK_N]).permute((1, 0))
+    else:
+        tile = v_slot.reshape([BLOCK_N, HEAD_DIM])
+    return tile

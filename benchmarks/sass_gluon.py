@@ -2,6 +2,7 @@
 
     python benchmarks/sass_gluon.py                       # CPU: compiles for sm_90a, needs no GPU
     python benchmarks/sass_gluon.py --schedule '{"tree_reduce": true}' --out sass.json
+    python benchmarks/sass_gluon.py --kernels int8,int8_fp8 --schedule '{"pair_tiles": true}'
 
 For the 16-bit, ``int8`` and ``int8_fp8`` kernels (D=128, no masking): the count of each SASS opcode in the
 whole kernel (two consumer warpgroups, each a first tile, the loop and the tail), the longest chain of
@@ -72,8 +73,10 @@ def run_length(ops: list[str]) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schedule", default="{}", help="JSON of Gluon schedule options")
+    parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated, of " + ", ".join(KERNELS))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    kernels = {name: KERNELS[name] for name in args.kernels.split(",")}
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     import gluon_aot
@@ -84,7 +87,7 @@ def main() -> int:
     schedule = json.loads(args.schedule)
     result = {"schedule": schedule, "kernels": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, variant in KERNELS.items():
+        for name, variant in kernels.items():
             kernel = gluon_aot.compile_variant(*variant, **schedule)
             cubin = Path(tmp) / f"{name}.cubin"
             cubin.write_bytes(kernel.asm["cubin"])
@@ -94,7 +97,7 @@ def main() -> int:
             counts = collections.Counter(op.split(".")[0] for op in ops)
             result["kernels"][name] = {"counts": dict(counts.most_common()), "max_chain": max_chain(sass),
                                        "order": run_length([op for op in ops if ORDER.match(op)])}
-    names = list(KERNELS)
+    names = list(kernels)
     top = sorted({op for k in result["kernels"].values() for op in list(k["counts"])[:24]},
                  key=lambda op: -max(result["kernels"][n]["counts"].get(op, 0) for n in names))
     print(f"schedule {schedule}\n{'opcode':<12}" + "".join(f"{n:>12}" for n in names))

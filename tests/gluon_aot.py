@@ -48,6 +48,8 @@ def compile_variant(d, dtype_name, even_n, write_lse, causal, has_live=False, in
     index = torch.zeros(1, 1, 4, 4, dtype=torch.int32)
     count = torch.zeros(1, 1, 4, dtype=torch.int32)
     cfg = {**G.DEFAULT_SCHEDULE, **schedule}
+    if cfg["pair_tiles"] and "stages" not in schedule:
+        cfg["stages"] = G.PAIR_STAGES
     return G._block_sparse_fwd_gluon.warmup(
         desc(x8, q_block), desc(x8, kv_block), desc(v, [1, 1, d, G.BLOCK_SIZE] if fp8_pv else kv_block), out, lse,
         index, count, 0, 0, 16, 1, 0, 0, 4,
@@ -55,7 +57,7 @@ def compile_variant(d, dtype_name, even_n, write_lse, causal, has_live=False, in
         PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=write_lse, CONSUMER_REGS=cfg["consumer_regs"],
         LOADER_REGS=cfg["loader_regs"], EVEN_N=even_n, CAUSAL=causal, HAS_LIVE=has_live, INT8_QK=int8_qk,
         FP8_PV=fp8_pv, TILE_K=tile_k, PREFETCH=cfg["prefetch_ids"], POLY=cfg["exp2_poly"],
-        P_SHARED=cfg["fp8_p_shared"], TREE=cfg["tree_reduce"],
+        P_SHARED=cfg["fp8_p_shared"], TREE=cfg["tree_reduce"], PAIR=cfg["pair_tiles"],
         num_warps=4, maxnreg=G.kernel_maxnreg(cfg),
         grid=(1,))
 

@@ -187,16 +187,18 @@ def test_quantization_rejects_what_it_does_not_take(device):
         quantize(x, 1, subtract=torch.zeros(1, 3, 16, device=device))
 
 
+@pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize("tile_k", [True, False])
 @pytest.mark.parametrize("precision", ["int8", "int8_fp8"])
 @pytest.mark.parametrize("d, causal, nk", [(128, False, 1024), (64, True, 1000), (128, True, 777)])
-def test_gluon_8bit_on_hopper(d, causal, nk, precision, tile_k, monkeypatch):
+def test_gluon_8bit_on_hopper(d, causal, nk, precision, tile_k, pairs, monkeypatch):
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon INT8 kernel runs on sm_90 (H100/H200)")
     from sparsediff.kernels.block_sparse import gluon
 
     # per-block key scales with the softmax on int32 scores (default), or per-token scales
     monkeypatch.setitem(gluon.DEFAULT_SCHEDULE, "int8_tile_k", tile_k)
+    monkeypatch.setitem(gluon.DEFAULT_SCHEDULE, "pair_tiles", pairs)  # two key blocks per softmax step
     # GQA 8/2, keys with a shared offset, a ragged tail when nk is not a multiple of 128.
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, 8, nk, d, device="cuda", generator=gen).bfloat16()

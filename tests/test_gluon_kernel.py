@@ -45,6 +45,11 @@ AOT_VARIANTS = [
     (128, "bfloat16", True, True, True, False, True, True, True, {"fp8_p_shared": False}),
     (128, "bfloat16", False, True, True, False, True, False, True, {"tree_reduce": True}),
     (64, "float16", True, True, False, False, False, False, True, {"tree_reduce": True}),
+    # two key blocks per softmax step (8-bit, per-block key scales): plain, causal and ragged, D 64, FP8 P in regs
+    (128, "bfloat16", True, True, False, False, True, False, True, {"pair_tiles": True}),
+    (128, "bfloat16", False, True, True, False, True, True, True, {"pair_tiles": True}),
+    (64, "float16", False, True, True, False, True, False, True, {"pair_tiles": True}),
+    (128, "bfloat16", True, True, False, False, True, True, True, {"pair_tiles": True, "fp8_p_shared": False}),
 ]
 
 
@@ -142,7 +147,8 @@ def test_matches_reference(b, hq, hkv, nq, nk, d, dtype, density, causal):
 
 @gpu
 @pytest.mark.parametrize("schedule", [dict(exp2_poly=1), dict(exp2_poly=2), dict(prefetch_ids=False),
-                                      dict(fp8_p_shared=False), dict(tree_reduce=True)])
+                                      dict(fp8_p_shared=False), dict(tree_reduce=True), dict(pair_tiles=True),
+                                      dict(pair_tiles=True, tree_reduce=True, exp2_poly=1)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_schedule_ablations_match_reference(schedule, causal, monkeypatch):
     # Causal and ragged: masked tiles must still give exact zeros (the polynomial clamps, so they use the MUFU).
@@ -154,6 +160,8 @@ def test_schedule_ablations_match_reference(schedule, causal, monkeypatch):
     q, k, v = (torch.randn(2, 4, 1000, 128, dtype=torch.bfloat16, device="cuda", generator=g) for _ in range(3))
     mask = torch.rand(2, 4, 8, 8, device="cuda", generator=g) < 0.6
     mask[0, 0, 0] = False
+    mask[0, 1, 1] = torch.arange(8) == 1  # one kept block: a pair's partner is missing from the start
+    mask[0, 1, 2] = torch.arange(8) < 3  # odd: a full pair, then a lone block
     index, count = mask_to_index(mask)
     _check(q, k, v, index, count, causal=causal, backend="gluon")
     for precision in ("int8", "int8_fp8"):

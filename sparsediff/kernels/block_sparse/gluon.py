@@ -36,7 +36,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .gluon_parts import _p_operand, _tile_coords, _v_tile, _wait_pv
+from .gluon_pairs import _consumer_pairs, _loader_pairs
+from .gluon_parts import _p_operand, _store_out, _tile_coords, _v_tile, _wait_pv
 from .gluon_softmax import _dequantize, _softmax_step, _softmax_step_int8
 
 LOG2E = 1.4426950408889634
@@ -54,10 +55,16 @@ ROWS_PER_WARPGROUP = 64
 # shared path's speed on an H100, 2026-12-07).
 # tree_reduce: the row max and row sum as shallow trees instead of 33-deep chains of dependent ops
 # (``gluon_softmax._row_reduce``; not yet timed on a GPU, so off).
+# pair_tiles: each softmax step takes two kept key blocks (gluon_pairs.py), which halves the per-step fixed
+# cost (stage release and its barriers, row reductions, rescale); the 8-bit kernels with per-block key scales
+# only (others keep one block per step), ``stages`` then counts pairs (default 2), no ping-pong and no
+# in-warpgroup overlap.
 # exp2_poly: of every 4 exponentials of P, this many run as a cubic polynomial on the FMA units instead of the
 # MUFU (FlashAttention-4's trick), 0-2; no gain on an H100, where the MUFU is not the limit.
+PAIR_STAGES = 2  # stages of two key blocks each: four in flight, what shared memory holds for 8-bit K
 DEFAULT_SCHEDULE = dict(stages=3, pingpong=False, overlap=True, consumer_regs=240, loader_regs=24, int8_tile_k=True,
-                        prefetch_ids=True, exp2_poly=0, fp8_p_shared=True, tree_reduce=False)
+                        prefetch_ids=True, exp2_poly=0, fp8_p_shared=True, tree_reduce=False,
+                        pair_tiles=False)
 
 
 @gluon.jit
@@ -242,20 +249,8 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
         acc = _wait_pv(acc_tok, p_op, FP8_PV, P_SHARED)
         mbarrier.arrive(empty_bars.index(last))
 
-    # Rows that kept no key (l = 0) get zeros and lse = -inf.
-    l_o = gl.convert_layout(l_i, orow_layout)
-    out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
-    rows = q_block * 128 + WG * ROWS + gl.arange(0, ROWS, layout=orow_layout)
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    if FP8_PV:  # V's per-channel scales factor out of the sum over keys (P's 448 cancels against l's)
-        v_scale = gl.load(VScale + (b * (num_heads // group_size) + h_kv) * HEAD_DIM + cols)
-        out = out * v_scale[None, :]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + cols[None, :]
-    gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows < nq)[:, None])
-    if WRITE_LSE:
-        lse = (m_i + gl.log2(l_i) - p_shift) / 1.4426950408889634
-        lrows = q_block * 128 + WG * ROWS + gl.arange(0, ROWS, layout=row_layout)
-        gl.store(Lse + pid_bh * nq + lrows, lse, mask=lrows < nq)
+    _store_out(acc, m_i, l_i, p_shift, Out, Lse, VScale, b, h, h_kv, pid_bh, row0, nq, num_heads // group_size,
+               stride_ob, stride_oh, stride_on, o_layout, row_layout, HEAD_DIM, ROWS, FP8_PV, WRITE_LSE)
 
 
 @gluon.jit
@@ -268,15 +263,17 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
                             LOADER_REGS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
                             HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr,
                             TILE_K: gl.constexpr, PREFETCH: gl.constexpr, POLY: gl.constexpr,
-                            P_SHARED: gl.constexpr, TREE: gl.constexpr):
+                            P_SHARED: gl.constexpr, TREE: gl.constexpr, PAIR: gl.constexpr):
     # q and k in the inputs' 16-bit dtype, or INT8 (INT8_QK, per-token scales in QScale, KScale per token or, with
     # TILE_K, per 128-key block); v 16-bit, or
     # e4m3 stored (B, H, D, N) (FP8_PV, per-channel scales in VScale).
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-    if FP8_PV and P_SHARED:  # one e4m3 P tile per consumer warpgroup
-        p_smem = gl.allocate_shared_memory(v_desc.dtype, [2, 64, 128],
+    # PAIR (gluon_pairs.py): a stage holds two key blocks, in slots 2s and 2s + 1, and P two tiles per warpgroup
+    SLOTS: gl.constexpr = 2 if PAIR else 1
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [SLOTS * STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [SLOTS * STAGES] + v_desc.block_type.shape, v_desc.layout)
+    if FP8_PV and P_SHARED:  # one e4m3 P tile per consumer warpgroup (and key block of a pair)
+        p_smem = gl.allocate_shared_memory(v_desc.dtype, [2 * SLOTS, 64, 128],
                                            gl.NVMMASharedLayout.get_default_for([64, 128], v_desc.dtype))
     else:
         p_smem = q_smem  # unused
@@ -294,23 +291,40 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
         mbarrier.init(empty_bars.index(i), count=2)  # both consumer warpgroups release a stage
 
     # Argument tuples are spelled out: constexprs inside concatenated tuples lose their constexpr-ness.
-    gl.warp_specialize([
-        (_consumer, (q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
-                     BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
-                     stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
-                     causal_offset, QLive, q_tiles, QScale, KScale, VScale, 0, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
-                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, PREFETCH, POLY, P_SHARED,
-                     TREE)),
-        (_consumer, (q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
-                     BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
-                     stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
-                     causal_offset, QLive, q_tiles, QScale, KScale, VScale, 1, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
-                     WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, PREFETCH, POLY, P_SHARED,
-                     TREE)),
-        (_loader, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, BlockCount,
-                   BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
-                   num_heads, group_size, q_tiles, QLive, STAGES, HAS_LIVE, FP8_PV)),
-    ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    if PAIR:
+        gl.warp_specialize([
+            (_consumer_pairs, (q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars, Out, Lse,
+                               BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb,
+                               stride_ch, stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk,
+                               qk_scale, causal_offset, QLive, q_tiles, QScale, KScale, VScale, 0, HEAD_DIM, STAGES,
+                               WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, POLY, P_SHARED, TREE)),
+            (_consumer_pairs, (q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars, Out, Lse,
+                               BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb,
+                               stride_ch, stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk,
+                               qk_scale, causal_offset, QLive, q_tiles, QScale, KScale, VScale, 1, HEAD_DIM, STAGES,
+                               WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, POLY, P_SHARED, TREE)),
+            (_loader_pairs, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars,
+                             BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
+                             stride_cq, num_heads, group_size, q_tiles, QLive, nk, STAGES, HAS_LIVE, FP8_PV)),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
+                         BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
+                         stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
+                         causal_offset, QLive, q_tiles, QScale, KScale, VScale, 0, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
+                         WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, PREFETCH, POLY, P_SHARED,
+                         TREE)),
+            (_consumer, (q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
+                         BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
+                         stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
+                         causal_offset, QLive, q_tiles, QScale, KScale, VScale, 1, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
+                         WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, PREFETCH, POLY, P_SHARED,
+                         TREE)),
+            (_loader, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, BlockCount,
+                       BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
+                       num_heads, group_size, q_tiles, QLive, STAGES, HAS_LIVE, FP8_PV)),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
 def gluon_support_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int) -> str | None:
@@ -380,6 +394,12 @@ def _launch(q, k, v, block_index, block_count, *, scale, return_lse, causal=Fals
     if unknown:
         raise ValueError(f"unknown schedule options {sorted(unknown)}; known: {sorted(DEFAULT_SCHEDULE)}")
     cfg = {**DEFAULT_SCHEDULE, **schedule}
+    # 16-bit pairs don't fit twice in shared memory; per-token key scales keep the one-block schedule
+    cfg["pair_tiles"] = cfg["pair_tiles"] and scales is not None and cfg["int8_tile_k"]
+    if cfg["pair_tiles"]:
+        if cfg["pingpong"]:
+            raise ValueError("pair_tiles runs without ping-pong; pass pingpong=False or pair_tiles=False")
+        cfg["stages"] = schedule.get("stages", PAIR_STAGES)
     q, k, v = (t if _tma_ready(t) else t.contiguous() for t in (q, k, v))
     bsz, hq, q_rows, d = q.shape
     nq = q_rows * repeat_q
@@ -406,7 +426,7 @@ def _launch(q, k, v, block_index, block_count, *, scale, return_lse, causal=Fals
         CONSUMER_REGS=cfg["consumer_regs"], LOADER_REGS=cfg["loader_regs"], EVEN_N=nk % BLOCK_SIZE == 0,
         CAUSAL=causal, HAS_LIVE=live_rows is not None, INT8_QK=scales is not None, FP8_PV=fp8_pv,
         TILE_K=cfg["int8_tile_k"], PREFETCH=cfg["prefetch_ids"], POLY=cfg["exp2_poly"],
-        P_SHARED=cfg["fp8_p_shared"], TREE=cfg["tree_reduce"], num_warps=4,
+        P_SHARED=cfg["fp8_p_shared"], TREE=cfg["tree_reduce"], PAIR=cfg["pair_tiles"], num_warps=4,
         maxnreg=kernel_maxnreg(cfg),
     )
     return out, (lse if return_lse else None)

@@ -60,3 +60,24 @@ def _v_tile(v_slot, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, FP8_PV: gl.co
     else:
         tile = v_slot.reshape([BLOCK_N, HEAD_DIM])
     return tile
+
+
+@gluon.jit
+def _store_out(acc, m_i, l_i, p_shift, Out, Lse, VScale, b, h, h_kv, pid_bh, row0, nq, kv_heads, stride_ob,
+               stride_oh, stride_on, o_layout: gl.constexpr, row_layout: gl.constexpr, HEAD_DIM: gl.constexpr,
+               ROWS: gl.constexpr, FP8_PV: gl.constexpr, WRITE_LSE: gl.constexpr):
+    # A warpgroup's 64 output rows and their LSE. Rows that kept no key (l = 0) get zeros and lse = -inf.
+    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+    l_o = gl.convert_layout(l_i, orow_layout)
+    out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
+    rows = row0 + gl.arange(0, ROWS, layout=orow_layout)
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    if FP8_PV:  # V's per-channel scales factor out of the sum over keys (P's 448 cancels against l's)
+        v_scale = gl.load(VScale + (b * kv_heads + h_kv) * HEAD_DIM + cols)
+        out = out * v_scale[None, :]
+    o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + cols[None, :]
+    gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows < nq)[:, None])
+    if WRITE_LSE:
+        lse = (m_i + gl.log2(l_i) - p_shift) / 1.4426950408889634
+        lrows = row0 + gl.arange(0, ROWS, layout=row_layout)
+        gl.store(Lse + pid_bh * nq + lrows, lse, mask=lrows < nq)

@@ -1,0 +1,163 @@
+"""The Hopper Gluon kernel's pair schedule (``pair_tiles``): each softmax step takes two kept key blocks.
+
+Every step of the one-block schedule (``gluon.py``) pays a fixed cost besides its GEMMs and exponentials: the
+stage release with its warpgroup barriers, the row-max shuffles, the rescale of the 64 x D accumulator and the
+update of m and l. On the 8-bit kernels, whose GEMMs are short, that fixed part is what the tensor cores wait
+for (docs/eight_bit.md). Here a ring stage holds two key blocks (K and V of both, one set of barriers), and
+each consumer warpgroup issues both Q·Kᵀ, runs one online-softmax update over the 256 scores of a row, and
+issues both P·V, so the fixed cost is paid once per 256 keys. An odd count's last stage pairs its block with one
+past the end of K, which TMA fills with zeros and the softmax masks.
+
+The two score tiles take 128 registers per thread, which leaves no room for the one-block schedule's
+in-warpgroup overlap (Q·Kᵀ of the next step beside P·V of this one): each warpgroup runs its steps in order,
+and the other warpgroup's GEMMs fill the tensor cores meanwhile. Shared memory holds two stages of pairs
+(four blocks in flight) for 8-bit K with one scale per key block (``int8_tile_k``); the caller keeps the
+one-block schedule for 16-bit K and V, which do not fit twice, and for per-token key scales.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from .gluon_parts import _p_operand, _store_out, _tile_coords, _v_tile
+from .gluon_softmax import _softmax_pair
+
+LOG2_448 = gl.constexpr(8.807354922057604)  # log2 of e4m3's largest value
+
+
+@gluon.jit
+def _pair_ids(index_base, stride_ik, t, count, past_end):
+    # The key-block ids of pair t; an odd count's missing partner is the block past the end.
+    kb_a = gl.load(index_base + 2 * t * stride_ik)
+    kb_b = gl.load(index_base + (2 * t + 1) * stride_ik, mask=2 * t + 1 < count, other=past_end)
+    return kb_a, kb_b
+
+
+@gluon.jit
+def _loader_pairs(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars,
+                  BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
+                  num_heads, group_size, q_tiles, QLive, nk, STAGES: gl.constexpr, HAS_LIVE: gl.constexpr,
+                  V_TRANSPOSED: gl.constexpr):
+    count, index_base, b, h, h_kv, pid_bh, q_block = _tile_coords(
+        BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
+        num_heads, group_size, QLive, q_tiles, HAS_LIVE)
+    for w in gl.static_range(2):
+        mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, h, (q_block % q_tiles) * 128 + w * 64, 0], q_bars.index(w),
+                                        q_smem.index(w))
+    past_end = gl.cdiv(nk, 128)
+    for t in range((count + 1) // 2):
+        s = t % STAGES
+        kb_a, kb_b = _pair_ids(index_base, stride_ik, t, count, past_end)
+        mbarrier.wait(empty_bars.index(s), ((t // STAGES) & 1) ^ 1)
+        mbarrier.expect(k_bars.index(s), 2 * k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [b, h_kv, kb_a * 128, 0], k_bars.index(s), k_smem.index(2 * s))
+        tma.async_copy_global_to_shared(k_desc, [b, h_kv, kb_b * 128, 0], k_bars.index(s), k_smem.index(2 * s + 1))
+        mbarrier.expect(v_bars.index(s), 2 * v_desc.block_type.nbytes)
+        if V_TRANSPOSED:  # FP8 V is stored (B, H, D, N)
+            tma.async_copy_global_to_shared(v_desc, [b, h_kv, 0, kb_a * 128], v_bars.index(s), v_smem.index(2 * s))
+            tma.async_copy_global_to_shared(v_desc, [b, h_kv, 0, kb_b * 128], v_bars.index(s),
+                                            v_smem.index(2 * s + 1))
+        else:
+            tma.async_copy_global_to_shared(v_desc, [b, h_kv, kb_a * 128, 0], v_bars.index(s), v_smem.index(2 * s))
+            tma.async_copy_global_to_shared(v_desc, [b, h_kv, kb_b * 128, 0], v_bars.index(s),
+                                            v_smem.index(2 * s + 1))
+
+
+@gluon.jit
+def _consumer_pairs(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars, Out, Lse,
+                    BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
+                    stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
+                    causal_offset, QLive, q_tiles, QScale, KScale, VScale, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    STAGES: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
+                    HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr, TILE_K: gl.constexpr,
+                    POLY: gl.constexpr, P_SHARED: gl.constexpr, TREE: gl.constexpr):
+    BLOCK_N: gl.constexpr = 128
+    ROWS: gl.constexpr = 64
+    if INT8_QK:
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 32])
+        S_DTYPE: gl.constexpr = gl.int32
+    else:
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        S_DTYPE: gl.constexpr = gl.float32
+    if FP8_PV:
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 32])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    else:
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+    INT8_TILE: gl.constexpr = INT8_QK and TILE_K
+
+    count, index_base, b, h, h_kv, pid_bh, q_block = _tile_coords(
+        BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
+        num_heads, group_size, QLive, q_tiles, HAS_LIVE)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
+    l_i = gl.zeros([ROWS], gl.float32, row_layout)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    q = q_smem.index(WG).reshape([ROWS, HEAD_DIM])
+    row0 = q_block * 128 + WG * ROWS
+    past_end = gl.cdiv(nk, BLOCK_N)
+    # mult: per row, what turns a score tile into log2 units (the INT8 tile's scales and qk_scale, or qk_scale)
+    mult = gl.zeros([ROWS], gl.float32, row_layout) + qk_scale
+    if INT8_QK:
+        qrows = row0 + gl.arange(0, ROWS, layout=row_layout)
+        row_scale = gl.load(QScale + pid_bh * nq + qrows, mask=qrows < nq, other=0.0) * qk_scale
+        k_scales = KScale + (b * (num_heads // group_size) + h_kv) * past_end  # one scale per key block (TILE_K)
+    p_shift = 0.0
+    if FP8_PV:
+        p_shift = LOG2_448
+    live_wg = True
+    if HAS_LIVE:
+        live_wg = (q_block % q_tiles) * 128 + WG * ROWS < gl.load(QLive + b)
+    pairs = (count + 1) // 2
+    if count > 0 and not live_wg:  # release each stage once it has landed, as the one-block schedule does
+        for t in range(pairs):
+            mbarrier.wait(v_bars.index(t % STAGES), (t // STAGES) & 1)
+            mbarrier.arrive(empty_bars.index(t % STAGES))
+    if count > 0 and live_wg:
+        mbarrier.wait(q_bars.index(WG), 0)
+        for t in range(pairs):
+            st = t % STAGES
+            phase = (t // STAGES) & 1
+            kb_a, kb_b = _pair_ids(index_base, stride_ik, t, count, past_end)
+            mult_a = mult
+            mult_b = mult
+            if INT8_TILE:
+                mult_a = row_scale * gl.load(k_scales + kb_a)
+                mult_b = row_scale * gl.load(k_scales + kb_b, mask=kb_b < past_end, other=0.0)
+            mbarrier.wait(k_bars.index(st), phase)
+            zeros = gl.zeros([ROWS, BLOCK_N], S_DTYPE, s_layout)
+            tok_a = warpgroup_mma(q, k_smem.index(2 * st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zeros,
+                                  use_acc=False, is_async=True)
+            tok_b = warpgroup_mma(q, k_smem.index(2 * st + 1).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zeros,
+                                  use_acc=False, is_async=True)
+            s_a, s_b = warpgroup_mma_wait(0, deps=[tok_a, tok_b])
+            p_a, p_b, alpha, m_i, l_i = _softmax_pair(s_a, s_b, m_i, l_i, mult_a, mult_b, kb_a, kb_b, nk, p_shift,
+                                                      row0, causal_offset, s_layout, BLOCK_N, ROWS,
+                                                      CAUSAL or not EVEN_N, CAUSAL, INT8_TILE, POLY, TREE)
+            acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
+            op_a = _p_operand(p_a, v_smem, p_smem.index(2 * WG), p_layout, FP8_PV, P_SHARED)
+            op_b = _p_operand(p_b, v_smem, p_smem.index(2 * WG + 1), p_layout, FP8_PV, P_SHARED)
+            mbarrier.wait(v_bars.index(st), phase)
+            acc = warpgroup_mma(op_a, _v_tile(v_smem.index(2 * st), HEAD_DIM, BLOCK_N, FP8_PV), acc, is_async=True)
+            acc = warpgroup_mma(op_b, _v_tile(v_smem.index(2 * st + 1), HEAD_DIM, BLOCK_N, FP8_PV), acc,
+                                is_async=True)
+            if FP8_PV:  # the wait takes no 8-bit deps; a register P gets a use after it
+                acc = warpgroup_mma_wait(0, deps=[acc])
+                if not P_SHARED:
+                    gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [op_a], dtype=gl.int8, is_pure=False, pack=4)
+                    gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [op_b], dtype=gl.int8, is_pure=False, pack=4)
+            else:
+                acc, op_a, op_b = warpgroup_mma_wait(0, deps=[acc, op_a, op_b])
+            mbarrier.arrive(empty_bars.index(st))
+
+    _store_out(acc, m_i, l_i, p_shift, Out, Lse, VScale, b, h, h_kv, pid_bh, row0, nq, num_heads // group_size,
+               stride_ob, stride_oh, stride_on, o_layout, row_layout, HEAD_DIM, ROWS, FP8_PV, WRITE_LSE)

@@ -9,17 +9,25 @@ issues both P·V, so the fixed cost is paid once per 256 keys. An odd count's la
 past the end of K, which TMA fills with zeros and the softmax masks.
 
 The two score tiles take 128 registers per thread, which leaves no room for the one-block schedule's
-in-warpgroup overlap (Q·Kᵀ of the next step beside P·V of this one): each warpgroup runs its steps in order,
-and the other warpgroup's GEMMs fill the tensor cores meanwhile. Shared memory holds two stages of pairs
-(four blocks in flight) for 8-bit K with one scale per key block (``int8_tile_k``); the caller keeps the
-one-block schedule for 16-bit K and V, which do not fit twice, and for per-token key scales.
+in-warpgroup overlap with a 16-bit P in registers; with an FP8 P in shared memory there is room, but ptxas moved
+the wait for P·V(t - 1) above the exponentials of pair t (no overlap in the SASS) and the causal variant spilled,
+so each warpgroup runs its steps in order and the other warpgroup's GEMMs fill the tensor cores meanwhile.
+Shared memory holds two stages of pairs (four blocks in flight) for 8-bit K with one scale per key block
+(``int8_tile_k``); the caller keeps the one-block schedule for 16-bit K and V, which do not fit twice, and for
+per-token key scales.
 """
 
 from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 from .gluon_parts import _p_operand, _store_out, _tile_coords, _v_tile
 from .gluon_softmax import _softmax_pair
@@ -67,6 +75,43 @@ def _loader_pairs(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars
 
 
 @gluon.jit
+def _scores_pair(q, k_smem, k_bars, index_base, stride_ik, t, count, past_end, row_scale, k_scales, mult,
+                 s_layout: gl.constexpr, S_DTYPE: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                 ROWS: gl.constexpr, STAGES: gl.constexpr, INT8_TILE: gl.constexpr):
+    # Pair t's ids, per-row score multipliers and two Q·Kᵀ tiles.
+    kb_a, kb_b = _pair_ids(index_base, stride_ik, t, count, past_end)
+    mult_a = mult
+    mult_b = mult
+    if INT8_TILE:
+        mult_a = row_scale * gl.load(k_scales + kb_a)
+        mult_b = row_scale * gl.load(k_scales + kb_b, mask=kb_b < past_end, other=0.0)
+    st = t % STAGES
+    mbarrier.wait(k_bars.index(st), (t // STAGES) & 1)
+    zeros = gl.zeros([ROWS, BLOCK_N], S_DTYPE, s_layout)
+    s_a = warpgroup_mma(q, k_smem.index(2 * st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zeros, use_acc=False,
+                        is_async=True)
+    s_b = warpgroup_mma(q, k_smem.index(2 * st + 1).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zeros,
+                        use_acc=False, is_async=True)
+    s_a, s_b = warpgroup_mma_wait(0, deps=[s_a, s_b])
+    return s_a, s_b, kb_a, kb_b, mult_a, mult_b
+
+
+@gluon.jit
+def _pv_pair(op_a, op_b, v_smem, st, acc, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, FP8_PV: gl.constexpr):
+    acc = warpgroup_mma(op_a, _v_tile(v_smem.index(2 * st), HEAD_DIM, BLOCK_N, FP8_PV), acc, is_async=True)
+    return warpgroup_mma(op_b, _v_tile(v_smem.index(2 * st + 1), HEAD_DIM, BLOCK_N, FP8_PV), acc, is_async=True)
+
+
+@gluon.jit
+def _p_pair_to_shared(p_a, p_b, slot_a, slot_b):
+    # Both e4m3 P tiles of a pair into the warpgroup's slots, then one fence and one warpgroup barrier.
+    slot_a.store(p_a.to(slot_a.dtype))
+    slot_b.store(p_b.to(slot_b.dtype))
+    fence_async_shared()
+    gl.thread_barrier()
+
+
+@gluon.jit
 def _consumer_pairs(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars, Out, Lse,
                     BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
                     stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
@@ -111,6 +156,9 @@ def _consumer_pairs(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empt
         qrows = row0 + gl.arange(0, ROWS, layout=row_layout)
         row_scale = gl.load(QScale + pid_bh * nq + qrows, mask=qrows < nq, other=0.0) * qk_scale
         k_scales = KScale + (b * (num_heads // group_size) + h_kv) * past_end  # one scale per key block (TILE_K)
+    else:
+        row_scale = mult
+        k_scales = KScale
     p_shift = 0.0
     if FP8_PV:
         p_shift = LOG2_448
@@ -126,35 +174,29 @@ def _consumer_pairs(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empt
         mbarrier.wait(q_bars.index(WG), 0)
         for t in range(pairs):
             st = t % STAGES
-            phase = (t // STAGES) & 1
-            kb_a, kb_b = _pair_ids(index_base, stride_ik, t, count, past_end)
-            mult_a = mult
-            mult_b = mult
-            if INT8_TILE:
-                mult_a = row_scale * gl.load(k_scales + kb_a)
-                mult_b = row_scale * gl.load(k_scales + kb_b, mask=kb_b < past_end, other=0.0)
-            mbarrier.wait(k_bars.index(st), phase)
-            zeros = gl.zeros([ROWS, BLOCK_N], S_DTYPE, s_layout)
-            tok_a = warpgroup_mma(q, k_smem.index(2 * st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zeros,
-                                  use_acc=False, is_async=True)
-            tok_b = warpgroup_mma(q, k_smem.index(2 * st + 1).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zeros,
-                                  use_acc=False, is_async=True)
-            s_a, s_b = warpgroup_mma_wait(0, deps=[tok_a, tok_b])
-            p_a, p_b, alpha, m_i, l_i = _softmax_pair(s_a, s_b, m_i, l_i, mult_a, mult_b, kb_a, kb_b, nk, p_shift,
-                                                      row0, causal_offset, s_layout, BLOCK_N, ROWS,
+            s_a, s_b, kb_a, kb_b, mult_a, mult_b = _scores_pair(
+                q, k_smem, k_bars, index_base, stride_ik, t, count, past_end, row_scale, k_scales, mult,
+                s_layout, S_DTYPE, HEAD_DIM, BLOCK_N, ROWS, STAGES, INT8_TILE)
+            p_a, p_b, alpha, m_i, l_i = _softmax_pair(s_a, s_b, m_i, l_i, mult_a, mult_b, kb_a, kb_b, nk,
+                                                      p_shift, row0, causal_offset, s_layout, BLOCK_N, ROWS,
                                                       CAUSAL or not EVEN_N, CAUSAL, INT8_TILE, POLY, TREE)
             acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
-            op_a = _p_operand(p_a, v_smem, p_smem.index(2 * WG), p_layout, FP8_PV, P_SHARED)
-            op_b = _p_operand(p_b, v_smem, p_smem.index(2 * WG + 1), p_layout, FP8_PV, P_SHARED)
-            mbarrier.wait(v_bars.index(st), phase)
-            acc = warpgroup_mma(op_a, _v_tile(v_smem.index(2 * st), HEAD_DIM, BLOCK_N, FP8_PV), acc, is_async=True)
-            acc = warpgroup_mma(op_b, _v_tile(v_smem.index(2 * st + 1), HEAD_DIM, BLOCK_N, FP8_PV), acc,
-                                is_async=True)
+            if FP8_PV and P_SHARED:
+                op_a = p_smem.index(2 * WG)
+                op_b = p_smem.index(2 * WG + 1)
+                _p_pair_to_shared(p_a, p_b, op_a, op_b)
+            else:
+                op_a = _p_operand(p_a, v_smem, p_smem, p_layout, FP8_PV, False)
+                op_b = _p_operand(p_b, v_smem, p_smem, p_layout, FP8_PV, False)
+            mbarrier.wait(v_bars.index(st), (t // STAGES) & 1)
+            acc = _pv_pair(op_a, op_b, v_smem, st, acc, HEAD_DIM, BLOCK_N, FP8_PV)
             if FP8_PV:  # the wait takes no 8-bit deps; a register P gets a use after it
                 acc = warpgroup_mma_wait(0, deps=[acc])
                 if not P_SHARED:
-                    gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [op_a], dtype=gl.int8, is_pure=False, pack=4)
-                    gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [op_b], dtype=gl.int8, is_pure=False, pack=4)
+                    gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [op_a], dtype=gl.int8, is_pure=False,
+                                              pack=4)
+                    gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [op_b], dtype=gl.int8, is_pure=False,
+                                              pack=4)
             else:
                 acc, op_a, op_b = warpgroup_mma_wait(0, deps=[acc, op_a, op_b])
             mbarrier.arrive(empty_bars.index(st))

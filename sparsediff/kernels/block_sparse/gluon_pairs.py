@@ -37,8 +37,8 @@ LOG2_448 = gl.constexpr(8.807354922057604)  # log2 of e4m3's largest value
 
 @gluon.jit
 def _pair_ids(index_base, stride_ik, t, count, past_end):
-    # The key-block ids of pair t; an odd count's missing partner is the block past the end.
-    kb_a = gl.load(index_base + 2 * t * stride_ik)
+    # The key-block ids of pair t; an odd count's missing partner (and pairs past the count) the block past the end.
+    kb_a = gl.load(index_base + 2 * t * stride_ik, mask=2 * t < count, other=past_end)
     kb_b = gl.load(index_base + (2 * t + 1) * stride_ik, mask=2 * t + 1 < count, other=past_end)
     return kb_a, kb_b
 
@@ -75,16 +75,20 @@ def _loader_pairs(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars
 
 
 @gluon.jit
-def _scores_pair(q, k_smem, k_bars, index_base, stride_ik, t, count, past_end, row_scale, k_scales, mult,
-                 s_layout: gl.constexpr, S_DTYPE: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                 ROWS: gl.constexpr, STAGES: gl.constexpr, INT8_TILE: gl.constexpr):
-    # Pair t's ids, per-row score multipliers and two Q·Kᵀ tiles.
-    kb_a, kb_b = _pair_ids(index_base, stride_ik, t, count, past_end)
-    mult_a = mult
-    mult_b = mult
+def _pair_scales(k_scales, kb_a, kb_b, past_end, INT8_TILE: gl.constexpr):
+    # The two key blocks' INT8 scales (0 past the end), or nothing to load.
+    ks_a = 1.0
+    ks_b = 1.0
     if INT8_TILE:
-        mult_a = row_scale * gl.load(k_scales + kb_a)
-        mult_b = row_scale * gl.load(k_scales + kb_b, mask=kb_b < past_end, other=0.0)
+        ks_a = gl.load(k_scales + kb_a, mask=kb_a < past_end, other=0.0)
+        ks_b = gl.load(k_scales + kb_b, mask=kb_b < past_end, other=0.0)
+    return ks_a, ks_b
+
+
+@gluon.jit
+def _scores_pair(q, k_smem, k_bars, t, s_layout: gl.constexpr, S_DTYPE: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 BLOCK_N: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr):
+    # Pair t's two Q·Kᵀ tiles, once its keys have landed.
     st = t % STAGES
     mbarrier.wait(k_bars.index(st), (t // STAGES) & 1)
     zeros = gl.zeros([ROWS, BLOCK_N], S_DTYPE, s_layout)
@@ -92,8 +96,7 @@ def _scores_pair(q, k_smem, k_bars, index_base, stride_ik, t, count, past_end, r
                         is_async=True)
     s_b = warpgroup_mma(q, k_smem.index(2 * st + 1).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zeros,
                         use_acc=False, is_async=True)
-    s_a, s_b = warpgroup_mma_wait(0, deps=[s_a, s_b])
-    return s_a, s_b, kb_a, kb_b, mult_a, mult_b
+    return warpgroup_mma_wait(0, deps=[s_a, s_b])
 
 
 @gluon.jit
@@ -171,12 +174,20 @@ def _consumer_pairs(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empt
             mbarrier.wait(v_bars.index(t % STAGES), (t // STAGES) & 1)
             mbarrier.arrive(empty_bars.index(t % STAGES))
     if count > 0 and live_wg:
+        # Block ids and key scales are loaded a pair ahead, off the path from Q·Kᵀ to the softmax.
+        kb_a, kb_b = _pair_ids(index_base, stride_ik, 0, count, past_end)
+        ks_a, ks_b = _pair_scales(k_scales, kb_a, kb_b, past_end, INT8_TILE)
         mbarrier.wait(q_bars.index(WG), 0)
         for t in range(pairs):
             st = t % STAGES
-            s_a, s_b, kb_a, kb_b, mult_a, mult_b = _scores_pair(
-                q, k_smem, k_bars, index_base, stride_ik, t, count, past_end, row_scale, k_scales, mult,
-                s_layout, S_DTYPE, HEAD_DIM, BLOCK_N, ROWS, STAGES, INT8_TILE)
+            next_a, next_b = _pair_ids(index_base, stride_ik, t + 1, count, past_end)
+            next_ks_a, next_ks_b = _pair_scales(k_scales, next_a, next_b, past_end, INT8_TILE)
+            s_a, s_b = _scores_pair(q, k_smem, k_bars, t, s_layout, S_DTYPE, HEAD_DIM, BLOCK_N, ROWS, STAGES)
+            mult_a = mult
+            mult_b = mult
+            if INT8_TILE:
+                mult_a = row_scale * ks_a
+                mult_b = row_scale * ks_b
             p_a, p_b, alpha, m_i, l_i = _softmax_pair(s_a, s_b, m_i, l_i, mult_a, mult_b, kb_a, kb_b, nk,
                                                       p_shift, row0, causal_offset, s_layout, BLOCK_N, ROWS,
                                                       CAUSAL or not EVEN_N, CAUSAL, INT8_TILE, POLY, TREE)
@@ -200,6 +211,7 @@ def _consumer_pairs(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empt
             else:
                 acc, op_a, op_b = warpgroup_mma_wait(0, deps=[acc, op_a, op_b])
             mbarrier.arrive(empty_bars.index(st))
+            kb_a, kb_b, ks_a, ks_b = next_a, next_b, next_ks_a, next_ks_b
 
     _store_out(acc, m_i, l_i, p_shift, Out, Lse, VScale, b, h, h_kv, pid_bh, row0, nq, num_heads // group_size,
                stride_ob, stride_oh, stride_on, o_layout, row_layout, HEAD_DIM, ROWS, FP8_PV, WRITE_LSE)

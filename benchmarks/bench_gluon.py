@@ -106,7 +106,8 @@ EIGHT_BIT_VARIANTS = {
     "P in registers": dict(fp8_p_shared=False),  # int8_fp8 only: byte permutes instead of shared memory
     "no in-warpgroup overlap": dict(overlap=False),
     "tree_reduce": dict(tree_reduce=True),
-    "pair tiles": dict(pair_tiles=True),  # two key blocks per softmax step (gluon_pairs.py), 2 stages of pairs
+    "pair tiles": dict(pair_tiles=True),  # two key blocks per softmax step (gluon_pairs.py): int8_fp8's default
+    "one block per step": dict(pair_tiles=False),  # int8's default
     "pair tiles + tree_reduce": dict(pair_tiles=True, tree_reduce=True),
 }
 

@@ -48,6 +48,8 @@ def compile_variant(d, dtype_name, even_n, write_lse, causal, has_live=False, in
     index = torch.zeros(1, 1, 4, 4, dtype=torch.int32)
     count = torch.zeros(1, 1, 4, dtype=torch.int32)
     cfg = {**G.DEFAULT_SCHEDULE, **schedule}
+    if cfg["pair_tiles"] is None:  # as _launch decides it
+        cfg["pair_tiles"] = int8_qk and fp8_pv and cfg["fp8_p_shared"] and tile_k
     if cfg["pair_tiles"] and "stages" not in schedule:
         cfg["stages"] = G.PAIR_STAGES
     return G._block_sparse_fwd_gluon.warmup(

@@ -58,13 +58,14 @@ ROWS_PER_WARPGROUP = 64
 # pair_tiles: each softmax step takes two kept key blocks (gluon_pairs.py), which halves the per-step fixed
 # cost (stage release and its barriers, row reductions, rescale); the 8-bit kernels with per-block key scales
 # only (others keep one block per step), ``stages`` then counts pairs (default 2), no ping-pong and no
-# in-warpgroup overlap.
+# in-warpgroup overlap. None (default): pairs where P·V is FP8 through shared memory (``int8_fp8``: 1.04x the
+# one-block schedule on an H200, 2026-12-07), not for ``int8``, whose one-block overlap is worth more (0.93x).
 # exp2_poly: of every 4 exponentials of P, this many run as a cubic polynomial on the FMA units instead of the
 # MUFU (FlashAttention-4's trick), 0-2; no gain on an H100, where the MUFU is not the limit.
 PAIR_STAGES = 2  # stages of two key blocks each: four in flight, what shared memory holds for 8-bit K
 DEFAULT_SCHEDULE = dict(stages=3, pingpong=False, overlap=True, consumer_regs=240, loader_regs=24, int8_tile_k=True,
                         prefetch_ids=True, exp2_poly=0, fp8_p_shared=True, tree_reduce=False,
-                        pair_tiles=False)
+                        pair_tiles=None)
 
 
 @gluon.jit
@@ -394,8 +395,11 @@ def _launch(q, k, v, block_index, block_count, *, scale, return_lse, causal=Fals
     if unknown:
         raise ValueError(f"unknown schedule options {sorted(unknown)}; known: {sorted(DEFAULT_SCHEDULE)}")
     cfg = {**DEFAULT_SCHEDULE, **schedule}
+    fp8_pv = scales is not None and scales[2] is not None  # v is then e4m3, (B, H, D, N)
+    if cfg["pair_tiles"] is None:
+        cfg["pair_tiles"] = fp8_pv and cfg["fp8_p_shared"]
     # 16-bit pairs don't fit twice in shared memory; per-token key scales keep the one-block schedule
-    cfg["pair_tiles"] = cfg["pair_tiles"] and scales is not None and cfg["int8_tile_k"]
+    cfg["pair_tiles"] = bool(cfg["pair_tiles"]) and scales is not None and cfg["int8_tile_k"]
     if cfg["pair_tiles"]:
         if cfg["pingpong"]:
             raise ValueError("pair_tiles runs without ping-pong; pass pingpong=False or pair_tiles=False")
@@ -405,7 +409,6 @@ def _launch(q, k, v, block_index, block_count, *, scale, return_lse, causal=Fals
     nq = q_rows * repeat_q
     hkv, nk = k.shape[1], k.shape[2]
     q_block, kv_block = [1, 1, ROWS_PER_WARPGROUP, d], [1, 1, BLOCK_SIZE, d]
-    fp8_pv = scales is not None and scales[2] is not None  # v is then e4m3, (B, H, D, N)
     q_desc = TensorDescriptor(q, list(q.shape), list(q.stride()), q_block, _smem_layout(ROWS_PER_WARPGROUP, d, q.dtype))
     k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), kv_block, _smem_layout(BLOCK_SIZE, d, k.dtype))
     v_block = [1, 1, d, BLOCK_SIZE] if fp8_pv else kv_block

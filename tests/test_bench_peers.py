@@ -75,6 +75,16 @@ def test_grid_rounds_keep_each_kernels_median(monkeypatch):
     assert row["speedup_vs_sdpa"] == pytest.approx(0.5)
 
 
+def test_table_leaves_per_round_ratios_in_the_json():
+    # rounds > 1 keep each round's ratio against cuDNN as a list; the table shows the median ratio only.
+    from sparsediff.commands.bench import format_table
+
+    row = {"N": 1024, "D": 64, "density": 0.5, "ours_ms": 1.0, "ours_tflops": 10.0, "speedup_vs_cudnn": 2.0,
+           "speedup_vs_cudnn_rounds": [1.9, 2.0, 2.1], "rounds": 3}
+    table = format_table([row])
+    assert "x vs cudnn |" in table and "cudnn_rounds" not in table and table.rstrip().endswith("| 2.00 |")
+
+
 def test_precisions_argument_names_what_is_supported():
     assert precisions("bf16,int8_fp8") == ["bf16", "int8_fp8"]
     with pytest.raises(Exception, match="bf16, int8, int8_fp8"):

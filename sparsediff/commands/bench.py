@@ -189,7 +189,9 @@ def _ratio(x) -> str:
 
 
 def format_table(rows) -> str:
-    peers = [c[len("speedup_vs_"):] for c in rows[0] if c.startswith("speedup_vs_")] if rows else []
+    # (per-round lists such as speedup_vs_cudnn_rounds stay in the JSON)
+    peers = [c[len("speedup_vs_"):] for c, v in rows[0].items() if c.startswith("speedup_vs_")
+             and not isinstance(v, list)] if rows else []
     precisions = [c[:-len("_x_bf16")] for c in rows[0] if c.endswith("_x_bf16")] if rows else []
     head = ["N", "D", "density", "ours ms", "ours TF/s"] + [f"x vs {p}" for p in peers]
     head += [f"{p} x bf16" for p in precisions] + [f"{p} x vs {q}" for p in precisions for q in peers]

@@ -54,7 +54,7 @@ ROWS_PER_WARPGROUP = 64
 # fp8_p_shared: FP8 P·V takes P through a shared-memory tile; False: in registers after byte permutes (0.89x the
 # shared path's speed on an H100, 2026-12-07).
 # tree_reduce: the row max and row sum as shallow trees instead of 33-deep chains of dependent ops
-# (``gluon_softmax._row_reduce``; not yet timed on a GPU, so off).
+# (``gluon_softmax._row_reduce``): within noise on an H200 (2026-12-07, -1 to +2 %), so off.
 # pair_tiles: each softmax step takes two kept key blocks (gluon_pairs.py), which halves the per-step fixed
 # cost (stage release and its barriers, row reductions, rescale); the 8-bit kernels with per-block key scales
 # only (others keep one block per step), ``stages`` then counts pairs (default 2), no ping-pong and no

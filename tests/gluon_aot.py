@@ -47,11 +47,7 @@ def compile_variant(d, dtype_name, even_n, write_lse, causal, has_live=False, in
                                 gl.NVMMASharedLayout.get_default_for(block, G._GL_DTYPES[t.dtype]))
     index = torch.zeros(1, 1, 4, 4, dtype=torch.int32)
     count = torch.zeros(1, 1, 4, dtype=torch.int32)
-    cfg = {**G.DEFAULT_SCHEDULE, **schedule}
-    if cfg["pair_tiles"] is None:  # as _launch decides it
-        cfg["pair_tiles"] = int8_qk and fp8_pv and cfg["fp8_p_shared"] and tile_k
-    if cfg["pair_tiles"] and "stages" not in schedule:
-        cfg["stages"] = G.PAIR_STAGES
+    cfg = G.resolve_schedule({**schedule, "int8_tile_k": tile_k}, eight_bit=int8_qk, fp8_pv=fp8_pv)
     return G._block_sparse_fwd_gluon.warmup(
         desc(x8, q_block), desc(x8, kv_block), desc(v, [1, 1, d, G.BLOCK_SIZE] if fp8_pv else kv_block), out, lse,
         index, count, 0, 0, 16, 1, 0, 0, 4,

@@ -100,6 +100,25 @@ def test_eight_bit_loop_overlaps_its_softmax_with_pv(tmp_path):
         assert kernels[name]["counts"]["MUFU"] > 0
 
 
+def test_schedule_resolution_picks_pairs_where_they_were_measured_faster():
+    from sparsediff.kernels.block_sparse.gluon import PAIR_STAGES, resolve_schedule
+
+    # int8_fp8 (FP8 P·V through shared memory): two key blocks per step, stages counting pairs
+    cfg = resolve_schedule({}, eight_bit=True, fp8_pv=True)
+    assert cfg["pair_tiles"] and cfg["stages"] == PAIR_STAGES
+    assert resolve_schedule({"stages": 3}, eight_bit=True, fp8_pv=True)["stages"] == 3
+    # int8, FP8 P in registers, ping-pong, per-token keys and 16 bits keep one block per step
+    assert not resolve_schedule({}, eight_bit=True, fp8_pv=False)["pair_tiles"]
+    assert not resolve_schedule({"fp8_p_shared": False}, eight_bit=True, fp8_pv=True)["pair_tiles"]
+    assert not resolve_schedule({"pingpong": True}, eight_bit=True, fp8_pv=True)["pair_tiles"]
+    assert not resolve_schedule({"pair_tiles": True, "int8_tile_k": False}, eight_bit=True, fp8_pv=True)["pair_tiles"]
+    assert resolve_schedule({"pair_tiles": True}, eight_bit=False, fp8_pv=False)["stages"] == 3
+    with pytest.raises(ValueError, match="pair_tiles runs without ping-pong"):
+        resolve_schedule({"pair_tiles": True, "pingpong": True}, eight_bit=True, fp8_pv=False)
+    with pytest.raises(ValueError, match="unknown schedule options"):
+        resolve_schedule({"pairs": True}, eight_bit=True, fp8_pv=True)
+
+
 def test_forcing_gluon_where_it_does_not_apply_names_what_it_supports():
     q = torch.randn(1, 2, 256, 128, dtype=torch.bfloat16, device="cpu")
     index, count = mask_to_index(torch.ones(1, 1, 2, 2, dtype=torch.bool, device="cpu"))

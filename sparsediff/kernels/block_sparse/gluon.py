@@ -389,21 +389,29 @@ def block_sparse_attention_gluon_int8(q, k, v, block_index, block_count, *, scal
     return out, (lse + scale * shift if return_lse else None)
 
 
-def _launch(q, k, v, block_index, block_count, *, scale, return_lse, causal=False, repeat_q=1, live_rows=None,
-            scales=None, out_dtype=None, **schedule):
+def resolve_schedule(schedule: dict, *, eight_bit: bool, fp8_pv: bool) -> dict:
+    """``DEFAULT_SCHEDULE`` with the caller's overrides, and ``pair_tiles`` decided: None picks the measured
+    choice (pairs where P·V is FP8 through shared memory), and pairs apply only to 8-bit K with one scale per
+    key block, where ``stages`` counts pairs."""
     unknown = set(schedule) - set(DEFAULT_SCHEDULE)
     if unknown:
         raise ValueError(f"unknown schedule options {sorted(unknown)}; known: {sorted(DEFAULT_SCHEDULE)}")
     cfg = {**DEFAULT_SCHEDULE, **schedule}
-    fp8_pv = scales is not None and scales[2] is not None  # v is then e4m3, (B, H, D, N)
-    if cfg["pair_tiles"] is None:
-        cfg["pair_tiles"] = fp8_pv and cfg["fp8_p_shared"]
+    if cfg["pair_tiles"] is None:  # ping-pong needs one block per step
+        cfg["pair_tiles"] = fp8_pv and cfg["fp8_p_shared"] and not cfg["pingpong"]
     # 16-bit pairs don't fit twice in shared memory; per-token key scales keep the one-block schedule
-    cfg["pair_tiles"] = bool(cfg["pair_tiles"]) and scales is not None and cfg["int8_tile_k"]
+    cfg["pair_tiles"] = bool(cfg["pair_tiles"]) and eight_bit and cfg["int8_tile_k"]
     if cfg["pair_tiles"]:
         if cfg["pingpong"]:
             raise ValueError("pair_tiles runs without ping-pong; pass pingpong=False or pair_tiles=False")
         cfg["stages"] = schedule.get("stages", PAIR_STAGES)
+    return cfg
+
+
+def _launch(q, k, v, block_index, block_count, *, scale, return_lse, causal=False, repeat_q=1, live_rows=None,
+            scales=None, out_dtype=None, **schedule):
+    fp8_pv = scales is not None and scales[2] is not None  # v is then e4m3, (B, H, D, N)
+    cfg = resolve_schedule(schedule, eight_bit=scales is not None, fp8_pv=fp8_pv)
     q, k, v = (t if _tma_ready(t) else t.contiguous() for t in (q, k, v))
     bsz, hq, q_rows, d = q.shape
     nq = q_rows * repeat_q

@@ -37,7 +37,16 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .gluon_pairs import _consumer_pairs, _loader_pairs
-from .gluon_parts import _p_operand, _store_out, _tile_coords, _v_tile, _wait_pv
+from .gluon_parts import (
+    _p_operand,
+    _store_out,
+    _tile_coords,
+    _v_tile,
+    _wait_pv,
+    out_layout,
+    p_register_layout,
+    score_layout,
+)
 from .gluon_softmax import _dequantize, _softmax_step, _softmax_step_int8
 
 LOG2E = 1.4426950408889634
@@ -109,22 +118,13 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
     BLOCK_N: gl.constexpr = 128
     ROWS: gl.constexpr = 64
     NEED_IDS: gl.constexpr = CAUSAL or (not EVEN_N) or INT8_QK  # the softmax reads the tile's key-block id
-    if INT8_QK:  # 8-bit wgmma: K = 32 per instruction, int32 accumulator
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 32])
+    s_layout: gl.constexpr = score_layout(INT8_QK)
+    o_layout: gl.constexpr = out_layout(HEAD_DIM, FP8_PV)
+    p_layout: gl.constexpr = p_register_layout(HEAD_DIM, FP8_PV)
+    if INT8_QK:
         S_DTYPE: gl.constexpr = gl.int32
     else:
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
         S_DTYPE: gl.constexpr = gl.float32
-    if FP8_PV:  # 8-bit P·V wgmma: K = 32 per instruction, four 8-bit values per register
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 32])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-    else:
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
 

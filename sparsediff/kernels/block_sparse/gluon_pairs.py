@@ -29,7 +29,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .gluon_parts import _p_operand, _store_out, _tile_coords, _v_tile
+from .gluon_parts import _p_operand, _store_out, _tile_coords, _v_tile, out_layout, p_register_layout, score_layout
 from .gluon_softmax import _softmax_pair
 
 LOG2_448 = gl.constexpr(8.807354922057604)  # log2 of e4m3's largest value
@@ -124,22 +124,13 @@ def _consumer_pairs(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empt
                     POLY: gl.constexpr, P_SHARED: gl.constexpr, TREE: gl.constexpr):
     BLOCK_N: gl.constexpr = 128
     ROWS: gl.constexpr = 64
+    s_layout: gl.constexpr = score_layout(INT8_QK)
+    o_layout: gl.constexpr = out_layout(HEAD_DIM, FP8_PV)
+    p_layout: gl.constexpr = p_register_layout(HEAD_DIM, FP8_PV)
     if INT8_QK:
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 32])
         S_DTYPE: gl.constexpr = gl.int32
     else:
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
         S_DTYPE: gl.constexpr = gl.float32
-    if FP8_PV:
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 32])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-    else:
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
     INT8_TILE: gl.constexpr = INT8_QK and TILE_K

@@ -9,6 +9,25 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma_wait
 
 
+@gluon.constexpr_function
+def score_layout(int8_qk):
+    # The Q·Kᵀ accumulator of a 64 x 128 tile: 8-bit wgmma takes K = 32 per instruction (int32), 16-bit K = 16.
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 128, 32 if int8_qk else 16])
+
+
+@gluon.constexpr_function
+def out_layout(head_dim, fp8_pv):
+    # The P·V accumulator; 8-bit P·V wgmma takes K = 32 per instruction.
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                     instr_shape=[16, head_dim, 32 if fp8_pv else 16])
+
+
+@gluon.constexpr_function
+def p_register_layout(head_dim, fp8_pv):
+    # P as P·V's A operand in registers: four 8-bit or two 16-bit values per register.
+    return gl.DotOperandLayout(operand_index=0, parent=out_layout(head_dim, fp8_pv), k_width=4 if fp8_pv else 2)
+
+
 @gluon.jit
 def _tile_coords(BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
                  num_heads, group_size, QLive, q_tiles, HAS_LIVE: gl.constexpr):

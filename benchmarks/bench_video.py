@@ -15,6 +15,7 @@ of 30 x 52 = 1,560 patches = 32,760 tokens, with 512 text tokens for cross-atten
   ``--cycles`` refresh cycles inside ``denoising_step``; refresh and reuse steps are timed apart and the row's
   step time is their mean over one cycle, ``(refresh + (r - 1) * reuse) / r``;
 * with ``--plan-every r``: likewise with the selection kept r steps (``plan_every=r``, no residual).
+  Reuse rows are timed for every ``--method`` spec and ``--precision``, at the last ``--layout``.
 
 Step time is the median of ``--repeat`` forward passes after ``--warmup`` passes (kernel compilation
 and autotuning happen there). The attention share comes from a separate pass in which every routed
@@ -168,18 +169,20 @@ def attention_seconds(model, inputs, cuda) -> float:
     return box[0]
 
 
-def reuse_row(model, inputs, cuda, args, kind, every, sparsity, method_kwargs) -> dict:
-    """The first method, last layout, with ``{kind}_every=every`` (residual reuse or a kept plan), timed over
-    refresh cycles: the row's step time is ``(refresh + (r - 1) * reuse) / r``."""
-    layout, method = args.layout[-1], args.method[0]
+def reuse_row(model, inputs, cuda, args, kind, every, sparsity, method_kwargs, method, precision="bf16") -> dict:
+    """One method spec and precision at the last layout with ``{kind}_every=every`` (residual reuse or a kept
+    plan), timed over refresh cycles: the row's step time is ``(refresh + (r - 1) * reuse) / r``."""
+    layout = args.layout[-1]
+    extra = {} if precision == "bf16" else {"precision": precision}
     # Steps come from denoising_step here (the timestep input never changes between timed passes).
     sparsediff.enable(model, method, sparsity=sparsity, layout=layout, track_steps=False,
-                      **{f"{kind}_every": every}, **method_kwargs)
+                      **{f"{kind}_every": every}, **extra, **method_kwargs)
     refresh, reuse = time_residual_cycle(model, inputs, cuda, every, args.cycles)
     stats = dict(enabled_processor(model).method.stats)
     ran = what_ran(model)
     sparsediff.disable(model)
-    row = {"method": f"{method}+{kind}/{every}", "sparsity": sparsity, "layout": layout,
+    label = method if precision == "bf16" else f"{method} {precision}"
+    row = {"method": f"{label}+{kind}/{every}", "precision": precision, "sparsity": sparsity, "layout": layout,
            "step_s": (refresh + (every - 1) * reuse) / every, "refresh_step_s": refresh, "reuse_step_s": reuse,
            "attention_s": 0.0, f"{kind}_refreshes": stats.get(f"{kind}_refreshes", 0),
            f"{kind}_reuses": stats.get(f"{kind}_reuses", 0), **ran}
@@ -246,8 +249,10 @@ def main(argv=None) -> int:
                          "step_s": step, "attention_s": attn, **ran})
             print(f"  {label} {sparsity} {layout}: step {step:.4f} s, attention {attn:.4f} s", flush=True)
         for kind, every in (("residual", args.residual_every), ("plan", args.plan_every)):
-            if every:
-                rows.append(reuse_row(model, inputs, cuda, args, kind, every, sparsity, method_kwargs))
+            if every:  # every method spec and precision, at the last layout
+                for method, precision in itertools.product(args.method, args.precision):
+                    rows.append(reuse_row(model, inputs, cuda, args, kind, every, sparsity, method_kwargs, method,
+                                          precision))
     for row in rows:
         row["attention_share"] = row["attention_s"] / row["step_s"] if row["step_s"] else 0.0
         row["step_speedup"] = dense_step / row["step_s"]

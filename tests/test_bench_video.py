@@ -35,6 +35,20 @@ def test_quick_run_times_layouts_and_residual_reuse(tmp_path):
     assert result["layout_cost"]["layout_ms_per_step"] > 0
 
 
+def test_kept_plans_are_timed_for_every_method_spec(tmp_path):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "video.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_video.py"), "--quick", "--sparsity", "0.5", "--warmup",
+           "0", "--repeat", "1", "--layout", "tiled", "--method", "ba_att", "ba_att_paper", "--plan-every", "2",
+           "--cycles", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept = {r["method"]: r for r in json.loads(out.read_text())["rows"] if "+plan/" in r["method"]}
+    assert set(kept) == {"ba_att+plan/2", "ba_att_paper+plan/2"}
+    for row in kept.values():
+        assert row["plan_refreshes"] > 0 and row["plan_reuses"] == row["plan_refreshes"] and row["step_s"] > 0
+
+
 def test_profile_quick_run_reports_every_layout(tmp_path):
     pytest.importorskip("diffusers")
     out = tmp_path / "profile.json"

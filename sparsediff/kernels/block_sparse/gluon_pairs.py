@@ -75,23 +75,20 @@ def _loader_pairs(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars
 
 
 @gluon.jit
-def _pair_scales(k_scales, kb_a, kb_b, past_end, INT8_TILE: gl.constexpr):
-    # The two key blocks' INT8 scales (0 past the end), or nothing to load.
-    ks_a = 1.0
-    ks_b = 1.0
-    if INT8_TILE:
-        ks_a = gl.load(k_scales + kb_a, mask=kb_a < past_end, other=0.0)
-        ks_b = gl.load(k_scales + kb_b, mask=kb_b < past_end, other=0.0)
+def _pair_scales(k_scales, kb_a, kb_b, past_end):
+    # The two key blocks' INT8 scales (0 past the end).
+    ks_a = gl.load(k_scales + kb_a, mask=kb_a < past_end, other=0.0)
+    ks_b = gl.load(k_scales + kb_b, mask=kb_b < past_end, other=0.0)
     return ks_a, ks_b
 
 
 @gluon.jit
-def _scores_pair(q, k_smem, k_bars, t, s_layout: gl.constexpr, S_DTYPE: gl.constexpr, HEAD_DIM: gl.constexpr,
+def _scores_pair(q, k_smem, k_bars, t, s_layout: gl.constexpr, HEAD_DIM: gl.constexpr,
                  BLOCK_N: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr):
-    # Pair t's two Q·Kᵀ tiles, once its keys have landed.
+    # Pair t's two INT8 Q·Kᵀ tiles (int32), once its keys have landed.
     st = t % STAGES
     mbarrier.wait(k_bars.index(st), (t // STAGES) & 1)
-    zeros = gl.zeros([ROWS, BLOCK_N], S_DTYPE, s_layout)
+    zeros = gl.zeros([ROWS, BLOCK_N], gl.int32, s_layout)
     s_a = warpgroup_mma(q, k_smem.index(2 * st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zeros, use_acc=False,
                         is_async=True)
     s_b = warpgroup_mma(q, k_smem.index(2 * st + 1).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zeros,
@@ -127,13 +124,9 @@ def _consumer_pairs(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empt
     s_layout: gl.constexpr = score_layout(INT8_QK)
     o_layout: gl.constexpr = out_layout(HEAD_DIM, FP8_PV)
     p_layout: gl.constexpr = p_register_layout(HEAD_DIM, FP8_PV)
-    if INT8_QK:
-        S_DTYPE: gl.constexpr = gl.int32
-    else:
-        S_DTYPE: gl.constexpr = gl.float32
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
-    INT8_TILE: gl.constexpr = INT8_QK and TILE_K
+    gl.static_assert(INT8_QK and TILE_K, "the pair schedule takes INT8 keys with one scale per key block")
 
     count, index_base, b, h, h_kv, pid_bh, q_block = _tile_coords(
         BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
@@ -144,15 +137,10 @@ def _consumer_pairs(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empt
     q = q_smem.index(WG).reshape([ROWS, HEAD_DIM])
     row0 = q_block * 128 + WG * ROWS
     past_end = gl.cdiv(nk, BLOCK_N)
-    # mult: per row, what turns a score tile into log2 units (the INT8 tile's scales and qk_scale, or qk_scale)
-    mult = gl.zeros([ROWS], gl.float32, row_layout) + qk_scale
-    if INT8_QK:
-        qrows = row0 + gl.arange(0, ROWS, layout=row_layout)
-        row_scale = gl.load(QScale + pid_bh * nq + qrows, mask=qrows < nq, other=0.0) * qk_scale
-        k_scales = KScale + (b * (num_heads // group_size) + h_kv) * past_end  # one scale per key block (TILE_K)
-    else:
-        row_scale = mult
-        k_scales = KScale
+    # A score in log2 units is the int32 one times q's scale, qk_scale and the key block's scale.
+    qrows = row0 + gl.arange(0, ROWS, layout=row_layout)
+    row_scale = gl.load(QScale + pid_bh * nq + qrows, mask=qrows < nq, other=0.0) * qk_scale
+    k_scales = KScale + (b * (num_heads // group_size) + h_kv) * past_end
     p_shift = 0.0
     if FP8_PV:
         p_shift = LOG2_448
@@ -167,21 +155,18 @@ def _consumer_pairs(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empt
     if count > 0 and live_wg:
         # Block ids and key scales are loaded a pair ahead, off the path from Q·Kᵀ to the softmax.
         kb_a, kb_b = _pair_ids(index_base, stride_ik, 0, count, past_end)
-        ks_a, ks_b = _pair_scales(k_scales, kb_a, kb_b, past_end, INT8_TILE)
+        ks_a, ks_b = _pair_scales(k_scales, kb_a, kb_b, past_end)
         mbarrier.wait(q_bars.index(WG), 0)
         for t in range(pairs):
             st = t % STAGES
             next_a, next_b = _pair_ids(index_base, stride_ik, t + 1, count, past_end)
-            next_ks_a, next_ks_b = _pair_scales(k_scales, next_a, next_b, past_end, INT8_TILE)
-            s_a, s_b = _scores_pair(q, k_smem, k_bars, t, s_layout, S_DTYPE, HEAD_DIM, BLOCK_N, ROWS, STAGES)
-            mult_a = mult
-            mult_b = mult
-            if INT8_TILE:
-                mult_a = row_scale * ks_a
-                mult_b = row_scale * ks_b
+            next_ks_a, next_ks_b = _pair_scales(k_scales, next_a, next_b, past_end)
+            s_a, s_b = _scores_pair(q, k_smem, k_bars, t, s_layout, HEAD_DIM, BLOCK_N, ROWS, STAGES)
+            mult_a = row_scale * ks_a
+            mult_b = row_scale * ks_b
             p_a, p_b, alpha, m_i, l_i = _softmax_pair(s_a, s_b, m_i, l_i, mult_a, mult_b, kb_a, kb_b, nk,
                                                       p_shift, row0, causal_offset, s_layout, BLOCK_N, ROWS,
-                                                      CAUSAL or not EVEN_N, CAUSAL, INT8_TILE, POLY, TREE)
+                                                      CAUSAL or not EVEN_N, CAUSAL, POLY, TREE)
             acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
             if FP8_PV and P_SHARED:
                 op_a = p_smem.index(2 * WG)

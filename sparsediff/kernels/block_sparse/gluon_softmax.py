@@ -69,6 +69,25 @@ def _row_reduce(x, s_layout: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.const
 
 
 @gluon.jit
+def _needs_mask(kblock, nk, row0, causal_offset, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    # A tile pays for masking only on the ragged tail of K or, causal, past the diagonal of its rows.
+    start_n = kblock * BLOCK_N
+    return (start_n + BLOCK_N > nk) or (CAUSAL and start_n + BLOCK_N - 1 > row0 + causal_offset)
+
+
+@gluon.jit
+def _mask(x, kblock, nk, row0, causal_offset, s_layout: gl.constexpr, BLOCK_N: gl.constexpr, ROWS: gl.constexpr,
+          CAUSAL: gl.constexpr):
+    # -inf on the keys past nk and, causal, past each row's diagonal.
+    cols = kblock * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    valid = (cols < nk)[None, :]
+    if CAUSAL:
+        rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+        valid = valid & (cols[None, :] <= rows[:, None] + causal_offset)
+    return gl.where(valid, x, float("-inf"))
+
+
+@gluon.jit
 def _softmax_step(s, m_i, l_i, kblock, nk, qk_scale, p_shift, row0, causal_offset, s_layout: gl.constexpr,
                   BLOCK_N: gl.constexpr, ROWS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
                   POLY: gl.constexpr, TREE: gl.constexpr):
@@ -78,15 +97,9 @@ def _softmax_step(s, m_i, l_i, kblock, nk, qk_scale, p_shift, row0, causal_offse
     # -inf - -inf. p_shift (log2 units) scales P and l alike, which the output's division cancels.
     masked = False
     if CAUSAL or not EVEN_N:
-        start_n = kblock * BLOCK_N
-        masked = (start_n + BLOCK_N > nk) or (CAUSAL and start_n + BLOCK_N - 1 > row0 + causal_offset)
+        masked = _needs_mask(kblock, nk, row0, causal_offset, BLOCK_N, CAUSAL)
         if masked:
-            cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            valid = (cols < nk)[None, :]
-            if CAUSAL:
-                rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
-                valid = valid & (cols[None, :] <= rows[:, None] + causal_offset)
-            s = gl.where(valid, s, float("-inf"))
+            s = _mask(s, kblock, nk, row0, causal_offset, s_layout, BLOCK_N, ROWS, CAUSAL)
     m_new = gl.maximum(m_i, _row_reduce(s, s_layout, ROWS, BLOCK_N, False, TREE) * qk_scale)
     if CAUSAL:
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -127,8 +140,7 @@ def _softmax_step_int8(s, m_i, l_i, mult, kblock, nk, p_shift, row0, causal_offs
     # path.
     masked = False
     if CAUSAL or not EVEN_N:
-        start_n = kblock * BLOCK_N
-        masked = (start_n + BLOCK_N > nk) or (CAUSAL and start_n + BLOCK_N - 1 > row0 + causal_offset)
+        masked = _needs_mask(kblock, nk, row0, causal_offset, BLOCK_N, CAUSAL)
     if masked:
         p, alpha, m_new, l_i = _softmax_step(s.to(gl.float32) * mult[:, None], m_i, l_i, kblock, nk, 1.0, p_shift,
                                              row0, causal_offset, s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY,
@@ -149,38 +161,25 @@ def _softmax_step_int8(s, m_i, l_i, mult, kblock, nk, p_shift, row0, causal_offs
 
 @gluon.jit
 def _half_scores(s, mult, kblock, nk, row0, causal_offset, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-                 ROWS: gl.constexpr, MAY_MASK: gl.constexpr, CAUSAL: gl.constexpr, INT8_TILE: gl.constexpr,
-                 TREE: gl.constexpr):
-    # One key block of a pair (``_softmax_pair``): t and per-row scale and offset with the scores in log2 units
-    # t * scale - offset (masked keys: t = -inf), the row max of those scores, and whether masking applied.
-    # INT8_TILE: s is an int32 tile whose scores are s * mult; t is s as a float by the integer add and bitcast of
-    # ``_softmax_step_int8`` (offset mult * 1.5 * 2^23), and the row max an integer max. Else s is float32 and
-    # mult the softmax scale. A block id past the last block (the odd count's missing partner, loaded as zeros)
-    # masks every key.
+                 ROWS: gl.constexpr, MAY_MASK: gl.constexpr, CAUSAL: gl.constexpr, TREE: gl.constexpr):
+    # One INT8 key block of a pair (``_softmax_pair``; scores s * mult): t and per-row scale and offset with the
+    # scores in log2 units t * scale - offset (masked keys: t = -inf), the row max of those scores, and whether
+    # masking applied. Unmasked, t is s as a float by the integer add and bitcast of ``_softmax_step_int8`` (offset
+    # mult * 1.5 * 2^23) and the row max an integer max. A block id past the last block (the odd count's missing
+    # partner, loaded as zeros) masks every key.
     masked = False
-    start_n = kblock * BLOCK_N
     if MAY_MASK:
-        masked = (start_n + BLOCK_N > nk) or (CAUSAL and start_n + BLOCK_N - 1 > row0 + causal_offset)
-    if masked:
-        cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        valid = (cols < nk)[None, :]
-        if CAUSAL:
-            rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
-            valid = valid & (cols[None, :] <= rows[:, None] + causal_offset)
-        t = gl.where(valid, s.to(gl.float32) * mult[:, None], float("-inf"))  # scale first: mult may be 0
+        masked = _needs_mask(kblock, nk, row0, causal_offset, BLOCK_N, CAUSAL)
+    if masked:  # scale first: mult may be 0
+        t = _mask(s.to(gl.float32) * mult[:, None], kblock, nk, row0, causal_offset, s_layout, BLOCK_N, ROWS, CAUSAL)
         scale = gl.full([ROWS], 1.0, gl.float32, gl.SliceLayout(1, s_layout))
         offset = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
         row_max = _row_reduce(t, s_layout, ROWS, BLOCK_N, False, TREE)
-    elif INT8_TILE:
+    else:
         t = (s + 0x4B400000).to(gl.float32, bitcast=True)
         scale = mult
         offset = mult * 12582912.0
         row_max = _row_reduce(s, s_layout, ROWS, BLOCK_N, False, TREE).to(gl.float32) * mult
-    else:
-        t = s
-        scale = mult
-        offset = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
-        row_max = _row_reduce(s, s_layout, ROWS, BLOCK_N, False, TREE) * mult
     return t, scale, offset, row_max, masked
 
 
@@ -200,14 +199,14 @@ def _pair_exp2(t, scale, offset, m_use, p_shift, masked, POLY: gl.constexpr):
 @gluon.jit
 def _softmax_pair(s_a, s_b, m_i, l_i, mult_a, mult_b, kblock_a, kblock_b, nk, p_shift, row0, causal_offset,
                   s_layout: gl.constexpr, BLOCK_N: gl.constexpr, ROWS: gl.constexpr, MASK_A: gl.constexpr,
-                  CAUSAL: gl.constexpr, INT8_TILE: gl.constexpr, POLY: gl.constexpr, TREE: gl.constexpr):
+                  CAUSAL: gl.constexpr, POLY: gl.constexpr, TREE: gl.constexpr):
     # The online softmax over two key blocks at once: one row max, one rescale factor and one update of m and l
     # per 256 keys instead of per 128. The second block may be the missing partner of an odd count (all masked).
     # Without MASK_A the first block is never masked, so m is finite from the first pair on.
     t_a, sc_a, off_a, max_a, masked_a = _half_scores(s_a, mult_a, kblock_a, nk, row0, causal_offset, s_layout,
-                                                     BLOCK_N, ROWS, MASK_A, CAUSAL, INT8_TILE, TREE)
+                                                     BLOCK_N, ROWS, MASK_A, CAUSAL, TREE)
     t_b, sc_b, off_b, max_b, masked_b = _half_scores(s_b, mult_b, kblock_b, nk, row0, causal_offset, s_layout,
-                                                     BLOCK_N, ROWS, True, CAUSAL, INT8_TILE, TREE)
+                                                     BLOCK_N, ROWS, True, CAUSAL, TREE)
     m_new = gl.maximum(m_i, gl.maximum(max_a, max_b))
     if MASK_A:
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)

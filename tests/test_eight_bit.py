@@ -221,6 +221,31 @@ def test_gluon_8bit_on_hopper(d, causal, nk, precision, tile_k, pairs, monkeypat
     assert (lse.double() - ref_lse)[finite].abs().max() < 0.05
 
 
+@pytest.mark.parametrize("precision", ["int8", "int8_fp8"])
+def test_gluon_8bit_on_real_captured_qkv(precision, real_qkv, monkeypatch):
+    # A real SmolLM2 layer through the Hopper kernel (128-token blocks, causal): both schedules, one and two key
+    # blocks per softmax step, meet the 8-bit bounds and stay within a few percent of each other's error.
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon INT8 kernel runs on sm_90 (H100/H200)")
+    from sparsediff.kernels.block_sparse import gluon
+
+    q, k, v = (t.to(torch.bfloat16) for t in real_qkv)
+    index, count = (t.to(q.device) for t in _index(q.shape[2], k.shape[2], 128, True, density=0.5))
+    ref, _ = block_sparse_attention_ref(q.double(), k.double(), v.double(), index, count, block_size=128,
+                                        causal=True)
+    errors = {}
+    for pairs in (False, True):
+        monkeypatch.setitem(gluon.DEFAULT_SCHEDULE, "pair_tiles", pairs)
+        out = block_sparse_attention(q, k, v, index, count, causal=True, precision=precision, backend="gluon")
+        errors[pairs] = _errors(out, ref)
+    out16 = block_sparse_attention(q, k, v, index, count, causal=True, backend="gluon")
+    rel16, _ = _errors(out16, ref)
+    print(f"{precision}: rel L2 / cosine one block {errors[False]}, pairs {errors[True]}; 16-bit rel L2 {rel16:.4f}")
+    for rel, cos in errors.values():
+        assert cos > MIN_COSINE and rel < REL_L2[precision] and rel16 < rel
+    assert errors[True][0] < 1.1 * errors[False][0] + 2.0 ** -10
+
+
 def test_gluon_8bit_says_where_it_runs(device):
     if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
         pytest.skip("on sm_90 the Gluon 8-bit kernel applies")

@@ -111,8 +111,13 @@ def test_schedule_resolution_picks_pairs_where_they_were_measured_faster():
     assert not resolve_schedule({}, eight_bit=True, fp8_pv=False)["pair_tiles"]
     assert not resolve_schedule({"fp8_p_shared": False}, eight_bit=True, fp8_pv=True)["pair_tiles"]
     assert not resolve_schedule({"pingpong": True}, eight_bit=True, fp8_pv=True)["pair_tiles"]
-    assert not resolve_schedule({"pair_tiles": True, "int8_tile_k": False}, eight_bit=True, fp8_pv=True)["pair_tiles"]
-    assert resolve_schedule({"pair_tiles": True}, eight_bit=False, fp8_pv=False)["stages"] == 3
+    assert not resolve_schedule({"int8_tile_k": False}, eight_bit=True, fp8_pv=True)["pair_tiles"]
+    assert resolve_schedule({}, eight_bit=False, fp8_pv=False)["stages"] == 3
+    # asked for where they cannot run: a clear error, not a silent change of schedule
+    with pytest.raises(ValueError, match="pair_tiles needs an 8-bit precision"):
+        resolve_schedule({"pair_tiles": True}, eight_bit=False, fp8_pv=False)
+    with pytest.raises(ValueError, match="int8_tile_k=True"):
+        resolve_schedule({"pair_tiles": True, "int8_tile_k": False}, eight_bit=True, fp8_pv=True)
     with pytest.raises(ValueError, match="pair_tiles runs without ping-pong"):
         resolve_schedule({"pair_tiles": True, "pingpong": True}, eight_bit=True, fp8_pv=False)
     with pytest.raises(ValueError, match="unknown schedule options"):

@@ -399,8 +399,13 @@ def resolve_schedule(schedule: dict, *, eight_bit: bool, fp8_pv: bool) -> dict:
     cfg = {**DEFAULT_SCHEDULE, **schedule}
     if cfg["pair_tiles"] is None:  # ping-pong needs one block per step
         cfg["pair_tiles"] = fp8_pv and cfg["fp8_p_shared"] and not cfg["pingpong"]
-    # 16-bit pairs don't fit twice in shared memory; per-token key scales keep the one-block schedule
-    cfg["pair_tiles"] = bool(cfg["pair_tiles"]) and eight_bit and cfg["int8_tile_k"]
+    # 16-bit pairs don't fit twice in shared memory; per-token key scales keep the one-block schedule. Asked for
+    # by the caller there, pairs are an error; from a global default they simply don't apply.
+    eligible = eight_bit and cfg["int8_tile_k"]
+    if schedule.get("pair_tiles") and not eligible:
+        raise ValueError("pair_tiles needs an 8-bit precision (int8 or int8_fp8) with one key scale per block "
+                         "(int8_tile_k=True)")
+    cfg["pair_tiles"] = bool(cfg["pair_tiles"]) and eligible
     if cfg["pair_tiles"]:
         if cfg["pingpong"]:
             raise ValueError("pair_tiles runs without ping-pong; pass pingpong=False or pair_tiles=False")

@@ -36,6 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from ..backend import warn_once
 from .gluon_barriers import OFF, barrier_offsets, release_count, release_stage, wait_stage
 from .gluon_pairs import _consumer_pairs, _loader_pairs
 from .gluon_parts import (
@@ -470,6 +471,12 @@ def _launch(q, k, v, block_index, block_count, *, scale, return_lse, causal=Fals
                                has_live=live_rows is not None, int8_qk=scales is not None, fp8_pv=fp8_pv)
     if cfg["thread_barriers"]:
         key = (tuple(sorted(consts.items())), q.dtype, k.dtype, v.dtype)
-        consts.update(_barrier_offsets(key, lambda c: _block_sparse_fwd_gluon.warmup(*args, grid=grid, **c), consts))
+        try:
+            consts.update(_barrier_offsets(key, lambda c: _block_sparse_fwd_gluon.warmup(*args, grid=grid, **c),
+                                           consts))
+        except RuntimeError as err:  # PTX this parser does not know: same results with the compiler's barriers
+            warn_once(f"block_sparse_attention (Gluon): per-thread stage barriers unavailable ({err}); using the "
+                      "compiler's")
+            _offsets_cache[key] = {}  # not tried again for this signature
     _block_sparse_fwd_gluon[grid](*args, **consts)
     return out, (lse if return_lse else None)

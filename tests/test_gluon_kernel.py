@@ -453,3 +453,22 @@ def test_thread_barriers_are_a_schedule_option():
 
     assert "thread_barriers" in DEFAULT_SCHEDULE
     assert resolve_schedule({"thread_barriers": True}, eight_bit=False, fp8_pv=False)["thread_barriers"] is True
+
+
+def test_barrier_offsets_must_survive_the_second_compile():
+    from types import SimpleNamespace
+
+    from sparsediff.kernels.block_sparse import gluon
+
+    ptxs = iter([PTX_INITS, PTX_INITS.replace("4128", "4000").replace("4136", "4008").replace("4144", "4016")])
+    with pytest.raises(RuntimeError, match="moved between compiles"):
+        gluon._barrier_offsets(("test", 1), lambda consts: SimpleNamespace(asm={"ptx": next(ptxs)}), {"STAGES": 3})
+    calls = []
+
+    def warmup(consts):
+        calls.append(consts)
+        return SimpleNamespace(asm={"ptx": PTX_INITS})
+    found = gluon._barrier_offsets(("test", 2), warmup, {"STAGES": 3})
+    assert found == {"K_BARS": 4128, "V_BARS": 4160, "EMPTY_BARS": 4192}
+    assert calls[1] == {"STAGES": 3, **found}  # the second compile uses what the first one gave
+    assert gluon._barrier_offsets(("test", 2), warmup, {"STAGES": 3}) == found and len(calls) == 2  # cached

@@ -39,7 +39,6 @@ VARIANTS = {
     "exp2 1/4 on FMA": dict(exp2_poly=1),
     "exp2 2/4 on FMA": dict(exp2_poly=2),
     "tree_reduce": dict(tree_reduce=True),  # row max and sum as shallow trees
-    "thread barriers": dict(thread_barriers=True),  # stage waits / releases per thread, no warpgroup bar.sync
 }
 
 
@@ -110,9 +109,6 @@ EIGHT_BIT_VARIANTS = {
     "pair tiles": dict(pair_tiles=True),  # two key blocks per softmax step (gluon_pairs.py): int8_fp8's default
     "one block per step": dict(pair_tiles=False),  # int8's default
     "pair tiles + tree_reduce": dict(pair_tiles=True, tree_reduce=True),
-    "thread barriers": dict(thread_barriers=True),  # on the precision's default schedule
-    "thread barriers + one block": dict(thread_barriers=True, pair_tiles=False),
-    "thread barriers + pairs": dict(thread_barriers=True, pair_tiles=True),
 }
 
 
@@ -136,10 +132,6 @@ def bench_eight_bit(sizes, densities, precision, log, variants=None, rounds=1):
             row = {"n": n, "density": density, "precision": precision, "rounds": rounds}
             fns = {"bf16": lambda: block_sparse_attention_gluon(q, k, v, index, count, scale=d ** -0.5,
                                                                 return_lse=True)}
-            if any(EIGHT_BIT_VARIANTS[name].get("thread_barriers") for name in names):
-                # the 16-bit kernel with the same barriers, so each gain is told apart from the 8-bit one
-                fns["bf16, thread barriers"] = lambda: block_sparse_attention_gluon(
-                    q, k, v, index, count, scale=d ** -0.5, return_lse=True, thread_barriers=True)
             for name in names:
                 fn = (lambda o: lambda: block_sparse_attention_gluon_int8(
                     q, k, v, index, count, scale=d ** -0.5, return_lse=True, pv_fp8=precision == "int8_fp8",
@@ -156,15 +148,14 @@ def bench_eight_bit(sizes, densities, precision, log, variants=None, rounds=1):
             for name in [x for x in fns if x != "bf16"]:
                 ms = statistics.median(times[name])
                 row[name] = {"ms": ms, "x_bf16": bf16 / ms, "rounds_ms": times[name]}
-                if ref is not None and name in EIGHT_BIT_VARIANTS:
+                if ref is not None:
                     err = float((fns[name]()[0].float() - ref).norm() / ref.norm())
                     row[name]["rel_l2"] = err
                     ok &= err < (0.03 if precision == "int8" else 0.05)
             rows.append(row)
             log(f"N={n} density={density:.2f} {precision}: bf16 {bf16:.2f} ms | " + " | ".join(
                 f"{name} {row[name]['ms']:.2f} ms {row[name]['x_bf16']:.2f}x" if "ms" in row[name] else
-                f"{name} -" for name in [x for x in row if x in fns and x != "bf16"] + [
-                    x for x in names if x not in fns]))
+                f"{name} -" for name in names))
     return rows, ok
 
 

@@ -48,16 +48,17 @@ def compile_variant(d, dtype_name, even_n, write_lse, causal, has_live=False, in
     index = torch.zeros(1, 1, 4, 4, dtype=torch.int32)
     count = torch.zeros(1, 1, 4, dtype=torch.int32)
     cfg = G.resolve_schedule({**schedule, "int8_tile_k": tile_k}, eight_bit=int8_qk, fp8_pv=fp8_pv)
-    args = (desc(x8, q_block), desc(x8, kv_block), desc(v, [1, 1, d, G.BLOCK_SIZE] if fp8_pv else kv_block), out, lse,
-            index, count, 0, 0, 16, 1, 0, 0, 4, *out.stride()[:3], 2, 1, 512, 512, 0.1, 0, 4, count, lse, lse, lse)
-    consts = G.kernel_constexprs(cfg, head_dim=d, write_lse=write_lse, even_n=even_n, causal=causal,
-                                 has_live=has_live, int8_qk=int8_qk, fp8_pv=fp8_pv)
+    return G._block_sparse_fwd_gluon.warmup(
+        desc(x8, q_block), desc(x8, kv_block), desc(v, [1, 1, d, G.BLOCK_SIZE] if fp8_pv else kv_block), out, lse,
+        index, count, 0, 0, 16, 1, 0, 0, 4,
+        *out.stride()[:3], 2, 1, 512, 512, 0.1, 0, 4, count, lse, lse, lse, HEAD_DIM=d, STAGES=cfg["stages"],
+        PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=write_lse, CONSUMER_REGS=cfg["consumer_regs"],
+        LOADER_REGS=cfg["loader_regs"], EVEN_N=even_n, CAUSAL=causal, HAS_LIVE=has_live, INT8_QK=int8_qk,
+        FP8_PV=fp8_pv, TILE_K=tile_k, PREFETCH=cfg["prefetch_ids"], POLY=cfg["exp2_poly"],
+        P_SHARED=cfg["fp8_p_shared"], TREE=cfg["tree_reduce"], PAIR=cfg["pair_tiles"],
+        num_warps=4, maxnreg=G.kernel_maxnreg(cfg),
+        grid=(1,))
 
-    def warmup(c):
-        return G._block_sparse_fwd_gluon.warmup(*args, grid=(1,), **c)
-    if cfg["thread_barriers"]:
-        consts.update(G._barrier_offsets((tuple(sorted(consts.items())), dtype_name, d), warmup, consts))
-    return warmup(consts)
 
 def main():
     workdir, variants = Path(sys.argv[1]), json.loads(sys.argv[2])

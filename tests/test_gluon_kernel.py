@@ -51,11 +51,6 @@ AOT_VARIANTS = [
     (128, "bfloat16", False, True, True, False, True, True, True, {"pair_tiles": True}),
     (64, "float16", False, True, True, False, True, False, True, {"pair_tiles": True}),
     (128, "bfloat16", True, True, False, False, True, True, True, {"pair_tiles": True, "fp8_p_shared": False}),
-    # stage waits and releases from every consumer thread (offsets read from a first compile)
-    (128, "bfloat16", True, True, False, False, False, False, True, {"thread_barriers": True}),
-    (64, "float16", False, True, True, True, False, False, True, {"thread_barriers": True}),
-    (128, "bfloat16", False, True, True, False, True, False, True, {"thread_barriers": True}),
-    (128, "bfloat16", True, True, False, True, True, True, True, {"thread_barriers": True}),  # pairs, live rows
 ]
 
 
@@ -103,50 +98,6 @@ def test_eight_bit_loop_overlaps_its_softmax_with_pv(tmp_path):
         assert tail[0].startswith("WARPGROUP.DEPBAR") and tail[1].startswith("MUFU.EX2x"), (name, tail)
         assert int(tail[1].split("x")[-1]) >= 32 and tail[2].startswith("WARPGROUP.DEPBAR"), (name, tail)
         assert kernels[name]["counts"]["MUFU"] > 0
-
-
-def _sass(tmp_path, schedule: str, kernels: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    out = tmp_path / "sass.json"
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "sass_gluon.py"), "--out", str(out),
-                           "--schedule", schedule, "--kernels", kernels],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())["kernels"]
-
-
-def _loop_bodies(order: list[str]) -> list[list[str]]:
-    """Each warpgroup's loop in run-length coded SASS: from the issue of Q·Kᵀ(j) together with P·V(j-1) (one
-    HGMMAx16 in 16 bits, IGMMA then HGMMA in 8) to the tail's lone P·V issue."""
-    bodies, i = [], 0
-    while i < len(order):
-        fused = order[i] == "HGMMAx16" or (order[i].startswith("IGMMA") and i + 1 < len(order)
-                                           and order[i + 1].startswith("HGMMA"))
-        if fused:
-            j = i + 1
-            while j < len(order) and not (order[j].startswith("HGMMA") and order[j] != "HGMMAx16"
-                                          and not order[j - 1].startswith("IGMMA")):
-                j += 1
-            bodies.append(order[i:j])
-            i = j
-        i += 1
-    return bodies
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the ahead-of-time check is for machines without a GPU")
-def test_thread_barriers_take_the_warpgroup_barriers_out_of_the_loop(tmp_path):
-    # The compiler puts two warpgroup-wide bar.sync in every trip of the one-block loop (before the K/V waits and
-    # before the stage release); with per-thread waits and releases (gluon_barriers.py) there are none.
-    default = _sass(tmp_path, '{"pair_tiles": false}', "bf16,int8")
-    threads = _sass(tmp_path, '{"pair_tiles": false, "thread_barriers": true}', "bf16,int8")
-    for name in ("bf16", "int8"):
-        before, after = _loop_bodies(default[name]["order"]), _loop_bodies(threads[name]["order"])
-        assert len(before) == len(after) == 2, (name, default[name]["order"])  # one loop per consumer warpgroup
-        assert all(sum(op.startswith("BAR.SYNC") for op in body) >= 2 for body in before), (name, before)
-        assert not any(op.startswith("BAR.SYNC") for body in after for op in body), (name, after)
-        assert threads[name]["counts"]["MUFU"] == default[name]["counts"]["MUFU"]
 
 
 def test_schedule_resolution_picks_pairs_where_they_were_measured_faster():
@@ -224,8 +175,7 @@ def test_matches_reference(b, hq, hkv, nq, nk, d, dtype, density, causal):
 @gpu
 @pytest.mark.parametrize("schedule", [dict(exp2_poly=1), dict(exp2_poly=2), dict(prefetch_ids=False),
                                       dict(fp8_p_shared=False), dict(tree_reduce=True), dict(pair_tiles=True),
-                                      dict(pair_tiles=True, tree_reduce=True, exp2_poly=1),
-                                      dict(thread_barriers=True), dict(thread_barriers=True, pair_tiles=True)])
+                                      dict(pair_tiles=True, tree_reduce=True, exp2_poly=1)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_schedule_ablations_match_reference(schedule, causal, monkeypatch):
     # Causal and ragged: masked tiles must still give exact zeros (the polynomial clamps, so they use the MUFU).
@@ -259,15 +209,10 @@ def test_strided_inputs_and_broadcast_index():
 
 
 @gpu
-@pytest.mark.parametrize("thread_barriers", [False, True])
 @pytest.mark.parametrize("repeat", [1, 3])
-def test_live_rows_skip_dead_halves_and_leave_live_rows_bit_equal(repeat, thread_barriers, monkeypatch):
+def test_live_rows_skip_dead_halves_and_leave_live_rows_bit_equal(repeat):
     # live_rows (per batch row): 64-row halves of q past them are skipped (zeros, -inf); every row below
-    # them is bit-equal to the full computation, whatever repeat_q does with the query blocks. A skipped half
-    # still releases each stage (with per-thread barriers: 128 arrivals from it).
-    from sparsediff.kernels.block_sparse import gluon
-
-    monkeypatch.setitem(gluon.DEFAULT_SCHEDULE, "thread_barriers", thread_barriers)
+    # them is bit-equal to the full computation, whatever repeat_q does with the query blocks.
     g = torch.Generator(device="cuda").manual_seed(repeat)
     q = torch.randn(4, 4, 256, 128, dtype=torch.bfloat16, device="cuda", generator=g)
     k, v = (torch.randn(4, 2, 1000, 128, dtype=torch.bfloat16, device="cuda", generator=g) for _ in range(2))
@@ -416,59 +361,3 @@ def test_the_8bit_gluon_variant_is_on_unless_switched_off(monkeypatch):
     monkeypatch.setenv("SPARSEDIFF_GLUON_INT8", "0")
     assert not block_sparse.gluon_enabled("8-bit")
     assert block_sparse.gluon_enabled("16-bit") == block_sparse.triton_available()
-
-
-PTX_INITS = """
-    mov.b32 %r9, global_smem;
-    add.s32 %r1, %r9, 4096;
-    @%p1 mbarrier.init.shared::cta.b64 [%r1], 1;
-    add.s32 %r2, %r9, 4104;
-    @%p1 mbarrier.init.shared::cta.b64 [%r2], 1;
-    @%p1 mbarrier.init.shared::cta.b64 [global_smem+4112], 1;
-    add.s32 %r3, %r9, 4120;
-    @%p1 mbarrier.init.shared::cta.b64 [%r3], 1;
-""" + "".join(f"""
-    add.s32 %r{10 + 3 * i}, %r9, {4128 + 8 * i};
-    @%p1 mbarrier.init.shared::cta.b64 [%r{10 + 3 * i}], 1;
-    add.s32 %r{11 + 3 * i}, %r9, {4160 + 8 * i};
-    @%p1 mbarrier.init.shared::cta.b64 [%r{11 + 3 * i}], 1;
-    add.s32 %r{12 + 3 * i}, %r9, {4192 + 8 * i};
-    @%p1 mbarrier.init.shared::cta.b64 [%r{12 + 3 * i}], 256;""" for i in range(3))
-
-
-def test_barrier_offsets_are_read_from_the_ptx_or_refused():
-    from sparsediff.kernels.block_sparse.gluon_barriers import barrier_offsets
-
-    assert barrier_offsets(PTX_INITS, 3) == {"K_BARS": 4128, "V_BARS": 4160, "EMPTY_BARS": 4192}
-    with pytest.raises(RuntimeError, match="expected 10 mbarrier inits for 2 stages, found 13"):
-        barrier_offsets(PTX_INITS, 2)
-    with pytest.raises(RuntimeError, match="not 8 bytes apart"):
-        barrier_offsets(PTX_INITS.replace("4136", "4144"), 3)
-    with pytest.raises(RuntimeError, match=r"cannot resolve the shared address of mbarrier.init \[%r7\]"):
-        barrier_offsets(PTX_INITS.replace("[%r1]", "[%r7]"), 3)
-
-
-def test_thread_barriers_are_a_schedule_option():
-    from sparsediff.kernels.block_sparse.gluon import DEFAULT_SCHEDULE, resolve_schedule
-
-    assert "thread_barriers" in DEFAULT_SCHEDULE
-    assert resolve_schedule({"thread_barriers": True}, eight_bit=False, fp8_pv=False)["thread_barriers"] is True
-
-
-def test_barrier_offsets_must_survive_the_second_compile():
-    from types import SimpleNamespace
-
-    from sparsediff.kernels.block_sparse import gluon
-
-    ptxs = iter([PTX_INITS, PTX_INITS.replace("4128", "4000").replace("4136", "4008").replace("4144", "4016")])
-    with pytest.raises(RuntimeError, match="moved between compiles"):
-        gluon._barrier_offsets(("test", 1), lambda consts: SimpleNamespace(asm={"ptx": next(ptxs)}), {"STAGES": 3})
-    calls = []
-
-    def warmup(consts):
-        calls.append(consts)
-        return SimpleNamespace(asm={"ptx": PTX_INITS})
-    found = gluon._barrier_offsets(("test", 2), warmup, {"STAGES": 3})
-    assert found == {"K_BARS": 4128, "V_BARS": 4160, "EMPTY_BARS": 4192}
-    assert calls[1] == {"STAGES": 3, **found}  # the second compile uses what the first one gave
-    assert gluon._barrier_offsets(("test", 2), warmup, {"STAGES": 3}) == found and len(calls) == 2  # cached

@@ -36,8 +36,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ..backend import warn_once
-from .gluon_barriers import OFF, barrier_offsets, release_count, release_stage, wait_stage
 from .gluon_pairs import _consumer_pairs, _loader_pairs
 from .gluon_parts import (
     _p_operand,
@@ -76,7 +74,7 @@ ROWS_PER_WARPGROUP = 64
 PAIR_STAGES = 2  # stages of two key blocks each: four in flight, what shared memory holds for 8-bit K
 DEFAULT_SCHEDULE = dict(stages=3, pingpong=False, overlap=True, consumer_regs=240, loader_regs=24, int8_tile_k=True,
                         prefetch_ids=True, exp2_poly=0, fp8_p_shared=True, tree_reduce=False,
-                        pair_tiles=None, thread_barriers=False)
+                        pair_tiles=None)
 
 
 @gluon.jit
@@ -116,7 +114,7 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
               PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr,
               CAUSAL: gl.constexpr, HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr,
               TILE_K: gl.constexpr, PREFETCH: gl.constexpr, POLY: gl.constexpr, P_SHARED: gl.constexpr,
-              TREE: gl.constexpr, K_BARS: gl.constexpr, V_BARS: gl.constexpr, EMPTY_BARS: gl.constexpr):
+              TREE: gl.constexpr):
     BLOCK_N: gl.constexpr = 128
     ROWS: gl.constexpr = 64
     NEED_IDS: gl.constexpr = CAUSAL or (not EVEN_N) or INT8_QK  # the softmax reads the tile's key-block id
@@ -164,8 +162,8 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
         live_wg = (q_block % q_tiles) * 128 + WG * ROWS < gl.load(QLive + b)
     if count > 0 and not live_wg:
         for t in range(count):
-            wait_stage(v_bars, t % STAGES, (t // STAGES) & 1, V_BARS)
-            release_stage(empty_bars, t % STAGES, EMPTY_BARS)
+            mbarrier.wait(v_bars.index(t % STAGES), (t // STAGES) & 1)
+            mbarrier.arrive(empty_bars.index(t % STAGES))
     if count > 0 and live_wg:
         # The block ids (masking, INT8 key scales) are loaded ahead: ids two iterations, key scales one, so no
         # global load's latency sits between a tile's Q·Kᵀ and its softmax (PREFETCH=False: loaded in place).
@@ -202,8 +200,8 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
         for j in range(1, count):
             st = j % STAGES
             prev = (j - 1) % STAGES
-            wait_stage(k_bars, st, (j // STAGES) & 1, K_BARS)
-            wait_stage(v_bars, prev, ((j - 1) // STAGES) & 1, V_BARS)
+            mbarrier.wait(k_bars.index(st), (j // STAGES) & 1)
+            mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
             if PINGPONG:
                 mbarrier.wait(turn_bars.index(WG), turn)
             s_tok = warpgroup_mma(q, k_smem.index(st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
@@ -239,18 +237,18 @@ def _consumer(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars
                 p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, kb, nk, soft_scale, p_shift, row0, causal_offset,
                                                    s_layout, BLOCK_N, ROWS, EVEN_N, CAUSAL, POLY, TREE)
             acc = _wait_pv(acc_tok, p_op, FP8_PV, P_SHARED)
-            release_stage(empty_bars, prev, EMPTY_BARS)
+            mbarrier.arrive(empty_bars.index(prev))
             acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
             p_op = _p_operand(p, v_smem, p_smem.index(WG), p_layout, FP8_PV, P_SHARED)
         last = (count - 1) % STAGES
-        wait_stage(v_bars, last, ((count - 1) // STAGES) & 1, V_BARS)
+        mbarrier.wait(v_bars.index(last), ((count - 1) // STAGES) & 1)
         if PINGPONG:
             mbarrier.wait(turn_bars.index(WG), turn)
         acc_tok = warpgroup_mma(p_op, _v_tile(v_smem.index(last), HEAD_DIM, BLOCK_N, FP8_PV), acc, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn_bars.index(1 - WG))
         acc = _wait_pv(acc_tok, p_op, FP8_PV, P_SHARED)
-        release_stage(empty_bars, last, EMPTY_BARS)
+        mbarrier.arrive(empty_bars.index(last))
 
     _store_out(acc, m_i, l_i, p_shift, Out, Lse, VScale, b, h, h_kv, pid_bh, row0, nq, num_heads // group_size,
                stride_ob, stride_oh, stride_on, o_layout, row_layout, HEAD_DIM, ROWS, FP8_PV, WRITE_LSE)
@@ -266,8 +264,7 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
                             LOADER_REGS: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
                             HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr,
                             TILE_K: gl.constexpr, PREFETCH: gl.constexpr, POLY: gl.constexpr,
-                            P_SHARED: gl.constexpr, TREE: gl.constexpr, PAIR: gl.constexpr, K_BARS: gl.constexpr,
-                            V_BARS: gl.constexpr, EMPTY_BARS: gl.constexpr):
+                            P_SHARED: gl.constexpr, TREE: gl.constexpr, PAIR: gl.constexpr):
     # q and k in the inputs' 16-bit dtype, or INT8 (INT8_QK, per-token scales in QScale, KScale per token or, with
     # TILE_K, per 128-key block); v 16-bit, or
     # e4m3 stored (B, H, D, N) (FP8_PV, per-channel scales in VScale).
@@ -292,7 +289,7 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
     for i in gl.static_range(STAGES):
         mbarrier.init(k_bars.index(i), count=1)
         mbarrier.init(v_bars.index(i), count=1)
-        mbarrier.init(empty_bars.index(i), count=release_count(EMPTY_BARS))  # both consumer warpgroups release
+        mbarrier.init(empty_bars.index(i), count=2)  # both consumer warpgroups release a stage
 
     # Argument tuples are spelled out: constexprs inside concatenated tuples lose their constexpr-ness.
     if PAIR:
@@ -301,14 +298,12 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
                                BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb,
                                stride_ch, stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk,
                                qk_scale, causal_offset, QLive, q_tiles, QScale, KScale, VScale, 0, HEAD_DIM, STAGES,
-                               WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, POLY, P_SHARED, TREE,
-                               K_BARS, V_BARS, EMPTY_BARS)),
+                               WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, POLY, P_SHARED, TREE)),
             (_consumer_pairs, (q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars, Out, Lse,
                                BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb,
                                stride_ch, stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk,
                                qk_scale, causal_offset, QLive, q_tiles, QScale, KScale, VScale, 1, HEAD_DIM, STAGES,
-                               WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, POLY, P_SHARED, TREE,
-                               K_BARS, V_BARS, EMPTY_BARS)),
+                               WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, POLY, P_SHARED, TREE)),
             (_loader_pairs, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars,
                              BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
                              stride_cq, num_heads, group_size, q_tiles, QLive, nk, STAGES, HAS_LIVE, FP8_PV)),
@@ -320,13 +315,13 @@ def _block_sparse_fwd_gluon(q_desc, k_desc, v_desc, Out, Lse, BlockIndex, BlockC
                          stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
                          causal_offset, QLive, q_tiles, QScale, KScale, VScale, 0, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
                          WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, PREFETCH, POLY, P_SHARED,
-                         TREE, K_BARS, V_BARS, EMPTY_BARS)),
+                         TREE)),
             (_consumer, (q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, Out, Lse,
                          BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch,
                          stride_cq, stride_ob, stride_oh, stride_on, num_heads, group_size, nq, nk, qk_scale,
                          causal_offset, QLive, q_tiles, QScale, KScale, VScale, 1, HEAD_DIM, STAGES, PINGPONG, OVERLAP,
                          WRITE_LSE, EVEN_N, CAUSAL, HAS_LIVE, INT8_QK, FP8_PV, TILE_K, PREFETCH, POLY, P_SHARED,
-                         TREE, K_BARS, V_BARS, EMPTY_BARS)),
+                         TREE)),
             (_loader, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, BlockCount,
                        BlockIndex, stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
                        num_heads, group_size, q_tiles, QLive, STAGES, HAS_LIVE, FP8_PV)),
@@ -418,31 +413,6 @@ def resolve_schedule(schedule: dict, *, eight_bit: bool, fp8_pv: bool) -> dict:
     return cfg
 
 
-def kernel_constexprs(cfg: dict, *, head_dim, write_lse, even_n, causal, has_live, int8_qk, fp8_pv) -> dict:
-    """The kernel's compile-time arguments for a resolved schedule (barrier offsets: the compiler's own ops)."""
-    return dict(HEAD_DIM=head_dim, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"],
-                WRITE_LSE=write_lse, CONSUMER_REGS=cfg["consumer_regs"], LOADER_REGS=cfg["loader_regs"],
-                EVEN_N=even_n, CAUSAL=causal, HAS_LIVE=has_live, INT8_QK=int8_qk, FP8_PV=fp8_pv,
-                TILE_K=cfg["int8_tile_k"], PREFETCH=cfg["prefetch_ids"], POLY=cfg["exp2_poly"],
-                P_SHARED=cfg["fp8_p_shared"], TREE=cfg["tree_reduce"], PAIR=cfg["pair_tiles"],
-                K_BARS=OFF.value, V_BARS=OFF.value, EMPTY_BARS=OFF.value, num_warps=4, maxnreg=kernel_maxnreg(cfg))
-
-
-_offsets_cache: dict = {}
-
-
-def _barrier_offsets(key, warmup, consts: dict) -> dict:
-    """Per-thread stage barriers (gluon_barriers.py): the offsets from a compile with the compiler's barrier
-    ops, checked against the compile that uses them. Cached per compile-time signature."""
-    if key not in _offsets_cache:
-        found = barrier_offsets(warmup(consts).asm["ptx"], consts["STAGES"])
-        again = barrier_offsets(warmup({**consts, **found}).asm["ptx"], consts["STAGES"])
-        if again != found:
-            raise RuntimeError(f"thread_barriers: the barriers moved between compiles ({found} -> {again})")
-        _offsets_cache[key] = found
-    return _offsets_cache[key]
-
-
 def _launch(q, k, v, block_index, block_count, *, scale, return_lse, causal=False, repeat_q=1, live_rows=None,
             scales=None, out_dtype=None, **schedule):
     fp8_pv = scales is not None and scales[2] is not None  # v is then e4m3, (B, H, D, N)
@@ -463,20 +433,16 @@ def _launch(q, k, v, block_index, block_count, *, scale, return_lse, causal=Fals
     q_scale, k_scale, v_scale = scales if scales is not None else (lse, lse, None)  # unused without INT8_QK
     v_scale = lse if v_scale is None else v_scale
     grid = (triton.cdiv(nq, BLOCK_SIZE), bsz * hq)
-    args = (q_desc, k_desc, v_desc, out, lse, block_index, block_count,
-            si[0], si[1], block_index.stride(2), block_index.stride(3), sc[0], sc[1], block_count.stride(2),
-            out.stride(0), out.stride(1), out.stride(2), hq, hq // hkv, nq, nk, scale * LOG2E, nk - nq,
-            triton.cdiv(q_rows, BLOCK_SIZE), block_count if live_rows is None else live_rows, q_scale, k_scale, v_scale)
-    consts = kernel_constexprs(cfg, head_dim=d, write_lse=return_lse, even_n=nk % BLOCK_SIZE == 0, causal=causal,
-                               has_live=live_rows is not None, int8_qk=scales is not None, fp8_pv=fp8_pv)
-    if cfg["thread_barriers"]:
-        key = (tuple(sorted(consts.items())), q.dtype, k.dtype, v.dtype)
-        try:
-            consts.update(_barrier_offsets(key, lambda c: _block_sparse_fwd_gluon.warmup(*args, grid=grid, **c),
-                                           consts))
-        except RuntimeError as err:  # PTX this parser does not know: same results with the compiler's barriers
-            warn_once(f"block_sparse_attention (Gluon): per-thread stage barriers unavailable ({err}); using the "
-                      "compiler's")
-            _offsets_cache[key] = {}  # not tried again for this signature
-    _block_sparse_fwd_gluon[grid](*args, **consts)
+    _block_sparse_fwd_gluon[grid](
+        q_desc, k_desc, v_desc, out, lse, block_index, block_count,
+        si[0], si[1], block_index.stride(2), block_index.stride(3), sc[0], sc[1], block_count.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), hq, hq // hkv, nq, nk, scale * LOG2E, nk - nq,
+        triton.cdiv(q_rows, BLOCK_SIZE), block_count if live_rows is None else live_rows, q_scale, k_scale, v_scale,
+        HEAD_DIM=d, STAGES=cfg["stages"], PINGPONG=cfg["pingpong"], OVERLAP=cfg["overlap"], WRITE_LSE=return_lse,
+        CONSUMER_REGS=cfg["consumer_regs"], LOADER_REGS=cfg["loader_regs"], EVEN_N=nk % BLOCK_SIZE == 0,
+        CAUSAL=causal, HAS_LIVE=live_rows is not None, INT8_QK=scales is not None, FP8_PV=fp8_pv,
+        TILE_K=cfg["int8_tile_k"], PREFETCH=cfg["prefetch_ids"], POLY=cfg["exp2_poly"],
+        P_SHARED=cfg["fp8_p_shared"], TREE=cfg["tree_reduce"], PAIR=cfg["pair_tiles"], num_warps=4,
+        maxnreg=kernel_maxnreg(cfg),
+    )
     return out, (lse if return_lse else None)

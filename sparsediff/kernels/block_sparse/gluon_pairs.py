@@ -29,7 +29,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .gluon_barriers import release_stage, wait_stage
 from .gluon_parts import _p_operand, _store_out, _tile_coords, _v_tile, out_layout, p_register_layout, score_layout
 from .gluon_softmax import _softmax_pair
 
@@ -85,10 +84,10 @@ def _pair_scales(k_scales, kb_a, kb_b, past_end):
 
 @gluon.jit
 def _scores_pair(q, k_smem, k_bars, t, s_layout: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 BLOCK_N: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr, K_BARS: gl.constexpr):
+                 BLOCK_N: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr):
     # Pair t's two INT8 Q·Kᵀ tiles (int32), once its keys have landed.
     st = t % STAGES
-    wait_stage(k_bars, st, (t // STAGES) & 1, K_BARS)
+    mbarrier.wait(k_bars.index(st), (t // STAGES) & 1)
     zeros = gl.zeros([ROWS, BLOCK_N], gl.int32, s_layout)
     s_a = warpgroup_mma(q, k_smem.index(2 * st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zeros, use_acc=False,
                         is_async=True)
@@ -119,8 +118,7 @@ def _consumer_pairs(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empt
                     causal_offset, QLive, q_tiles, QScale, KScale, VScale, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
                     STAGES: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr, CAUSAL: gl.constexpr,
                     HAS_LIVE: gl.constexpr, INT8_QK: gl.constexpr, FP8_PV: gl.constexpr, TILE_K: gl.constexpr,
-                    POLY: gl.constexpr, P_SHARED: gl.constexpr, TREE: gl.constexpr, K_BARS: gl.constexpr,
-                    V_BARS: gl.constexpr, EMPTY_BARS: gl.constexpr):
+                    POLY: gl.constexpr, P_SHARED: gl.constexpr, TREE: gl.constexpr):
     BLOCK_N: gl.constexpr = 128
     ROWS: gl.constexpr = 64
     s_layout: gl.constexpr = score_layout(INT8_QK)
@@ -152,8 +150,8 @@ def _consumer_pairs(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empt
     pairs = (count + 1) // 2
     if count > 0 and not live_wg:  # release each stage once it has landed, as the one-block schedule does
         for t in range(pairs):
-            wait_stage(v_bars, t % STAGES, (t // STAGES) & 1, V_BARS)
-            release_stage(empty_bars, t % STAGES, EMPTY_BARS)
+            mbarrier.wait(v_bars.index(t % STAGES), (t // STAGES) & 1)
+            mbarrier.arrive(empty_bars.index(t % STAGES))
     if count > 0 and live_wg:
         # Block ids and key scales are loaded a pair ahead, off the path from Q·Kᵀ to the softmax.
         kb_a, kb_b = _pair_ids(index_base, stride_ik, 0, count, past_end)
@@ -163,7 +161,7 @@ def _consumer_pairs(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empt
             st = t % STAGES
             next_a, next_b = _pair_ids(index_base, stride_ik, t + 1, count, past_end)
             next_ks_a, next_ks_b = _pair_scales(k_scales, next_a, next_b, past_end)
-            s_a, s_b = _scores_pair(q, k_smem, k_bars, t, s_layout, HEAD_DIM, BLOCK_N, ROWS, STAGES, K_BARS)
+            s_a, s_b = _scores_pair(q, k_smem, k_bars, t, s_layout, HEAD_DIM, BLOCK_N, ROWS, STAGES)
             mult_a = row_scale * ks_a
             mult_b = row_scale * ks_b
             p_a, p_b, alpha, m_i, l_i = _softmax_pair(s_a, s_b, m_i, l_i, mult_a, mult_b, kb_a, kb_b, nk,
@@ -177,7 +175,7 @@ def _consumer_pairs(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empt
             else:
                 op_a = _p_operand(p_a, v_smem, p_smem, p_layout, FP8_PV, False)
                 op_b = _p_operand(p_b, v_smem, p_smem, p_layout, FP8_PV, False)
-            wait_stage(v_bars, st, (t // STAGES) & 1, V_BARS)
+            mbarrier.wait(v_bars.index(st), (t // STAGES) & 1)
             acc = _pv_pair(op_a, op_b, v_smem, st, acc, HEAD_DIM, BLOCK_N, FP8_PV)
             if FP8_PV:  # the wait takes no 8-bit deps; a register P gets a use after it
                 acc = warpgroup_mma_wait(0, deps=[acc])
@@ -188,7 +186,7 @@ def _consumer_pairs(q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, empt
                                               pack=4)
             else:
                 acc, op_a, op_b = warpgroup_mma_wait(0, deps=[acc, op_a, op_b])
-            release_stage(empty_bars, st, EMPTY_BARS)
+            mbarrier.arrive(empty_bars.index(st))
             kb_a, kb_b, ks_a, ks_b = next_a, next_b, next_ks_a, next_ks_b
 
     _store_out(acc, m_i, l_i, p_shift, Out, Lse, VScale, b, h, h_kv, pid_bh, row0, nq, num_heads // group_size,

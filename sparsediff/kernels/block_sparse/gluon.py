@@ -38,6 +38,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .gluon_pairs import _consumer_pairs, _loader_pairs
 from .gluon_parts import (
+    _copy_v,
+    _load_q,
     _p_operand,
     _store_out,
     _tile_coords,
@@ -86,24 +88,17 @@ def _loader(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_ba
         BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
         num_heads, group_size, QLive, q_tiles, HAS_LIVE)
     # 4-D descriptors over (B, H, N, D): any strides, and rows past N are zero-filled, never another head's.
-    # q holds q_tiles query blocks; output block i reads block i % q_tiles (repeat_q: no copy of q).
-    for w in gl.static_range(2):
-        mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [b, h, (q_block % q_tiles) * 128 + w * 64, 0], q_bars.index(w),
-                                        q_smem.index(w))
+    _load_q(q_desc, q_smem, q_bars, b, h, q_block, q_tiles)
     for t in range(count):
         s = t % STAGES
         phase = (t // STAGES) & 1
-        row = gl.load(index_base + t * stride_ik) * 128
+        kb = gl.load(index_base + t * stride_ik)
         # A stage is free once both consumers finished PV on it (mbarriers start as if phase 1 completed).
         mbarrier.wait(empty_bars.index(s), phase ^ 1)
         mbarrier.expect(k_bars.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b, h_kv, row, 0], k_bars.index(s), k_smem.index(s))
+        tma.async_copy_global_to_shared(k_desc, [b, h_kv, kb * 128, 0], k_bars.index(s), k_smem.index(s))
         mbarrier.expect(v_bars.index(s), v_desc.block_type.nbytes)
-        if V_TRANSPOSED:  # FP8 V is stored (B, H, D, N): the tile is D x 128 keys
-            tma.async_copy_global_to_shared(v_desc, [b, h_kv, 0, row], v_bars.index(s), v_smem.index(s))
-        else:
-            tma.async_copy_global_to_shared(v_desc, [b, h_kv, row, 0], v_bars.index(s), v_smem.index(s))
+        _copy_v(v_desc, b, h_kv, kb, v_bars.index(s), v_smem.index(s), V_TRANSPOSED)
 
 
 @gluon.jit

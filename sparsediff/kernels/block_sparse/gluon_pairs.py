@@ -29,7 +29,17 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .gluon_parts import _p_operand, _store_out, _tile_coords, _v_tile, out_layout, p_register_layout, score_layout
+from .gluon_parts import (
+    _copy_v,
+    _load_q,
+    _p_operand,
+    _store_out,
+    _tile_coords,
+    _v_tile,
+    out_layout,
+    p_register_layout,
+    score_layout,
+)
 from .gluon_softmax import _softmax_pair
 
 LOG2_448 = gl.constexpr(8.807354922057604)  # log2 of e4m3's largest value
@@ -51,10 +61,7 @@ def _loader_pairs(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars
     count, index_base, b, h, h_kv, pid_bh, q_block = _tile_coords(
         BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
         num_heads, group_size, QLive, q_tiles, HAS_LIVE)
-    for w in gl.static_range(2):
-        mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [b, h, (q_block % q_tiles) * 128 + w * 64, 0], q_bars.index(w),
-                                        q_smem.index(w))
+    _load_q(q_desc, q_smem, q_bars, b, h, q_block, q_tiles)
     past_end = gl.cdiv(nk, 128)
     for t in range((count + 1) // 2):
         s = t % STAGES
@@ -64,14 +71,8 @@ def _loader_pairs(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bars, k_bars
         tma.async_copy_global_to_shared(k_desc, [b, h_kv, kb_a * 128, 0], k_bars.index(s), k_smem.index(2 * s))
         tma.async_copy_global_to_shared(k_desc, [b, h_kv, kb_b * 128, 0], k_bars.index(s), k_smem.index(2 * s + 1))
         mbarrier.expect(v_bars.index(s), 2 * v_desc.block_type.nbytes)
-        if V_TRANSPOSED:  # FP8 V is stored (B, H, D, N)
-            tma.async_copy_global_to_shared(v_desc, [b, h_kv, 0, kb_a * 128], v_bars.index(s), v_smem.index(2 * s))
-            tma.async_copy_global_to_shared(v_desc, [b, h_kv, 0, kb_b * 128], v_bars.index(s),
-                                            v_smem.index(2 * s + 1))
-        else:
-            tma.async_copy_global_to_shared(v_desc, [b, h_kv, kb_a * 128, 0], v_bars.index(s), v_smem.index(2 * s))
-            tma.async_copy_global_to_shared(v_desc, [b, h_kv, kb_b * 128, 0], v_bars.index(s),
-                                            v_smem.index(2 * s + 1))
+        _copy_v(v_desc, b, h_kv, kb_a, v_bars.index(s), v_smem.index(2 * s), V_TRANSPOSED)
+        _copy_v(v_desc, b, h_kv, kb_b, v_bars.index(s), v_smem.index(2 * s + 1), V_TRANSPOSED)
 
 
 @gluon.jit

@@ -1,12 +1,12 @@
 """Device helpers the Hopper Gluon kernel's two consumer schedules share (``gluon.py``: one key block per
-softmax step; ``gluon_pairs.py``: two): the CTA's coordinates and the P·V operands.
+softmax step; ``gluon_pairs.py``: two): the CTA's coordinates, the loader's copies of Q and V and the P·V operands.
 """
 
 from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma_wait
 
 
 @gluon.constexpr_function
@@ -41,6 +41,25 @@ def _tile_coords(BlockCount, BlockIndex, stride_ib, stride_ih, stride_iq, stride
             count = 0
     index_base = BlockIndex + b * stride_ib + h * stride_ih + q_block * stride_iq
     return count, index_base, b, h, h // group_size, pid_bh, q_block
+
+
+@gluon.jit
+def _load_q(q_desc, q_smem, q_bars, b, h, q_block, q_tiles):
+    # Both warpgroups' 64 rows of the query block. q holds q_tiles query blocks; output block i reads block
+    # i % q_tiles (repeat_q: no copy of q). 4-D descriptors over (B, H, N, D): rows past N are zero-filled.
+    for w in gl.static_range(2):
+        mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, h, (q_block % q_tiles) * 128 + w * 64, 0], q_bars.index(w),
+                                        q_smem.index(w))
+
+
+@gluon.jit
+def _copy_v(v_desc, b, h_kv, kblock, bar, slot, V_TRANSPOSED: gl.constexpr):
+    # One key block's V tile into its slot (the caller set the barrier's expected bytes).
+    if V_TRANSPOSED:  # FP8 V is stored (B, H, D, N): the tile is D x 128 keys
+        tma.async_copy_global_to_shared(v_desc, [b, h_kv, 0, kblock * 128], bar, slot)
+    else:
+        tma.async_copy_global_to_shared(v_desc, [b, h_kv, kblock * 128, 0], bar, slot)
 
 
 @gluon.jit

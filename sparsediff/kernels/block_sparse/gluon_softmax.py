@@ -69,6 +69,30 @@ def _row_reduce(x, s_layout: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.const
 
 
 @gluon.jit
+def _finite_max(m_new, MAY_BE_EMPTY: gl.constexpr):
+    # A row that has seen only masked keys has m = -inf, and exp2 must not see -inf - -inf.
+    if MAY_BE_EMPTY:
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    return m_use
+
+
+@gluon.jit
+def _exp2_p(x, masked, POLY: gl.constexpr):
+    # P's exponentials; a masked tile takes the MUFU, since masked scores must give exact zeros, which the clamped
+    # polynomial does not.
+    if POLY > 0:
+        if masked:
+            p = gl.exp2(x)
+        else:
+            p = _exp2(x, POLY)
+    else:
+        p = gl.exp2(x)
+    return p
+
+
+@gluon.jit
 def _needs_mask(kblock, nk, row0, causal_offset, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
     # A tile pays for masking only on the ragged tail of K or, causal, past the diagonal of its rows.
     start_n = kblock * BLOCK_N
@@ -101,18 +125,8 @@ def _softmax_step(s, m_i, l_i, kblock, nk, qk_scale, p_shift, row0, causal_offse
         if masked:
             s = _mask(s, kblock, nk, row0, causal_offset, s_layout, BLOCK_N, ROWS, CAUSAL)
     m_new = gl.maximum(m_i, _row_reduce(s, s_layout, ROWS, BLOCK_N, False, TREE) * qk_scale)
-    if CAUSAL:
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_use = m_new
-    x = s * qk_scale - (m_use - p_shift)[:, None]
-    if POLY > 0 and (CAUSAL or not EVEN_N):
-        if masked:  # masked scores must give exact zeros, which the clamped polynomial does not
-            p = gl.exp2(x)
-        else:
-            p = _exp2(x, POLY)
-    else:
-        p = _exp2(x, POLY)
+    m_use = _finite_max(m_new, CAUSAL)
+    p = _exp2_p(s * qk_scale - (m_use - p_shift)[:, None], masked, POLY)
     alpha = gl.exp2(m_i - m_use)
     l_i = l_i * alpha + _row_reduce(p, s_layout, ROWS, BLOCK_N, True, TREE)
     return p, alpha, m_new, l_i
@@ -147,10 +161,7 @@ def _softmax_step_int8(s, m_i, l_i, mult, kblock, nk, p_shift, row0, causal_offs
                                              TREE)
     else:
         m_new = gl.maximum(m_i, _row_reduce(s, s_layout, ROWS, BLOCK_N, False, TREE).to(gl.float32) * mult)
-        if CAUSAL:
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_use = m_new
+        m_use = _finite_max(m_new, CAUSAL)
         f = (s + 0x4B400000).to(gl.float32, bitcast=True)
         bias = mult * 12582912.0 + (m_use - p_shift)
         p = _exp2(f * mult[:, None] - bias[:, None], POLY)
@@ -185,15 +196,7 @@ def _half_scores(s, mult, kblock, nk, row0, causal_offset, s_layout: gl.constexp
 
 @gluon.jit
 def _pair_exp2(t, scale, offset, m_use, p_shift, masked, POLY: gl.constexpr):
-    x = t * scale[:, None] - (offset + m_use - p_shift)[:, None]
-    if POLY > 0:
-        if masked:  # masked scores must give exact zeros, which the clamped polynomial does not
-            p = gl.exp2(x)
-        else:
-            p = _exp2(x, POLY)
-    else:
-        p = gl.exp2(x)
-    return p
+    return _exp2_p(t * scale[:, None] - (offset + m_use - p_shift)[:, None], masked, POLY)
 
 
 @gluon.jit
@@ -208,10 +211,7 @@ def _softmax_pair(s_a, s_b, m_i, l_i, mult_a, mult_b, kblock_a, kblock_b, nk, p_
     t_b, sc_b, off_b, max_b, masked_b = _half_scores(s_b, mult_b, kblock_b, nk, row0, causal_offset, s_layout,
                                                      BLOCK_N, ROWS, True, CAUSAL, TREE)
     m_new = gl.maximum(m_i, gl.maximum(max_a, max_b))
-    if MASK_A:
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_use = m_new
+    m_use = _finite_max(m_new, MASK_A)
     p_a = _pair_exp2(t_a, sc_a, off_a, m_use, p_shift, masked_a, POLY)
     p_b = _pair_exp2(t_b, sc_b, off_b, m_use, p_shift, masked_b, POLY)
     alpha = gl.exp2(m_i - m_use)
